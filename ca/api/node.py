@@ -1,0 +1,270 @@
+"""The node API: what agents call, over mTLS, authenticated by their SVID.
+
+    POST /v1/agent/attest        attest with node evidence, get the agent SVID
+    POST /v1/agent/renew         renew the calling agent's SVID
+    GET  /v1/agent/entries       entries authorized for the caller since a revision;
+                                 ?wait=N holds the request until something changes
+    POST /v1/agent/svids/x509    sign a batch of CSRs, one per authorized entry
+    POST /v1/agent/svids/jwt     mint a JWT-SVID for an authorized entry
+    GET  /v1/agent/bundles       the trust bundle and the federated bundles
+    GET  /v1/bundle              the trust bundle (SPIFFE format; public)
+    GET  /live, /ready, /metrics health and Prometheus metrics (no client cert needed)
+
+The caller's identity is read only from the TLS handshake (see ca.api.tls).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from spiffe import SpiffeId
+from starlette.concurrency import run_in_threadpool
+
+from attestor.node import AttestationResult, Challenge, NodeAttestorServer
+from ca import metrics
+from ca.api.errors import BodySizeLimit, install_error_handlers
+from ca.api.tls import peer_spiffe_id
+from ca.authority import Authorities
+from ca.bundle import TrustBundle
+from ca.csr import parse_csr
+from ca.datastore.records import AttestedAgent
+from ca.datastore.store import Datastore
+from ca.entries import entry_json
+from ca.errors import InvalidArgument, NotFound, PermissionDenied
+from ca.issuance import IssuedX509, Issuer, agent_or_refuse
+from ca.revisions import RevisionWatcher
+
+MAX_WAIT_SECONDS = 60.0
+
+
+class AttestRequest(BaseModel):
+    attestation_type: str = Field(max_length=64)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    challenge_response: dict[str, Any] | None = None
+    csr: str = Field(max_length=32768)
+
+
+class RenewRequest(BaseModel):
+    csr: str = Field(max_length=32768)
+
+
+class CsrRequest(BaseModel):
+    entry_id: str = Field(max_length=64)
+    csr: str = Field(max_length=32768)
+
+
+class BatchRequest(BaseModel):
+    requests: list[CsrRequest] = Field(max_length=500)
+
+
+class JwtRequest(BaseModel):
+    entry_id: str = Field(max_length=64)
+    audience: list[str] = Field(min_length=1, max_length=32)
+
+
+def decode_b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise InvalidArgument(f"{what} is not valid base64") from err
+
+
+def svid_json(issued: IssuedX509) -> dict[str, Any]:
+    return {
+        "entry_id": issued.entry_id,
+        "spiffe_id": str(issued.spiffe_id),
+        "cert_chain": [base64.b64encode(der).decode() for der in issued.chain_der()],
+        "expires_at": int(issued.expires_at.timestamp()),
+    }
+
+
+def create_node_app(
+    *,
+    store: Datastore,
+    authorities: Authorities,
+    issuer: Issuer,
+    attestors: Mapping[str, NodeAttestorServer],
+    watcher: RevisionWatcher,
+    ready: Any,
+) -> FastAPI:
+    app = FastAPI(title="Tessera node API", version="1", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    router = APIRouter()
+
+    def current_bundle() -> TrustBundle:
+        """The bundle, re-read when the watcher has seen a newer sequence than the cache."""
+        bundle = authorities.bundle()
+        if watcher.bundle_sequence != bundle.sequence:
+            authorities.refresh_bundle()
+            bundle = authorities.bundle()
+        return bundle
+
+    def caller(request: Request) -> AttestedAgent:
+        spiffe_id, cert = peer_spiffe_id(request.scope)
+        return agent_or_refuse(store, spiffe_id, cert.serial_number)
+
+    @router.post("/v1/agent/attest")
+    def attest(body: AttestRequest) -> dict[str, Any]:
+        attestor = attestors.get(body.attestation_type)
+        if attestor is None:
+            known = ", ".join(sorted(attestors)) or "none"
+            raise InvalidArgument(
+                f"node attestation type {body.attestation_type!r} is not enabled on this "
+                f"server; enabled: {known}"
+            )
+        csr = decode_b64(body.csr, "csr")
+        parse_csr(csr)  # refuse a garbage CSR before a join token is spent on it
+        try:
+            outcome = attestor.attest(body.payload, body.challenge_response)
+        except Exception:
+            metrics.ATTESTATIONS.labels(body.attestation_type, "refused").inc()
+            raise
+        if isinstance(outcome, Challenge):
+            return {"challenge": dict(outcome.data)}
+        return _admit(body.attestation_type, outcome, csr)
+
+    def _admit(attestation_type: str, result: AttestationResult, csr: bytes) -> dict[str, Any]:
+        agent_id = str(result.agent_id)
+        try:
+            existing = store.get_agent(agent_id)
+        except NotFound:
+            existing = None
+        if existing is not None and existing.banned:
+            metrics.ATTESTATIONS.labels(attestation_type, "banned").inc()
+            raise PermissionDenied(
+                f"agent {agent_id} is banned; an operator must unban it before it can attest"
+            )
+        issued = issuer.sign_agent_svid(result.agent_id, csr)
+        store.upsert_agent(
+            agent_id,
+            attestation_type=attestation_type,
+            serial=format(issued.leaf.serial_number, "x"),
+            expires_at=issued.expires_at,
+            selectors=result.selectors,
+        )
+        for alias in result.aliases:
+            store.add_agent_alias(agent_id, alias)
+        store.append_audit(
+            actor=agent_id,
+            action="agent.attest",
+            target=agent_id,
+            details={"type": attestation_type, "aliases": list(result.aliases)},
+        )
+        watcher.poke()
+        metrics.ATTESTATIONS.labels(attestation_type, "ok").inc()
+        metrics.SVIDS_ISSUED.labels("x509").inc()
+        return {
+            "spiffe_id": agent_id,
+            "svid": svid_json(issued),
+            "bundle": json.loads(authorities.bundle().to_spiffe_json()),
+            "reattestable": result.can_reattest,
+        }
+
+    @router.post("/v1/agent/renew")
+    def renew(request: Request, body: RenewRequest) -> dict[str, Any]:
+        agent = caller(request)
+        issued = issuer.sign_agent_svid(SpiffeId(agent.spiffe_id), decode_b64(body.csr, "csr"))
+        store.update_agent_serial(
+            agent.spiffe_id, format(issued.leaf.serial_number, "x"), issued.expires_at
+        )
+        metrics.SVIDS_ISSUED.labels("x509").inc()
+        return {"svid": svid_json(issued)}
+
+    @router.get("/v1/agent/entries")
+    async def entries(
+        request: Request,
+        since: int = Query(0, ge=0),
+        bundle: int | None = Query(None, ge=0),
+        wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_SECONDS),
+    ) -> dict[str, Any]:
+        """Entries changed since revision ``since``. With ``wait``, the request is held
+        until the entries or (when ``bundle`` names the sequence the agent has) the
+        bundle change."""
+        unchanged = since == watcher.revision and bundle in (None, watcher.bundle_sequence)
+        if not (wait and since and unchanged):
+            # One trip to the thread pool: this is what every idle agent sync costs.
+            return await run_in_threadpool(_caller_entries_since, request, since)
+        agent = await run_in_threadpool(caller, request)
+        await watcher.wait_past(since, wait, seen_bundle=bundle)
+        return await run_in_threadpool(_entries_since, agent, since)
+
+    def _caller_entries_since(request: Request, since: int) -> dict[str, Any]:
+        return _entries_since(caller(request), since)
+
+    def _entries_since(agent: AttestedAgent, since: int) -> dict[str, Any]:
+        revision = store.current_revision()
+        authorized = issuer.authorized_entries(agent, revision=revision)
+        full = since == 0 or since > revision
+        changed = [e for e in authorized if full or e.revision > since]
+        return {
+            "revision": revision,
+            "entries": [entry_json(e) for e in changed],
+            "entry_ids": [e.id for e in authorized],
+            "bundle_sequence": current_bundle().sequence,
+            "tainted_authorities": authorities.tainted_ids(),
+        }
+
+    @router.post("/v1/agent/svids/x509")
+    def sign_x509(request: Request, body: BatchRequest) -> dict[str, Any]:
+        agent = caller(request)
+        started = time.perf_counter()
+        pairs = [
+            (r.entry_id, decode_b64(r.csr, f"csr of entry {r.entry_id}")) for r in body.requests
+        ]
+        issued = issuer.sign_batch(agent, pairs)
+        metrics.ISSUANCE_SECONDS.observe(time.perf_counter() - started)
+        metrics.SVIDS_ISSUED.labels("x509").inc(len(issued))
+        return {"svids": [svid_json(i) for i in issued]}
+
+    @router.post("/v1/agent/svids/jwt")
+    def sign_jwt(request: Request, body: JwtRequest) -> dict[str, Any]:
+        agent = caller(request)
+        spiffe_id, token, expires_at = issuer.jwt_for_agent(agent, body.entry_id, body.audience)
+        metrics.SVIDS_ISSUED.labels("jwt").inc()
+        return {"spiffe_id": spiffe_id, "token": token, "expires_at": int(expires_at.timestamp())}
+
+    @router.get("/v1/agent/bundles")
+    def bundles(request: Request) -> dict[str, Any]:
+        caller(request)
+        federated = {
+            f.trust_domain: json.loads(f.bundle) for f in store.list_federated_bundles()
+        }
+        return {
+            "bundle": json.loads(current_bundle().to_spiffe_json()),
+            "federated": federated,
+        }
+
+    @router.get("/v1/bundle")
+    def bundle() -> Response:
+        return Response(authorities.bundle().to_spiffe_json(), media_type="application/json")
+
+    @router.get("/live")
+    def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @router.get("/ready")
+    def ready_check() -> Response:
+        problem = ready()
+        if problem:
+            return Response(
+                json.dumps({"status": "not ready", "reason": problem}),
+                status_code=503,
+                media_type="application/json",
+            )
+        return Response(json.dumps({"status": "ready"}), media_type="application/json")
+
+    @router.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit)
+    return app

@@ -1,0 +1,148 @@
+"""What every ``tessera`` command shares: option sources, output, errors.
+
+- Every flag may come from the command line, a ``TESSERA_<FLAG>`` environment
+  variable, or the TOML file given with ``--config`` — in that order of
+  precedence (click's own: command line > environment > ``default_map``).
+- Every command that prints data takes ``--output json`` and then prints one
+  JSON document on stdout and nothing else there.
+- Errors go to stderr as one sentence that says what to do, with exit status 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ca.admin_client import AdminClient
+from ca.config import load_config_file
+from ca.errors import TesseraError
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_DATA_DIR = ".tessera"
+
+
+class LazyGroup(click.Group):
+    """A group whose named subcommands are imported only when used (``tessera server ...``
+    then does not load the agent or the sidecar)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy or {})  # name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy and cmd_name not in self.commands:
+            module_name, _, attribute = self._lazy[cmd_name].partition(":")
+            module = importlib.import_module(module_name)
+            self.add_command(getattr(module, attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def option(*names: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option that also reads ``TESSERA_<NAME>`` from the environment."""
+    long_name = next(n for n in names if n.startswith("--"))
+    kwargs.setdefault("envvar", "TESSERA_" + long_name[2:].upper().replace("-", "_"))
+    kwargs.setdefault("show_envvar", True)
+    return click.option(*names, **kwargs)
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return value
+    try:
+        values = load_config_file(Path(value))
+    except TesseraError as err:
+        raise click.BadParameter(err.message, ctx=ctx, param=param) from err
+    ctx.meta["tessera.config_file"] = values
+    accepted = {p.name for p in ctx.command.params if p.name}
+    ctx.default_map = {k: v for k, v in values.items() if k in accepted}
+    return value
+
+
+def config_option(f: F) -> F:
+    return option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config,
+        help="TOML file with defaults for these flags.",
+    )(f)
+
+
+def output_option(f: F) -> F:
+    return option(
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="'json' prints one JSON document on stdout.",
+    )(f)
+
+
+def admin_options(f: Any) -> Any:
+    f = option(
+        "--admin-socket",
+        type=click.Path(dir_okay=False),
+        help="The server's admin socket [default: <data-dir>/admin.sock].",
+    )(f)
+    f = option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        default=DEFAULT_DATA_DIR,
+        show_default=True,
+        help="The server's data directory (to find its admin socket).",
+    )(f)
+    return config_option(f)
+
+
+def admin_client(admin_socket: str | None, data_dir: str) -> AdminClient:
+    return AdminClient(Path(admin_socket) if admin_socket else Path(data_dir) / "admin.sock")
+
+
+def config_file_values() -> dict[str, Any]:
+    ctx = click.get_current_context()
+    values: dict[str, Any] = ctx.meta.get("tessera.config_file", {})
+    return values
+
+
+def emit(output: str, data: Any, text: Callable[[], str] | str) -> None:
+    """Print ``data`` as JSON, or the human text."""
+    if output == "json":
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    message = text() if callable(text) else text
+    if message:
+        click.echo(message)
+
+
+def progress(message: str) -> None:
+    """A progress line for a person, on stderr so stdout stays clean for data."""
+    click.echo(message, err=True)
+
+
+def run(command: click.Group) -> None:
+    """Run the CLI; TesseraErrors become one sentence on stderr and exit status 1."""
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except TesseraError as err:
+        click.echo(f"Error: {err.message}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,301 @@
+"""The server's configuration, validated in one place.
+
+Values come from flags, ``TESSERA_*`` environment variables and a TOML file
+(``--config server.toml``), in that order of precedence; the CLI resolves the
+precedence and hands the merged mapping to :func:`server_config`. A file looks
+like this (every key is a flag's name with ``_`` for ``-``)::
+
+    trust_domain = "example.org"
+    data_dir = "/var/lib/tessera"
+    bind = "127.0.0.1:8081"
+    db = "postgresql+psycopg://tessera@db/tessera"
+    ca_ttl = "24h"
+
+    [key_manager.disk]
+    kek_file = "/etc/tessera/kek"
+
+    [upstream_authority.disk]
+    cert_file_path = "/etc/tessera/root.pem"
+    key_file_path = "/etc/tessera/root.key"
+
+    [federation.bundle_endpoint]          # serve this trust domain's bundle to others
+    address = "0.0.0.0:8443"
+    profile = "https_spiffe"              # or "https_web" with cert_file and key_file
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ca.durations import format_duration, parse_duration
+from ca.errors import ConfigError, InvalidArgument
+from ca.keys import KeyType, parse_key_type
+from ca.spiffeid import parse_trust_domain
+
+if TYPE_CHECKING:
+    from spiffe import TrustDomain
+
+DEFAULT_BIND = "127.0.0.1:8081"
+DEFAULT_CA_TTL = timedelta(hours=24)
+DEFAULT_X509_SVID_TTL = timedelta(hours=1)
+DEFAULT_JWT_SVID_TTL = timedelta(minutes=5)
+DEFAULT_JOIN_TOKEN_TTL = timedelta(seconds=600)
+
+SCALAR_KEYS = {
+    "trust_domain",
+    "data_dir",
+    "bind",
+    "admin_socket",
+    "db",
+    "ca_ttl",
+    "default_x509_svid_ttl",
+    "default_jwt_svid_ttl",
+    "ca_key_type",
+    "jwt_key_type",
+    "log_level",
+}
+PLUGIN_KEYS = {"key_manager", "upstream_authority", "node_attestors"}
+TABLE_KEYS = {"federation"}
+
+BUNDLE_ENDPOINT_PROFILES = ("https_spiffe", "https_web")
+BUNDLE_ENDPOINT_KEYS = ("address", "profile", "cert_file", "key_file")
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    name: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BundleEndpointConfig:
+    """Where and how this server serves its trust bundle to other trust domains.
+
+    ``https_spiffe`` serves it with the server's own SVID; ``https_web`` with the
+    web PKI certificate in ``cert_file`` / ``key_file``.
+    """
+
+    host: str
+    port: int
+    profile: str = "https_spiffe"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    bundle_endpoint: BundleEndpointConfig | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    trust_domain: TrustDomain
+    data_dir: Path
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 8081
+    admin_socket: Path | None = None
+    db_url: str | None = None
+    ca_ttl: timedelta = DEFAULT_CA_TTL
+    default_x509_svid_ttl: timedelta = DEFAULT_X509_SVID_TTL
+    default_jwt_svid_ttl: timedelta = DEFAULT_JWT_SVID_TTL
+    ca_key_type: KeyType = KeyType.EC_P256
+    jwt_key_type: KeyType = KeyType.EC_P256
+    key_manager: PluginConfig = PluginConfig("disk")
+    upstream_authority: PluginConfig | None = None
+    node_attestors: tuple[PluginConfig, ...] = (PluginConfig("join_token"),)
+    log_level: str = "info"
+    federation: FederationConfig = FederationConfig()
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin.sock"
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir.resolve()}/datastore.sqlite3"
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; ConfigError with the line for a syntax error."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def server_config(values: Mapping[str, Any]) -> ServerConfig:
+    """Build and validate a ServerConfig from merged flag/env/file values."""
+    unknown = set(values) - SCALAR_KEYS - PLUGIN_KEYS - TABLE_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown server setting(s): {', '.join(sorted(unknown))}; "
+            "see docs/server-configuration.md for the settings a server takes"
+        )
+    try:
+        return _build(values)
+    except InvalidArgument as err:
+        raise ConfigError(err.message) from err
+
+
+def _build(values: Mapping[str, Any]) -> ServerConfig:
+    if not values.get("trust_domain"):
+        raise ConfigError("the trust domain is not set; pass --trust-domain, e.g. example.org")
+    if not values.get("data_dir"):
+        raise ConfigError("the data directory is not set; pass --data-dir, e.g. .tessera")
+    host, port = parse_bind(str(values.get("bind") or DEFAULT_BIND))
+    key_manager = _single_plugin(values.get("key_manager"), "key_manager") or PluginConfig("disk")
+    upstream = _single_plugin(values.get("upstream_authority"), "upstream_authority")
+    attestors = _plugins(values.get("node_attestors"), "node_attestors")
+    admin_socket = values.get("admin_socket")
+    config = ServerConfig(
+        trust_domain=parse_trust_domain(str(values["trust_domain"])),
+        data_dir=Path(str(values["data_dir"])),
+        bind_host=host,
+        bind_port=port,
+        admin_socket=Path(str(admin_socket)) if admin_socket else None,
+        db_url=str(values["db"]) if values.get("db") else None,
+        ca_ttl=_duration(values, "ca_ttl", DEFAULT_CA_TTL),
+        default_x509_svid_ttl=_duration(values, "default_x509_svid_ttl", DEFAULT_X509_SVID_TTL),
+        default_jwt_svid_ttl=_duration(values, "default_jwt_svid_ttl", DEFAULT_JWT_SVID_TTL),
+        ca_key_type=parse_key_type(str(values.get("ca_key_type") or KeyType.EC_P256)),
+        jwt_key_type=parse_key_type(str(values.get("jwt_key_type") or KeyType.EC_P256)),
+        key_manager=key_manager,
+        upstream_authority=upstream,
+        node_attestors=attestors or (PluginConfig("join_token"),),
+        log_level=str(values.get("log_level") or "info"),
+        federation=_federation(values.get("federation")),
+    )
+    endpoint = config.federation.bundle_endpoint
+    if endpoint is not None and (endpoint.host, endpoint.port) == (host, port):
+        raise ConfigError(
+            f"the bundle endpoint and the node API both listen on {host}:{port}; "
+            "give [federation.bundle_endpoint] address a port of its own"
+        )
+    if config.default_x509_svid_ttl > config.ca_ttl:
+        raise ConfigError(
+            f"the default X509-SVID TTL ({format_duration(config.default_x509_svid_ttl)}) is "
+            f"longer than the CA TTL ({format_duration(config.ca_ttl)}); SVIDs cannot outlive "
+            "their CA"
+        )
+    return config
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"bind address {value!r} is not HOST:PORT, e.g. 127.0.0.1:8081")
+    return host.strip("[]"), int(port_text)
+
+
+def _duration(values: Mapping[str, Any], key: str, default: timedelta) -> timedelta:
+    raw = values.get(key)
+    if raw is None or raw == "":
+        return default
+    what = key.replace("_", "-")
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise ConfigError(
+            f"{what} {raw!r} is not a duration; write a string such as \"90s\", \"15m\" or \"1h\""
+        )
+    return parse_duration(raw, what=what)
+
+
+def _federation(raw: Any) -> FederationConfig:
+    if raw is None:
+        return FederationConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            "[federation] must be a table, e.g. [federation.bundle_endpoint] with an address"
+        )
+    unknown = set(raw) - {"bundle_endpoint"}
+    if unknown:
+        raise ConfigError(
+            f"unknown [federation] setting(s): {', '.join(sorted(unknown))}; it takes "
+            "[federation.bundle_endpoint] (relationships are made with "
+            "'tessera server federation create')"
+        )
+    endpoint = raw.get("bundle_endpoint")
+    return FederationConfig(_bundle_endpoint(endpoint) if endpoint is not None else None)
+
+
+def _bundle_endpoint(raw: Any) -> BundleEndpointConfig:
+    where = "[federation.bundle_endpoint]"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table of settings, e.g. address = \"0.0.0.0:8443\"")
+    unknown = set(raw) - set(BUNDLE_ENDPOINT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown {where} setting(s): {', '.join(sorted(unknown))}; it takes "
+            "address, profile, cert_file and key_file"
+        )
+    address = raw.get("address")
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f"{where} needs an address, e.g. address = \"0.0.0.0:8443\"")
+    try:
+        host, port = parse_bind(address)
+    except ConfigError:
+        raise ConfigError(
+            f"{where} address {address!r} is not HOST:PORT, e.g. \"0.0.0.0:8443\""
+        ) from None
+    profile = raw.get("profile", "https_spiffe")
+    if profile not in BUNDLE_ENDPOINT_PROFILES:
+        raise ConfigError(
+            f"{where} profile {profile!r} is not one of https_spiffe (serve with the "
+            "server's SVID) or https_web (serve with cert_file and key_file)"
+        )
+    files = {name: raw.get(name) for name in ("cert_file", "key_file")}
+    for name, value in files.items():
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where} {name} must be a file path")
+    if profile == "https_spiffe":
+        given = [name for name, value in files.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{where} {' and '.join(given)} {'is' if len(given) == 1 else 'are'} only "
+                "for profile https_web; with "
+                "https_spiffe the endpoint serves the server's own SVID, so remove them"
+            )
+        return BundleEndpointConfig(host=host, port=port, profile=profile)
+    missing = [name for name, value in files.items() if value is None]
+    if missing:
+        raise ConfigError(
+            f"{where} profile https_web needs {' and '.join(missing)}: the web PKI "
+            "certificate (with its chain) and private key the endpoint serves with"
+        )
+    return BundleEndpointConfig(
+        host=host,
+        port=port,
+        profile=profile,
+        cert_file=Path(str(files["cert_file"])),
+        key_file=Path(str(files["key_file"])),
+    )
+
+
+def _single_plugin(raw: Any, key: str) -> PluginConfig | None:
+    plugins = _plugins(raw, key)
+    if len(plugins) > 1:
+        raise ConfigError(f"[{key}] names {len(plugins)} plugins; configure exactly one")
+    return plugins[0] if plugins else None
+
+
+def _plugins(raw: Any, key: str) -> tuple[PluginConfig, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        return (PluginConfig(raw),)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{key}] must be a table of plugin tables, e.g. [{key}.disk]")
+    plugins = []
+    for name, settings in raw.items():
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"[{key}.{name}] must be a table of settings")
+        plugins.append(PluginConfig(str(name), dict(settings)))
+    return tuple(plugins)

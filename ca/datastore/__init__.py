@@ -1,0 +1,46 @@
+"""The server's datastore (SQLite embedded, PostgreSQL for several servers).
+
+    from ca.datastore import Datastore, NewEntry
+
+    store = Datastore.open("sqlite:////var/lib/tessera/datastore.sqlite3")
+    entry = store.create_entry(NewEntry(spiffe_id, parent_id, selectors=(selector,)))
+
+Modules: ``store`` (the :class:`Datastore`), ``records`` (the frozen values it
+takes and returns), ``schema`` (tables), ``migrate`` (Alembic, run on open),
+``engine`` (URLs and connection settings), ``translate`` (SQLAlchemy errors
+into Tessera's, at one boundary).
+"""
+
+from ca.datastore.engine import default_datastore_url
+from ca.datastore.records import (
+    AttestedAgent,
+    AuditEvent,
+    AuditVerification,
+    Authority,
+    FederatedBundle,
+    FederationRelationship,
+    IssuedSvid,
+    JoinToken,
+    NewEntry,
+    NewFederationRelationship,
+    RegistrationEntry,
+    as_new_entry,
+)
+from ca.datastore.store import Datastore
+
+__all__ = [
+    "AttestedAgent",
+    "AuditEvent",
+    "AuditVerification",
+    "Authority",
+    "Datastore",
+    "FederatedBundle",
+    "FederationRelationship",
+    "IssuedSvid",
+    "JoinToken",
+    "NewEntry",
+    "NewFederationRelationship",
+    "RegistrationEntry",
+    "as_new_entry",
+    "default_datastore_url",
+]

@@ -1,0 +1,1 @@
+"""Alembic migrations of the datastore schema; run by :func:`ca.datastore.migrate.upgrade`."""

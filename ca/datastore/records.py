@@ -1,0 +1,203 @@
+"""The values the datastore takes and returns: frozen dataclasses, never ORM objects.
+
+A record read from the store can be kept, shared between threads and compared
+freely; changing a record means asking the store for a new one::
+
+    entry = store.create_entry(NewEntry(spiffe_id=..., parent_id=..., selectors=(sel,)))
+    entry = store.update_entry(entry.id, replace(as_new_entry(entry), hint="web"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from attestor.selector import Selector
+
+X509 = "x509"
+JWT = "jwt"
+AUTHORITY_KINDS = (X509, JWT)
+
+PREPARED = "prepared"
+ACTIVE = "active"
+OLD = "old"
+AUTHORITY_STATUSES = (PREPARED, ACTIVE, OLD)
+
+SELECTOR_MATCHES = ("exact", "subset", "superset", "any")
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    """A registration entry as a caller describes it (create or full replacement)."""
+
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[Selector, ...] = ()
+    x509_svid_ttl: int = 0
+    jwt_svid_ttl: int = 0
+    dns_names: tuple[str, ...] = ()
+    federates_with: tuple[str, ...] = ()
+    admin: bool = False
+    downstream: bool = False
+    node: bool = False
+    hint: str = ""
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True)
+class RegistrationEntry:
+    """A stored registration entry; ``deleted`` ones (tombstones) only come from
+    :meth:`Datastore.entries_changed_since`."""
+
+    id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[Selector, ...]
+    x509_svid_ttl: int
+    jwt_svid_ttl: int
+    dns_names: tuple[str, ...]
+    federates_with: tuple[str, ...]
+    admin: bool
+    downstream: bool
+    node: bool
+    hint: str
+    expires_at: int | None
+    revision: int
+    created_at: datetime
+    deleted: bool = False
+
+
+def as_new_entry(entry: RegistrationEntry) -> NewEntry:
+    """The caller-owned fields of ``entry``, e.g. to change one and update it."""
+    return NewEntry(
+        spiffe_id=entry.spiffe_id,
+        parent_id=entry.parent_id,
+        selectors=entry.selectors,
+        x509_svid_ttl=entry.x509_svid_ttl,
+        jwt_svid_ttl=entry.jwt_svid_ttl,
+        dns_names=entry.dns_names,
+        federates_with=entry.federates_with,
+        admin=entry.admin,
+        downstream=entry.downstream,
+        node=entry.node,
+        hint=entry.hint,
+        expires_at=entry.expires_at,
+    )
+
+
+@dataclass(frozen=True)
+class AttestedAgent:
+    spiffe_id: str
+    attestation_type: str
+    serial: str
+    expires_at: datetime
+    selectors: tuple[Selector, ...]
+    banned: bool
+    created_at: datetime
+    updated_at: datetime
+    previous_serial: str = ""
+    """The serial before the last renewal, until the renewed SVID is first used."""
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token: str
+    alias_id: str | None
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Authority:
+    """One CA key slot in the CA journal."""
+
+    authority_id: str
+    kind: str
+    server_id: str
+    status: str
+    tainted: bool
+    revoked: bool
+    key_id: str
+    key_type: str
+    not_before: datetime
+    not_after: datetime
+    certificate: bytes | None
+    chain: bytes
+    upstream_roots: bytes
+    public_key: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class FederatedBundle:
+    trust_domain: str
+    bundle: bytes
+    updated_at: datetime
+
+
+HTTPS_WEB = "https_web"
+HTTPS_SPIFFE = "https_spiffe"
+BUNDLE_ENDPOINT_PROFILES = (HTTPS_WEB, HTTPS_SPIFFE)
+
+
+@dataclass(frozen=True)
+class NewFederationRelationship:
+    """A federation relationship as a caller describes it (create or full replacement).
+
+    ``endpoint_spiffe_id`` is the ID the bundle endpoint's certificate must carry
+    with profile ``https_spiffe``; None with ``https_web``.
+    """
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FederationRelationship:
+    """A stored federation relationship. ``last_refresh_at`` is when the last fetch
+    of the bundle endpoint ended; ``last_error`` says why it failed (None: it worked)."""
+
+    trust_domain: str
+    bundle_endpoint_url: str
+    profile: str
+    endpoint_spiffe_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_refresh_at: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class IssuedSvid:
+    serial: str
+    spiffe_id: str
+    kind: str
+    agent_id: str | None
+    authority_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any] = field(default_factory=dict)
+    hash: str = ""
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The outcome of checking the audit log's hash chain."""
+
+    checked: int
+    problem: str | None = None
+    event_id: int | None = None  # the event the problem names
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None

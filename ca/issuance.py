@@ -1,0 +1,312 @@
+"""Who may get which SVID, and issuing it.
+
+An agent may get SVIDs for the entries *authorized* for it: entries whose
+parent is the agent itself or one of its aliases (a join token's
+``--spiffe-id``, or a ``--node`` entry whose selectors the node matches), and,
+transitively, entries parented by those entries' IDs. Every CSR is checked
+(signature, key, exactly the entry's SPIFFE ID and DNS names, never a CA)
+before anything is signed, and every issued SVID is recorded.
+
+    issuer = Issuer(settings, store, authorities, clock)
+    entries = issuer.authorized_entries(agent)
+    svids = issuer.sign_batch(agent, [(entry.id, csr_der)])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from spiffe import SpiffeId, TrustDomain
+
+from attestor.selector import matches
+from ca.authority import Authorities
+from ca.clock import Clock
+from ca.csr import check_csr, parse_csr
+from ca.datastore.records import AttestedAgent, IssuedSvid, RegistrationEntry
+from ca.datastore.store import Datastore
+from ca.errors import InvalidArgument, NotFound, PermissionDenied
+from ca.keys import KeyType, PrivateKey, generate_private_key
+from ca.spiffeid import parse_spiffe_id, require_member
+
+MAX_BATCH = 500
+MAX_AUDIENCES = 32
+
+
+@dataclass(frozen=True)
+class IssuanceSettings:
+    trust_domain: TrustDomain
+    default_x509_svid_ttl: timedelta
+    default_jwt_svid_ttl: timedelta
+
+    @property
+    def server_id(self) -> SpiffeId:
+        return SpiffeId(f"spiffe://{self.trust_domain.name}/tessera/server")
+
+
+@dataclass(frozen=True)
+class IssuedX509:
+    spiffe_id: SpiffeId
+    leaf: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    entry_id: str | None = None
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    def chain_der(self) -> list[bytes]:
+        chain = (self.leaf, *self.intermediates)
+        return [c.public_bytes(serialization.Encoding.DER) for c in chain]
+
+    def chain_pem(self) -> bytes:
+        return b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.leaf, *self.intermediates)
+        )
+
+
+class Issuer:
+    def __init__(
+        self,
+        settings: IssuanceSettings,
+        store: Datastore,
+        authorities: Authorities,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._authorities = authorities
+        self._clock = clock
+        self._cache: OrderedDict[
+            tuple[str, int], tuple[list[RegistrationEntry], int | None]
+        ] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # -- authorization ------------------------------------------------------------
+
+    def authorized_entries(
+        self, agent: AttestedAgent, *, revision: int | None = None
+    ) -> list[RegistrationEntry]:
+        """Entries this agent may hold SVIDs for (cached per store revision).
+
+        ``revision`` is the store's current revision when the caller has just read it.
+        """
+        if revision is None:
+            revision = self._store.current_revision()
+        key = (agent.spiffe_id, revision)
+        now = int(self._clock.now().timestamp())
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            # An entry expiring changes no revision: the list lasts until the first expiry.
+            if cached is not None and (cached[1] is None or now < cached[1]):
+                self._cache.move_to_end(key)
+                return cached[0]
+        entries = self._compute_authorized(agent)
+        expiries = [e.expires_at for e in entries if e.expires_at is not None]
+        with self._cache_lock:
+            self._cache[key] = (entries, min(expiries, default=None))
+            while len(self._cache) > 4096:
+                self._cache.popitem(last=False)
+        return entries
+
+    def _compute_authorized(self, agent: AttestedAgent) -> list[RegistrationEntry]:
+        now = int(self._clock.now().timestamp())
+        parents = {agent.spiffe_id, *self._store.agent_aliases(agent.spiffe_id)}
+        server_id = str(self.settings.server_id)
+        for node_entry in self._store.entries_by_parent([server_id]):
+            if node_entry.node and matches(node_entry.selectors, agent.selectors):
+                parents.add(node_entry.spiffe_id)
+        seen_parents: set[str] = set()
+        found: dict[str, RegistrationEntry] = {}
+        frontier = parents
+        while frontier:
+            seen_parents |= frontier
+            children = self._store.entries_by_parent(sorted(frontier))
+            frontier = set()
+            for entry in children:
+                if entry.id in found or entry.node:
+                    continue
+                if entry.expires_at is not None and entry.expires_at <= now:
+                    continue
+                found[entry.id] = entry
+                if entry.spiffe_id not in seen_parents:
+                    frontier.add(entry.spiffe_id)
+        return sorted(found.values(), key=lambda e: e.revision)
+
+    def _authorized_entry(
+        self,
+        agent: AttestedAgent,
+        entry_id: str,
+        authorized: dict[str, RegistrationEntry] | None = None,
+    ) -> RegistrationEntry:
+        """The entry if it is authorized for the agent; ``authorized`` (by ID) saves a batch
+        from reading the revision once per CSR."""
+        if authorized is None:
+            authorized = {entry.id: entry for entry in self.authorized_entries(agent)}
+        entry = authorized.get(entry_id)
+        if entry is None:
+            raise PermissionDenied(
+                f"entry {entry_id} is not authorized for agent {agent.spiffe_id}"
+            )
+        return entry
+
+    # -- X509-SVIDs ---------------------------------------------------------------
+
+    def sign_agent_svid(self, agent_id: SpiffeId, csr_der: bytes) -> IssuedX509:
+        csr = parse_csr(csr_der)
+        public_key = check_csr(csr, spiffe_id=agent_id)
+        ttl = self.settings.default_x509_svid_ttl
+        return self._issue(agent_id, public_key, ttl, (), None, None)
+
+    def sign_batch(
+        self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
+    ) -> list[IssuedX509]:
+        """Sign one CSR per entry; every CSR is checked before any is signed."""
+        if len(requests) > MAX_BATCH:
+            raise InvalidArgument(f"a batch takes at most {MAX_BATCH} CSRs; split it")
+        checked = []
+        authorized = {entry.id: entry for entry in self.authorized_entries(agent)}
+        for index, (entry_id, csr_der) in enumerate(requests):
+            entry = self._authorized_entry(agent, entry_id, authorized)
+            try:
+                csr = parse_csr(csr_der)
+                public_key = check_csr(
+                    csr, spiffe_id=SpiffeId(entry.spiffe_id), dns_names=entry.dns_names
+                )
+            except InvalidArgument as err:
+                raise InvalidArgument(f"CSR {index} (entry {entry_id}): {err.message}") from err
+            checked.append((entry, public_key))
+        issued = []
+        records = []
+        for entry, public_key in checked:
+            ttl = timedelta(seconds=entry.x509_svid_ttl) or self.settings.default_x509_svid_ttl
+            svid, record = self._sign(
+                SpiffeId(entry.spiffe_id), public_key, ttl, entry.dns_names, agent.spiffe_id
+            )
+            issued.append(IssuedX509(svid.spiffe_id, svid.leaf, svid.intermediates, entry.id))
+            records.append(record)
+        self._store.record_issued_svids(records)
+        return issued
+
+    def mint_x509(
+        self,
+        spiffe_id: str,
+        *,
+        ttl: timedelta | None,
+        dns_names: Sequence[str] = (),
+        key_type: KeyType = KeyType.EC_P256,
+    ) -> tuple[IssuedX509, PrivateKey]:
+        """Mint an SVID with a fresh key, for ``tessera server x509 mint``."""
+        parsed = parse_spiffe_id(spiffe_id)
+        require_member(parsed, self.settings.trust_domain, what="SPIFFE ID")
+        key = generate_private_key(key_type)
+        issued = self._issue(
+            parsed, key.public_key(), ttl or self.settings.default_x509_svid_ttl,
+            dns_names, None, "admin",
+        )
+        return issued, key
+
+    def _issue(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: object,
+        ttl: timedelta,
+        dns_names: Sequence[str],
+        agent_id: str | None,
+        actor: str | None,
+    ) -> IssuedX509:
+        svid, record = self._sign(spiffe_id, public_key, ttl, dns_names, agent_id)
+        self._store.record_issued_svids([record])
+        if actor is not None:
+            self._store.append_audit(
+                actor=actor,
+                action="x509.mint",
+                target=str(spiffe_id),
+                details={"serial": record.serial, "expires_at": record.expires_at.isoformat()},
+            )
+        return svid
+
+    def _sign(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: object,
+        ttl: timedelta,
+        dns_names: Sequence[str],
+        agent_id: str | None,
+    ) -> tuple[IssuedX509, IssuedSvid]:
+        leaf, intermediates, authority = self._authorities.sign_x509_svid(
+            spiffe_id, public_key, ttl=ttl, dns_names=dns_names  # type: ignore[arg-type]
+        )
+        record = IssuedSvid(
+            serial=format(leaf.serial_number, "x"),
+            spiffe_id=str(spiffe_id),
+            kind="x509",
+            agent_id=agent_id,
+            authority_id=authority.authority_id,
+            expires_at=leaf.not_valid_after_utc,
+        )
+        return IssuedX509(spiffe_id, leaf, intermediates), record
+
+    # -- JWT-SVIDs ----------------------------------------------------------------
+
+    def jwt_for_agent(
+        self, agent: AttestedAgent, entry_id: str, audience: Sequence[str]
+    ) -> tuple[str, str, datetime]:
+        entry = self._authorized_entry(agent, entry_id)
+        ttl = timedelta(seconds=entry.jwt_svid_ttl) or self.settings.default_jwt_svid_ttl
+        token, expires_at = self._jwt(SpiffeId(entry.spiffe_id), audience, ttl, agent.spiffe_id)
+        return entry.spiffe_id, token, expires_at
+
+    def mint_jwt(
+        self, spiffe_id: str, audience: Sequence[str], *, ttl: timedelta | None
+    ) -> tuple[str, datetime]:
+        parsed = parse_spiffe_id(spiffe_id)
+        require_member(parsed, self.settings.trust_domain, what="SPIFFE ID")
+        token, expires_at = self._jwt(
+            parsed, audience, ttl or self.settings.default_jwt_svid_ttl, None
+        )
+        self._store.append_audit(
+            actor="admin", action="jwt.mint", target=str(parsed),
+            details={"audience": list(audience), "expires_at": expires_at.isoformat()},
+        )
+        return token, expires_at
+
+    def _jwt(
+        self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: timedelta, agent_id: str | None
+    ) -> tuple[str, datetime]:
+        audiences = [a for a in audience if a]
+        if not audiences:
+            raise InvalidArgument("at least one audience is required, e.g. --audience db")
+        if len(audiences) > MAX_AUDIENCES:
+            raise InvalidArgument(f"at most {MAX_AUDIENCES} audiences are allowed")
+        token, expires_at, _ = self._authorities.mint_jwt_svid(
+            spiffe_id, audiences, ttl=ttl
+        )
+        return token, expires_at
+
+
+def agent_or_refuse(store: Datastore, spiffe_id: SpiffeId, serial: int) -> AttestedAgent:
+    """The attested agent presenting this SVID, or PermissionDenied saying why not."""
+    try:
+        agent = store.get_agent(str(spiffe_id))
+    except NotFound as err:
+        raise PermissionDenied(
+            f"{spiffe_id} is not an attested agent; it must attest again"
+        ) from err
+    if agent.banned:
+        raise PermissionDenied(f"agent {spiffe_id} is banned")
+    presented = format(serial, "x")
+    if presented == agent.serial:
+        if agent.previous_serial:
+            store.confirm_agent_serial(agent.spiffe_id)  # the renewed SVID is in use now
+        return agent
+    if agent.previous_serial and presented == agent.previous_serial:
+        return agent  # the renewal's answer may not have reached the agent
+    raise PermissionDenied(
+        f"agent {spiffe_id} presented an SVID that is no longer its current one"
+    )

@@ -1,0 +1,102 @@
+"""Upstream authorities: who signs the server's X.509 authority, when it is not self-signed.
+
+An upstream authority is a plugin. Given the public key of the server's next
+X.509 authority, it returns that authority's certificate (an intermediate),
+any certificates between it and the roots, and the roots to publish::
+
+    upstream = load_upstream_authority(
+        "disk", {"cert_file_path": "root.pem", "key_file_path": "root.key"}, data_dir
+    )
+    minted = upstream.mint_x509_ca(
+        trust_domain=td, public_key=signer.public_key(), not_before=now, not_after=later
+    )
+    bundle_roots = minted.upstream_roots
+
+Built-ins: ``disk`` (a CA certificate and key in PEM files). A new upstream
+authority is a module with a ``create(config, data_dir)`` function, listed in
+``_UPSTREAM_AUTHORITIES``. With no upstream authority the server signs its
+authorities itself (a self-signed root).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from cryptography import x509
+from spiffe import TrustDomain
+
+from ca.errors import ConfigError
+from ca.keymanager import Signer
+from ca.keys import PublicKey
+
+__all__ = ["MintedCA", "UpstreamAuthority", "load_upstream_authority"]
+
+
+@dataclass(frozen=True)
+class MintedCA:
+    certificate: x509.Certificate  # the server's new X.509 authority (an intermediate)
+    chain: tuple[x509.Certificate, ...]  # intermediates between it and the roots (may be empty)
+    upstream_roots: tuple[x509.Certificate, ...]  # trust anchors to publish in the bundle
+
+
+class UpstreamAuthority(Protocol):
+    name: str
+
+    def mint_x509_ca(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        public_key: PublicKey,
+        not_before: datetime,
+        not_after: datetime,
+        signer: Signer | None = None,
+    ) -> MintedCA:
+        """Sign an X.509 authority for ``public_key``; notAfter may come out earlier.
+
+        ``signer`` holds ``public_key``'s private key, for upstreams that need
+        proof of possession (a CSR, as Vault/OpenBao PKI does); others ignore it.
+        """
+        ...
+
+
+UpstreamAuthorityFactory = Callable[[Mapping[str, Any], Path], UpstreamAuthority]
+
+# name -> module holding ``create(config, data_dir) -> UpstreamAuthority``; imported on use.
+_UPSTREAM_AUTHORITIES: dict[str, str] = {
+    "disk": "ca.upstream.disk",
+    "vault_pki": "ca.upstream.vault_pki",
+}
+
+
+def load_upstream_authority(
+    name: str, config: Mapping[str, Any], data_dir: Path
+) -> UpstreamAuthority:
+    """The upstream authority called ``name``, configured from ``config``; ConfigError if
+    unknown."""
+    module_name = _UPSTREAM_AUTHORITIES.get(name)
+    if module_name is None:
+        known = ", ".join(sorted(_UPSTREAM_AUTHORITIES))
+        raise ConfigError(f"upstream authority {name!r} is not known; use one of {known}")
+    factory = cast(UpstreamAuthorityFactory, importlib.import_module(module_name).create)
+    return factory(config, data_dir)
+
+
+def check_config_keys(
+    name: str, config: Mapping[str, Any], *, required: set[str], optional: set[str]
+) -> None:
+    """Raise ConfigError for settings the upstream authority does not know or lacks."""
+    allowed = required | optional
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"upstream authority {name!r} does not take setting(s) {', '.join(unknown)}; "
+            f"its settings are: {', '.join(sorted(allowed))}"
+        )
+    missing = sorted(key for key in required if not config.get(key))
+    if missing:
+        raise ConfigError(f"upstream authority {name!r} needs setting(s) {', '.join(missing)}")
