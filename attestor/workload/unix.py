@@ -1,0 +1,228 @@
+"""The ``unix`` workload attestor: who runs the caller, and which binary.
+
+    attestor = UnixWorkloadAttestor(hash_binary=True)
+    attestor.attest(PeerCredentials(pid=4242, uid=1000, gid=1000))
+    # [unix:uid:1000, unix:user:alice, unix:gid:1000, unix:group:alice,
+    #  unix:supplementary_gid:27, unix:supplementary_group:sudo,
+    #  unix:path:/usr/bin/app, unix:sha256:9f86d0...]
+
+The uid and gid come from the socket's peer credentials (what the kernel
+recorded when the caller connected), never from ``/proc``. Supplementary groups
+come from ``/proc/<pid>/status``; the path from ``readlink /proc/<pid>/exe``; the
+SHA-256 is computed by reading ``/proc/<pid>/exe`` itself, so it is the exact
+file the process executes even if the path was replaced since. Digests are
+cached by (path, device, inode, mtime, ctime, size) so a workload that calls
+often is hashed once. Configuration is described in
+``docs/plugins/workload-attestor-unix.md``.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attestor.selector import Selector
+from attestor.workload import (
+    DEFAULT_PROC_ROOT,
+    PeerCredentials,
+    WorkloadAttestationError,
+    bool_option,
+    check_pid,
+    int_option,
+    process_not_found,
+    read_proc_file,
+    reject_unknown_keys,
+)
+from ca.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_BINARY_SIZE", "UnixWorkloadAttestor"]
+
+NAME = "unix"
+DEFAULT_MAX_BINARY_SIZE = 64 * 1024 * 1024
+DEFAULT_HASH_CACHE_ENTRIES = 1024
+DELETED_SUFFIX = " (deleted)"
+_CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+_CacheKey = tuple[str, int, int, int, int, int]
+
+
+class UnixWorkloadAttestor:
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        discover_workload_path: bool = True,
+        hash_binary: bool = True,
+        max_binary_size: int = DEFAULT_MAX_BINARY_SIZE,
+        proc_root: Path = DEFAULT_PROC_ROOT,
+        hash_cache_entries: int = DEFAULT_HASH_CACHE_ENTRIES,
+    ) -> None:
+        self.discover_workload_path = discover_workload_path
+        self.hash_binary = hash_binary and discover_workload_path
+        self.max_binary_size = max_binary_size
+        self.proc_root = proc_root
+        self._hash_cache: OrderedDict[_CacheKey, str] = OrderedDict()
+        self._hash_cache_entries = hash_cache_entries
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], proc_root: Path = DEFAULT_PROC_ROOT
+    ) -> UnixWorkloadAttestor:
+        reject_unknown_keys(
+            NAME, config, ("discover_workload_path", "hash_binary", "max_binary_size")
+        )
+        discover = bool_option(NAME, config, "discover_workload_path", True)
+        hash_binary = bool_option(NAME, config, "hash_binary", True)
+        if config.get("hash_binary") is True and not discover:
+            raise ConfigError(
+                "[workload_attestors.unix] hash_binary = true needs "
+                "discover_workload_path = true (the binary is found through /proc/<pid>/exe); "
+                "set one of them the other way"
+            )
+        max_size = int_option(
+            NAME, config, "max_binary_size", DEFAULT_MAX_BINARY_SIZE, what="bytes"
+        )
+        return cls(
+            discover_workload_path=discover,
+            hash_binary=hash_binary,
+            max_binary_size=max_size,
+            proc_root=proc_root,
+        )
+
+    def attest(self, peer: PeerCredentials) -> list[Selector]:
+        check_pid(peer.pid)
+        selectors = [Selector(NAME, f"uid:{peer.uid}")]
+        user = _user_name(peer.uid)
+        if user is not None:
+            selectors.append(Selector(NAME, f"user:{user}"))
+        selectors.append(Selector(NAME, f"gid:{peer.gid}"))
+        group = _group_name(peer.gid)
+        if group is not None:
+            selectors.append(Selector(NAME, f"group:{group}"))
+        for gid in self._supplementary_gids(peer.pid):
+            selectors.append(Selector(NAME, f"supplementary_gid:{gid}"))
+            name = _group_name(gid)
+            if name is not None:
+                selectors.append(Selector(NAME, f"supplementary_group:{name}"))
+        if self.discover_workload_path:
+            path, deleted = self._binary_path(peer.pid)
+            selectors.append(Selector(NAME, f"path:{path}"))
+            if self.hash_binary and not deleted:
+                digest = self._sha256(peer.pid, path)
+                if digest is not None:
+                    selectors.append(Selector(NAME, f"sha256:{digest}"))
+        return selectors
+
+    def _supplementary_gids(self, pid: int) -> list[int]:
+        status = read_proc_file(pid, "status", self.proc_root)
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key == "Groups":
+                try:
+                    return sorted({int(gid) for gid in value.split()})
+                except ValueError:
+                    break
+        raise WorkloadAttestationError(f"{self.proc_root}/{pid}/status has no readable Groups line")
+
+    def _binary_path(self, pid: int) -> tuple[str, bool]:
+        """The binary's path and whether it was deleted (or replaced) since the exec."""
+        exe = self.proc_root / str(pid) / "exe"
+        try:
+            target = os.readlink(exe)
+        except OSError as err:
+            raise _exe_error(pid, exe, err) from None
+        if target.endswith(DELETED_SUFFIX):
+            try:
+                links = os.stat(exe).st_nlink
+            except OSError as err:
+                raise _exe_error(pid, exe, err) from None
+            if links == 0:
+                return target.removesuffix(DELETED_SUFFIX), True
+        return target, False
+
+    def _sha256(self, pid: int, path: str) -> str | None:
+        exe = self.proc_root / str(pid) / "exe"
+        try:
+            binary = open(exe, "rb")  # noqa: SIM115 -- closed by the with below
+        except OSError as err:
+            raise _exe_error(pid, exe, err) from None
+        with binary:
+            before = os.fstat(binary.fileno())
+            if before.st_size > self.max_binary_size:
+                log.debug(
+                    "not hashing %s (%d bytes > max_binary_size %d)",
+                    path,
+                    before.st_size,
+                    self.max_binary_size,
+                )
+                return None
+            key: _CacheKey = (
+                path,
+                before.st_dev,
+                before.st_ino,
+                before.st_mtime_ns,
+                before.st_ctime_ns,
+                before.st_size,
+            )
+            with self._lock:
+                cached = self._hash_cache.get(key)
+                if cached is not None:
+                    self._hash_cache.move_to_end(key)
+                    return cached
+            digest = hashlib.sha256()
+            read = 0
+            while chunk := binary.read(_CHUNK):
+                read += len(chunk)
+                if read > self.max_binary_size:
+                    return None
+                digest.update(chunk)
+            after = os.fstat(binary.fileno())
+        if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != key[3:]:
+            raise WorkloadAttestationError(
+                f"the binary of process {pid} ({path}) changed while it was being hashed; "
+                "retry once it is no longer being written"
+            )
+        hexdigest = digest.hexdigest()
+        with self._lock:
+            self._hash_cache[key] = hexdigest
+            while len(self._hash_cache) > self._hash_cache_entries:
+                self._hash_cache.popitem(last=False)
+        return hexdigest
+
+
+def _exe_error(pid: int, exe: Path, err: OSError) -> WorkloadAttestationError:
+    if isinstance(err, FileNotFoundError | ProcessLookupError):
+        # Kernel threads and zombies have no exe either; to a caller they look the same.
+        return process_not_found(pid)
+    if isinstance(err, PermissionError):
+        return WorkloadAttestationError(
+            f"permission denied reading {exe}; run the agent as root or with CAP_SYS_PTRACE, "
+            "or set discover_workload_path = false in [workload_attestors.unix]"
+        )
+    return WorkloadAttestationError(f"cannot read {exe}: {err.strerror}")
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
