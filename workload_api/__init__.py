@@ -1,0 +1,1 @@
+"""The Tessera agent: node attestation, SVID cache and rotation, SPIFFE Workload API."""
