@@ -1,0 +1,70 @@
+"""Validating a JWT-SVID a caller sent, with the bundle of the trust domain it claims.
+
+::
+
+    svid = validate_jwt_svid(token, jwt_source, audience="spiffe://example.org/api")
+    svid.spiffe_id   # who sent it
+
+The token's ``sub`` names its trust domain; its signature is checked with that
+trust domain's JWT bundle from the source (so a federated trust domain can only
+sign for its own IDs), then its expiry and audience. Every failure is an
+:class:`~sdk.errors.AuthenticationError` saying what is wrong; the ``spiffe``
+package's errors are translated here.
+
+Expiry is checked against the system clock (the ``spiffe`` package reads it
+itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+from spiffe import JwtSvid
+from spiffe.errors import PySpiffeError
+from spiffe.svid.errors import TokenExpiredError
+from spiffe.svid.jwt_svid_validator import AUDIENCE_NOT_MATCH_ERROR
+
+from sdk.errors import AuthenticationError
+from sdk.sources import JwtBundleSource
+
+__all__ = ["validate_jwt_svid"]
+
+
+def validate_jwt_svid(token: str, bundle_source: JwtBundleSource, audience: str) -> JwtSvid:
+    """The JWT-SVID in ``token``, if its trust domain signed it and it is current and for us."""
+    try:
+        claimed = JwtSvid.parse_insecure(token, {audience})
+    except PySpiffeError as err:
+        raise AuthenticationError(_reason(err, token, audience)) from err
+    trust_domain = claimed.spiffe_id.trust_domain
+    bundle = bundle_source.jwt_bundle_for(trust_domain)
+    if bundle is None:
+        raise AuthenticationError(
+            f"the JWT-SVID of {claimed.spiffe_id} is from trust domain {trust_domain.name}, "
+            "which this service has no JWT bundle for",
+            peer_id=claimed.spiffe_id,
+        )
+    try:
+        return JwtSvid.parse_and_validate(token, bundle, {audience})
+    except PySpiffeError as err:
+        raise AuthenticationError(_reason(err, token, audience), peer_id=claimed.spiffe_id) from err
+
+
+def _reason(err: PySpiffeError, token: str, audience: str) -> str:
+    if isinstance(err, TokenExpiredError) or "expired" in str(err).lower():
+        return "the JWT-SVID has expired"
+    if AUDIENCE_NOT_MATCH_ERROR in str(err) or "audience" in str(err).lower():
+        return f"the JWT-SVID is for audience {_audience_of(token)}, not {audience!r}"
+    return f"the JWT-SVID is not valid: {err}"
+
+
+def _audience_of(token: str) -> str:
+    """The ``aud`` claim, read without verification, only to say what it was."""
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return "(unreadable)"
+    audience = claims.get("aud")
+    values = [audience] if isinstance(audience, str) else list(audience or [])
+    return ", ".join(repr(str(v)) for v in values) or "(none)"

@@ -1,0 +1,271 @@
+"""One connection of an inbound ``protocol = "http"`` listener: judge each request, pass it on.
+
+::
+
+    exchange = HttpExchange(client, peer, forward=HostPort("127.0.0.1", 8080), policy=policy,
+                            identity_headers=[...], decided=record, listener="inbound[0]")
+    await exchange.run()
+
+For every request on the connection (keep-alive and pipelining included):
+
+1. the head is read and checked (:mod:`sdk.sidecar.http`); a malformed one
+   is answered 400/414/431/501/505 and the connection closed;
+2. the policy decides with the caller's SPIFFE ID, the method and the
+   decoded path. A refusal is answered ``403`` with a text body naming the
+   rule and the reason (the connection stays open when the refused request's
+   body could be skipped);
+3. an allowed request goes to the app with ``X-Forwarded-Client-Spiffe-Id``
+   and ``X-Forwarded-Client-Cert`` set by the sidecar; any such header the
+   client sent is removed first, so the app can trust them;
+4. the body goes on while the response comes back, so ``Expect:
+   100-continue`` works; ``101 Switching Protocols`` makes the connection a
+   tunnel (WebSocket).
+
+The app connection is opened at the first allowed request and kept while
+both sides keep the connection alive. If the app closed an idle connection,
+a request without a body is sent again on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from spiffe import SpiffeId
+
+from sdk.policy import Decision, Policy
+from sdk.sidecar.config import HostPort
+from sdk.sidecar.errors import HttpError
+from sdk.sidecar.http import (
+    BodyKind,
+    RequestHead,
+    copy_body,
+    read_request_head,
+    read_response_head,
+    simple_response,
+)
+from sdk.sidecar.streams import Stream, splice
+
+__all__ = [
+    "CLIENT_CERT_HEADER",
+    "IDLE_TIMEOUT_SECONDS",
+    "SPIFFE_ID_HEADER",
+    "ConnectionState",
+    "HttpExchange",
+]
+
+_log = logging.getLogger("tessera.sidecar")
+
+SPIFFE_ID_HEADER: Final = "X-Forwarded-Client-Spiffe-Id"
+CLIENT_CERT_HEADER: Final = "X-Forwarded-Client-Cert"
+IDENTITY_HEADERS: Final = frozenset({SPIFFE_ID_HEADER.lower(), CLIENT_CERT_HEADER.lower()})
+
+IDLE_TIMEOUT_SECONDS: Final = 60.0
+"""How long a client connection may wait for (or take to send) its next request head."""
+CONNECT_TIMEOUT_SECONDS: Final = 5.0
+DISCARD_LIMIT: Final = 64 * 1024
+"""A refused request's body is skipped (keeping the connection) only up to this size."""
+_IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+@dataclass
+class ConnectionState:
+    """What a listener needs to know about a connection to shut down gracefully."""
+
+    idle: bool = False
+    """Waiting for the next request (may be closed at once on shutdown)."""
+    stopping: bool = False
+    """The listener is shutting down: finish the request in flight, then close."""
+
+
+class _AppFailed(Exception):
+    """The app could not be reached or did not answer properly."""
+
+
+@dataclass
+class _Outcome:
+    keep_alive: bool
+    upgraded: bool = False
+
+
+class HttpExchange:
+    def __init__(
+        self,
+        client: Stream,
+        peer_id: SpiffeId,
+        *,
+        forward: HostPort,
+        policy: Policy,
+        identity_headers: Sequence[tuple[str, str]],
+        decided: Callable[[Decision], None],
+        listener: str,
+        state: ConnectionState | None = None,
+    ) -> None:
+        self.client = client
+        self.peer_id = peer_id
+        self.forward = forward
+        self.policy = policy
+        self.identity_headers = identity_headers
+        self.decided = decided
+        self.listener = listener
+        self.state = state or ConnectionState()
+        self._app: Stream | None = None
+        self._response_started = False
+
+    async def run(self) -> None:
+        try:
+            while not self.state.stopping:
+                head = await self._next_request()
+                if head is None:
+                    return
+                self._response_started = False
+                outcome = await self._handle(head)
+                if not outcome.keep_alive:
+                    return
+        finally:
+            if self._app is not None:
+                await self._app.close()
+
+    async def _next_request(self) -> RequestHead | None:
+        self.state.idle = True
+        try:
+            return await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return None
+        except HttpError as err:
+            await self._answer(err.status, err.message, keep_alive=False)
+            return None
+        finally:
+            self.state.idle = False
+
+    async def _handle(self, head: RequestHead) -> _Outcome:
+        decision = self.policy.decide(self.peer_id, method=head.method, path=head.path)
+        self.decided(decision)
+        if not decision.allowed:
+            return await self._refuse(head, decision)
+        try:
+            return await self._pass_on(head)
+        except _AppFailed as err:
+            _log.warning("%s: %s %s from %s: %s", self.listener, head.method, head.path,
+                         self.peer_id, err)  # fmt: skip
+            if not self._response_started:
+                await self._answer(502, "the app behind this sidecar did not answer", False)
+            return _Outcome(keep_alive=False)
+
+    async def _refuse(self, head: RequestHead, decision: Decision) -> _Outcome:
+        message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
+        keep_alive = head.keep_alive and await self._skip_body(head)
+        await self._answer(403, message, keep_alive)
+        return _Outcome(keep_alive=keep_alive)
+
+    async def _skip_body(self, head: RequestHead) -> bool:
+        """Read a refused request's body away, if it is small; True if the connection may go on."""
+        if head.body.kind is BodyKind.NONE:
+            return True
+        if head.expects_continue or head.body.kind is not BodyKind.LENGTH:
+            return False
+        if head.body.length > DISCARD_LIMIT:
+            return False
+        try:
+            await self.client.readexactly(head.body.length)
+        except (asyncio.IncompleteReadError, OSError):
+            return False
+        return True
+
+    async def _pass_on(self, head: RequestHead) -> _Outcome:
+        request = head.serialize(remove=IDENTITY_HEADERS, add=self.identity_headers)
+        reusing = self._app is not None and not self._app.at_eof()
+        app = self._app if reusing and self._app is not None else await self._open_app()
+        try:
+            return await self._exchange(head, request, app)
+        except _AppFailed:
+            # An app may close a kept-alive connection just as a request goes out on it;
+            # an idempotent request without a body is safe to send again on a new one.
+            retry = (
+                reusing
+                and head.method in _IDEMPOTENT_METHODS
+                and head.body.kind is BodyKind.NONE
+                and not self._response_started
+            )
+            if not retry:
+                raise
+        return await self._exchange(head, request, await self._open_app())
+
+    async def _open_app(self) -> Stream:
+        if self._app is not None:
+            await self._app.close()
+            self._app = None
+        try:
+            self._app = await Stream.connect(self.forward, timeout=CONNECT_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError) as err:
+            reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+            raise _AppFailed(f"cannot reach the app at {self.forward}: {reason}") from err
+        return self._app
+
+    async def _exchange(self, head: RequestHead, request: bytes, app: Stream) -> _Outcome:
+        try:
+            app.write(request)
+        except OSError as err:
+            raise _AppFailed(f"the connection to the app failed: {err}") from err
+        body = asyncio.create_task(copy_body(self.client, app, head.body))
+        relay = asyncio.create_task(self._relay_response(head, app))
+        try:
+            done, _ = await asyncio.wait({body, relay}, return_when=asyncio.FIRST_COMPLETED)
+            if body in done and body.exception() is not None:
+                return await self._request_body_failed(body.exception(), relay)
+            outcome = await relay
+        finally:
+            for task in (body, relay):
+                task.cancel()
+            await asyncio.gather(body, relay, return_exceptions=True)
+        if not body.done() or body.cancelled() or body.exception() is not None:
+            outcome.keep_alive = False  # the app answered before the whole body was read
+        if outcome.upgraded:
+            await splice(self.client, app)
+            return _Outcome(keep_alive=False)
+        if not outcome.keep_alive:
+            await app.close()
+            self._app = None
+        return outcome
+
+    async def _request_body_failed(
+        self, error: BaseException | None, relay: asyncio.Task[_Outcome]
+    ) -> _Outcome:
+        relay.cancel()
+        if isinstance(error, HttpError) and not self._response_started:
+            await self._answer(error.status, error.message, keep_alive=False)
+        elif not isinstance(error, HttpError | OSError | asyncio.IncompleteReadError):
+            assert error is not None
+            raise error
+        return _Outcome(keep_alive=False)
+
+    async def _relay_response(self, head: RequestHead, app: Stream) -> _Outcome:
+        while True:
+            try:
+                response = await read_response_head(app, head.method)
+            except HttpError as err:
+                raise _AppFailed(err.message) from err
+            except OSError as err:
+                raise _AppFailed(f"the connection to the app failed: {err}") from err
+            self.client.write(response.raw)
+            self._response_started = True
+            await self.client.drain()
+            if response.status == 101:
+                return _Outcome(keep_alive=False, upgraded=True)
+            if response.status < 200:
+                continue
+            try:
+                await copy_body(app, self.client, response.body, status=502)
+            except HttpError as err:
+                raise _AppFailed(err.message) from err
+            return _Outcome(keep_alive=response.keep_alive and head.keep_alive)
+
+    async def _answer(self, status: int, text: str, keep_alive: bool) -> None:
+        try:
+            self.client.write(simple_response(status, text + "\n", keep_alive=keep_alive))
+            await self.client.drain()
+        except OSError:
+            pass

@@ -1,0 +1,373 @@
+"""``tessera sidecar proxy``: mTLS in front of a local app, and mTLS on its way out.
+
+::
+
+    config = load_proxy_config("proxy.toml")
+    proxy = Proxy(config, source)           # source: the workload's SVID (sdk.sidecar.workload)
+    await proxy.start()                     # binds every listener, or SidecarConfigError
+    ...
+    await proxy.stop()                      # stop accepting, let connections finish (5 s)
+
+**Inbound** listeners accept mTLS with the :mod:`sdk.tls` server context, so
+the SVID presented and the bundles trusted follow every rotation without a
+restart, and the caller is judged *during the handshake*: a peer the policy
+does not allow never gets a byte through. With ``protocol = "tcp"`` that is
+the only decision and the bytes are then spliced to ``forward``. With
+``protocol = "http"`` the handshake lets through every peer some allow rule
+names (whatever its methods and paths) unless a deny rule without methods and
+paths names it, and then each request is judged with its method and path
+(:mod:`sdk.sidecar.http_exchange`): ``403`` with the rule and reason, or on
+to the app with ``X-Forwarded-Client-Spiffe-Id``.
+
+**Outbound** listeners accept plain TCP from the local app, connect to
+``upstream`` with the :mod:`sdk.tls` client context and refuse, in the
+handshake, an upstream whose SPIFFE ID does not match; the local connection
+is then closed and the reason logged.
+
+Every decision and handshake is counted (:mod:`sdk.sidecar.metrics`), and
+refusals are logged at INFO on the ``tessera.sidecar`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import ssl
+import time
+from typing import Any, Final
+
+from spiffe import SpiffeId
+
+from sdk.errors import AuthorizationError, SdkError
+from sdk.policy import Decision, Policy
+from sdk.sidecar.config import (
+    HostPort,
+    InboundConfig,
+    ListenerProtocol,
+    OutboundConfig,
+    ProxyConfig,
+)
+from sdk.sidecar.errors import SidecarConfigError
+from sdk.sidecar.http_exchange import (
+    CLIENT_CERT_HEADER,
+    SPIFFE_ID_HEADER,
+    ConnectionState,
+    HttpExchange,
+)
+from sdk.sidecar.metrics import ProxyMetrics
+from sdk.sidecar.streams import STREAM_LIMIT, Stream, splice
+from sdk.sources import X509Source
+from sdk.tls import mtls_client_context, mtls_server_context, peer_spiffe_id
+
+__all__ = ["SHUTDOWN_GRACE_SECONDS", "Proxy", "handshake_policy"]
+
+_log = logging.getLogger("tessera.sidecar")
+
+HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
+CONNECT_TIMEOUT_SECONDS: Final = 5.0
+SHUTDOWN_GRACE_SECONDS: Final = 5.0
+
+
+class Proxy:
+    """Every listener of a proxy configuration, started and stopped together."""
+
+    def __init__(
+        self, config: ProxyConfig, source: X509Source, *, metrics: ProxyMetrics | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or ProxyMetrics()
+        self.listeners: list[_Listener] = [
+            *(InboundListener(c, source, self.metrics) for c in config.inbound),
+            *(OutboundListener(c, source, self.metrics) for c in config.outbound),
+        ]
+        self._started = False
+
+    async def start(self) -> None:
+        """Listen everywhere; if one address cannot be bound, none stays bound."""
+        try:
+            for listener in self.listeners:
+                await listener.start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._started = True
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, close idle connections, give the others ``grace`` seconds."""
+        self._started = False
+        for listener in self.listeners:
+            listener.stop_accepting()
+        tasks = [task for listener in self.listeners for task in listener.begin_shutdown()]
+        if tasks:
+            pending = set(tasks)
+            if grace > 0:
+                _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for listener in self.listeners:
+            await listener.wait_closed()
+
+    def ready_problem(self) -> str | None:
+        return None if self._started else "the listeners are not open"
+
+    def bound(self, name: str) -> HostPort:
+        """The address listener ``name`` really listens on."""
+        return next(listener.bound for listener in self.listeners if listener.name == name)
+
+
+def handshake_policy(policy: Policy) -> Policy:
+    """What an HTTP listener checks at the handshake, before any request is known.
+
+    Allow rules count without their methods and paths (a peer one of them
+    names may be allowed some request), and deny rules with methods or paths
+    are left for the requests.
+    """
+    return dataclasses.replace(
+        policy,
+        allow=tuple(dataclasses.replace(r, methods=frozenset(), paths=()) for r in policy.allow),
+        deny=tuple(r for r in policy.deny if not r.methods and not r.paths),
+    )
+
+
+# -- listeners ---------------------------------------------------------------------------
+
+
+class _Listener:
+    name: str
+    listen: HostPort
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.metrics = metrics
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[Any], ConnectionState] = {}
+        self._stopping = False
+        metrics.register_listener(self.name)
+
+    @property
+    def bound(self) -> HostPort:
+        if self._server is None or not self._server.sockets:
+            return self.listen
+        return HostPort(self.listen.host, int(self._server.sockets[0].getsockname()[1]))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                self._protocol, self.listen.host, self.listen.port, reuse_address=True
+            )
+        except OSError as err:
+            raise SidecarConfigError(
+                f"{self.name}: cannot listen on {self.listen}: {err.strerror or err}; choose "
+                "another address in the proxy config"
+            ) from err
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+
+    def begin_shutdown(self) -> list[asyncio.Task[Any]]:
+        """Cancel the idle connections; the tasks of all of them, to wait for."""
+        for task, state in list(self._connections.items()):
+            state.stopping = True
+            if state.idle:
+                task.cancel()
+        return list(self._connections)
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        return asyncio.StreamReaderProtocol(reader, self._accepted)
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = ConnectionState(stopping=self._stopping)
+        self._connections[task] = state
+        self.metrics.connections.labels(self.name).inc()
+        gauge = self.metrics.open_connections.labels(self.name)
+        gauge.inc()
+        client = Stream(
+            reader,
+            writer,
+            on_read=self.metrics.bytes.labels(self.name, "in").inc,
+            on_write=self.metrics.bytes.labels(self.name, "out").inc,
+        )
+        try:
+            await self._serve(client, state)
+        except asyncio.CancelledError:
+            pass  # shutdown
+        except OSError as err:
+            _log.debug("%s: the connection from %s ended: %s", self.name, client.peer, err)
+        except Exception:
+            _log.exception("%s: the connection from %s failed", self.name, client.peer)
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await client.close()
+            gauge.dec()
+            del self._connections[task]
+
+    async def _serve(self, client: Stream, state: ConnectionState) -> None:
+        raise NotImplementedError
+
+    async def _handshake(
+        self, stream: Stream, context: ssl.SSLContext, who: str, *, server_hostname: str | None
+    ) -> bool:
+        """TLS on ``stream``; False (counted, logged) if it failed or the peer was refused."""
+        started = time.perf_counter()
+        try:
+            await stream.writer.start_tls(
+                context,
+                server_hostname=server_hostname,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+            )
+        except Exception as err:
+            reason, message = _handshake_failure(err)
+            self.metrics.handshake_failures.labels(self.name, reason).inc()
+            _log.info("%s: TLS handshake with %s failed (%s): %s", self.name, who, reason, message)
+            return False
+        self.metrics.handshake_seconds.labels(self.name).observe(time.perf_counter() - started)
+        return True
+
+    async def _connect(self, address: HostPort, what: str) -> Stream | None:
+        try:
+            return await Stream.connect(address, timeout=CONNECT_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError) as err:
+            self.metrics.forward_failures.labels(self.name).inc()
+            reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+            _log.warning("%s: cannot reach %s at %s: %s", self.name, what, address, reason)
+            return None
+
+
+class InboundListener(_Listener):
+    """mTLS in, policy in the handshake (and per request in HTTP mode), plaintext to the app."""
+
+    def __init__(self, config: InboundConfig, source: X509Source, metrics: ProxyMetrics) -> None:
+        self.name = config.name
+        self.listen = config.listen
+        self.config = config
+        super().__init__(metrics)
+        http = config.protocol is ListenerProtocol.HTTP
+        self._connection_policy = handshake_policy(config.policy) if http else config.policy
+        self._source = source
+        self._context = mtls_server_context(source, self._authorize_connection)
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        return _PausedStreamReaderProtocol(reader, self._accepted)
+
+    def _authorize_connection(self, peer_id: SpiffeId) -> None:
+        """The authorizer of the handshake."""
+        decision = self._connection_policy.decide(peer_id)
+        self.metrics.decision(self.name, "handshake", decision.rule, decision.allowed)
+        if not decision.allowed:
+            raise AuthorizationError(peer_id, f"policy rule {decision.rule!r}", decision.reason)
+
+    def _request_decided(self, decision: Decision) -> None:
+        self.metrics.decision(self.name, "request", decision.rule, decision.allowed)
+
+    async def _serve(self, client: Stream, state: ConnectionState) -> None:
+        who = f"client {client.peer}"
+        if not await self._handshake(client, self._context, who, server_hostname=None):
+            return
+        tls = client.writer.get_extra_info("ssl_object")
+        peer_id = peer_spiffe_id(tls)
+        if self.config.protocol is ListenerProtocol.TCP:
+            app = await self._connect(self.config.forward, "the app")
+            if app is None:
+                return
+            try:
+                await splice(client, app)
+            finally:
+                await app.close()
+            return
+        exchange = HttpExchange(
+            client,
+            peer_id,
+            forward=self.config.forward,
+            policy=self.config.policy,
+            identity_headers=self._identity_headers(peer_id, tls.getpeercert(binary_form=True)),
+            decided=self._request_decided,
+            listener=self.name,
+            state=state,
+        )
+        await exchange.run()
+
+    def _identity_headers(self, peer_id: SpiffeId, peer_der: bytes) -> list[tuple[str, str]]:
+        own_id = self._source.x509_svid().spiffe_id
+        digest = hashlib.sha256(peer_der).hexdigest()
+        return [
+            (SPIFFE_ID_HEADER, str(peer_id)),
+            (CLIENT_CERT_HEADER, f"By={own_id};Hash={digest};URI={peer_id}"),
+        ]
+
+
+class OutboundListener(_Listener):
+    """Plaintext in from the local app, mTLS out to an upstream whose SPIFFE ID must match."""
+
+    def __init__(self, config: OutboundConfig, source: X509Source, metrics: ProxyMetrics) -> None:
+        self.name = config.name
+        self.listen = config.listen
+        self.config = config
+        super().__init__(metrics)
+        authorizer = config.authorizer()
+
+        def authorize(peer_id: SpiffeId) -> None:
+            try:
+                authorizer(peer_id)
+            except AuthorizationError:
+                self.metrics.decision(self.name, "handshake", config.accept, False)
+                raise
+            self.metrics.decision(self.name, "handshake", config.accept, True)
+
+        self._context = mtls_client_context(source, authorize)
+
+    async def _serve(self, client: Stream, state: ConnectionState) -> None:
+        upstream_address = self.config.upstream
+        upstream = await self._connect(upstream_address, "the upstream")
+        if upstream is None:
+            return
+        try:
+            who = f"upstream {upstream_address} (for {client.peer})"
+            if await self._handshake(upstream, self._context, who,
+                                     server_hostname=upstream_address.host):  # fmt: skip
+                await splice(client, upstream)
+        finally:
+            await upstream.close()
+
+
+class _PausedStreamReaderProtocol(asyncio.StreamReaderProtocol):
+    """Reads nothing before the TLS handshake starts, so no ClientHello byte lands in the
+    plain reader (``start_tls`` resumes reading through the TLS protocol)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        super().connection_made(transport)
+
+
+def _handshake_failure(err: Exception) -> tuple[str, str]:
+    """(metrics reason, words) for a failed handshake."""
+    cause = err.__cause__
+    if isinstance(cause, AuthorizationError):
+        return "refused", cause.message
+    if isinstance(cause, SdkError):
+        return "unauthenticated", cause.message
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return "unauthenticated", err.verify_message or str(err)
+    if isinstance(err, ssl.SSLError):
+        reason = err.reason or str(err)
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
+            return "unauthenticated", "the peer presented no X509-SVID"
+        return "tls", reason
+    if isinstance(err, ConnectionAbortedError) and "longer than" in str(err):
+        return "timeout", str(err)
+    return "closed", str(err) or type(err).__name__
