@@ -1,0 +1,395 @@
+"""`tessera agent` as a user runs it: real server and agent processes, real SPIFFE clients.
+
+Workloads are this test process (py-spiffe's ``WorkloadApiClient`` and
+``X509Source``), children running as other uids, and the ``tessera agent api``
+commands. Each test is one scenario of the agent's done criteria.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc  # type: ignore[import-untyped]
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from spiffe import WorkloadApiClient, X509Source
+from spiffe.workloadapi.errors import ValidateJwtSvidError
+
+from attestor.node.x509pop import fingerprint
+from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures register by import)
+    AgentProcess,
+    fetch_as,
+    save_bundle,
+    socket_dir_fixture,
+    start_agent_fixture,
+)
+from tests.integration.conftest import TESSERA, ServerProcess
+from workload_api._proto import workload_pb2
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+pb: Any = workload_pb2  # message classes are built at import time, out of mypy's sight
+UID = os.getuid()
+NODE = "spiffe://example.org/node/a"
+StartAgent = Callable[..., AgentProcess]
+
+
+def create_entry(server: ServerProcess, spiffe_id: str, *selectors: str, parent: str = NODE,
+                 ttl: str | None = None) -> str:
+    args = ["entry", "create", "--parent-id", parent, "--spiffe-id", spiffe_id]
+    for selector in selectors:
+        args += ["--selector", selector]
+    if ttl:
+        args += ["--x509-svid-ttl", ttl]
+    return str(server.cli_json(*args)["id"])
+
+
+def poll(check: Callable[[], T | None], deadline: float, what: str) -> T:
+    """Call ``check`` until it returns something, or fail after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    last_error: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            value = check()
+        except Exception as err:  # the agent may not have it yet
+            last_error = err
+            value = None
+        if value is not None:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {deadline}s (last error: {last_error})")
+
+
+def spiffe_ids(agent: AgentProcess) -> list[str]:
+    with WorkloadApiClient(socket_path=agent.endpoint, default_timeout=5) as client:
+        return [str(svid.spiffe_id) for svid in client.fetch_x509_svids()]
+
+
+def test_a_joined_agent_serves_svids_and_rotates_them(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}", ttl="4s")
+    agent = start_agent(server)
+
+    with WorkloadApiClient(socket_path=agent.endpoint, default_timeout=5) as client:
+        svid = client.fetch_x509_svid()
+    assert str(svid.spiffe_id) == "spiffe://example.org/web"
+    assert "Attested as spiffe://example.org/tessera/agent/join_token/" in agent.log()
+    assert f"export SPIFFE_ENDPOINT_SOCKET=unix://{agent.socket}" in agent.log()
+
+    source = X509Source(socket_path=agent.endpoint, timeout_in_seconds=5)
+    try:
+        first = source.get_x509_context().default_svid.leaf.serial_number
+
+        def rotated() -> int | None:
+            serial = source.get_x509_context().default_svid.leaf.serial_number
+            return serial if serial != first else None
+
+        began = time.monotonic()
+        poll(rotated, 10, "a rotation of the 4 s SVID")
+        print(f"X509Source saw the rotation after {time.monotonic() - began:.2f}s")
+    finally:
+        source.close()
+
+    metrics = httpx.get(agent.health_url + "/metrics", timeout=5).text
+    assert "tessera_agent_entries 1.0" in metrics
+    assert 'tessera_agent_svids_rotated_total{kind="x509"}' in metrics
+    assert httpx.get(agent.health_url + "/live", timeout=5).json() == {"status": "live"}
+
+
+def test_each_uid_gets_only_its_own_svid(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    create_entry(server, "spiffe://example.org/u1234", "unix:uid:1234")
+    create_entry(server, "spiffe://example.org/u1235", "unix:uid:1235")
+    agent = start_agent(server)
+
+    assert fetch_as(1234, 1234, agent.endpoint) == {"spiffe_ids": ["spiffe://example.org/u1234"]}
+    assert fetch_as(1235, 1235, agent.endpoint) == {"spiffe_ids": ["spiffe://example.org/u1235"]}
+    refused = fetch_as(1236, 1236, agent.endpoint)
+    assert refused["error"] == "PERMISSION_DENIED"
+    assert "no identity issued" in refused["message"]
+
+    # A caller without the security header is refused before anything else.
+    with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+        call = channel.unary_stream(
+            "/SpiffeWorkloadAPI/FetchX509SVID",
+            request_serializer=pb.X509SVIDRequest.SerializeToString,
+            response_deserializer=pb.X509SVIDResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(call(pb.X509SVIDRequest(), timeout=5)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "security header missing from request"
+
+    # This process has no entry, yet the agent answers: it is healthy.
+    health = agent.cli("healthcheck", "--output", "json")
+    assert json.loads(health.stdout) == {"status": "healthy", "socket": str(agent.socket)}
+    denied = agent.cli("api", "fetch", "x509", check=False)
+    assert denied.returncode == 1
+    assert denied.stderr.startswith(
+        f"Error: the agent has no identity for this process (uid {UID}): no identity issued; "
+    )
+
+
+def test_jwt_svids_are_fetched_and_validated(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+
+    with WorkloadApiClient(socket_path=agent.endpoint, default_timeout=5) as client:
+        token = client.fetch_jwt_svid(audience={"db"}).token
+        validated = client.validate_jwt_svid(token, "db")
+        assert str(validated.spiffe_id) == "spiffe://example.org/web"
+        with pytest.raises(ValidateJwtSvidError) as caught:
+            client.validate_jwt_svid(token, "other")
+    assert "does not include 'other'" in str(caught.value)
+    assert "INVALID_ARGUMENT" in str(caught.value)
+
+    fetched = json.loads(agent.cli("api", "fetch", "jwt", "--audience", "db", "--output",
+                                   "json").stdout)
+    assert fetched["svids"][0]["spiffe_id"] == "spiffe://example.org/web"
+    assert fetched["svids"][0]["token"] == token, "the agent caches JWT-SVIDs"
+    valid = agent.cli("api", "validate", "jwt", "--audience", "db", "--svid", token)
+    assert valid.stdout.startswith("SVID is valid.\nSPIFFE ID : spiffe://example.org/web\n")
+    invalid = agent.cli("api", "validate", "jwt", "--audience", "other", "--svid", token,
+                        check=False)
+    assert invalid.returncode == 1
+    assert invalid.stderr == (
+        "Error: the JWT-SVID is not valid: JWT-SVID audience ['db'] does not include 'other'\n"
+    )
+
+
+@pytest.fixture
+def watch(start_agent: StartAgent) -> Iterator[Callable[[AgentProcess], queue.Queue[Any]]]:
+    """Run ``tessera agent api watch --output json``; its updates arrive on a queue."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(agent: AgentProcess) -> queue.Queue[Any]:
+        process = subprocess.Popen(
+            [TESSERA, "agent", "api", "watch", "--socket", str(agent.socket), "--output", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        processes.append(process)
+        updates: queue.Queue[Any] = queue.Queue()
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                updates.put((time.monotonic(), json.loads(line)))
+
+        threading.Thread(target=read, daemon=True).start()
+        return updates
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def next_update(updates: queue.Queue[Any], deadline: float = 5.0) -> tuple[float, list[str]]:
+    try:
+        arrived, document = updates.get(timeout=deadline)
+    except queue.Empty:
+        raise AssertionError(f"no X.509 update within {deadline}s") from None
+    return arrived, [svid["spiffe_id"] for svid in document["svids"]]
+
+
+def test_entry_changes_reach_a_watching_workload_at_once(
+    server: ServerProcess, start_agent: StartAgent,
+    watch: Callable[[AgentProcess], queue.Queue[Any]],
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    updates = watch(agent)
+    assert next_update(updates, 10)[1] == ["spiffe://example.org/web"]
+
+    time.sleep(0.5)  # let the agent settle into its long poll
+    created_at = time.monotonic()
+    entry_id = create_entry(server, "spiffe://example.org/api", f"unix:uid:{UID}")
+    arrived, ids = next_update(updates)
+    print(f"new entry reached the watching workload {arrived - created_at:.3f}s after "
+          "'entry create' started (that includes the CLI's own start-up)")
+    assert ids == ["spiffe://example.org/web", "spiffe://example.org/api"]
+
+    server.cli("entry", "delete", "--entry-id", entry_id)
+    assert next_update(updates)[1] == ["spiffe://example.org/web"]
+
+
+def test_the_agent_serves_from_cache_while_the_server_is_down(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+
+    server.stop()
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+    poll(lambda: "serving cached SVIDs and retrying" in agent.log() or None, 15,
+         "the agent noticing the server is gone")
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+
+    server.start()
+    create_entry(server, "spiffe://example.org/after", f"unix:uid:{UID}")
+    began = time.monotonic()
+    poll(lambda: "spiffe://example.org/after" in spiffe_ids(agent) or None, 20,
+         "the agent catching up with the restarted server")
+    print(f"caught up {time.monotonic() - began:.2f}s after the entry was created")
+    assert agent.process is not None and agent.process.poll() is None
+
+
+def test_a_restarted_agent_needs_no_new_token(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+    stored = sorted(p.name for p in agent.data_dir.iterdir())
+    assert stored == ["agent-svid.key", "agent-svid.pem", "agent.json", "bundle.json"]
+    assert stat.S_IMODE(agent.data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((agent.data_dir / "agent-svid.key").stat().st_mode) == 0o600
+
+    agent.stop()
+    agent.start(token=None)
+    assert "Loaded the agent SVID of spiffe://example.org/tessera/agent/join_token/" in agent.log()
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+
+
+def test_fetch_x509_writes_files_openssl_accepts(
+    server: ServerProcess, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    out = tmp_path / "svid"
+    result = json.loads(agent.cli("api", "fetch", "x509", "--write", str(out), "--output",
+                                  "json").stdout)
+    assert result["svids"][0]["spiffe_id"] == "spiffe://example.org/web"
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.0.pem", "svid.0.key", "svid.0.pem"]
+    assert stat.S_IMODE((out / "svid.0.key").stat().st_mode) == 0o600
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "bundle.0.pem"), str(out / "svid.0.pem")],
+        capture_output=True, text=True,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.strip() == f"{out / 'svid.0.pem'}: OK"
+
+
+def node_certificate(directory: Path) -> tuple[Path, Path, Path, str]:
+    """A node CA (for the server) and a node certificate with its key (for the agent)."""
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+                    signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=not ca, content_commitment=False,
+                              key_encipherment=False, data_encipherment=False,
+                              key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                signer.public_key()), critical=False)
+            .sign(signer, hashes.SHA256())
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node CA")])
+    ca = certificate("node CA", ca_key, ca_name, ca_key, ca=True)
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node = certificate("node-a", node_key, ca_name, ca_key, ca=False)
+    paths = directory / "node-ca.pem", directory / "node.pem", directory / "node.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(node.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(node_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return *paths, fingerprint(node)
+
+
+def x509pop_agent(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, socket_dir: Path
+) -> tuple[ServerProcess, AgentProcess, str]:
+    """A server trusting a node CA, and an x509pop agent started with that node's key,
+    holding one entry (spiffe://example.org/web for this uid)."""
+    node_ca, node_cert, node_key, node_fingerprint = node_certificate(tmp_path)
+    config = tmp_path / "server.toml"
+    config.write_text(f'[node_attestors.x509pop]\nca_bundle_path = "{node_ca}"\n')
+    server = start_server(extra=["--config", str(config)])
+    agent_id = f"spiffe://example.org/tessera/agent/x509pop/{node_fingerprint}"
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}", parent=agent_id)
+    agent = AgentProcess(
+        servers=[server], data_dir=tmp_path / "agent", socket=socket_dir / "agent.sock",
+        alias=agent_id, trust_bundle=save_bundle(server, tmp_path / "bundle.pem"),
+    )
+    try:
+        agent.start(extra=("--x509pop-cert", str(node_cert), "--x509pop-key", str(node_key)))
+    except BaseException:
+        agent.stop()  # a start that timed out leaves the process running
+        raise
+    return server, agent, agent_id
+
+
+def test_an_x509pop_agent_attests_again_by_itself(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, socket_dir: Path
+) -> None:
+    server, agent, agent_id = x509pop_agent(start_server, tmp_path, socket_dir)
+    try:
+        assert f"Attested as {agent_id} (x509pop)" in agent.log()
+        assert spiffe_ids(agent) == ["spiffe://example.org/web"]
+
+        server.cli("agent", "evict", "--spiffe-id", agent_id)
+        poll(lambda: "attesting again with x509pop" in agent.log() or None, 15,
+             "the evicted agent attesting again")
+        create_entry(server, "spiffe://example.org/after", f"unix:uid:{UID}", parent=agent_id)
+        poll(lambda: "spiffe://example.org/after" in spiffe_ids(agent) or None, 15,
+             "an entry created after the eviction reaching the workload")
+    finally:
+        agent.stop()
+
+
+def test_a_banned_x509pop_agent_cannot_attest_again_until_unbanned(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, socket_dir: Path
+) -> None:
+    server, agent, agent_id = x509pop_agent(start_server, tmp_path, socket_dir)
+    try:
+        server.cli("agent", "ban", "--spiffe-id", agent_id)
+        # Refused as banned, it tries to attest again with its key, and is refused again.
+        poll(lambda: f"agent {agent_id} is banned; an operator must unban it" in agent.log()
+             or None, 20, "the banned agent's attempt to attest again being refused")
+        assert agent.log().count(f"Attested as {agent_id}") == 1
+        assert spiffe_ids(agent) == ["spiffe://example.org/web"], "cached SVIDs still served"
+
+        server.cli("agent", "unban", "--spiffe-id", agent_id)
+        create_entry(server, "spiffe://example.org/after", f"unix:uid:{UID}", parent=agent_id)
+        poll(lambda: "spiffe://example.org/after" in spiffe_ids(agent) or None, 20,
+             "an entry created after the unban reaching the workload")
+    finally:
+        agent.stop()

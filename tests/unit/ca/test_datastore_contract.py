@@ -1,0 +1,842 @@
+"""The datastore contract: every test runs against SQLite and PostgreSQL alike.
+
+The ``datastore_url`` fixture (tests/conftest.py) gives a fresh SQLite file or a
+fresh PostgreSQL database per test; the ``store`` fixture opens it with a
+ManualClock so nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import exc as sa_exc
+
+from attestor.selector import Selector
+from ca.clock import ManualClock
+from ca.datastore import (
+    Authority,
+    Datastore,
+    IssuedSvid,
+    NewEntry,
+    RegistrationEntry,
+    as_new_entry,
+    default_datastore_url,
+)
+from ca.datastore.migrate import VERSION_TABLE, head_revision, schema_revision, upgrade
+from ca.datastore.schema import Base
+from ca.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+
+START = datetime(2030, 1, 1, tzinfo=UTC)
+TD = "spiffe://example.org"
+AGENT = f"{TD}/tessera/agent/x509pop/node-1"
+UNAVAILABLE_END = "; check that the database is running and the URL is right"
+
+
+def sel(text: str) -> Selector:
+    return Selector.parse(text)
+
+
+def new_entry(
+    name: str = "web",
+    parent: str = AGENT,
+    selectors: tuple[str, ...] = ("unix:uid:1000",),
+    **kw: object,
+) -> NewEntry:
+    return NewEntry(
+        spiffe_id=f"{TD}/{name}",
+        parent_id=parent,
+        selectors=tuple(sel(s) for s in selectors),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def authority(authority_id: str, **kw: object) -> Authority:
+    values: dict[str, object] = {
+        "authority_id": authority_id,
+        "kind": "x509",
+        "server_id": "server-a",
+        "status": "prepared",
+        "tainted": False,
+        "revoked": False,
+        "key_id": f"key-{authority_id}",
+        "key_type": "ec-p256",
+        "not_before": START,
+        "not_after": START + timedelta(days=1),
+        "certificate": b"\x30\x03cert",
+        "chain": b"",
+        "upstream_roots": b"",
+        "public_key": b"\x30\x03spki",
+        "created_at": START,
+    }
+    values.update(kw)
+    return Authority(**values)  # type: ignore[arg-type]
+
+
+def svid(serial: str, **kw: object) -> IssuedSvid:
+    values: dict[str, object] = {
+        "serial": serial,
+        "spiffe_id": f"{TD}/web",
+        "kind": "x509",
+        "agent_id": AGENT,
+        "authority_id": "ab12",
+        "expires_at": START + timedelta(hours=1),
+    }
+    values.update(kw)
+    return IssuedSvid(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+def store(datastore_url: str, clock: ManualClock) -> Iterator[Datastore]:
+    opened = Datastore.open(datastore_url, clock=clock)
+    yield opened
+    opened.close()
+
+
+# -- schema and migrations --------------------------------------------------------
+
+
+def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore_url: str) -> None:
+    store = Datastore.open(datastore_url)
+    store.create_entry(new_entry())
+    store.bump_bundle_sequence()
+    store.close()
+
+    engine = sa.create_engine(datastore_url)
+    try:
+        assert schema_revision(engine) == head_revision() == "0004"
+        upgrade(engine)  # applied again: a no-op
+        with engine.connect() as conn:
+            versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
+        assert [tuple(v) for v in versions] == [("0004",)]
+    finally:
+        engine.dispose()
+
+    reopened = Datastore.open(datastore_url)  # and once more through open()
+    try:
+        assert reopened.count_entries() == 1
+        assert reopened.current_revision() == 1
+        assert reopened.bundle_sequence() == 1
+    finally:
+        reopened.close()
+
+
+def test_servers_starting_together_migrate_one_at_a_time(datastore_url: str) -> None:
+    opened: list[Datastore] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(Datastore.open(datastore_url))
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in opened:
+        store.close()
+    assert errors == []
+    assert len(opened) == 4
+
+
+def test_models_and_migrations_describe_the_same_schema(
+    store: Datastore, datastore_url: str
+) -> None:
+    engine = sa.create_engine(datastore_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": True, "version_table": VERSION_TABLE}
+            )
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_newer_than_this_tessera_is_refused(datastore_url: str) -> None:
+    Datastore.open(datastore_url).close()
+    engine = sa.create_engine(datastore_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(FailedPrecondition) as caught:
+        Datastore.open(datastore_url)
+    assert caught.value.message.startswith("the datastore schema cannot be upgraded: ")
+    assert "'9999'" in caught.value.message
+    assert caught.value.message.endswith(
+        "if a newer Tessera has used this database, run that version (or restore a backup)"
+    )
+
+
+def test_data_survives_a_restart(datastore_url: str, clock: ManualClock) -> None:
+    store = Datastore.open(datastore_url, clock=clock)
+    entry = store.create_entry(new_entry(dns_names=("web.example.org",), hint="web"))
+    store.upsert_agent(
+        AGENT, attestation_type="x509pop", serial="0a", expires_at=START + timedelta(hours=1)
+    )
+    store.add_agent_alias(AGENT, f"{TD}/cluster/a")
+    store.create_join_token("tok", alias_id=f"{TD}/node", expires_at=START + timedelta(minutes=10))
+    store.add_authority(authority("ab12"))
+    store.set_federated_bundle("other.org", b'{"keys": []}')
+    store.record_issued_svids([svid("01")])
+    store.append_audit(actor="admin", action="entry.create", target=entry.id)
+    store.close()
+
+    with Datastore.open(datastore_url, clock=clock) as again:
+        assert again.get_entry(entry.id) == entry
+        assert again.current_revision() == 2
+        assert again.get_agent(AGENT).serial == "0a"
+        assert again.agent_aliases(AGENT) == {f"{TD}/cluster/a"}
+        assert [t.token for t in again.list_join_tokens()] == ["tok"]
+        assert again.get_authority("ab12") == authority("ab12")
+        assert again.get_federated_bundle("other.org").bundle == b'{"keys": []}'
+        assert again.count_issued_svids() == 1
+        assert [e.action for e in again.list_audit()] == ["entry.create"]
+
+
+# -- registration entries ---------------------------------------------------------
+
+
+def test_entry_create_get_update_delete(store: Datastore, clock: ManualClock) -> None:
+    created = store.create_entry(
+        new_entry(
+            selectors=("unix:uid:1000", "docker:label:app:web", "unix:uid:1000"),
+            x509_svid_ttl=3600,
+            jwt_svid_ttl=300,
+            dns_names=("web.example.org", "a.example.org"),
+            federates_with=("other.org",),
+            admin=True,
+            downstream=False,
+            node=False,
+            hint="web",
+            expires_at=1_900_000_000,
+        )
+    )
+    assert created.selectors == (sel("docker:label:app:web"), sel("unix:uid:1000"))
+    assert created.dns_names == ("web.example.org", "a.example.org")
+    assert created.revision == 1
+    assert created.created_at == START
+    assert created.deleted is False
+    assert store.get_entry(created.id) == created
+
+    clock.advance(timedelta(minutes=5))
+    changed = replace(as_new_entry(created), selectors=(sel("unix:uid:0"),), admin=False, hint="")
+    updated = store.update_entry(created.id, changed)
+    assert updated.revision == 2
+    assert updated.created_at == START
+    assert updated.selectors == (sel("unix:uid:0"),)
+    assert (updated.admin, updated.hint) == (False, "")
+    assert store.get_entry(created.id) == updated
+
+    tombstone = store.delete_entry(created.id)
+    assert tombstone == replace(updated, deleted=True, revision=3)
+    with pytest.raises(NotFound) as caught:
+        store.get_entry(created.id)
+    assert caught.value.message == (
+        f"registration entry {created.id} not found; list entries to see their IDs"
+    )
+    with pytest.raises(NotFound):
+        store.update_entry(created.id, changed)
+    with pytest.raises(NotFound):
+        store.delete_entry(created.id)
+    assert store.count_entries() == 0
+    assert store.list_entries() == []
+
+
+def test_an_entry_is_unique_by_spiffe_id_parent_and_selector_set(store: Datastore) -> None:
+    first = store.create_entry(new_entry(selectors=("unix:uid:1", "unix:gid:1")))
+    with pytest.raises(AlreadyExists) as caught:
+        store.create_entry(new_entry(selectors=("unix:gid:1", "unix:uid:1"), hint="other"))
+    assert caught.value.message == (
+        f"an entry with SPIFFE ID {TD}/web, parent ID {AGENT} and the same selectors exists "
+        f"already; update that entry or use different selectors (entry {first.id})"
+    )
+    # Any difference makes another entry.
+    store.create_entry(new_entry(selectors=("unix:uid:1",)))
+    store.create_entry(new_entry(selectors=("unix:uid:1", "unix:gid:1"), parent=f"{TD}/other"))
+    second = store.create_entry(new_entry("api", selectors=("unix:uid:1", "unix:gid:1")))
+    # Updating one into another's identity is refused, and changes nothing.
+    with pytest.raises(AlreadyExists):
+        store.update_entry(second.id, as_new_entry(first))
+    assert store.get_entry(second.id) == second
+    # Updating an entry to itself is fine; a deleted entry's identity is free again.
+    store.update_entry(first.id, as_new_entry(first))
+    store.delete_entry(first.id)
+    again = store.create_entry(new_entry(selectors=("unix:uid:1", "unix:gid:1")))
+    assert again.id != first.id
+
+
+def test_a_failed_write_leaves_nothing_behind(store: Datastore) -> None:
+    store.create_entry(new_entry())
+    before = (store.count_entries(), store.current_revision())
+
+    with pytest.raises(AlreadyExists):
+        store.create_entry(new_entry())
+    with pytest.raises(NotFound):
+        store.update_entry("no-such-entry", new_entry("api"))
+    assert (store.count_entries(), store.current_revision()) == before
+    assert store.entries_changed_since(before[1]) == []
+
+    # A batch with one repeated serial records none of it.
+    store.record_issued_svids([svid("01")])
+    with pytest.raises(AlreadyExists) as caught:
+        store.record_issued_svids([svid("02"), svid("03"), svid("01")])
+    assert caught.value.message == (
+        "an SVID with one of these serial numbers is recorded already; serials must be unique"
+    )
+    with pytest.raises(AlreadyExists):
+        store.record_issued_svids([svid("04"), svid("04")])
+    assert store.count_issued_svids() == 1
+
+    # A value refused half-way through an upsert leaves the agent untouched.
+    store.upsert_agent(AGENT, attestation_type="x509pop", serial="01", expires_at=START)
+    naive = datetime(2030, 1, 2)
+    with pytest.raises(InvalidArgument) as refused:
+        store.update_agent_serial(AGENT, "02", naive)
+    assert refused.value.message == (
+        "the datastore refused a value: naive datetime given to the datastore; pass a UTC-aware one"
+    )
+    assert store.get_agent(AGENT).serial == "01"
+
+
+def test_list_entries_filters(store: Datastore, clock: ManualClock) -> None:
+    # Listed oldest first (ties in created_at go by ID): move the clock between creates.
+    web = store.create_entry(new_entry("web", selectors=("unix:uid:1", "unix:gid:1")))
+    clock.advance(timedelta(seconds=1))
+    api = store.create_entry(new_entry("api", selectors=("unix:uid:1",)))
+    clock.advance(timedelta(seconds=1))
+    db = store.create_entry(
+        new_entry("db", parent=f"{TD}/other", selectors=("unix:uid:1", "unix:gid:1", "k8s:ns:db"))
+    )
+    gone = store.create_entry(new_entry("gone", selectors=("unix:uid:1",)))
+    store.delete_entry(gone.id)
+
+    def ids(**kw: object) -> list[str]:
+        return [e.spiffe_id.rsplit("/", 1)[1] for e in store.list_entries(**kw)]  # type: ignore[arg-type]
+
+    assert ids() == ["web", "api", "db"]
+    assert ids(spiffe_id=f"{TD}/api") == ["api"]
+    assert ids(parent_id=f"{TD}/other") == ["db"]
+    uid_gid = [sel("unix:gid:1"), sel("unix:uid:1")]
+    assert ids(selectors=uid_gid, selector_match="exact") == ["web"]
+    assert ids(selectors=uid_gid, selector_match="subset") == ["web", "api"]
+    assert ids(selectors=uid_gid, selector_match="superset") == ["web", "db"]
+    assert ids(selectors=uid_gid) == ["web", "db"]  # superset is the default
+    assert ids(selectors=[sel("k8s:ns:db"), sel("x:y")], selector_match="any") == ["db"]
+    assert ids(selectors=[sel("x:y")], selector_match="any") == []
+    assert ids(selectors=uid_gid, selector_match="subset", parent_id=AGENT) == ["web", "api"]
+    assert ids(limit=2) == ["web", "api"]
+    assert ids(limit=2, offset=2) == ["db"]
+    assert store.count_entries() == 3
+    assert {e.id for e in store.list_entries()} == {web.id, api.id, db.id}
+
+    with pytest.raises(InvalidArgument) as caught:
+        store.list_entries(selectors=uid_gid, selector_match="some")
+    assert caught.value.message == (
+        "selector match 'some' is not one of exact, subset, superset, any"
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        store.list_entries(selectors=[])
+    assert caught.value.message == "filtering by selectors needs at least one selector"
+
+
+def test_entries_by_parent(store: Datastore, clock: ManualClock) -> None:
+    mine = store.create_entry(new_entry("web"))
+    clock.advance(timedelta(seconds=1))
+    by_alias = store.create_entry(new_entry("api", parent=f"{TD}/cluster/a"))
+    store.create_entry(new_entry("db", parent=f"{TD}/someone-else"))
+    gone = store.create_entry(new_entry("gone"))
+    store.delete_entry(gone.id)
+
+    assert store.entries_by_parent({AGENT, f"{TD}/cluster/a"}) == [mine, by_alias]
+    assert store.entries_by_parent([AGENT]) == [mine]
+    assert store.entries_by_parent(set()) == []
+    # More parent IDs than one query takes.
+    many = [f"{TD}/node-{i}" for i in range(1200)] + [f"{TD}/cluster/a"]
+    assert store.entries_by_parent(many) == [by_alias]
+
+
+def test_incremental_sync_by_revision(store: Datastore) -> None:
+    assert store.current_revision() == 0
+    assert store.entries_changed_since(0) == []
+    a = store.create_entry(new_entry("a"))
+    b = store.create_entry(new_entry("b"))
+    c = store.create_entry(new_entry("c"))
+    seen = store.current_revision()
+    assert seen == 3
+
+    b2 = store.update_entry(b.id, replace(as_new_entry(b), hint="changed"))
+    a_gone = store.delete_entry(a.id)
+    assert store.current_revision() == 5
+    assert store.entries_changed_since(seen) == [b2, a_gone]
+    assert [e.revision for e in store.entries_changed_since(0)] == [3, 4, 5]
+    assert store.entries_changed_since(0)[0] == c
+    assert store.entries_changed_since(5) == []
+
+    c_gone = store.delete_entry(c.id)
+    assert store.purged_revision() == 0
+    assert store.purge_tombstones(before_revision=6) == 1  # a's tombstone, not c's
+    assert store.purged_revision() == 6
+    assert store.entries_changed_since(0) == [b2, c_gone]
+    assert store.purge_tombstones(before_revision=3) == 0
+    assert store.purged_revision() == 6  # never goes back
+    assert store.current_revision() == 6  # purging is not a change to the entries
+
+
+def test_concurrent_writers_get_distinct_revisions_in_order(datastore_url: str) -> None:
+    first = Datastore.open(datastore_url)
+    second = Datastore.open(datastore_url)  # as a second server process would
+    errors: list[BaseException] = []
+
+    def create(store: Datastore, worker: int) -> None:
+        try:
+            for i in range(10):
+                store.create_entry(new_entry(f"w{worker}-{i}"))
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=create, args=(s, n)) for n, s in enumerate([first, second] * 3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        revisions = [e.revision for e in first.entries_changed_since(0)]
+        assert revisions == list(range(1, 61))
+        assert second.current_revision() == 60
+    finally:
+        first.close()
+        second.close()
+
+
+# -- agents -----------------------------------------------------------------------
+
+
+def test_agents(store: Datastore, clock: ManualClock) -> None:
+    expires = START + timedelta(hours=1)
+    agent = store.upsert_agent(
+        AGENT,
+        attestation_type="x509pop",
+        serial="0a",
+        expires_at=expires,
+        selectors=[sel("x509pop:subject:cn:node-1"), sel("x509pop:ca:fp:ab")],
+    )
+    assert agent.selectors == (sel("x509pop:ca:fp:ab"), sel("x509pop:subject:cn:node-1"))
+    assert (agent.banned, agent.created_at, agent.updated_at) == (False, START, START)
+    assert store.get_agent(AGENT) == agent
+
+    clock.advance(timedelta(minutes=1))
+    renewed = store.update_agent_serial(AGENT, "0b", expires + timedelta(hours=1))
+    assert (renewed.serial, renewed.expires_at) == ("0b", expires + timedelta(hours=1))
+    assert (renewed.created_at, renewed.updated_at) == (START, START + timedelta(minutes=1))
+    assert store.get_agent(AGENT) == renewed
+    assert renewed.previous_serial == "0a"  # until the renewed SVID is first used
+    store.confirm_agent_serial(AGENT)
+    assert store.get_agent(AGENT).previous_serial == ""
+
+    banned = store.set_agent_banned(AGENT, True)
+    assert banned.banned is True
+    # Attesting again refreshes the agent but keeps it banned and keeps created_at.
+    clock.advance(timedelta(minutes=1))
+    again = store.upsert_agent(
+        AGENT, attestation_type="x509pop", serial="0c", expires_at=expires, selectors=[sel("a:b")]
+    )
+    assert (again.serial, again.banned, again.selectors) == ("0c", True, (sel("a:b"),))
+    assert again.previous_serial == ""  # attesting again invalidates every older SVID
+    assert again.created_at == START
+    assert again.updated_at == START + timedelta(minutes=2)
+    assert store.set_agent_banned(AGENT, False).banned is False
+
+    other = f"{TD}/tessera/agent/join_token/abc"
+    store.upsert_agent(other, attestation_type="join_token", serial="01", expires_at=expires)
+    assert [a.spiffe_id for a in store.list_agents()] == [other, AGENT]
+    assert store.count_agents() == 2
+
+    store.delete_agent(AGENT)
+    assert store.count_agents() == 1
+    with pytest.raises(NotFound) as caught:
+        store.get_agent(AGENT)
+    assert caught.value.message == f"agent {AGENT} not found; list agents to see the attested ones"
+    for call in (
+        lambda: store.delete_agent(AGENT),
+        lambda: store.update_agent_serial(AGENT, "0d", expires),
+        lambda: store.set_agent_banned(AGENT, True),
+        lambda: store.add_agent_alias(AGENT, f"{TD}/x"),
+    ):
+        with pytest.raises(NotFound):
+            call()
+
+
+def test_agent_aliases_change_the_entry_revision(store: Datastore) -> None:
+    store.upsert_agent(AGENT, attestation_type="x509pop", serial="0a", expires_at=START)
+    store.create_entry(new_entry())
+    assert store.current_revision() == 1
+    assert store.agent_aliases(AGENT) == set()
+
+    store.add_agent_alias(AGENT, f"{TD}/cluster/a")
+    assert store.current_revision() == 2
+    store.add_agent_alias(AGENT, f"{TD}/cluster/a")  # idempotent: no change, no bump
+    assert store.current_revision() == 2
+    store.add_agent_alias(AGENT, f"{TD}/cluster/b")
+    assert store.current_revision() == 3
+    assert store.agent_aliases(AGENT) == {f"{TD}/cluster/a", f"{TD}/cluster/b"}
+    assert store.agent_aliases(f"{TD}/unknown") == set()
+
+    store.delete_agent(AGENT)  # its aliases go with it: a change too
+    assert store.agent_aliases(AGENT) == set()
+    assert store.current_revision() == 4
+
+    store.upsert_agent(AGENT, attestation_type="x509pop", serial="0b", expires_at=START)
+    store.delete_agent(AGENT)  # no aliases: no bump
+    assert store.current_revision() == 4
+
+
+# -- join tokens ------------------------------------------------------------------
+
+
+def test_join_tokens_work_once_and_expire(store: Datastore, clock: ManualClock) -> None:
+    soon = START + timedelta(minutes=10)
+    created = store.create_join_token("t1", alias_id=f"{TD}/node", expires_at=soon)
+    assert created.expires_at == soon
+    store.create_join_token("t2", alias_id=None, expires_at=soon + timedelta(minutes=1))
+    with pytest.raises(AlreadyExists) as duplicate:
+        store.create_join_token("t1", alias_id=None, expires_at=soon)
+    assert duplicate.value.message == "this join token exists already; generate another"
+    assert [t.token for t in store.list_join_tokens()] == ["t1", "t2"]
+
+    assert store.consume_join_token("t1") == created
+    with pytest.raises(NotFound) as used:
+        store.consume_join_token("t1")
+    assert used.value.message == (
+        "join token not found or already used; generate a new one with "
+        "'tessera server token generate'"
+    )
+
+    clock.set(soon + timedelta(minutes=1))  # t2 expires exactly now
+    with pytest.raises(FailedPrecondition) as expired:
+        store.consume_join_token("t2")
+    assert expired.value.message == (
+        "join token expired at 2030-01-01T00:11:00+00:00; generate a new one with "
+        "'tessera server token generate'"
+    )
+    assert store.list_join_tokens() == []  # the expired token is gone too
+    with pytest.raises(NotFound):
+        store.consume_join_token("t2")
+
+    store.create_join_token("old", alias_id=None, expires_at=clock.now() - timedelta(seconds=1))
+    store.create_join_token("new", alias_id=None, expires_at=clock.now() + timedelta(seconds=1))
+    assert store.prune_join_tokens() == 1
+    assert [t.token for t in store.list_join_tokens()] == ["new"]
+
+
+def test_a_join_token_is_consumed_once_under_contention(
+    datastore_url: str, clock: ManualClock
+) -> None:
+    stores = [Datastore.open(datastore_url, clock=clock) for _ in range(4)]
+    stores[0].create_join_token("race", alias_id=None, expires_at=START + timedelta(minutes=10))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def consume(store: Datastore) -> None:
+        try:
+            store.consume_join_token("race")
+            result = "won"
+        except (NotFound, FailedPrecondition) as error:
+            result = type(error).__name__
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=consume, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert sorted(outcomes) == ["NotFound", "NotFound", "NotFound", "won"]
+
+
+# -- CA journal -------------------------------------------------------------------
+
+
+def test_ca_journal(store: Datastore) -> None:
+    x1 = store.add_authority(authority("aa01", status="active"))
+    assert x1 == authority("aa01", status="active")
+    x2 = store.add_authority(authority("aa02", not_before=START + timedelta(hours=12)))
+    j1 = store.add_authority(authority("kid-1", kind="jwt", certificate=None, server_id="server-b"))
+    with pytest.raises(AlreadyExists) as caught:
+        store.add_authority(authority("aa01"))
+    assert caught.value.message == "authority aa01 is in the CA journal already"
+    with pytest.raises(InvalidArgument) as caught_kind:
+        store.add_authority(authority("bad", kind="ssh"))
+    assert caught_kind.value.message == "authority kind 'ssh' is not one of x509, jwt"
+
+    assert store.get_authority("kid-1") == j1
+    assert store.list_authorities() == [j1, x1, x2]
+    assert store.list_authorities(kind="x509") == [x1, x2]
+    assert store.list_authorities(server_id="server-b") == [j1]
+
+    assert store.set_authority_status("aa02", "active").status == "active"
+    assert store.set_authority_status("aa01", "old").status == "old"
+    with pytest.raises(InvalidArgument) as caught_status:
+        store.set_authority_status("aa01", "retired")
+    assert caught_status.value.message == (
+        "authority status 'retired' is not one of prepared, active, old"
+    )
+    assert store.set_authority_tainted("aa01").tainted is True
+    revoked = store.set_authority_revoked("aa01")
+    assert (revoked.revoked, revoked.tainted, revoked.status) == (True, True, "old")
+    assert [a.authority_id for a in store.list_authorities(kind="x509")] == ["aa02"]
+    assert [a.authority_id for a in store.list_authorities(kind="x509", include_revoked=True)] == [
+        "aa01",
+        "aa02",
+    ]
+
+    store.delete_authority("aa01")
+    with pytest.raises(NotFound) as missing:
+        store.get_authority("aa01")
+    assert missing.value.message == "authority aa01 is not in the CA journal"
+    for call in (
+        lambda: store.delete_authority("aa01"),
+        lambda: store.set_authority_status("aa01", "old"),
+        lambda: store.set_authority_tainted("aa01"),
+        lambda: store.set_authority_revoked("aa01"),
+    ):
+        with pytest.raises(NotFound):
+            call()
+
+    assert store.bundle_sequence() == 0
+    assert [store.bump_bundle_sequence() for _ in range(3)] == [1, 2, 3]
+    assert store.bundle_sequence() == 3
+
+
+# -- federated bundles, issued SVIDs, audit ---------------------------------------
+
+
+def test_federated_bundles(store: Datastore, clock: ManualClock) -> None:
+    first = store.set_federated_bundle("other.org", b'{"keys": [1]}')
+    assert (first.bundle, first.updated_at) == (b'{"keys": [1]}', START)
+    clock.advance(timedelta(hours=1))
+    second = store.set_federated_bundle("other.org", b'{"keys": [2]}')
+    assert second.updated_at == START + timedelta(hours=1)
+    assert store.get_federated_bundle("other.org") == second
+    store.set_federated_bundle("a.org", b"{}")
+    assert [b.trust_domain for b in store.list_federated_bundles()] == ["a.org", "other.org"]
+
+    store.delete_federated_bundle("other.org")
+    with pytest.raises(NotFound) as caught:
+        store.get_federated_bundle("other.org")
+    assert caught.value.message == "no bundle is stored for trust domain other.org"
+    with pytest.raises(NotFound):
+        store.delete_federated_bundle("other.org")
+
+
+def test_issued_svids(store: Datastore) -> None:
+    store.record_issued_svids([])
+    assert store.count_issued_svids() == 0
+    batch = [svid(f"{i:04x}", expires_at=START + timedelta(minutes=i)) for i in range(1, 501)]
+    store.record_issued_svids(batch)
+    store.record_issued_svids([svid("jwt-1", kind="jwt", agent_id=None)])
+    assert store.count_issued_svids() == 501
+    with pytest.raises(InvalidArgument):
+        store.record_issued_svids([svid("x", kind="ssh")])
+    assert store.prune_issued_svids(START + timedelta(minutes=11)) == 10
+    assert store.count_issued_svids() == 491
+
+
+def test_audit_log(store: Datastore, clock: ManualClock) -> None:
+    first = store.append_audit(
+        actor="admin", action="entry.create", target="e1", details={"selectors": ["unix:uid:1"]}
+    )
+    assert (first.at, first.details) == (START, {"selectors": ["unix:uid:1"]})
+    clock.advance(timedelta(seconds=1))
+    second = store.append_audit(actor=AGENT, action="svid.issue", target=f"{TD}/web")
+    assert second.details == {}
+    assert second.id > first.id
+    assert store.list_audit() == [second, first]
+    assert store.list_audit(limit=1) == [second]
+    with pytest.raises(InvalidArgument) as caught:
+        store.append_audit(actor="a", action="b", target="c", details={"when": START})
+    assert caught.value.message == (
+        "audit details must be plain JSON values: Object of type datetime is not JSON serializable"
+    )
+    assert len(store.list_audit()) == 2
+
+
+def test_times_come_back_in_utc(store: Datastore) -> None:
+    paris = timezone(timedelta(hours=1))
+    expires = datetime(2030, 1, 1, 13, 0, tzinfo=paris)
+    token = store.create_join_token("t", alias_id=None, expires_at=expires)
+    agent = store.upsert_agent(AGENT, attestation_type="x509pop", serial="1", expires_at=expires)
+    for value in (token.expires_at, agent.expires_at, store.list_join_tokens()[0].expires_at):
+        assert value == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+        assert value.tzinfo == UTC
+    assert store.get_agent(AGENT).expires_at.tzinfo == UTC
+    with pytest.raises(InvalidArgument):
+        store.create_join_token("n", alias_id=None, expires_at=datetime(2030, 1, 1))
+    assert [t.token for t in store.list_join_tokens()] == ["t"]
+
+
+# -- availability -----------------------------------------------------------------
+
+
+def test_ping_and_close(datastore_url: str) -> None:
+    store = Datastore.open(datastore_url)
+    store.ping()
+    store.close()
+    with pytest.raises(Unavailable) as caught:
+        store.ping()
+    assert caught.value.message == "the datastore is closed; the server is shutting down"
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_an_unreachable_database_is_unavailable() -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/tessera"
+    with pytest.raises(Unavailable) as caught:
+        Datastore.open(url)
+    message = caught.value.message
+    assert message.startswith("the datastore is unavailable: connection failed: ")
+    assert message.endswith(UNAVAILABLE_END)
+    assert caught.value.status == 503
+    assert isinstance(caught.value.__cause__, sa_exc.OperationalError)
+
+
+def test_a_database_that_goes_away_is_unavailable(postgres_url: str) -> None:
+    store = Datastore.open(postgres_url)
+    store.ping()
+    admin = sa.create_engine(postgres_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            name = postgres_url.rsplit("/", 1)[1]
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+    for call in (store.ping, store.current_revision, lambda: store.create_entry(new_entry())):
+        with pytest.raises(Unavailable) as caught:
+            call()
+        assert caught.value.message.startswith("the datastore is unavailable: ")
+        assert caught.value.message.endswith(UNAVAILABLE_END)
+        assert isinstance(caught.value.__cause__, sa_exc.SQLAlchemyError)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "mysql://db/tessera",
+            "the datastore URL scheme 'mysql' is not supported; "
+            "use sqlite:///<absolute path> or postgresql+psycopg://...",
+        ),
+        (
+            "sqlite:///relative.sqlite3",
+            "the SQLite datastore URL must name an absolute file path, e.g. "
+            "sqlite:////var/lib/tessera/datastore.sqlite3; got 'sqlite:///relative.sqlite3'",
+        ),
+        (
+            "sqlite://",
+            "the SQLite datastore URL must name an absolute file path, e.g. "
+            "sqlite:////var/lib/tessera/datastore.sqlite3; got 'sqlite://'",
+        ),
+        (
+            "postgresql+psycopg2://db/tessera",
+            "the PostgreSQL driver 'postgresql+psycopg2' is not supported; "
+            "use a postgresql+psycopg:// URL",
+        ),
+        (
+            "not a url",
+            "the datastore URL 'not a url' is not a database URL; use e.g. "
+            "sqlite:////var/lib/tessera/datastore.sqlite3 or postgresql+psycopg://user@host/dbname",
+        ),
+    ],
+)
+def test_bad_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Datastore.open(url)
+    assert caught.value.message == message
+
+
+# -- SQLite specifics -------------------------------------------------------------
+
+
+def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    url = default_datastore_url(tmp_path / "data")
+    assert url == f"sqlite:///{tmp_path}/data/datastore.sqlite3"
+    Datastore.open(url).close()
+    path = tmp_path / "data" / "datastore.sqlite3"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+    os.chmod(path, 0o644)  # a file others can read is tightened on open
+    Datastore.open(url).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_sqlite_enforces_foreign_keys(sqlite_url: str) -> None:
+    store = Datastore.open(sqlite_url)
+    store.upsert_agent(
+        AGENT, attestation_type="x", serial="1", expires_at=START, selectors=[sel("a:b")]
+    )
+    store.add_agent_alias(AGENT, f"{TD}/alias")
+    store.delete_agent(AGENT)  # selectors and aliases cascade only with foreign keys on
+    store.close()
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("SELECT count(*) FROM agent_selectors").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM agent_aliases").fetchone() == (0,)
+    conn.close()
+
+
+def test_sqlite_path_that_cannot_be_created_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        Datastore.open(f"sqlite:///{blocker}/sub/datastore.sqlite3")
+    assert caught.value.message == (
+        f"cannot create the datastore file {blocker}/sub/datastore.sqlite3: Not a directory; "
+        "choose a data directory the server may write to"
+    )
+
+
+def test_entry_records_are_frozen(store: Datastore) -> None:
+    entry: RegistrationEntry = store.create_entry(new_entry())
+    with pytest.raises(AttributeError):
+        entry.hint = "changed"  # type: ignore[misc]

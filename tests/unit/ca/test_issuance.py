@@ -1,0 +1,454 @@
+"""Which entries an agent may hold, and issuing SVIDs for them.
+
+A real SQLite store, the memory key manager and a ManualClock; entries are
+made with ``ca.entries.new_entry`` as the admin API makes them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography import x509
+from spiffe import SpiffeId
+
+from attestor.selector import Selector
+from ca.authority import Authorities, AuthorityPolicy
+from ca.clock import ManualClock
+from ca.csr import build_csr
+from ca.datastore import AttestedAgent, Datastore, RegistrationEntry
+from ca.entries import new_entry
+from ca.errors import InvalidArgument, PermissionDenied
+from ca.issuance import IssuanceSettings, Issuer, agent_or_refuse
+from ca.keymanager import load_key_manager
+from ca.keys import KeyType, PrivateKey, generate_private_key
+from tests.unit.ca.conftest import START, TRUST_DOMAIN
+
+SERVER = "spiffe://example.org/tessera/server"
+AGENT = "spiffe://example.org/tessera/agent/join_token/one"
+OTHER_AGENT = "spiffe://example.org/tessera/agent/join_token/two"
+DEFAULT_X509_TTL = timedelta(hours=1)
+DEFAULT_JWT_TTL = timedelta(minutes=5)
+
+
+@pytest.fixture
+def store(sqlite_url: str, clock: ManualClock) -> Iterator[Datastore]:
+    with Datastore.open(sqlite_url, clock=clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+def authorities(store: Datastore, clock: ManualClock, tmp_path: Path) -> Authorities:
+    policy = AuthorityPolicy(
+        trust_domain=TRUST_DOMAIN, server_id="server-a", ca_ttl=timedelta(hours=24)
+    )
+    cas = Authorities(
+        policy, store, load_key_manager("memory", {}, tmp_path), upstream=None, clock=clock
+    )
+    cas.rotate()
+    return cas
+
+
+@pytest.fixture
+def issuer(store: Datastore, authorities: Authorities, clock: ManualClock) -> Issuer:
+    settings = IssuanceSettings(
+        trust_domain=TRUST_DOMAIN,
+        default_x509_svid_ttl=DEFAULT_X509_TTL,
+        default_jwt_svid_ttl=DEFAULT_JWT_TTL,
+    )
+    return Issuer(settings, store, authorities, clock)
+
+
+def add_agent(
+    store: Datastore, spiffe_id: str = AGENT, *, serial: str = "1f", selectors: tuple[str, ...] = ()
+) -> AttestedAgent:
+    return store.upsert_agent(
+        spiffe_id,
+        attestation_type="join_token",
+        serial=serial,
+        expires_at=START + timedelta(hours=1),
+        selectors=tuple(Selector.parse(s) for s in selectors),
+    )
+
+
+@pytest.fixture
+def agent(store: Datastore) -> AttestedAgent:
+    return add_agent(store, selectors=("region:east", "tpm:pcr0:aa"))
+
+
+@pytest.fixture
+def other_agent(store: Datastore) -> AttestedAgent:
+    return add_agent(store, OTHER_AGENT, selectors=("region:west",))
+
+
+def add_entry(
+    store: Datastore,
+    spiffe_id: str,
+    parent_id: str,
+    selectors: tuple[str, ...] = ("unix:uid:1000",),
+    **fields: object,
+) -> RegistrationEntry:
+    return store.create_entry(
+        new_entry(
+            TRUST_DOMAIN,
+            spiffe_id=spiffe_id,
+            parent_id=parent_id,
+            selectors=selectors,
+            **fields,  # type: ignore[arg-type]
+        )
+    )
+
+
+def ids(entries: list[RegistrationEntry]) -> set[str]:
+    return {entry.spiffe_id for entry in entries}
+
+
+def csr_for(spiffe_id: str, dns_names: tuple[str, ...] = ()) -> tuple[bytes, PrivateKey]:
+    key = generate_private_key(KeyType.EC_P256)
+    return build_csr(key, SpiffeId(spiffe_id), dns_names), key
+
+
+def issued_rows(sqlite_url: str) -> list[tuple[str, str, str, str]]:
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute(
+            "SELECT serial, spiffe_id, kind, agent_id FROM issued_svids ORDER BY serial"
+        ).fetchall()
+    connection.close()
+    return rows
+
+
+# -- authorized entries -----------------------------------------------------------------
+
+
+def test_entries_parented_by_the_agent_itself(store, issuer, agent):
+    add_entry(store, "spiffe://example.org/web", AGENT)
+
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/web"}
+
+
+def test_entries_parented_by_an_alias_of_the_agent(store, issuer, agent):
+    store.add_agent_alias(AGENT, "spiffe://example.org/node/one")
+    add_entry(store, "spiffe://example.org/web", "spiffe://example.org/node/one")
+
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/web"}
+
+
+def test_entries_parented_by_an_authorized_entry_are_authorized_transitively(
+    store, issuer, agent
+):
+    store.add_agent_alias(AGENT, "spiffe://example.org/node/one")
+    add_entry(store, "spiffe://example.org/proxy", "spiffe://example.org/node/one")
+    add_entry(store, "spiffe://example.org/web", "spiffe://example.org/proxy")
+    add_entry(store, "spiffe://example.org/web/admin", "spiffe://example.org/web")
+    add_entry(store, "spiffe://example.org/elsewhere", "spiffe://example.org/unrelated")
+
+    assert ids(issuer.authorized_entries(agent)) == {
+        "spiffe://example.org/proxy",
+        "spiffe://example.org/web",
+        "spiffe://example.org/web/admin",
+    }
+
+
+def test_a_cycle_of_parents_terminates(store, issuer, agent):
+    add_entry(store, "spiffe://example.org/a", AGENT)
+    add_entry(store, "spiffe://example.org/b", "spiffe://example.org/a")
+    add_entry(store, "spiffe://example.org/a", "spiffe://example.org/b")
+
+    assert len(issuer.authorized_entries(agent)) == 3
+
+
+def test_node_entries_match_the_agent_selectors(store, issuer, agent, other_agent):
+    add_entry(store, "spiffe://example.org/cluster/east", SERVER, ("region:east",), node=True)
+    add_entry(store, "spiffe://example.org/db", "spiffe://example.org/cluster/east")
+
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/db"}
+    assert issuer.authorized_entries(other_agent) == []
+
+
+def test_a_node_entry_needs_all_its_selectors_on_the_agent(store, issuer, agent):
+    add_entry(
+        store, "spiffe://example.org/cluster/east", SERVER, ("region:east", "rack:r1"), node=True
+    )
+    add_entry(store, "spiffe://example.org/db", "spiffe://example.org/cluster/east")
+
+    assert issuer.authorized_entries(agent) == []
+
+
+def test_a_node_entry_under_another_parent_grants_nothing(store, issuer, agent):
+    add_entry(
+        store, "spiffe://example.org/cluster/east", "spiffe://example.org/x", ("region:east",),
+        node=True,
+    )
+    add_entry(store, "spiffe://example.org/db", "spiffe://example.org/cluster/east")
+
+    assert issuer.authorized_entries(agent) == []
+
+
+def test_expired_entries_are_not_authorized(store, issuer, agent, clock):
+    now = int(clock.now().timestamp())
+    add_entry(store, "spiffe://example.org/gone", AGENT, expires_at=now - 1)
+    add_entry(store, "spiffe://example.org/ending", AGENT, expires_at=now)
+    add_entry(store, "spiffe://example.org/live", AGENT, expires_at=now + 60)
+
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/live"}
+
+
+def test_an_entry_stops_being_authorized_when_its_expiry_passes(store, issuer, agent, clock):
+    now = int(clock.now().timestamp())
+    add_entry(store, "spiffe://example.org/live", AGENT, expires_at=now + 60)
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/live"}
+
+    clock.advance(timedelta(minutes=2))  # nothing in the store changed, only the time
+
+    assert issuer.authorized_entries(agent) == []
+
+
+def test_other_agents_entries_are_not_authorized(store, issuer, agent, other_agent):
+    store.add_agent_alias(OTHER_AGENT, "spiffe://example.org/node/two")
+    add_entry(store, "spiffe://example.org/theirs", OTHER_AGENT)
+    add_entry(store, "spiffe://example.org/theirs-too", "spiffe://example.org/node/two")
+    add_entry(store, "spiffe://example.org/mine", AGENT)
+
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/mine"}
+    assert ids(issuer.authorized_entries(other_agent)) == {
+        "spiffe://example.org/theirs",
+        "spiffe://example.org/theirs-too",
+    }
+
+
+def test_authorized_entries_follow_changes_to_the_store(store, issuer, agent):
+    first = add_entry(store, "spiffe://example.org/web", AGENT)
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/web"}
+
+    add_entry(store, "spiffe://example.org/db", AGENT)
+    assert ids(issuer.authorized_entries(agent)) == {
+        "spiffe://example.org/web",
+        "spiffe://example.org/db",
+    }
+
+    store.delete_entry(first.id)
+    assert ids(issuer.authorized_entries(agent)) == {"spiffe://example.org/db"}
+
+    store.add_agent_alias(AGENT, "spiffe://example.org/node/one")
+    add_entry(store, "spiffe://example.org/cache", "spiffe://example.org/node/one")
+    assert ids(issuer.authorized_entries(agent)) == {
+        "spiffe://example.org/db",
+        "spiffe://example.org/cache",
+    }
+
+
+def test_authorized_entries_are_cached_while_the_revision_stands(store, issuer, agent):
+    add_entry(store, "spiffe://example.org/web", AGENT)
+    first = issuer.authorized_entries(agent)
+
+    assert issuer.authorized_entries(agent) is first
+
+
+# -- X509-SVIDs in batches --------------------------------------------------------------
+
+
+def test_a_good_batch_records_one_issued_svid_per_csr(store, issuer, agent, sqlite_url):
+    web = add_entry(store, "spiffe://example.org/web", AGENT, dns_names=["web.example.org"])
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+    web_csr, web_key = csr_for(web.spiffe_id, ("web.example.org",))
+    db_csr, db_key = csr_for(db.spiffe_id)
+
+    issued = issuer.sign_batch(agent, [(web.id, web_csr), (db.id, db_csr)])
+
+    assert [svid.entry_id for svid in issued] == [web.id, db.id]
+    assert [str(svid.spiffe_id) for svid in issued] == [web.spiffe_id, db.spiffe_id]
+    assert issued[0].leaf.public_key() == web_key.public_key()
+    assert issued[1].leaf.public_key() == db_key.public_key()
+    san = issued[0].leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["web.example.org"]
+    assert store.count_issued_svids() == 2
+    assert issued_rows(sqlite_url) == sorted(
+        (format(svid.leaf.serial_number, "x"), str(svid.spiffe_id), "x509", AGENT)
+        for svid in issued
+    )
+
+
+def test_entry_ttl_is_honoured_and_the_default_used_otherwise(store, issuer, agent, clock):
+    custom = add_entry(store, "spiffe://example.org/short", AGENT, x509_svid_ttl=600)
+    default = add_entry(store, "spiffe://example.org/default", AGENT)
+
+    short, standard = issuer.sign_batch(
+        agent,
+        [(custom.id, csr_for(custom.spiffe_id)[0]), (default.id, csr_for(default.spiffe_id)[0])],
+    )
+
+    assert short.expires_at == clock.now() + timedelta(seconds=600)
+    assert standard.expires_at == clock.now() + DEFAULT_X509_TTL
+
+
+def test_an_unauthorized_entry_is_refused_and_nothing_is_signed(
+    store, issuer, agent, other_agent
+):
+    mine = add_entry(store, "spiffe://example.org/mine", AGENT)
+    theirs = add_entry(store, "spiffe://example.org/theirs", OTHER_AGENT)
+
+    with pytest.raises(PermissionDenied) as refused:
+        issuer.sign_batch(
+            agent,
+            [(mine.id, csr_for(mine.spiffe_id)[0]), (theirs.id, csr_for(theirs.spiffe_id)[0])],
+        )
+
+    assert refused.value.message == f"entry {theirs.id} is not authorized for agent {AGENT}"
+    assert store.count_issued_svids() == 0
+
+
+def test_an_unknown_entry_is_refused_like_an_unauthorized_one(store, issuer, agent):
+    with pytest.raises(PermissionDenied) as refused:
+        issuer.sign_batch(agent, [("no-such-entry", csr_for("spiffe://example.org/x")[0])])
+
+    assert refused.value.message == f"entry no-such-entry is not authorized for agent {AGENT}"
+
+
+def test_a_garbage_csr_is_refused_naming_its_index(store, issuer, agent):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+
+    with pytest.raises(InvalidArgument) as refused:
+        issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0]), (db.id, b"not a csr")])
+
+    assert refused.value.message == (
+        f"CSR 1 (entry {db.id}): CSR is not a valid PKCS#10 request in DER or PEM"
+    )
+    assert store.count_issued_svids() == 0
+
+
+def test_a_csr_for_another_spiffe_id_is_refused(store, issuer, agent):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    add_entry(store, "spiffe://example.org/admin", AGENT)
+
+    with pytest.raises(InvalidArgument) as refused:
+        issuer.sign_batch(agent, [(web.id, csr_for("spiffe://example.org/admin")[0])])
+
+    assert refused.value.message == (
+        f"CSR 0 (entry {web.id}): CSR URI SANs ['spiffe://example.org/admin'] do not match "
+        "the SPIFFE ID spiffe://example.org/web; a CSR may name only the SPIFFE ID of the "
+        "entry it is for"
+    )
+    assert store.count_issued_svids() == 0
+
+
+def test_a_csr_asking_for_a_dns_name_the_entry_lacks_is_refused(store, issuer, agent):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+
+    with pytest.raises(InvalidArgument, match=r"^CSR 0 .*evil\.example\.org"):
+        issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id, ("evil.example.org",))[0])])
+    assert store.count_issued_svids() == 0
+
+
+def test_an_oversized_batch_is_refused(store, issuer, agent):
+    with pytest.raises(InvalidArgument) as refused:
+        issuer.sign_batch(agent, [("x", b"")] * 501)
+
+    assert refused.value.message == "a batch takes at most 500 CSRs; split it"
+
+
+# -- minting ----------------------------------------------------------------------------
+
+
+def test_mint_x509_records_the_svid_and_audits_it(store, issuer):
+    issued, key = issuer.mint_x509("spiffe://example.org/tool", ttl=None)
+
+    assert str(issued.spiffe_id) == "spiffe://example.org/tool"
+    assert issued.leaf.public_key() == key.public_key()
+    assert store.count_issued_svids() == 1
+    assert [(e.actor, e.action, e.target) for e in store.list_audit()] == [
+        ("admin", "x509.mint", "spiffe://example.org/tool")
+    ]
+
+
+def test_mint_x509_refuses_another_trust_domain(issuer, store):
+    with pytest.raises(InvalidArgument) as refused:
+        issuer.mint_x509("spiffe://other.org/tool", ttl=None)
+
+    assert refused.value.message == (
+        "SPIFFE ID spiffe://other.org/tool is not in trust domain example.org; "
+        "use an ID of the form spiffe://example.org/..."
+    )
+    assert store.count_issued_svids() == 0
+
+
+def test_mint_jwt_needs_an_audience(issuer):
+    for audience in ([], [""]):
+        with pytest.raises(InvalidArgument) as refused:
+            issuer.mint_jwt("spiffe://example.org/tool", audience, ttl=None)
+        assert refused.value.message == "at least one audience is required, e.g. --audience db"
+
+
+def test_mint_jwt_signs_with_the_active_jwt_authority(issuer, authorities, clock):
+    token, expires_at = issuer.mint_jwt("spiffe://example.org/tool", ["db"], ttl=None)
+
+    assert expires_at == clock.now() + DEFAULT_JWT_TTL
+    header = jwt.get_unverified_header(token)
+    assert header["kid"] == authorities.active("jwt").record.authority_id
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "spiffe://example.org/tool"
+    assert claims["aud"] in ("db", ["db"])
+
+
+def test_jwt_for_agent_uses_the_entry_ttl_and_checks_authorization(
+    store, issuer, agent, other_agent, clock
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT, jwt_svid_ttl=120)
+
+    spiffe_id, _token, expires_at = issuer.jwt_for_agent(agent, web.id, ["db"])
+
+    assert spiffe_id == web.spiffe_id
+    assert expires_at == clock.now() + timedelta(seconds=120)
+    with pytest.raises(PermissionDenied) as refused:
+        issuer.jwt_for_agent(other_agent, web.id, ["db"])
+    assert refused.value.message == f"entry {web.id} is not authorized for agent {OTHER_AGENT}"
+
+
+# -- the agent presenting an SVID -------------------------------------------------------
+
+
+def test_agent_or_refuse_returns_the_current_agent(store, agent):
+    assert agent_or_refuse(store, SpiffeId(AGENT), 0x1F) == agent
+
+
+def test_agent_or_refuse_refuses_an_unknown_agent(store):
+    with pytest.raises(PermissionDenied) as refused:
+        agent_or_refuse(store, SpiffeId(AGENT), 0x1F)
+
+    assert refused.value.message == f"{AGENT} is not an attested agent; it must attest again"
+
+
+def test_agent_or_refuse_refuses_a_banned_agent(store, agent):
+    store.set_agent_banned(AGENT, True)
+
+    with pytest.raises(PermissionDenied) as refused:
+        agent_or_refuse(store, SpiffeId(AGENT), 0x1F)
+
+    assert refused.value.message == f"agent {AGENT} is banned"
+
+
+def test_the_svid_before_a_renewal_works_until_the_renewed_one_is_used(store, agent):
+    store.update_agent_serial(AGENT, "20", START + timedelta(hours=2))
+    # The renewal's answer may have been lost: the old SVID still works...
+    assert agent_or_refuse(store, SpiffeId(AGENT), 0x1F).serial == "20"
+    assert agent_or_refuse(store, SpiffeId(AGENT), 0x1F).serial == "20"
+    # ...until the agent presents the renewed one.
+    assert agent_or_refuse(store, SpiffeId(AGENT), 0x20).previous_serial == "1f"
+    assert store.get_agent(AGENT).previous_serial == ""
+
+
+def test_agent_or_refuse_refuses_a_stale_svid(store, agent):
+    store.update_agent_serial(AGENT, "20", START + timedelta(hours=2))
+    agent_or_refuse(store, SpiffeId(AGENT), 0x20)  # the renewed SVID is in use
+
+    with pytest.raises(PermissionDenied) as refused:
+        agent_or_refuse(store, SpiffeId(AGENT), 0x1F)
+
+    assert refused.value.message == (
+        f"agent {AGENT} presented an SVID that is no longer its current one"
+    )

@@ -1,0 +1,188 @@
+"""Authorizers allow by returning and refuse by raising, naming the peer, rule and reason."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from spiffe import SpiffeId, TrustDomain
+
+from sdk.authorize import (
+    Authorizer,
+    authorize_all,
+    authorize_any,
+    authorize_id,
+    authorize_member_of,
+    authorize_one_of,
+    authorize_policy,
+)
+from sdk.errors import AuthenticationError, AuthorizationError, SdkError
+from sdk.peer import spiffe_id_from_certificate, spiffe_id_from_pem
+from sdk.policy import Policy
+
+WEB = SpiffeId("spiffe://example.org/web")
+API = SpiffeId("spiffe://example.org/api")
+PARTNER = SpiffeId("spiffe://partner.org/web")
+
+
+def refusal(authorizer: Authorizer, peer: SpiffeId) -> AuthorizationError:
+    with pytest.raises(AuthorizationError) as refused:
+        authorizer(peer)
+    return refused.value
+
+
+def test_authorize_any() -> None:
+    assert authorize_any()(PARTNER) is None
+
+
+def test_authorize_id() -> None:
+    authorizer = authorize_id("spiffe://example.org/api")
+
+    assert authorizer(API) is None
+    error = refusal(authorizer, WEB)
+    assert str(error) == (
+        "spiffe://example.org/web refused by authorize_id: expected spiffe://example.org/api"
+    )
+    assert (error.peer_id, error.rule, error.reason) == (
+        WEB,
+        "authorize_id",
+        "expected spiffe://example.org/api",
+    )
+    assert error.status == 403
+
+
+def test_authorize_one_of() -> None:
+    authorizer = authorize_one_of(API, "spiffe://example.org/db")
+
+    assert authorizer(API) is None
+    assert str(refusal(authorizer, WEB)) == (
+        "spiffe://example.org/web refused by authorize_one_of: "
+        "expected one of spiffe://example.org/api, spiffe://example.org/db"
+    )
+
+
+def test_authorize_member_of() -> None:
+    authorizer = authorize_member_of(TrustDomain("example.org"))
+
+    assert authorizer(WEB) is None
+    assert str(refusal(authorizer, PARTNER)) == (
+        "spiffe://partner.org/web refused by authorize_member_of: "
+        "expected a member of trust domain example.org"
+    )
+
+
+def test_authorize_all_raises_the_first_refusal() -> None:
+    authorizer = authorize_all(authorize_member_of("example.org"), authorize_id(API))
+
+    assert authorizer(API) is None
+    assert refusal(authorizer, PARTNER).rule == "authorize_member_of"
+    assert refusal(authorizer, WEB).rule == "authorize_id"
+
+
+def test_authorize_policy() -> None:
+    policy = Policy.from_dict(
+        {"allow": [{"name": "web-reads", "ids": [str(WEB)], "methods": ["GET"]}]},
+        source="policy.toml",
+    )
+
+    assert authorize_policy(policy, method="GET", path="/x")(WEB) is None
+    error = refusal(authorize_policy(policy), WEB)  # at the handshake: no method yet
+    assert str(error) == (
+        "spiffe://example.org/web refused by policy rule 'default-deny': no allow rule matches it"
+    )
+    assert error.rule == "policy rule 'default-deny'"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: authorize_id("spiffe://Example.org/api"),
+            "SPIFFE ID 'spiffe://Example.org/api' is not valid: trust domain must be lower "
+            "case; expected spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web",
+        ),
+        (lambda: authorize_one_of(), "authorize_one_of needs at least one SPIFFE ID"),
+        (
+            lambda: authorize_member_of("example.org/x"),
+            "trust domain 'example.org/x' is not valid: contains disallowed characters; use "
+            "lower-case letters, digits, '.', '-' and '_', e.g. example.org",
+        ),
+    ],
+    ids=["bad-id", "no-ids", "bad-trust-domain"],
+)
+def test_bad_arguments(make: object, message: str) -> None:
+    with pytest.raises(SdkError) as refused:
+        make()  # type: ignore[operator]
+
+    assert str(refused.value) == message
+
+
+# -- a peer certificate's SPIFFE ID -------------------------------------------------------
+
+
+def certificate(uris: list[str], *, ca: bool = False) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test")]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if uris:
+        names = [x509.UniformResourceIdentifier(u) for u in uris]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_the_spiffe_id_of_a_certificate() -> None:
+    pem = certificate([str(WEB)]).public_bytes(serialization.Encoding.PEM)
+
+    assert spiffe_id_from_pem(pem) == WEB
+
+
+@pytest.mark.parametrize(
+    ("cert", "message"),
+    [
+        (
+            certificate([]),
+            "the peer's certificate is not an X509-SVID: it has 0 URI SANs, an X509-SVID has "
+            "exactly one",
+        ),
+        (
+            certificate([str(WEB), str(API)]),
+            "the peer's certificate is not an X509-SVID: it has 2 URI SANs, an X509-SVID has "
+            "exactly one",
+        ),
+        (
+            certificate(["https://example.org/web"]),
+            "the peer's certificate is not an X509-SVID: the URI SAN of the peer's certificate "
+            "'https://example.org/web' is not valid: does not start with 'spiffe://'; expected "
+            "spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web",
+        ),
+        (
+            certificate(["spiffe://example.org"]),
+            "the peer's certificate is not an X509-SVID: spiffe://example.org has no path (only "
+            "signing certificates name a bare trust domain)",
+        ),
+        (
+            certificate([str(WEB)], ca=True),
+            "the peer's certificate for spiffe://example.org/web is a CA certificate, not an "
+            "X509-SVID leaf",
+        ),
+    ],
+    ids=["no-uri", "two-uris", "not-spiffe", "no-path", "ca"],
+)
+def test_certificates_that_are_not_x509_svids(cert: x509.Certificate, message: str) -> None:
+    with pytest.raises(AuthenticationError) as refused:
+        spiffe_id_from_certificate(cert)
+
+    assert str(refused.value) == message
+    assert refused.value.status == 401

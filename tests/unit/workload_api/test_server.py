@@ -1,0 +1,747 @@
+"""The Workload API server on a real Unix socket, driven by the real ``spiffe`` clients.
+
+The server runs on its own event loop in a background thread (py-spiffe's
+clients are synchronous and block on grpcio). What it serves comes from
+``FakeIdentityProvider``, which holds SVIDs minted here by a small test CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc  # type: ignore[import-untyped]
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from prometheus_client import REGISTRY
+from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Source
+from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, ValidateJwtSvidError
+
+from attestor.selector import Selector
+from attestor.workload import PeerCredentials
+from ca.errors import ConfigError, InvalidArgument
+from workload_api._proto import workload_grpc, workload_pb2
+from workload_api.identity import (
+    JwtSvidMaterial,
+    ValidatedToken,
+    X509Context,
+    X509SvidMaterial,
+)
+from workload_api.server import SHUTTING_DOWN, WorkloadApiServer
+
+T = TypeVar("T")
+
+# Message classes are built at import time, out of mypy's sight.
+pb: Any = workload_pb2
+
+TRUST_DOMAIN = "spiffe://example.org"
+FEDERATED = "spiffe://partner.test"
+WORKLOAD_ID = "spiffe://example.org/workload"
+SECOND_ID = "spiffe://example.org/second"
+JWT_KID = "tessera-test-key"
+HEADER = {"workload.spiffe.io": "true"}
+DEADLINE_SECONDS = 5.0
+
+
+# -- a small test CA ----------------------------------------------------------------------
+
+
+class TestCA:
+    """A self-signed CA for one trust domain that issues X509-SVIDs."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, trust_domain_id: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Tessera test")])
+        now = datetime.now(UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_id)]),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @property
+    def bundle_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+    def issue(self, spiffe_id: str, hint: str = "") -> X509SvidMaterial:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(seconds=10))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return X509SvidMaterial(
+            spiffe_id=spiffe_id,
+            cert_chain_der=leaf.public_bytes(serialization.Encoding.DER),
+            private_key_der=key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            bundle_der=self.bundle_der,
+            hint=hint,
+        )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _serial(svid_der: bytes) -> int:
+    return x509.load_der_x509_certificate(svid_der).serial_number
+
+
+# -- the fake provider --------------------------------------------------------------------
+
+
+@dataclass
+class FakeIdentityProvider:
+    """An IdentityProvider holding fixed material; tests swap it with :meth:`replace`.
+
+    Everything runs on the server's loop except the constructor; tests call
+    ``replace`` through ``LoopThread.run``.
+    """
+
+    context: X509Context
+    own_ca: TestCA
+    federated_ca: TestCA
+    jwt_key: ec.EllipticCurvePrivateKey = field(
+        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
+    )
+    peers: list[PeerCredentials] = field(default_factory=list)
+    context_reads: int = 0
+    jwt_requests: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)
+    _version: int = 0
+    _changed: asyncio.Condition | None = None
+
+    async def attest(self, peer: PeerCredentials) -> frozenset[Selector]:
+        self.peers.append(peer)
+        return frozenset({Selector("unix", f"uid:{peer.uid}")})
+
+    def x509_context(self, selectors: frozenset[Selector]) -> X509Context:
+        self.context_reads += 1
+        return self.context
+
+    def x509_bundles(self, selectors: frozenset[Selector]) -> Mapping[str, bytes]:
+        return {TRUST_DOMAIN: self.own_ca.bundle_der, FEDERATED: self.federated_ca.bundle_der}
+
+    def jwt_bundles(self, selectors: frozenset[Selector]) -> Mapping[str, bytes]:
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key()))
+        jwk.update({"kid": JWT_KID, "use": "jwt-svid"})
+        return {TRUST_DOMAIN: json.dumps({"keys": [jwk]}).encode()}
+
+    async def fetch_jwt_svids(
+        self, selectors: frozenset[Selector], audience: Sequence[str], spiffe_id: str | None
+    ) -> list[JwtSvidMaterial]:
+        self.jwt_requests.append((tuple(audience), spiffe_id))
+        ids = [spiffe_id] if spiffe_id else [svid.spiffe_id for svid in self.context.svids]
+        return [JwtSvidMaterial(spiffe_id=i, token=self.mint_jwt(i, audience)) for i in ids]
+
+    def mint_jwt(self, spiffe_id: str, audience: Sequence[str]) -> str:
+        now = int(time.time())
+        claims = {"sub": spiffe_id, "aud": list(audience), "iat": now, "exp": now + 300}
+        return jwt.encode(
+            claims, self.jwt_key, algorithm="ES256", headers={"kid": JWT_KID, "typ": "JWT"}
+        )
+
+    def validate_jwt_svid(self, token: str, audience: str) -> ValidatedToken:
+        try:
+            claims = jwt.decode(
+                token, self.jwt_key.public_key(), algorithms=["ES256"], audience=audience
+            )
+        except jwt.InvalidTokenError as err:
+            raise InvalidArgument(f"JWT-SVID is not valid: {err}") from err
+        return ValidatedToken(spiffe_id=claims["sub"], claims=claims)
+
+    def version(self) -> int:
+        return self._version
+
+    async def wait_for_change(self, seen_version: int) -> int:
+        async with self._condition():
+            await self._condition().wait_for(lambda: self._version != seen_version)
+            return self._version
+
+    async def replace(self, context: X509Context) -> None:
+        async with self._condition():
+            self.context = context
+            self._version += 1
+            self._condition().notify_all()
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+
+# -- the server on its own loop -----------------------------------------------------------
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``run`` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = DEADLINE_SECONDS) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        async def cancel_leftovers() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_leftovers())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(DEADLINE_SECONDS)
+        self.loop.close()
+
+
+@dataclass
+class RunningServer:
+    loop: LoopThread
+    server: WorkloadApiServer
+    provider: FakeIdentityProvider
+    socket_path: Path
+    ca: TestCA
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def client(self) -> WorkloadApiClient:
+        return WorkloadApiClient(socket_path=self.address, default_timeout=DEADLINE_SECONDS)
+
+    def replace(self, context: X509Context) -> None:
+        self.loop.run(self.provider.replace(context))
+
+    def grpclib(
+        self, call: Callable[[workload_grpc.SpiffeWorkloadAPIStub], Coroutine[Any, Any, T]]
+    ) -> T:
+        """Run ``call`` with a grpclib stub on the server's loop (for what py-spiffe can't send)."""
+
+        async def with_channel() -> T:
+            channel = Channel(path=str(self.socket_path))
+            try:
+                return await call(workload_grpc.SpiffeWorkloadAPIStub(channel))
+            finally:
+                channel.close()
+
+        return self.loop.run(with_channel())
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture
+def test_ca() -> TestCA:
+    return TestCA(TRUST_DOMAIN)
+
+
+@pytest.fixture
+def provider(test_ca: TestCA) -> FakeIdentityProvider:
+    federated = TestCA(FEDERATED)
+    context = X509Context(
+        svids=(test_ca.issue(WORKLOAD_ID), test_ca.issue(SECOND_ID, hint="second")),
+        federated_bundles={FEDERATED: federated.bundle_der},
+    )
+    return FakeIdentityProvider(context=context, own_ca=test_ca, federated_ca=federated)
+
+
+def _start(
+    loop: LoopThread, provider: FakeIdentityProvider, socket_path: Path
+) -> WorkloadApiServer:
+    server = WorkloadApiServer(provider, shutdown_grace=DEADLINE_SECONDS)
+    loop.run(server.start(socket_path))
+    return server
+
+
+@pytest.fixture
+def running(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, test_ca: TestCA, tmp_path: Path
+) -> Iterator[RunningServer]:
+    socket_path = tmp_path / "run" / "agent.sock"
+    server = _start(loop_thread, provider, socket_path)
+    yield RunningServer(loop_thread, server, provider, socket_path, test_ca)
+    loop_thread.run(server.close())
+
+
+def _rpc_status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status behind a py-spiffe error."""
+    call = error.__cause__
+    assert isinstance(call, grpc.Call), f"{error!r} was not caused by a gRPC error"
+    return call.code(), call.details()
+
+
+def _calls(method: str, status: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "tessera_workload_api_calls_total", {"method": method, "status": status}
+    )
+    return value or 0.0
+
+
+# -- py-spiffe against the server ---------------------------------------------------------
+
+
+def test_fetch_x509_svid_returns_the_default_svid(running: RunningServer) -> None:
+    with running.client() as client:
+        svid = client.fetch_x509_svid()
+        svids = client.fetch_x509_svids()
+
+    assert svid.spiffe_id == SpiffeId(WORKLOAD_ID)
+    assert svid.leaf.serial_number == _serial(running.provider.context.svids[0].cert_chain_der)
+    assert [s.spiffe_id for s in svids] == [SpiffeId(WORKLOAD_ID), SpiffeId(SECOND_ID)]
+
+
+def test_fetch_x509_context_has_svids_and_every_bundle(running: RunningServer) -> None:
+    with running.client() as client:
+        context = client.fetch_x509_context()
+
+    assert context.default_svid.spiffe_id == SpiffeId(WORKLOAD_ID)
+    own = context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain("example.org"))
+    partner = context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain("partner.test"))
+    assert own is not None and own.x509_authorities == {running.ca.cert}
+    assert partner is not None and partner.x509_authorities == {running.provider.federated_ca.cert}
+
+
+def test_fetch_x509_bundles(running: RunningServer) -> None:
+    with running.client() as client:
+        bundles = client.fetch_x509_bundles()
+
+    assert {b.trust_domain for b in bundles.bundles} == {
+        TrustDomain("example.org"),
+        TrustDomain("partner.test"),
+    }
+
+
+def test_fetch_jwt_svid_for_an_audience(running: RunningServer) -> None:
+    before = _calls("FetchJWTSVID", "OK")
+    with running.client() as client:
+        svid = client.fetch_jwt_svid(audience={"db"})
+        chosen = client.fetch_jwt_svid(audience={"db"}, subject=SpiffeId(SECOND_ID))
+
+    assert svid.spiffe_id == SpiffeId(WORKLOAD_ID)
+    assert svid.audience == {"db"}
+    assert chosen.spiffe_id == SpiffeId(SECOND_ID)
+    assert running.provider.jwt_requests == [(("db",), None), (("db",), SECOND_ID)]
+    assert _calls("FetchJWTSVID", "OK") == before + 2
+
+
+def test_fetch_jwt_svid_for_an_identity_the_caller_lacks(running: RunningServer) -> None:
+    with running.client() as client, pytest.raises(FetchJwtSvidError) as caught:
+        client.fetch_jwt_svid(audience={"db"}, subject=SpiffeId("spiffe://example.org/other"))
+
+    assert _rpc_status(caught.value) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "no identity issued for spiffe://example.org/other",
+    )
+    assert running.provider.jwt_requests == []
+
+
+def test_fetch_jwt_bundles(running: RunningServer) -> None:
+    with running.client() as client:
+        bundles = client.fetch_jwt_bundles()
+
+    bundle = bundles.get_bundle_for_trust_domain(TrustDomain("example.org"))
+    assert bundle is not None
+    assert set(bundle.jwt_authorities) == {JWT_KID}
+
+
+def test_validate_jwt_svid(running: RunningServer) -> None:
+    token = running.provider.mint_jwt(WORKLOAD_ID, ["db"])
+    with running.client() as client:
+        validated = client.validate_jwt_svid(token, "db")
+        with pytest.raises(ValidateJwtSvidError) as caught:
+            client.validate_jwt_svid(token, "cache")
+
+    assert validated.spiffe_id == SpiffeId(WORKLOAD_ID)
+    assert _rpc_status(caught.value) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "JWT-SVID is not valid: Audience doesn't match",
+    )
+
+
+def test_validate_jwt_svid_returns_the_claims(running: RunningServer) -> None:
+    token = running.provider.mint_jwt(WORKLOAD_ID, ["db"])
+
+    async def validate(stub: workload_grpc.SpiffeWorkloadAPIStub) -> Any:
+        request = pb.ValidateJWTSVIDRequest(audience="db", svid=token)
+        return await stub.ValidateJWTSVID(request, metadata=HEADER)
+
+    response = running.grpclib(validate)
+
+    assert response.spiffe_id == WORKLOAD_ID
+    assert response.claims["sub"] == WORKLOAD_ID
+    assert list(response.claims["aud"]) == ["db"]
+
+
+def test_x509_source_follows_a_rotation(running: RunningServer) -> None:
+    updated = threading.Event()
+    source = X509Source(socket_path=running.address, timeout_in_seconds=DEADLINE_SECONDS)
+    try:
+        source.subscribe_for_updates(updated.set)
+        first = source.get_x509_context().default_svid
+        rotated = running.ca.issue(WORKLOAD_ID)
+        running.replace(X509Context(svids=(rotated,), federated_bundles={}))
+
+        def current_serial() -> int:
+            return int(source.get_x509_context().default_svid.leaf.serial_number)
+
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while current_serial() != _serial(rotated.cert_chain_der):
+            assert time.monotonic() < deadline, "the X509Source never saw the rotated SVID"
+            updated.wait(0.05)
+            updated.clear()
+    finally:
+        source.close()
+
+    assert first.leaf.serial_number != _serial(rotated.cert_chain_der)
+
+
+# -- what py-spiffe never sends -----------------------------------------------------------
+
+
+def test_a_request_without_the_security_header_is_refused(running: RunningServer) -> None:
+    before = _calls("FetchJWTSVID", "INVALID_ARGUMENT")
+
+    async def without_header(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            await stub.FetchJWTSVID(pb.JWTSVIDRequest(audience=["db"]))
+        return caught.value
+
+    error = running.grpclib(without_header)
+
+    assert (error.status, error.message) == (
+        Status.INVALID_ARGUMENT,
+        "security header missing from request",
+    )
+    assert running.provider.peers == []  # refused before attestation
+    assert _calls("FetchJWTSVID", "INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message", "message"),
+    [
+        ("FetchJWTSVID", pb.JWTSVIDRequest(), "audience must be specified"),
+        (
+            "ValidateJWTSVID",
+            pb.ValidateJWTSVIDRequest(svid="x"),
+            "audience must be specified",
+        ),
+        (
+            "ValidateJWTSVID",
+            pb.ValidateJWTSVIDRequest(audience="db"),
+            "svid must be specified",
+        ),
+        (
+            "FetchJWTSVID",
+            pb.JWTSVIDRequest(audience=["db"], spiffe_id="spiffe://Example.org/x"),
+            "requested SPIFFE ID 'spiffe://Example.org/x' is not valid",
+        ),
+    ],
+)
+def test_missing_arguments_are_invalid(
+    running: RunningServer, method: str, request_message: Any, message: str
+) -> None:
+    async def call(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            await getattr(stub, method)(request_message, metadata=HEADER)
+        return caught.value
+
+    error = running.grpclib(call)
+
+    assert error.status == Status.INVALID_ARGUMENT
+    assert error.message is not None and error.message.startswith(message)
+
+
+def test_the_peer_credentials_come_from_the_socket(running: RunningServer) -> None:
+    with running.client() as client:
+        client.fetch_x509_svid()
+
+    assert running.provider.peers == [
+        PeerCredentials(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+    ]
+
+
+# -- callers without an identity ----------------------------------------------------------
+
+
+@pytest.fixture
+def nobody(running: RunningServer) -> RunningServer:
+    running.replace(X509Context(svids=(), federated_bundles={}))
+    return running
+
+
+def test_a_caller_without_identity_gets_permission_denied(nobody: RunningServer) -> None:
+    with nobody.client() as client, pytest.raises(FetchX509SvidError) as caught:
+        client.fetch_x509_svid()
+
+    assert _rpc_status(caught.value) == (grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [
+        ("FetchJWTSVID", pb.JWTSVIDRequest(audience=["db"])),
+        ("ValidateJWTSVID", pb.ValidateJWTSVIDRequest(audience="db", svid="x")),
+    ],
+)
+def test_no_identity_for_unary_calls(
+    nobody: RunningServer, method: str, request_message: Any
+) -> None:
+    async def call(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            await getattr(stub, method)(request_message, metadata=HEADER)
+        return caught.value
+
+    error = nobody.grpclib(call)
+
+    assert (error.status, error.message) == (Status.PERMISSION_DENIED, "no identity issued")
+
+
+@pytest.mark.parametrize("method", ["FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"])
+def test_no_identity_for_streams(nobody: RunningServer, method: str) -> None:
+    request = {
+        "FetchX509SVID": pb.X509SVIDRequest(),
+        "FetchX509Bundles": pb.X509BundlesRequest(),
+        "FetchJWTBundles": pb.JWTBundlesRequest(),
+    }[method]
+
+    async def call(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            await getattr(stub, method)(request, metadata=HEADER)
+        return caught.value
+
+    error = nobody.grpclib(call)
+
+    assert (error.status, error.message) == (Status.PERMISSION_DENIED, "no identity issued")
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+def test_a_stream_sends_only_changes_and_ends_when_the_identity_is_gone(
+    running: RunningServer,
+) -> None:
+    provider = running.provider
+    original = provider.context
+    rotated = X509Context(svids=(running.ca.issue(WORKLOAD_ID),), federated_bundles={})
+
+    async def watch(stub: workload_grpc.SpiffeWorkloadAPIStub) -> tuple[list[Any], GRPCError]:
+        received: list[Any] = []
+        with pytest.raises(GRPCError) as caught:
+            async with stub.FetchX509SVID.open(metadata=HEADER) as stream:
+                await stream.send_message(pb.X509SVIDRequest(), end=True)
+                received.append(await stream.recv_message())
+                reads = provider.context_reads
+                await provider.replace(original)  # a new version, the same content
+                while provider.context_reads == reads:  # until the server has looked
+                    await asyncio.sleep(0)
+                await provider.replace(rotated)
+                received.append(await stream.recv_message())
+                await provider.replace(X509Context(svids=(), federated_bundles={}))
+                received.append(await stream.recv_message())
+        return received, caught.value
+
+    received, error = running.grpclib(watch)
+
+    first, second, end = received
+    assert [_serial(s.x509_svid) for s in first.svids] == [
+        _serial(s.cert_chain_der) for s in original.svids
+    ]
+    assert [_serial(s.x509_svid) for s in second.svids] == [
+        _serial(rotated.svids[0].cert_chain_der)
+    ]
+    assert end is None
+    assert (error.status, error.message) == (Status.PERMISSION_DENIED, "no identity issued")
+
+
+def test_closing_the_server_ends_open_streams_with_unavailable(running: RunningServer) -> None:
+    async def watch_then_close(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            async with stub.FetchJWTBundles.open(metadata=HEADER) as stream:
+                await stream.send_message(pb.JWTBundlesRequest(), end=True)
+                assert await stream.recv_message() is not None
+                await running.server.close()
+                await stream.recv_message()
+        return caught.value
+
+    error = running.grpclib(watch_then_close)
+
+    assert (error.status, error.message) == (Status.UNAVAILABLE, SHUTTING_DOWN)
+    assert not running.socket_path.exists()
+
+
+# -- the socket file ----------------------------------------------------------------------
+
+
+def test_the_socket_is_world_connectable(running: RunningServer) -> None:
+    assert stat.S_IMODE(running.socket_path.stat().st_mode) == 0o777
+
+
+def test_a_stale_socket_is_replaced(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "agent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(socket_path))  # bound, never listening: what a crashed agent leaves
+    server = _start(loop_thread, provider, socket_path)
+    try:
+        with WorkloadApiClient(socket_path=f"unix://{socket_path}") as client:
+            assert client.fetch_x509_svid().spiffe_id == SpiffeId(WORKLOAD_ID)
+    finally:
+        loop_thread.run(server.close())
+
+
+def test_a_live_socket_is_not_taken_over(running: RunningServer) -> None:
+    second = WorkloadApiServer(running.provider)
+
+    with pytest.raises(ConfigError) as caught:
+        running.loop.run(second.start(running.socket_path))
+
+    assert str(caught.value) == (
+        f"another process is already serving on {running.socket_path}; "
+        "stop it or choose another socket path"
+    )
+
+
+def test_a_file_in_the_way_is_not_removed(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "agent.sock"
+    socket_path.write_text("not a socket")
+    server = WorkloadApiServer(provider)
+
+    with pytest.raises(ConfigError) as caught:
+        loop_thread.run(server.start(socket_path))
+
+    assert str(caught.value) == (
+        f"{socket_path} exists and is not a socket; remove it or choose another socket path"
+    )
+    assert socket_path.read_text() == "not a socket"
+
+
+def test_a_socket_path_too_long_for_unix_sockets(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / ("d" * 100) / "agent.sock"
+    server = WorkloadApiServer(provider)
+
+    with pytest.raises(ConfigError) as caught:
+        loop_thread.run(server.start(socket_path))
+
+    assert str(caught.value) == (
+        f"the Workload API socket path {socket_path} is longer than 107 bytes, "
+        "the limit for Unix sockets; choose a shorter path"
+    )
+
+
+def test_unauthenticated_verifiers_may_fetch_bundles_and_validate(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    token = provider.mint_jwt(WORKLOAD_ID, ["db"])
+    loop_thread.run(provider.replace(X509Context(svids=(), federated_bundles={})))
+    socket_path = tmp_path / "agent.sock"
+    server = WorkloadApiServer(provider, allow_unauthenticated_verifiers=True)
+    loop_thread.run(server.start(socket_path))
+    try:
+        with WorkloadApiClient(socket_path=f"unix://{socket_path}") as client:
+            assert client.fetch_jwt_bundles().get_bundle_for_trust_domain(
+                TrustDomain("example.org")
+            )
+            assert len(client.fetch_x509_bundles().bundles) == 2
+            assert client.validate_jwt_svid(token, "db").spiffe_id == SpiffeId(WORKLOAD_ID)
+            with pytest.raises(FetchX509SvidError) as caught:
+                client.fetch_x509_svid()
+    finally:
+        loop_thread.run(server.close())
+
+    assert _rpc_status(caught.value) == (grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+
+
+def test_the_context_manager_closes_and_a_closed_server_starts_again(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "agent.sock"
+    server = WorkloadApiServer(provider)
+
+    async def serve_and_close() -> bool:
+        async with server:
+            await server.start(socket_path)
+            listening = socket_path.exists()
+        return listening
+
+    assert loop_thread.run(serve_and_close())
+    assert not socket_path.exists()
+
+    loop_thread.run(server.start(socket_path))
+    try:
+        with WorkloadApiClient(socket_path=f"unix://{socket_path}") as client:
+            assert client.fetch_x509_svid().spiffe_id == SpiffeId(WORKLOAD_ID)
+    finally:
+        loop_thread.run(server.close())

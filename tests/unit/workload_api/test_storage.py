@@ -1,0 +1,128 @@
+"""The agent's persisted identity: what survives a restart, with which file modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from spiffe import SpiffeId, TrustDomain
+
+from ca.errors import ConfigError
+from ca.keys import KeyType, generate_private_key
+from tests.unit.workload_api.agent_helpers import AuthorityForTests, agent_identity_files
+from workload_api.storage import AgentIdentity, AgentStorage
+
+NOW = datetime.now(UTC)
+TD = TrustDomain("example.org")
+
+
+@pytest.fixture
+def authority() -> AuthorityForTests:
+    return AuthorityForTests("example.org", NOW)
+
+
+def identity(authority: AuthorityForTests) -> AgentIdentity:
+    leaf, key = agent_identity_files(authority, NOW)
+    return AgentIdentity(
+        spiffe_id=SpiffeId("spiffe://example.org/tessera/agent/join_token/0123456789abcdef0123"),
+        chain=(leaf,),
+        private_key=key,
+        attestation_type="join_token",
+        reattestable=False,
+    )
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_identity_and_bundle_survive_a_restart(
+    tmp_path: Path, authority: AuthorityForTests
+) -> None:
+    storage = AgentStorage(tmp_path / "agent")
+    storage.prepare()
+    assert storage.load_identity(TD) is None
+    assert storage.load_bundle(TD) is None
+    saved = identity(authority)
+    storage.save_identity(saved)
+    storage.save_bundle(authority.bundle)
+
+    loaded = AgentStorage(tmp_path / "agent").load_identity(TD)
+    assert loaded is not None
+    assert loaded.spiffe_id == saved.spiffe_id
+    assert loaded.chain == saved.chain
+    assert loaded.private_key.public_key() == saved.private_key.public_key()
+    assert (loaded.attestation_type, loaded.reattestable) == ("join_token", False)
+    assert storage.load_bundle(TD) == authority.bundle
+
+
+def test_the_data_dir_is_private_and_the_key_0600(
+    tmp_path: Path, authority: AuthorityForTests
+) -> None:
+    data_dir = tmp_path / "agent"
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    storage = AgentStorage(data_dir)
+    storage.prepare()
+    storage.save_identity(identity(authority))
+    assert mode(data_dir) == 0o700
+    assert mode(data_dir / "agent-svid.key") == 0o600
+    assert sorted(p.name for p in data_dir.iterdir()) == [
+        "agent-svid.key", "agent-svid.pem", "agent.json",
+    ]
+
+
+def test_the_renewal_point_is_half_life(authority: AuthorityForTests) -> None:
+    saved = identity(authority)
+    assert saved.renew_at == saved.not_before + (saved.expires_at - saved.not_before) / 2
+    assert not saved.expired(NOW)
+    assert saved.expired(saved.expires_at)
+
+
+def test_a_key_that_does_not_match_the_svid_is_refused(
+    tmp_path: Path, authority: AuthorityForTests
+) -> None:
+    storage = AgentStorage(tmp_path)
+    saved = identity(authority)
+    storage.save_identity(saved)
+    other = AgentIdentity(
+        spiffe_id=saved.spiffe_id,
+        chain=saved.chain,
+        private_key=generate_private_key(KeyType.EC_P256),
+        attestation_type="join_token",
+        reattestable=False,
+    )
+    storage.save_identity(other)
+    with pytest.raises(ConfigError) as caught:
+        storage.load_identity(TD)
+    assert caught.value.message == (
+        f"the agent's key and SVID in {tmp_path} do not belong together; remove agent.json, "
+        "agent-svid.pem and agent-svid.key there and attest again"
+    )
+
+
+def test_an_identity_of_another_trust_domain_is_refused(
+    tmp_path: Path, authority: AuthorityForTests
+) -> None:
+    storage = AgentStorage(tmp_path)
+    storage.save_identity(identity(authority))
+    with pytest.raises(ConfigError) as caught:
+        storage.load_identity(TrustDomain("other.test"))
+    assert caught.value.message == (
+        f"the data directory {tmp_path} holds the identity of an agent of trust domain "
+        "example.org, not other.test; use another --data-dir"
+    )
+
+
+def test_an_unreadable_identity_says_how_to_recover(
+    tmp_path: Path, authority: AuthorityForTests
+) -> None:
+    storage = AgentStorage(tmp_path)
+    storage.save_identity(identity(authority))
+    (tmp_path / "agent-svid.pem").write_text("garbage")
+    with pytest.raises(ConfigError) as caught:
+        storage.load_identity(TD)
+    assert "remove agent.json, agent-svid.pem and agent-svid.key there" in caught.value.message
