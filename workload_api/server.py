@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -50,7 +50,7 @@ from attestor.workload import PeerCredentials, peer_credentials
 from ca.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from ca.spiffeid import parse_spiffe_id
 from workload_api._proto import workload_grpc, workload_pb2
-from workload_api.identity import IdentityProvider, X509Context
+from workload_api.identity import IdentityProvider, X509Context, X509SvidMaterial
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -76,6 +76,9 @@ _SOCKET_MODE: Final = 0o777
 # connect fails with EAGAIN, which asyncio clients report as a lost connection.
 _LISTEN_BACKLOG: Final = 4096
 _CREATED_DIR_MODE: Final = 0o755
+# Distinct X509SVIDResponse messages kept for one provider version (one per
+# distinct set of identities callers have); past this the cache starts over.
+_MAX_CACHED_MESSAGES: Final = 1024
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +87,8 @@ CALLS: Final = Counter(
     "Workload API calls, by method and the gRPC status they ended with",
     ["method", "status"],
 )
+# CALLS.labels(...) resolved once per (method, status) rather than on every call.
+_CALL_COUNTERS: dict[tuple[str, Status], Counter] = {}
 
 # ca.errors carry an HTTP status; the Workload API answers with the gRPC one.
 _GRPC_STATUS_BY_HTTP: Final[Mapping[int, Status]] = {
@@ -97,6 +102,7 @@ _GRPC_STATUS_BY_HTTP: Final[Mapping[int, Status]] = {
 }
 
 _AnyStream = Stream[Any, Any]
+_ContextKey = tuple[tuple[X509SvidMaterial, ...], tuple[tuple[str, bytes], ...]]
 
 # The generated module builds its classes at import time, out of mypy's sight;
 # every message is reached through this one untyped name.
@@ -208,7 +214,14 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._closing = asyncio.Event()
         self._active: set[asyncio.Task[Any]] = set()
+        # Streams waiting in _next_change, and those shut_down woke by cancelling them.
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._woken_for_shutdown: set[asyncio.Task[Any]] = set()
         self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        # The X509SVIDResponse of each context served at _messages_version: callers
+        # with the same identities share one message instead of building their own.
+        self._x509_messages: dict[_ContextKey, Message] = {}
+        self._messages_version: int | None = None
 
     # -- the RPCs ----------------------------------------------------------------------------
 
@@ -232,7 +245,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
-            return _x509_svid_response(self._require_identity(selectors))
+            return self._x509_svid_message(self._require_identity(selectors))
 
         await self._stream_updates(stream, current)
 
@@ -338,7 +351,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
                 Status.INTERNAL, "internal error in the Tessera agent; see the agent's log"
             ) from None
         finally:
-            CALLS.labels(method=method, status=status.name).inc()
+            _count_call(method, status)
 
     async def _stream_updates(self, stream: _AnyStream, current: Callable[[], Message]) -> None:
         """Send ``current()`` now, then again after each change that alters it; never returns.
@@ -350,25 +363,47 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         while True:
             version = self._provider.version()
             message = current()
-            if message != sent:
+            if message is not sent and message != sent:
                 await stream.send_message(message)
                 sent = message
             await self._next_change(version)
 
     async def _next_change(self, seen_version: int) -> None:
-        """Wait for the provider to change, or raise Unavailable if the server closes first."""
-        change = asyncio.ensure_future(self._provider.wait_for_change(seen_version))
-        closing = asyncio.ensure_future(self._closing.wait())
+        """Wait for the provider to change, or raise Unavailable if the server closes first.
+
+        The wait runs in the stream's own task (no task per stream and change):
+        :meth:`shut_down` cancels the waiting tasks, and a cancellation that came
+        only from it becomes Unavailable here.
+        """
+        if self._closing.is_set():
+            raise Unavailable(SHUTTING_DOWN)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("the Workload API server runs its calls in asyncio tasks")
+        self._waiting.add(task)
         try:
-            await asyncio.wait({change, closing}, return_when=asyncio.FIRST_COMPLETED)
+            await self._provider.wait_for_change(seen_version)
+        except asyncio.CancelledError:
+            if task in self._woken_for_shutdown:
+                self._woken_for_shutdown.discard(task)
+                if task.uncancel() == 0:  # nobody else cancelled it as well
+                    raise Unavailable(SHUTTING_DOWN) from None
+            raise
         finally:
-            for waiter in (change, closing):
-                waiter.cancel()
-            await asyncio.gather(change, closing, return_exceptions=True)
-        if not change.cancelled():
-            change.result()  # a provider failure surfaces here
-            return
-        raise Unavailable(SHUTTING_DOWN)
+            self._waiting.discard(task)
+
+    def _x509_svid_message(self, context: X509Context) -> Message:
+        """The X509SVIDResponse for ``context``, built once per provider version and content."""
+        version = self._provider.version()
+        if version != self._messages_version or len(self._x509_messages) >= _MAX_CACHED_MESSAGES:
+            self._x509_messages.clear()
+            self._messages_version = version
+        # Keyed by content: the provider returns a new, equal context on every call.
+        key = (context.svids, tuple(context.federated_bundles.items()))
+        message = self._x509_messages.get(key)
+        if message is None:
+            message = self._x509_messages[key] = _x509_svid_response(context)
+        return message
 
     def _require_identity(self, selectors: frozenset[Selector]) -> X509Context:
         context = self._provider.x509_context(selectors)
@@ -386,6 +421,9 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
     async def shut_down(self, grace: float) -> None:
         """Refuse new calls, wake open streams so they end with UNAVAILABLE, wait for them."""
         self._closing.set()
+        for task in self._waiting - self._woken_for_shutdown:
+            self._woken_for_shutdown.add(task)
+            task.cancel()
         active = {task for task in self._active if task is not asyncio.current_task()}
         if active:
             await asyncio.wait(active, timeout=grace)
@@ -410,12 +448,15 @@ def _connection_transport(stream: _AnyStream) -> asyncio.BaseTransport:
     it, every call fails with INTERNAL and this error in the log.
     """
     transport = getattr(stream.peer, "_transport", None)
-    if not isinstance(transport, asyncio.BaseTransport):
+    # uvloop's transports do not derive from asyncio's classes: check the methods used.
+    if transport is None or not (
+        hasattr(transport, "get_extra_info") and hasattr(transport, "close")
+    ):
         raise RuntimeError(
             "cannot reach the connection of a Workload API call through grpclib's Peer; "
             "this grpclib version is not supported by Tessera"
         )
-    return transport
+    return cast(asyncio.BaseTransport, transport)
 
 
 def _peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials:
@@ -425,6 +466,13 @@ def _peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials:
         raise RuntimeError("the Workload API connection has no socket to read credentials from")
     # asyncio hands out a TransportSocket, which forwards getsockopt to the real socket.
     return peer_credentials(sock)
+
+
+def _count_call(method: str, status: Status) -> None:
+    counter = _CALL_COUNTERS.get((method, status))
+    if counter is None:
+        counter = _CALL_COUNTERS[method, status] = CALLS.labels(method=method, status=status.name)
+    counter.inc()
 
 
 def _ended_by_client(stream: _AnyStream) -> Status:

@@ -23,6 +23,7 @@ asyncio server should call them in a worker thread.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,6 +49,7 @@ __all__ = [
     "peer_credentials",
     "process_not_found",
     "process_start_time",
+    "read_proc_bytes",
     "read_proc_file",
     "reject_unknown_keys",
 ]
@@ -59,6 +61,9 @@ _UCRED = struct.Struct("3i")
 # /proc/<pid>/stat: "pid (comm) state ppid ..."; starttime is field 22, which is
 # the 20th field after the closing parenthesis of comm (state is field 3).
 _STARTTIME_AFTER_COMM = 22 - 3
+# One read() takes all of a /proc/<pid>/{stat,status,cgroup} file in all but odd cases.
+_PROC_READ_SIZE = 4096
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 
 
 class WorkloadAttestationError(TesseraError):
@@ -127,16 +132,21 @@ def attest_with_pid_guard(
     """Attest, refusing if the pid stopped naming the same process meanwhile."""
     started = process_start_time(peer.pid, proc_root)
     selectors = attest_workload(attestors, peer)
-    replaced = WorkloadAttestationError(
-        f"process {peer.pid} exited or was replaced during attestation"
-    )
-    try:
-        still = process_start_time(peer.pid, proc_root)
-    except WorkloadAttestationError as err:
-        raise replaced from err
-    if still != started:
-        raise replaced
+    _require_same_process(peer.pid, started, proc_root)
     return selectors
+
+
+def _require_same_process(pid: int, started: int, proc_root: Path) -> None:
+    try:
+        still = process_start_time(pid, proc_root)
+    except WorkloadAttestationError as err:
+        raise _replaced(pid) from err
+    if still != started:
+        raise _replaced(pid)
+
+
+def _replaced(pid: int) -> WorkloadAttestationError:
+    return WorkloadAttestationError(f"process {pid} exited or was replaced during attestation")
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials:
@@ -171,8 +181,8 @@ def process_start_time(pid: int, proc_root: Path = DEFAULT_PROC_ROOT) -> int:
     ``comm`` (field 2) is the program name in parentheses and may itself contain
     spaces and parentheses, so the fields are counted from its *last* ``)``.
     """
-    text = read_proc_file(pid, "stat", proc_root)
-    _, paren, rest = text.rpartition(")")
+    raw = read_proc_bytes(pid, "stat", proc_root)
+    _, paren, rest = raw.rpartition(b")")
     fields = rest.split()
     if not paren or len(fields) <= _STARTTIME_AFTER_COMM:
         raise WorkloadAttestationError(f"{proc_root}/{pid}/stat is not in the expected format")
@@ -192,10 +202,26 @@ def process_not_found(pid: int) -> WorkloadAttestationError:
 
 def read_proc_file(pid: int, name: str, proc_root: Path = DEFAULT_PROC_ROOT) -> str:
     """Read ``<proc_root>/<pid>/<name>``, translating OS errors into attestation errors."""
+    return read_proc_bytes(pid, name, proc_root).decode("utf-8", "surrogateescape")
+
+
+def read_proc_bytes(pid: int, name: str, proc_root: Path = DEFAULT_PROC_ROOT) -> bytes:
+    """:func:`read_proc_file` without decoding.
+
+    With ``os.open``/``os.read`` rather than a Python file object: the files are
+    small and read on every Workload API call, where a file object's setup
+    costs several times the read itself.
+    """
     check_pid(pid)
-    path = proc_root / str(pid) / name
+    path = f"{proc_root}/{pid}/{name}"
     try:
-        return path.read_text(encoding="utf-8", errors="surrogateescape")
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            chunks = []
+            while chunk := os.read(fd, _PROC_READ_SIZE):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         raise process_not_found(pid) from None
     except PermissionError:
@@ -205,6 +231,7 @@ def read_proc_file(pid: int, name: str, proc_root: Path = DEFAULT_PROC_ROOT) -> 
         ) from None
     except OSError as err:
         raise WorkloadAttestationError(f"cannot read {path}: {err.strerror}") from err
+    return b"".join(chunks)
 
 
 def check_pid(pid: int) -> None:

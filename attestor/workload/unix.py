@@ -11,9 +11,10 @@ recorded when the caller connected), never from ``/proc``. Supplementary groups
 come from ``/proc/<pid>/status``; the path from ``readlink /proc/<pid>/exe``; the
 SHA-256 is computed by reading ``/proc/<pid>/exe`` itself, so it is the exact
 file the process executes even if the path was replaced since. Digests are
-cached by (path, device, inode, mtime, ctime, size) so a workload that calls
-often is hashed once. Configuration is described in
-``docs/plugins/workload-attestor-unix.md``.
+cached by (path, device, inode, mtime, ctime, size), taken from a ``stat`` of
+``/proc/<pid>/exe`` on every call, so a workload that calls often is hashed
+once and a process that ``exec``s another binary is seen at its next call.
+Configuration is described in ``docs/plugins/workload-attestor-unix.md``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from attestor.workload import (
     check_pid,
     int_option,
     process_not_found,
-    read_proc_file,
+    read_proc_bytes,
     reject_unknown_keys,
 )
 from ca.errors import ConfigError
@@ -117,70 +118,82 @@ class UnixWorkloadAttestor:
             if name is not None:
                 selectors.append(Selector(NAME, f"supplementary_group:{name}"))
         if self.discover_workload_path:
-            path, deleted = self._binary_path(peer.pid)
+            path, exe = self._binary(peer.pid)
             selectors.append(Selector(NAME, f"path:{path}"))
-            if self.hash_binary and not deleted:
-                digest = self._sha256(peer.pid, path)
+            key = self._cache_key(path, exe) if exe is not None else None
+            if key is not None:
+                digest = self._cached_sha256(key) or self._sha256(peer.pid, path)
                 if digest is not None:
                     selectors.append(Selector(NAME, f"sha256:{digest}"))
         return selectors
 
     def _supplementary_gids(self, pid: int) -> list[int]:
-        status = read_proc_file(pid, "status", self.proc_root)
-        for line in status.splitlines():
-            key, _, value = line.partition(":")
-            if key == "Groups":
-                try:
-                    return sorted({int(gid) for gid in value.split()})
-                except ValueError:
-                    break
+        status = b"\n" + read_proc_bytes(pid, "status", self.proc_root)
+        start = status.find(b"\nGroups:")
+        if start >= 0:
+            start += len(b"\nGroups:")
+            end = status.find(b"\n", start)
+            value = status[start:] if end < 0 else status[start:end]
+            try:
+                return sorted({int(gid) for gid in value.split()})
+            except ValueError:
+                pass
         raise WorkloadAttestationError(f"{self.proc_root}/{pid}/status has no readable Groups line")
 
-    def _binary_path(self, pid: int) -> tuple[str, bool]:
-        """The binary's path and whether it was deleted (or replaced) since the exec."""
-        exe = self.proc_root / str(pid) / "exe"
+    def _binary(self, pid: int) -> tuple[str, os.stat_result | None]:
+        """The binary's path, and its ``stat`` when it is to be hashed.
+
+        No ``stat`` when hashing is off or the binary was deleted (or replaced)
+        since the exec: the path then names another file, or none.
+        """
+        exe = f"{self.proc_root}/{pid}/exe"
         try:
             target = os.readlink(exe)
+            deleted = target.endswith(DELETED_SUFFIX)
+            if not (self.hash_binary or deleted):
+                return target, None
+            # Follows the link to the very file the process executes.
+            info = os.stat(exe)
         except OSError as err:
             raise _exe_error(pid, exe, err) from None
-        if target.endswith(DELETED_SUFFIX):
-            try:
-                links = os.stat(exe).st_nlink
-            except OSError as err:
-                raise _exe_error(pid, exe, err) from None
-            if links == 0:
-                return target.removesuffix(DELETED_SUFFIX), True
-        return target, False
+        if deleted and info.st_nlink == 0:
+            return target.removesuffix(DELETED_SUFFIX), None
+        return target, info if self.hash_binary else None
+
+    def _cache_key(self, path: str, info: os.stat_result) -> _CacheKey | None:
+        """The digest's cache key, or None when the binary is too large to hash."""
+        if info.st_size > self.max_binary_size:
+            log.debug(
+                "not hashing %s (%d bytes > max_binary_size %d)",
+                path,
+                info.st_size,
+                self.max_binary_size,
+            )
+            return None
+        return _cache_key(path, info)
+
+    def _cached_sha256(self, key: _CacheKey) -> str | None:
+        with self._lock:
+            cached = self._hash_cache.get(key)
+            if cached is not None:
+                self._hash_cache.move_to_end(key)
+            return cached
 
     def _sha256(self, pid: int, path: str) -> str | None:
-        exe = self.proc_root / str(pid) / "exe"
+        """Hash the binary (blocking); its cache key is taken again from the open file."""
+        exe = f"{self.proc_root}/{pid}/exe"
         try:
             binary = open(exe, "rb")  # noqa: SIM115 -- closed by the with below
         except OSError as err:
             raise _exe_error(pid, exe, err) from None
         with binary:
             before = os.fstat(binary.fileno())
-            if before.st_size > self.max_binary_size:
-                log.debug(
-                    "not hashing %s (%d bytes > max_binary_size %d)",
-                    path,
-                    before.st_size,
-                    self.max_binary_size,
-                )
+            key = self._cache_key(path, before)
+            if key is None:
                 return None
-            key: _CacheKey = (
-                path,
-                before.st_dev,
-                before.st_ino,
-                before.st_mtime_ns,
-                before.st_ctime_ns,
-                before.st_size,
-            )
-            with self._lock:
-                cached = self._hash_cache.get(key)
-                if cached is not None:
-                    self._hash_cache.move_to_end(key)
-                    return cached
+            cached = self._cached_sha256(key)
+            if cached is not None:
+                return cached
             digest = hashlib.sha256()
             read = 0
             while chunk := binary.read(_CHUNK):
@@ -189,7 +202,7 @@ class UnixWorkloadAttestor:
                     return None
                 digest.update(chunk)
             after = os.fstat(binary.fileno())
-        if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != key[3:]:
+        if _cache_key(path, after) != key:
             raise WorkloadAttestationError(
                 f"the binary of process {pid} ({path}) changed while it was being hashed; "
                 "retry once it is no longer being written"
@@ -202,7 +215,18 @@ class UnixWorkloadAttestor:
         return hexdigest
 
 
-def _exe_error(pid: int, exe: Path, err: OSError) -> WorkloadAttestationError:
+def _cache_key(path: str, info: os.stat_result) -> _CacheKey:
+    return (
+        path,
+        info.st_dev,
+        info.st_ino,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+        info.st_size,
+    )
+
+
+def _exe_error(pid: int, exe: str, err: OSError) -> WorkloadAttestationError:
     if isinstance(err, FileNotFoundError | ProcessLookupError):
         # Kernel threads and zombies have no exe either; to a caller they look the same.
         return process_not_found(pid)

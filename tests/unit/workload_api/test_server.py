@@ -36,7 +36,7 @@ from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, Val
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
-from ca.errors import ConfigError, InvalidArgument
+from ca.errors import ConfigError, InvalidArgument, Unavailable
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.identity import (
     JwtSvidMaterial,
@@ -44,7 +44,7 @@ from workload_api.identity import (
     X509Context,
     X509SvidMaterial,
 )
-from workload_api.server import SHUTTING_DOWN, WorkloadApiServer
+from workload_api.server import SHUTTING_DOWN, WorkloadApiServer, _WorkloadApiService
 
 T = TypeVar("T")
 
@@ -745,3 +745,94 @@ def test_the_context_manager_closes_and_a_closed_server_starts_again(
             assert client.fetch_x509_svid().spiffe_id == SpiffeId(WORKLOAD_ID)
     finally:
         loop_thread.run(server.close())
+
+
+# -- the call path: shared response messages, waiting for changes ------------------------
+
+
+def test_callers_with_the_same_identities_share_one_message(
+    provider: FakeIdentityProvider, test_ca: TestCA
+) -> None:
+    async def main() -> None:
+        service = _WorkloadApiService(provider, allow_unauthenticated_verifiers=False)
+        same = X509Context(
+            svids=provider.context.svids, federated_bundles=dict(provider.context.federated_bundles)
+        )
+        other = X509Context(svids=(test_ca.issue(WORKLOAD_ID),), federated_bundles={})
+
+        first = service._x509_svid_message(provider.context)
+        again = service._x509_svid_message(same)
+        different = service._x509_svid_message(other)
+        await provider.replace(provider.context)  # a new version, the same content
+        after_change = service._x509_svid_message(provider.context)
+
+        assert again is first
+        assert [s.spiffe_id for s in first.svids] == [WORKLOAD_ID, SECOND_ID]
+        assert [s.hint for s in first.svids] == ["", "second"]
+        assert dict(first.federated_bundles) == dict(provider.context.federated_bundles)
+        assert different is not first
+        assert [s.x509_svid for s in different.svids] == [other.svids[0].cert_chain_der]
+        assert after_change is not first
+        assert after_change == first
+
+    asyncio.run(main())
+
+
+async def _waiting(
+    service: _WorkloadApiService, provider: FakeIdentityProvider
+) -> asyncio.Task[None]:
+    """A task in ``_next_change``, once it waits."""
+    task = asyncio.create_task(service._next_change(provider.version()))
+    while task not in service._waiting:
+        await asyncio.sleep(0)
+    return task
+
+
+def test_a_change_ends_the_wait(provider: FakeIdentityProvider) -> None:
+    async def main() -> None:
+        service = _WorkloadApiService(provider, allow_unauthenticated_verifiers=False)
+        task = await _waiting(service, provider)
+
+        await provider.replace(provider.context)
+        await task
+
+        assert service._waiting == set()
+
+    asyncio.run(main())
+
+
+def test_shutting_down_turns_the_wait_into_unavailable(provider: FakeIdentityProvider) -> None:
+    async def main() -> None:
+        service = _WorkloadApiService(provider, allow_unauthenticated_verifiers=False)
+        task = await _waiting(service, provider)
+
+        await service.shut_down(DEADLINE_SECONDS)
+
+        with pytest.raises(Unavailable) as caught:
+            await task
+        assert caught.value.message == SHUTTING_DOWN
+        assert (service._waiting, service._woken_for_shutdown) == (set(), set())
+        with pytest.raises(Unavailable):  # no new wait once closing
+            await service._next_change(provider.version())
+
+    asyncio.run(main())
+
+
+def test_a_stream_cancelled_by_its_client_stays_cancelled(
+    provider: FakeIdentityProvider,
+) -> None:
+    async def main() -> None:
+        service = _WorkloadApiService(provider, allow_unauthenticated_verifiers=False)
+        alone = await _waiting(service, provider)
+        during_shutdown = await _waiting(service, provider)
+
+        alone.cancel()
+        during_shutdown.cancel()
+        await service.shut_down(DEADLINE_SECONDS)
+
+        for task in (alone, during_shutdown):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert (service._waiting, service._woken_for_shutdown) == (set(), set())
+
+    asyncio.run(main())
