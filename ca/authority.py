@@ -19,7 +19,12 @@ live authorities of every server sharing the datastore.
 
     authorities = Authorities(config, store, key_manager, upstream=None, clock=clock)
     authorities.rotate()
-    cert, chain = authorities.sign_x509_svid(spiffe_id, public_key, ttl=timedelta(hours=1))
+    leaf, intermediates, authority = authorities.sign_x509_svid(spiffe_id, key, ttl=ttl)
+
+Issuance keeps the leaf as signed (its DER), never parsing it::
+
+    signed = authorities.sign_x509_svid_chain(spiffe_id, key, ttl=ttl)
+    signed.leaf.der, signed.intermediates_der
 """
 
 from __future__ import annotations
@@ -74,10 +79,25 @@ class SigningAuthority:
     signer: Signer
     certificate: x509.Certificate | None
     chain: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...]
+    """What goes out with every SVID it signs: with an upstream authority, the
+    authority's certificate and the chain up to the upstream roots; nothing otherwise
+    (a self-signed authority is itself in the bundle)."""
+    intermediates_der: tuple[bytes, ...]
 
     @property
     def not_after(self) -> datetime:
         return self.record.not_after
+
+
+@dataclass(frozen=True)
+class SignedX509Chain:
+    """An X509-SVID as the active authority signed it, and what goes out along with it."""
+
+    leaf: x509ca.SignedX509Svid
+    intermediates: tuple[x509.Certificate, ...]
+    intermediates_der: tuple[bytes, ...]
+    authority: Authority
 
 
 class Authorities:
@@ -343,7 +363,17 @@ class Authorities:
             x509.load_der_x509_certificate(active.certificate) if active.certificate else None
         )
         chain = tuple(split_certificates(active.chain)) if active.chain else ()
-        signing = SigningAuthority(active, self._keys.get_key(active.key_id), certificate, chain)
+        intermediates: tuple[x509.Certificate, ...] = ()
+        if self._upstream is not None and certificate is not None:
+            intermediates = (certificate, *chain)
+        signing = SigningAuthority(
+            active,
+            self._keys.get_key(active.key_id),
+            certificate,
+            chain,
+            intermediates,
+            tuple(_der(c) for c in intermediates),
+        )
         self._active[kind] = signing
         return signing
 
@@ -365,21 +395,36 @@ class Authorities:
         dns_names: Sequence[str] = (),
     ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...], Authority]:
         """Issue an X509-SVID; returns the leaf, the intermediates and the authority."""
+        signed = self.sign_x509_svid_chain(spiffe_id, public_key, ttl=ttl, dns_names=dns_names)
+        return signed.leaf.certificate(), signed.intermediates, signed.authority
+
+    def sign_x509_svid_chain(
+        self,
+        spiffe_id: SpiffeId,
+        public_key: PublicKey,
+        *,
+        ttl: timedelta,
+        dns_names: Sequence[str] = (),
+        subject_public_key_info: bytes | None = None,
+    ) -> SignedX509Chain:
+        """Issue an X509-SVID with the active X.509 authority, keeping it as signed (DER).
+
+        ``subject_public_key_info`` is ``public_key``'s SubjectPublicKeyInfo DER when
+        the caller has it already (a checked CSR does).
+        """
         signing = self.active(X509)
         assert signing.certificate is not None
-        leaf = x509ca.build_x509_svid(
+        leaf = x509ca.x509_svid_template(signing.certificate, signing.signer).sign(
             spiffe_id=spiffe_id,
             public_key=public_key,
-            ca_certificate=signing.certificate,
-            signer=signing.signer,
             now=self._clock.now(),
             ttl=ttl,
             dns_names=dns_names,
+            subject_public_key_info=subject_public_key_info,
         )
-        intermediates: tuple[x509.Certificate, ...] = ()
-        if self._upstream is not None:
-            intermediates = (signing.certificate, *signing.chain)
-        return leaf, intermediates, signing.record
+        return SignedX509Chain(
+            leaf, signing.intermediates, signing.intermediates_der, signing.record
+        )
 
     def mint_jwt_svid(
         self, spiffe_id: SpiffeId, audience: Sequence[str], *, ttl: timedelta

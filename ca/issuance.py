@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,12 +28,13 @@ from spiffe import SpiffeId, TrustDomain
 from attestor.selector import matches
 from ca.authority import Authorities
 from ca.clock import Clock
-from ca.csr import check_csr, parse_csr
+from ca.csr import checked_csr, parse_csr
 from ca.datastore.records import AttestedAgent, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.errors import InvalidArgument, NotFound, PermissionDenied
-from ca.keys import KeyType, PrivateKey, generate_private_key
+from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import parse_spiffe_id, require_member
+from ca.x509ca import SignedX509Svid
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
@@ -49,24 +51,76 @@ class IssuanceSettings:
         return SpiffeId(f"spiffe://{self.trust_domain.name}/tessera/server")
 
 
-@dataclass(frozen=True)
 class IssuedX509:
-    spiffe_id: SpiffeId
-    leaf: x509.Certificate
-    intermediates: tuple[x509.Certificate, ...]
-    entry_id: str | None = None
+    """An issued X509-SVID and the intermediates that go out with it.
+
+    ``leaf`` is an ``x509.Certificate``, or the SVID as signed
+    (:class:`ca.x509ca.SignedX509Svid`): then the DER is kept as signed and
+    the certificate is parsed only if someone reads :attr:`leaf`.
+    ``intermediates_der``, when given, is ``intermediates`` in DER.
+    """
+
+    __slots__ = (
+        "_intermediates_der",
+        "_leaf",
+        "entry_id",
+        "expires_at",
+        "intermediates",
+        "leaf_der",
+        "serial_number",
+        "spiffe_id",
+    )
+
+    def __init__(
+        self,
+        spiffe_id: SpiffeId,
+        leaf: x509.Certificate | SignedX509Svid,
+        intermediates: tuple[x509.Certificate, ...],
+        entry_id: str | None = None,
+        *,
+        intermediates_der: tuple[bytes, ...] | None = None,
+    ) -> None:
+        self.spiffe_id = spiffe_id
+        self.intermediates = intermediates
+        self.entry_id = entry_id
+        self._intermediates_der = intermediates_der
+        self.serial_number = leaf.serial_number
+        self._leaf: x509.Certificate | None
+        if isinstance(leaf, SignedX509Svid):
+            self._leaf = None
+            self.leaf_der = leaf.der
+            self.expires_at = leaf.not_after
+        else:
+            self._leaf = leaf
+            self.leaf_der = leaf.public_bytes(serialization.Encoding.DER)
+            self.expires_at = leaf.not_valid_after_utc
 
     @property
-    def expires_at(self) -> datetime:
-        return self.leaf.not_valid_after_utc
+    def leaf(self) -> x509.Certificate:
+        """The leaf certificate, parsed from its DER the first time it is asked for."""
+        leaf = self._leaf
+        if leaf is None:
+            leaf = self._leaf = x509.load_der_x509_certificate(self.leaf_der)
+        return leaf
 
     def chain_der(self) -> list[bytes]:
-        chain = (self.leaf, *self.intermediates)
-        return [c.public_bytes(serialization.Encoding.DER) for c in chain]
+        """The leaf then the intermediates, in DER; nothing is encoded again."""
+        intermediates = self._intermediates_der
+        if intermediates is None:
+            intermediates = self._intermediates_der = tuple(
+                _authority_der(c) for c in self.intermediates
+            )
+        return [self.leaf_der, *intermediates]
 
     def chain_pem(self) -> bytes:
         return b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in (self.leaf, *self.intermediates)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"IssuedX509(spiffe_id={str(self.spiffe_id)!r}, serial={self.serial_number:x}, "
+            f"expires_at={self.expires_at.isoformat()}, entry_id={self.entry_id!r})"
         )
 
 
@@ -158,10 +212,11 @@ class Issuer:
     # -- X509-SVIDs ---------------------------------------------------------------
 
     def sign_agent_svid(self, agent_id: SpiffeId, csr_der: bytes) -> IssuedX509:
-        csr = parse_csr(csr_der)
-        public_key = check_csr(csr, spiffe_id=agent_id)
+        checked = checked_csr(parse_csr(csr_der), spiffe_id=agent_id)
         ttl = self.settings.default_x509_svid_ttl
-        return self._issue(agent_id, public_key, ttl, (), None, None)
+        return self._issue(
+            agent_id, checked.public_key, ttl, (), None, None, checked.subject_public_key_info
+        )
 
     def sign_batch(
         self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
@@ -173,22 +228,29 @@ class Issuer:
         authorized = {entry.id: entry for entry in self.authorized_entries(agent)}
         for index, (entry_id, csr_der) in enumerate(requests):
             entry = self._authorized_entry(agent, entry_id, authorized)
+            spiffe_id = SpiffeId(entry.spiffe_id)
             try:
-                csr = parse_csr(csr_der)
-                public_key = check_csr(
-                    csr, spiffe_id=SpiffeId(entry.spiffe_id), dns_names=entry.dns_names
+                csr = checked_csr(
+                    parse_csr(csr_der), spiffe_id=spiffe_id, dns_names=entry.dns_names
                 )
             except InvalidArgument as err:
                 raise InvalidArgument(f"CSR {index} (entry {entry_id}): {err.message}") from err
-            checked.append((entry, public_key))
+            checked.append((entry, spiffe_id, csr))
         issued = []
         records = []
-        for entry, public_key in checked:
-            ttl = timedelta(seconds=entry.x509_svid_ttl) or self.settings.default_x509_svid_ttl
+        default_ttl = self.settings.default_x509_svid_ttl
+        for entry, spiffe_id, csr in checked:
+            ttl = timedelta(seconds=entry.x509_svid_ttl) or default_ttl
             svid, record = self._sign(
-                SpiffeId(entry.spiffe_id), public_key, ttl, entry.dns_names, agent.spiffe_id
+                spiffe_id,
+                csr.public_key,
+                ttl,
+                entry.dns_names,
+                agent.spiffe_id,
+                subject_public_key_info=csr.subject_public_key_info,
+                entry_id=entry.id,
             )
-            issued.append(IssuedX509(svid.spiffe_id, svid.leaf, svid.intermediates, entry.id))
+            issued.append(svid)
             records.append(record)
         self._store.record_issued_svids(records)
         return issued
@@ -214,13 +276,21 @@ class Issuer:
     def _issue(
         self,
         spiffe_id: SpiffeId,
-        public_key: object,
+        public_key: PublicKey,
         ttl: timedelta,
         dns_names: Sequence[str],
         agent_id: str | None,
         actor: str | None,
+        subject_public_key_info: bytes | None = None,
     ) -> IssuedX509:
-        svid, record = self._sign(spiffe_id, public_key, ttl, dns_names, agent_id)
+        svid, record = self._sign(
+            spiffe_id,
+            public_key,
+            ttl,
+            dns_names,
+            agent_id,
+            subject_public_key_info=subject_public_key_info,
+        )
         self._store.record_issued_svids([record])
         if actor is not None:
             self._store.append_audit(
@@ -234,23 +304,38 @@ class Issuer:
     def _sign(
         self,
         spiffe_id: SpiffeId,
-        public_key: object,
+        public_key: PublicKey,
         ttl: timedelta,
         dns_names: Sequence[str],
         agent_id: str | None,
+        *,
+        subject_public_key_info: bytes | None = None,
+        entry_id: str | None = None,
     ) -> tuple[IssuedX509, IssuedSvid]:
-        leaf, intermediates, authority = self._authorities.sign_x509_svid(
-            spiffe_id, public_key, ttl=ttl, dns_names=dns_names  # type: ignore[arg-type]
+        signed = self._authorities.sign_x509_svid_chain(
+            spiffe_id,
+            public_key,
+            ttl=ttl,
+            dns_names=dns_names,
+            subject_public_key_info=subject_public_key_info,
         )
+        leaf = signed.leaf
         record = IssuedSvid(
             serial=format(leaf.serial_number, "x"),
             spiffe_id=str(spiffe_id),
             kind="x509",
             agent_id=agent_id,
-            authority_id=authority.authority_id,
-            expires_at=leaf.not_valid_after_utc,
+            authority_id=signed.authority.authority_id,
+            expires_at=leaf.not_after,
         )
-        return IssuedX509(spiffe_id, leaf, intermediates), record
+        issued = IssuedX509(
+            spiffe_id,
+            leaf,
+            signed.intermediates,
+            entry_id,
+            intermediates_der=signed.intermediates_der,
+        )
+        return issued, record
 
     # -- JWT-SVIDs ----------------------------------------------------------------
 
@@ -288,6 +373,12 @@ class Issuer:
             spiffe_id, audiences, ttl=ttl
         )
         return token, expires_at
+
+
+@lru_cache(maxsize=16)
+def _authority_der(certificate: x509.Certificate) -> bytes:
+    """An intermediate's DER: the same few authorities go out with every SVID."""
+    return certificate.public_bytes(serialization.Encoding.DER)
 
 
 def agent_or_refuse(store: Datastore, spiffe_id: SpiffeId, serial: int) -> AttestedAgent:

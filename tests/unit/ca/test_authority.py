@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from ca.authority import (
@@ -28,8 +29,10 @@ from ca.authority import (
 from ca.clock import ManualClock
 from ca.datastore import Datastore
 from ca.errors import FailedPrecondition, NotFound
-from ca.keymanager import KeyManager, load_key_manager
+from ca.keymanager import KeyManager, LocalSigner, load_key_manager
 from ca.keys import KeyType, generate_private_key
+from ca.upstream import MintedCA
+from ca.x509ca import build_ca_certificate
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 CA_TTL = timedelta(hours=6)
@@ -422,3 +425,73 @@ def test_a_failed_upstream_leaves_no_orphan_key(store: Datastore, clock: ManualC
         cas.rotate()
     assert store.list_authorities(kind=X509) == []
     assert keys._keys == {}  # type: ignore[attr-defined]  # no key left behind
+
+
+# -- signing through the SVID template ----------------------------------------------------
+
+
+def test_signed_chain_keeps_the_leaf_as_der_and_sends_no_intermediates_when_self_signed(cas):
+    cas.rotate()
+    key = generate_private_key(KeyType.EC_P256)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+    signed = cas.sign_x509_svid_chain(
+        WEB, key.public_key(), ttl=timedelta(hours=1), subject_public_key_info=spki
+    )
+
+    assert (signed.intermediates, signed.intermediates_der) == ((), ())
+    assert signed.authority == cas.active(X509).record
+    leaf = x509.load_der_x509_certificate(signed.leaf.der)
+    assert leaf.serial_number == signed.leaf.serial_number
+    assert leaf.not_valid_after_utc == signed.leaf.not_after == START + timedelta(hours=1)
+    assert leaf.public_key() == key.public_key()
+    chains_to_bundle(leaf, cas)
+
+
+def test_with_an_upstream_every_svid_goes_out_with_the_authority_and_its_chain(
+    store: Datastore, clock: ManualClock, tmp_path: Path
+) -> None:
+    root_key = generate_private_key(KeyType.EC_P256)
+    middle_key = generate_private_key(KeyType.EC_P256)
+    lifetime = {"not_before": START - timedelta(days=1), "not_after": START + timedelta(days=30)}
+    root = build_ca_certificate(
+        trust_domain=TRUST_DOMAIN, public_key=root_key.public_key(),
+        signer=LocalSigner("root", root_key), issuer=None, **lifetime,
+    )
+    middle = build_ca_certificate(
+        trust_domain=TRUST_DOMAIN, public_key=middle_key.public_key(),
+        signer=LocalSigner("root", root_key), issuer=root, **lifetime,
+    )
+
+    class ChainedUpstream:
+        name = "chained"
+
+        def mint_x509_ca(self, *, trust_domain, public_key, not_before, not_after, signer=None):
+            certificate = build_ca_certificate(
+                trust_domain=trust_domain, public_key=public_key,
+                signer=LocalSigner("middle", middle_key), issuer=middle,
+                not_before=not_before, not_after=not_after,
+            )
+            return MintedCA(certificate, (middle,), (root,))
+
+    policy = AuthorityPolicy(trust_domain=TRUST_DOMAIN, server_id="s", ca_ttl=CA_TTL)
+    cas = Authorities(policy, store, memory_keys(tmp_path), upstream=ChainedUpstream(), clock=clock)  # type: ignore[arg-type]
+    cas.rotate()
+    authority = cas.active(X509).certificate
+    assert authority is not None and authority.issuer == middle.subject
+    key = generate_private_key(KeyType.EC_P256)
+
+    signed = cas.sign_x509_svid_chain(WEB, key.public_key(), ttl=timedelta(hours=1))
+    leaf, intermediates, record = cas.sign_x509_svid(WEB, key.public_key(), ttl=timedelta(hours=1))
+
+    assert signed.intermediates == intermediates == (authority, middle)
+    assert signed.intermediates_der == (
+        authority.public_bytes(serialization.Encoding.DER),
+        middle.public_bytes(serialization.Encoding.DER),
+    )
+    assert signed.authority == record == cas.active(X509).record
+    x509.load_der_x509_certificate(signed.leaf.der).verify_directly_issued_by(authority)
+    leaf.verify_directly_issued_by(authority)
+    assert leaf.serial_number != signed.leaf.serial_number

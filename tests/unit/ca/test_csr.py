@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from spiffe import SpiffeId
 
-from ca.csr import MAX_CSR_BYTES, build_csr, check_csr, parse_csr
+from ca import der
+from ca.csr import MAX_CSR_BYTES, build_csr, check_csr, checked_csr, parse_csr
 from ca.errors import InvalidArgument
 from ca.keys import KeyType
 
@@ -112,3 +113,80 @@ def test_other_san_types_are_refused(key_pool):
 def test_ca_requests_are_refused(key_pool):
     csr = _csr(key_pool(KeyType.EC_P256), ca=True)
     assert _refusal(csr) == "CSR asks for a CA certificate (cA=true); SVIDs are never CAs"
+
+
+def _resigned(
+    csr: x509.CertificateSigningRequest, key, info: bytes | None = None,
+    algorithm: bytes | None = None,
+) -> x509.CertificateSigningRequest:
+    """``csr`` with its request info (and signature AlgorithmIdentifier) swapped, signed
+    again by ``key`` with SHA-256."""
+    original_info, original_algorithm, _ = der.sequence_elements(
+        csr.public_bytes(serialization.Encoding.DER)
+    )
+    info = info or original_info
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    else:
+        signature = key.sign(info, padding.PKCS1v15(), hashes.SHA256())
+    body = info + (algorithm or original_algorithm) + der.encode(
+        der.BIT_STRING, b"\x00" + signature
+    )
+    return x509.load_der_x509_csr(der.encode(der.SEQUENCE, body))
+
+
+@pytest.mark.parametrize(
+    ("key_type", "hash_algorithm"),
+    [
+        (KeyType.EC_P256, hashes.SHA256()),
+        (KeyType.EC_P384, hashes.SHA384()),
+        (KeyType.EC_P256, hashes.SHA512()),
+        (KeyType.RSA_2048, hashes.SHA256()),
+        (KeyType.RSA_2048, hashes.SHA384()),
+        (KeyType.RSA_2048, hashes.SHA512()),
+        (KeyType.EC_P256, hashes.SHA224()),  # not one of the usual: cryptography checks it
+    ],
+)
+def test_signatures_are_checked_for_every_hash(key_type, hash_algorithm, key_pool):
+    key = key_pool(key_type)
+    good = _csr(key, hash_algorithm=hash_algorithm)
+    assert check_csr(good, spiffe_id=WEB) == key.public_key()
+    tampered = bytearray(good.public_bytes(serialization.Encoding.DER))
+    tampered[-5] ^= 0x01  # inside the signature
+    assert _refusal(x509.load_der_x509_csr(bytes(tampered))) == (
+        "CSR signature does not verify with the CSR's public key"
+    )
+
+
+def test_a_signature_algorithm_for_another_key_type_does_not_verify(key_pool):
+    ec_key = key_pool(KeyType.EC_P256)
+    rsa_csr = _csr(key_pool(KeyType.RSA_2048))
+    _, rsa_algorithm, _ = der.sequence_elements(rsa_csr.public_bytes(serialization.Encoding.DER))
+    mislabelled = _resigned(_csr(ec_key), ec_key, algorithm=rsa_algorithm)
+    assert mislabelled.signature_algorithm_oid.dotted_string == "1.2.840.113549.1.1.11"
+    assert _refusal(mislabelled) == "CSR signature does not verify with the CSR's public key"
+
+
+def test_checked_csr_hands_over_the_spki_a_certificate_carries(key_pool):
+    key = key_pool(KeyType.EC_P256)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert checked_csr(_csr(key), spiffe_id=WEB).subject_public_key_info == spki
+
+    # The same key as a compressed point: accepted, and re-encoded uncompressed.
+    compressed_point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    algorithm, _ = der.sequence_elements(spki)
+    compressed = der.encode(
+        der.SEQUENCE, algorithm + der.encode(der.BIT_STRING, b"\x00" + compressed_point)
+    )
+    version, subject, _, attributes = der.sequence_elements(_csr(key).tbs_certrequest_bytes)
+    info = der.encode(der.SEQUENCE, version + subject + compressed + attributes)
+    csr = _resigned(_csr(key), key, info=info)
+    assert der.sequence_elements(csr.tbs_certrequest_bytes)[2] == compressed
+    checked = checked_csr(csr, spiffe_id=WEB)
+    assert checked.public_key == key.public_key()
+    assert checked.subject_public_key_info == spki
+

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.der import split_certificates
+from ca.der import encode_integer, encode_oid, encode_time, split_certificates
 from ca.errors import InvalidArgument
 from ca.keys import KeyType
 from tests.unit.ca.conftest import pooled_key
@@ -104,3 +104,38 @@ def test_a_public_key_is_not_a_certificate():
 
     with pytest.raises(InvalidArgument):
         split_certificates(spki)
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [(0, "020100"), (1, "020101"), (127, "02017f"), (128, "02020080"), (255, "020200ff"),
+     (256, "02020100"), (2**128 - 1, "021100" + "ff" * 16), (2**127 - 1, "02107f" + "ff" * 15)],
+)
+def test_integers_take_the_fewest_octets(value, encoded):
+    assert encode_integer(value).hex() == encoded
+
+
+@pytest.mark.parametrize(
+    ("moment", "encoded"),
+    [
+        (datetime(2049, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "170d3439313233313233353935395a"),
+        (datetime(2050, 1, 1, tzinfo=UTC), "180f32303530303130313030303030305a"),
+        (datetime(1950, 1, 1), "170d3530303130313030303030305a"),
+        (datetime(2030, 1, 1, 1, tzinfo=timezone(timedelta(hours=2))),
+         "170d3239313233313233303030305a"),
+    ],
+)
+def test_times_are_utctime_until_2049_then_generalizedtime(moment, encoded):
+    assert encode_time(moment).hex() == encoded
+
+
+def test_times_before_1950_are_refused():
+    with pytest.raises(ValueError, match="certificate times start in 1950, not 1949-12-31"):
+        encode_time(datetime(1949, 12, 31, 23, 59, 59))
+
+
+def test_object_identifiers():
+    assert encode_oid("2.5.29.17").hex() == "0603551d11"
+    assert encode_oid("1.2.840.113549.1.1.11").hex() == "06092a864886f70d01010b"
+    with pytest.raises(ValueError, match=r"'1\.40' is not an object identifier"):
+        encode_oid("1.40")

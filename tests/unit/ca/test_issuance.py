@@ -6,6 +6,7 @@ made with ``ca.entries.new_entry`` as the admin API makes them.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,16 +15,18 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from attestor.selector import Selector
-from ca.authority import Authorities, AuthorityPolicy
+from ca.api.node import svid_json
+from ca.authority import X509, Authorities, AuthorityPolicy
 from ca.clock import ManualClock
 from ca.csr import build_csr
 from ca.datastore import AttestedAgent, Datastore, RegistrationEntry
 from ca.entries import new_entry
 from ca.errors import InvalidArgument, PermissionDenied
-from ca.issuance import IssuanceSettings, Issuer, agent_or_refuse
+from ca.issuance import IssuanceSettings, IssuedX509, Issuer, agent_or_refuse
 from ca.keymanager import load_key_manager
 from ca.keys import KeyType, PrivateKey, generate_private_key
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
@@ -270,6 +273,63 @@ def test_a_good_batch_records_one_issued_svid_per_csr(store, issuer, agent, sqli
     assert issued_rows(sqlite_url) == sorted(
         (format(svid.leaf.serial_number, "x"), str(svid.spiffe_id), "x509", AGENT)
         for svid in issued
+    )
+
+
+def test_a_batch_keeps_each_leaf_as_signed_and_parses_it_only_when_asked(
+    store, issuer, agent, authorities, monkeypatch
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    csr, key = csr_for(web.spiffe_id)
+    authority = authorities.active(X509).certificate  # loaded (parsed) once, before
+    parsed: list[bytes] = []
+    load = x509.load_der_x509_certificate
+
+    def counting_load(data: bytes) -> x509.Certificate:
+        parsed.append(data)
+        return load(data)
+
+    monkeypatch.setattr(x509, "load_der_x509_certificate", counting_load)
+
+    [issued] = issuer.sign_batch(agent, [(web.id, csr)])
+    answer = svid_json(issued)
+
+    assert parsed == []  # signing, recording and answering never parse the leaf
+    assert issued.chain_der() == [issued.leaf_der]
+    assert issued.chain_der()[0] is issued.leaf_der  # kept, not encoded again
+    assert answer == {
+        "entry_id": web.id,
+        "spiffe_id": web.spiffe_id,
+        "cert_chain": [base64.b64encode(issued.leaf_der).decode()],
+        "expires_at": int((START + DEFAULT_X509_TTL).timestamp()),
+    }
+    leaf = issued.leaf
+    assert issued.leaf is leaf
+    assert parsed == [issued.leaf_der]  # once, on first use
+    assert leaf.public_key() == key.public_key()
+    assert leaf.serial_number == issued.serial_number
+    assert leaf.not_valid_after_utc == issued.expires_at == START + DEFAULT_X509_TTL
+    leaf.verify_directly_issued_by(authority)
+    assert store.count_issued_svids() == 1
+
+
+def test_an_issued_svid_made_from_a_certificate_answers_the_same(issuer, authorities):
+    issued, _ = issuer.mint_x509("spiffe://example.org/tool", ttl=None)
+    intermediate = authorities.active(X509).certificate
+    from_certificate = IssuedX509(issued.spiffe_id, issued.leaf, (intermediate,), "e1")
+
+    assert from_certificate.leaf_der == issued.leaf_der
+    assert from_certificate.serial_number == issued.serial_number
+    assert from_certificate.expires_at == issued.expires_at == START + DEFAULT_X509_TTL
+    assert from_certificate.chain_der() == [
+        issued.leaf_der,
+        intermediate.public_bytes(serialization.Encoding.DER),
+    ]
+    assert svid_json(from_certificate)["cert_chain"] == [
+        base64.b64encode(der).decode() for der in from_certificate.chain_der()
+    ]
+    assert from_certificate.chain_pem() == b"".join(
+        c.public_bytes(serialization.Encoding.PEM) for c in (issued.leaf, intermediate)
     )
 
 
