@@ -1,10 +1,20 @@
 """Telling waiting agents that the entries or the bundle changed, without polling them.
 
 The datastore's entry revision and bundle sequence are the clocks of every
-change an agent must hear of. The watcher keeps the latest pair in memory —
-learned at once from this server's own changes (:meth:`RevisionWatcher.poke`)
-and by a cheap periodic read for changes made by other servers on the same
-database — and wakes every agent long-polling for something past what it has.
+change an agent must hear of; its agents counter is the clock of changes to
+attested agents (what the node API's agent cache follows). The watcher keeps the
+latest three in memory — learned at once from this server's own changes
+(:meth:`RevisionWatcher.poke`) and by a cheap periodic read for changes made by
+other servers on the same database — and wakes every agent long-polling for
+something past what it has::
+
+    watcher = RevisionWatcher(store.sync_counters)    # (revision, bundle, agents)
+    asyncio.create_task(watcher.run())
+    if watcher.following: ...                          # its values are fresh
+
+While :attr:`RevisionWatcher.following` is false (never read yet, or the last
+read failed, or it is older than ``max_staleness``) its values must not stand in
+for the database.
 """
 
 from __future__ import annotations
@@ -12,42 +22,69 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+Counters = tuple[int, int, int]
+"""(entry revision, bundle sequence, agents counter)."""
 
 
 class RevisionWatcher:
     def __init__(
         self,
-        read_revision: Callable[[], int],
-        read_bundle_sequence: Callable[[], int] = lambda: 0,
+        read_counters: Callable[[], Counters],
         *,
         interval: float = 0.2,
+        max_staleness: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._read = read_revision
-        self._read_bundle = read_bundle_sequence
+        self._read = read_counters
         self._interval = interval
+        # A read that hangs (a database cut off without a reset) must not leave
+        # old values standing in for it: after a few intervals they are not used.
+        self._max_staleness = max_staleness if max_staleness is not None else 5 * interval
+        self._monotonic = monotonic
         self.revision = 0
         self.bundle_sequence = 0
+        self.agents = 0
+        self._read_at: float | None = None  # when the last read that worked ended
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
+    @property
+    def following(self) -> bool:
+        """True while the values are those of a recent read that worked."""
+        read_at = self._read_at
+        return (
+            not self.closed
+            and read_at is not None
+            and self._monotonic() - read_at <= self._max_staleness
+        )
+
     async def run(self) -> None:
-        """Follow the datastore's revision until cancelled."""
+        """Follow the datastore's counters until cancelled."""
         self._loop = asyncio.get_running_loop()
-        while True:
-            # Clear before reading: a poke that lands while the read is in flight
-            # must cause one more read, not be lost with a read that began too early.
-            self._wake.clear()
-            try:
-                self._set(*await asyncio.to_thread(self._read_both))
-            except Exception as err:  # a database outage must not end the watcher
-                log.warning("cannot read the entry revision: %s", err)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+        try:
+            while True:
+                # Clear before reading: a poke that lands while the read is in flight
+                # must cause one more read, not be lost with a read that began too early.
+                self._wake.clear()
+                try:
+                    counters = await asyncio.to_thread(self._read)
+                except Exception as err:  # a database outage must not end the watcher
+                    self._read_at = None
+                    log.warning("cannot read the entry revision: %s", err)
+                else:
+                    self._read_at = self._monotonic()
+                    self._set(*counters)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+        finally:
+            self._read_at = None
 
     def close(self) -> None:
         """The server is stopping: release every waiting agent now (they reconnect)."""
@@ -59,10 +96,8 @@ class RevisionWatcher:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _read_both(self) -> tuple[int, int]:
-        return self._read(), self._read_bundle()
-
-    def _set(self, revision: int, bundle_sequence: int = 0) -> None:
+    def _set(self, revision: int, bundle_sequence: int = 0, agents: int = 0) -> None:
+        self.agents = agents  # nothing waits on it: the agent cache compares it
         if (revision, bundle_sequence) != (self.revision, self.bundle_sequence):
             self.revision = revision
             self.bundle_sequence = bundle_sequence

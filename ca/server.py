@@ -118,7 +118,7 @@ class Server:
         except BaseException:
             self.store.close()
             raise
-        self.watcher = RevisionWatcher(self.store.current_revision, self.store.bundle_sequence)
+        self.watcher = RevisionWatcher(self.store.sync_counters)
         self.refresher = BundleRefresher(self.store, clock=clock, changed=self.watcher.poke)
         self._svid: tuple[IssuedX509, PrivateKey] | None = None
         self._db_problem: str | None = None

@@ -135,8 +135,7 @@ def create_admin_app(
 
     @router.post("/entries", status_code=201)
     def create_entry(body: EntryBody) -> dict[str, Any]:
-        entry = store.create_entry(build_entry(body))
-        audit("entry.create", entry.id, {"spiffe_id": entry.spiffe_id})
+        entry = store.create_entry(build_entry(body), audited_by="admin")
         changed()
         return entry_json(entry)
 
@@ -163,15 +162,13 @@ def create_admin_app(
 
     @router.put("/entries/{entry_id}")
     def update_entry(entry_id: str, body: EntryBody) -> dict[str, Any]:
-        entry = store.update_entry(entry_id, build_entry(body))
-        audit("entry.update", entry.id, {"spiffe_id": entry.spiffe_id})
+        entry = store.update_entry(entry_id, build_entry(body), audited_by="admin")
         changed()
         return entry_json(entry)
 
     @router.delete("/entries/{entry_id}")
     def delete_entry(entry_id: str) -> dict[str, Any]:
-        entry = store.delete_entry(entry_id)
-        audit("entry.delete", entry.id, {"spiffe_id": entry.spiffe_id})
+        entry = store.delete_entry(entry_id, audited_by="admin")
         changed()
         return {"id": entry.id, "deleted": True}
 

@@ -20,6 +20,7 @@ import binascii
 import json
 import time
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
@@ -30,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from attestor.node import AttestationResult, Challenge, NodeAttestorServer
 from ca import metrics
+from ca.agent_cache import AgentCache
 from ca.api.errors import BodySizeLimit, install_error_handlers
 from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
@@ -39,7 +41,7 @@ from ca.datastore.records import AttestedAgent
 from ca.datastore.store import Datastore
 from ca.entries import entry_json
 from ca.errors import InvalidArgument, NotFound, PermissionDenied
-from ca.issuance import IssuedX509, Issuer, agent_or_refuse
+from ca.issuance import IssuedX509, Issuer
 from ca.revisions import RevisionWatcher
 
 MAX_WAIT_SECONDS = 60.0
@@ -78,12 +80,23 @@ def decode_b64(value: str, what: str) -> bytes:
 
 
 def svid_json(issued: IssuedX509) -> dict[str, Any]:
+    leaf, *intermediates = issued.chain_der()
     return {
         "entry_id": issued.entry_id,
         "spiffe_id": str(issued.spiffe_id),
-        "cert_chain": [base64.b64encode(der).decode() for der in issued.chain_der()],
+        "cert_chain": [_base64(leaf), *map(_authority_base64, intermediates)],
         "expires_at": int(issued.expires_at.timestamp()),
     }
+
+
+def _base64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+@lru_cache(maxsize=16)
+def _authority_base64(der: bytes) -> str:
+    """An intermediate in base64: the same few go out with every SVID of a batch."""
+    return _base64(der)
 
 
 def create_node_app(
@@ -98,6 +111,7 @@ def create_node_app(
     app = FastAPI(title="Tessera node API", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     router = APIRouter()
+    agents = AgentCache(store, watcher)
 
     def current_bundle() -> TrustBundle:
         """The bundle, re-read when the watcher has seen a newer sequence than the cache."""
@@ -109,7 +123,7 @@ def create_node_app(
 
     def caller(request: Request) -> AttestedAgent:
         spiffe_id, cert = peer_spiffe_id(request.scope)
-        return agent_or_refuse(store, spiffe_id, cert.serial_number)
+        return agents.agent_or_refuse(spiffe_id, cert.serial_number)
 
     @router.post("/v1/agent/attest")
     def attest(body: AttestRequest) -> dict[str, Any]:
@@ -146,7 +160,7 @@ def create_node_app(
         store.upsert_agent(
             agent_id,
             attestation_type=attestation_type,
-            serial=format(issued.leaf.serial_number, "x"),
+            serial=format(issued.serial_number, "x"),
             expires_at=issued.expires_at,
             selectors=result.selectors,
         )
@@ -173,7 +187,7 @@ def create_node_app(
         agent = caller(request)
         issued = issuer.sign_agent_svid(SpiffeId(agent.spiffe_id), decode_b64(body.csr, "csr"))
         store.update_agent_serial(
-            agent.spiffe_id, format(issued.leaf.serial_number, "x"), issued.expires_at
+            agent.spiffe_id, format(issued.serial_number, "x"), issued.expires_at
         )
         metrics.SVIDS_ISSUED.labels("x509").inc()
         return {"svid": svid_json(issued)}
@@ -200,7 +214,11 @@ def create_node_app(
         return _entries_since(caller(request), since)
 
     def _entries_since(agent: AttestedAgent, since: int) -> dict[str, Any]:
-        revision = store.current_revision()
+        # An agent at the revision the watcher follows is idle: no query needed.
+        if since and since == watcher.revision and watcher.following:
+            revision = since
+        else:
+            revision = store.current_revision()
         authorized = issuer.authorized_entries(agent, revision=revision)
         full = since == 0 or since > revision
         changed = [e for e in authorized if full or e.revision > since]

@@ -38,11 +38,13 @@ NAMING_CONVENTION = {
     "ck": "ck_%(table_name)s_%(constraint_name)s",
 }
 
-# Rows of the ``counters`` table, created by the first migration.
+# Rows of the ``counters`` table, created by the first migration (``agents`` by 0005).
 ENTRY_REVISION = "entry_revision"
 BUNDLE_SEQUENCE = "bundle_sequence"
 TOMBSTONE_HORIZON = "tombstone_horizon"
-COUNTERS = (ENTRY_REVISION, BUNDLE_SEQUENCE, TOMBSTONE_HORIZON)
+AGENT_CHANGES = "agents"
+"""Bumped by every change to an attested agent, so servers can cache agent records."""
+COUNTERS = (ENTRY_REVISION, BUNDLE_SEQUENCE, TOMBSTONE_HORIZON, AGENT_CHANGES)
 
 
 class UtcDateTime(TypeDecorator[datetime]):

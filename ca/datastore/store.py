@@ -26,6 +26,13 @@ The *bundle sequence* counter says "the bundles agents receive changed": it is
 bumped when this trust domain's authorities change, and when a federation
 relationship's change adds, replaces or removes a federated bundle, so agents
 long-polling on it wake up.
+
+The *agents* counter is bumped by every change to an attested agent (attest,
+renew, confirming a renewed SVID, ban, unban, evict), so a server caching agent
+records hears of other servers' changes by reading it
+(:meth:`Datastore.sync_counters`). Changes made through this store are also
+told at once, after their transaction ends, to the listeners added with
+:meth:`Datastore.on_agent_change`.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -55,6 +62,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from attestor.selector import Selector
@@ -80,6 +88,7 @@ from ca.datastore.records import (
     RegistrationEntry,
 )
 from ca.datastore.schema import (
+    AGENT_CHANGES,
     BUNDLE_SEQUENCE,
     ENTRY_REVISION,
     TOMBSTONE_HORIZON,
@@ -104,6 +113,11 @@ from ca.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFou
 # limit on bound parameters.
 _IN_CHUNK = 500
 
+AgentChangeListener = Callable[[str, int | None], None]
+"""Called with an agent's SPIFFE ID after a transaction that changed it (or tried to)
+ended, and the agents counter's value that change took: None when the transaction
+may not have committed."""
+
 
 class Datastore:
     """The server's persistent state. Create with :meth:`open`."""
@@ -114,6 +128,7 @@ class Datastore:
         self._reads = sessionmaker(bind=engines.reads, expire_on_commit=False, autoflush=False)
         self._writes = sessionmaker(bind=engines.writes, expire_on_commit=False, autoflush=False)
         self._closed = False
+        self._agent_listeners: list[AgentChangeListener] = []
 
     @classmethod
     def open(cls, url: str, *, clock: Clock = SYSTEM_CLOCK) -> Datastore:
@@ -173,15 +188,35 @@ class Datastore:
         with translate_errors(conflict=conflict), self._writes.begin() as session:
             yield session
 
+    @contextmanager
+    def _changing_agent(self, spiffe_id: str) -> Iterator[Session]:
+        """A write transaction changing the agent: it bumps the agents counter when the
+        body succeeds, and the listeners hear of it once the transaction has ended."""
+        value: int | None = None
+        try:
+            with self._writing() as session:
+                yield session
+                bumped = _bump(session, AGENT_CHANGES)
+            value = bumped
+        finally:
+            for listener in self._agent_listeners:
+                listener(spiffe_id, value)
+
+    def on_agent_change(self, listener: AgentChangeListener) -> None:
+        """Call ``listener`` after every agent change made through this store, in the
+        thread that made it; it must be quick and must not raise."""
+        self._agent_listeners.append(listener)
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the datastore is closed; the server is shutting down")
 
     # -- registration entries ---------------------------------------------------
 
-    def create_entry(self, entry: NewEntry) -> RegistrationEntry:
+    def create_entry(self, entry: NewEntry, *, audited_by: str | None = None) -> RegistrationEntry:
         """Store a new entry; AlreadyExists if a live entry has the same SPIFFE ID,
-        parent ID and selector set."""
+        parent ID and selector set. With ``audited_by``, the ``entry.create`` audit
+        event (by that actor) is written in the same transaction."""
         selectors = _normalise(entry.selectors)
         key = _live_key(entry.spiffe_id, entry.parent_id, selectors)
         entry_id = str(uuid.uuid4())
@@ -200,6 +235,8 @@ class Datastore:
                 )
             )
             _insert_entry_selectors(session, entry_id, selectors)
+            if audited_by is not None:
+                _audit_entry(session, audited_by, "entry.create", entry_id, entry.spiffe_id, now)
         return _entry_record_from(entry_id, entry, selectors, revision, now)
 
     def get_entry(self, entry_id: str) -> RegistrationEntry:
@@ -209,8 +246,11 @@ class Datastore:
                 raise _entry_not_found(entry_id)
             return _entry_record(row)
 
-    def update_entry(self, entry_id: str, entry: NewEntry) -> RegistrationEntry:
-        """Replace every caller-owned field of the entry; the entry gets a new revision."""
+    def update_entry(
+        self, entry_id: str, entry: NewEntry, *, audited_by: str | None = None
+    ) -> RegistrationEntry:
+        """Replace every caller-owned field of the entry; the entry gets a new revision.
+        ``audited_by`` as for :meth:`create_entry` (event ``entry.update``)."""
         selectors = _normalise(entry.selectors)
         key = _live_key(entry.spiffe_id, entry.parent_id, selectors)
         with self._writing(conflict=_entry_conflict(entry)) as session:
@@ -227,11 +267,17 @@ class Datastore:
             )
             session.execute(delete(EntrySelectorRow).where(EntrySelectorRow.entry_id == entry_id))
             _insert_entry_selectors(session, entry_id, selectors)
+            if audited_by is not None:
+                _audit_entry(
+                    session, audited_by, "entry.update", entry_id, entry.spiffe_id,
+                    self._clock.now(),
+                )
         return _entry_record_from(entry_id, entry, selectors, revision, created_at)
 
-    def delete_entry(self, entry_id: str) -> RegistrationEntry:
+    def delete_entry(self, entry_id: str, *, audited_by: str | None = None) -> RegistrationEntry:
         """Delete the entry, leaving a tombstone (``deleted=True``, a new revision)
-        for incremental sync; returns the tombstone."""
+        for incremental sync; returns the tombstone. ``audited_by`` as for
+        :meth:`create_entry` (event ``entry.delete``)."""
         with self._writing() as session:
             revision = _bump(session, ENTRY_REVISION)
             row = session.scalar(select(EntryRow).where(_live_entry(entry_id)))
@@ -244,6 +290,11 @@ class Datastore:
                 .values(deleted=True, live_key=None, revision=revision)
                 .execution_options(synchronize_session=False)
             )
+            if audited_by is not None:
+                _audit_entry(
+                    session, audited_by, "entry.delete", entry_id, record.spiffe_id,
+                    self._clock.now(),
+                )
         return replace(record, deleted=True, revision=revision)
 
     def list_entries(
@@ -307,6 +358,20 @@ class Datastore:
         with self._reading() as session:
             return _counter(session, ENTRY_REVISION)
 
+    def agent_changes(self) -> int:
+        """The agents counter: 0 for a new store, then one more per agent change."""
+        with self._reading() as session:
+            return _counter(session, AGENT_CHANGES)
+
+    def sync_counters(self) -> tuple[int, int, int]:
+        """(entry revision, bundle sequence, agents counter), read together in one
+        query: what a server follows to hear of changes made by others."""
+        names = (ENTRY_REVISION, BUNDLE_SEQUENCE, AGENT_CHANGES)
+        query = select(CounterRow.name, CounterRow.value).where(CounterRow.name.in_(names))
+        with self._reading() as session:
+            values = {name: int(value) for name, value in session.execute(query)}
+        return values[ENTRY_REVISION], values[BUNDLE_SEQUENCE], values[AGENT_CHANGES]
+
     def purge_tombstones(self, before_revision: int) -> int:
         """Forget tombstones older than ``before_revision``; returns how many."""
         with self._writing() as session:
@@ -355,7 +420,7 @@ class Datastore:
         }
         # Attesting again invalidates every SVID the agent held before.
         refreshed = ("attestation_type", "serial", "previous_serial", "expires_at", "updated_at")
-        with self._writing() as session:
+        with self._changing_agent(spiffe_id) as session:
             session.connection().execute(
                 _insert_on_conflict(
                     self.dialect,
@@ -372,7 +437,8 @@ class Datastore:
             ]
             if rows:
                 session.execute(insert(AgentSelectorRow), rows)
-            return _agent_record(_agent_row(session, spiffe_id))
+            agent = _agent_record(_agent_row(session, spiffe_id))
+        return agent
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         with self._reading() as session:
@@ -392,33 +458,35 @@ class Datastore:
     ) -> AttestedAgent:
         """Record the serial and expiry of the agent's renewed SVID; the serial it
         replaces stays acceptable until :meth:`confirm_agent_serial`."""
-        with self._writing() as session:
+        with self._changing_agent(spiffe_id) as session:
             row = _agent_row(session, spiffe_id)
             row.previous_serial = row.serial
             row.serial = serial
             row.expires_at = expires_at
             row.updated_at = self._clock.now()
             session.flush()
-            return _agent_record(row)
+            agent = _agent_record(row)
+        return agent
 
     def confirm_agent_serial(self, spiffe_id: str) -> None:
         """The agent used its renewed SVID: the one before it is no longer accepted."""
-        with self._writing() as session:
+        with self._changing_agent(spiffe_id) as session:
             row = _agent_row(session, spiffe_id)
             row.previous_serial = ""
 
     def set_agent_banned(self, spiffe_id: str, banned: bool) -> AttestedAgent:
-        with self._writing() as session:
+        with self._changing_agent(spiffe_id) as session:
             row = _agent_row(session, spiffe_id)
             row.banned = banned
             row.updated_at = self._clock.now()
             session.flush()
-            return _agent_record(row)
+            agent = _agent_record(row)
+        return agent
 
     def delete_agent(self, spiffe_id: str) -> None:
         """Evict the agent (it must attest again); its selectors and aliases go
         too, and losing aliases bumps the entry revision."""
-        with self._writing() as session:
+        with self._changing_agent(spiffe_id) as session:
             connection = session.connection()
             aliases = connection.execute(
                 delete(_table(AgentAliasRow)).where(AgentAliasRow.agent_id == spiffe_id)
@@ -753,27 +821,44 @@ class Datastore:
 
     def record_issued_svids(self, svids: Sequence[IssuedSvid]) -> None:
         """Record issued SVIDs in one batch (one executemany); AlreadyExists (and
-        nothing recorded) if a serial repeats."""
+        nothing recorded) if a serial repeats.
+
+        The rows go to the driver as they are, converted before the transaction
+        opens: only ``expires_at`` needs converting, once per distinct value (a
+        batch's SVIDs share a few expiry times, in whole seconds).
+        """
         if not svids:
             return
-        for svid in svids:
-            _check_choice("SVID kind", svid.kind, AUTHORITY_KINDS)
-        rows = [
-            {
-                "serial": svid.serial,
-                "spiffe_id": svid.spiffe_id,
-                "kind": svid.kind,
-                "agent_id": svid.agent_id,
-                "authority_id": svid.authority_id,
-                "expires_at": svid.expires_at,
-            }
-            for svid in svids
-        ]
+        for kind in dict.fromkeys(svid.kind for svid in svids):
+            _check_choice("SVID kind", kind, AUTHORITY_KINDS)
+        statement = _issued_svids_insert(self._engines.writes.dialect)
+        stored: dict[datetime, Any] = {}
+        rows: list[tuple[Any, ...]] = []
+        try:
+            for svid in svids:
+                expires_at = stored.get(svid.expires_at)
+                if expires_at is None:
+                    expires_at = stored[svid.expires_at] = statement.expires_at(svid.expires_at)
+                rows.append(
+                    (
+                        svid.serial,
+                        svid.spiffe_id,
+                        svid.kind,
+                        svid.agent_id,
+                        svid.authority_id,
+                        expires_at,
+                    )
+                )
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(f"the datastore refused a value: {error}") from error
+        parameters: list[tuple[Any, ...]] | list[dict[str, Any]] = rows
+        if not statement.positional:
+            parameters = [dict(zip(_ISSUED_SVID_COLUMNS, row, strict=True)) for row in rows]
         conflict = (
             "an SVID with one of these serial numbers is recorded already; serials must be unique"
         )
         with self._writing(conflict=conflict) as session:
-            session.connection().execute(insert(_table(IssuedSvidRow)), rows)
+            session.connection().exec_driver_sql(statement.sql, parameters)
 
     def count_issued_svids(self) -> int:
         with self._reading() as session:
@@ -805,24 +890,7 @@ class Datastore:
             raise InvalidArgument(f"audit details must be plain JSON values: {error}") from error
         at = self._clock.now()
         with self._writing() as session:
-            head = session.get(AuditHeadRow, AUDIT_HEAD, with_for_update=True)
-            if head is None:
-                raise FailedPrecondition("the audit log has no head row; run the migrations")
-            row = AuditEventRow(
-                at=at,
-                actor=actor,
-                action=action,
-                target=target,
-                details=recorded,
-                prev_hash=head.last_hash,
-                hash="",
-            )
-            session.add(row)
-            session.flush()
-            row.hash = event_digest(row.prev_hash, row.id, at, actor, action, target, recorded)
-            head.last_id = row.id
-            head.last_hash = row.hash
-            return _audit_record(row)
+            return _audit_record(_append_audit(session, at, actor, action, target, recorded))
 
     def verify_audit(self, *, batch: int = 1000) -> AuditVerification:
         """Walk the hash chain from the first event; name the first one that breaks it."""
@@ -887,6 +955,42 @@ def _bump(session: Session, name: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(session.execute(statement).scalar_one())
+
+
+def _append_audit(
+    session: Session,
+    at: datetime,
+    actor: str,
+    action: str,
+    target: str,
+    details: dict[str, Any],
+) -> AuditEventRow:
+    """Chain an event to the audit log in the caller's transaction. The head row's lock
+    (PostgreSQL) queues concurrent writers, so the chain has no forks."""
+    head = session.get(AuditHeadRow, AUDIT_HEAD, with_for_update=True)
+    if head is None:
+        raise FailedPrecondition("the audit log has no head row; run the migrations")
+    row = AuditEventRow(
+        at=at,
+        actor=actor,
+        action=action,
+        target=target,
+        details=details,
+        prev_hash=head.last_hash,
+        hash="",
+    )
+    session.add(row)
+    session.flush()
+    row.hash = event_digest(row.prev_hash, row.id, at, actor, action, target, details)
+    head.last_id = row.id
+    head.last_hash = row.hash
+    return row
+
+
+def _audit_entry(
+    session: Session, actor: str, action: str, entry_id: str, spiffe_id: str, at: datetime
+) -> None:
+    _append_audit(session, at, actor, action, entry_id, {"spiffe_id": spiffe_id})
 
 
 def _counter(session: Session, name: str) -> int:
@@ -1211,3 +1315,51 @@ def _stored_time(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise InvalidArgument("naive datetime given to the datastore; pass a UTC-aware one")
     return value.astimezone(UTC)
+
+
+# -- helpers: issued SVIDs -----------------------------------------------------------
+
+_ISSUED_SVID_COLUMNS = ("serial", "spiffe_id", "kind", "agent_id", "authority_id", "expires_at")
+
+
+@dataclass(frozen=True)
+class _DriverInsert:
+    """The INSERT of issued SVIDs in the driver's own terms, compiled once per dialect."""
+
+    sql: str
+    positional: bool
+    """Rows are tuples in :data:`_ISSUED_SVID_COLUMNS` order; dicts by column otherwise."""
+    expires_at: Callable[[Any], Any]
+    """What SQLAlchemy does to an ``expires_at`` value before the driver sees it."""
+
+
+_driver_inserts: dict[tuple[str, str, str], _DriverInsert] = {}
+
+
+def _issued_svids_insert(dialect: Dialect) -> _DriverInsert:
+    key = (dialect.name, dialect.driver, dialect.paramstyle)
+    found = _driver_inserts.get(key)
+    if found is not None:
+        return found
+    table = _table(IssuedSvidRow)
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(_ISSUED_SVID_COLUMNS))
+    positions = compiled.positiontup
+    # Only expires_at is converted (UtcDateTime): the text columns go as they are.
+    plain = all(
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) is None
+        for name in _ISSUED_SVID_COLUMNS[:-1]
+    )
+    if not plain or (positions is not None and tuple(positions) != _ISSUED_SVID_COLUMNS):
+        raise AssertionError(f"unexpected INSERT for issued SVIDs on {dialect.name}")
+    processor = table.c.expires_at.type.dialect_impl(dialect).bind_processor(dialect)
+    made = _DriverInsert(
+        sql=compiled.string,
+        positional=positions is not None,
+        expires_at=processor if processor is not None else _unchanged,
+    )
+    _driver_inserts[key] = made
+    return made
+
+
+def _unchanged(value: Any) -> Any:
+    return value

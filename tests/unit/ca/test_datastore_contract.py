@@ -35,7 +35,7 @@ from ca.datastore import (
     default_datastore_url,
 )
 from ca.datastore.migrate import VERSION_TABLE, head_revision, schema_revision, upgrade
-from ca.datastore.schema import Base
+from ca.datastore.schema import Base, IssuedSvidRow
 from ca.errors import (
     AlreadyExists,
     ConfigError,
@@ -127,11 +127,11 @@ def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore
 
     engine = sa.create_engine(datastore_url)
     try:
-        assert schema_revision(engine) == head_revision() == "0004"
+        assert schema_revision(engine) == head_revision() == "0005"
         upgrade(engine)  # applied again: a no-op
         with engine.connect() as conn:
             versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-        assert [tuple(v) for v in versions] == [("0004",)]
+        assert [tuple(v) for v in versions] == [("0005",)]
     finally:
         engine.dispose()
 
@@ -673,6 +673,65 @@ def test_issued_svids(store: Datastore) -> None:
         store.record_issued_svids([svid("x", kind="ssh")])
     assert store.prune_issued_svids(START + timedelta(minutes=11)) == 10
     assert store.count_issued_svids() == 491
+
+
+def test_issued_svids_are_stored_as_sqlalchemy_stores_them(
+    datastore_url: str, store: Datastore
+) -> None:
+    # record_issued_svids hands its rows to the driver itself; a row SQLAlchemy inserts
+    # must read back the same, expiry included (in another zone, converted to UTC).
+    expires = datetime(2030, 1, 1, 13, 0, 5, tzinfo=timezone(timedelta(hours=1)))
+    store.record_issued_svids(
+        [svid("0a", expires_at=expires), svid("0b", expires_at=expires, agent_id=None)]
+    )
+    engine = sa.create_engine(datastore_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.insert(IssuedSvidRow.__table__),
+                [
+                    {
+                        "serial": "0c",
+                        "spiffe_id": f"{TD}/web",
+                        "kind": "jwt",
+                        "agent_id": AGENT,
+                        "authority_id": "ab12",
+                        "expires_at": expires,
+                    }
+                ],
+            )
+            raw = conn.execute(
+                sa.text(
+                    "SELECT serial, spiffe_id, kind, agent_id, authority_id, expires_at "
+                    "FROM issued_svids ORDER BY serial"
+                )
+            ).all()
+            typed = conn.execute(
+                sa.select(IssuedSvidRow.serial, IssuedSvidRow.expires_at).order_by(
+                    IssuedSvidRow.serial
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row[:5]) for row in raw] == [
+        ("0a", f"{TD}/web", "x509", AGENT, "ab12"),
+        ("0b", f"{TD}/web", "x509", None, "ab12"),
+        ("0c", f"{TD}/web", "jwt", AGENT, "ab12"),
+    ]
+    assert raw[0][5] == raw[1][5] == raw[2][5]
+    at = datetime(2030, 1, 1, 12, 0, 5, tzinfo=UTC)
+    assert [tuple(row) for row in typed] == [("0a", at), ("0b", at), ("0c", at)]
+    assert store.prune_issued_svids(at) == 0
+    assert store.prune_issued_svids(at + timedelta(seconds=1)) == 3
+
+
+def test_record_issued_svids_refuses_a_naive_expiry(store: Datastore) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        store.record_issued_svids([svid("01"), svid("02", expires_at=datetime(2030, 1, 2))])
+    assert refused.value.message == (
+        "the datastore refused a value: naive datetime given to the datastore; pass a UTC-aware one"
+    )
+    assert store.count_issued_svids() == 0
 
 
 def test_audit_log(store: Datastore, clock: ManualClock) -> None:

@@ -13,17 +13,19 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from ca.revisions import RevisionWatcher
+from ca.revisions import Counters, RevisionWatcher
 
 LONG = 60.0  # the periodic read never comes during a test
 PATIENCE = 5.0  # how long a test waits for something that should come at once
 
 
 class FakeRevisions:
-    """A revision counter that records reads, optionally failing or blocking one of them."""
+    """The datastore's counters (the revision moves; the agents counter may), recording
+    reads, optionally failing or blocking one of them."""
 
     def __init__(self, revision: int = 1) -> None:
         self.revision = revision
+        self.agents = 0
         self.reads = 0
         self.fail_reads: set[int] = set()
         self.hold_read: int | None = None
@@ -31,10 +33,10 @@ class FakeRevisions:
         self.release = threading.Event()  # let the held read return
         self.read_done = threading.Event()
 
-    def __call__(self) -> int:
+    def __call__(self) -> Counters:
         self.reads += 1
         number = self.reads
-        seen = self.revision  # what a database snapshot taken now would show
+        seen = (self.revision, 0, self.agents)  # what a database snapshot taken now shows
         if number in self.fail_reads:
             self.read_done.set()
             raise ConnectionError("the database is not answering")
@@ -46,7 +48,7 @@ class FakeRevisions:
 
 
 @asynccontextmanager
-async def watching(read: Callable[[], int]) -> AsyncIterator[RevisionWatcher]:
+async def watching(read: Callable[[], Counters]) -> AsyncIterator[RevisionWatcher]:
     watcher = RevisionWatcher(read, interval=LONG)
     task = asyncio.create_task(watcher.run())
     try:
@@ -172,7 +174,7 @@ def test_a_failed_read_does_not_end_the_watcher(caplog):
 
 def test_close_releases_waiting_long_polls_at_once() -> None:
     async def scenario() -> float:
-        watcher = RevisionWatcher(lambda: 1)
+        watcher = RevisionWatcher(lambda: (1, 0, 0))
         watcher._set(1)
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -183,3 +185,100 @@ def test_close_releases_waiting_long_polls_at_once() -> None:
         return loop.time() - began
 
     assert asyncio.run(scenario()) < 5  # far below the 30 s it would otherwise wait
+
+
+# -- following: whether the watcher's values may stand in for the database ---------------
+
+
+async def settle(condition: Callable[[], bool]) -> None:
+    """Give the event loop turns (not time) until ``condition`` holds."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_following_only_after_a_read_that_worked_and_only_while_it_is_recent():
+    async def scenario() -> None:
+        revisions = FakeRevisions(5)
+        revisions.agents = 3
+        monotonic = FakeMonotonic()
+        watcher = RevisionWatcher(revisions, interval=LONG, max_staleness=2.0,
+                                  monotonic=monotonic)
+        assert watcher.following is False  # nothing read yet
+        task = asyncio.create_task(watcher.run())
+        try:
+            assert await asyncio.wait_for(watcher.wait_past(0, LONG), PATIENCE) == 5
+            assert (watcher.agents, watcher.following) == (3, True)
+
+            monotonic.now += 2.0
+            assert watcher.following is True
+            monotonic.now += 0.5  # the next read would be overdue: a read hangs
+            assert watcher.following is False
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        monotonic.now -= 2.5
+        assert watcher.following is False  # no longer running
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_read_stops_following_until_a_read_works_again(caplog):
+    async def scenario() -> None:
+        revisions = FakeRevisions(2)
+        revisions.fail_reads = {2}
+        async with watching(revisions) as watcher:
+            assert await asyncio.wait_for(watcher.wait_past(0, LONG), PATIENCE) == 2
+            assert watcher.following is True
+            revisions.read_done.clear()
+            watcher.poke()
+            assert await asyncio.to_thread(revisions.read_done.wait, PATIENCE)
+            await settle(lambda: not watcher.following)
+            assert watcher.following is False
+
+            revisions.revision = 3
+            watcher.poke()
+            assert await asyncio.wait_for(watcher.wait_past(2, LONG), PATIENCE) == 3
+            assert watcher.following is True
+
+    with caplog.at_level(logging.WARNING, logger="ca.revisions"):
+        asyncio.run(scenario())
+
+
+def test_closing_stops_following():
+    async def scenario() -> None:
+        async with watching(FakeRevisions(1)) as watcher:
+            assert await asyncio.wait_for(watcher.wait_past(0, LONG), PATIENCE) == 1
+            watcher.close()
+            assert watcher.following is False
+
+    asyncio.run(scenario())
+
+
+def test_the_agents_counter_is_followed_without_waking_long_polls():
+    async def scenario() -> None:
+        revisions = FakeRevisions(4)
+        async with watching(revisions) as watcher:
+            assert await asyncio.wait_for(watcher.wait_past(0, LONG), PATIENCE) == 4
+            waiter = asyncio.ensure_future(watcher.wait_past(4, LONG))
+            revisions.agents = 9
+            revisions.read_done.clear()
+
+            watcher.poke()
+            assert await asyncio.to_thread(revisions.read_done.wait, PATIENCE)
+            await settle(lambda: watcher.agents == 9)
+
+            assert watcher.agents == 9
+            assert not waiter.done()
+            waiter.cancel()
+
+    asyncio.run(scenario())
