@@ -9,6 +9,14 @@
 
 A :class:`Stream` counts the bytes it reads and writes (for the proxy's
 metrics) and is what :mod:`sdk.sidecar.http` reads from and writes to.
+
+:func:`splice` is the proxy's data path. Rather than a coroutine per
+direction reading a chunk and writing it (a task wake-up, several Python
+frames and a drain per chunk), it puts a small protocol on each transport
+that writes what arrives straight to the other one, in the event loop's own
+callback: one ``write`` per chunk received. Backpressure is the transports'
+own: when one end's write buffer passes its high-water mark, reading from
+the other end pauses until it has drained.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from sdk.sidecar.config import HostPort
 
@@ -109,8 +117,140 @@ async def splice(a: Stream, b: Stream) -> None:
 
     When one direction ends, the other side is half-closed if it can be
     (plain TCP) and the other direction goes on; where it cannot (TLS has no
-    half-close), or on an error, both directions stop.
+    half-close), or when either connection is lost, both directions stop.
+    Afterwards the streams are only good for :meth:`Stream.close`.
     """
+    for stream in (a, b):
+        if stream.writer.transport.get_write_buffer_size():
+            try:
+                await stream.drain()  # so neither transport is paused for writing
+            except OSError:
+                return
+    transport_a, transport_b = _transport_to_take(a), _transport_to_take(b)
+    if transport_a is None or transport_b is None:
+        await _splice_with_pumps(a, b)
+        return
+    # What the readers already hold (no wait: only read when there is some).
+    held_a, held_b = await _read_buffered(a), await _read_buffered(b)
+    relay = _Relay(_End(a, transport_a, held_a), _End(b, transport_b, held_b))
+    try:
+        await relay.finished
+    finally:
+        relay.finish()
+
+
+class _End(asyncio.Protocol):
+    """One stream's transport while it is spliced: what arrives goes to the other end."""
+
+    relay: _Relay
+    peer: _End
+
+    def __init__(self, stream: Stream, transport: asyncio.Transport, buffered: bytes) -> None:
+        self.stream = stream
+        self.transport = transport
+        self.buffered = buffered
+        """What the stream's reader had received before the splice."""
+        self.previous = transport.get_protocol()
+        """The stream's own protocol, told when the connection is lost (``wait_closed``)."""
+        self.ended = False
+        """This end sent its EOF, and it was passed on."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay.over:
+            return  # the splice has ended: the streams are being closed
+        size = len(data)
+        self.stream._on_read(size)
+        peer = self.peer
+        peer.stream._on_write(size)
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        # Plain TCP stays open for the other direction; TLS closes after its close_notify,
+        # so then nothing can go the other way either.
+        keep_open = self.transport.can_write_eof()
+        if self.relay.over:
+            return keep_open
+        self.ended = True
+        target = self.peer.transport
+        if keep_open and target.can_write_eof() and not target.is_closing():
+            target.write_eof()
+            if self.peer.ended:
+                self.relay.finish()
+        else:
+            self.relay.finish()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.previous.connection_lost(exc)
+        self.relay.finish()
+
+    def pause_writing(self) -> None:
+        """This end's write buffer is full: stop reading from the peer until it drained."""
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+
+class _Relay:
+    """Two :class:`_End` put on their transports; ``finished`` is done when it is over.
+
+    What the streams' readers held goes first, and an EOF they had seen is
+    passed on.
+    """
+
+    def __init__(self, a: _End, b: _End) -> None:
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.over = False
+        a.relay = b.relay = self
+        a.peer, b.peer = b, a
+        for end in (a, b):
+            end.transport.set_protocol(end)
+        for end in (a, b):
+            if end.buffered:
+                end.data_received(end.buffered)
+                end.buffered = b""
+        for end in (a, b):
+            if end.stream.reader.at_eof():
+                end.eof_received()
+
+    def finish(self) -> None:
+        self.over = True
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+# What splicing calls on a transport; checked by name, as uvloop's transports do not
+# derive from asyncio's classes.
+_SPLICED_TRANSPORT_METHODS: Final = (
+    "get_protocol", "set_protocol", "pause_reading", "resume_reading", "write",
+    "is_closing", "get_write_buffer_size", "can_write_eof", "write_eof",
+)
+
+
+def _transport_to_take(stream: Stream) -> asyncio.Transport | None:
+    """``stream``'s transport if it is open, idle and its reader's buffer can be taken."""
+    transport = stream.writer.transport
+    if (
+        all(hasattr(transport, method) for method in _SPLICED_TRANSPORT_METHODS)
+        and not transport.is_closing()
+        and not transport.get_write_buffer_size()
+        and stream.reader.exception() is None
+        and isinstance(getattr(stream.reader, "_buffer", None), bytearray)
+    ):
+        return cast(asyncio.Transport, transport)
+    return None
+
+
+async def _read_buffered(stream: Stream) -> bytes:
+    """What ``stream``'s reader holds, without waiting for more."""
+    buffer: bytearray = getattr(stream.reader, "_buffer")  # noqa: B009
+    return await stream.reader.read(len(buffer)) if buffer else b""
+
+
+async def _splice_with_pumps(a: Stream, b: Stream) -> None:
+    """:func:`splice` through the streams' readers and writers, a task per direction."""
     pumps = {asyncio.create_task(_pump(a, b)), asyncio.create_task(_pump(b, a))}
     try:
         while pumps:
