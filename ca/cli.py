@@ -7,7 +7,6 @@ admin socket (``--admin-socket``, default ``<data-dir>/admin.sock``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 
 import click
 
+from ca import eventloop
 from ca.commandline import (
     DEFAULT_DATA_DIR,
     LazyGroup,
@@ -123,7 +123,7 @@ def server_run(**flags: Any) -> None:
         progress(f"  admin API: {config.admin_socket_path.resolve()}")
         progress(f"Server is ready ({time.monotonic() - started:.1f}s). Ctrl-C stops it.")
 
-    asyncio.run(instance.run(on_ready=ready))
+    eventloop.run(instance.run(on_ready=ready))
     progress("Server stopped.")
 
 
@@ -758,7 +758,7 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
     progress(f"Starting trust domain {settings.trust_domain.name} in "
              f"{settings.data_dir.absolute()}")
     local = LocalTrustDomain(settings, progress=progress, started=started)
-    asyncio.run(local.run(on_ready=lambda summary: emit(output, summary.to_json(), summary.text)))
+    eventloop.run(local.run(on_ready=lambda summary: emit(output, summary.to_json(), summary.text)))
     progress("Stopped.")
 
 

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import httpx
 
+from ca import eventloop
 from ca.der import split_certificates
 from ca.entries import new_entry
 from ca.errors import ConfigError
@@ -337,5 +338,5 @@ def demo_directory() -> Iterator[Path]:
 def run_demo(duration: float, svid_ttl: int, echo: Callable[[str], None]) -> DemoResult:
     with demo_directory() as workdir:
         demo = Demo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
-        return asyncio.run(demo.run())
+        return eventloop.run(demo.run())
 

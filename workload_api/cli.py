@@ -17,7 +17,6 @@ here, at one boundary, into sentences.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -39,6 +38,7 @@ from spiffe import SpiffeId, WorkloadApiClient
 from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context as SpiffeX509Context
 
+from ca import eventloop
 from ca.commandline import config_file_values, config_option, emit, option, output_option, progress
 from ca.errors import (
     InvalidArgument,
@@ -113,7 +113,7 @@ def agent_run(**flags: Any) -> None:
     def ready(_: Agent) -> None:
         progress(f"Agent is ready ({time.monotonic() - started:.1f}s). Ctrl-C stops it.")
 
-    asyncio.run(Agent(config, progress=progress).run(on_ready=ready))
+    eventloop.run(Agent(config, progress=progress).run(on_ready=ready))
     progress("Agent stopped.")
 
 

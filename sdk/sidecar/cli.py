@@ -26,6 +26,7 @@ from typing import Final
 
 import click
 
+from ca import eventloop
 from ca.commandline import config_option, option, output_option, progress
 from sdk.errors import SourceError
 from sdk.sidecar.config import load_proxy_config, parse_health_bind, parse_svid_id
@@ -203,7 +204,7 @@ def _run(source: SidecarX509Source, serve: Callable[[asyncio.Event], Awaitable[N
         await serve(stop)
 
     try:
-        asyncio.run(main())
+        eventloop.run(main(), default="asyncio")  # see ca/eventloop.py
     finally:
         source.close()
     progress("Sidecar stopped.")
