@@ -9,9 +9,11 @@ Linux), the sidecar on asyncio's own loop (see below); ``TESSERA_EVENT_LOOP``
 
 uvloop does the socket and TLS record work of the node API and the Workload
 API in C; see docs/performance.md for what it saves. The sidecar proxy stays
-on asyncio: its inbound listener upgrades accepted connections with
-``start_tls``, and on uvloop some of those handshakes stalled until their
-timeout in the rotation tests.
+on asyncio: its inbound listener accepts plain connections, pauses reading in
+``connection_made`` and upgrades them with ``start_tls``. uvloop 0.23 starts
+reading after ``connection_made`` returns, whatever it asked, so a ClientHello
+that arrives before ``start_tls`` lands in the plain reader and that handshake
+stalls until its timeout.
 """
 
 from __future__ import annotations
