@@ -16,10 +16,11 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from fastapi.responses import JSONResponse
 from spiffe import SpiffeId
 
 from attestor.selector import Selector
-from ca.api.node import svid_json
+from ca.api.node import _compact_json, svid_json
 from ca.authority import X509, Authorities, AuthorityPolicy
 from ca.clock import ManualClock
 from ca.csr import build_csr
@@ -403,6 +404,14 @@ def test_a_csr_asking_for_a_dns_name_the_entry_lacks_is_refused(store, issuer, a
     with pytest.raises(InvalidArgument, match=r"^CSR 0 .*evil\.example\.org"):
         issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id, ("evil.example.org",))[0])])
     assert store.count_issued_svids() == 0
+
+
+def test_the_batch_answer_is_encoded_as_fastapi_encodes_a_dict(store, issuer, agent):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    [issued] = issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    answer = {"svids": [svid_json(issued)], "note": "é"}
+
+    assert _compact_json(answer) == JSONResponse(answer).body
 
 
 def test_an_oversized_batch_is_refused(store, issuer, agent):
