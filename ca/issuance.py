@@ -5,7 +5,8 @@ parent is the agent itself or one of its aliases (a join token's
 ``--spiffe-id``, or a ``--node`` entry whose selectors the node matches), and,
 transitively, entries parented by those entries' IDs. Every CSR is checked
 (signature, key, exactly the entry's SPIFFE ID and DNS names, never a CA)
-before anything is signed, and every issued SVID is recorded.
+before anything is signed, and every issued SVID is recorded and written to
+the audit log (one event per batch, in the transaction that records it).
 
     issuer = Issuer(settings, store, authorities, clock)
     entries = issuer.authorized_entries(agent)
@@ -29,7 +30,7 @@ from attestor.selector import matches
 from ca.authority import Authorities
 from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
-from ca.datastore.records import AttestedAgent, IssuedSvid, RegistrationEntry
+from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.errors import InvalidArgument, NotFound, PermissionDenied
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
@@ -38,6 +39,11 @@ from ca.x509ca import SignedX509Svid
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
+
+# Audit actions of issuance; the admin API's mints are "x509.mint" and "jwt.mint".
+AGENT_SVID_ISSUED = "agent.svid.issue"
+X509_SVIDS_ISSUED = "x509svid.issue"
+JWT_SVID_ISSUED = "jwtsvid.issue"
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,9 @@ class Issuer:
         checked = checked_csr(parse_csr(csr_der), spiffe_id=agent_id)
         ttl = self.settings.default_x509_svid_ttl
         return self._issue(
-            agent_id, checked.public_key, ttl, (), None, None, checked.subject_public_key_info
-        )
+            agent_id, checked.public_key, ttl, (), str(agent_id), AGENT_SVID_ISSUED,
+            checked.subject_public_key_info,
+        )  # fmt: skip
 
     def sign_batch(
         self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
@@ -252,7 +259,24 @@ class Issuer:
             )
             issued.append(svid)
             records.append(record)
-        self._store.record_issued_svids(records)
+        audit = AuditNote(
+            actor=agent.spiffe_id,
+            action=X509_SVIDS_ISSUED,
+            target=agent.spiffe_id,
+            details={
+                "svids": [
+                    {
+                        "serial": record.serial,
+                        "spiffe_id": record.spiffe_id,
+                        "entry_id": svid.entry_id,
+                        "authority_id": record.authority_id,
+                        "expires_at": record.expires_at.isoformat(),
+                    }
+                    for svid, record in zip(issued, records, strict=True)
+                ]
+            },
+        )
+        self._store.record_issued_svids(records, audit=audit)
         return issued
 
     def mint_x509(
@@ -269,7 +293,7 @@ class Issuer:
         key = generate_private_key(key_type)
         issued = self._issue(
             parsed, key.public_key(), ttl or self.settings.default_x509_svid_ttl,
-            dns_names, None, "admin",
+            dns_names, "admin", "x509.mint",
         )
         return issued, key
 
@@ -279,10 +303,13 @@ class Issuer:
         public_key: PublicKey,
         ttl: timedelta,
         dns_names: Sequence[str],
-        agent_id: str | None,
-        actor: str | None,
+        actor: str,
+        action: str,
         subject_public_key_info: bytes | None = None,
     ) -> IssuedX509:
+        """Sign one X509-SVID; the SVID of an agent (``actor`` is then the agent) or one
+        minted by the admin API (``actor`` "admin", no agent)."""
+        agent_id = None if actor == "admin" else actor
         svid, record = self._sign(
             spiffe_id,
             public_key,
@@ -291,14 +318,17 @@ class Issuer:
             agent_id,
             subject_public_key_info=subject_public_key_info,
         )
-        self._store.record_issued_svids([record])
-        if actor is not None:
-            self._store.append_audit(
-                actor=actor,
-                action="x509.mint",
-                target=str(spiffe_id),
-                details={"serial": record.serial, "expires_at": record.expires_at.isoformat()},
-            )
+        audit = AuditNote(
+            actor=actor,
+            action=action,
+            target=str(spiffe_id),
+            details={
+                "serial": record.serial,
+                "authority_id": record.authority_id,
+                "expires_at": record.expires_at.isoformat(),
+            },
+        )
+        self._store.record_issued_svids([record], audit=audit)
         return svid
 
     def _sign(
@@ -344,7 +374,14 @@ class Issuer:
     ) -> tuple[str, str, datetime]:
         entry = self._authorized_entry(agent, entry_id)
         ttl = timedelta(seconds=entry.jwt_svid_ttl) or self.settings.default_jwt_svid_ttl
-        token, expires_at = self._jwt(SpiffeId(entry.spiffe_id), audience, ttl, agent.spiffe_id)
+        token, expires_at, authority_id = self._jwt(
+            SpiffeId(entry.spiffe_id), audience, ttl, agent.spiffe_id
+        )
+        self._store.append_audit(
+            actor=agent.spiffe_id, action=JWT_SVID_ISSUED, target=entry.spiffe_id,
+            details={"entry_id": entry.id, "audience": list(audience),
+                     "authority_id": authority_id, "expires_at": expires_at.isoformat()},
+        )  # fmt: skip
         return entry.spiffe_id, token, expires_at
 
     def mint_jwt(
@@ -352,27 +389,29 @@ class Issuer:
     ) -> tuple[str, datetime]:
         parsed = parse_spiffe_id(spiffe_id)
         require_member(parsed, self.settings.trust_domain, what="SPIFFE ID")
-        token, expires_at = self._jwt(
+        token, expires_at, authority_id = self._jwt(
             parsed, audience, ttl or self.settings.default_jwt_svid_ttl, None
         )
         self._store.append_audit(
             actor="admin", action="jwt.mint", target=str(parsed),
-            details={"audience": list(audience), "expires_at": expires_at.isoformat()},
-        )
+            details={"audience": list(audience), "authority_id": authority_id,
+                     "expires_at": expires_at.isoformat()},
+        )  # fmt: skip
         return token, expires_at
 
     def _jwt(
         self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: timedelta, agent_id: str | None
-    ) -> tuple[str, datetime]:
+    ) -> tuple[str, datetime, str]:
+        """A JWT-SVID, its expiry and the ID (``kid``) of the authority that signed it."""
         audiences = [a for a in audience if a]
         if not audiences:
             raise InvalidArgument("at least one audience is required, e.g. --audience db")
         if len(audiences) > MAX_AUDIENCES:
             raise InvalidArgument(f"at most {MAX_AUDIENCES} audiences are allowed")
-        token, expires_at, _ = self._authorities.mint_jwt_svid(
+        token, expires_at, authority = self._authorities.mint_jwt_svid(
             spiffe_id, audiences, ttl=ttl
         )
-        return token, expires_at
+        return token, expires_at, authority.authority_id
 
 
 @lru_cache(maxsize=16)

@@ -15,6 +15,7 @@ from ca.datastore.engine import default_datastore_url
 from ca.datastore.records import (
     AttestedAgent,
     AuditEvent,
+    AuditNote,
     AuditVerification,
     Authority,
     FederatedBundle,
@@ -31,6 +32,7 @@ from ca.datastore.store import Datastore
 __all__ = [
     "AttestedAgent",
     "AuditEvent",
+    "AuditNote",
     "AuditVerification",
     "Authority",
     "Datastore",

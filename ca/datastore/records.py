@@ -180,6 +180,16 @@ class IssuedSvid:
 
 
 @dataclass(frozen=True)
+class AuditNote:
+    """An audit event to write in the same transaction as the change it records."""
+
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     id: int
     at: datetime

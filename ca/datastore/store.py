@@ -77,6 +77,7 @@ from ca.datastore.records import (
     SELECTOR_MATCHES,
     AttestedAgent,
     AuditEvent,
+    AuditNote,
     AuditVerification,
     Authority,
     FederatedBundle,
@@ -819,9 +820,13 @@ class Datastore:
 
     # -- issued SVIDs -----------------------------------------------------------
 
-    def record_issued_svids(self, svids: Sequence[IssuedSvid]) -> None:
+    def record_issued_svids(
+        self, svids: Sequence[IssuedSvid], *, audit: AuditNote | None = None
+    ) -> None:
         """Record issued SVIDs in one batch (one executemany); AlreadyExists (and
-        nothing recorded) if a serial repeats.
+        nothing recorded) if a serial repeats. ``audit``, the issuance's audit event,
+        is chained to the audit log in the same transaction: the record of SVIDs
+        expires with them, the audit log keeps every issuance.
 
         The rows go to the driver as they are, converted before the transaction
         opens: only ``expires_at`` needs converting, once per distinct value (a
@@ -857,8 +862,13 @@ class Datastore:
         conflict = (
             "an SVID with one of these serial numbers is recorded already; serials must be unique"
         )
+        details = _audit_details(audit.details) if audit is not None else {}
         with self._writing(conflict=conflict) as session:
             session.connection().exec_driver_sql(statement.sql, parameters)
+            if audit is not None:
+                _append_audit(
+                    session, self._clock.now(), audit.actor, audit.action, audit.target, details
+                )
 
     def count_issued_svids(self) -> int:
         with self._reading() as session:
@@ -883,11 +893,7 @@ class Datastore:
         details: Mapping[str, Any] | None = None,
     ) -> AuditEvent:
         """Append an event to the audit log (append-only: nothing edits or deletes it)."""
-        recorded = dict(details or {})
-        try:
-            json.dumps(recorded)
-        except (TypeError, ValueError) as error:
-            raise InvalidArgument(f"audit details must be plain JSON values: {error}") from error
+        recorded = _audit_details(details or {})
         at = self._clock.now()
         with self._writing() as session:
             return _audit_record(_append_audit(session, at, actor, action, target, recorded))
@@ -985,6 +991,15 @@ def _append_audit(
     head.last_id = row.id
     head.last_hash = row.hash
     return row
+
+
+def _audit_details(details: Mapping[str, Any]) -> dict[str, Any]:
+    recorded = dict(details)
+    try:
+        json.dumps(recorded)
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"audit details must be plain JSON values: {error}") from error
+    return recorded
 
 
 def _audit_entry(

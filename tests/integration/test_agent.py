@@ -289,6 +289,18 @@ def test_fetch_x509_writes_files_openssl_accepts(
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.strip() == f"{out / 'svid.0.pem'}: OK"
 
+    # The issuance is in the server's audit log, with the agent that asked for it.
+    serial = format(x509.load_pem_x509_certificate((out / "svid.0.pem").read_bytes())
+                    .serial_number, "x")  # fmt: skip
+    events = server.cli_json("audit", "list", "--limit", "100")["events"]
+    issued = [(event["actor"], svid["spiffe_id"])  # type: ignore[index]
+              for event in events if event["action"] == "x509svid.issue"  # type: ignore[index]
+              for svid in event["details"]["svids"] if svid["serial"] == serial]  # type: ignore[index]
+    [(actor, spiffe_id)] = issued
+    assert actor.startswith("spiffe://example.org/tessera/agent/join_token/")
+    assert spiffe_id == "spiffe://example.org/web"
+    assert server.cli("audit", "verify").stdout.startswith("Audit log intact: ")
+
 
 def node_certificate(directory: Path) -> tuple[Path, Path, Path, str]:
     """A node CA (for the server) and a node certificate with its key (for the agent)."""

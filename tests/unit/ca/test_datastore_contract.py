@@ -26,6 +26,8 @@ from sqlalchemy import exc as sa_exc
 from attestor.selector import Selector
 from ca.clock import ManualClock
 from ca.datastore import (
+    AuditNote,
+    AuditVerification,
     Authority,
     Datastore,
     IssuedSvid,
@@ -673,6 +675,20 @@ def test_issued_svids(store: Datastore) -> None:
         store.record_issued_svids([svid("x", kind="ssh")])
     assert store.prune_issued_svids(START + timedelta(minutes=11)) == 10
     assert store.count_issued_svids() == 491
+
+
+def test_issued_svids_and_their_audit_event_are_written_together(store: Datastore) -> None:
+    note = AuditNote(actor=AGENT, action="x509svid.issue", target=AGENT,
+                     details={"svids": [{"serial": "0a"}]})  # fmt: skip
+    store.record_issued_svids([svid("0a")], audit=note)
+    with pytest.raises(AlreadyExists):
+        store.record_issued_svids([svid("0b"), svid("0a")], audit=note)
+
+    assert store.count_issued_svids() == 1
+    [event] = store.list_audit()
+    assert (event.actor, event.action, event.details) == (
+        AGENT, "x509svid.issue", {"svids": [{"serial": "0a"}]})  # fmt: skip
+    assert store.verify_audit() == AuditVerification(1)
 
 
 def test_issued_svids_are_stored_as_sqlalchemy_stores_them(

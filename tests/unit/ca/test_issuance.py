@@ -421,6 +421,46 @@ def test_an_oversized_batch_is_refused(store, issuer, agent):
     assert refused.value.message == "a batch takes at most 500 CSRs; split it"
 
 
+# -- every issuance is in the audit log --------------------------------------------------
+
+
+def test_a_batch_is_one_audit_event_naming_every_svid(store, issuer, agent, authorities):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+
+    issued = issuer.sign_batch(
+        agent, [(web.id, csr_for(web.spiffe_id)[0]), (db.id, csr_for(db.spiffe_id)[0])]
+    )
+
+    [event] = store.list_audit()
+    assert (event.actor, event.action, event.target) == (AGENT, "x509svid.issue", AGENT)
+    authority = authorities.active(X509).record.authority_id
+    assert event.details == {"svids": [
+        {"serial": format(svid.serial_number, "x"), "spiffe_id": str(svid.spiffe_id),
+         "entry_id": svid.entry_id, "authority_id": authority,
+         "expires_at": svid.expires_at.isoformat()}
+        for svid in issued
+    ]}  # fmt: skip
+    assert store.verify_audit().problem is None
+
+
+def test_an_agent_svid_and_a_workload_jwt_svid_are_audited(store, issuer, agent, authorities):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    agent_key = generate_private_key(KeyType.EC_P256)
+
+    renewed = issuer.sign_agent_svid(SpiffeId(AGENT), build_csr(agent_key, SpiffeId(AGENT)))
+    issuer.jwt_for_agent(agent, web.id, ["db"])
+
+    jwt_event, svid_event = store.list_audit()
+    assert (svid_event.actor, svid_event.action, svid_event.target) == (
+        AGENT, "agent.svid.issue", AGENT)  # fmt: skip
+    assert svid_event.details["serial"] == format(renewed.serial_number, "x")
+    assert (jwt_event.actor, jwt_event.action, jwt_event.target) == (
+        AGENT, "jwtsvid.issue", web.spiffe_id)  # fmt: skip
+    assert jwt_event.details["audience"] == ["db"]
+    assert jwt_event.details["authority_id"] == authorities.active("jwt").record.authority_id
+
+
 # -- minting ----------------------------------------------------------------------------
 
 
