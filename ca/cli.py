@@ -709,6 +709,7 @@ def audit_verify(admin_socket: str | None, data_dir: str, output: str) -> None:
 
 
 @cli.command("init")
+@config_option
 @option("--trust-domain", required=True, help="The trust domain, e.g. example.org.")
 @option("--dir", "directory", required=True, type=click.Path(file_okay=False),
         help="Where to write server.toml, agent.toml and README.md.")
@@ -767,6 +768,7 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
 
 
 @cli.command("demo")
+@config_option
 @option("--duration", type=click.FloatRange(5, 3600), default=45, show_default=True,
         help="Seconds to watch certificates rotate while web calls api.")
 @option("--svid-ttl", type=click.IntRange(4, 3600), default=10, show_default=True,

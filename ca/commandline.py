@@ -62,8 +62,15 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     except TesseraError as err:
         raise click.BadParameter(err.message, ctx=ctx, param=param) from err
     ctx.meta["tessera.config_file"] = values
-    accepted = {p.name for p in ctx.command.params if p.name}
-    ctx.default_map = {k: v for k, v in values.items() if k in accepted}
+    # A key is the flag's long name with "_" ("--dir" -> dir), or the parameter's name.
+    accepted: dict[str, str] = {}
+    for flag in ctx.command.params:
+        if flag.name:
+            accepted[flag.name] = flag.name
+            for name in flag.opts:
+                if name.startswith("--"):
+                    accepted.setdefault(name[2:].replace("-", "_"), flag.name)
+    ctx.default_map = {accepted[k]: v for k, v in values.items() if k in accepted}
     return value
 
 

@@ -123,8 +123,9 @@ def agent_run(**flags: Any) -> None:
 def socket_options(f: Any) -> Any:
     f = option("--data-dir", type=click.Path(file_okay=False),
                help="The agent's data directory, to find its socket there.")(f)
-    return option("--socket", help="The agent's Workload API socket "
-                  "[default: $SPIFFE_ENDPOINT_SOCKET, else <data-dir>/agent.sock].")(f)
+    f = option("--socket", help="The agent's Workload API socket "
+               "[default: $SPIFFE_ENDPOINT_SOCKET, else <data-dir>/agent.sock].")(f)
+    return config_option(f)  # e.g. the agent's own agent.toml: its socket and data_dir
 
 
 def socket_path(socket: str | None, data_dir: str | None) -> Path:

@@ -379,7 +379,7 @@ def test_mtls_never_fails_while_ca_and_svids_rotate(
     start_server: StartServer, start_agent: StartAgent, tmp_path: Path
 ) -> None:
     if os.geteuid() != 0:
-        pytest.skip("the mTLS server workload runs with another gid, which needs root")
+        missing_service("the mTLS server workload runs with another gid, which needs root")
     server = start_server(extra=["--ca-ttl", "1m", "--default-x509-svid-ttl", "10s"])
     agent = start_agent(server)
     client_id, server_id = "spiffe://example.org/echo/client", "spiffe://example.org/echo/server"

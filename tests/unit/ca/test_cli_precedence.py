@@ -186,3 +186,36 @@ def test_init_json_output_is_one_json_document(tmp_path):
     assert json.loads(result.stdout) == {
         "files": [str(tmp_path / name) for name in ("server.toml", "agent.toml", "README.md")]
     }
+
+
+def test_a_config_key_is_the_flag_name_even_where_the_parameter_is_named_otherwise(tmp_path):
+    config = tmp_path / "init.toml"
+    config.write_text(f'trust_domain = "example.org"\ndir = "{tmp_path / "td"}"\n')
+
+    result = invoke("init", "--config", str(config))
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "td" / "server.toml").is_file()
+
+
+# -- the agent's client commands read the agent's own config file -----------------------
+
+
+@pytest.mark.parametrize("command", [
+    ("agent", "healthcheck"),
+    ("agent", "api", "fetch", "x509"),
+    ("agent", "api", "fetch", "jwt", "--audience", "db"),
+    ("agent", "api", "validate", "jwt", "--audience", "db", "--svid", "x.y.z"),
+    ("agent", "api", "watch"),
+])  # fmt: skip
+def test_agent_client_commands_find_the_socket_in_agent_toml(command, tmp_path):
+    socket = tmp_path / "agent" / "agent.sock"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'trust_domain = "example.org"\nserver = ["127.0.0.1:8081"]\n'
+                      f'socket = "{socket}"\n')  # fmt: skip
+
+    result = invoke(*command, "--config", str(config))
+
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, CAError), result.exception
+    assert f"no Tessera agent is listening on {socket}; start one" in result.exception.message
