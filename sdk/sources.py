@@ -53,6 +53,7 @@ __all__ = [
     "FileX509Source",
     "JwtBundleSource",
     "JwtSource",
+    "SpiffeIdPicker",
     "StaticX509Source",
     "Unsubscribe",
     "WorkloadApiJwtSource",
@@ -113,21 +114,58 @@ class JwtSource(JwtBundleSource, Protocol):
 # -- the Workload API --------------------------------------------------------------------
 
 
+class SpiffeIdPicker:
+    """Picks one SPIFFE ID's SVID when the Workload API gives a workload several (py-spiffe's
+    ``svid_picker``): the wanted ID; if an update no longer offers it, the SVID picked
+    before (logged: it is kept until it expires); SourceError if it was never offered."""
+
+    def __init__(self, spiffe_id: SpiffeId | str) -> None:
+        self.spiffe_id = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId(spiffe_id)
+        self._lock = threading.Lock()
+        self._picked: X509Svid | None = None
+
+    def __call__(self, svids: list[X509Svid]) -> X509Svid:
+        wanted = self.spiffe_id
+        with self._lock:
+            for svid in svids:
+                if svid.spiffe_id == wanted:
+                    self._picked = svid
+                    return svid
+            offered = ", ".join(str(s.spiffe_id) for s in svids) or "none"
+            if self._picked is not None:
+                _log.error(
+                    "the Workload API no longer offers %s (it offers %s); keeping the SVID "
+                    "held until now, which expires at %s",
+                    wanted, offered, self._picked.leaf.not_valid_after_utc,
+                )  # fmt: skip
+                return self._picked
+            raise SourceError(f"no SVID for {wanted} (the Workload API offers {offered})")
+
+
 class WorkloadApiX509Source:
     """The X509-SVID and bundles streamed by the Workload API (``FetchX509SVID``).
 
     ``socket_path`` is ``unix:///path/agent.sock`` or a plain absolute path;
-    without it, ``$SPIFFE_ENDPOINT_SOCKET``. The constructor waits up to
-    ``timeout`` seconds for the first SVID and raises SourceError if none
-    comes (no agent, or no identity for this workload).
+    without it, ``$SPIFFE_ENDPOINT_SOCKET``. The source serves the first SVID
+    the Workload API lists (the default), or with ``spiffe_id`` that identity's
+    when the workload has several. The constructor waits up to ``timeout``
+    seconds for the first SVID and raises SourceError if none comes (no agent,
+    no identity for this workload, or none for ``spiffe_id``).
     """
 
     def __init__(
-        self, socket_path: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_SECONDS
+        self,
+        socket_path: str | None = None,
+        *,
+        spiffe_id: SpiffeId | str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.address = workload_api_address(socket_path)
+        picker = SpiffeIdPicker(spiffe_id) if spiffe_id is not None else None
         with _translated(f"cannot get an X509-SVID from the Workload API at {self.address}"):
-            self._source = spiffe.X509Source(socket_path=self.address, timeout_in_seconds=timeout)
+            self._source = spiffe.X509Source(
+                socket_path=self.address, timeout_in_seconds=timeout, svid_picker=picker
+            )
 
     def x509_svid(self) -> X509Svid:
         with _translated("cannot read the X509-SVID from the Workload API"):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from spiffe import SpiffeId, TrustDomain, X509Bundle, X509Svid
 from spiffe.errors import PySpiffeError
 
 from sdk.errors import SourceError
-from sdk.sources import Unsubscribe, workload_api_address
+from sdk.sources import SpiffeIdPicker, Unsubscribe, workload_api_address
 
 __all__ = ["SidecarX509Source", "SnapshotSource", "X509Snapshot", "connect_x509_source"]
 
@@ -94,10 +93,8 @@ class SidecarX509Source:
     def __init__(self, address: str, *, spiffe_id: SpiffeId | None, timeout: float) -> None:
         self.address = address
         self.spiffe_id = spiffe_id
-        self._lock = threading.Lock()
-        self._picked: X509Svid | None = None
         self._closing = False
-        picker = self._pick if spiffe_id is not None else None
+        picker = SpiffeIdPicker(spiffe_id) if spiffe_id is not None else None
         self._source = spiffe.X509Source(
             socket_path=address, timeout_in_seconds=timeout, svid_picker=picker
         )
@@ -144,24 +141,6 @@ class SidecarX509Source:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _pick(self, svids: list[X509Svid]) -> X509Svid:
-        """py-spiffe's picker: the wanted ID, else the SVID picked before (else an error)."""
-        wanted = self.spiffe_id
-        with self._lock:
-            for svid in svids:
-                if svid.spiffe_id == wanted:
-                    self._picked = svid
-                    return svid
-            offered = ", ".join(str(s.spiffe_id) for s in svids) or "none"
-            if self._picked is not None:
-                _log.error(
-                    "the Workload API no longer offers %s (it offers %s); keeping the SVID "
-                    "held until now, which expires at %s",
-                    wanted, offered, self._picked.leaf.not_valid_after_utc,
-                )  # fmt: skip
-                return self._picked
-            raise SourceError(f"no SVID for {wanted} (the Workload API offers {offered})")
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

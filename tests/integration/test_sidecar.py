@@ -1,7 +1,8 @@
-"""`tessera sidecar` as a user runs it: real server, agent, sidecars, curl, nginx and openssl.
+"""`tessera sidecar` and the SDK as users run them: real server, agent, sidecars, FastAPI
+services, curl, nginx and openssl.
 
 One trust domain for the module; every entry selects this test's uid and each
-sidecar picks its SVID with ``spiffe_id``/``--spiffe-id``:
+sidecar or SDK source picks its SVID with ``spiffe_id``/``--spiffe-id``:
 
     web       10 s TTL   the caller (and both ends of the SDK path)
     api       10 s TTL   the service behind an inbound sidecar (DNS name api.test)
@@ -22,16 +23,25 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
 import uvicorn
 from cryptography import x509
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
-from sdk import SpiffeId, X509Source, authorize_id, authorize_member_of, mtls_server_context
+from sdk import (
+    Policy,
+    SpiffeId,
+    WorkloadApiX509Source,
+    X509Source,
+    authorize_id,
+    authorize_member_of,
+    mtls_server_context,
+)
 from sdk.integrations.asgi import TLSIdentityProtocol, caller_spiffe_id
+from sdk.integrations.fastapi import enforce_policy, spiffe_peer
 from sdk.integrations.httpx import httpx_client
 from sdk.sidecar.workload import connect_x509_source
 from tests.conftest import missing_service
@@ -381,18 +391,76 @@ def test_nginx_serves_the_new_svid_after_each_rotation(
     assert int(serial, 16) == file_serial(client / "svid.0.pem")
 
 
+# -- c'. two FastAPI services with the SDK ------------------------------------------------
+
+
+def test_two_sdk_services_allow_the_named_caller_and_refuse_the_others(
+    domain: TrustDomain,
+) -> None:
+    """web (FastAPI) calls api (FastAPI, policy "only web, GET /hello") with the SDK's httpx
+    client; intruder is refused by api's policy with the reason; web refuses a server that
+    presents intruder's SVID where it expects api."""
+    sources = {spiffe_id: WorkloadApiX509Source(domain.endpoint, spiffe_id=spiffe_id)
+               for spiffe_id in (WEB, API, INTRUDER)}  # fmt: skip
+    policy = Policy.from_dict({"allow": [
+        {"name": "web-reads-hello", "ids": [WEB], "methods": ["GET"], "paths": ["/hello"]}]})
+
+    api_app = FastAPI(dependencies=[Depends(enforce_policy(policy))])
+
+    @api_app.get("/hello")
+    def hello(peer: Annotated[SpiffeId, Depends(spiffe_peer)]) -> dict[str, str]:
+        return {"message": f"hello {peer}"}
+
+    api = SdkServer(sources[API], api_app)
+    impostor = SdkServer(sources[INTRUDER], api_app)  # intruder's SVID on api's routes
+    web_app = FastAPI()
+
+    @web_app.get("/call")
+    def call(url: str) -> dict[str, Any]:
+        with httpx_client(sources[WEB], authorize_id(API), timeout=10) as client:
+            try:
+                answer = client.get(f"{url}/hello")
+            except httpx.TransportError as err:
+                return {"refused": str(err)}
+            return {"status": answer.status_code, "body": answer.json()}
+
+    web = SdkServer(sources[WEB], web_app)
+    try:
+        with httpx_client(sources[WEB], authorize_id(WEB), base_url=web.url,
+                          timeout=15) as caller:  # fmt: skip
+            allowed = caller.get("/call", params={"url": api.url}).json()
+            wrong_server = caller.get("/call", params={"url": impostor.url}).json()
+        with httpx_client(sources[INTRUDER], authorize_id(API), base_url=api.url,
+                          timeout=10) as intruder:  # fmt: skip
+            refused = intruder.get("/hello")
+    finally:
+        for server in (web, impostor, api):
+            server.stop()
+        for source in sources.values():
+            source.close()
+
+    assert allowed == {"status": 200, "body": {"message": f"hello {WEB}"}}
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": (
+        f"{INTRUDER} refused by policy rule 'default-deny': no allow rule matches it for "
+        "GET /hello")}  # fmt: skip
+    assert wrong_server == {"refused": f"{INTRUDER} refused by authorize_id: expected {API}"}
+
+
 # -- d. a steady stream of requests across rotations --------------------------------------
 
 
 class SdkServer:
-    """uvicorn over the SDK's mTLS server context, in a thread of its own."""
+    """uvicorn over the SDK's mTLS server context, in a thread of its own; without an
+    ``app``, one that answers ``GET /whoami`` with the caller's SPIFFE ID."""
 
-    def __init__(self, source: X509Source) -> None:
-        app = FastAPI()
+    def __init__(self, source: X509Source, app: FastAPI | None = None) -> None:
+        if app is None:
+            app = FastAPI()
 
-        @app.get("/whoami")
-        def whoami(request: Request) -> dict[str, str]:
-            return {"caller": str(caller_spiffe_id(request.scope))}
+            @app.get("/whoami")
+            def whoami(request: Request) -> dict[str, str]:
+                return {"caller": str(caller_spiffe_id(request.scope))}
 
         listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"https://127.0.0.1:{listener.getsockname()[1]}"
