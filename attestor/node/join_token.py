@@ -60,10 +60,9 @@ class JoinTokenServer:
         try:
             alias = self._context.consume_join_token(token)
         except CAError as err:
-            raise NodeAttestationError(
-                f"join token was refused: {err.message}; generate a new one with "
-                "'tessera server token generate'"
-            ) from err
+            hint = "generate a new one with 'tessera server token generate'"
+            reason = err.message if hint in err.message else f"{err.message}; {hint}"
+            raise NodeAttestationError(f"join token was refused: {reason}") from err
         return AttestationResult(
             agent_id=agent_id(self._context.trust_domain, NAME, token),
             aliases=(alias,) if alias else (),

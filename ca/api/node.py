@@ -211,9 +211,11 @@ def create_node_app(
         if not (wait and since and unchanged):
             # One trip to the thread pool: this is what every idle agent sync costs.
             return await run_in_threadpool(_caller_entries_since, request, since)
-        agent = await run_in_threadpool(caller, request)
+        await run_in_threadpool(caller, request)
         await watcher.wait_past(since, wait, seen_bundle=bundle)
-        return await run_in_threadpool(_entries_since, agent, since)
+        # Checked again after the wait: an agent evicted or banned meanwhile is refused,
+        # not answered as if it no longer had any entry.
+        return await run_in_threadpool(_caller_entries_since, request, since)
 
     def _caller_entries_since(request: Request, since: int) -> dict[str, Any]:
         return _entries_since(caller(request), since)

@@ -33,6 +33,7 @@ from attestor.node.x509pop import fingerprint
 from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures register by import)
     AgentProcess,
     fetch_as,
+    join_token,
     save_bundle,
     socket_dir_fixture,
     start_agent_fixture,
@@ -385,6 +386,59 @@ def test_an_x509pop_agent_attests_again_by_itself(
              "an entry created after the eviction reaching the workload")
     finally:
         agent.stop()
+
+
+def test_an_evicted_join_token_agent_needs_a_new_token(
+    server: ServerProcess, start_agent: StartAgent, tmp_path: Path, socket_dir: Path
+) -> None:
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    [listed] = server.cli_json("agent", "list")["agents"]  # type: ignore[index]
+    agent_id, old_token = str(listed["spiffe_id"]), agent_id_token(str(listed["spiffe_id"]))
+
+    server.cli("agent", "evict", "--spiffe-id", agent_id)
+    poll(lambda: "a join-token agent must be given a new join token" in agent.log() or None,
+         15, "the evicted agent saying it needs a new token")  # fmt: skip
+    assert spiffe_ids(agent) == ["spiffe://example.org/web"], "cached SVIDs still served"
+
+    # The old token does not bring the node back: not as a new agent ...
+    fresh = subprocess.run(
+        [TESSERA, "agent", "run", "--trust-domain", "example.org", "--server", server.address,
+         "--data-dir", str(tmp_path / "fresh"), "--socket", str(socket_dir / "fresh.sock"),
+         "--health-bind", "0", "--join-token", old_token,
+         "--trust-bundle", str(agent.trust_bundle)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert fresh.returncode == 1, fresh.stdout + fresh.stderr
+    assert fresh.stderr.splitlines()[-1] == (
+        "Error: node attestation was refused: join token was refused: join token not found "
+        "or already used; generate a new one with 'tessera server token generate'")
+    # ... nor as the evicted agent restarted with it: that one stops, saying what to do,
+    agent.stop()
+    with pytest.raises(AssertionError, match="agent exited 1"):
+        agent.start(token=old_token)
+    assert agent.log().rstrip().endswith(
+        f"Error: the server refused the agent's SVID: {agent_id} is not an attested agent; it "
+        "must attest again; generate a new join token with 'tessera server token generate' and "
+        "start the agent with --join-token <token>")
+    assert server.cli_json("agent", "count") == {"count": 0}
+
+    # ... while a new token does, and workloads get new entries again.
+    agent.stop()
+    agent.start(token=join_token(server, agent.alias))
+    poll(lambda: "attesting again with join_token" in agent.log() or None, 15,
+         "the agent attesting with its new token")
+    create_entry(server, "spiffe://example.org/after", f"unix:uid:{UID}")
+    poll(lambda: "spiffe://example.org/after" in spiffe_ids(agent) or None, 15,
+         "an entry created after the new attestation reaching the workload")
+    assert server.cli_json("agent", "count") == {"count": 1}
+
+
+def agent_id_token(agent_id: str) -> str:
+    """The join token a join-token agent's ID was made from."""
+    prefix = "spiffe://example.org/tessera/agent/join_token/"
+    assert agent_id.startswith(prefix), agent_id
+    return agent_id.removeprefix(prefix)
 
 
 def test_a_banned_x509pop_agent_cannot_attest_again_until_unbanned(
