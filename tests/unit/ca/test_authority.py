@@ -389,6 +389,32 @@ def test_taint_then_revoke_removes_the_authority_from_the_bundle(
     assert actions[:2] == ["localauthority.revoke", "localauthority.taint"]
 
 
+@pytest.mark.parametrize("kind", [X509, JWT])
+def test_automatic_rotation_goes_on_after_a_taint_and_a_revoke(
+    cas: Authorities, clock: ManualClock, kind: str
+) -> None:
+    old = _switch(cas, kind)  # at START: the new key lives START-10s .. START+6h
+    cas.taint(kind, old)
+    cas.revoke(kind, old)
+    [current] = cas.list_authorities(kind)
+
+    clock.advance(PAST_HALF)
+    assert cas.rotate() is True
+    assert statuses(cas, kind) == [ACTIVE, PREPARED]
+    clock.advance(PAST_FIVE_SIXTHS - PAST_HALF)
+    assert cas.rotate() is True
+    assert statuses(cas, kind) == [ACTIVE, OLD]
+    [now_old] = [a for a in cas.list_authorities(kind) if a.status == OLD]
+    assert now_old.authority_id == current.authority_id
+    clock.advance(PAST_EXPIRY - PAST_FIVE_SIXTHS)
+    cas.rotate()
+    assert statuses(cas, kind) == [ACTIVE]
+    if kind == X509:
+        chains_to_bundle(sign(cas), cas)
+    else:
+        assert set(cas.jwt_keys()) == {cas.active(JWT).record.authority_id}
+
+
 def test_a_revoked_jwt_key_leaves_the_bundle(cas: Authorities) -> None:
     old = _switch(cas, JWT)
     assert old in cas.jwt_keys()

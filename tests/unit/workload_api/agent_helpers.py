@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
+from attestor.node.x509pop import fingerprint
 from ca.bundle import TrustBundle
 from ca.csr import parse_csr
 from ca.errors import PermissionDenied, Unavailable
@@ -153,12 +154,19 @@ class FakeNodeApi:
         self, attestation_type: str, payload: Mapping[str, Any], csr_der: bytes, *, answer: Any
     ) -> dict[str, Any]:
         self._call("attest")
-        token = str(payload["token"])
-        if token in self.used_tokens:
-            raise PermissionDenied("join token was refused: it was used already")
-        self.used_tokens.add(token)
         self.evicted = False
-        agent_id = f"spiffe://example.org/tessera/agent/join_token/{token}"
+        if attestation_type == "x509pop":
+            # The fake asks for the signed nonce but leaves checking it to the real server half.
+            node = x509.load_der_x509_certificate(base64.b64decode(payload["certificates"][0]))
+            response = answer({"nonce": base64.b64encode(bytes(32)).decode()})
+            assert response["signature"], response
+            agent_id = f"spiffe://example.org/tessera/agent/x509pop/{fingerprint(node)}"
+        else:
+            token = str(payload["token"])
+            if token in self.used_tokens:
+                raise PermissionDenied("join token was refused: it was used already")
+            self.used_tokens.add(token)
+            agent_id = f"spiffe://example.org/tessera/agent/join_token/{token}"
         leaf = self.authority.svid(agent_id, parse_csr(csr_der).public_key(), self.clock.now())
         return {
             "spiffe_id": agent_id,
@@ -169,7 +177,7 @@ class FakeNodeApi:
                 "expires_at": int(leaf.not_valid_after_utc.timestamp()),
             },
             "bundle": json.loads(self.authority.bundle.to_spiffe_json()),
-            "reattestable": False,
+            "reattestable": attestation_type == "x509pop",
         }
 
     async def entries(

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from attestor.selector import parse_selectors
 from ca.clock import ManualClock
 from ca.errors import ConfigError, InvalidArgument, Unavailable
+from ca.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import (
     AuthorityForTests,
     FakeNodeApi,
@@ -326,6 +328,77 @@ def test_an_evicted_join_token_agent_needs_a_new_token(
     stored = AgentStorage(tmp_path / "agent").load_identity(agent.config.trust_domain)
     assert stored is not None and stored.spiffe_id == agent.identity.spiffe_id
     assert len(agent.x509_context(UID_1000).svids) == 1
+
+
+def test_the_agent_renews_its_own_svid_at_half_life(
+    tmp_path: Path, api: FakeNodeApi, authority: AuthorityForTests, clock: ManualClock
+) -> None:
+    attested_before(tmp_path, authority, NOW)
+    agent, _ = new_agent(tmp_path, api, clock)
+
+    async def scenario() -> None:
+        await agent.start()
+        first = agent.identity
+        assert first is not None
+        clock.set(first.renew_at - timedelta(seconds=1))
+        await agent.sync_once(wait=0)
+        assert "renew" not in api.calls
+        clock.set(first.renew_at)
+        await agent.sync_once(wait=0)
+        assert api.calls.count("renew") == 1
+        renewed = agent.identity
+        assert renewed is not None and renewed.spiffe_id == first.spiffe_id
+        assert renewed.expires_at > first.expires_at
+        assert renewed.chain[0].serial_number != first.chain[0].serial_number
+        # Stored before use: a restart goes on with the renewed SVID.
+        stored = AgentStorage(tmp_path / "agent").load_identity(agent.config.trust_domain)
+        assert stored is not None
+        assert stored.chain[0].serial_number == renewed.chain[0].serial_number
+        await agent.sync_once(wait=0)
+        assert api.calls.count("renew") == 1, "not due again until the new half life"
+
+    asyncio.run(scenario())
+
+
+def node_certificate(tmp_path: Path, authority: AuthorityForTests) -> tuple[Path, Path]:
+    """A node certificate and its key on disk, for the x509pop agent half."""
+    key = generate_private_key(KeyType.EC_P256)
+    leaf = authority.svid("spiffe://example.org/node-cert", key.public_key(), NOW,
+                          timedelta(days=7))  # fmt: skip
+    cert_path, key_path = tmp_path / "node.pem", tmp_path / "node.key"
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+def test_an_x509pop_agent_whose_svid_lapsed_attests_again_by_itself(
+    tmp_path: Path, api: FakeNodeApi, authority: AuthorityForTests, clock: ManualClock
+) -> None:
+    cert, key = node_certificate(tmp_path, authority)
+    flags = {"x509pop_cert": str(cert), "x509pop_key": str(key), "insecure_bootstrap": True}
+    agent, _ = new_agent(tmp_path, api, clock, **flags)
+
+    async def scenario() -> None:
+        await agent.start()
+        first = agent.identity
+        assert first is not None and first.reattestable
+        assert "/tessera/agent/x509pop/" in str(first.spiffe_id)
+        api.unavailable = True  # no server while the SVID runs out: it cannot renew
+        clock.set(first.expires_at + timedelta(seconds=1))
+        with pytest.raises(Unavailable):
+            await agent.sync_once(wait=0)
+        api.unavailable = False
+        await agent.sync_once(wait=0)
+        again = agent.identity
+        assert again is not None and again.spiffe_id == first.spiffe_id
+        assert not again.expired(clock.now())
+        # The first attestation, the attempt while no server answered, the one that worked.
+        assert api.calls.count("attest") == 3 and "renew" not in api.calls
+        assert agent.ready_problem() is None
+
+    asyncio.run(scenario())
 
 
 def test_a_taint_replaces_every_svid_its_authority_signed_at_once(

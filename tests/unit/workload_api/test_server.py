@@ -621,6 +621,41 @@ def test_a_stream_sends_only_changes_and_ends_when_the_identity_is_gone(
     assert (error.status, error.message) == (Status.PERMISSION_DENIED, "no identity issued")
 
 
+def test_bundle_streams_push_a_message_when_a_bundle_changes(running: RunningServer) -> None:
+    """A CA rotation or a revocation changes the bundles and nothing else: both bundle
+    streams (and FetchX509SVID, whose SVIDs carry the bundle) send the new state."""
+    provider = running.provider
+    rotated_ca, rotated_jwt_key = TestCA(TRUST_DOMAIN), ec.generate_private_key(ec.SECP256R1())
+
+    async def watch(stub: workload_grpc.SpiffeWorkloadAPIStub) -> tuple[Any, Any, Any, Any]:
+        async with stub.FetchX509Bundles.open(metadata=HEADER) as x509_stream, \
+                stub.FetchJWTBundles.open(metadata=HEADER) as jwt_stream:  # fmt: skip
+            await x509_stream.send_message(pb.X509BundlesRequest(), end=True)
+            await jwt_stream.send_message(pb.JWTBundlesRequest(), end=True)
+            x509_first = await x509_stream.recv_message()
+            jwt_first = await jwt_stream.recv_message()
+            provider.own_ca, provider.jwt_key = rotated_ca, rotated_jwt_key
+            await provider.replace(provider.context)  # the agent's cache version moves
+            x509_second = await x509_stream.recv_message()
+            jwt_second = await jwt_stream.recv_message()
+            await x509_stream.cancel()  # the server never ends these streams
+            await jwt_stream.cancel()
+            return x509_first, x509_second, jwt_first, jwt_second
+
+    x509_first, x509_second, jwt_first, jwt_second = running.grpclib(watch)
+
+    assert x509_first.bundles[TRUST_DOMAIN] == running.ca.bundle_der
+    assert x509_second.bundles[TRUST_DOMAIN] == rotated_ca.bundle_der
+    assert x509_second.bundles[FEDERATED] == x509_first.bundles[FEDERATED]
+
+    def jwt_key(message: Any) -> Any:
+        [key] = json.loads(message.bundles[TRUST_DOMAIN])["keys"]
+        return jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(key)).public_numbers()
+
+    assert jwt_key(jwt_first) != jwt_key(jwt_second)
+    assert jwt_key(jwt_second) == rotated_jwt_key.public_key().public_numbers()
+
+
 def test_closing_the_server_ends_open_streams_with_unavailable(running: RunningServer) -> None:
     async def watch_then_close(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
         with pytest.raises(GRPCError) as caught:
