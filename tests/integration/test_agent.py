@@ -107,10 +107,35 @@ def test_a_joined_agent_serves_svids_and_rotates_them(
     finally:
         source.close()
 
-    metrics = httpx.get(agent.health_url + "/metrics", timeout=5).text
-    assert "tessera_agent_entries 1.0" in metrics
-    assert 'tessera_agent_svids_rotated_total{kind="x509"}' in metrics
+    agent_metrics = scrape(agent.health_url + "/metrics")
+    assert agent_metrics["tessera_agent_entries", ()] == 1
+    assert agent_metrics["tessera_agent_x509_svids", ()] == 1
+    assert agent_metrics["tessera_agent_svids_rotated_total", (("kind", "x509"),)] >= 1
+    assert agent_metrics["tessera_agent_sync_lag_seconds", ()] >= 0
+    assert agent_metrics["tessera_agent_last_sync_timestamp_seconds", ()] > 0
+    # py-spiffe's clients end their FetchX509SVID streams themselves: CANCELLED, not an error.
+    assert agent_metrics["tessera_workload_api_calls_total",
+                         (("method", "FetchX509SVID"), ("status", "CANCELLED"))] >= 1  # fmt: skip
     assert httpx.get(agent.health_url + "/live", timeout=5).json() == {"status": "live"}
+
+    server_metrics = scrape(f"https://{server.address}/metrics")
+    # The agent's own SVID, the first web SVID and at least one rotation.
+    assert server_metrics["tessera_server_svids_issued_total", (("kind", "x509"),)] >= 3
+    assert server_metrics["tessera_server_issuance_seconds_count", ()] >= 2
+    assert server_metrics["tessera_server_node_attestations_total",
+                          (("result", "ok"), ("type", "join_token"))] == 1  # fmt: skip
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A /metrics page as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=5, verify=False).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def test_each_uid_gets_only_its_own_svid(
