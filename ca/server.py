@@ -43,7 +43,7 @@ from ca.issuance import IssuanceSettings, IssuedX509, Issuer
 from ca.keymanager import load_key_manager
 from ca.keys import KeyType, PrivateKey, generate_private_key
 from ca.revisions import RevisionWatcher
-from ca.upstream import load_upstream_authority
+from ca.upstream import UpstreamContext, load_upstream_authority
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Server:
                     config.upstream_authority.name,
                     config.upstream_authority.settings,
                     config.data_dir,
+                    UpstreamContext(datastore=self.store, clock=clock),
                 )
                 if config.upstream_authority
                 else None

@@ -25,6 +25,7 @@ from ca.datastore.records import (
     NewEntry,
     NewFederationRelationship,
     RegistrationEntry,
+    SharedRoot,
     as_new_entry,
 )
 from ca.datastore.store import Datastore
@@ -43,6 +44,7 @@ __all__ = [
     "NewEntry",
     "NewFederationRelationship",
     "RegistrationEntry",
+    "SharedRoot",
     "as_new_entry",
     "default_datastore_url",
 ]

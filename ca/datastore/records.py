@@ -180,6 +180,18 @@ class IssuedSvid:
 
 
 @dataclass(frozen=True)
+class SharedRoot:
+    """A root CA every server of the trust domain signs its authorities under."""
+
+    generation: int
+    certificate: bytes  # DER
+    encrypted_key: bytes  # PEM, PKCS#8 encrypted under the servers' shared KEK
+    not_before: datetime
+    not_after: datetime
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class AuditNote:
     """An audit event to write in the same transaction as the change it records."""
 

@@ -189,6 +189,22 @@ class AuthorityRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class SharedRootRow(Base):
+    """A self-signed root of the trust domain that the ``shared_root`` upstream authority
+    signs every server's X.509 authority with; its key PKCS#8-encrypted under the KEK
+    the servers share. ``generation`` orders them and keeps two servers from making the
+    same next root."""
+
+    __tablename__ = "shared_roots"
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    certificate: Mapped[bytes] = mapped_column(LargeBinary)
+    encrypted_key: Mapped[bytes] = mapped_column(LargeBinary)
+    not_before: Mapped[datetime] = mapped_column(UtcDateTime)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class FederatedBundleRow(Base):
     __tablename__ = "federated_bundles"
 

@@ -43,6 +43,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -87,6 +88,7 @@ from ca.datastore.records import (
     NewEntry,
     NewFederationRelationship,
     RegistrationEntry,
+    SharedRoot,
 )
 from ca.datastore.schema import (
     AGENT_CHANGES,
@@ -106,6 +108,7 @@ from ca.datastore.schema import (
     FederationRelationshipRow,
     IssuedSvidRow,
     JoinTokenRow,
+    SharedRootRow,
 )
 from ca.datastore.translate import translate_errors
 from ca.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -592,6 +595,24 @@ class Datastore:
             session.flush()
             return _authority_record(row)
 
+    # -- shared roots -------------------------------------------------------------
+
+    def add_shared_root(self, root: SharedRoot) -> SharedRoot:
+        """Store the next shared root; AlreadyExists if another server stored that
+        generation first (then read theirs with :meth:`list_shared_roots`)."""
+        conflict = f"shared root generation {root.generation} exists already"
+        with self._writing(conflict=conflict) as session:
+            row = SharedRootRow(**{f: getattr(root, f) for f in _SHARED_ROOT_FIELDS})
+            session.add(row)
+            session.flush()
+            return _shared_root_record(row)
+
+    def list_shared_roots(self) -> list[SharedRoot]:
+        """Every shared root, oldest generation first."""
+        query = select(SharedRootRow).order_by(SharedRootRow.generation)
+        with self._reading() as session:
+            return [_shared_root_record(row) for row in session.scalars(query)]
+
     def get_authority(self, authority_id: str) -> Authority:
         with self._reading() as session:
             return _authority_record(_authority_row(session, authority_id))
@@ -991,6 +1012,13 @@ def _append_audit(
     head.last_id = row.id
     head.last_hash = row.hash
     return row
+
+
+_SHARED_ROOT_FIELDS = tuple(f.name for f in dataclass_fields(SharedRoot))
+
+
+def _shared_root_record(row: SharedRootRow) -> SharedRoot:
+    return SharedRoot(**{f: getattr(row, f) for f in _SHARED_ROOT_FIELDS})
 
 
 def _audit_details(details: Mapping[str, Any]) -> dict[str, Any]:

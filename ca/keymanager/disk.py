@@ -51,7 +51,9 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
-class _Kek:
+class Kek:
+    """A key-encryption key and where it came from."""
+
     secret: bytes
     source: str  # said in error messages; never the secret itself
 
@@ -66,7 +68,7 @@ class DiskKeyManager:
                 "bytes; use a long random secret, e.g. the output of `openssl rand -hex 32`"
             )
         self._keys_dir = keys_dir
-        self._kek = _Kek(kek, kek_source)
+        self._kek = Kek(kek, kek_source)
         self._lock = threading.Lock()
         # key_id -> (file identity, signer): decrypt once, re-read if the file changes.
         self._cache: dict[str, tuple[tuple[int, int, int], LocalSigner]] = {}
@@ -159,7 +161,10 @@ def _path_setting(config: Mapping[str, Any], name: str) -> Path | None:
     return Path(value).expanduser()
 
 
-def _load_kek(kek_file: Path | None, keys_dir: Path) -> _Kek:
+def configured_kek(kek_file: Path | None) -> Kek | None:
+    """The key-encryption key from ``kek_file``, else from ``TESSERA_KEK``; None if
+    neither is set. ConfigError if the file cannot be read, is empty or the KEK is short."""
+    kek: Kek | None = None
     if kek_file is not None:
         try:
             secret = kek_file.read_bytes().strip()
@@ -170,10 +175,21 @@ def _load_kek(kek_file: Path | None, keys_dir: Path) -> _Kek:
             ) from None
         if not secret:
             raise ConfigError(f"the key-encryption key file {kek_file} is empty")
-        return _Kek(secret, f"kek_file {kek_file}")
-    from_env = os.environ.get(KEK_ENVIRONMENT_VARIABLE, "").strip()
-    if from_env:
-        return _Kek(from_env.encode(), f"the {KEK_ENVIRONMENT_VARIABLE} environment variable")
+        kek = Kek(secret, f"kek_file {kek_file}")
+    elif from_env := os.environ.get(KEK_ENVIRONMENT_VARIABLE, "").strip():
+        kek = Kek(from_env.encode(), f"the {KEK_ENVIRONMENT_VARIABLE} environment variable")
+    if kek is not None and len(kek.secret) < MIN_KEK_BYTES:
+        raise ConfigError(
+            f"the key-encryption key from {kek.source} is shorter than {MIN_KEK_BYTES} "
+            "bytes; use a long random secret, e.g. the output of `openssl rand -hex 32`"
+        )
+    return kek
+
+
+def _load_kek(kek_file: Path | None, keys_dir: Path) -> Kek:
+    kek = configured_kek(kek_file)
+    if kek is not None:
+        return kek
     generated = keys_dir / GENERATED_KEK_FILE
     if not generated.exists():
         with contextlib.suppress(FileExistsError):  # another server made it first
@@ -185,7 +201,7 @@ def _load_kek(kek_file: Path | None, keys_dir: Path) -> _Kek:
                 KEK_ENVIRONMENT_VARIABLE,
             )
     secret = generated.read_bytes().strip()
-    return _Kek(secret, f"the generated file {generated}")
+    return Kek(secret, f"the generated file {generated}")
 
 
 def _make_private_dir(path: Path) -> None:

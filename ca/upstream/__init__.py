@@ -12,10 +12,12 @@ any certificates between it and the roots, and the roots to publish::
     )
     bundle_roots = minted.upstream_roots
 
-Built-ins: ``disk`` (a CA certificate and key in PEM files). A new upstream
-authority is a module with a ``create(config, data_dir)`` function, listed in
-``_UPSTREAM_AUTHORITIES``. With no upstream authority the server signs its
-authorities itself (a self-signed root).
+Built-ins: ``disk`` (a CA certificate and key in PEM files), ``vault_pki`` (a
+Vault/OpenBao PKI mount) and ``shared_root`` (a self-signed root kept, its key
+encrypted, in the datastore every server shares). A new upstream authority is a
+module with a ``create(config, data_dir, context)`` function, listed in
+``_UPSTREAM_AUTHORITIES``. With no upstream authority each server signs its
+authorities itself (each is a self-signed root).
 """
 
 from __future__ import annotations
@@ -25,16 +27,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from cryptography import x509
 from spiffe import TrustDomain
 
+from ca.clock import SYSTEM_CLOCK, Clock
 from ca.errors import ConfigError
 from ca.keymanager import Signer
 from ca.keys import PublicKey
 
-__all__ = ["MintedCA", "UpstreamAuthority", "load_upstream_authority"]
+if TYPE_CHECKING:
+    from ca.datastore.store import Datastore
+
+__all__ = ["MintedCA", "UpstreamAuthority", "UpstreamContext", "load_upstream_authority"]
+
+
+@dataclass(frozen=True)
+class UpstreamContext:
+    """What the server lends an upstream authority besides its configuration."""
+
+    datastore: Datastore | None = None
+    clock: Clock = SYSTEM_CLOCK
 
 
 @dataclass(frozen=True)
@@ -64,17 +78,24 @@ class UpstreamAuthority(Protocol):
         ...
 
 
-UpstreamAuthorityFactory = Callable[[Mapping[str, Any], Path], UpstreamAuthority]
+UpstreamAuthorityFactory = Callable[
+    [Mapping[str, Any], Path, UpstreamContext], UpstreamAuthority
+]
 
-# name -> module holding ``create(config, data_dir) -> UpstreamAuthority``; imported on use.
+# name -> module holding ``create(config, data_dir, context) -> UpstreamAuthority``;
+# imported on use.
 _UPSTREAM_AUTHORITIES: dict[str, str] = {
     "disk": "ca.upstream.disk",
+    "shared_root": "ca.upstream.shared_root",
     "vault_pki": "ca.upstream.vault_pki",
 }
 
 
 def load_upstream_authority(
-    name: str, config: Mapping[str, Any], data_dir: Path
+    name: str,
+    config: Mapping[str, Any],
+    data_dir: Path,
+    context: UpstreamContext | None = None,
 ) -> UpstreamAuthority:
     """The upstream authority called ``name``, configured from ``config``; ConfigError if
     unknown."""
@@ -83,7 +104,7 @@ def load_upstream_authority(
         known = ", ".join(sorted(_UPSTREAM_AUTHORITIES))
         raise ConfigError(f"upstream authority {name!r} is not known; use one of {known}")
     factory = cast(UpstreamAuthorityFactory, importlib.import_module(module_name).create)
-    return factory(config, data_dir)
+    return factory(config, data_dir, context or UpstreamContext())
 
 
 def check_config_keys(

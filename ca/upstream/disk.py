@@ -42,7 +42,7 @@ from spiffe import TrustDomain
 from ca.errors import ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner, Signer
 from ca.keys import PublicKey
-from ca.upstream import MintedCA, check_config_keys
+from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.x509ca import build_ca_certificate
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ class DiskUpstreamAuthority:
         return _Material(certificate, chain, roots, signer)
 
 
-def create(config: Mapping[str, Any], data_dir: Path) -> DiskUpstreamAuthority:
+def create(
+    config: Mapping[str, Any], data_dir: Path, context: UpstreamContext | None = None
+) -> DiskUpstreamAuthority:
     return DiskUpstreamAuthority.from_config(config, data_dir)
 
 

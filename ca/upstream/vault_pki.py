@@ -52,7 +52,7 @@ from ca.durations import parse_duration
 from ca.errors import CAError, ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import Signer
 from ca.keys import PublicKey
-from ca.upstream import MintedCA, check_config_keys
+from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.vault import CONNECTION_SETTINGS, VaultClient, VaultRequestFailed, VaultSettings
 from ca.x509ca import ORGANIZATION, build_csr_with_signer
 
@@ -249,7 +249,9 @@ class VaultPkiUpstreamAuthority:
         return certificate
 
 
-def create(config: Mapping[str, Any], data_dir: Path) -> VaultPkiUpstreamAuthority:
+def create(
+    config: Mapping[str, Any], data_dir: Path, context: UpstreamContext | None = None
+) -> VaultPkiUpstreamAuthority:
     return VaultPkiUpstreamAuthority.from_config(config, data_dir)
 
 

@@ -288,6 +288,59 @@ def test_two_servers_on_postgresql_survive_a_sigkill_during_issuance(
         engine.dispose()
 
 
+@pytest.mark.postgres
+def test_two_servers_sign_under_one_shared_root(
+    postgres_url: str, start_server: StartServer, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    config = tmp_path / "server.toml"
+    kek = tmp_path / "kek"
+    kek.write_text(secrets.token_hex(32))
+    kek.chmod(0o600)
+    config.write_text(f'[upstream_authority.shared_root]\nkek_file = "{kek}"\n')
+    a = start_server("server-a", db=postgres_url, extra=["--config", str(config)])
+    b = start_server("server-b", db=postgres_url, extra=["--config", str(config)])
+    assert active_authority(a) != active_authority(b), "each server signs with a key of its own"
+
+    # One anchor for the trust domain, whichever server is asked; its key is in the
+    # database, encrypted, and in no server's files.
+    bundles = {server.cli("bundle", "show").stdout for server in (a, b)}
+    assert len(bundles) == 1
+    [bundle_pem] = bundles
+    assert len(x509.load_pem_x509_certificates(bundle_pem.encode())) == 1
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            [root_key] = conn.execute(sa.text("SELECT encrypted_key FROM shared_roots")).scalars()
+    finally:
+        engine.dispose()
+    assert bytes(root_key).startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    stored = [path.read_bytes() for server in (a, b) for path in server.data_dir.rglob("*")
+              if path.is_file()]  # fmt: skip
+    assert not any(bytes(root_key) in data for data in stored)
+    assert not any(b"-----BEGIN PRIVATE KEY-----" in data for data in stored)
+
+    # SVIDs minted on either server, and one a workload fetches, verify against that anchor.
+    (tmp_path / "bundle.pem").write_text(bundle_pem)
+    minted = []
+    for server in (a, b):
+        out = tmp_path / f"minted-{server.data_dir.name}"
+        server.cli("x509", "mint", "--spiffe-id", "spiffe://example.org/tool", "--write",
+                   str(out))  # fmt: skip
+        minted.append(out / "svid.pem")
+    agent = start_agent(b)
+    create_entry(b, "spiffe://example.org/web", f"unix:uid:{UID}", parent=agent.alias)
+    fetched = tmp_path / "fetched"
+    poll(lambda: agent.cli("api", "fetch", "x509", "--write", str(fetched), check=False)
+         .returncode == 0 or None, 10, "the workload's SVID")  # fmt: skip
+    for svid_pem in (*minted, fetched / "svid.0.pem"):
+        verified = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(tmp_path / "bundle.pem"),
+             "-untrusted", str(svid_pem), str(svid_pem)],
+            capture_output=True, text=True)  # fmt: skip
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert (fetched / "bundle.0.pem").read_text().strip() == bundle_pem.strip()
+
+
 class EntryWriter:
     """Creates entries through one server's admin API, one after the other, until that server
     stops answering; keeps the IDs of those it acknowledged."""

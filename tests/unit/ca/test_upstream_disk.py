@@ -193,7 +193,7 @@ def test_settings_are_checked(root_files, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_upstream_authority("vault-pki", {}, tmp_path)
     assert err.value.message == (
-        "upstream authority 'vault-pki' is not known; use one of disk, vault_pki"
+        "upstream authority 'vault-pki' is not known; use one of disk, shared_root, vault_pki"
     )
 
 
