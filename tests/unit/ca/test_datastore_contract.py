@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import exc as sa_exc
@@ -36,7 +37,13 @@ from ca.datastore import (
     as_new_entry,
     default_datastore_url,
 )
-from ca.datastore.migrate import VERSION_TABLE, head_revision, schema_revision, upgrade
+from ca.datastore.migrate import (
+    VERSION_TABLE,
+    alembic_config,
+    head_revision,
+    schema_revision,
+    upgrade,
+)
 from ca.datastore.schema import Base, IssuedSvidRow
 from ca.errors import (
     AlreadyExists,
@@ -144,6 +151,52 @@ def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore
         assert reopened.bundle_sequence() == 1
     finally:
         reopened.close()
+
+
+def test_an_upgrade_from_the_first_schema_keeps_every_row(datastore_url: str) -> None:
+    """What a 0001 database holds (entries, agents, aliases, tokens, the CA journal, issued
+    SVIDs, counters) comes through every migration since unchanged: written at head, taken
+    down to 0001 with the migrations' own downgrades, then opened (upgraded) again."""
+    clock = ManualClock(START)
+    with Datastore.open(datastore_url, clock=clock) as store:
+        entry = store.create_entry(new_entry(dns_names=("web.example.org",), x509_svid_ttl=60,
+                                             federates_with=("partner.org",), hint="web"))
+        store.upsert_agent(AGENT, attestation_type="x509pop", serial="0a",
+                           expires_at=START + timedelta(hours=1), selectors=(sel("x509pop:a"),))
+        store.add_agent_alias(AGENT, f"{TD}/node/a")
+        store.create_join_token("t" * 32, alias_id=f"{TD}/node/b",
+                                expires_at=START + timedelta(minutes=10))
+        store.add_authority(authority("ab12", status="active"))
+        store.record_issued_svids([svid("0f")])
+        store.bump_bundle_sequence()
+        before = (store.list_entries(), store.get_agent(AGENT), store.agent_aliases(AGENT),
+                  store.list_join_tokens(), store.list_authorities(), store.count_issued_svids(),
+                  store.current_revision(), store.bundle_sequence())  # fmt: skip
+
+    engine = sa.create_engine(datastore_url)
+    try:
+        with engine.begin() as connection:
+            command.downgrade(alembic_config(connection), "0001")
+        assert schema_revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+    with Datastore.open(datastore_url, clock=clock) as upgraded:
+        after = (upgraded.list_entries(), upgraded.get_agent(AGENT),
+                 upgraded.agent_aliases(AGENT), upgraded.list_join_tokens(),
+                 upgraded.list_authorities(), upgraded.count_issued_svids(),
+                 upgraded.current_revision(), upgraded.bundle_sequence())  # fmt: skip
+        assert schema_revision_of(datastore_url) == head_revision()
+    assert after == before
+    assert after[0] == [entry]
+
+
+def schema_revision_of(url: str) -> str | None:
+    engine = sa.create_engine(url)
+    try:
+        return schema_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def test_servers_starting_together_migrate_one_at_a_time(datastore_url: str) -> None:
