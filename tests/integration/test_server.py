@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,21 @@ def test_json_output_is_one_document(server: ServerProcess) -> None:
     assert "BEGIN CERTIFICATE" in str(minted["svid"])
     bundle = server.cli_json("bundle", "show")
     assert bundle["spiffe_sequence"] >= 1  # type: ignore[operator]
+    # A join token lives 600 s unless --ttl says otherwise.
+    before = datetime.now(UTC)
+    token = server.cli_json("token", "generate", "--spiffe-id", "spiffe://example.org/node")
+    expires = datetime.fromtimestamp(int(token["expires_at"]), UTC)  # type: ignore[call-overload]
+    assert timedelta(seconds=595) < expires - before <= timedelta(seconds=601)
+    assert token["spiffe_id"] == "spiffe://example.org/node"
+
+
+def test_the_admin_api_publishes_its_openapi_schema(server: ServerProcess) -> None:
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(server.admin_socket)),
+                      base_url="http://tessera", timeout=10) as admin:  # fmt: skip
+        schema = admin.get("/openapi.json").json()
+    assert schema["info"]["title"] == "Tessera admin API"
+    for path in ("/v1/entries", "/v1/tokens", "/v1/agents", "/v1/bundle", "/v1/audit/verify"):
+        assert path in schema["paths"], sorted(schema["paths"])
 
 
 # -- JWT-SVIDs ---------------------------------------------------------------------------
