@@ -279,6 +279,42 @@ def test_a_duplicate_entry_is_refused_by_name(server: ServerProcess) -> None:
     assert server.cli_json("entry", "count") == {"count": 1}
 
 
+def test_entries_are_updated_shown_and_deleted_through_the_cli(server: ServerProcess) -> None:
+    created = server.cli_json(
+        "entry", "create", "--parent-id", "spiffe://example.org/node", "--spiffe-id",
+        "spiffe://example.org/web", "--selector", "unix:uid:1000", "--dns", "web.test",
+        "--admin", "--x509-svid-ttl", "10m")  # fmt: skip
+    server.cli("entry", "create", "--parent-id", "spiffe://example.org/node",
+               "--spiffe-id", "spiffe://example.org/db", "--selector", "unix:uid:2000")
+    entry_id = str(created["id"])
+    assert (created["admin"], created["x509_svid_ttl"]) == (True, 600)
+
+    updated = server.cli_json("entry", "update", "--entry-id", entry_id, "--no-admin",
+                              "--selector", "unix:uid:1001", "--jwt-svid-ttl", "1m")  # fmt: skip
+    assert updated["admin"] is False
+    assert [f"{s['type']}:{s['value']}" for s in updated["selectors"]] == [  # type: ignore[index]
+        "unix:uid:1001"]
+    assert (updated["jwt_svid_ttl"], updated["x509_svid_ttl"]) == (60, 600)  # kept
+    assert updated["dns_names"] == ["web.test"]  # kept
+    assert updated["revision_number"] > created["revision_number"]  # type: ignore[operator]
+
+    def shown(*filters: str) -> list[str]:
+        entries = server.cli_json("entry", "show", *filters)["entries"]
+        return sorted(str(e["spiffe_id"]) for e in entries)  # type: ignore[union-attr, index]
+
+    assert shown() == ["spiffe://example.org/db", "spiffe://example.org/web"]
+    assert shown("--selector", "unix:uid:1001") == ["spiffe://example.org/web"]
+    assert shown("--spiffe-id", "spiffe://example.org/db") == ["spiffe://example.org/db"]
+    assert shown("--entry-id", entry_id) == ["spiffe://example.org/web"]
+    assert shown("--parent-id", "spiffe://example.org/other") == []
+
+    assert server.cli("entry", "delete", "--entry-id", entry_id).stdout.strip() == (
+        f"Deleted entry {entry_id}")
+    assert server.cli_json("entry", "count") == {"count": 1}
+    missing = server.cli("entry", "update", "--entry-id", entry_id, "--admin", check=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("Error: "), missing.stderr
+
+
 def test_bad_requests_to_the_node_api_are_4xx_and_spend_nothing(server: ServerProcess) -> None:
     token = str(server.cli_json("token", "generate")["token"])
     url = f"https://{server.address}/v1/agent/attest"
