@@ -78,7 +78,7 @@ class Server:
                     config.upstream_authority.name,
                     config.upstream_authority.settings,
                     config.data_dir,
-                    UpstreamContext(datastore=self.store, clock=clock),
+                    UpstreamContext(datastore=self.store, clock=clock, ca_ttl=config.ca_ttl),
                 )
                 if config.upstream_authority
                 else None

@@ -161,8 +161,8 @@ class WorkloadApiX509Source:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.address = workload_api_address(socket_path)
-        picker = SpiffeIdPicker(spiffe_id) if spiffe_id is not None else None
         with _translated(f"cannot get an X509-SVID from the Workload API at {self.address}"):
+            picker = SpiffeIdPicker(spiffe_id) if spiffe_id is not None else None
             self._source = spiffe.X509Source(
                 socket_path=self.address, timeout_in_seconds=timeout, svid_picker=picker
             )

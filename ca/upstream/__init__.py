@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -49,6 +49,7 @@ class UpstreamContext:
 
     datastore: Datastore | None = None
     clock: Clock = SYSTEM_CLOCK
+    ca_ttl: timedelta | None = None  # how long the authorities it signs are meant to live
 
 
 @dataclass(frozen=True)

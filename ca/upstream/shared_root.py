@@ -11,7 +11,7 @@ self-signed anchor per server::
     root_ttl = "365d"
 
 The first server that needs the root makes it; the others find it. When less
-than half of the newest root's life is left, the next server to mint an
+than half of the newest root's own life is left, the next server to mint an
 authority makes the next root (a generation number keeps two servers from both
 doing it) and signs new authorities under it; a new authority is *prepared*
 (published in the bundle, with its root) before it signs anything, so every
@@ -22,8 +22,8 @@ Configuration:
 ============  =====================================================================
 ``kek_file``  file holding the key-encryption key every server shares; default:
               the ``TESSERA_KEK`` environment variable (one of them is required)
-``root_ttl``  lifetime of each root (default ``365d``); at least 10 times the CA TTL
-              is sensible
+``root_ttl``  lifetime of each root (default ``365d``); at least twice the CA TTL,
+              ten times or more is sensible
 ``key_type``  ``ec-p256`` (default), ``ec-p384``, ``rsa-2048``, ``rsa-4096``
 ============  =====================================================================
 """
@@ -44,7 +44,7 @@ from spiffe import TrustDomain
 from ca.clock import Clock
 from ca.datastore.records import SharedRoot
 from ca.datastore.store import Datastore
-from ca.durations import parse_duration
+from ca.durations import format_duration, parse_duration
 from ca.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner, Signer
 from ca.keymanager.disk import KEK_ENVIRONMENT_VARIABLE, Kek, configured_kek
@@ -78,7 +78,7 @@ class SharedRootUpstreamAuthority:
         self._key_type = key_type
         self._clock = clock
         self._lock = threading.Lock()
-        self._signers: dict[int, LocalSigner] = {}  # generation -> decrypted root key
+        self._signers: dict[bytes, LocalSigner] = {}  # root certificate DER -> its key
 
     @classmethod
     def from_config(
@@ -106,6 +106,12 @@ class SharedRootUpstreamAuthority:
             key_type = parse_key_type(str(config.get("key_type", KeyType.EC_P256.value)))
         except InvalidArgument as err:
             raise ConfigError(f"{PLUGIN}: {err.message}") from err
+        if context.ca_ttl is not None and root_ttl < 2 * context.ca_ttl:
+            raise ConfigError(
+                f"{PLUGIN} setting root_ttl ({format_duration(root_ttl)}) must be at least "
+                f"twice the CA TTL ({format_duration(context.ca_ttl)}), or every authority is "
+                "cut short by its root; ten times or more is sensible"
+            )
         if root_ttl < timedelta(minutes=1):
             raise ConfigError(f"{PLUGIN} setting root_ttl must be at least 1m")
         return cls(context.datastore, kek, root_ttl=root_ttl, key_type=key_type,
@@ -132,15 +138,6 @@ class SharedRootUpstreamAuthority:
         )
         return MintedCA(certificate=authority, chain=(), upstream_roots=(certificate,))
 
-    def roots(self) -> list[x509.Certificate]:
-        """The shared roots still valid now, oldest first."""
-        now = self._clock.now()
-        return [
-            x509.load_der_x509_certificate(root.certificate)
-            for root in self._store.list_shared_roots()
-            if root.not_after > now
-        ]
-
     def _current_root(self, trust_domain: TrustDomain) -> SharedRoot:
         """The newest root; a new one first when less than half of its life is left."""
         with self._lock:
@@ -148,13 +145,15 @@ class SharedRootUpstreamAuthority:
                 roots = self._store.list_shared_roots()
                 newest = roots[-1] if roots else None
                 now = self._clock.now()
-                if newest is not None and newest.not_after - now > self._root_ttl / 2:
+                if newest is not None and newest.not_after - now > _half_life(newest):
                     return newest
                 generation = newest.generation + 1 if newest is not None else 1
                 try:
-                    return self._store.add_shared_root(self._new_root(trust_domain, generation))
+                    made = self._store.add_shared_root(self._new_root(trust_domain, generation))
                 except AlreadyExists:
                     continue
+                log.info("made shared root generation %d for %s", generation, trust_domain.name)
+                return made
             raise FailedPrecondition(
                 "could not agree on the shared root with the other servers; try again"
             )
@@ -176,7 +175,6 @@ class SharedRootUpstreamAuthority:
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(self._kek.secret),
         )
-        log.info("made shared root generation %d for %s", generation, trust_domain.name)
         return SharedRoot(
             generation=generation,
             certificate=certificate.public_bytes(serialization.Encoding.DER),
@@ -187,7 +185,7 @@ class SharedRootUpstreamAuthority:
         )
 
     def _root_signer(self, root: SharedRoot) -> LocalSigner:
-        signer = self._signers.get(root.generation)
+        signer = self._signers.get(root.certificate)
         if signer is None:
             try:
                 key = serialization.load_pem_private_key(root.encrypted_key, self._kek.secret)
@@ -198,10 +196,14 @@ class SharedRootUpstreamAuthority:
                     "trust domain needs the same kek_file or "
                     f"{KEK_ENVIRONMENT_VARIABLE}"
                 ) from None
-            signer = self._signers[root.generation] = LocalSigner(
+            signer = self._signers[root.certificate] = LocalSigner(
                 f"shared-root-{root.generation}", key  # type: ignore[arg-type]
             )
         return signer
+
+
+def _half_life(root: SharedRoot) -> timedelta:
+    return (root.not_after - root.not_before) / 2
 
 
 def create(

@@ -331,7 +331,7 @@ def test_two_servers_sign_under_one_shared_root(
     create_entry(b, "spiffe://example.org/web", f"unix:uid:{UID}", parent=agent.alias)
     fetched = tmp_path / "fetched"
     poll(lambda: agent.cli("api", "fetch", "x509", "--write", str(fetched), check=False)
-         .returncode == 0 or None, 10, "the workload's SVID")  # fmt: skip
+         .returncode == 0 or None, 30, "the workload's SVID")  # fmt: skip
     for svid_pem in (*minted, fetched / "svid.0.pem"):
         verified = subprocess.run(
             ["openssl", "verify", "-CAfile", str(tmp_path / "bundle.pem"),

@@ -139,10 +139,11 @@ def test_json_output_is_one_document(server: ServerProcess) -> None:
     bundle = server.cli_json("bundle", "show")
     assert bundle["spiffe_sequence"] >= 1  # type: ignore[operator]
     # A join token lives 600 s unless --ttl says otherwise.
-    before = datetime.now(UTC)
+    before = datetime.now(UTC).replace(microsecond=0)
     token = server.cli_json("token", "generate", "--spiffe-id", "spiffe://example.org/node")
+    after = datetime.now(UTC)
     expires = datetime.fromtimestamp(int(token["expires_at"]), UTC)  # type: ignore[call-overload]
-    assert timedelta(seconds=595) < expires - before <= timedelta(seconds=601)
+    assert before + timedelta(seconds=600) <= expires <= after + timedelta(seconds=600)
     assert token["spiffe_id"] == "spiffe://example.org/node"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from spiffe import SpiffeId
 
@@ -108,27 +109,68 @@ def test_the_next_root_comes_at_half_life_and_both_stay_trusted_across_the_switc
 ) -> None:
     cas = server(store, clock, tmp_path, "server-a")
     cas.rotate()
-    first_root = x509.load_der_x509_certificate(store.list_shared_roots()[0].certificate)
+    first_root = store.list_shared_roots()[0]
 
-    # Past the root's half life, the next authority prepared is signed by a new root,
-    # published (with its root) before it signs anything.
-    clock.advance(ROOT_TTL / 2 + timedelta(minutes=1))
-    cas.rotate()  # the active authority expired meanwhile: a new one, under the new root
-    roots = store.list_shared_roots()
-    assert [r.generation for r in roots] == [1, 2]
-    second_root = x509.load_der_x509_certificate(roots[1].certificate)
+    def roots_in_bundle() -> list[int]:
+        anchors = {ski(c) for c in cas.bundle().x509_authorities}
+        return [r.generation for r in store.list_shared_roots()
+                if ski(x509.load_der_x509_certificate(r.certificate)) in anchors]  # fmt: skip
+
+    # The server rotates its authority every few hours (ticks of an hour) until the root
+    # is past its half life: the next authority prepared is signed by a new root.
+    while len(store.list_shared_roots()) == 1:
+        clock.advance(timedelta(hours=1))
+        cas.rotate()
+        assert clock.now() < first_root.not_after, "no second root before the first expired"
+    assert clock.now() - first_root.not_before > ROOT_TTL / 2
+    statuses = {a.status for a in cas.list_authorities(X509)}
+    assert statuses >= {"active", "prepared"}  # published before it signs
+    assert roots_in_bundle() == [1, 2]
+    old_leaf, old_intermediates = svid(cas)  # the active authority: still under root 1
+    assert old_intermediates[0].issuer == x509.load_der_x509_certificate(
+        first_root.certificate).subject  # fmt: skip
+
+    # Once the prepared authority signs, its SVIDs chain to root 2; root 1 stays trusted
+    # until no live authority is signed by it.
+    while svid(cas)[1][0].issuer == old_intermediates[0].issuer:
+        clock.advance(timedelta(hours=1))
+        cas.rotate()
+    second_root = x509.load_der_x509_certificate(store.list_shared_roots()[1].certificate)
     leaf, intermediates = svid(cas)
-    assert intermediates[0].issuer == second_root.subject
     intermediates[0].verify_directly_issued_by(second_root)
     leaf.verify_directly_issued_by(intermediates[0])
-
-    # Once nothing signed by the first root is alive, only the second is in the bundle.
-    clock.advance(CA_TTL + timedelta(minutes=1))
-    cas.rotate()
+    assert roots_in_bundle() == [1, 2]
+    old_leaf.verify_directly_issued_by(old_intermediates[0])
     clock.advance(CA_TTL)
     cas.rotate()
-    assert [ski(c) for c in cas.bundle().x509_authorities] == [ski(second_root)]
-    assert ski(first_root) != ski(second_root)
+    assert roots_in_bundle() == [2]
+
+
+def test_recovering_from_a_compromised_root_as_the_docs_say(
+    datastore_url: str, store: Datastore, clock: ManualClock, tmp_path: Path
+) -> None:
+    cas = server(store, clock, tmp_path, "server-a")
+    cas.rotate()
+    old_authority = cas.active(X509).record.authority_id
+    old_root = ski(cas.bundle().x509_authorities[0])
+
+    engine = sa.create_engine(datastore_url)  # "delete the rows of the shared_roots table"
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DELETE FROM shared_roots"))
+    finally:
+        engine.dispose()
+    cas.prepare(X509)
+    cas.activate(X509)
+    new_root = x509.load_der_x509_certificate(store.list_shared_roots()[0].certificate)
+    leaf, intermediates = svid(cas)
+    intermediates[0].verify_directly_issued_by(new_root)
+    leaf.verify_directly_issued_by(intermediates[0])
+    assert {ski(c) for c in cas.bundle().x509_authorities} == {old_root, ski(new_root)}
+
+    cas.taint(X509, old_authority)
+    cas.revoke(X509, old_authority)
+    assert [ski(c) for c in cas.bundle().x509_authorities] == [ski(new_root)]
 
 
 def test_a_server_with_another_kek_cannot_use_the_root(
@@ -170,6 +212,13 @@ def test_configuration(store: Datastore, clock: ManualClock, tmp_path: Path,
         "upstream authority 'shared_root': key type 'dsa' is not supported")
     assert refused({"kek_file": str(kek_file), "root": "x"}).startswith(
         "upstream authority 'shared_root' does not take setting(s) root")
+    with pytest.raises(ConfigError) as too_short:
+        load_upstream_authority("shared_root", {"kek_file": str(kek_file), "root_ttl": "1d"},
+                                tmp_path, UpstreamContext(datastore=store, clock=clock,
+                                                          ca_ttl=timedelta(hours=24)))  # fmt: skip
+    assert too_short.value.message.startswith(
+        "upstream authority 'shared_root' setting root_ttl (1d) must be at least twice the CA "
+        "TTL (1d), or every authority is cut short by its root; ten times or more is sensible")
     short = tmp_path / "short"
     short.write_text("tiny")
     assert refused({"kek_file": str(short)}).startswith(

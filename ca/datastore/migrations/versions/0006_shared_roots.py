@@ -23,7 +23,7 @@ TS = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "shared_roots",
-        sa.Column("generation", sa.Integer(), nullable=False),
+        sa.Column("generation", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("certificate", sa.LargeBinary(), nullable=False),
         sa.Column("encrypted_key", sa.LargeBinary(), nullable=False),
         sa.Column("not_before", TS, nullable=False),
