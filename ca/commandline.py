@@ -47,8 +47,9 @@ class LazyGroup(click.Group):
 
 
 def option(*names: str, **kwargs: Any) -> Callable[[F], F]:
-    """A click option that also reads ``TESSERA_<NAME>`` from the environment."""
-    long_name = next(n for n in names if n.startswith("--"))
+    """A click option that also reads ``TESSERA_<NAME>`` from the environment; for an
+    on/off pair (``--admin/--no-admin``) the name is the "on" flag's."""
+    long_name = next(n for n in names if n.startswith("--")).partition("/")[0]
     kwargs.setdefault("envvar", "TESSERA_" + long_name[2:].upper().replace("-", "_"))
     kwargs.setdefault("show_envvar", True)
     return click.option(*names, **kwargs)

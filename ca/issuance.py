@@ -221,7 +221,7 @@ class Issuer:
         checked = checked_csr(parse_csr(csr_der), spiffe_id=agent_id)
         ttl = self.settings.default_x509_svid_ttl
         return self._issue(
-            agent_id, checked.public_key, ttl, (), str(agent_id), AGENT_SVID_ISSUED,
+            agent_id, checked.public_key, ttl, (), AGENT_SVID_ISSUED, str(agent_id),
             checked.subject_public_key_info,
         )  # fmt: skip
 
@@ -293,7 +293,7 @@ class Issuer:
         key = generate_private_key(key_type)
         issued = self._issue(
             parsed, key.public_key(), ttl or self.settings.default_x509_svid_ttl,
-            dns_names, "admin", "x509.mint",
+            dns_names, "x509.mint", None,
         )
         return issued, key
 
@@ -303,13 +303,12 @@ class Issuer:
         public_key: PublicKey,
         ttl: timedelta,
         dns_names: Sequence[str],
-        actor: str,
         action: str,
+        agent_id: str | None,
         subject_public_key_info: bytes | None = None,
     ) -> IssuedX509:
-        """Sign one X509-SVID; the SVID of an agent (``actor`` is then the agent) or one
-        minted by the admin API (``actor`` "admin", no agent)."""
-        agent_id = None if actor == "admin" else actor
+        """Sign one X509-SVID: an agent's own (the agent is the audit actor), or one the
+        admin API mints (``agent_id`` None, actor "admin")."""
         svid, record = self._sign(
             spiffe_id,
             public_key,
@@ -319,7 +318,7 @@ class Issuer:
             subject_public_key_info=subject_public_key_info,
         )
         audit = AuditNote(
-            actor=actor,
+            actor=agent_id or "admin",
             action=action,
             target=str(spiffe_id),
             details={
