@@ -4,7 +4,7 @@
 
     head = await read_request_head(client)        # None: the client closed between requests
     decision = policy.decide(peer_id, head.method, head.path)
-    app.write(head.serialize(remove={"x-forwarded-client-cert"}, add=[...]))
+    app.write(head.serialize(remove=reserved_identity_header, add=[...]))
     await copy_body(client, app, head.body)       # Content-Length or chunked
     response = await read_response_head(app, head.method)
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final, Protocol
@@ -133,12 +133,15 @@ class RequestHead:
         return any(v.strip().lower() == "100-continue" for v in self.values("expect"))
 
     def serialize(
-        self, *, remove: Iterable[str] = (), add: Sequence[tuple[str, str]] = ()
+        self,
+        *,
+        remove: Callable[[str], bool] = lambda name: False,
+        add: Sequence[tuple[str, str]] = (),
     ) -> bytes:
-        """The head as it goes to the app: fields named in ``remove`` dropped, ``add`` appended."""
-        dropped = {name.lower() for name in remove}
+        """The head as it goes to the app: fields whose name ``remove`` accepts dropped (every
+        one of them), ``add`` appended."""
         lines = [f"{self.method} {self.target} {self.version}"]
-        lines += [f"{n}: {v}" for n, v in self.headers if n.lower() not in dropped]
+        lines += [f"{n}: {v}" for n, v in self.headers if not remove(n)]
         lines += [f"{n}: {v}" for n, v in add]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

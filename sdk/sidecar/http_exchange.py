@@ -15,8 +15,10 @@ For every request on the connection (keep-alive and pipelining included):
    rule and the reason (the connection stays open when the refused request's
    body could be skipped);
 3. an allowed request goes to the app with ``X-Forwarded-Client-Spiffe-Id``
-   and ``X-Forwarded-Client-Cert`` set by the sidecar; any such header the
-   client sent is removed first, so the app can trust them;
+   and ``X-Forwarded-Client-Cert`` set by the sidecar; every field the client
+   sent under either name, in any case and with ``_`` for ``-``
+   (:func:`reserved_identity_header`), is removed first, so the app can trust
+   them;
 4. the body goes on while the response comes back, so ``Expect:
    100-continue`` works; ``101 Switching Protocols`` makes the connection a
    tunnel (WebSocket).
@@ -51,10 +53,12 @@ from sdk.sidecar.streams import Stream, splice
 
 __all__ = [
     "CLIENT_CERT_HEADER",
+    "IDENTITY_HEADERS",
     "IDLE_TIMEOUT_SECONDS",
     "SPIFFE_ID_HEADER",
     "ConnectionState",
     "HttpExchange",
+    "reserved_identity_header",
 ]
 
 _log = logging.getLogger("tessera.sidecar")
@@ -62,6 +66,7 @@ _log = logging.getLogger("tessera.sidecar")
 SPIFFE_ID_HEADER: Final = "X-Forwarded-Client-Spiffe-Id"
 CLIENT_CERT_HEADER: Final = "X-Forwarded-Client-Cert"
 IDENTITY_HEADERS: Final = frozenset({SPIFFE_ID_HEADER.lower(), CLIENT_CERT_HEADER.lower()})
+"""The fields the sidecar sets; :func:`reserved_identity_header` says which a client sent."""
 
 IDLE_TIMEOUT_SECONDS: Final = 60.0
 """How long a client connection may wait for (or take to send) its next request head."""
@@ -69,6 +74,17 @@ CONNECT_TIMEOUT_SECONDS: Final = 5.0
 DISCARD_LIMIT: Final = 64 * 1024
 """A refused request's body is skipped (keeping the connection) only up to this size."""
 _IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def reserved_identity_header(name: str) -> bool:
+    """Whether a request field is one of the identity headers, however the client spelt it.
+
+    Names are compared without case and with ``_`` read as ``-``: WSGI and CGI
+    servers (and several frameworks) turn both into ``_``, so
+    ``X_Forwarded_Client_Spiffe_Id`` reaches an app as the same variable as
+    ``X-Forwarded-Client-Spiffe-Id``, joined to it with a comma.
+    """
+    return name.lower().replace("_", "-") in IDENTITY_HEADERS
 
 
 @dataclass
@@ -176,7 +192,7 @@ class HttpExchange:
         return True
 
     async def _pass_on(self, head: RequestHead) -> _Outcome:
-        request = head.serialize(remove=IDENTITY_HEADERS, add=self.identity_headers)
+        request = head.serialize(remove=reserved_identity_header, add=self.identity_headers)
         reusing = self._app is not None and not self._app.at_eof()
         app = self._app if reusing and self._app is not None else await self._open_app()
         try:
@@ -269,3 +285,4 @@ class HttpExchange:
             await self.client.drain()
         except OSError:
             pass
+

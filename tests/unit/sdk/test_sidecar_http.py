@@ -18,6 +18,7 @@ from sdk.sidecar.http import (
     read_response_head,
     simple_response,
 )
+from sdk.sidecar.http_exchange import reserved_identity_header
 
 T = TypeVar("T")
 
@@ -100,11 +101,12 @@ def test_framing_of_request_bodies() -> None:
 
 def test_serialize_drops_and_adds_headers() -> None:
     head = request(
-        b"GET /a HTTP/1.1\r\nHost: a\r\nx-forwarded-client-spiffe-id: spiffe://evil/x\r\n\r\n"
+        b"GET /a HTTP/1.1\r\nHost: a\r\nx-forwarded-client-spiffe-id: spiffe://evil/x\r\n"
+        b"X_Forwarded_Client_Spiffe_Id: spiffe://evil/y\r\n\r\n"
     )
     assert head is not None
     wire = head.serialize(
-        remove={"X-Forwarded-Client-Spiffe-Id"},
+        remove=reserved_identity_header,
         add=[("X-Forwarded-Client-Spiffe-Id", "spiffe://example.org/web")],
     )
     assert wire == (
