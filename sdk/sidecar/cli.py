@@ -91,7 +91,10 @@ def files_command(
     health = parse_health_bind(health_bind)
     wanted = parse_svid_id(spiffe_id, what="--spiffe-id") if spiffe_id else None
     target = Path(directory).absolute()
-    source = connect_x509_source(socket, spiffe_id=wanted, timeout=timeout)
+    consequence = (f"the files in {target} are left as they are and not refreshed until an "
+                   "SVID is issued again")  # fmt: skip
+    source = connect_x509_source(socket, spiffe_id=wanted, timeout=timeout,
+                                 consequence=consequence)  # fmt: skip
     progress(f"Watching the Workload API at {source.address} for "
              f"{wanted or 'the default SVID'}; writing into {target}")  # fmt: skip
 
@@ -148,7 +151,11 @@ def proxy_command(
     _configure_logging(log_level)
     config = load_proxy_config(Path(config_path).absolute())
     wanted = parse_svid_id(spiffe_id, what="--spiffe-id") if spiffe_id else config.spiffe_id
-    source = connect_x509_source(socket or config.socket, spiffe_id=wanted, timeout=timeout)
+    source = connect_x509_source(
+        socket or config.socket, spiffe_id=wanted, timeout=timeout,
+        consequence="new connections, inbound and outbound, are refused until an SVID is "
+        "issued again",
+    )  # fmt: skip
     progress(f"Sidecar proxy presenting {source.x509_svid().spiffe_id} "
              f"(Workload API {source.address})")  # fmt: skip
     for inbound in config.inbound:
@@ -165,7 +172,8 @@ def proxy_command(
         server = None
         if config.health_bind is not None:
             server = HealthServer(config.health_bind, metrics,
-                                  ready=lambda: source.problem() or proxy.ready_problem())
+                                  ready=lambda: (source.problem() or source.no_identity()
+                                                 or proxy.ready_problem()))
         try:
             await proxy.start()
             if server is not None:

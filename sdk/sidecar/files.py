@@ -59,7 +59,7 @@ class FilesSidecar:
 
     def ready_problem(self) -> str | None:
         """None once the files were written and the source is healthy; else why not."""
-        problem = self.source.problem()
+        problem = self.source.problem() or self.source.no_identity()
         if problem:
             return problem
         if not self._written_once:
@@ -86,7 +86,14 @@ class FilesSidecar:
             unsubscribe()
 
     async def write_now(self) -> bool:
-        """Write the current SVID if it differs from what was written; False if that failed."""
+        """Write the current SVID if it differs from what was written; False if that failed.
+
+        While the Workload API withdraws the identity the files stay as they are
+        (the source has logged why): a program reading them keeps working until
+        the SVID expires, and the next SVID issued is written at once.
+        """
+        if self.source.no_identity() is not None:
+            return True
         try:
             contents = svid_file_set(self.source.snapshot())
             if contents.digest == self._digest:

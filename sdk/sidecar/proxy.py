@@ -39,6 +39,7 @@ import hashlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from spiffe import SpiffeId
@@ -85,6 +86,10 @@ class Proxy:
             *(InboundListener(c, source, self.metrics) for c in config.inbound),
             *(OutboundListener(c, source, self.metrics) for c in config.outbound),
         ]
+        # A source that can lose its identity (SidecarX509Source) says so; others never do.
+        no_identity: Callable[[], str | None] = getattr(source, "no_identity", _always_held)
+        for listener in self.listeners:
+            listener.no_identity = no_identity
         self._started = False
 
     async def start(self) -> None:
@@ -139,9 +144,15 @@ def handshake_policy(policy: Policy) -> Policy:
 # -- listeners ---------------------------------------------------------------------------
 
 
+def _always_held() -> str | None:
+    return None
+
+
 class _Listener:
     name: str
     listen: HostPort
+    no_identity: Callable[[], str | None] = staticmethod(_always_held)
+    """Why the sidecar holds no SVID now, or None: checked for every new connection."""
 
     def __init__(self, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
@@ -205,11 +216,18 @@ class _Listener:
             on_write=self.metrics.bytes.labels(self.name, "out").inc,
         )
         try:
-            await self._serve(client, state)
+            if self.no_identity() is None:
+                await self._serve(client, state)
+            else:  # never present an SVID that was withdrawn, nor one from before
+                self.metrics.handshake_failures.labels(self.name, "no_identity").inc()
+                _log.debug("%s: closed the connection from %s: this sidecar holds no SVID now",
+                           self.name, client.peer)  # fmt: skip
         except asyncio.CancelledError:
             pass  # shutdown
         except OSError as err:
             _log.debug("%s: the connection from %s ended: %s", self.name, client.peer, err)
+        except SdkError as err:  # e.g. the SVID was withdrawn during the handshake
+            _log.info("%s: the connection from %s ended: %s", self.name, client.peer, err)
         except Exception:
             _log.exception("%s: the connection from %s failed", self.name, client.peer)
         finally:
