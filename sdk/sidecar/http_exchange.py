@@ -2,15 +2,17 @@
 
 ::
 
-    exchange = HttpExchange(client, peer, forward=HostPort("127.0.0.1", 8080), policy=policy,
-                            identity_headers=[...], decided=record, listener="inbound[0]")
-    await exchange.run()
+    exchange = HttpExchange(client, peer, forward=HostPort("127.0.0.1", 8080),
+                            policy=lambda: policy, identity_headers=[...], decided=record,
+                            listener="inbound[0]")
+    await exchange.run()          # or exchange.refuse(decision): one 403, then close
 
 For every request on the connection (keep-alive and pipelining included):
 
 1. the head is read and checked (:mod:`sdk.sidecar.http`); a malformed one
    is answered 400/414/431/501/505 and the connection closed;
-2. the policy decides with the caller's SPIFFE ID, the method and the
+2. the policy in effect at that request (``policy()``: a reload reaches open
+   connections) decides with the caller's SPIFFE ID, the method and the
    decoded path. A refusal is answered ``403`` with a text body naming the
    rule and the reason (the connection stays open when the refused request's
    body could be skipped);
@@ -31,6 +33,7 @@ a request without a body is sent again on a new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,7 +117,7 @@ class HttpExchange:
         peer_id: SpiffeId,
         *,
         forward: HostPort,
-        policy: Policy,
+        policy: Callable[[], Policy],
         identity_headers: Sequence[tuple[str, str]],
         decided: Callable[[Decision], None],
         listener: str,
@@ -145,6 +148,14 @@ class HttpExchange:
             if self._app is not None:
                 await self._app.close()
 
+    async def refuse(self, decision: Decision) -> None:
+        """The caller itself is refused: read its first request head, answer ``403`` with the
+        rule and the reason, and close (the request goes nowhere)."""
+        with contextlib.suppress(HttpError, TimeoutError, OSError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+        message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
+        await self._answer(403, message, keep_alive=False)
+
     async def _next_request(self) -> RequestHead | None:
         self.state.idle = True
         try:
@@ -158,7 +169,7 @@ class HttpExchange:
             self.state.idle = False
 
     async def _handle(self, head: RequestHead) -> _Outcome:
-        decision = self.policy.decide(self.peer_id, method=head.method, path=head.path)
+        decision = self.policy().decide(self.peer_id, method=head.method, path=head.path)
         self.decided(decision)
         if not decision.allowed:
             return await self._refuse(head, decision)

@@ -148,6 +148,10 @@ def _always_held() -> str | None:
     return None
 
 
+def _authorize_any(peer_id: SpiffeId) -> None:
+    """Any peer with a valid SVID completes the handshake (HTTP listeners judge it after)."""
+
+
 class _Listener:
     name: str
     listen: HostPort
@@ -276,19 +280,33 @@ class InboundListener(_Listener):
         self.listen = config.listen
         self.config = config
         super().__init__(metrics)
-        http = config.protocol is ListenerProtocol.HTTP
-        self._connection_policy = handshake_policy(config.policy) if http else config.policy
+        self.policy = config.policy
+        """The policy in effect (replaced by :meth:`set_policy`)."""
         self._source = source
-        self._context = mtls_server_context(source, self._authorize_connection)
+        self._http = config.protocol is ListenerProtocol.HTTP
+        # TCP: the policy judges the peer in the handshake. HTTP: after it, so that a refused
+        # caller can be told why in a 403 (the handshake still requires a valid SVID).
+        authorizer = _authorize_any if self._http else self._authorize_connection
+        self._context = mtls_server_context(source, authorizer)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Judge new connections, and the next requests of open HTTP ones, with ``policy``."""
+        self.policy = policy
 
     def _protocol(self) -> asyncio.BaseProtocol:
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
         return _PausedStreamReaderProtocol(reader, self._accepted)
 
-    def _authorize_connection(self, peer_id: SpiffeId) -> None:
-        """The authorizer of the handshake."""
-        decision = self._connection_policy.decide(peer_id)
+    def _decide_connection(self, peer_id: SpiffeId) -> Decision:
+        """The connection-level decision (for HTTP: without methods and paths), counted."""
+        policy = handshake_policy(self.policy) if self._http else self.policy
+        decision = policy.decide(peer_id)
         self.metrics.decision(self.name, "handshake", decision.rule, decision.allowed)
+        return decision
+
+    def _authorize_connection(self, peer_id: SpiffeId) -> None:
+        """The authorizer of a TCP listener's handshake."""
+        decision = self._decide_connection(peer_id)
         if not decision.allowed:
             raise AuthorizationError(peer_id, f"policy rule {decision.rule!r}", decision.reason)
 
@@ -299,7 +317,7 @@ class InboundListener(_Listener):
         who = f"client {client.peer}"
         if not await self._handshake(client, self._context, who, server_hostname=None):
             return
-        if self.config.protocol is ListenerProtocol.TCP:
+        if not self._http:
             app = await self._connect(self.config.forward, "the app")
             if app is None:
                 return
@@ -314,13 +332,19 @@ class InboundListener(_Listener):
             client,
             peer_id,
             forward=self.config.forward,
-            policy=self.config.policy,
+            policy=lambda: self.policy,
             identity_headers=self._identity_headers(peer_id, tls.getpeercert(binary_form=True)),
             decided=self._request_decided,
             listener=self.name,
             state=state,
         )
-        await exchange.run()
+        decision = self._decide_connection(peer_id)
+        if decision.allowed:
+            await exchange.run()
+        else:
+            _log.info("%s: refused %s (client %s) by policy rule %r: %s; answering 403",
+                      self.name, peer_id, client.peer, decision.rule, decision.reason)  # fmt: skip
+            await exchange.refuse(decision)
 
     def _identity_headers(self, peer_id: SpiffeId, peer_der: bytes) -> list[tuple[str, str]]:
         own_id = self._source.x509_svid().spiffe_id
@@ -349,6 +373,7 @@ class OutboundListener(_Listener):
                 raise
             self.metrics.decision(self.name, "handshake", config.accept, True)
 
+        self._source = source
         self._context = mtls_client_context(source, authorize)
 
     async def _serve(self, client: Stream, state: ConnectionState) -> None:
@@ -360,9 +385,36 @@ class OutboundListener(_Listener):
             who = f"upstream {upstream_address} (for {client.peer})"
             if await self._handshake(upstream, self._context, who,
                                      server_hostname=upstream_address.host):  # fmt: skip
-                await splice(client, upstream)
+                received = _ByteCount()
+                upstream.count_reads(received)
+                ended_first = await splice(client, upstream)
+                if ended_first is upstream and not received.total:
+                    self._refused_by_upstream(upstream)
         finally:
             await upstream.close()
+
+    def _refused_by_upstream(self, upstream: Stream) -> None:
+        """The upstream closed right after the handshake without a byte: in TLS 1.3 that is how
+        a server refusing the client's certificate looks (it cannot send an alert in time)."""
+        self.metrics.handshake_failures.labels(self.name, "refused_by_upstream").inc()
+        tls = upstream.writer.get_extra_info("ssl_object")
+        try:
+            upstream_id = str(peer_spiffe_id(tls)) if tls is not None else "unknown"
+            own_id = str(self._source.x509_svid().spiffe_id)
+        except SdkError:
+            own_id = "(none held now)"
+        _log.info("%s: upstream %s (%s) closed the connection right after the TLS handshake, "
+                  "before sending a byte: it most likely refused this sidecar's SVID %s; its "
+                  "own log says why", self.name, self.config.upstream, upstream_id,
+                  own_id)  # fmt: skip
+
+
+@dataclasses.dataclass
+class _ByteCount:
+    total: int = 0
+
+    def __call__(self, size: int) -> None:
+        self.total += size
 
 
 class _PausedStreamReaderProtocol(asyncio.StreamReaderProtocol):

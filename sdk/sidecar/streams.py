@@ -88,6 +88,10 @@ class Stream:
         self._on_read(len(data))
         return data
 
+    def count_reads(self, on_read: Callable[[int], Any]) -> None:
+        """Call ``on_read`` with the size of everything read from now on."""
+        self._on_read = on_read
+
     def at_eof(self) -> bool:
         return self.reader.at_eof()
 
@@ -112,8 +116,8 @@ class Stream:
             await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT_SECONDS)
 
 
-async def splice(a: Stream, b: Stream) -> None:
-    """Copy ``a`` to ``b`` and ``b`` to ``a`` until both ended.
+async def splice(a: Stream, b: Stream) -> Stream | None:
+    """Copy ``a`` to ``b`` and ``b`` to ``a`` until both ended; the stream that ended first.
 
     When one direction ends, the other side is half-closed if it can be
     (plain TCP) and the other direction goes on; where it cannot (TLS has no
@@ -125,11 +129,10 @@ async def splice(a: Stream, b: Stream) -> None:
             try:
                 await stream.drain()  # so neither transport is paused for writing
             except OSError:
-                return
+                return stream
     transport_a, transport_b = _transport_to_take(a), _transport_to_take(b)
     if transport_a is None or transport_b is None:
-        await _splice_with_pumps(a, b)
-        return
+        return await _splice_with_pumps(a, b)
     # What the readers already hold (no wait: only read when there is some).
     held_a, held_b = await _read_buffered(a), await _read_buffered(b)
     relay = _Relay(_End(a, transport_a, held_a), _End(b, transport_b, held_b))
@@ -137,6 +140,7 @@ async def splice(a: Stream, b: Stream) -> None:
         await relay.finished
     finally:
         relay.finish()
+    return relay.ended_first
 
 
 class _End(asyncio.Protocol):
@@ -171,6 +175,7 @@ class _End(asyncio.Protocol):
         if self.relay.over:
             return keep_open
         self.ended = True
+        self.relay.ending(self)
         target = self.peer.transport
         if keep_open and target.can_write_eof() and not target.is_closing():
             target.write_eof()
@@ -182,6 +187,7 @@ class _End(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.previous.connection_lost(exc)
+        self.relay.ending(self)
         self.relay.finish()
 
     def pause_writing(self) -> None:
@@ -203,6 +209,8 @@ class _Relay:
     def __init__(self, a: _End, b: _End) -> None:
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.over = False
+        self.ended_first: Stream | None = None
+        """The stream whose end (EOF or lost connection) came first."""
         a.relay = b.relay = self
         a.peer, b.peer = b, a
         for end in (a, b):
@@ -214,6 +222,10 @@ class _Relay:
         for end in (a, b):
             if end.stream.reader.at_eof():
                 end.eof_received()
+
+    def ending(self, end: _End) -> None:
+        if self.ended_first is None and not self.over:
+            self.ended_first = end.stream
 
     def finish(self) -> None:
         self.over = True
@@ -249,18 +261,23 @@ async def _read_buffered(stream: Stream) -> bytes:
     return await stream.reader.read(len(buffer)) if buffer else b""
 
 
-async def _splice_with_pumps(a: Stream, b: Stream) -> None:
+async def _splice_with_pumps(a: Stream, b: Stream) -> Stream | None:
     """:func:`splice` through the streams' readers and writers, a task per direction."""
-    pumps = {asyncio.create_task(_pump(a, b)), asyncio.create_task(_pump(b, a))}
+    sources = {asyncio.create_task(_pump(a, b)): a, asyncio.create_task(_pump(b, a)): b}
+    pumps = set(sources)
+    ended_first: Stream | None = None
     try:
         while pumps:
             done, pumps = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            if ended_first is None:
+                ended_first = sources[next(iter(done))]
             if not all(task.result() for task in done):
                 break
     finally:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+    return ended_first
 
 
 async def _pump(source: Stream, target: Stream) -> bool:

@@ -284,29 +284,26 @@ def test_refused_requests_get_403_naming_the_rule_and_keep_the_connection(
                         rule="no-admin", result="refused") == 1  # fmt: skip
 
 
-def test_a_peer_no_allow_rule_names_is_refused_in_the_handshake(
+def test_a_peer_no_allow_rule_names_gets_403_with_the_reason_after_the_handshake(
     start: Any, app: App, ca: TestCA, api_source: StaticX509Source,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     proxy = start(inbound(port_of(app)), api_source)
 
     intruder = httpx_client(source_for(ca, INTRUDER_ID), authorize_id(API_ID))
-    with caplog.at_level(logging.INFO, logger="tessera.sidecar"):
-        with intruder as client, pytest.raises(httpx.HTTPError):
-            client.get(f"https://127.0.0.1:{proxy.port('in')}/api/items")
-        # The client sees the connection end before the proxy's loop has logged why.
-        wait_until(lambda: "failed (refused)" in caplog.text, "the refusal being logged")
+    with caplog.at_level(logging.INFO, logger="tessera.policy"), intruder as client:
+        response = client.get(f"https://127.0.0.1:{proxy.port('in')}/api/items")
 
+    assert (response.status_code, response.headers["connection"], response.text) == (
+        403, "close", "spiffe://example.org/intruder refused by policy rule 'default-deny': no "
+        "allow rule matches it\n")  # fmt: skip
     assert app.requests == []
     assert proxy.sample("tessera_sidecar_handshake_failures_total", listener="in",
-                        reason="refused") == 1  # fmt: skip
+                        reason="refused") == 0  # fmt: skip
     assert proxy.sample("tessera_sidecar_decisions_total", listener="in", stage="handshake",
                         rule="default-deny", result="refused") == 1  # fmt: skip
-    assert (
-        "TLS handshake with client 127.0.0.1:" in caplog.text
-        and "failed (refused): spiffe://example.org/intruder refused by policy rule "
-        "'default-deny': no allow rule matches it" in caplog.text
-    )
+    assert ("refused spiffe://example.org/intruder by rule 'default-deny': no allow rule "
+            "matches it") in caplog.text  # fmt: skip
 
 
 def test_the_handshake_policy_ignores_methods_and_paths_but_keeps_plain_denies() -> None:
@@ -511,6 +508,48 @@ def test_outbound_refuses_an_upstream_with_another_id(
         "failed (refused): spiffe://example.org/api refused by authorize_id: expected "
         "spiffe://example.org/db" in caplog.text
     )
+
+
+def test_the_client_side_counts_and_logs_a_refusal_by_a_tcp_upstream(
+    start: Any, echo: int, ca: TestCA, api_source: StaticX509Source,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """In TCP mode the upstream's sidecar refuses in the handshake; TLS 1.3 gives the client no
+    alert, only the connection closed before a byte: the client side names it."""
+    only_ops = Policy.from_dict({"allow": [{"ids": [OPS_ID]}]})
+    server_side = start(inbound(echo, ListenerProtocol.TCP, only_ops), api_source)
+    client_side = start(outbound(server_side.port("in")), source_for(ca, WEB_ID))
+
+    with caplog.at_level(logging.INFO, logger="tessera.sidecar"):
+        with socket.create_connection(("127.0.0.1", client_side.port("out")), timeout=5) as plain:
+            plain.sendall(b"one\n")
+            assert plain.recv(100) == b""
+        wait_until(lambda: client_side.sample("tessera_sidecar_handshake_failures_total",
+                                              listener="out", reason="refused_by_upstream") == 1,
+                   "the refusal being counted")  # fmt: skip
+
+    assert (f"out: upstream 127.0.0.1:{server_side.port('in')} ({API_ID}) closed the connection "
+            "right after the TLS handshake, before sending a byte: it most likely refused this "
+            f"sidecar's SVID {WEB_ID}; its own log says why") in caplog.text  # fmt: skip
+
+
+def test_the_client_side_does_not_count_its_own_app_hanging_up(
+    start: Any, echo: int, ca: TestCA, api_source: StaticX509Source
+) -> None:
+    policy = Policy.from_dict({"allow": [{"ids": [WEB_ID]}]})
+    server_side = start(inbound(echo, ListenerProtocol.TCP, policy), api_source)
+    client_side = start(outbound(server_side.port("in")), source_for(ca, WEB_ID))
+
+    with socket.create_connection(("127.0.0.1", client_side.port("out")), timeout=5) as plain:
+        plain.sendall(b"one\n")
+        assert plain.recv(100) == b"echo one\n"
+    with socket.create_connection(("127.0.0.1", client_side.port("out")), timeout=5):
+        pass
+    wait_until(lambda: client_side.sample("tessera_sidecar_open_connections", listener="out") == 0,
+               "both connections closed")  # fmt: skip
+
+    assert client_side.sample("tessera_sidecar_handshake_failures_total", listener="out",
+                              reason="refused_by_upstream") == 0  # fmt: skip
 
 
 # -- health and shutdown ------------------------------------------------------------------
