@@ -176,10 +176,11 @@ def proxy_command(
                                                  or proxy.ready_problem()))
         try:
             await proxy.start()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload_policies)
             if server is not None:
                 await server.start()
                 progress(f"  health:  {server.url}/ready, {server.url}/metrics")
-            progress("Sidecar proxy is ready. Ctrl-C stops it.")
+            progress("Sidecar proxy is ready. SIGHUP reloads the policy files; Ctrl-C stops it.")
             await _until(stop, source)
         finally:
             await proxy.stop()

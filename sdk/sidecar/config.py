@@ -105,6 +105,19 @@ class InboundConfig:
     forward: HostPort
     policy: Policy
     protocol: ListenerProtocol = ListenerProtocol.TCP
+    policy_file: Path | None = None
+    """The policy file, when ``policy`` names one (it is reloaded when it changes)."""
+
+    def load_policy(self) -> Policy:
+        """Read :attr:`policy_file` again, checked as at start; SidecarConfigError says why not."""
+        if self.policy_file is None:
+            return self.policy
+        try:
+            policy = Policy.load(self.policy_file)
+        except PolicyError as err:
+            raise SidecarConfigError(f"{self.name}: {err.message}") from err
+        _check_rules_fit(policy, self.protocol, self.name, SidecarConfigError)
+        return policy
 
 
 @dataclass(frozen=True)
@@ -269,17 +282,22 @@ def _inbound(table: Mapping[str, Any], label: str, base: Path, fail: _Fail) -> I
     if protocol_value not in {p.value for p in ListenerProtocol}:
         raise fail(f'{label}.protocol must be "tcp" or "http", not {protocol_value!r}')
     protocol = ListenerProtocol(protocol_value)
-    policy = _policy(table, label, base, fail)
-    if protocol is ListenerProtocol.TCP:
-        for rule in (*policy.allow, *policy.deny):
-            if rule.methods or rule.paths:
-                raise fail(
-                    f"{label}: policy rule {rule.name!r} names methods or paths, which only HTTP "
-                    'requests have; set protocol = "http" on this listener, or drop them from '
-                    "the rule"
-                )
+    policy, policy_file = _policy(table, label, base, fail)
+    _check_rules_fit(policy, protocol, label, fail)
     return InboundConfig(name=name, listen=listen, forward=forward, policy=policy,
-                         protocol=protocol)  # fmt: skip
+                         protocol=protocol, policy_file=policy_file)  # fmt: skip
+
+
+def _check_rules_fit(policy: Policy, protocol: ListenerProtocol, label: str, fail: _Fail) -> None:
+    if protocol is not ListenerProtocol.TCP:
+        return
+    for rule in (*policy.allow, *policy.deny):
+        if rule.methods or rule.paths:
+            raise fail(
+                f"{label}: policy rule {rule.name!r} names methods or paths, which only HTTP "
+                'requests have; set protocol = "http" on this listener, or drop them from '
+                "the rule"
+            )
 
 
 def _outbound(table: Mapping[str, Any], label: str, fail: _Fail) -> OutboundConfig:
@@ -318,14 +336,17 @@ def _outbound(table: Mapping[str, Any], label: str, fail: _Fail) -> OutboundConf
     return OutboundConfig(name, listen, upstream, accept=key, accepted=accepted)
 
 
-def _policy(table: Mapping[str, Any], label: str, base: Path, fail: _Fail) -> Policy:
+def _policy(
+    table: Mapping[str, Any], label: str, base: Path, fail: _Fail
+) -> tuple[Policy, Path | None]:
     value = table.get("policy")
     try:
         if isinstance(value, str) and value.strip():
             path = Path(value)
-            return Policy.load(path if path.is_absolute() else base / path)
+            path = path if path.is_absolute() else base / path
+            return Policy.load(path), path
         if isinstance(value, Mapping):
-            return Policy.from_dict(value, source=f"[{label}.policy]")
+            return Policy.from_dict(value, source=f"[{label}.policy]"), None
     except PolicyError as err:
         raise fail(f"{label}.policy: {err.message}") from err
     if value is None:

@@ -40,6 +40,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from spiffe import SpiffeId
@@ -72,15 +73,24 @@ _log = logging.getLogger("tessera.sidecar")
 HANDSHAKE_TIMEOUT_SECONDS: Final = 10.0
 CONNECT_TIMEOUT_SECONDS: Final = 5.0
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
+POLICY_CHECK_SECONDS: Final = 1.0
+"""How often policy files are checked for a change."""
 
 
 class Proxy:
     """Every listener of a proxy configuration, started and stopped together."""
 
     def __init__(
-        self, config: ProxyConfig, source: X509Source, *, metrics: ProxyMetrics | None = None
+        self,
+        config: ProxyConfig,
+        source: X509Source,
+        *,
+        metrics: ProxyMetrics | None = None,
+        policy_check_seconds: float = POLICY_CHECK_SECONDS,
     ) -> None:
         self.config = config
+        self._policy_check_seconds = policy_check_seconds
+        self._policy_watch: asyncio.Task[None] | None = None
         self.metrics = metrics or ProxyMetrics()
         self.listeners: list[_Listener] = [
             *(InboundListener(c, source, self.metrics) for c in config.inbound),
@@ -102,10 +112,38 @@ class Proxy:
             raise
         self._started = True
         _freeze_startup_objects()
+        if any(listener.config.policy_file for listener in self._inbound()):
+            self._policy_watch = asyncio.create_task(self._watch_policy_files())
+
+    def reload_policies(self) -> None:
+        """Read every policy file again (SIGHUP); a file that does not load changes nothing."""
+        for listener in self._inbound():
+            if listener.config.policy_file is None:
+                _log.info("%s: the policy is inline in %s; it changes with a restart (put it "
+                          "in a policy file to reload it)", listener.name,
+                          self.config.source)  # fmt: skip
+            else:
+                listener.reload_policy("on SIGHUP")
+
+    async def _watch_policy_files(self) -> None:
+        """Reload a policy file when it changes (its inode, size or modification time)."""
+        while True:
+            await asyncio.sleep(self._policy_check_seconds)
+            for listener in self._inbound():
+                if listener.policy_file_changed():
+                    listener.reload_policy("the file changed")
+
+    def _inbound(self) -> list[InboundListener]:
+        return [listener for listener in self.listeners if isinstance(listener, InboundListener)]
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, close idle connections, give the others ``grace`` seconds."""
         self._started = False
+        if self._policy_watch is not None:
+            self._policy_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._policy_watch
+            self._policy_watch = None
         for listener in self.listeners:
             listener.stop_accepting()
         tasks = [task for listener in self.listeners for task in listener.begin_shutdown()]
@@ -282,6 +320,7 @@ class InboundListener(_Listener):
         super().__init__(metrics)
         self.policy = config.policy
         """The policy in effect (replaced by :meth:`set_policy`)."""
+        self._policy_stamp = _file_stamp(config.policy_file) if config.policy_file else None
         self._source = source
         self._http = config.protocol is ListenerProtocol.HTTP
         # TCP: the policy judges the peer in the handshake. HTTP: after it, so that a refused
@@ -292,6 +331,28 @@ class InboundListener(_Listener):
     def set_policy(self, policy: Policy) -> None:
         """Judge new connections, and the next requests of open HTTP ones, with ``policy``."""
         self.policy = policy
+
+    def policy_file_changed(self) -> bool:
+        path = self.config.policy_file
+        return path is not None and _file_stamp(path) != self._policy_stamp
+
+    def reload_policy(self, why: str) -> None:
+        """Load the policy file again and put it in effect; if it does not load, keep the one in
+        effect and say so."""
+        path = self.config.policy_file
+        if path is None:
+            return
+        self._policy_stamp = _file_stamp(path)
+        try:
+            policy = self.config.load_policy()
+        except SidecarConfigError as err:
+            _log.error("%s: reloading the policy file %s (%s) failed, so the policy loaded before "
+                       "stays in effect: %s", self.name, path, why, err.message)  # fmt: skip
+            return
+        self.set_policy(policy)
+        _log.info("%s: reloaded the policy file %s (%s): %d allow and %d deny rules in %s mode "
+                  "now judge new connections and the next requests", self.name, path, why,
+                  len(policy.allow), len(policy.deny), policy.mode.value)  # fmt: skip
 
     def _protocol(self) -> asyncio.BaseProtocol:
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
@@ -440,6 +501,15 @@ def _freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a file is edited or replaced; None while it cannot be read."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _handshake_failure(err: Exception) -> tuple[str, str]:
