@@ -155,6 +155,7 @@ def proxy_command(
         socket or config.socket, spiffe_id=wanted, timeout=timeout,
         consequence="new connections, inbound and outbound, are refused until an SVID is "
         "issued again",
+        socket_setting=f"--socket (or socket in {config.source})",
     )  # fmt: skip
     progress(f"Sidecar proxy presenting {source.x509_svid().spiffe_id} "
              f"(Workload API {source.address})")  # fmt: skip

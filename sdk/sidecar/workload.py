@@ -47,7 +47,7 @@ from spiffe.workloadapi.workload_api_client import StreamCancelHandler
 from spiffe.workloadapi.x509_context import X509Context
 
 from sdk.errors import SourceError
-from sdk.sources import Unsubscribe, workload_api_address
+from sdk.sources import ENDPOINT_SOCKET_ENV, Unsubscribe, workload_api_address
 
 __all__ = ["SidecarX509Source", "SnapshotSource", "X509Snapshot", "connect_x509_source"]
 
@@ -344,11 +344,18 @@ def connect_x509_source(
     spiffe_id: SpiffeId | None = None,
     timeout: float = 10.0,
     consequence: str = "",
+    socket_setting: str = "--socket",
 ) -> SidecarX509Source:
     """Wait up to ``timeout`` seconds for the socket and the first SVID; SourceError says why not.
 
-    ``socket`` is ``unix:///path`` or a path; None means ``$SPIFFE_ENDPOINT_SOCKET``.
+    ``socket`` is ``unix:///path`` or a path; None means ``$SPIFFE_ENDPOINT_SOCKET``. Messages
+    name ``socket_setting`` (the flag or config key the user sets) for it.
     """
+    if not (socket or os.environ.get(ENDPOINT_SOCKET_ENV)):
+        raise SourceError(
+            f"no Workload API socket: pass {socket_setting} or set ${ENDPOINT_SOCKET_ENV}, e.g. "
+            "unix:///run/tessera/agent.sock"
+        )
     address = workload_api_address(socket)
     path = _socket_path(address)
     deadline = time.monotonic() + timeout

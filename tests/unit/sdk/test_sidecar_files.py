@@ -349,3 +349,13 @@ def test_connecting_says_what_is_wrong(tmp_path: Path, workload_api: RunningWork
     with connect_x509_source(workload_api.address, timeout=5) as source:
         assert source.x509_svid().spiffe_id == SpiffeId(WEB_ID)
         assert source.problem() is None
+
+
+def test_without_a_socket_the_message_names_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SPIFFE_ENDPOINT_SOCKET", raising=False)
+    with pytest.raises(SourceError) as caught:
+        connect_x509_source(None, timeout=0)
+    assert caught.value.message == (
+        "no Workload API socket: pass --socket or set $SPIFFE_ENDPOINT_SOCKET, e.g. "
+        "unix:///run/tessera/agent.sock"
+    )
