@@ -10,9 +10,12 @@ default ``inbound[0]``, ``outbound[1]``...):
                                                    ``out``: written back to it
 ``tessera_sidecar_handshake_seconds``              TLS handshakes that succeeded (histogram)
 ``tessera_sidecar_handshake_failures_total``       by ``reason``: ``refused`` (by the policy or
-                                                   the upstream's ID), ``unauthenticated`` (no
-                                                   SVID, wrong trust domain), ``tls``,
-                                                   ``timeout``, ``closed``
+                                                   the upstream's ID), ``refused_by_upstream``
+                                                   (the upstream closed right after the
+                                                   handshake), ``unauthenticated`` (no SVID,
+                                                   wrong trust domain), ``no_identity`` (this
+                                                   sidecar holds none), ``tls``, ``timeout``,
+                                                   ``closed``
 ``tessera_sidecar_decisions_total``                by ``stage`` (``handshake``, ``request``),
                                                    ``rule`` and ``result`` (``allowed``,
                                                    ``refused``)

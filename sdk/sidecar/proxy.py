@@ -10,19 +10,27 @@
 
 **Inbound** listeners accept mTLS with the :mod:`sdk.tls` server context, so
 the SVID presented and the bundles trusted follow every rotation without a
-restart, and the caller is judged *during the handshake*: a peer the policy
-does not allow never gets a byte through. With ``protocol = "tcp"`` that is
-the only decision and the bytes are then spliced to ``forward``. With
-``protocol = "http"`` the handshake lets through every peer some allow rule
-names (whatever its methods and paths) unless a deny rule without methods and
-paths names it, and then each request is judged with its method and path
+restart. With ``protocol = "tcp"`` the caller is judged *during the
+handshake* (a refused peer never gets a byte through) and the bytes are then
+spliced to ``forward``. With ``protocol = "http"`` the caller is judged right
+*after* the handshake, so that it can be told why: a peer no allow rule names
+(whatever its methods and paths), or a deny rule without methods and paths
+names, gets its first request answered ``403`` with the rule and reason, and
+the connection closed; then each request is judged with its method and path
 (:mod:`sdk.sidecar.http_exchange`): ``403`` with the rule and reason, or on
 to the app with ``X-Forwarded-Client-Spiffe-Id``.
 
 **Outbound** listeners accept plain TCP from the local app, connect to
 ``upstream`` with the :mod:`sdk.tls` client context and refuse, in the
 handshake, an upstream whose SPIFFE ID does not match; the local connection
-is then closed and the reason logged.
+is then closed and the reason logged. An upstream that closes right after
+the handshake without a byte (how a TLS 1.3 server refusing the client's
+certificate looks) is logged and counted as ``refused_by_upstream``.
+
+While the source holds no SVID (``no_identity()``: the Workload API withdrew
+it), every new connection is closed at once, both ways. Policy files are
+read again when they change and on :meth:`Proxy.reload_policies` (SIGHUP); a
+file that does not load leaves the policy in effect.
 
 Every decision and handshake is counted (:mod:`sdk.sidecar.metrics`), and
 refusals are logged at INFO on the ``tessera.sidecar`` logger.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
 import socket
 import subprocess
 import textwrap
@@ -214,11 +215,12 @@ def test_sidecars_carry_allowed_calls_and_refuse_the_others(sidecars: Sidecars) 
         "DELETE /hello\n",
     )
 
-    with pytest.raises(httpx.HTTPError):  # the api's sidecar refuses the intruder's handshake
-        httpx.get(f"http://127.0.0.1:{sidecars.intruder_port}/hello", timeout=10)
+    # the api's sidecar refuses the intruder after the handshake, and says why
+    intruder = httpx.get(f"http://127.0.0.1:{sidecars.intruder_port}/hello", timeout=10)
+    assert (intruder.status_code, intruder.text) == (
+        403, f"{INTRUDER} refused by policy rule 'default-deny': no allow rule matches it\n")
     sidecars.api.wait_for(
-        f"failed (refused): {INTRUDER} refused by policy rule 'default-deny': no allow rule "
-        "matches it"
+        f"api: refused {INTRUDER} (client 127.0.0.1:"
     )
 
     with pytest.raises(httpx.HTTPError):  # the web sidecar refuses an upstream that is not db
@@ -240,6 +242,156 @@ def test_sidecars_carry_allowed_calls_and_refuse_the_others(sidecars: Sidecars) 
             in web_metrics)  # fmt: skip
     assert httpx.get(f"http://127.0.0.1:{sidecars.web_health}/ready").json() == {
         "status": "ready"}
+
+
+def test_curl_through_a_refused_callers_sidecar_gets_403_with_the_reason(
+    sidecars: Sidecars,
+) -> None:
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{sidecars.intruder_port}/hello"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{INTRUDER} refused by policy rule 'default-deny': no allow rule matches it\n\n403")
+
+
+def test_a_tcp_upstream_refusing_is_counted_by_the_callers_sidecar(
+    domain: TrustDomain, app_port: int, tmp_path: Path, start: StartProcess
+) -> None:
+    tcp_port, out_port, health = free_port(), free_port(), free_port()
+    server_side = Sidecars._proxy(start, domain, tmp_path, "api-tcp", f"""
+        spiffe_id = "{API}"
+        health_bind = "0"
+        [[inbound]]
+        name = "api-tcp"
+        listen = "127.0.0.1:{tcp_port}"
+        forward = "127.0.0.1:{app_port}"
+        [inbound.policy]
+        allow = [{{ ids = ["{WEB}"] }}]
+    """)
+    caller = Sidecars._proxy(start, domain, tmp_path, "intruder-tcp", f"""
+        spiffe_id = "{INTRUDER}"
+        health_bind = "127.0.0.1:{health}"
+        [[outbound]]
+        name = "to-api"
+        listen = "127.0.0.1:{out_port}"
+        upstream = "127.0.0.1:{tcp_port}"
+        spiffe_id = "{API}"
+    """)
+    for proxy in (server_side, caller):
+        proxy.wait_for("Sidecar proxy is ready")
+
+    refused = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{out_port}/hello"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert refused.returncode != 0
+
+    def counted() -> bool | None:
+        metrics = httpx.get(f"http://127.0.0.1:{health}/metrics", timeout=5).text
+        return True if ('tessera_sidecar_handshake_failures_total{listener="to-api",'
+                        'reason="refused_by_upstream"} 1.0') in metrics else None  # fmt: skip
+
+    poll(counted, 20, "the refusal on the caller's /metrics")
+    caller.wait_for(f"to-api: upstream 127.0.0.1:{tcp_port} ({API}) closed the connection right "
+                    "after the TLS handshake, before sending a byte: it most likely refused this "
+                    f"sidecar's SVID {INTRUDER}")  # fmt: skip
+    server_side.wait_for(f"failed (refused): {INTRUDER} refused by policy rule 'default-deny'")
+
+
+def test_policy_files_reload_on_change_and_on_sighup(
+    domain: TrustDomain, app_port: int, tmp_path: Path, start: StartProcess
+) -> None:
+    api_port, web_port = free_port(), free_port()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[[allow]]\nname = "web"\nids = ["{WEB}"]\n')
+    api = Sidecars._proxy(start, domain, tmp_path, "api-reload", f"""
+        spiffe_id = "{API}"
+        health_bind = "0"
+        [[inbound]]
+        name = "api"
+        listen = "127.0.0.1:{api_port}"
+        forward = "127.0.0.1:{app_port}"
+        protocol = "http"
+        policy = "policy.toml"
+    """)
+    web = Sidecars._proxy(start, domain, tmp_path, "web-reload", f"""
+        spiffe_id = "{WEB}"
+        health_bind = "0"
+        [[outbound]]
+        listen = "127.0.0.1:{web_port}"
+        upstream = "127.0.0.1:{api_port}"
+        spiffe_id = "{API}"
+    """)
+    for proxy in (api, web):
+        proxy.wait_for("Sidecar proxy is ready")
+
+    def status() -> int:
+        return httpx.get(f"http://127.0.0.1:{web_port}/hello", timeout=10).status_code
+
+    assert status() == 200
+    policy.write_text(f'[[deny]]\nname = "no-web"\nids = ["{WEB}"]\n')
+    poll(lambda: True if status() == 403 else None, 20, "the edited policy taking effect")
+    api.wait_for(f"api: reloaded the policy file {policy} (the file changed): 0 allow and 1 deny "
+                 "rules in enforce mode now judge new connections and the next requests")
+
+    policy.write_text("[[allow]\nids = oops\n")
+    api.wait_for(f"api: reloading the policy file {policy} (the file changed) failed, so the "
+                 "policy loaded before stays in effect: api: ")
+    assert status() == 403
+
+    assert api.process is not None
+    api.process.send_signal(signal.SIGHUP)
+    api.wait_for(f"api: reloading the policy file {policy} (on SIGHUP) failed, so the policy "
+                 "loaded before stays in effect")
+    api.check_running()
+    assert status() == 403
+
+
+def test_a_deleted_entry_makes_the_sidecar_drop_its_svid_until_it_is_back(
+    tmp_path: Path, app_port: int, start: StartProcess
+) -> None:
+    solo = "spiffe://example.org/solo"
+    (tmp_path / "solo").mkdir()
+    with trust_domain(tmp_path / "solo", [Entry(solo)]) as own:
+        entry_id = json.loads(own.server.cli("entry", "show", "--spiffe-id", solo,
+                                             "--output", "json").stdout)["entries"][0]["id"]
+        listen, health = free_port(), free_port()
+        proxy = Sidecars._proxy(start, own, tmp_path, "solo-proxy", f"""
+            health_bind = "127.0.0.1:{health}"
+            [[inbound]]
+            listen = "127.0.0.1:{listen}"
+            forward = "127.0.0.1:{app_port}"
+            [inbound.policy]
+        """)
+        proxy.wait_for("Sidecar proxy is ready")
+        ready = f"http://127.0.0.1:{health}/ready"
+        assert httpx.get(ready, timeout=5).json() == {"status": "ready"}
+
+        own.server.cli("entry", "delete", "--entry-id", entry_id)
+
+        def not_ready() -> dict[str, str] | None:
+            answer = httpx.get(ready, timeout=5)
+            return answer.json() if answer.status_code == 503 else None
+
+        reason = poll(not_ready, 30, "the sidecar becoming not ready")["reason"]
+        assert reason == (
+            f"the Workload API at {own.endpoint} says this process has no identity "
+            "(PERMISSION_DENIED): its registration entry was deleted or no longer matches it. "
+            f"Dropped the SVID of {solo}; new connections, inbound and outbound, are refused "
+            f"until an SVID is issued again. Register an entry whose selectors match this "
+            f"process (uid {UID}), e.g. --selector unix:uid:{UID}; the sidecar picks it up by "
+            "itself"
+        )
+        proxy.wait_for(f"ERROR tessera.sidecar: {reason}")
+        assert proxy.log().count("PERMISSION_DENIED") == 1
+        handshake = subprocess.run(["curl", "-sSk", f"https://127.0.0.1:{listen}/"],
+                                   capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert handshake.returncode == 35, handshake.stderr  # no TLS without an SVID
+
+        own.create_entry(Entry(solo))
+        poll(lambda: True if httpx.get(ready, timeout=5).status_code == 200 else None, 30,
+             "the sidecar ready again")  # fmt: skip
+        proxy.wait_for(f"issued an SVID for {solo} again; using it from now on")
 
 
 # -- b. files + curl through an inbound sidecar -------------------------------------------
