@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import tomllib
@@ -215,3 +216,24 @@ def test_a_selector_type_no_attestor_knows_is_kept_with_a_warning(server: Server
     quiet = server.cli("entry", "create", "--parent-id", "spiffe://example.org/node/a",
                        "--spiffe-id", "spiffe://example.org/api", "--selector", "unix:uid:1")
     assert quiet.stderr == ""
+
+
+# -- make demo ----------------------------------------------------------------------------------
+
+
+def test_make_demo_runs_the_demo_from_the_make_up_terminal() -> None:
+    """`make demo` works where `tessera` is not on PATH (no venv activated)."""
+    repository = Path(__file__).resolve().parents[2]
+    venv = Path(sys.executable).parent.parent
+    stamp = venv / ".installed"
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run(
+        ["make", "-s", "-o", str(stamp), f"VENV={venv}", "demo",
+         "DEMO_ARGS=--duration 5 --svid-ttl 4 --output json"],
+        capture_output=True, text=True, timeout=120, cwd=repository, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["failures"] == 0
+    assert report["requests"] >= 1
