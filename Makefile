@@ -1,13 +1,15 @@
 # Tessera: `make up` runs a trust domain (server, agent, an SVID for you) on the
-# embedded defaults, `make test` sets up and runs lint plus the whole test suite.
+# embedded defaults, `make demo` the mTLS demo, `make test` sets up and runs lint
+# plus the whole test suite. None needs the virtualenv activated.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   ?= .tessera
 TD     ?= example.org
+DEMO_ARGS ?=
 
-.PHONY: up test unit integration lint fmt proto bench clean
+.PHONY: up demo test unit integration lint fmt proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,9 @@ $(STAMP): pyproject.toml
 
 up: $(STAMP)
 	$(BIN)/tessera up --trust-domain $(TD) --data-dir $(DATA)
+
+demo: $(STAMP)
+	$(BIN)/tessera demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,6 @@ class AdminClient:
         params: Any = None,
         raw: bool = False,
     ) -> Any:
-        if not self.socket_path.exists():
-            raise CAError(
-                f"no admin socket at {self.socket_path}: is 'tessera server run' running? "
-                "Point to it with --admin-socket or --data-dir"
-            )
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
         try:
             with httpx.Client(
@@ -49,10 +45,7 @@ class AdminClient:
             ) as client:
                 response = client.request(method, path, json=json, params=params)
         except httpx.TransportError as err:
-            raise CAError(
-                f"cannot reach the server on {self.socket_path} ({err}); "
-                "check that 'tessera server run' is running"
-            ) from err
+            raise unreachable(self.socket_path, err) from err
         if response.status_code >= 400:
             raise AdminApiError(response.status_code, _reason(response))
         if raw:
@@ -70,6 +63,45 @@ class AdminClient:
 
     def delete(self, path: str, **kwargs: Any) -> Any:
         return self.request("DELETE", path, **kwargs)
+
+
+def unreachable(socket_path: Path, err: BaseException) -> CAError:
+    """One sentence for a failed connection to the admin socket: which socket, what the
+    system said (permission denied, not found, refused) and what to do."""
+    cause = _os_error(err)
+    code = cause.errno if cause is not None else None
+    if code in (errno.EACCES, errno.EPERM):
+        return CAError(
+            f"permission denied on the admin socket {socket_path}; run the command as the "
+            "user the server runs as, or pass --admin-socket PATH of a socket you may open"
+        )
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return CAError(
+            f"no admin socket at {socket_path} (not found): is the server running? "
+            "'tessera server run' listens on <data-dir>/admin.sock; pass --data-dir DIR or "
+            "--admin-socket PATH"
+        )
+    if code == errno.ECONNREFUSED:
+        return CAError(
+            f"the admin socket {socket_path} refused the connection: is the server running? "
+            "It listens there while it runs; start it with 'tessera server run', or pass "
+            "--admin-socket PATH"
+        )
+    reason = (cause.strerror if cause is not None else None) or str(err) or type(err).__name__
+    return CAError(
+        f"cannot reach the server on {socket_path} ({reason}); "
+        "check that 'tessera server run' is running"
+    )
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError under httpx's and httpcore's wrappers, if the failure was one."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _reason(response: httpx.Response) -> str:

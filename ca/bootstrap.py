@@ -1,7 +1,23 @@
-"""``tessera init``: starter configuration files for a new trust domain."""
+"""``tessera init``: starter configuration files for a new trust domain.
+
+    files = write_trust_domain_files("example.org", Path("conf"))
+
+The files lay the trust domain out under ``conf/data/``::
+
+    server/    the server's data dir (0700): datastore, keys, admin.sock
+    agent/     the agent's data dir (0700): its SVID and pinned bundle
+    public/    the Workload API socket, agent.sock (0755, as the agent makes it)
+    bundle.pem the trust bundle the agent starts with
+
+The socket sits apart from the agent's private data dir so that workloads of
+every user can connect to it (as SPIRE's ``/tmp/spire-agent/public/api.sock``);
+what each one gets depends only on its attested selectors.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from ca.errors import AlreadyExists
@@ -28,7 +44,8 @@ AGENT_TOML = """\
 trust_domain = "{td}"
 server = ["127.0.0.1:8081"]
 data_dir = "{data_dir}/agent"
-socket = "{data_dir}/agent/agent.sock"
+# Outside the 0700 data_dir, so workloads of every user can reach it.
+socket = "{data_dir}/public/agent.sock"
 trust_bundle = "{data_dir}/bundle.pem"
 
 [workload_attestors.unix]
@@ -57,6 +74,10 @@ README = """\
        tessera server entry create --data-dir {data_dir}/server \\
            --parent-id spiffe://{td}/node/$(hostname) \\
            --spiffe-id spiffe://{td}/web --selector unix:uid:$(id -u)
+
+5. As that user, fetch its SVID from the agent's socket, {data_dir}/public/agent.sock:
+
+       tessera agent api fetch x509 --config agent.toml
 """
 
 
@@ -76,4 +97,26 @@ def write_trust_domain_files(trust_domain: str, directory: Path) -> list[Path]:
         )
     for path, template in files.items():
         path.write_text(template.format(td=td, data_dir=data_dir))
+    # Made here with a mode that does not depend on the umask: every user passes through
+    # data/ to the socket; server/ and agent/ below it are made 0700 by their processes.
+    for shared in (directory / "data", directory / "data" / "public"):
+        shared.mkdir(exist_ok=True)
+        os.chmod(shared, 0o755)  # noqa: S103  (traversable by all: the socket is for all)
     return list(files)
+
+
+def agent_socket(directory: Path) -> Path:
+    """Where the agent.toml written into ``directory`` puts the Workload API socket."""
+    return directory.resolve() / "data" / "public" / "agent.sock"
+
+
+def closed_to_others(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` that other users cannot pass, if any."""
+    for directory in reversed(path.parents):
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            return directory
+        if not mode & stat.S_IXOTH:
+            return directory
+    return None

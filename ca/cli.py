@@ -20,7 +20,7 @@ import click
 from ca import eventloop
 from ca.commandline import (
     DEFAULT_DATA_DIR,
-    LazyGroup,
+    RootGroup,
     admin_client,
     admin_options,
     config_file_values,
@@ -40,7 +40,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(
-    cls=LazyGroup,
+    cls=RootGroup,
     context_settings=CONTEXT,
     lazy={"agent": "workload_api.cli:agent", "sidecar": "sdk.sidecar.cli:sidecar"},
 )
@@ -217,6 +217,24 @@ def entry_body(flags: dict[str, Any], base: dict[str, Any] | None = None) -> dic
     return body
 
 
+def warn_unknown_selector_types(entry: dict[str, Any]) -> None:
+    """Warn on stderr about selector types no workload attestor produces (``uid:1`` for
+    ``unix:uid:1``): SPIRE accepts any type, so the entry keeps them, but no agent of
+    ours would match them. Node entries match node attestors' selectors, not these."""
+    if entry["node"]:
+        return
+    from attestor.workload import WORKLOAD_ATTESTOR_NAMES
+
+    known = sorted(WORKLOAD_ATTESTOR_NAMES)
+    for selector_type in dict.fromkeys(s["type"] for s in entry["selectors"]):
+        if selector_type not in known:
+            progress(
+                f"Warning: no workload attestor knows the selector type {selector_type!r} "
+                f"(known: {', '.join(known)}); the entry keeps it (SPIRE's rule), but only a "
+                "workload attestor of that type could ever match it"
+            )
+
+
 def entry_text(entry: dict[str, Any]) -> str:
     def ttl(value: int) -> str:
         return "default" if not value else str(value)
@@ -259,6 +277,7 @@ def entry_create(admin_socket: str | None, data_dir: str, output: str, **flags: 
         raise InvalidArgument(f"{' and '.join(missing)} must be given to create an entry")
     body = entry_body(flags)
     entry = admin_client(admin_socket, data_dir).post("/v1/entries", json=body)
+    warn_unknown_selector_types(entry)
     emit(output, entry, lambda: entry_text(entry))
 
 
@@ -288,6 +307,8 @@ def entry_update(
         "expires_at": current["expires_at"],
     }
     entry = client.put(f"/v1/entries/{_path_id(entry_id)}", json=entry_body(flags, base))
+    if flags.get("selector"):
+        warn_unknown_selector_types(entry)
     emit(output, entry, lambda: entry_text(entry))
 
 
@@ -718,12 +739,17 @@ def audit_verify(admin_socket: str | None, data_dir: str, output: str) -> None:
 @output_option
 def init(trust_domain: str, directory: str, output: str) -> None:
     """Write starter configuration for a new trust domain."""
-    from ca.bootstrap import write_trust_domain_files
+    from ca.bootstrap import agent_socket, closed_to_others, write_trust_domain_files
 
-    try:
-        files = write_trust_domain_files(trust_domain, Path(directory))
-    except TesseraError:
-        raise
+    files = write_trust_domain_files(trust_domain, Path(directory))
+    socket_path = agent_socket(Path(directory))
+    blocked = closed_to_others(socket_path)
+    if blocked is not None:
+        progress(
+            f"Warning: {blocked} is closed to other users, so workloads that run as another "
+            f"user cannot reach the agent's socket {socket_path}; choose a --dir every "
+            "workload can traverse, or another socket in agent.toml"
+        )
     emit(output, {"files": [str(f) for f in files]},
          lambda: "\n".join(f"Wrote {f}" for f in files))
 

@@ -121,7 +121,7 @@ def agent_run(**flags: Any) -> None:
 
 
 def socket_options(f: Any) -> Any:
-    f = option("--data-dir", type=click.Path(file_okay=False),
+    f = option("--data-dir", type=click.Path(file_okay=False, readable=False),
                help="The agent's data directory, to find its socket there.")(f)
     f = option("--socket", help="The agent's Workload API socket "
                "[default: $SPIFFE_ENDPOINT_SOCKET, else <data-dir>/agent.sock].")(f)
@@ -137,11 +137,19 @@ def socket_path(socket: str | None, data_dir: str | None) -> Path:
 @contextlib.contextmanager
 def workload_api(path: Path) -> Iterator[WorkloadApiClient]:
     """A py-spiffe client on ``path``; its errors become TesseraErrors with a sentence."""
-    if not path.exists():
+    try:
+        path.lstat()
+    except PermissionError as err:
+        raise PermissionDenied(
+            f"permission denied on the Workload API socket {path}: a directory on the way is "
+            f"closed to uid {os.getuid()}; serve the socket where every workload can reach it "
+            "('socket' in agent.toml), or pass --socket"
+        ) from err
+    except OSError as err:
         raise Unavailable(
             f"no Tessera agent is listening on {path}; start one with 'tessera agent run' "
             "or pass the socket with --socket"
-        )
+        ) from err
     try:
         client = WorkloadApiClient(socket_path=f"unix://{path}", default_timeout=CALL_TIMEOUT)
     except PySpiffeError as err:

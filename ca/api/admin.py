@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
-from ca.api.errors import BodySizeLimit, install_error_handlers
+from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
 from ca.authority import Authorities
 from ca.bundle import TrustBundle
 from ca.clock import Clock
@@ -32,6 +32,17 @@ from ca.issuance import Issuer
 from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 Kind = Literal["x509", "jwt"]
+
+BUNDLE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The trust bundle: PEM certificates (format=pem) or the SPIFFE bundle, "
+        "a JWKS (format=spiffe)",
+        "content": {
+            "application/x-pem-file": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    },
+}
 
 
 class EntryBody(BaseModel):
@@ -123,7 +134,7 @@ def create_admin_app(
     def audit(action: str, target: str, details: dict[str, Any] | None = None) -> None:
         store.append_audit(actor="admin", action=action, target=target, details=details)
 
-    @router.get("/health")
+    @router.get("/health", responses=error_responses(503))
     def get_health() -> dict[str, Any]:
         store.ping()
         return health()
@@ -133,7 +144,7 @@ def create_admin_app(
     def build_entry(body: EntryBody) -> Any:
         return new_entry(trust_domain, **body.model_dump())
 
-    @router.post("/entries", status_code=201)
+    @router.post("/entries", status_code=201, responses=error_responses(409))
     def create_entry(body: EntryBody) -> dict[str, Any]:
         entry = store.create_entry(build_entry(body), audited_by="admin")
         changed()
@@ -156,17 +167,17 @@ def create_admin_app(
     def count_entries() -> dict[str, int]:
         return {"count": store.count_entries()}
 
-    @router.get("/entries/{entry_id}")
+    @router.get("/entries/{entry_id}", responses=error_responses(404))
     def get_entry(entry_id: str) -> dict[str, Any]:
         return entry_json(store.get_entry(entry_id))
 
-    @router.put("/entries/{entry_id}")
+    @router.put("/entries/{entry_id}", responses=error_responses(404, 409))
     def update_entry(entry_id: str, body: EntryBody) -> dict[str, Any]:
         entry = store.update_entry(entry_id, build_entry(body), audited_by="admin")
         changed()
         return entry_json(entry)
 
-    @router.delete("/entries/{entry_id}")
+    @router.delete("/entries/{entry_id}", responses=error_responses(404))
     def delete_entry(entry_id: str) -> dict[str, Any]:
         entry = store.delete_entry(entry_id, audited_by="admin")
         changed()
@@ -182,7 +193,7 @@ def create_admin_app(
     def count_agents() -> dict[str, int]:
         return {"count": store.count_agents()}
 
-    @router.post("/agents/evict")
+    @router.post("/agents/evict", responses=error_responses(404))
     def evict_agent(body: AgentBody) -> dict[str, Any]:
         parse_spiffe_id(body.spiffe_id)
         store.delete_agent(body.spiffe_id)
@@ -190,7 +201,7 @@ def create_admin_app(
         changed()
         return {"spiffe_id": body.spiffe_id, "evicted": True}
 
-    @router.post("/agents/ban")
+    @router.post("/agents/ban", responses=error_responses(404))
     def ban_agent(body: AgentBody) -> dict[str, Any]:
         parse_spiffe_id(body.spiffe_id)
         agent = store.set_agent_banned(body.spiffe_id, True)
@@ -198,7 +209,7 @@ def create_admin_app(
         changed()
         return agent_json(agent)
 
-    @router.post("/agents/unban")
+    @router.post("/agents/unban", responses=error_responses(404))
     def unban_agent(body: AgentBody) -> dict[str, Any]:
         parse_spiffe_id(body.spiffe_id)
         agent = store.set_agent_banned(body.spiffe_id, False)
@@ -206,7 +217,7 @@ def create_admin_app(
         changed()
         return agent_json(agent)
 
-    @router.get("/agents/show")
+    @router.get("/agents/show", responses=error_responses(404))
     def show_agent(spiffe_id: str) -> dict[str, Any]:
         parse_spiffe_id(spiffe_id)
         agent = store.get_agent(spiffe_id)
@@ -235,7 +246,7 @@ def create_admin_app(
 
     # -- bundles ------------------------------------------------------------------
 
-    @router.get("/bundle")
+    @router.get("/bundle", response_class=Response, responses=BUNDLE_RESPONSES)
     def show_bundle(format: Literal["pem", "spiffe"] = "pem") -> Response:
         bundle = authorities.bundle()
         if format == "pem":
@@ -274,7 +285,7 @@ def create_admin_app(
         changed()
         return {"id": td.as_spiffe_id(), "x509_authorities": len(parsed.x509_authorities)}
 
-    @router.delete("/bundles/federated")
+    @router.delete("/bundles/federated", responses=error_responses(404))
     def delete_federated(id: str) -> dict[str, Any]:
         td = parse_trust_domain(id)
         store.get_federated_bundle(td.name)
@@ -286,7 +297,7 @@ def create_admin_app(
 
     # -- minting ------------------------------------------------------------------
 
-    @router.post("/x509/mint")
+    @router.post("/x509/mint", responses=error_responses(412))
     def mint_x509(body: X509MintBody) -> dict[str, Any]:
         ttl = parse_duration(body.ttl, what="ttl") if body.ttl else None
         issued, key = issuer.mint_x509(body.spiffe_id, ttl=ttl, dns_names=body.dns_names)
@@ -304,7 +315,7 @@ def create_admin_app(
             "serial": format(issued.leaf.serial_number, "x"),
         }
 
-    @router.post("/jwt/mint")
+    @router.post("/jwt/mint", responses=error_responses(412))
     def mint_jwt(body: JwtMintBody) -> dict[str, Any]:
         ttl = parse_duration(body.ttl, what="ttl") if body.ttl else None
         token, expires_at = issuer.mint_jwt(body.spiffe_id, body.audience, ttl=ttl)
@@ -316,25 +327,25 @@ def create_admin_app(
     def show_authorities(kind: Kind) -> dict[str, Any]:
         return {"authorities": [authority_json(a) for a in authorities.list_authorities(kind)]}
 
-    @router.post("/localauthority/{kind}/prepare")
+    @router.post("/localauthority/{kind}/prepare", responses=error_responses(412))
     def prepare(kind: Kind) -> dict[str, Any]:
         result = authority_json(authorities.prepare(kind))
         changed()
         return result
 
-    @router.post("/localauthority/{kind}/activate")
+    @router.post("/localauthority/{kind}/activate", responses=error_responses(412))
     def activate(kind: Kind) -> dict[str, Any]:
         result = authority_json(authorities.activate(kind))
         changed()
         return result
 
-    @router.post("/localauthority/{kind}/taint")
+    @router.post("/localauthority/{kind}/taint", responses=error_responses(404, 412))
     def taint(kind: Kind, body: AuthorityBody) -> dict[str, Any]:
         result = authority_json(authorities.taint(kind, body.authority_id))
         changed()
         return result
 
-    @router.post("/localauthority/{kind}/revoke")
+    @router.post("/localauthority/{kind}/revoke", responses=error_responses(404, 412))
     def revoke(kind: Kind, body: AuthorityBody) -> dict[str, Any]:
         result = authority_json(authorities.revoke(kind, body.authority_id))
         changed()

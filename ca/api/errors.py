@@ -3,17 +3,27 @@
 Every error a handler raises on purpose is a :class:`ca.errors.TesseraError`
 and carries its status and a message safe for the caller. Validation errors
 become 400s that say which field is wrong. Anything else is logged with its
-traceback and answered with a bare 500 that leaks nothing.
+traceback and answered with a bare 500 that leaks nothing. Every refusal has
+one shape, :class:`ErrorResponse`::
+
+    {"error": {"code": "not_found", "message": "registration entry 7 not found; ..."}}
+
+The OpenAPI schema says so: a route names the refusals it can answer with
+``responses=error_responses(404, 409)``, and :func:`install_error_handlers`
+makes the schema document, on every operation, the 400 that validation gives
+(in place of FastAPI's 422, which these APIs never answer) and, on every
+operation with a body, the 413 of :class:`BodySizeLimit`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,11 +46,50 @@ _CODES = {
 }
 
 
+ErrorCode = Literal[
+    "invalid_argument", "unauthenticated", "permission_denied", "not_found",
+    "method_not_allowed", "already_exists", "failed_precondition", "too_large", "unavailable",
+    "internal",
+]
+
+_DESCRIPTIONS = {
+    400: "Invalid request: a field, parameter or value is wrong (the message names it)",
+    401: "The caller did not prove who it is",
+    403: "The caller may not do this",
+    404: "The named thing does not exist",
+    409: "It exists already",
+    412: "The state does not allow it now",
+    413: f"The request body is larger than {MAX_BODY_BYTES} bytes",
+    503: "A dependency (the datastore) is not answering",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
 def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"code": _CODES.get(status, "internal"), "message": message}}
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route that may refuse with these statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        for status in statuses
+    }
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_errors(app)
+
     @app.exception_handler(TesseraError)
     async def _tessera_error(request: Request, exc: TesseraError) -> JSONResponse:
         if exc.status >= 500:
@@ -64,6 +113,43 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return JSONResponse(error_body(500, "internal server error"), status_code=500)
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make ``app.openapi()`` describe the refusals the handlers above really give."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        reference = {"$ref": "#/components/schemas/ErrorResponse"}
+
+        def refusal(status: int) -> dict[str, Any]:
+            return {
+                "description": _DESCRIPTIONS[status],
+                "content": {"application/json": {"schema": reference}},
+            }
+
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                responses = operation["responses"]
+                # FastAPI adds 422 exactly where it validates something; we answer that with 400.
+                if responses.pop("422", None) is not None:
+                    responses.setdefault("400", refusal(400))
+                if "requestBody" in operation:
+                    responses.setdefault("413", refusal(413))
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        model = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in model.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components.setdefault("ErrorResponse", model)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def describe_validation(exc: RequestValidationError) -> str:

@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 from spiffe import TrustDomain
 
+from ca.api.errors import error_responses
 from ca.bundle import TrustBundle
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship, NewFederationRelationship
 from ca.datastore.store import Datastore
@@ -144,7 +145,7 @@ def federation_router(
             },
         )
 
-    @router.post("/relationships", status_code=201)
+    @router.post("/relationships", status_code=201, responses=error_responses(409))
     def create_relationship(body: RelationshipBody) -> dict[str, Any]:
         relationship, bundle = validated(body)
         created = store.create_federation_relationship(relationship, bundle=bundle)
@@ -159,12 +160,12 @@ def federation_router(
             "relationships": [described(r) for r in store.list_federation_relationships()]
         }
 
-    @router.get("/relationships/{name}")
+    @router.get("/relationships/{name}", responses=error_responses(404))
     def show_relationship(name: str) -> dict[str, Any]:
         td = parse_trust_domain(name)
         return described(store.get_federation_relationship(td.name))
 
-    @router.put("/relationships/{name}")
+    @router.put("/relationships/{name}", responses=error_responses(404))
     def update_relationship(name: str, body: RelationshipBody) -> dict[str, Any]:
         td = parse_trust_domain(name)
         if parse_trust_domain(body.trust_domain) != td:
@@ -180,7 +181,7 @@ def federation_router(
             changed()
         return described(updated)
 
-    @router.delete("/relationships/{name}")
+    @router.delete("/relationships/{name}", responses=error_responses(404))
     def delete_relationship(name: str) -> dict[str, Any]:
         td = parse_trust_domain(name)
         deleted = store.delete_federation_relationship(td.name)
@@ -188,7 +189,7 @@ def federation_router(
         changed()
         return {"trust_domain": deleted.trust_domain, "deleted": True}
 
-    @router.post("/relationships/{name}/refresh")
+    @router.post("/relationships/{name}/refresh", responses=error_responses(404, 503))
     async def refresh(name: str) -> dict[str, Any]:
         td = parse_trust_domain(name)
         relationship = await run_in_threadpool(store.get_federation_relationship, td.name)

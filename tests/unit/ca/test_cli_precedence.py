@@ -31,8 +31,9 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 def no_socket_message(path: Path | str) -> str:
     return (
-        f"no admin socket at {path}: is 'tessera server run' running? "
-        "Point to it with --admin-socket or --data-dir"
+        f"no admin socket at {path} (not found): is the server running? "
+        "'tessera server run' listens on <data-dir>/admin.sock; pass --data-dir DIR or "
+        "--admin-socket PATH"
     )
 
 
