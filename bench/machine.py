@@ -74,7 +74,8 @@ def percentile(samples: Sequence[float], fraction: float) -> float:
 
 
 def openssl_ecdsa_p256(seconds: int) -> tuple[float, float]:
-    """(signs/s, verifies/s) of ECDSA P-256 on one core, from ``openssl speed``."""
+    """(signs, verifies) of ECDSA P-256 per CPU-second, from ``openssl speed`` (which divides
+    by the user CPU time its loop took unless given ``-elapsed``)."""
     result = subprocess.run(
         ["openssl", "speed", "-seconds", str(seconds), "ecdsap256"],
         capture_output=True, text=True, check=True, timeout=10 * seconds + 30,

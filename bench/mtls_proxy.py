@@ -1,19 +1,35 @@
-"""mTLS data path: requests/s per core and added latency through an outbound + inbound
-``tessera sidecar proxy`` pair, against a direct connection and against nginx proxying the
-same mTLS, in the same run.
+"""mTLS data path: requests per proxy CPU-second and latency at 1 and 32 connections through
+an outbound + inbound ``tessera sidecar proxy`` pair, beside an nginx pair, a haproxy pair and
+a direct connection, in the same run.
 
-    wrk --> backend                                              (direct)
-    wrk --> sidecar outbound --mTLS--> sidecar inbound --> backend   (Tessera)
-    wrk --> nginx outbound   --mTLS--> nginx inbound   --> backend   (nginx)
+    wrk --> backend                                                  (direct)
+    wrk --> sidecar outbound --mTLS--> sidecar inbound --> backend   (Tessera, TCP)
+    wrk --> nginx outbound   --mTLS--> nginx inbound   --> backend   (nginx, HTTP proxy)
+    wrk --> haproxy outbound --mTLS--> haproxy inbound --> backend   (haproxy, TCP)
 
-The backend is nginx answering a small static response. The load generator
-is ``wrk`` (Debian's package: ``apt-get install wrk``), keep-alive
-connections, one thread. The sidecars run as two processes with SVIDs from a
-real agent (``protocol = "tcp"`` listeners: each client connection is one
-mTLS tunnel); the nginx pair has one worker each, presents SVIDs made for the
-bench and checks the client's chain (nginx cannot check a SPIFFE ID, so it
-authorizes any SVID of the bundle). Requests per core divides the rate by
-the CPU the two proxies spent per wall second.
+The backend is nginx answering a small static response. The load generator is
+``wrk`` (Debian's package), keep-alive connections, one thread, at 1 and at 32
+connections. Every pair is two processes, one per side:
+
+- the sidecars: SVIDs from a real agent, ``protocol = "tcp"`` listeners (each
+  client connection is one mTLS tunnel); each side accepts any SPIFFE ID of the
+  trust domain;
+- nginx (one worker each, HTTP proxying with keep-alive upstreams): the inbound
+  requires a client certificate of the bundle (``ssl_verify_client on``); the
+  outbound verifies the inbound's chain against the bundle and its DNS SAN
+  ``server.bench.test`` (``proxy_ssl_verify on``, ``proxy_ssl_name``). nginx
+  cannot check a URI SAN, so neither side checks a SPIFFE ID;
+- haproxy (``nbthread 1``, ``mode tcp``): the inbound requires a client
+  certificate of the bundle (``verify required ca-file``) and refuses any
+  whose DER lacks the URI SAN ``spiffe://bench.test/client``
+  (``tcp-request session reject unless { ssl_c_der,hex -m sub ... }``, the
+  GeneralName's tag and length included, so only that exact URI matches); the
+  outbound verifies the inbound's chain and its DNS SAN (``verify required
+  verifyhost server.bench.test``; haproxy checks no URI SAN of a server).
+
+Requests per proxy CPU-second divides the requests wrk completed by the CPU
+seconds (user + system, all threads, /proc/<pid>/stat) both proxy processes
+spent during the run.
 
     python bench/run.py --only mtls_proxy
 """
@@ -22,12 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,51 +56,59 @@ from bench.deployment import (
     running_server,
 )
 from bench.handshakes import write_certificates
-from bench.machine import ProcessMeter, profiled
+from bench.machine import profiled
 from bench.report import Figure, Skipped
+from bench.wrk import WrkLoad, run_wrk
 
 NAME = "mtls_proxy"
 ALIAS = f"spiffe://{TRUST_DOMAIN}/node/sidecar"
+TOOLS = ("wrk", "nginx", "haproxy")
+CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
+SERVER_NAME = f"server.{TRUST_DOMAIN}"
 
 
 @dataclass(frozen=True)
 class Sizes:
     seconds: int
-    connections: int
+    connections: tuple[int, ...]
 
 
-FULL = Sizes(seconds=6, connections=16)
-QUICK = Sizes(seconds=1, connections=4)
+FULL = Sizes(seconds=6, connections=(1, 32))
+QUICK = Sizes(seconds=1, connections=(1, 32))
+
+PEERS = ("nginx", "haproxy")
 
 
-@dataclass(frozen=True)
-class Load:
-    rate: float
-    p50: float
-    p99: float
-    proxy_cores: float
-    """CPU seconds per wall second the proxies spent (0 for the direct path)."""
-
-    @property
-    def per_core(self) -> float:
-        return self.rate / self.proxy_cores if self.proxy_cores else 0.0
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
 
 
 def run(quick: bool = False) -> list[Figure]:
     sizes = QUICK if quick else FULL
-    if shutil.which("wrk") is None or shutil.which("nginx") is None:
-        raise Skipped("needs wrk and nginx (Debian: apt-get install wrk nginx-light)")
+    if missing := missing_tools():
+        raise Skipped(f"needs {', '.join(missing)} (Debian: apt-get install wrk nginx-light "
+                      "haproxy)")
     if subprocess.run([TESSERA, "sidecar", "proxy", "--help"], capture_output=True,
                       check=False).returncode != 0:
         raise Skipped("tessera sidecar proxy not available")
+    loads: dict[str, dict[int, WrkLoad]] = {}
+    warm_up = sizes.seconds > 1
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        files = write_certificates(tmp)
+        files = write_certificates(tmp / "certificates")
         backend_port = free_port()
-        with _nginx(tmp / "backend", _backend_conf(backend_port)) as _:
-            direct = _wrk(backend_port, sizes, [])
-            with _nginx_pair(tmp, files, backend_port) as (port, pids):
-                nginx = _wrk(port, sizes, pids)
+
+        def measure(name: str, port: int, pids: Sequence[int]) -> None:
+            loads[name] = {c: run_wrk(f"http://127.0.0.1:{port}/", connections=c,
+                                      seconds=sizes.seconds, pids=pids, warm_up=warm_up)
+                           for c in sizes.connections}
+
+        with nginx_backend(tmp / "backend", backend_port) as backend_pids:
+            measure("direct", backend_port, backend_pids)
+            with nginx_pair(tmp / "nginx", files, backend_port) as (port, pids):
+                measure("nginx", port, pids)
+            with haproxy_pair(tmp / "haproxy", files, backend_port) as (port, pids):
+                measure("haproxy", port, pids)
             with running_server(tmp / "server") as server, \
                     running_agent(server, tmp / "agent", alias=ALIAS) as agent:
                 server.create_entries([entry_body(f"spiffe://{TRUST_DOMAIN}/sidecar", ALIAS,
@@ -92,47 +116,38 @@ def run(quick: bool = False) -> list[Figure]:
                 agent.wait_for_svids(1, timeout=30)
                 with _sidecar_pair(tmp, agent.socket_path, backend_port) as (port, pids), \
                         profiled(pids[1], "sidecar-inbound"):
-                    tessera = _wrk(port, sizes, pids)
-    added = f"direct p50 {direct.p50 * 1000:.2f} ms"
-    return [
-        Figure(NAME, "requests/s through the proxy pair", tessera.rate, "/s",
-               ceiling=f"{nginx.rate:,.0f}/s nginx pair; {direct.rate:,.0f}/s direct"),
-        Figure(NAME, "requests/s per proxy core", tessera.per_core, "/s",
-               ceiling=f"{nginx.per_core:,.0f}/s nginx pair"),
-        Figure(NAME, "added latency p50 (pair minus direct)", (tessera.p50 - direct.p50) * 1000,
-               " ms", ceiling=f"{(nginx.p50 - direct.p50) * 1000:.2f} ms nginx pair; {added}"),
-        Figure(NAME, "latency p99 through the pair", tessera.p99 * 1000, " ms",
-               ceiling=f"{nginx.p99 * 1000:.2f} ms nginx pair; {direct.p99 * 1000:.2f} ms direct"),
-    ]
+                    measure("tessera", port, pids)
+    return _figures(loads, sizes)
 
 
-# -- load ------------------------------------------------------------------------------------
-
-
-def _wrk(port: int, sizes: Sizes, pids: list[int]) -> Load:
-    url = f"http://127.0.0.1:{port}/"
-    if sizes.seconds > 1:  # warm up
-        subprocess.run(["wrk", "-t1", "-c2", "-d1s", url], capture_output=True, check=True)
-    meters = [ProcessMeter(pid) for pid in pids]
-    result = subprocess.run(
-        ["wrk", "-t1", f"-c{sizes.connections}", f"-d{sizes.seconds}s", "--latency", url],
-        capture_output=True, text=True, check=True, timeout=sizes.seconds + 60,
-    )
-    cores = sum(m.cores_busy() for m in meters)
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", result.stdout)
-    if rate is None or errors is not None:
-        raise RuntimeError(f"wrk through port {port} failed:\n{result.stdout}")
-    return Load(rate=float(rate.group(1)), p50=_wrk_latency(result.stdout, "50%"),
-                p99=_wrk_latency(result.stdout, "99%"), proxy_cores=cores)
-
-
-def _wrk_latency(output: str, percentile: str) -> float:
-    match = re.search(rf"^\s+{percentile}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no {percentile} latency in wrk's output:\n{output}")
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[match.group(2)]
-    return float(match.group(1)) * scale
+def _figures(loads: dict[str, dict[int, WrkLoad]], sizes: Sizes) -> list[Figure]:
+    figures = []
+    for c in sizes.connections:
+        tessera = loads["tessera"][c]
+        per = f"{c} connection{'s' if c > 1 else ''}"
+        data = {f"{name}_{key}": value for name, by_count in loads.items()
+                for key, value in (("requests", by_count[c].requests),
+                                   ("cpu_seconds", by_count[c].cpu),
+                                   ("per_cpu_second", by_count[c].per_cpu_second),
+                                   ("p50_seconds", by_count[c].p50),
+                                   ("p99_seconds", by_count[c].p99))}
+        figures.append(Figure(
+            NAME, f"requests per proxy CPU-second, {per}", tessera.per_cpu_second, "/s",
+            ceiling="; ".join(f"{loads[peer][c].per_cpu_second:,.0f}/s {peer} pair"
+                              for peer in PEERS),
+            data=data,
+            note="nginx (HTTP proxy) checks both chains and the inbound's DNS SAN but no "
+                 "SPIFFE ID (it cannot read a URI SAN); haproxy (TCP) checks both chains, the "
+                 "inbound's DNS SAN and the client's SPIFFE ID; the sidecars (TCP) check both "
+                 "chains and the trust domain" if c == sizes.connections[0] else ""))
+        for label in ("p50", "p99"):
+            ms = {name: float(getattr(by_count[c], label)) * 1000
+                  for name, by_count in loads.items()}
+            figures.append(Figure(
+                NAME, f"latency {label} through the pair, {per}", ms["tessera"], " ms",
+                ceiling="; ".join([*(f"{ms[peer]:.2f} ms {peer} pair" for peer in PEERS),
+                                   f"{ms['direct']:.2f} ms direct"])))
+    return figures
 
 
 # -- the Tessera sidecar pair ----------------------------------------------------------------
@@ -172,32 +187,44 @@ def _sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
 # -- nginx -----------------------------------------------------------------------------------
 
 
-def _backend_conf(port: int) -> str:
-    return f"""
+@contextlib.contextmanager
+def nginx_backend(prefix: Path, port: int) -> Iterator[list[int]]:
+    """The backend every path ends at: nginx answering a small static response."""
+    with _nginx(prefix, port, f"""
         server {{
             listen 127.0.0.1:{port};
             keepalive_requests 100000;
             location / {{ default_type text/plain; return 200 "ok from the backend\\n"; }}
-        }}"""
+        }}""") as pids:
+        yield pids
 
 
-def _nginx_pair_conf(files: dict[str, Path], backend: int, inbound: int, outbound: int) -> str:
-    return f"""
+@contextlib.contextmanager
+def nginx_pair(prefix: Path, files: dict[str, Path], backend: int
+               ) -> Iterator[tuple[int, list[int]]]:
+    """Two nginx processes (one worker each): the outbound and the inbound proxy. Yields the
+    outbound's port and both workers' pids. The outbound presents ``client.pem`` and
+    verifies the inbound's chain and DNS name; the inbound presents ``server.pem`` and
+    requires a client certificate of ``bundle.pem``."""
+    inbound, outbound = free_port(), free_port()
+    inbound_conf = f"""
         upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
-        upstream inbound {{ server 127.0.0.1:{inbound}; keepalive 64; }}
         server {{
             listen 127.0.0.1:{inbound} ssl;
             ssl_certificate {files["server.pem"]};
             ssl_certificate_key {files["server.key"]};
             ssl_client_certificate {files["bundle.pem"]};
             ssl_verify_client on;
+            ssl_verify_depth 2;
             keepalive_requests 100000;
             location / {{
                 proxy_pass http://backend;
                 proxy_http_version 1.1;
                 proxy_set_header Connection "";
             }}
-        }}
+        }}"""
+    outbound_conf = f"""
+        upstream inbound {{ server 127.0.0.1:{inbound}; keepalive 64; }}
         server {{
             listen 127.0.0.1:{outbound};
             keepalive_requests 100000;
@@ -208,24 +235,22 @@ def _nginx_pair_conf(files: dict[str, Path], backend: int, inbound: int, outboun
                 proxy_ssl_certificate {files["client.pem"]};
                 proxy_ssl_certificate_key {files["client.key"]};
                 proxy_ssl_trusted_certificate {files["bundle.pem"]};
+                proxy_ssl_verify on;
+                proxy_ssl_verify_depth 2;
+                proxy_ssl_name {SERVER_NAME};
+                proxy_ssl_server_name on;
                 proxy_ssl_session_reuse on;
             }}
         }}"""
+    with _nginx(prefix / "inbound", inbound, inbound_conf) as inbound_pids, \
+            _nginx(prefix / "outbound", outbound, outbound_conf) as outbound_pids:
+        yield outbound, outbound_pids + inbound_pids
 
 
 @contextlib.contextmanager
-def _nginx_pair(tmp: Path, files: dict[str, Path], backend_port: int
-                ) -> Iterator[tuple[int, list[int]]]:
-    """Two nginx processes (one worker each): the outbound and the inbound proxy."""
-    inbound, outbound = free_port(), free_port()
-    config = _nginx_pair_conf(files, backend_port, inbound, outbound)
-    with _nginx(tmp / "nginx-pair", config) as pids:
-        yield outbound, pids
-
-
-@contextlib.contextmanager
-def _nginx(prefix: Path, servers: str) -> Iterator[list[int]]:
-    """nginx with one worker serving ``servers``; yields the worker's pid."""
+def _nginx(prefix: Path, port: int, servers: str) -> Iterator[list[int]]:
+    """nginx with one worker serving ``servers`` (listening on ``port``); yields the
+    worker's pid."""
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "nginx.conf").write_text(f"""
         worker_processes 1;
@@ -243,11 +268,82 @@ def _nginx(prefix: Path, servers: str) -> Iterator[list[int]]:
     process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        port = int(re.findall(r"listen 127\.0\.0\.1:(\d+)", servers)[-1])
         _wait_for_port(port, process, prefix / "error.log")
         workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
                                  text=True, check=False).stdout.split()
         yield [int(pid) for pid in workers]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# -- haproxy ---------------------------------------------------------------------------------
+
+
+def der_uri_pattern(uri: str) -> str:
+    """The hex of a URI GeneralName as DER encodes it in a SAN (tag [6], length, bytes), as
+    haproxy's ``hex`` converter spells it: a substring test with it matches that exact URI."""
+    raw = uri.encode()
+    if len(raw) > 127:
+        raise ValueError("a URI this long needs a long-form DER length")
+    return (bytes([0x86, len(raw)]) + raw).hex().upper()
+
+
+@contextlib.contextmanager
+def haproxy_pair(prefix: Path, files: dict[str, Path], backend: int,
+                 client_id: str = CLIENT_ID) -> Iterator[tuple[int, list[int]]]:
+    """Two haproxy processes (one thread each, TCP mode): the outbound and the inbound proxy.
+    Yields the outbound's port and both pids. The outbound presents ``client.pem`` and
+    verifies the inbound's chain and DNS name; the inbound presents ``server.pem``, requires
+    a client certificate of ``bundle.pem`` and refuses any SPIFFE ID but ``client_id``."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    inbound, outbound = free_port(), free_port()
+    for name in ("server", "client"):  # haproxy wants the certificate and its key in one file
+        (prefix / f"{name}-with-key.pem").write_bytes(
+            files[f"{name}.pem"].read_bytes() + files[f"{name}.key"].read_bytes())
+    common = """
+        global
+            nbthread 1
+            maxconn 4096
+        defaults
+            mode tcp
+            timeout connect 5s
+            timeout client 60s
+            timeout server 60s
+    """
+    inbound_conf = common + f"""
+        frontend inbound
+            bind 127.0.0.1:{inbound} ssl crt {prefix / "server-with-key.pem"} ca-file {files["bundle.pem"]} verify required
+            tcp-request session reject unless {{ ssl_c_der,hex -m sub {der_uri_pattern(client_id)} }}
+            default_backend app
+        backend app
+            server app 127.0.0.1:{backend}
+    """  # noqa: E501
+    outbound_conf = common + f"""
+        frontend outbound
+            bind 127.0.0.1:{outbound}
+            default_backend inbound
+        backend inbound
+            server inbound 127.0.0.1:{inbound} ssl crt {prefix / "client-with-key.pem"} ca-file {files["bundle.pem"]} verify required verifyhost {SERVER_NAME} sni str({SERVER_NAME})
+    """  # noqa: E501
+    with _haproxy(prefix / "inbound", inbound, inbound_conf) as inbound_pid, \
+            _haproxy(prefix / "outbound", outbound, outbound_conf) as outbound_pid:
+        yield outbound, [outbound_pid, inbound_pid]
+
+
+@contextlib.contextmanager
+def _haproxy(prefix: Path, port: int, config: str) -> Iterator[int]:
+    """haproxy in the foreground (one process) with ``config``; yields its pid."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    config_path = prefix / "haproxy.cfg"
+    config_path.write_text(textwrap.dedent(config))
+    log = prefix / "haproxy.log"
+    with log.open("ab") as output:
+        process = subprocess.Popen(["haproxy", "-db", "-f", str(config_path)],
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, process, log)
+        yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)

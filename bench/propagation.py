@@ -82,7 +82,7 @@ def run(quick: bool = False) -> list[Figure]:
                f"{per_node} for the agent)", sync_cpu * 1000, " ms",
                ceiling=f"{live_cpu * 1000:.2f} ms GET /live on the same connection",
                target=f"< {TARGET_SYNC_CPU * 1000:.0f} ms", met=sync_cpu < TARGET_SYNC_CPU,
-               note=f"{inserted:,.0f} entries/s bulk insert"),
+               note=f"{inserted:,.0f} entries per CPU-second bulk insert"),
     ]
 
 
@@ -140,18 +140,19 @@ def _timed_create(server: Server, body: dict[str, Any]) -> float:
 
 
 def idle_sync_cost(tmp: Path, sizes: Sizes) -> tuple[float, float, float]:
-    """(server CPU s per idle sync, per GET /live, entries/s of the bulk insert)."""
+    """(server CPU s per idle sync, per GET /live, entries per CPU-second of the bulk insert)."""
     data_dir = tmp / "sync-server"
     data_dir.mkdir(mode=0o700)
     url = f"sqlite:///{data_dir.resolve() / 'datastore.sqlite3'}"
     Datastore.open(url).close()  # create the schema as the server would
-    began = time.perf_counter()
+    # SQLite works in this process: its CPU time is the insert's cost.
+    began = time.process_time()
     seed_entries(url, [
         (f"spiffe://{TRUST_DOMAIN}/service/{i}", f"spiffe://{TRUST_DOMAIN}/node/{i % sizes.nodes}",
          f"uid:{i}")
         for i in range(sizes.stored_entries)
     ])
-    inserted = sizes.stored_entries / (time.perf_counter() - began)
+    inserted = sizes.stored_entries / max(time.process_time() - began, 1e-9)
     with running_server(data_dir) as server:
         session = NodeSession(server, server.join_token(f"spiffe://{TRUST_DOMAIN}/node/0"))
         try:

@@ -30,6 +30,8 @@ class Figure:
     target: str = ""
     met: bool | None = None
     note: str = ""
+    data: dict[str, float] = field(default_factory=dict)
+    """The numbers behind the figure, by name, for the JSON (not printed)."""
 
     @property
     def shown(self) -> str:
@@ -85,7 +87,11 @@ def render_table(outcomes: Sequence[Outcome]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+    notes = [f"- {figure.scenario}, {figure.measure}: {figure.note}"
+             for outcome in outcomes for figure in outcome.figures
+             if figure.value is not None and figure.note]
+    return "\n".join([line(header), rule, *(line(row) for row in rows),
+                      *(["", "Notes:", *notes] if notes else [])])
 
 
 def write_json(outcomes: Sequence[Outcome], path: Path, machine: dict[str, object]) -> None:

@@ -1,4 +1,5 @@
-"""The benchmarks still run: ``bench/run.py --quick`` (tiny sizes) end to end.
+"""The benchmarks still run: ``bench/run.py --quick`` (tiny sizes) end to end, and the peers
+the mTLS data path is compared with verify what they are asked to verify.
 
 No timing is asserted here; ``make bench`` is where the figures come from.
 """
@@ -6,11 +7,20 @@ No timing is asserted here; ``make bench`` is where the figures come from.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+
+from bench.deployment import free_port
+from bench.handshakes import write_certificates
+from bench.mtls_proxy import haproxy_pair, nginx_backend, nginx_pair
+from tests.conftest import missing_service
 
 pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -30,14 +40,35 @@ def test_every_bench_runs_with_tiny_sizes(tmp_path: Path) -> None:
     document = json.loads(results.read_text())
     by_name = {s["scenario"]: s for s in document["scenarios"]}
     assert list(by_name) == SCENARIOS
+    skipped = []
     for name, outcome in by_name.items():
         assert outcome["failed"] == "", f"{name}: {outcome['failed']}\n{run.stderr}"
-        if name == "mtls_proxy" and outcome["skipped"]:
-            continue  # needs wrk and nginx from Debian; the table says so
-        assert outcome["skipped"] == "", f"{name} skipped: {outcome['skipped']}"
+        if outcome["skipped"]:
+            skipped.append(f"{name}: {outcome['skipped']}")
+            continue
         assert outcome["figures"], name
+        skipped += [f"{name}: {figure['measure']}: {figure['note']}"
+                    for figure in outcome["figures"] if figure["value"] is None]
     assert "| scenario" in run.stdout
     assert "issuance" in run.stdout and "handshakes" in run.stdout
+    if not by_name["issuance"]["skipped"]:
+        _every_svid_is_recorded(by_name["issuance"]["figures"], skipped)
+    if skipped:  # wrk, nginx, haproxy, bao or PostgreSQL missing
+        missing_service("; ".join(skipped))
+
+
+def _every_svid_is_recorded(figures: list[dict[str, Any]], skipped: list[str]) -> None:
+    """The SVIDs the bench counted are the rows the datastore recorded and audited."""
+    counts = [figure["data"] for figure in figures if "issued_svids_rows" in figure["data"]]
+    backends = 1 if any("PostgreSQL" in reason for reason in skipped) else 2
+    assert len(counts) == backends, figures
+    for data in counts:
+        assert data["received"] > data["measured"] > 0, data
+        assert data["received"] == data["issued_svids_rows"] == data["audited"], data
+    if not any("OpenBao" in reason for reason in skipped):
+        per_cpu_second = [figure["data"] for figure in figures
+                          if "openbao_sign_per_cpu_second" in figure["data"]]
+        assert per_cpu_second and per_cpu_second[0]["openbao_issue_per_cpu_second"] > 0
 
 
 def test_an_unknown_scenario_is_a_usage_error() -> None:
@@ -47,3 +78,83 @@ def test_an_unknown_scenario_is_a_usage_error() -> None:
     )
     assert run.returncode == 2
     assert "invalid choice: 'warp-drive'" in run.stderr
+
+
+# -- the proxy pairs Tessera's sidecars are compared with ----------------------------------
+
+
+PAIRS = {"nginx": nginx_pair, "haproxy": haproxy_pair}
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[int]:
+    for tool in ("nginx", "haproxy"):
+        if shutil.which(tool) is None:
+            missing_service(f"{tool} is not installed (Debian: apt-get install nginx-light "
+                            "haproxy)")
+    port = free_port()
+    with nginx_backend(tmp_path / "backend", port):
+        yield port
+
+
+def _through(port: int) -> httpx.Response | str:
+    """GET / through a pair's outbound; the answer, or how the connection ended."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+    except httpx.HTTPError as err:
+        return type(err).__name__
+
+
+def _refused(answer: httpx.Response | str) -> bool:
+    """nginx answers 502 when the upstream handshake fails; haproxy (TCP) closes the
+    client's connection without a byte."""
+    if isinstance(answer, str):
+        return answer == "RemoteProtocolError"
+    return answer.status_code == 502
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_a_pair_relays_between_the_bench_svids(pair: str, tmp_path: Path, backend: int
+                                               ) -> None:
+    files = write_certificates(tmp_path / "certificates")
+    with PAIRS[pair](tmp_path / pair, files, backend) as (port, pids):
+        answer = _through(port)
+    assert isinstance(answer, httpx.Response), answer
+    assert (answer.status_code, answer.text) == (200, "ok from the backend\n")
+    assert len(pids) == 2
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_an_outbound_refuses_an_inbound_outside_the_bundle(pair: str, tmp_path: Path,
+                                                           backend: int) -> None:
+    files = write_certificates(tmp_path / "certificates")
+    stranger = write_certificates(tmp_path / "stranger")  # same names, another CA
+    files |= {"server.pem": stranger["server.pem"], "server.key": stranger["server.key"]}
+    with PAIRS[pair](tmp_path / pair, files, backend) as (port, _):
+        answer = _through(port)
+    assert _refused(answer), answer
+    if pair == "nginx":
+        log = (tmp_path / "nginx" / "outbound" / "error.log").read_text()
+        assert "upstream SSL certificate verify error" in log
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_an_outbound_refuses_an_inbound_with_another_name(pair: str, tmp_path: Path,
+                                                          backend: int) -> None:
+    files = write_certificates(tmp_path / "certificates", names=("server", "client", "other"))
+    files |= {"server.pem": files["other.pem"], "server.key": files["other.key"]}
+    with PAIRS[pair](tmp_path / pair, files, backend) as (port, _):
+        answer = _through(port)
+    assert _refused(answer), answer
+    if pair == "nginx":
+        log = (tmp_path / "nginx" / "outbound" / "error.log").read_text()
+        assert 'upstream SSL certificate does not match "server.bench.test"' in log
+
+
+@pytest.mark.parametrize("expected", ["spiffe://bench.test/someone-else",
+                                      "spiffe://bench.test/clien"])
+def test_the_haproxy_inbound_refuses_another_spiffe_id(expected: str, tmp_path: Path,
+                                                       backend: int) -> None:
+    files = write_certificates(tmp_path / "certificates")  # the client is .../client
+    with haproxy_pair(tmp_path / "haproxy", files, backend, client_id=expected) as (port, _):
+        assert _refused(_through(port))
