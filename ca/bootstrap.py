@@ -11,7 +11,8 @@ The files lay the trust domain out under ``conf/data/``::
 
 The socket sits apart from the agent's private data dir so that workloads of
 every user can connect to it (as SPIRE's ``/tmp/spire-agent/public/api.sock``);
-what each one gets depends only on its attested selectors.
+what each one gets depends only on its attested selectors. Each file is written
+whole (a temporary file renamed into place) and never over an existing one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import os
 import stat
 from pathlib import Path
 
-from ca.errors import AlreadyExists
+from ca.errors import AlreadyExists, ConfigError
+from ca.privatefiles import os_error_sentence, write_file_atomically
 from ca.spiffeid import parse_trust_domain
 
 SERVER_TOML = """\
@@ -83,7 +85,11 @@ README = """\
 
 def write_trust_domain_files(trust_domain: str, directory: Path) -> list[Path]:
     td = parse_trust_domain(trust_domain).name
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        doing = f"create the directory {directory}"
+        raise ConfigError(os_error_sentence(err, doing, flag="--dir")) from err
     data_dir = str(directory.resolve() / "data")
     files = {
         directory / "server.toml": SERVER_TOML,
@@ -96,7 +102,15 @@ def write_trust_domain_files(trust_domain: str, directory: Path) -> list[Path]:
             f"{', '.join(existing)} already exist; choose an empty --dir or remove them"
         )
     for path, template in files.items():
-        path.write_text(template.format(td=td, data_dir=data_dir))
+        content = template.format(td=td, data_dir=data_dir).encode()
+        try:
+            write_file_atomically(path, content, mode=0o644, replace=False)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"{path} already exists; choose an empty --dir or remove it"
+            ) from None
+        except OSError as err:
+            raise ConfigError(os_error_sentence(err, f"write {path}", flag="--dir")) from err
     # Made here with a mode that does not depend on the umask: every user passes through
     # data/ to the socket; server/ and agent/ below it are made 0700 by their processes.
     for shared in (directory / "data", directory / "data" / "public"):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from ca.admin_client import AdminClient
-from ca.config import load_config_file
+from ca.config import ConfigFileUnreadable, load_config_file
 from ca.errors import TesseraError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -124,8 +124,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         return value
     try:
         values = load_config_file(Path(value))
-    except TesseraError as err:
+    except ConfigFileUnreadable as err:  # a wrong --config: a usage error
         raise click.BadParameter(err.message, ctx=ctx, param=param) from err
+    # A file that is not UTF-8 or not TOML raises its ConfigError, which run() prints as
+    # one sentence naming the file and the line.
     ctx.meta["tessera.config_file"] = values
     # A key is the flag's long name with "_" ("--dir" -> dir), or the parameter's name.
     accepted: dict[str, str] = {}

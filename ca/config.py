@@ -45,6 +45,8 @@ DEFAULT_CA_TTL = timedelta(hours=24)
 DEFAULT_X509_SVID_TTL = timedelta(hours=1)
 DEFAULT_JWT_SVID_TTL = timedelta(minutes=5)
 DEFAULT_JOIN_TOKEN_TTL = timedelta(seconds=600)
+DEFAULT_SERVER_LEASE_TTL = timedelta(seconds=15)
+MIN_SERVER_LEASE_TTL = timedelta(seconds=3)
 
 SCALAR_KEYS = {
     "trust_domain",
@@ -58,6 +60,7 @@ SCALAR_KEYS = {
     "ca_key_type",
     "jwt_key_type",
     "log_level",
+    "server_lease_ttl",
 }
 PLUGIN_KEYS = {"key_manager", "upstream_authority", "node_attestors"}
 TABLE_KEYS = {"federation"}
@@ -104,12 +107,20 @@ class ServerConfig:
     default_x509_svid_ttl: timedelta = DEFAULT_X509_SVID_TTL
     default_jwt_svid_ttl: timedelta = DEFAULT_JWT_SVID_TTL
     ca_key_type: KeyType = KeyType.EC_P256
-    jwt_key_type: KeyType = KeyType.EC_P256
+    jwt_key_type: KeyType | None = None
+    """None: the CA's key type (see :attr:`jwt_authority_key_type`)."""
     key_manager: PluginConfig = PluginConfig("disk")
     upstream_authority: PluginConfig | None = None
     node_attestors: tuple[PluginConfig, ...] = (PluginConfig("join_token"),)
     log_level: str = "info"
     federation: FederationConfig = FederationConfig()
+    server_lease_ttl: timedelta = DEFAULT_SERVER_LEASE_TTL
+
+    @property
+    def jwt_authority_key_type(self) -> KeyType:
+        """The JWT authority's key type: ``jwt_key_type`` when set, else the CA's, as with
+        SPIRE (``rsa-2048`` signs RS256 JWT-SVIDs, ``ec-p384`` ES384, ``ec-p256`` ES256)."""
+        return self.jwt_key_type or self.ca_key_type
 
     @property
     def admin_socket_path(self) -> Path:
@@ -120,16 +131,31 @@ class ServerConfig:
         return self.db_url or f"sqlite:///{self.data_dir.resolve()}/datastore.sqlite3"
 
 
+class ConfigFileUnreadable(ConfigError):
+    """The config file could not be read at all (missing, not permitted)."""
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML config file; ConfigError with the line for a syntax error."""
+    """Read a TOML config file; ConfigError with the line for bytes that are not UTF-8
+    and for a syntax error."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        raise ConfigFileUnreadable(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (line {line} has the byte "
+            f"0x{data[err.start]:02x}); TOML files must be UTF-8, so save it as UTF-8"
+        ) from err
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+        raise ConfigError(
+            f"config file {path} is not valid TOML: {err}; correct that line"
+        ) from err
 
 
 def server_config(values: Mapping[str, Any]) -> ServerConfig:
@@ -167,13 +193,22 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         default_x509_svid_ttl=_duration(values, "default_x509_svid_ttl", DEFAULT_X509_SVID_TTL),
         default_jwt_svid_ttl=_duration(values, "default_jwt_svid_ttl", DEFAULT_JWT_SVID_TTL),
         ca_key_type=parse_key_type(str(values.get("ca_key_type") or KeyType.EC_P256)),
-        jwt_key_type=parse_key_type(str(values.get("jwt_key_type") or KeyType.EC_P256)),
+        jwt_key_type=(
+            parse_key_type(str(values["jwt_key_type"])) if values.get("jwt_key_type") else None
+        ),
         key_manager=key_manager,
         upstream_authority=upstream,
         node_attestors=attestors or (PluginConfig("join_token"),),
         log_level=str(values.get("log_level") or "info"),
         federation=_federation(values.get("federation")),
+        server_lease_ttl=_duration(values, "server_lease_ttl", DEFAULT_SERVER_LEASE_TTL),
     )
+    if config.server_lease_ttl < MIN_SERVER_LEASE_TTL:
+        raise ConfigError(
+            f"server-lease-ttl ({format_duration(config.server_lease_ttl)}) is shorter than "
+            f"{format_duration(MIN_SERVER_LEASE_TTL)}; the server renews its lease every "
+            "second, so give it a few seconds"
+        )
     endpoint = config.federation.bundle_endpoint
     if endpoint is not None and (endpoint.host, endpoint.port) == (host, port):
         raise ConfigError(

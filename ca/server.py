@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import re
 import signal
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,13 +37,20 @@ from ca.authority import JWT, X509, Authorities, AuthorityPolicy
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
-from ca.errors import CAError, ConfigError
+from ca.errors import CAError, ConfigError, FailedPrecondition
 from ca.federation.endpoint import bundle_endpoint_server_config
 from ca.federation.refresher import BundleRefresher
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer
 from ca.keymanager import load_key_manager
 from ca.keys import KeyType, PrivateKey, generate_private_key
+from ca.privatefiles import (
+    os_error_sentence,
+    prepare_private_dir,
+    prepare_socket_dir,
+    write_file_atomically,
+)
 from ca.revisions import RevisionWatcher
+from ca.serverlease import LeaseLost, ServerIdLease
 from ca.upstream import UpstreamContext, load_upstream_authority
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,10 @@ TICK_SECONDS = 1.0
 COUNT_SECONDS = 15.0
 ISSUED_SVID_RETENTION = timedelta(days=1)
 SERVER_SVID_TTL = timedelta(hours=1)
+SERVER_ID_FILE = "server-id"
+SERVER_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+__all__ = ["Server", "load_server_id", "prepare_private_dir"]
 
 
 class _Uvicorn(uvicorn.Server):
@@ -62,14 +74,34 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    def __init__(self, config: ServerConfig, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """Start up: check the listen addresses are free before making anything, prepare
+        the data dir, read (or make) the server ID, open the datastore, take the lease on
+        the server ID, then load the authorities. Every failure is a sentence (CAError)."""
         self.config = config
         self.clock = clock
-        prepare_private_dir(config.data_dir)
-        prepare_private_dir(config.admin_socket_path.parent)
-        self.server_id = _server_id(config.data_dir)
-        self.store = Datastore.open(config.database_url, clock=clock)
         try:
+            _check_listen_addresses(config)
+            prepare_private_dir(config.data_dir)
+            socket_dir = config.admin_socket_path.parent
+            if socket_dir.resolve() != config.data_dir.resolve():
+                prepare_socket_dir(socket_dir, what="admin socket", flag="--admin-socket")
+            self.server_id = load_server_id(config.data_dir)
+        except OSError as err:
+            raise ConfigError(os_error_sentence(err, "start the server")) from err
+        self.store = Datastore.open(config.database_url, clock=clock)
+        self.lease: ServerIdLease | None = None
+        try:
+            self.lease = ServerIdLease.claim(
+                self.store, self.server_id, ttl=config.server_lease_ttl, clock=clock,
+                sleep=sleep,
+            )
             key_manager = load_key_manager(
                 config.key_manager.name, config.key_manager.settings, config.data_dir
             )
@@ -89,7 +121,7 @@ class Server:
                     server_id=self.server_id,
                     ca_ttl=config.ca_ttl,
                     x509_key_type=config.ca_key_type,
-                    jwt_key_type=config.jwt_key_type,
+                    jwt_key_type=config.jwt_authority_key_type,
                 ),
                 self.store,
                 key_manager,
@@ -116,9 +148,13 @@ class Server:
                 plugin.name: load_node_attestor_server(plugin.name, plugin.settings, context)
                 for plugin in config.node_attestors
             }
+        except OSError as err:  # a key written to a full or read-only disk, say
+            self._close_store()
+            raise ConfigError(os_error_sentence(err, "start the server")) from err
         except BaseException:
-            self.store.close()
+            self._close_store()
             raise
+        self._lease_lost: str | None = None
         self.watcher = RevisionWatcher(self.store.sync_counters)
         self.refresher = BundleRefresher(self.store, clock=clock, changed=self.watcher.poke)
         self._svid: tuple[IssuedX509, PrivateKey] | None = None
@@ -127,6 +163,13 @@ class Server:
         self._stop: Callable[[], None] | None = None
         self._stop_early = False
         self._next_count = 0.0
+
+    def _close_store(self) -> None:
+        """Give up the lease (so the server may start again at once) and close the store."""
+        if self.lease is not None:
+            with contextlib.suppress(CAError):
+                self.lease.release()
+        self.store.close()
 
     # -- the server's own SVID ----------------------------------------------------------
 
@@ -291,7 +334,9 @@ class Server:
                     loop.remove_signal_handler(sig)
             with contextlib.suppress(FileNotFoundError):
                 admin_path.unlink()
-            self.store.close()
+            self._close_store()
+        if self._lease_lost is not None:
+            raise FailedPrecondition(self._lease_lost)
 
     async def _tick(self) -> None:
         """Rotate authorities, follow other servers' bundle changes, update gauges."""
@@ -299,6 +344,11 @@ class Server:
             try:
                 await asyncio.to_thread(self._tick_once)
                 self._db_problem = None
+            except LeaseLost as err:
+                self._lease_lost = err.message
+                log.error("%s", err.message)
+                self.stop()
+                return
             except CAError as err:
                 self._db_problem = err.message
                 log.warning("periodic work failed: %s", err.message)
@@ -307,6 +357,8 @@ class Server:
             await asyncio.sleep(TICK_SECONDS)
 
     def _tick_once(self) -> None:
+        if self.lease is not None:
+            self.lease.renew()  # first: a slow rotation must not let the lease lapse
         self.authorities.rotate()
         self.store.prune_join_tokens()
         for kind in (X509, JWT):
@@ -321,17 +373,41 @@ class Server:
             self._next_count = time.monotonic() + COUNT_SECONDS
 
 
-def prepare_private_dir(path: Path) -> None:
-    """Create ``path`` 0700, or tighten it to 0700 if this user owns it."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.stat()
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        if info.st_uid != os.getuid():
-            raise ConfigError(
-                f"directory {path} is open to other users and not owned by you; "
-                "use a private directory (mode 0700) for the data dir and admin socket"
-            )
-        os.chmod(path, 0o700)
+def _check_listen_addresses(config: ServerConfig) -> None:
+    """Refuse at once, before anything is made, an address the server cannot listen on."""
+    _check_can_listen(config.bind_host, config.bind_port, "choose another address with --bind")
+    if (endpoint := config.federation.bundle_endpoint) is not None:
+        _check_can_listen(endpoint.host, endpoint.port,
+                          "choose another [federation.bundle_endpoint] address")
+
+
+def _check_can_listen(host: str, port: int, advice: str) -> None:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ConfigError(f"cannot listen on {shown}: {err.strerror}; {advice}") from err
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {shown} is in use; stop the process listening there, or {advice}"
+                    ) from err
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(
+                        f"cannot listen on {shown}: this machine has no address {host}; {advice}"
+                    ) from err
+                if err.errno == errno.EACCES:
+                    raise ConfigError(
+                        f"cannot listen on {shown}: {err.strerror} (ports below 1024 need "
+                        f"privileges); {advice}"
+                    ) from err
+                raise ConfigError(f"cannot listen on {shown}: {err.strerror}; {advice}") from err
 
 
 def _claim_socket(path: Path) -> None:
@@ -352,15 +428,38 @@ def _claim_socket(path: Path) -> None:
     )
 
 
-def _server_id(data_dir: Path) -> str:
-    """A stable ID for this server, kept in its data dir (one per HA member)."""
-    path = data_dir / "server-id"
+def load_server_id(data_dir: Path) -> str:
+    """This server's stable ID, kept in ``<data-dir>/server-id`` (one per HA member):
+    made on the first start (written whole), refused when empty or not an ID."""
+    path = data_dir / SERVER_ID_FILE
     try:
-        return path.read_text().strip()
+        data = path.read_bytes()
     except FileNotFoundError:
         server_id = uuid.uuid4().hex
-        path.write_text(server_id + "\n")
+        try:
+            write_file_atomically(path, f"{server_id}\n".encode(), mode=0o600, replace=False)
+        except FileExistsError:  # another process made it first: take that one
+            return load_server_id(data_dir)
+        except OSError as err:
+            raise ConfigError(os_error_sentence(err, f"write the server ID file {path}")) from err
         return server_id
+    except OSError as err:
+        raise ConfigError(os_error_sentence(err, f"read the server ID file {path}")) from err
+    text = data.decode("ascii", errors="replace").strip()
+    if not text:
+        raise ConfigError(
+            f"the server ID file {path} is empty, so this server's ID is lost (a start on a "
+            "full disk could leave it so); restore the file from a backup, or delete it to "
+            "have the server make a new ID (the old ID's authorities leave the bundle when "
+            "they expire)"
+        )
+    if not SERVER_ID_PATTERN.fullmatch(text):
+        raise ConfigError(
+            f"the server ID file {path} does not hold a server ID (32 lower-case hex "
+            "digits, as the server writes it); restore the file from a backup, or delete it "
+            "to have the server make a new ID"
+        )
+    return text
 
 
 def _authority_of(issued: IssuedX509) -> str:

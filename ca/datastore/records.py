@@ -192,6 +192,19 @@ class SharedRoot:
 
 
 @dataclass(frozen=True)
+class ServerLease:
+    """A running server's hold on its server ID (see :mod:`ca.serverlease`)."""
+
+    server_id: str
+    nonce: str  # made by each process as it starts
+    hostname: str
+    pid: int
+    started_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class AuditNote:
     """An audit event to write in the same transaction as the change it records."""
 

@@ -205,6 +205,21 @@ class SharedRootRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class ServerLeaseRow(Base):
+    """Which process runs as a server ID: one row per ID, renewed by the running server's
+    tick; a second process with the same ID and a fresh lease refuses to start."""
+
+    __tablename__ = "server_leases"
+
+    server_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    nonce: Mapped[str] = mapped_column(Text)
+    hostname: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    renewed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class FederatedBundleRow(Base):
     __tablename__ = "federated_bundles"
 

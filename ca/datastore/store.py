@@ -44,7 +44,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from dataclasses import fields as dataclass_fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -88,6 +88,7 @@ from ca.datastore.records import (
     NewEntry,
     NewFederationRelationship,
     RegistrationEntry,
+    ServerLease,
     SharedRoot,
 )
 from ca.datastore.schema import (
@@ -108,6 +109,7 @@ from ca.datastore.schema import (
     FederationRelationshipRow,
     IssuedSvidRow,
     JoinTokenRow,
+    ServerLeaseRow,
     SharedRootRow,
 )
 from ca.datastore.translate import translate_errors
@@ -613,6 +615,55 @@ class Datastore:
         with self._reading() as session:
             return [_shared_root_record(row) for row in session.scalars(query)]
 
+    # -- server leases: one running process per server ID -----------------------
+
+    def claim_server_lease(
+        self, server_id: str, nonce: str, *, ttl: timedelta, hostname: str, pid: int
+    ) -> ServerLease:
+        """Take the lease on ``server_id`` for the process ``nonce`` unless another
+        process holds it and it has not expired. Returns the lease as it now stands:
+        ours, or the other process's, unchanged."""
+        now = self._clock.now()
+        conflict = f"another server took the lease on server ID {server_id} at the same time"
+        with self._writing(conflict=conflict) as session:
+            row = session.get(ServerLeaseRow, server_id, with_for_update=True)
+            if row is not None and row.nonce != nonce and row.expires_at > now:
+                return _server_lease_record(row)
+            if row is None:
+                row = ServerLeaseRow(server_id=server_id)
+                session.add(row)
+            row.nonce, row.hostname, row.pid = nonce, hostname, pid
+            row.started_at = row.renewed_at = now
+            row.expires_at = now + ttl
+            session.flush()
+            return _server_lease_record(row)
+
+    def renew_server_lease(self, server_id: str, nonce: str, *, ttl: timedelta) -> ServerLease:
+        """Extend the lease ``nonce`` holds on ``server_id``. Returns the lease as it now
+        stands: another process's, unchanged, when it has taken the ID over."""
+        now = self._clock.now()
+        with self._writing() as session:
+            row = session.get(ServerLeaseRow, server_id, with_for_update=True)
+            if row is None:
+                raise FailedPrecondition(
+                    f"the lease on server ID {server_id} is gone from the datastore"
+                )
+            if row.nonce == nonce:
+                row.renewed_at = now
+                row.expires_at = now + ttl
+                session.flush()
+            return _server_lease_record(row)
+
+    def release_server_lease(self, server_id: str, nonce: str) -> None:
+        """Give up the lease ``nonce`` holds on ``server_id`` (a clean stop), so the
+        server may start again at once; a lease held by another process stays."""
+        with self._writing() as session:
+            session.execute(
+                delete(ServerLeaseRow).where(
+                    ServerLeaseRow.server_id == server_id, ServerLeaseRow.nonce == nonce
+                )
+            )
+
     def get_authority(self, authority_id: str) -> Authority:
         with self._reading() as session:
             return _authority_record(_authority_row(session, authority_id))
@@ -1015,6 +1066,13 @@ def _append_audit(
 
 
 _SHARED_ROOT_FIELDS = tuple(f.name for f in dataclass_fields(SharedRoot))
+
+
+_SERVER_LEASE_FIELDS = tuple(f.name for f in dataclass_fields(ServerLease))
+
+
+def _server_lease_record(row: ServerLeaseRow) -> ServerLease:
+    return ServerLease(**{f: getattr(row, f) for f in _SERVER_LEASE_FIELDS})
 
 
 def _shared_root_record(row: SharedRootRow) -> SharedRoot:

@@ -244,3 +244,44 @@ def test_a_file_that_does_not_exist(tmp_path):
     assert refused.value.message == (
         f"cannot read config file {path}: No such file or directory"
     )
+
+
+# -- the JWT authority's key type --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ca_key_type", "jwt_key_type"), [
+    ("ec-p256", KeyType.EC_P256),
+    ("ec-p384", KeyType.EC_P384),
+    ("rsa-2048", KeyType.RSA_2048),
+    ("rsa-4096", KeyType.RSA_4096),
+])
+def test_the_jwt_key_type_follows_the_ca_key_type(ca_key_type, jwt_key_type):
+    assert config(ca_key_type=ca_key_type).jwt_authority_key_type == jwt_key_type
+
+
+def test_a_jwt_key_type_set_explicitly_wins():
+    built = config(ca_key_type="rsa-2048", jwt_key_type="ec-p384")
+    assert built.jwt_authority_key_type == KeyType.EC_P384
+
+
+def test_a_config_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_bytes(b'trust_domain = "example.org"\n# caf\xe9\n')
+
+    with pytest.raises(ConfigError) as refused:
+        load_config_file(path)
+
+    assert refused.value.message == (
+        f"config file {path} is not UTF-8 text (line 2 has the byte 0xe9); TOML files must "
+        "be UTF-8, so save it as UTF-8"
+    )
+
+
+def test_a_server_lease_ttl_under_three_seconds_is_refused():
+    with pytest.raises(ConfigError) as refused:
+        config(server_lease_ttl="1s")
+    assert refused.value.message == (
+        "server-lease-ttl (1s) is shorter than 3s; the server renews its lease every second, "
+        "so give it a few seconds"
+    )
+    assert config(server_lease_ttl="3s").server_lease_ttl == timedelta(seconds=3)
