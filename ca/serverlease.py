@@ -15,7 +15,10 @@ until that lease expires, to see whether its holder renews it. A holder that
 renews is running, and the newcomer refuses to start (:class:`ServerIdInUse`).
 A lease that expires unrenewed was left by a process that died (killed,
 crashed, its machine lost): the newcomer takes it over. So a server restarted
-after a crash starts within one lease TTL, and logs that it is waiting.
+after a crash starts within one lease TTL, and logs that it is waiting. Where
+the holder ran in the newcomer's own pid namespace on the same boot of the
+same kernel (the usual restart after a crash, ``tessera up`` included) its
+pid says for sure: a holder whose process is gone is taken over at once.
 Lease times come from the servers' clocks, which must agree to within a
 second or so (as the authorities' rotation already needs).
 """
@@ -29,6 +32,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.records import ServerLease
@@ -74,6 +78,13 @@ class ServerIdLease:
         first = _claim(store, server_id, nonce, ttl)
         if first.nonce == nonce:
             return cls(store, first, ttl)
+        if _holder_is_gone(first):
+            held = _claim(store, server_id, nonce, ttl, replacing=first.nonce)
+            if held.nonce == nonce:
+                log.info("took over server ID %s: its previous holder (pid %d) is no longer "
+                         "running", server_id, first.pid)
+                return cls(store, held, ttl)
+            first = held
         deadline = min(first.expires_at, clock.now() + ttl)
         log.warning(
             "server ID %s is held by another process (pid %d on %s) until %s; waiting up to "
@@ -108,12 +119,44 @@ class ServerIdLease:
         self._store.release_server_lease(self.server_id, self.nonce)
 
 
-def _claim(store: Datastore, server_id: str, nonce: str, ttl: timedelta) -> ServerLease:
-    hostname, pid = socket.gethostname(), os.getpid()
+def _claim(store: Datastore, server_id: str, nonce: str, ttl: timedelta,
+           replacing: str | None = None) -> ServerLease:
+    def claim() -> ServerLease:
+        return store.claim_server_lease(
+            server_id, nonce, ttl=ttl, hostname=socket.gethostname(), pid=os.getpid(),
+            pid_namespace=pid_namespace(), replacing=replacing,
+        )
+
     try:
-        return store.claim_server_lease(server_id, nonce, ttl=ttl, hostname=hostname, pid=pid)
+        return claim()
     except AlreadyExists:  # another process inserted the first lease at the same moment
-        return store.claim_server_lease(server_id, nonce, ttl=ttl, hostname=hostname, pid=pid)
+        return claim()
+
+
+def pid_namespace() -> str:
+    """Where this process's pid means something: the kernel's boot id and the pid
+    namespace; empty where /proc does not say (then no pid is ever judged gone)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot_id}/{namespace}"
+
+
+def _holder_is_gone(lease: ServerLease) -> bool:
+    """Whether the lease's holder ran beside this process and its pid is free now. A pid
+    taken by another process since reads as alive: then the lease is waited out."""
+    here = pid_namespace()
+    if not here or lease.pid_namespace != here:
+        return False
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: a process of another user has that pid
+        return False
+    return False
 
 
 def _in_use(held: ServerLease) -> str:

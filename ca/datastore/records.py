@@ -199,6 +199,7 @@ class ServerLease:
     nonce: str  # made by each process as it starts
     hostname: str
     pid: int
+    pid_namespace: str  # where ``pid`` names a process: boot id and pid namespace
     started_at: datetime
     renewed_at: datetime
     expires_at: datetime

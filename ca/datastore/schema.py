@@ -215,6 +215,7 @@ class ServerLeaseRow(Base):
     nonce: Mapped[str] = mapped_column(Text)
     hostname: Mapped[str] = mapped_column(Text)
     pid: Mapped[int] = mapped_column(Integer)
+    pid_namespace: Mapped[str] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime)
     renewed_at: Mapped[datetime] = mapped_column(UtcDateTime)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

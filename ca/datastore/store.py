@@ -618,21 +618,32 @@ class Datastore:
     # -- server leases: one running process per server ID -----------------------
 
     def claim_server_lease(
-        self, server_id: str, nonce: str, *, ttl: timedelta, hostname: str, pid: int
+        self,
+        server_id: str,
+        nonce: str,
+        *,
+        ttl: timedelta,
+        hostname: str,
+        pid: int,
+        pid_namespace: str,
+        replacing: str | None = None,
     ) -> ServerLease:
         """Take the lease on ``server_id`` for the process ``nonce`` unless another
-        process holds it and it has not expired. Returns the lease as it now stands:
-        ours, or the other process's, unchanged."""
+        process holds it and it has not expired (or it is the lease ``replacing``, whose
+        holder is known to be gone). Returns the lease as it now stands: ours, or the
+        other process's, unchanged."""
         now = self._clock.now()
         conflict = f"another server took the lease on server ID {server_id} at the same time"
         with self._writing(conflict=conflict) as session:
             row = session.get(ServerLeaseRow, server_id, with_for_update=True)
-            if row is not None and row.nonce != nonce and row.expires_at > now:
+            if (row is not None and row.nonce not in (nonce, replacing)
+                    and row.expires_at > now):
                 return _server_lease_record(row)
             if row is None:
                 row = ServerLeaseRow(server_id=server_id)
                 session.add(row)
             row.nonce, row.hostname, row.pid = nonce, hostname, pid
+            row.pid_namespace = pid_namespace
             row.started_at = row.renewed_at = now
             row.expires_at = now + ttl
             session.flush()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ca.clock import ManualClock
 from ca.datastore.store import Datastore
 from ca.errors import ConfigError
 from ca.server import load_server_id
-from ca.serverlease import LeaseLost, ServerIdInUse, ServerIdLease
+from ca.serverlease import LeaseLost, ServerIdInUse, ServerIdLease, pid_namespace
 from tests.unit.ca.conftest import START
 
 TTL = timedelta(seconds=5)
@@ -162,6 +163,46 @@ def test_a_dead_holders_lease_is_taken_over_within_one_ttl(store: Datastore) -> 
         f"another server (pid {os.getpid()} on {socket.gethostname()}) took over server ID "
         f"{SERVER_ID} while this one could not renew its lease (for longer than 5s)"
     )
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped) just now."""
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    return probe.pid
+
+
+def _left_by(store: Datastore, pid: int, namespace: str) -> None:
+    """A lease as a process ``pid`` in ``namespace`` left it when it was killed."""
+    store.claim_server_lease(SERVER_ID, "0" * 32, ttl=TTL, hostname=socket.gethostname(),
+                             pid=pid, pid_namespace=namespace)
+
+
+def test_a_lease_whose_holder_is_gone_from_this_pid_namespace_is_taken_at_once(
+    store: Datastore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock: ManualClock = store.test_clock  # type: ignore[attr-defined]
+    pid = _dead_pid()
+    _left_by(store, pid, pid_namespace())
+    sleeper = Sleeper(clock)
+
+    with caplog.at_level("INFO", logger="ca.serverlease"):
+        lease = ServerIdLease.claim(store, SERVER_ID, ttl=TTL, clock=clock, sleep=sleeper)
+
+    assert sleeper.calls == 0
+    lease.renew()
+    assert (f"took over server ID {SERVER_ID}: its previous holder (pid {pid}) is no longer "
+            "running") in caplog.text
+
+
+def test_a_dead_pid_from_another_pid_namespace_is_waited_out(store: Datastore) -> None:
+    clock: ManualClock = store.test_clock  # type: ignore[attr-defined]
+    _left_by(store, _dead_pid(), "another-boot/4026531836")  # another host or container
+    sleeper = Sleeper(clock)
+
+    ServerIdLease.claim(store, SERVER_ID, ttl=TTL, clock=clock, sleep=sleeper)
+
+    assert sleeper.calls * 0.2 >= TTL.total_seconds()  # only once the lease had lapsed
 
 
 def test_a_released_lease_is_free_at_once(store: Datastore) -> None:

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("nonce", sa.Text(), nullable=False),
         sa.Column("hostname", sa.Text(), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("pid_namespace", sa.Text(), nullable=False),
         sa.Column("started_at", TS, nullable=False),
         sa.Column("renewed_at", TS, nullable=False),
         sa.Column("expires_at", TS, nullable=False),
