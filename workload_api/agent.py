@@ -70,6 +70,7 @@ from ca.spiffeid import parse_spiffe_id, parse_trust_domain
 from workload_api import health
 from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_authority_id
 from workload_api.config import AgentConfig
+from workload_api.grpc_limits import ServerLimits
 from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context
 from workload_api.node_attestation import (
     NodeAttestorAgent,
@@ -172,7 +173,13 @@ class Agent:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
-        workload_api = WorkloadApiServer(self)
+        workload_api = WorkloadApiServer(
+            self,
+            limits=ServerLimits(
+                idle_timeout=self.config.workload_api_idle_timeout,
+                max_connections_per_uid=self.config.workload_api_max_connections_per_uid,
+            ),
+        )
         health_server = (
             health.HealthServer(self.config.health_bind, self.ready_problem)
             if self.config.health_bind is not None

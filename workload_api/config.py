@@ -2,8 +2,9 @@
 
 Values come from flags, ``TESSERA_*`` environment variables and a TOML file
 (``--config agent.toml``), in that order of precedence; the CLI resolves the
-precedence and hands the merged mapping to :func:`agent_config`. Every key of
-the file is a flag's name with ``_`` for ``-``::
+precedence and hands the merged mapping to :func:`agent_config`. A key of the
+file is a flag's name with ``_`` for ``-``; the Workload API's connection limits
+are set in the file only::
 
     trust_domain = "example.org"
     server = ["tessera-1.internal:8081", "tessera-2.internal:8081"]
@@ -11,6 +12,8 @@ the file is a flag's name with ``_`` for ``-``::
     socket = "/run/tessera/agent.sock"
     trust_bundle = "/etc/tessera/bundle.pem"
     health_bind = "127.0.0.1:8088"
+    workload_api_idle_timeout = "5m"
+    workload_api_max_connections_per_uid = 128
 
     [workload_attestors.unix]
     hash_binary = true
@@ -34,8 +37,10 @@ from spiffe import TrustDomain
 
 from attestor.workload import load_workload_attestor
 from ca.config import PluginConfig
+from ca.durations import parse_duration
 from ca.errors import ConfigError, InvalidArgument
 from ca.spiffeid import parse_trust_domain
+from workload_api.grpc_limits import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_UID
 
 __all__ = [
     "DEFAULT_HEALTH_BIND",
@@ -65,6 +70,8 @@ SCALAR_KEYS: Final = frozenset({
     "insecure_bootstrap",
     "health_bind",
     "log_level",
+    "workload_api_idle_timeout",
+    "workload_api_max_connections_per_uid",
 })
 TABLE_KEYS: Final = frozenset({"workload_attestors"})
 
@@ -100,6 +107,10 @@ class AgentConfig:
     """Where ``/live``, ``/ready`` and ``/metrics`` are served; None turns them off."""
     workload_attestors: tuple[PluginConfig, ...] = (PluginConfig("unix"),)
     log_level: str = "info"
+    workload_api_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    """Seconds a Workload API connection with no call in progress is kept open."""
+    workload_api_max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    """Workload API connections one uid may have open at once."""
 
     @property
     def node_attestor(self) -> str | None:
@@ -200,6 +211,12 @@ def _build(values: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig
         health_bind=_health_bind(values.get("health_bind", DEFAULT_HEALTH_BIND)),
         workload_attestors=attestors,
         log_level=log_level,
+        workload_api_idle_timeout=_seconds(
+            values, "workload_api_idle_timeout", DEFAULT_IDLE_TIMEOUT
+        ),
+        workload_api_max_connections_per_uid=_positive_count(
+            values, "workload_api_max_connections_per_uid", DEFAULT_MAX_CONNECTIONS_PER_UID
+        ),
     )
 
 
@@ -303,6 +320,22 @@ def _text(values: Mapping[str, Any], key: str) -> str | None:
 def _path(values: Mapping[str, Any], key: str) -> Path | None:
     value = _text(values, key)
     return Path(value).absolute() if value else None
+
+
+def _seconds(values: Mapping[str, Any], key: str, default: float) -> float:
+    value = values.get(key, int(default))
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{key} must be a duration such as 90s, 5m or 1h, got {value!r}")
+    return parse_duration(value, what=key).total_seconds()
+
+
+def _positive_count(values: Mapping[str, Any], key: str, default: int) -> int:
+    value = values.get(key, default)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}")
+    return value
 
 
 def _flag(values: Mapping[str, Any], key: str) -> bool:

@@ -22,8 +22,16 @@ whole state at once, then again each time the provider reports a change that
 alters what this caller sees. On :meth:`WorkloadApiServer.close` open streams
 end with ``UNAVAILABLE`` so clients reconnect to the next agent.
 
+Every connection runs under :mod:`workload_api.grpc_limits`: requests over
+4 MiB get ``RESOURCE_EXHAUSTED`` from their length prefix, malformed ones
+``INVALID_ARGUMENT``, idle connections are closed and each uid may hold a
+bounded number of them (:class:`~workload_api.grpc_limits.ServerLimits`).
+JWT audiences are bounded as the server bounds them (``ca.jwtsvid.check_audiences``),
+before anything is asked of it.
+
 Calls are counted in ``tessera_workload_api_calls_total{method,status}``;
-refusals are logged at INFO with the caller's pid and uid, never a key or token.
+refusals are logged at INFO with the caller's pid and uid, never a key or token,
+once per caller, method and refusal (repeats at DEBUG until it changes).
 """
 
 from __future__ import annotations
@@ -34,7 +42,6 @@ import logging
 import os
 import socket
 import stat
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -42,14 +49,16 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.server import Server, Stream
+from grpclib.server import Stream
 from prometheus_client import Counter
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials, peer_credentials
 from ca.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from ca.jwtsvid import check_audience, check_audiences
 from ca.spiffeid import parse_spiffe_id
 from workload_api._proto import workload_grpc, workload_pb2
+from workload_api.grpc_limits import LimitedServer, RefusalLog, ServerLimits, describe_peer
 from workload_api.identity import IdentityProvider, X509Context, X509SvidMaterial
 
 if TYPE_CHECKING:
@@ -115,7 +124,8 @@ class WorkloadApiServer:
     ``allow_unauthenticated_verifiers`` lets callers without an identity fetch
     bundles and validate JWT-SVIDs (SPIRE's option of the same name); off by
     default. ``shutdown_grace`` bounds how long :meth:`close` waits for open
-    calls to end before cancelling them.
+    calls to end before cancelling them. ``limits`` bounds idle time and
+    connections per uid (agent.toml's ``workload_api_*`` settings).
     """
 
     def __init__(
@@ -124,12 +134,14 @@ class WorkloadApiServer:
         *,
         allow_unauthenticated_verifiers: bool = False,
         shutdown_grace: float = 5.0,
+        limits: ServerLimits | None = None,
     ) -> None:
         self._provider = provider
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._shutdown_grace = shutdown_grace
+        self._limits = limits or ServerLimits()
         self._service: _WorkloadApiService | None = None
-        self._server: Server | None = None
+        self._server: LimitedServer | None = None
         self._socket_path: Path | None = None
         self._socket_inode: int | None = None
 
@@ -152,7 +164,7 @@ class WorkloadApiServer:
         path = socket_path.absolute()
         await asyncio.to_thread(_prepare_socket_path, path)
         service = _WorkloadApiService(self._provider, self._allow_unauthenticated_verifiers)
-        server = Server([service])
+        server = LimitedServer([service], limits=self._limits, name="Workload API")
         try:
             await server.start(path=str(path), backlog=_LISTEN_BACKLOG)
         except OSError as err:
@@ -182,7 +194,7 @@ class WorkloadApiServer:
         await service.shut_down(self._shutdown_grace)
         server.close()
         await server.wait_closed()
-        service.close_connections()
+        server.close_connections()
         self._remove_socket_file()
         _log.info("Workload API on %s closed", self._socket_path)
 
@@ -217,7 +229,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         # Streams waiting in _next_change, and those shut_down woke by cancelling them.
         self._waiting: set[asyncio.Task[Any]] = set()
         self._woken_for_shutdown: set[asyncio.Task[Any]] = set()
-        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._refusals = RefusalLog(_log)
         # The X509SVIDResponse of each context served at _messages_version: callers
         # with the same identities share one message instead of building their own.
         self._x509_messages: dict[_ContextKey, Message] = {}
@@ -278,6 +290,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
         audience = list(request.audience)
+        check_audiences(audience)  # as the server would, before it is asked
         spiffe_id: str | None = request.spiffe_id or None
         if spiffe_id is not None:
             parse_spiffe_id(spiffe_id, what="requested SPIFFE ID")
@@ -301,6 +314,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         request = await stream.recv_message()
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
+        check_audience(request.audience)
         if not request.svid:
             raise InvalidArgument("svid must be specified")
         selectors = await self._provider.attest(peer)
@@ -328,30 +342,40 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         try:
             if self._closing.is_set():
                 raise Unavailable(SHUTTING_DOWN)
+            peer = _peer_credentials(_connection_transport(stream))
             _require_security_header(stream)
-            transport = _connection_transport(stream)
-            self._transports.add(transport)
-            peer = _peer_credentials(transport)
             await body(stream, peer)
         except TesseraError as err:
             status = _GRPC_STATUS_BY_HTTP.get(err.status, Status.INTERNAL)
-            _log_refusal(method, peer, status, err.message)
+            self._log_refusal(method, peer, status, err.message)
             raise GRPCError(status, err.message) from err
         except GRPCError as err:
             status = err.status
-            _log_refusal(method, peer, status, err.message or "")
+            self._log_refusal(method, peer, status, err.message or "")
             raise
         except (asyncio.CancelledError, StreamTerminatedError):
             status = _ended_by_client(stream)
+            self._refusals.forget((method, peer))  # it was served until it left
             raise
         except Exception:
             status = Status.INTERNAL
-            _log.exception("Workload API %s failed for %s", method, _describe(peer))
+            _log.exception("Workload API %s failed for %s", method, describe_peer(peer))
             raise GRPCError(
                 Status.INTERNAL, "internal error in the Tessera agent; see the agent's log"
             ) from None
+        else:
+            self._refusals.forget((method, peer))
         finally:
             _count_call(method, status)
+
+    def _log_refusal(
+        self, method: str, peer: PeerCredentials | None, status: Status, message: str
+    ) -> None:
+        """At INFO the first time; the same refusal of the same caller again at DEBUG."""
+        self._refusals.log(
+            (method, peer), (status, message), logging.INFO,
+            "Workload API %s refused %s: %s: %s", method, describe_peer(peer), status.name, message,
+        )  # fmt: skip
 
     async def _stream_updates(self, stream: _AnyStream, current: Callable[[], Message]) -> None:
         """Send ``current()`` now, then again after each change that alters it; never returns.
@@ -428,10 +452,6 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         if active:
             await asyncio.wait(active, timeout=grace)
 
-    def close_connections(self) -> None:
-        for transport in list(self._transports):
-            transport.close()
-
 
 def _require_security_header(stream: _AnyStream) -> None:
     values = stream.metadata.getall(SECURITY_HEADER, []) if stream.metadata is not None else []
@@ -497,16 +517,6 @@ def _x509_svid_response(context: X509Context) -> Message:
         federated_bundles=dict(context.federated_bundles),
     )
     return response
-
-
-def _describe(peer: PeerCredentials | None) -> str:
-    if peer is None:
-        return "an unidentified caller"
-    return f"pid {peer.pid} (uid {peer.uid}, gid {peer.gid})"
-
-
-def _log_refusal(method: str, peer: PeerCredentials | None, status: Status, message: str) -> None:
-    _log.info("Workload API %s refused %s: %s: %s", method, _describe(peer), status.name, message)
 
 
 # -- the socket file ------------------------------------------------------------------------

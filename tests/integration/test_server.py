@@ -457,6 +457,26 @@ def test_an_agent_gets_svids_only_for_its_entries(
     assert token.spiffe_id == SpiffeId("spiffe://example.org/web")
 
 
+def test_the_node_api_bounds_jwt_audiences(server: ServerProcess, agent: NodeApiAgent) -> None:
+    entry = server.cli_json("entry", "create", "--parent-id", "spiffe://example.org/node/a",
+                            "--spiffe-id", "spiffe://example.org/web", "--selector", "unix:uid:1")
+    refusals = [
+        ([f"aud{i}" for i in range(33)],
+         "33 audiences were asked for; ask for at most 32 at a time"),
+        (["db", "a" * 2049],
+         "audience 2 is 2049 bytes long; an audience may be at most 2048 bytes"),
+    ]
+    with agent.client() as client:
+        for audience, message in refusals:
+            refused = client.post("/v1/agent/svids/jwt",
+                                  json={"entry_id": entry["id"], "audience": audience})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["message"] == message
+        allowed = client.post("/v1/agent/svids/jwt",
+                              json={"entry_id": entry["id"], "audience": ["db", "a" * 2048]})
+        assert allowed.status_code == 200, allowed.text
+
+
 def test_identity_comes_only_from_the_handshake(
     server: ServerProcess, agent: NodeApiAgent
 ) -> None:

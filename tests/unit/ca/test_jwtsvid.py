@@ -12,7 +12,13 @@ from spiffe.errors import ArgumentError
 from spiffe.svid.errors import JwtSvidError as SpiffeJwtSvidError
 
 from ca.errors import InvalidArgument
-from ca.jwtsvid import JwtSvidError, mint_jwt_svid, validate_jwt_svid
+from ca.jwtsvid import (
+    MAX_AUDIENCE_CLAIM_BYTES,
+    MAX_TOKEN_BYTES,
+    JwtSvidError,
+    mint_jwt_svid,
+    validate_jwt_svid,
+)
 from ca.keymanager import LocalSigner
 from ca.keys import KeyType
 from tests.unit.ca.conftest import START
@@ -213,3 +219,37 @@ def test_a_remote_signer_mints_tokens(key_pool, remote_signer):
     token = _mint(signer)
     assert signer.signed == 1
     assert _validate(token, signer).spiffe_id == WEB
+
+
+def test_the_most_audiences_a_token_may_carry_still_make_a_valid_token(key_pool):
+    """32 audiences filling the aud claim's bound, the longest SPIFFE ID as subject and an
+    RSA-4096 signature: the token stays under the length validation accepts."""
+    signer = _signer(key_pool, KeyType.RSA_4096)
+    audience = [f"{i:02d}" + "a" * 250 for i in range(31)] + ["db"]
+    longest = SpiffeId("spiffe://example.org/" + "/".join(["x" * 200] * 9) + "/" + "y" * 200)
+    assert len(json.dumps(audience, separators=(",", ":"))) <= MAX_AUDIENCE_CLAIM_BYTES
+
+    token = _mint(signer, audience=audience, spiffe_id=longest)
+
+    assert len(token) <= MAX_TOKEN_BYTES
+    assert _validate(token, signer).spiffe_id == longest
+
+
+@pytest.mark.parametrize(
+    ("audience", "message"),
+    [
+        ([f"a{i}" for i in range(33)], "33 audiences were asked for; ask for at most 32 at a time"),
+        (
+            ["db", "é" * 1025],
+            "audience 2 is 2050 bytes long; an audience may be at most 2048 bytes",
+        ),
+        (
+            [f"{i}" + "a" * 1999 for i in range(5)],
+            "the audiences take 10016 bytes in a JWT-SVID; together they may take at most 8192",
+        ),
+    ],
+)
+def test_minting_refuses_too_many_or_too_long_audiences(key_pool, audience, message):
+    with pytest.raises(InvalidArgument) as err:
+        _mint(_signer(key_pool), audience=audience)
+    assert err.value.message == message

@@ -42,6 +42,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.workload_attestors == (PluginConfig("unix"),)
     assert config.node_attestor == "join_token"
     assert config.log_level == "info"
+    assert config.workload_api_idle_timeout == 300.0
+    assert config.workload_api_max_connections_per_uid == 128
 
 
 def test_the_socket_defaults_to_spiffe_endpoint_socket(tmp_path: Path) -> None:
@@ -181,6 +183,17 @@ def test_no_node_attestor_is_allowed_for_an_agent_that_attested_before(tmp_path:
          "discover_workload_path, hash_binary, max_binary_size"),
         ({"workload_attestors": "unix"},
          "[workload_attestors] must be a table of attestor tables, e.g. [workload_attestors.unix]"),
+        ({"workload_api_idle_timeout": "soon"},
+         "workload_api_idle_timeout 'soon' is not a duration; write seconds or a number with "
+         "s, m, h or d, e.g. 90s, 15m, 1h, 24h"),
+        ({"workload_api_idle_timeout": 0}, "workload_api_idle_timeout must be greater than zero"),
+        ({"workload_api_idle_timeout": 0.5},
+         "workload_api_idle_timeout must be a duration such as 90s, 5m or 1h, got 0.5"),
+        ({"workload_api_max_connections_per_uid": 0},
+         "workload_api_max_connections_per_uid must be a whole number of at least 1, got 0"),
+        ({"workload_api_max_connections_per_uid": "many"},
+         "workload_api_max_connections_per_uid must be a whole number of at least 1, "
+         "got 'many'"),
         ({"bind": "127.0.0.1:1"},
          "unknown agent setting(s): bind; see docs/agent-configuration.md for the settings an "
          "agent takes"),
@@ -188,3 +201,12 @@ def test_no_node_attestor_is_allowed_for_an_agent_that_attested_before(tmp_path:
 )
 def test_refusals(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
     assert refused(tmp_path, **overrides) == message
+
+
+def test_workload_api_connection_limits(tmp_path: Path) -> None:
+    config = agent_config(
+        values(tmp_path, workload_api_idle_timeout="2m", workload_api_max_connections_per_uid=16),
+        environ={},
+    )
+    assert config.workload_api_idle_timeout == 120.0
+    assert config.workload_api_max_connections_per_uid == 16

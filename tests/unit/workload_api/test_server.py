@@ -8,7 +8,9 @@ clients are synchronous and block on grpcio). What it serves comes from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -21,6 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc  # type: ignore[import-untyped]
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import jwt
 import pytest
 from cryptography import x509
@@ -30,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.metadata import decode_grpc_message
 from prometheus_client import REGISTRY
 from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Source
 from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, ValidateJwtSvidError
@@ -38,13 +45,19 @@ from attestor.selector import Selector
 from attestor.workload import PeerCredentials
 from ca.errors import ConfigError, InvalidArgument, Unavailable
 from workload_api._proto import workload_grpc, workload_pb2
+from workload_api.grpc_limits import MAX_MESSAGE_BYTES, ServerLimits
 from workload_api.identity import (
     JwtSvidMaterial,
     ValidatedToken,
     X509Context,
     X509SvidMaterial,
 )
-from workload_api.server import SHUTTING_DOWN, WorkloadApiServer, _WorkloadApiService
+from workload_api.server import (
+    SECURITY_HEADER,
+    SHUTTING_DOWN,
+    WorkloadApiServer,
+    _WorkloadApiService,
+)
 
 T = TypeVar("T")
 
@@ -871,3 +884,438 @@ def test_a_stream_cancelled_by_its_client_stays_cancelled(
         assert (service._waiting, service._woken_for_shutdown) == (set(), set())
 
     asyncio.run(main())
+
+
+# -- limits: message size, malformed frames, idle connections, connections per uid --------
+
+
+class RawGrpcConnection:
+    """An HTTP/2 connection to the socket driven by hand: the server gets exactly the bytes
+    a test sends, framed or not as a well-behaved client would (for what no client sends)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(DEADLINE_SECONDS)
+        self.sock.connect(str(socket_path))
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.h2.initiate_connection()
+        self.events: list[h2.events.Event] = []
+        self.closed = False
+        self._flush()
+
+    def start_call(self, method: str, data: bytes = b"", *, end: bool = True) -> int:
+        stream_id: int = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, [
+            (":method", "POST"), (":scheme", "http"), (":authority", "localhost"),
+            (":path", f"/SpiffeWorkloadAPI/{method}"), ("content-type", "application/grpc"),
+            ("te", "trailers"), (SECURITY_HEADER, "true"),
+        ])  # fmt: skip
+        self._flush()
+        self._send_data(stream_id, data, end=end)
+        return stream_id
+
+    def _send_data(self, stream_id: int, data: bytes, *, end: bool) -> None:
+        """DATA frames as the server's flow-control window lets them go."""
+        view = memoryview(data)
+        while view:
+            room = min(
+                self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
+            )
+            if room <= 0:
+                assert not self.closed, "the server closed the connection while we sent"
+                self._receive()  # until the server opens its window
+                continue
+            self.h2.send_data(stream_id, bytes(view[:room]))
+            view = view[room:]
+            self._flush()
+        if end:
+            self.h2.end_stream(stream_id)
+            self._flush()
+
+    def status(self, stream_id: int) -> tuple[Status, str]:
+        """The gRPC status the server ends ``stream_id`` with."""
+        while True:
+            for event in self.events:
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    if event.stream_id != stream_id:
+                        continue
+                    headers = dict(event.headers)
+                    if "grpc-status" in headers:
+                        message = decode_grpc_message(headers.get("grpc-message", ""))
+                        return Status(int(headers["grpc-status"])), message
+            assert not self.closed, f"the connection closed without a status: {self.events}"
+            self._receive()
+
+    def data(self, stream_id: int) -> bytes:
+        """The next DATA the server sends on ``stream_id``."""
+        while True:
+            for index, event in enumerate(self.events):
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
+                    del self.events[index]
+                    return bytes(event.data)
+            assert not self.closed, f"the connection closed without data: {self.events}"
+            self._receive()
+
+    def wait_closed_by_server(self) -> None:
+        """Read until the server closes the connection (the socket's timeout is the deadline)."""
+        while not self.closed:
+            self._receive()
+
+    def goaway(self) -> h2.events.ConnectionTerminated:
+        [goaway] = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return goaway
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            return
+        self.events.extend(self.h2.receive_data(data))
+        self._flush()
+
+    def _flush(self) -> None:
+        outgoing = self.h2.data_to_send()
+        if outgoing:
+            # A refused connection may be closed before the client has said anything:
+            # what the server said before closing is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.sock.sendall(outgoing)
+
+
+def _framed(payload: bytes, *, compressed: bool = False, length: int | None = None) -> bytes:
+    """A gRPC length-prefixed message; ``length`` lies about its size when given."""
+    size = len(payload) if length is None else length
+    return bytes([int(compressed)]) + size.to_bytes(4, "big") + payload
+
+
+def _start_limited(
+    loop: LoopThread, provider: FakeIdentityProvider, socket_path: Path, limits: ServerLimits
+) -> WorkloadApiServer:
+    server = WorkloadApiServer(provider, shutdown_grace=DEADLINE_SECONDS, limits=limits)
+    loop.run(server.start(socket_path))
+    return server
+
+
+@pytest.fixture
+def raw(running: RunningServer) -> Iterator[RawGrpcConnection]:
+    connection = RawGrpcConnection(running.socket_path)
+    yield connection
+    connection.close()
+
+
+def _grpc_records(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[Any]:
+    return [
+        r for r in caplog.records
+        if r.levelno >= level and r.name.startswith(("workload_api", "grpclib"))
+    ]
+
+
+def test_an_oversized_message_is_refused_from_its_length_prefix(
+    raw: RawGrpcConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the 5-byte prefix and 1 KiB follow the headers: the answer arrives anyway, so the
+    agent decided from the prefix, without waiting for (or buffering) the 300 MB it announced."""
+    caplog.set_level(logging.INFO)
+    stream_id = raw.start_call(
+        "FetchJWTSVID", _framed(b"\0" * 1024, length=300 * 1024 * 1024), end=False
+    )
+
+    assert raw.status(stream_id) == (
+        Status.RESOURCE_EXHAUSTED,
+        "the request message is 314572800 bytes, more than the 4194304 bytes (4 MiB) "
+        "the Tessera agent accepts",
+    )
+    [record] = _grpc_records(caplog)
+    assert record.exc_info is None
+    assert record.getMessage() == (
+        f"Workload API FetchJWTSVID refused pid {os.getpid()} (uid {os.getuid()}, "
+        f"gid {os.getgid()}): RESOURCE_EXHAUSTED: the request message is 314572800 bytes, "
+        "more than the 4194304 bytes (4 MiB) the Tessera agent accepts"
+    )
+
+
+def test_a_message_of_4_mib_is_still_read(raw: RawGrpcConnection) -> None:
+    audience = "a" * (4 * 1024 * 1024 - 16)
+    payload = pb.ValidateJWTSVIDRequest(audience=audience, svid="x").SerializeToString()
+    assert len(payload) <= 4 * 1024 * 1024
+    stream_id = raw.start_call("ValidateJWTSVID", _framed(payload))
+
+    # Read whole and decoded: refused for what it says, not for its size.
+    assert raw.status(stream_id) == (
+        Status.INVALID_ARGUMENT,
+        "the audience is 4194288 bytes long; an audience may be at most 2048 bytes",
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "message"),
+    [
+        (
+            "FetchJWTSVID",
+            _framed(b"\xff\xff\xff\xff"),
+            "the request is not a valid JWTSVIDRequest message",
+        ),
+        (
+            "FetchX509SVID",
+            b"\0\0\0",
+            "the request ended inside a message's 5-byte length prefix",
+        ),
+        (
+            "FetchJWTSVID",
+            _framed(b"\x0a\x02db", length=100),
+            "the request ended before the 100 bytes its message's length prefix announced",
+        ),
+        (
+            "FetchJWTSVID",
+            _framed(pb.JWTSVIDRequest(audience=["db"]).SerializeToString(), compressed=True),
+            "the request message is marked compressed, but no compression was negotiated; "
+            "send it uncompressed",
+        ),
+    ],
+    ids=["bad-protobuf", "short-prefix", "short-body", "compressed-flag"],
+)
+def test_malformed_frames_are_invalid_and_logged_in_one_line(
+    raw: RawGrpcConnection,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    data: bytes,
+    message: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = _calls(method, "INVALID_ARGUMENT")
+
+    stream_id = raw.start_call(method, data)
+
+    assert raw.status(stream_id) == (Status.INVALID_ARGUMENT, message)
+    [record] = _grpc_records(caplog)
+    assert record.exc_info is None
+    assert record.getMessage().endswith(f"INVALID_ARGUMENT: {message}")
+    assert _calls(method, "INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message", "message"),
+    [
+        (
+            "FetchJWTSVID",
+            pb.JWTSVIDRequest(audience=[f"aud{i}" for i in range(33)]),
+            "33 audiences were asked for; ask for at most 32 at a time",
+        ),
+        (
+            "FetchJWTSVID",
+            pb.JWTSVIDRequest(audience=["db", "a" * 2049]),
+            "audience 2 is 2049 bytes long; an audience may be at most 2048 bytes",
+        ),
+        (
+            "FetchJWTSVID",
+            pb.JWTSVIDRequest(audience=[f"{i}" + "a" * 1999 for i in range(5)]),
+            "the audiences take 10016 bytes in a JWT-SVID; together they may take at most 8192",
+        ),
+        (
+            "ValidateJWTSVID",
+            pb.ValidateJWTSVIDRequest(audience="a" * 2049, svid="x"),
+            "the audience is 2049 bytes long; an audience may be at most 2048 bytes",
+        ),
+    ],
+)
+def test_audiences_are_bounded_before_anything_is_asked_of_the_server(
+    running: RunningServer, method: str, request_message: Any, message: str
+) -> None:
+    async def call(stub: workload_grpc.SpiffeWorkloadAPIStub) -> GRPCError:
+        with pytest.raises(GRPCError) as caught:
+            await getattr(stub, method)(request_message, metadata=HEADER)
+        return caught.value
+
+    error = running.grpclib(call)
+
+    assert (error.status, error.message) == (Status.INVALID_ARGUMENT, message)
+    assert running.provider.jwt_requests == []
+
+
+def test_32_audiences_and_one_of_2048_bytes_are_allowed(running: RunningServer) -> None:
+    audiences = {f"aud{i}" for i in range(31)} | {"a" * 2048}
+    with running.client() as client:
+        svid = client.fetch_jwt_svid(audience=audiences)
+
+    assert svid.audience == audiences
+
+
+def test_idle_connections_are_closed_and_watches_are_not_idle(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, test_ca: TestCA, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "agent.sock"
+    limits = ServerLimits(idle_timeout=0.2)
+    server = _start_limited(loop_thread, provider, socket_path, limits)
+    watching = RawGrpcConnection(socket_path)
+    idle = RawGrpcConnection(socket_path)
+    try:
+        watch = watching.start_call("FetchX509SVID", _framed(b""))
+        assert watching.data(watch)  # the first message: the watch is open
+
+        idle.wait_closed_by_server()  # polls, with the socket's timeout as the deadline
+
+        assert idle.goaway().error_code == h2.errors.ErrorCodes.NO_ERROR
+        rotated = X509Context(svids=(test_ca.issue(WORKLOAD_ID),), federated_bundles={})
+        loop_thread.run(provider.replace(rotated))
+        update = pb.X509SVIDResponse.FromString(watching.data(watch)[5:])
+        assert _serial(update.svids[0].x509_svid) == _serial(rotated.svids[0].cert_chain_der)
+        assert not watching.closed
+    finally:
+        watching.close()
+        idle.close()
+        loop_thread.run(server.close())
+
+
+def test_a_connection_idle_after_its_calls_is_closed(
+    loop_thread: LoopThread, provider: FakeIdentityProvider, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "agent.sock"
+    server = _start_limited(loop_thread, provider, socket_path, ServerLimits(idle_timeout=0.2))
+    connection = RawGrpcConnection(socket_path)
+    try:
+        call = connection.start_call("FetchJWTSVID", _framed(b"\x0a\x02db"))
+        assert connection.status(call) == (Status.OK, "")
+
+        connection.wait_closed_by_server()
+    finally:
+        connection.close()
+        loop_thread.run(server.close())
+
+
+def test_connections_per_uid_are_capped(
+    loop_thread: LoopThread,
+    provider: FakeIdentityProvider,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    socket_path = tmp_path / "agent.sock"
+    limits = ServerLimits(max_connections_per_uid=2)
+    server = _start_limited(loop_thread, provider, socket_path, limits)
+    first, second = RawGrpcConnection(socket_path), RawGrpcConnection(socket_path)
+    refused = [RawGrpcConnection(socket_path), RawGrpcConnection(socket_path)]
+    try:
+        for connection in refused:
+            connection.wait_closed_by_server()
+            goaway = connection.goaway()
+            assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert goaway.additional_data == (
+                b"uid %d has 2 connections open to the Tessera agent, the most it may have"
+                % os.getuid()
+            )
+        # The first two still work.
+        for connection in (first, second):
+            call = connection.start_call("FetchJWTSVID", _framed(b"\x0a\x02db"))
+            assert connection.status(call) == (Status.OK, "")
+        refusals = [r for r in _grpc_records(caplog) if "a connection" in r.getMessage()]
+        assert [r.getMessage() for r in refusals] == [
+            f"Workload API refused a connection from pid {os.getpid()} (uid {os.getuid()}, "
+            f"gid {os.getgid()}): uid {os.getuid()} has 2 connections open to the Tessera "
+            "agent, the most it may have (workload_api_max_connections_per_uid)"
+        ]  # once, not once per refused connection
+
+        first.close()  # a place frees up
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while True:
+            assert time.monotonic() < deadline, "no connection was accepted after one closed"
+            third = RawGrpcConnection(socket_path)
+            call = third.start_call("FetchJWTSVID", _framed(b"\x0a\x02db"))
+            try:
+                if third.status(call) == (Status.OK, ""):
+                    break
+            except AssertionError:
+                pass  # refused: the agent had not yet seen the first one close
+            finally:
+                third.close()
+    finally:
+        for connection in (first, second, *refused):
+            connection.close()
+        loop_thread.run(server.close())
+
+
+def test_a_refusal_is_logged_once_per_caller_and_method(
+    nobody: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    with nobody.client() as client:
+        for _ in range(3):
+            with pytest.raises(FetchX509SvidError):
+                client.fetch_x509_svid()
+        with pytest.raises(FetchJwtSvidError):
+            client.fetch_jwt_svid(audience={"db"})
+
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [(r.levelname, r.getMessage().split(" refused ")[0]) for r in refusals] == [
+        ("INFO", "Workload API FetchX509SVID"),
+        ("DEBUG", "Workload API FetchX509SVID"),
+        ("DEBUG", "Workload API FetchX509SVID"),
+        ("INFO", "Workload API FetchJWTSVID"),
+    ]
+
+
+def test_a_refusal_is_logged_again_once_the_caller_was_served(
+    running: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    served = running.provider.context
+    nobody = X509Context(svids=(), federated_bundles={})
+
+    with running.client() as client:
+        for context in (nobody, nobody, served, nobody):
+            running.replace(context)
+            with contextlib.suppress(FetchX509SvidError):
+                client.fetch_x509_svid()
+
+    refusals = [r for r in _grpc_records(caplog) if "refused" in r.getMessage()]
+    assert len(refusals) == 2
+
+
+def test_clients_going_away_are_not_logged_at_info(
+    running: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        connection = RawGrpcConnection(running.socket_path)
+        watch = connection.start_call("FetchX509SVID", _framed(b""))
+        assert connection.data(watch)
+        connection.h2.reset_stream(watch)
+        connection._flush()
+        connection.close()
+    # One call more, so the resets above have been handled when it answers.
+    with running.client() as client:
+        client.fetch_x509_svid()
+
+    assert _grpc_records(caplog) == []
+
+
+def test_partial_messages_hold_one_window_per_connection(raw: RawGrpcConnection) -> None:
+    """A peer sends all but the last byte of a 4 MiB message, then opens more streams: the
+    agent does not acknowledge the partial message, so the connection's flow-control window
+    leaves no room for a second one, however many streams the peer opens."""
+    first = raw.start_call(
+        "FetchJWTSVID", _framed(b"\0" * (MAX_MESSAGE_BYTES - 1), length=MAX_MESSAGE_BYTES),
+        end=False,
+    )
+    second = raw.start_call("FetchJWTSVID", end=False)
+    raw.h2.ping(b"tessera!")
+    raw._flush()
+    while not any(isinstance(e, h2.events.PingAckReceived) for e in raw.events):
+        raw._receive()  # the agent has handled everything sent before the ping
+
+    assert raw.h2.local_flow_control_window(second) < MAX_MESSAGE_BYTES // 32
+    raw._send_data(first, b"\0", end=True)  # the message completes: its bytes are acknowledged
+    assert raw.status(first)[0] == Status.INVALID_ARGUMENT  # read whole, then decoded
+    raw.h2.ping(b"tessera?")
+    raw._flush()
+    while sum(isinstance(e, h2.events.PingAckReceived) for e in raw.events) < 2:
+        raw._receive()
+    assert raw.h2.local_flow_control_window(second) > MAX_MESSAGE_BYTES
