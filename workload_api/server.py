@@ -253,7 +253,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._call("ValidateJWTSVID", stream, self._validate_jwt_svid)
 
     async def _fetch_x509_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await stream.recv_message()
+        await _receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -262,7 +262,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_x509_bundles(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await stream.recv_message()
+        await _receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -274,7 +274,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_jwt_bundles(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await stream.recv_message()
+        await _receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -286,7 +286,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_jwt_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        request = await stream.recv_message()
+        request = await _receive_request(stream)
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
         audience = list(request.audience)
@@ -311,7 +311,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         )
 
     async def _validate_jwt_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        request = await stream.recv_message()
+        request = await _receive_request(stream)
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
         check_audience(request.audience)
@@ -451,6 +451,22 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         active = {task for task in self._active if task is not asyncio.current_task()}
         if active:
             await asyncio.wait(active, timeout=grace)
+
+
+REQUEST_TIMEOUT_SECONDS: Final = 10.0
+"""How long a call may take to send its one request message after its headers."""
+
+
+async def _receive_request(stream: _AnyStream) -> Any:
+    """The call's request message; a caller that opens a call and never sends it does
+    not hold the stream for ever."""
+    try:
+        return await asyncio.wait_for(stream.recv_message(), REQUEST_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise GRPCError(
+            Status.DEADLINE_EXCEEDED,
+            f"no request message within {REQUEST_TIMEOUT_SECONDS:g}s of the call's headers",
+        ) from None
 
 
 def _require_security_header(stream: _AnyStream) -> None:

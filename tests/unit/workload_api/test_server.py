@@ -41,6 +41,7 @@ from prometheus_client import REGISTRY
 from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Source
 from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, ValidateJwtSvidError
 
+import workload_api.server as server_module
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
 from ca.errors import ConfigError, InvalidArgument, Unavailable
@@ -1319,3 +1320,16 @@ def test_partial_messages_hold_one_window_per_connection(raw: RawGrpcConnection)
     while sum(isinstance(e, h2.events.PingAckReceived) for e in raw.events) < 2:
         raw._receive()
     assert raw.h2.local_flow_control_window(second) > MAX_MESSAGE_BYTES
+
+
+def test_a_call_whose_request_never_comes_is_ended(
+    raw: RawGrpcConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers and no message: the stream is not held for ever (it is not idle, it is a
+    call in progress, so the idle limit alone would never end it)."""
+    monkeypatch.setattr(server_module, "REQUEST_TIMEOUT_SECONDS", 0.2)
+    stream_id = raw.start_call("FetchJWTSVID", b"", end=False)
+
+    assert raw.status(stream_id) == (
+        Status.DEADLINE_EXCEEDED, "no request message within 0.2s of the call's headers"
+    )
