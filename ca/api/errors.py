@@ -36,8 +36,8 @@ _CODES = {
 }
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"code": _CODES.get(status, "internal"), "message": message}}
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code or _CODES.get(status, "internal"), "message": message}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -45,7 +45,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _tessera_error(request: Request, exc: TesseraError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(error_body(exc.status, exc.message), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.status, exc.message, exc.code), status_code=exc.status
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
