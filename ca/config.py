@@ -126,6 +126,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+            f"offset {err.start}); save it as UTF-8"
+        ) from err
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -244,3 +244,13 @@ def test_a_file_that_does_not_exist(tmp_path):
     assert refused.value.message == (
         f"cannot read config file {path}: No such file or directory"
     )
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_bytes(b'trust_domain = "caf\xe9.test"\n')  # Latin-1, as some editors save
+    with pytest.raises(ConfigError) as caught:
+        load_config_file(path)
+    assert caught.value.message == (
+        f"config file {path} is not UTF-8 text (byte 0xe9 at offset 19); save it as UTF-8"
+    )
