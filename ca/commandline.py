@@ -138,7 +138,28 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
                 if name.startswith("--"):
                     accepted.setdefault(name[2:].replace("-", "_"), flag.name)
     ctx.default_map = {accepted[k]: v for k, v in values.items() if k in accepted}
+    by_name = {flag.name: flag for flag in ctx.command.params if flag.name}
+    for key, setting in values.items():
+        if key in accepted:
+            _check_file_value(ctx, by_name[accepted[key]], key, setting, value)
     return value
+
+
+def _check_file_value(
+    ctx: click.Context, flag: click.Parameter, key: str, setting: Any, path: str
+) -> None:
+    """Refuse a file value of a type the flag cannot take (``insecure_bootstrap = 0``)
+    with a sentence; click would fail on it with a traceback."""
+    try:
+        flag.type_cast_value(ctx, setting)
+    except click.BadParameter:
+        pass  # click's own sentence, when it uses the value
+    except (TypeError, ValueError, AttributeError) as err:
+        flag_type = getattr(flag, "is_flag", False) and "true or false"
+        expected = flag_type or f"a {flag.type.name}"
+        raise click.BadParameter(
+            f"{key} in {path} must be {expected}, not {setting!r}", ctx=ctx
+        ) from err
 
 
 def config_option(f: F) -> F:

@@ -32,7 +32,7 @@ from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
-from ca.errors import InvalidArgument, NotFound, PermissionDenied
+from ca.errors import AgentBanned, InvalidArgument, NotFound, PermissionDenied
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import parse_spiffe_id, require_member
 from ca.x509ca import SignedX509Svid
@@ -428,7 +428,7 @@ def agent_or_refuse(store: Datastore, spiffe_id: SpiffeId, serial: int) -> Attes
             f"{spiffe_id} is not an attested agent; it must attest again"
         ) from err
     if agent.banned:
-        raise PermissionDenied(f"agent {spiffe_id} is banned")
+        raise AgentBanned(f"agent {spiffe_id} is banned")
     presented = format(serial, "x")
     if presented == agent.serial:
         if agent.previous_serial:

@@ -141,7 +141,7 @@ class Server:
             )
             context = ServerContext(
                 trust_domain=config.trust_domain,
-                consume_join_token=lambda token: self.store.consume_join_token(token).alias_id,
+                find_join_token=lambda token: self.store.find_join_token(token).alias_id,
                 clock=clock,
             )
             self.attestors: dict[str, NodeAttestorServer] = {

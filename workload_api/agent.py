@@ -23,7 +23,12 @@ What it does, in order:
    minted on demand and cached per (SPIFFE ID, audience set).
 
 When no server answers, the agent keeps serving what it has and retries with
-capped exponential backoff, moving between the ``--server`` addresses.
+capped exponential backoff, moving between the ``--server`` addresses. An
+*evicted* agent also keeps serving until it attests again. A *banned* one does
+not: once the server refuses it as banned, the agent drops its entries and
+SVIDs (workloads get ``PERMISSION_DENIED``), logs one ERROR saying so, and its
+``/ready`` answers 503 with that reason until an operator unbans it. A server of
+another trust domain ends the agent with a sentence (``WrongTrustDomain``).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from ca.bundle import TrustBundle
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.csr import build_csr
 from ca.errors import (
+    AgentBanned,
     ConfigError,
     InvalidArgument,
     NotFound,
@@ -79,7 +85,7 @@ from workload_api.node_attestation import (
     load_node_attestor_agent,
     renew,
 )
-from workload_api.node_client import MAX_BATCH, Backoff, NodeClient
+from workload_api.node_client import MAX_BATCH, Backoff, NodeClient, WrongTrustDomain
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
 
@@ -141,6 +147,7 @@ class Agent:
         self._synced_once = False
         self._last_sync: float | None = None  # time.time() of the last successful sync
         self._problem: str | None = None
+        self._banned: str | None = None  # why the server refuses the agent as banned
         self._jwt_locks: dict[tuple[str, frozenset[str]], asyncio.Lock] = {}
         self._signing_stuck = False  # some due SVID could not be signed in the last round
         self._stop = asyncio.Event()
@@ -231,6 +238,8 @@ class Agent:
         try:
             try:
                 await asyncio.wait_for(self.sync_once(wait=0), STARTUP_SYNC_TIMEOUT)
+            except AgentBanned as err:
+                raise ConfigError(self._banned_sentence(err)) from err
             except (PermissionDenied, Unauthenticated) as err:
                 if not await self._attest_again(err):
                     raise ConfigError(
@@ -266,6 +275,8 @@ class Agent:
             except AgentSvidExpired as err:
                 self._problem = err.message
                 _log.error("%s", err.message)
+            except AgentBanned as err:
+                self._refused_as_banned(err)
             except (PermissionDenied, Unauthenticated) as err:
                 self._problem = err.message
                 await self._identity_refused(err)
@@ -312,11 +323,16 @@ class Agent:
         self._synced_once = True
         self._last_sync = time.time()
         self._problem = None
+        if self._banned is not None:
+            self._banned = None
+            _log.warning("the server serves this agent again: it is no longer banned")
 
     def ready_problem(self) -> str | None:
         """Why the agent is not ready, or None: it has an identity and has synced."""
         if self._identity is None:
             return "the agent has not attested yet"
+        if self._banned is not None:
+            return self._banned
         if self._identity.expired(self._clock.now()):
             return self._problem or "the agent's SVID has expired"
         if not self._synced_once:
@@ -408,6 +424,8 @@ class Agent:
                 delay = backoff.next_delay()
                 self._progress(f"Cannot attest yet: {err.message}; retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
+            except WrongTrustDomain:
+                raise  # a server answered, for another trust domain: retrying cannot help
             except TesseraError as err:
                 if expired is not None and not expired.reattestable:
                     raise AgentSvidExpired(
@@ -493,6 +511,24 @@ class Agent:
         health.SVIDS_ROTATED.labels("agent").inc()
         _log.info("renewed the agent SVID; it now expires at %s", renewed.expires_at)
 
+    def _banned_sentence(self, err: AgentBanned) -> str:
+        agent_id = self._identity.spiffe_id if self._identity is not None else "<agent ID>"
+        return (
+            f"the server refused this agent as banned ({err.message}); it serves workloads "
+            f"no SVIDs until an operator runs 'tessera server agent unban --spiffe-id "
+            f"{agent_id}'"
+        )
+
+    def _refused_as_banned(self, err: AgentBanned) -> None:
+        """Stop serving SVIDs: a banned agent's workloads must not go on with its SVIDs."""
+        self.cache.forget_entries()
+        self.jwt_cache.forget_except(())
+        self._revision = 0  # once unbanned, sync every entry again
+        self._bundle_sequence = None
+        if self._banned is None:
+            self._banned = self._banned_sentence(err)
+            _log.error("%s", self._banned)
+
     async def _identity_refused(self, err: TesseraError) -> None:
         """The server refused the agent's SVID (evicted, or superseded)."""
         try:
@@ -547,12 +583,16 @@ class Agent:
     async def _sign_batch(self, due: Sequence[AuthorizedEntry]) -> None:
         try:
             await self._sign(due)
+        except AgentBanned:
+            raise
         except (PermissionDenied, InvalidArgument, NotFound) as err:
             # The whole batch is refused when one entry changed meanwhile: sign one by one.
             _log.info("batch signing refused (%s); signing entry by entry", err.message)
             for entry in due:
                 try:
                     await self._sign([entry])
+                except AgentBanned:
+                    raise
                 except (PermissionDenied, InvalidArgument, NotFound) as single:
                     self._signing_stuck = True
                     _log.warning("no X509-SVID for entry %s: %s", entry.id, single.message)

@@ -267,6 +267,13 @@ class SvidCache:
             self._bump()
         return modified
 
+    def forget_entries(self) -> None:
+        """Drop every entry and X509-SVID (the bundles stay): workloads get no identity."""
+        if self._entries or self._svids:
+            self._entries.clear()
+            self._svids.clear()
+            self._bump()
+
     def set_bundles(self, bundle: TrustBundle, federated: Mapping[str, TrustBundle]) -> bool:
         """Replace the bundles; True (and a new version) when anything changed."""
         federated = {parse_trust_domain(td).name: b for td, b in federated.items()}

@@ -23,7 +23,10 @@ no request goes out with an SVID the server no longer accepts.
 Failover: calls go to the server that answered last; when it cannot be
 reached (or answers 5xx) the call moves on to the next one, each tried once.
 When none answers the call raises ``Unavailable``; callers retry after a
-:class:`Backoff` delay.
+:class:`Backoff` delay. A server that answers as another trust domain's server
+is not unreachable but misconfigured: the call raises :class:`WrongTrustDomain`
+at once. A refusal because the agent is banned raises ``AgentBanned`` (the
+server's error code ``agent_banned``), so the agent can tell it from an eviction.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from ca.errors import (
+    AgentBanned,
     AlreadyExists,
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -57,6 +62,7 @@ from ca.errors import (
     Unavailable,
 )
 from ca.keys import PrivateKey
+from ca.spiffeid import parse_spiffe_id
 from ca.tls_material import load_identity
 from workload_api.config import Address
 
@@ -65,6 +71,7 @@ __all__ = [
     "EntriesUpdate",
     "IssuedSvid",
     "NodeClient",
+    "WrongTrustDomain",
     "server_spiffe_id",
 ]
 
@@ -89,9 +96,18 @@ _ERRORS_BY_STATUS: Final[Mapping[int, type[TesseraError]]] = {
 }
 
 
+_ERRORS_BY_CODE: Final[Mapping[str, type[TesseraError]]] = {"agent_banned": AgentBanned}
+
+SERVER_PATH: Final = "/tessera/server"
+
+
+class WrongTrustDomain(ConfigError):
+    """A server answered as the server of another trust domain than the agent's."""
+
+
 def server_spiffe_id(trust_domain: TrustDomain) -> SpiffeId:
     """The SPIFFE ID every server of the trust domain presents."""
-    return SpiffeId(f"spiffe://{trust_domain.name}/tessera/server")
+    return SpiffeId(f"spiffe://{trust_domain.name}{SERVER_PATH}")
 
 
 @dataclass(frozen=True)
@@ -341,6 +357,12 @@ class NodeClient:
                 )
                 content = await response.aread()
             except httpx.TransportError as err:
+                foreign = _foreign_trust_domain(err)
+                if foreign is not None:
+                    raise WrongTrustDomain(
+                        f"the server at {server} serves trust domain {foreign}, not "
+                        f"{self._trust_domain.name}; check --trust-domain (and --server)"
+                    ) from err
                 failures.append(f"{server}: {_describe_transport_error(err)}")
                 self._fail_over()
                 continue
@@ -351,7 +373,9 @@ class NodeClient:
                 self._fail_over()
                 continue
             if response.status_code >= 400:
-                error = _ERRORS_BY_STATUS.get(response.status_code, InvalidArgument)
+                error = _ERRORS_BY_CODE.get(_error_code(content) or "") or _ERRORS_BY_STATUS.get(
+                    response.status_code, InvalidArgument
+                )
                 raise error(_error_message(response.status_code, content))
             try:
                 document = json.loads(content)
@@ -444,6 +468,43 @@ def server_id_problem(certificate_der: bytes | None, expected: str) -> str | Non
     return None
 
 
+class _ForeignServer(httpcore.ConnectError):
+    """The peer is the Tessera server of another trust domain."""
+
+    def __init__(self, message: str, trust_domain: str) -> None:
+        super().__init__(message)
+        self.trust_domain = trust_domain
+
+
+def _foreign_trust_domain(err: BaseException) -> str | None:
+    """The trust domain a :class:`_ForeignServer` behind ``err`` named, if any."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, _ForeignServer):
+            return cause.trust_domain
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _server_trust_domain(certificate_der: bytes | None) -> str | None:
+    """The trust domain whose server the certificate names (``spiffe://TD/tessera/server``)."""
+    if not certificate_der:
+        return None
+    try:
+        certificate = x509.load_der_x509_certificate(certificate_der)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    if len(uris) != 1:
+        return None
+    try:
+        spiffe_id = parse_spiffe_id(uris[0])
+    except InvalidArgument:
+        return None
+    return spiffe_id.trust_domain.name if spiffe_id.path == SERVER_PATH else None
+
+
 class _ServerIdCheckingStream(httpcore.AsyncNetworkStream):
     def __init__(self, inner: httpcore.AsyncNetworkStream, expected: str) -> None:
         self._inner = inner
@@ -470,6 +531,9 @@ class _ServerIdCheckingStream(httpcore.AsyncNetworkStream):
         problem = server_id_problem(der, self._expected)
         if problem is not None:
             await stream.aclose()
+            foreign = _server_trust_domain(der)
+            if foreign is not None:
+                raise _ForeignServer(problem, foreign)
             raise httpcore.ConnectError(problem)
         return stream
 
@@ -541,6 +605,15 @@ def _error_message(status: int, content: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         pass
     return f"the server answered HTTP {status}"
+
+
+def _error_code(content: bytes) -> str | None:
+    """The server's error code from ``{"error": {"code": ...}}``, if any."""
+    try:
+        code = json.loads(content)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _describe_transport_error(err: httpx.TransportError) -> str:

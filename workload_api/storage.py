@@ -1,11 +1,16 @@
 """What the agent keeps in its data directory, so a restart does not re-attest.
 
     storage = AgentStorage(Path("/var/lib/tessera/agent"))
-    storage.prepare()                                  # mkdir, mode 0700
+    storage.prepare()                                  # mkdir, mode 0700, can it write?
     storage.save_identity(identity)                    # after attesting or renewing
     identity = storage.load_identity(trust_domain)     # None before the first attestation
     storage.save_bundle(bundle)                        # the trust bundle, pinned
     bundle = storage.load_bundle(trust_domain)
+
+:meth:`AgentStorage.prepare` writes and removes a probe file before anything else
+happens, so an agent whose data directory is read-only or full says so before it
+spends its join token on an SVID it could not keep. A write that fails later (the
+disk filled up meanwhile) is a ConfigError with the same sentence, never a traceback.
 
 Files (every write goes to a temporary file renamed into place):
 
@@ -41,6 +46,9 @@ SVID_FILE: Final = "agent-svid.pem"
 KEY_FILE: Final = "agent-svid.key"
 META_FILE: Final = "agent.json"
 BUNDLE_FILE: Final = "bundle.json"
+PROBE_FILE: Final = ".write-probe"
+PROBE_SIZE: Final = 8192
+"""About what the agent stores (its SVID, key and the bundle): a full disk shows up."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,8 @@ class AgentStorage:
         self.data_dir = data_dir
 
     def prepare(self) -> None:
-        """Create the data directory 0700, or tighten it to 0700 if this user owns it."""
+        """Create the data directory 0700 (or tighten it to 0700 if this user owns it) and
+        check the agent can write there: ConfigError, saying why, if it cannot."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             info = self.data_dir.stat()
@@ -106,7 +115,15 @@ class AgentStorage:
                     f"the data directory {self.data_dir} is open to other users and not owned "
                     "by the agent's user; use a private directory (mode 0700)"
                 )
-            os.chmod(self.data_dir, 0o700)
+            try:
+                os.chmod(self.data_dir, 0o700)
+            except OSError as err:
+                raise self._unwritable(err) from err
+        self._write(PROBE_FILE, bytes(PROBE_SIZE), 0o600)
+        try:
+            (self.data_dir / PROBE_FILE).unlink()
+        except OSError as err:
+            raise self._unwritable(err) from err
 
     # -- the agent's SVID ---------------------------------------------------------------
 
@@ -188,7 +205,17 @@ class AgentStorage:
         self._write(BUNDLE_FILE, bundle.to_spiffe_json(), 0o644)
 
     def _write(self, name: str, content: bytes, mode: int) -> None:
-        write_file_atomically(self.data_dir / name, content, mode)
+        try:
+            write_file_atomically(self.data_dir / name, content, mode)
+        except OSError as err:
+            raise self._unwritable(err) from err
+
+    def _unwritable(self, err: OSError) -> ConfigError:
+        return ConfigError(
+            f"the agent cannot write to its data directory {self.data_dir} "
+            f"({err.strerror or err}); give it a --data-dir on a writable filesystem with "
+            "free space"
+        )
 
 
 def write_file_atomically(path: Path, content: bytes, mode: int) -> None:

@@ -35,6 +35,10 @@ class AttestationResult:
     selectors: tuple[Selector, ...] = ()
     aliases: tuple[str, ...] = ()
     can_reattest: bool = False
+    join_token: str | None = None
+    """The single-use join token this attestation redeems. The server redeems it in the
+    transaction that records the agent, so an attestation refused later (a bad CSR, a
+    banned agent) leaves the token usable."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,9 @@ class ServerContext:
     """What the server gives its node attestors."""
 
     trust_domain: TrustDomain
-    consume_join_token: Callable[[str], str | None]
-    """Redeem a join token once; returns its alias ID. Raises CAError when it cannot."""
+    find_join_token: Callable[[str], str | None]
+    """The alias ID of an unused, unexpired join token, which stays unused: the server
+    redeems it when it records the agent. Raises CAError when the token cannot be used."""
     clock: Clock = SYSTEM_CLOCK
     """What attestors that check certificate lifetimes or expire challenges read time from."""
 

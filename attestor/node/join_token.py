@@ -6,6 +6,10 @@
 The agent's ID is ``spiffe://TD/tessera/agent/join_token/<token>``; the token's
 ``--spiffe-id`` becomes an alias of that agent. A token works once and expires
 (600 s by default); a join-token agent whose SVID lapsed needs a new token.
+
+The server half only checks the token: the server redeems it in the same
+transaction that records the agent, once the CSR and everything else passed,
+so a refused attestation does not spend it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class JoinTokenServer:
         if not isinstance(token, str) or not is_well_formed(token):
             raise NodeAttestationError("join token is missing or malformed")
         try:
-            alias = self._context.consume_join_token(token)
+            alias = self._context.find_join_token(token)
         except CAError as err:
             hint = "generate a new one with 'tessera server token generate'"
             reason = err.message if hint in err.message else f"{err.message}; {hint}"
@@ -67,6 +71,7 @@ class JoinTokenServer:
             agent_id=agent_id(self._context.trust_domain, NAME, token),
             aliases=(alias,) if alias else (),
             can_reattest=False,
+            join_token=token,
         )
 
 

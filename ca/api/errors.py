@@ -49,7 +49,7 @@ _CODES = {
 ErrorCode = Literal[
     "invalid_argument", "unauthenticated", "permission_denied", "not_found",
     "method_not_allowed", "already_exists", "failed_precondition", "too_large", "unavailable",
-    "internal",
+    "internal", "agent_banned",
 ]
 
 _DESCRIPTIONS = {
@@ -75,8 +75,8 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"code": _CODES.get(status, "internal"), "message": message}}
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code or _CODES.get(status, "internal"), "message": message}}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -94,7 +94,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _tessera_error(request: Request, exc: TesseraError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(error_body(exc.status, exc.message), status_code=exc.status)
+        return JSONResponse(
+            error_body(exc.status, exc.message, exc.code), status_code=exc.status
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from spiffe import SpiffeId
 from starlette.concurrency import run_in_threadpool
 
-from attestor.node import AttestationResult, Challenge, NodeAttestorServer
+from attestor.node import AttestationResult, Challenge, NodeAttestationError, NodeAttestorServer
 from ca import metrics
 from ca.agent_cache import AgentCache
 from ca.api.errors import BodySizeLimit, install_error_handlers
@@ -37,10 +37,10 @@ from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
 from ca.bundle import TrustBundle
 from ca.csr import parse_csr
-from ca.datastore.records import AttestedAgent
+from ca.datastore.records import AttestedAgent, AuditNote
 from ca.datastore.store import Datastore
 from ca.entries import entry_json
-from ca.errors import InvalidArgument, NotFound, PermissionDenied
+from ca.errors import AgentBanned, FailedPrecondition, InvalidArgument, NotFound
 from ca.issuance import IssuedX509, Issuer
 from ca.jwtsvid import check_audiences
 from ca.revisions import RevisionWatcher
@@ -141,43 +141,36 @@ def create_node_app(
                 f"server; enabled: {known}"
             )
         csr = decode_b64(body.csr, "csr")
-        parse_csr(csr)  # refuse a garbage CSR before a join token is spent on it
+        parse_csr(csr)  # a garbage CSR is refused before the evidence is even looked at
         try:
             outcome = attestor.attest(body.payload, body.challenge_response)
+            if isinstance(outcome, Challenge):
+                return {"challenge": dict(outcome.data)}
+            return _admit(body.attestation_type, outcome, csr)
+        except AgentBanned:
+            metrics.ATTESTATIONS.labels(body.attestation_type, "banned").inc()
+            raise
         except Exception:
             metrics.ATTESTATIONS.labels(body.attestation_type, "refused").inc()
             raise
-        if isinstance(outcome, Challenge):
-            return {"challenge": dict(outcome.data)}
-        return _admit(body.attestation_type, outcome, csr)
 
     def _admit(attestation_type: str, result: AttestationResult, csr: bytes) -> dict[str, Any]:
+        """Check everything, sign, then record the agent and redeem its join token (if it
+        used one) in one transaction: a refusal at any step leaves the token usable."""
         agent_id = str(result.agent_id)
         try:
             existing = store.get_agent(agent_id)
         except NotFound:
             existing = None
         if existing is not None and existing.banned:
-            metrics.ATTESTATIONS.labels(attestation_type, "banned").inc()
-            raise PermissionDenied(
+            raise AgentBanned(
                 f"agent {agent_id} is banned; an operator must unban it before it can attest"
             )
-        issued = issuer.sign_agent_svid(result.agent_id, csr)
-        store.upsert_agent(
-            agent_id,
-            attestation_type=attestation_type,
-            serial=format(issued.serial_number, "x"),
-            expires_at=issued.expires_at,
-            selectors=result.selectors,
-        )
-        for alias in result.aliases:
-            store.add_agent_alias(agent_id, alias)
-        store.append_audit(
-            actor=agent_id,
-            action="agent.attest",
-            target=agent_id,
-            details={"type": attestation_type, "aliases": list(result.aliases)},
-        )
+        issued = issuer.sign_agent_svid(result.agent_id, csr)  # refuses a bad CSR first
+        try:
+            _register(attestation_type, result, issued)
+        except (NotFound, FailedPrecondition) as err:  # another attestation took the token
+            raise NodeAttestationError(f"join token was refused: {err.message}") from err
         watcher.poke()
         metrics.ATTESTATIONS.labels(attestation_type, "ok").inc()
         metrics.SVIDS_ISSUED.labels("x509").inc()
@@ -187,6 +180,24 @@ def create_node_app(
             "bundle": json.loads(authorities.bundle().to_spiffe_json()),
             "reattestable": result.can_reattest,
         }
+
+    def _register(attestation_type: str, result: AttestationResult, issued: IssuedX509) -> None:
+        agent_id = str(result.agent_id)
+        store.register_agent(
+            agent_id,
+            attestation_type=attestation_type,
+            serial=format(issued.serial_number, "x"),
+            expires_at=issued.expires_at,
+            selectors=result.selectors,
+            aliases=result.aliases,
+            join_token=result.join_token,
+            audit=AuditNote(
+                actor=agent_id,
+                action="agent.attest",
+                target=agent_id,
+                details={"type": attestation_type, "aliases": list(result.aliases)},
+            ),
+        )
 
     @router.post("/v1/agent/renew")
     def renew(request: Request, body: RenewRequest) -> dict[str, Any]:

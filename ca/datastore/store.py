@@ -424,27 +424,83 @@ class Datastore:
             "created_at": now,
             "updated_at": now,
         }
-        # Attesting again invalidates every SVID the agent held before.
-        refreshed = ("attestation_type", "serial", "previous_serial", "expires_at", "updated_at")
         with self._changing_agent(spiffe_id) as session:
-            session.connection().execute(
-                _insert_on_conflict(
-                    self.dialect,
-                    AgentRow,
-                    values,
-                    keys=("spiffe_id",),
-                    changes={name: values[name] for name in refreshed},
-                )
-            )
-            session.execute(delete(AgentSelectorRow).where(AgentSelectorRow.agent_id == spiffe_id))
-            rows = [
-                {"agent_id": spiffe_id, "type": s.type, "value": s.value}
-                for s in _normalise(selectors)
-            ]
-            if rows:
-                session.execute(insert(AgentSelectorRow), rows)
+            self._upsert_agent_rows(session, values, selectors)
             agent = _agent_record(_agent_row(session, spiffe_id))
         return agent
+
+    def register_agent(
+        self,
+        spiffe_id: str,
+        *,
+        attestation_type: str,
+        serial: str,
+        expires_at: datetime,
+        selectors: Sequence[Selector] = (),
+        aliases: Sequence[str] = (),
+        join_token: str | None = None,
+        audit: AuditNote | None = None,
+    ) -> AttestedAgent:
+        """Record an agent that attested, in one transaction: redeem its ``join_token``
+        (NotFound if another attestation used it meanwhile, FailedPrecondition if it
+        expired), then :meth:`upsert_agent`, its ``aliases`` and the ``audit`` event.
+        A refusal leaves the token, the agent and the log as they were."""
+        now = self._clock.now()
+        values: dict[str, Any] = {
+            "spiffe_id": spiffe_id,
+            "attestation_type": attestation_type,
+            "serial": serial,
+            "previous_serial": "",
+            "expires_at": expires_at,
+            "banned": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        recorded = _audit_details(audit.details) if audit is not None else {}
+        with self._changing_agent(spiffe_id) as session:
+            if join_token is not None:
+                _redeem_join_token(session, join_token, now)
+            self._upsert_agent_rows(session, values, selectors)
+            added = False
+            for alias in dict.fromkeys(aliases):
+                statement = _insert_on_conflict(
+                    self.dialect,
+                    AgentAliasRow,
+                    {"agent_id": spiffe_id, "alias_id": alias},
+                    keys=("agent_id", "alias_id"),
+                )
+                # RETURNING names the row only when it was inserted.
+                inserted = session.execute(statement.returning(AgentAliasRow.alias_id)).first()
+                added = added or inserted is not None
+            if added:
+                _bump(session, ENTRY_REVISION)
+            if audit is not None:
+                _append_audit(session, now, audit.actor, audit.action, audit.target, recorded)
+            agent = _agent_record(_agent_row(session, spiffe_id))
+        return agent
+
+    def _upsert_agent_rows(
+        self, session: Session, values: dict[str, Any], selectors: Sequence[Selector]
+    ) -> None:
+        spiffe_id = values["spiffe_id"]
+        # Attesting again invalidates every SVID the agent held before.
+        refreshed = ("attestation_type", "serial", "previous_serial", "expires_at", "updated_at")
+        session.connection().execute(
+            _insert_on_conflict(
+                self.dialect,
+                AgentRow,
+                values,
+                keys=("spiffe_id",),
+                changes={name: values[name] for name in refreshed},
+            )
+        )
+        session.execute(delete(AgentSelectorRow).where(AgentSelectorRow.agent_id == spiffe_id))
+        rows = [
+            {"agent_id": spiffe_id, "type": s.type, "value": s.value}
+            for s in _normalise(selectors)
+        ]
+        if rows:
+            session.execute(insert(AgentSelectorRow), rows)
 
     def get_agent(self, spiffe_id: str) -> AttestedAgent:
         with self._reading() as session:
@@ -542,6 +598,24 @@ class Datastore:
             )
         return JoinToken(token=token, alias_id=alias_id, expires_at=_stored_time(expires_at))
 
+    def find_join_token(self, token: str) -> JoinToken:
+        """An unused, unexpired join token, left unused (:meth:`register_agent` redeems it).
+
+        NotFound if unknown or used already; FailedPrecondition if expired.
+        """
+        with self._reading() as session:
+            row = session.get(JoinTokenRow, token)
+            found = (
+                None
+                if row is None
+                else JoinToken(token=token, alias_id=row.alias_id, expires_at=row.expires_at)
+            )
+        if found is None:
+            raise _join_token_not_found()
+        if found.expires_at <= self._clock.now():
+            raise _join_token_expired(found.expires_at)
+        return found
+
     def consume_join_token(self, token: str) -> JoinToken:
         """Use a join token up: it is deleted whatever happens next.
 
@@ -556,16 +630,10 @@ class Datastore:
                 .execution_options(synchronize_session=False)
             ).first()
         if row is None:
-            raise NotFound(
-                "join token not found or already used; generate a new one with "
-                "'tessera server token generate'"
-            )
+            raise _join_token_not_found()
         consumed = JoinToken(token=token, alias_id=row.alias_id, expires_at=row.expires_at)
         if consumed.expires_at <= self._clock.now():
-            raise FailedPrecondition(
-                f"join token expired at {consumed.expires_at.isoformat()}; generate a new one "
-                "with 'tessera server token generate'"
-            )
+            raise _join_token_expired(consumed.expires_at)
         return consumed
 
     def list_join_tokens(self) -> list[JoinToken]:
@@ -1044,6 +1112,37 @@ def _bump(session: Session, name: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(session.execute(statement).scalar_one())
+
+
+def _join_token_not_found() -> NotFound:
+    return NotFound(
+        "join token not found or already used; generate a new one with "
+        "'tessera server token generate'"
+    )
+
+
+def _join_token_expired(expires_at: datetime) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"join token expired at {expires_at.isoformat()}; generate a new one "
+        "with 'tessera server token generate'"
+    )
+
+
+def _redeem_join_token(session: Session, token: str, now: datetime) -> None:
+    """Delete an unexpired join token in ``session``'s transaction; refuse it otherwise.
+
+    The DELETE locks the row: of two attestations with one token, the second finds
+    nothing once the first commits (or the token again, if the first rolled back)."""
+    row = session.execute(
+        delete(JoinTokenRow)
+        .where(JoinTokenRow.token == token)
+        .returning(JoinTokenRow.expires_at)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise _join_token_not_found()
+    if row.expires_at <= now:
+        raise _join_token_expired(row.expires_at)
 
 
 def _append_audit(

@@ -26,21 +26,21 @@ TOKEN = "3f1c0a9e8b7d6c5f4e3d2c1b0a998877"
 
 
 class FakeTokenStore:
-    """Hands out each known token's alias once, as the datastore does."""
+    """Knows tokens and their aliases, as the datastore does; redeeming is the server's."""
 
     def __init__(self, tokens: dict[str, str | None]) -> None:
         self.tokens = dict(tokens)
         self.asked: list[str] = []
 
-    def consume(self, token: str) -> str | None:
+    def find(self, token: str) -> str | None:
         self.asked.append(token)
         if token not in self.tokens:
             raise NotFound("join token does not exist or was used already")
-        return self.tokens.pop(token)
+        return self.tokens[token]
 
 
 def server_for(store: FakeTokenStore) -> JoinTokenServer:
-    server = load_node_attestor_server("join_token", {}, ServerContext(TRUST_DOMAIN, store.consume))
+    server = load_node_attestor_server("join_token", {}, ServerContext(TRUST_DOMAIN, store.find))
     assert isinstance(server, JoinTokenServer)
     return server
 
@@ -79,6 +79,7 @@ def test_token_redeems_to_an_agent_with_its_alias() -> None:
         selectors=(),
         aliases=("spiffe://example.org/node/web-1",),
         can_reattest=False,
+        join_token=TOKEN,
     )
 
 
@@ -88,10 +89,17 @@ def test_token_without_alias_gives_no_alias() -> None:
     assert result.aliases == ()
 
 
-def test_consumed_token_is_refused_with_the_stores_reason() -> None:
+def test_the_attestor_leaves_the_token_for_the_server_to_redeem() -> None:
+    """Only the transaction that records the agent uses the token up (see ca.api.node)."""
     store = FakeTokenStore({TOKEN: None})
     server = server_for(store)
     server.attest({"token": TOKEN}, None)
+    server.attest({"token": TOKEN}, None)
+    assert store.tokens == {TOKEN: None}
+
+
+def test_an_unknown_or_used_token_is_refused_with_the_stores_reason() -> None:
+    server = server_for(FakeTokenStore({}))
 
     with pytest.raises(NodeAttestationError) as caught:
         server.attest({"token": TOKEN}, None)
@@ -118,7 +126,7 @@ def test_missing_or_malformed_token_is_refused_without_asking_the_store(
 
 
 def test_server_half_takes_no_settings() -> None:
-    context = ServerContext(TRUST_DOMAIN, FakeTokenStore({}).consume)
+    context = ServerContext(TRUST_DOMAIN, FakeTokenStore({}).find)
     with pytest.raises(ConfigError) as caught:
         JoinTokenServer.from_config({"ttl": 600, "alias": "x"}, context)
     assert caught.value.message == "node attestor join_token takes no settings; remove alias, ttl"

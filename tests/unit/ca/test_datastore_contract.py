@@ -642,6 +642,86 @@ def test_a_join_token_is_consumed_once_under_contention(
     assert sorted(outcomes) == ["NotFound", "NotFound", "NotFound", "won"]
 
 
+def test_registering_an_agent_redeems_its_join_token_in_the_same_transaction(
+    store: Datastore, clock: ManualClock
+) -> None:
+    agent_id = f"{TD}/tessera/agent/join_token/tok-1"
+    store.create_join_token("tok-1", alias_id=f"{TD}/node/a", expires_at=START + timedelta(hours=1))
+    found = store.find_join_token("tok-1")
+    assert found.alias_id == f"{TD}/node/a"
+    assert store.find_join_token("tok-1") == found, "finding does not use the token up"
+
+    def register(token: str) -> None:
+        store.register_agent(
+            agent_id, attestation_type="join_token", serial="0a",
+            expires_at=START + timedelta(hours=1), aliases=(f"{TD}/node/a",), join_token=token,
+            audit=AuditNote(actor=agent_id, action="agent.attest", target=agent_id),
+        )
+
+    revision = store.current_revision()
+    register("tok-1")
+    assert store.get_agent(agent_id).serial == "0a"
+    assert store.agent_aliases(agent_id) == {f"{TD}/node/a"}
+    assert store.current_revision() == revision + 1, "a new alias moves the entry revision"
+    assert [e.action for e in store.list_audit()] == ["agent.attest"]
+    assert store.list_join_tokens() == []
+    with pytest.raises(NotFound) as used:
+        register("tok-1")
+    assert used.value.message == (
+        "join token not found or already used; generate a new one with "
+        "'tessera server token generate'"
+    )
+    with pytest.raises(NotFound):
+        store.find_join_token("tok-1")
+
+    # A refused registration leaves nothing behind: no agent, no alias, no audit event.
+    store.delete_agent(agent_id)
+    store.create_join_token("tok-2", alias_id=None, expires_at=START + timedelta(minutes=1))
+    clock.set(START + timedelta(minutes=1))
+    with pytest.raises(FailedPrecondition) as expired:
+        store.find_join_token("tok-2")
+    assert expired.value.message == (
+        "join token expired at 2030-01-01T00:01:00+00:00; generate a new one with "
+        "'tessera server token generate'"
+    )
+    with pytest.raises(FailedPrecondition):
+        register("tok-2")
+    with pytest.raises(NotFound):
+        store.get_agent(agent_id)
+    assert [e.action for e in store.list_audit()] == ["agent.attest"]
+
+
+def test_one_join_token_registers_one_agent_under_contention(
+    datastore_url: str, clock: ManualClock
+) -> None:
+    stores = [Datastore.open(datastore_url, clock=clock) for _ in range(4)]
+    stores[0].create_join_token("race", alias_id=None, expires_at=START + timedelta(minutes=10))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def register(index: int, store: Datastore) -> None:
+        try:
+            store.register_agent(
+                f"{TD}/tessera/agent/{index}", attestation_type="join_token", serial="01",
+                expires_at=START + timedelta(hours=1), join_token="race",
+            )
+            result = "won"
+        except (NotFound, FailedPrecondition) as error:
+            result = type(error).__name__
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=register, args=pair) for pair in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert stores[0].count_agents() == 1
+    for store in stores:
+        store.close()
+    assert sorted(outcomes) == ["NotFound", "NotFound", "NotFound", "won"]
+
+
 # -- CA journal -------------------------------------------------------------------
 
 

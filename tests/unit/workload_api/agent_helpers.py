@@ -19,7 +19,7 @@ from spiffe import SpiffeId, TrustDomain
 from attestor.node.x509pop import fingerprint
 from ca.bundle import TrustBundle
 from ca.csr import parse_csr
-from ca.errors import PermissionDenied, Unavailable
+from ca.errors import AgentBanned, PermissionDenied, Unavailable
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
 from ca.keys import KeyType, PrivateKey, generate_private_key
@@ -28,6 +28,7 @@ from workload_api.cache import AuthorizedEntry
 from workload_api.node_client import EntriesUpdate, IssuedSvid
 
 JWT_KID = "test-jwt-key"
+TOKEN = "0123456789abcdef0123"
 
 
 class AuthorityForTests:
@@ -135,6 +136,7 @@ class FakeNodeApi:
     jwt_ttl: timedelta = timedelta(minutes=5)
     federated: Mapping[str, TrustBundle] = field(default_factory=dict)
     evicted: bool = False
+    banned: bool = False
     used_tokens: set[str] = field(default_factory=set)
     bundle_sequence: int | None = None
     tainted: frozenset[str] = frozenset()
@@ -184,6 +186,10 @@ class FakeNodeApi:
         self, since: int, wait: float, *, bundle_sequence: int | None = None
     ) -> EntriesUpdate:
         self._call("entries")
+        if self.banned:
+            raise AgentBanned(
+                f"agent spiffe://example.org/tessera/agent/join_token/{TOKEN} is banned"
+            )
         if self.evicted:
             raise PermissionDenied(
                 "spiffe://example.org/tessera/agent/join_token/x is not an attested agent; "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +25,7 @@ from tests.unit.workload_api.agent_helpers import (
     agent_identity_files,
     entry,
 )
+from workload_api import storage as storage_module
 from workload_api.agent import Agent, AgentSvidExpired
 from workload_api.config import AgentConfig, agent_config
 from workload_api.storage import AgentIdentity, AgentStorage
@@ -457,3 +461,79 @@ def jwt_kid(token: str) -> str:
     from workload_api.cache import jwt_key_id
 
     return jwt_key_id(token)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_an_unwritable_data_dir_is_refused_before_the_token_is_spent(
+    tmp_path: Path, api: FakeNodeApi, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+    code: int,
+) -> None:
+    def write(path: Path, content: bytes, mode: int) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(storage_module, "write_file_atomically", write)
+    agent, _ = new_agent(tmp_path, api, clock, join_token=TOKEN, insecure_bootstrap=True)
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(agent.start())
+    assert caught.value.message == (
+        f"the agent cannot write to its data directory {tmp_path / 'agent'} "
+        f"({os.strerror(code)}); give it a --data-dir on a writable filesystem with free space"
+    )
+    assert api.calls == [], "the join token was not sent"
+
+
+BANNED = (
+    f"the server refused this agent as banned (agent spiffe://example.org/tessera/agent/"
+    f"join_token/{TOKEN} is banned); it serves workloads no SVIDs until an operator runs "
+    f"'tessera server agent unban --spiffe-id spiffe://example.org/tessera/agent/join_token/"
+    f"{TOKEN}'"
+)
+
+
+def test_a_banned_agent_drops_its_svids_and_is_not_ready_until_unbanned(
+    tmp_path: Path, api: FakeNodeApi, authority: AuthorityForTests, clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attested_before(tmp_path, authority, NOW)
+    agent, _ = new_agent(tmp_path, api, clock)
+
+    async def scenario() -> None:
+        await agent.start()
+        assert len(agent.x509_context(UID_1000).svids) == 1
+        await agent.fetch_jwt_svids(UID_1000, ["db"], None)
+        version = agent.version()
+
+        api.banned = True
+        syncing = asyncio.create_task(agent.sync_forever())
+        for _ in range(100):  # the first round is refused; then the loop waits to retry
+            await asyncio.sleep(0)
+            if agent.ready_problem() is not None:
+                break
+        syncing.cancel()
+        await asyncio.gather(syncing, return_exceptions=True)
+        assert agent.ready_problem() == BANNED
+        assert agent.x509_context(UID_1000).svids == ()
+        assert len(agent.jwt_cache) == 0
+        assert agent.version() > version, "watching workloads hear of it"
+
+        api.banned = False
+        await agent.sync_once(wait=0)
+        assert agent.ready_problem() is None
+        assert len(agent.x509_context(UID_1000).svids) == 1
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [BANNED]
+
+
+def test_an_agent_banned_before_it_starts_stops_with_the_reason(
+    tmp_path: Path, api: FakeNodeApi, authority: AuthorityForTests, clock: ManualClock
+) -> None:
+    attested_before(tmp_path, authority, NOW)
+    api.banned = True
+    agent, _ = new_agent(tmp_path, api, clock, join_token=TOKEN)
+    with pytest.raises(ConfigError) as caught:
+        asyncio.run(agent.start())
+    assert caught.value.message == BANNED
+    assert "attest" not in api.calls

@@ -20,11 +20,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
-from ca.errors import PermissionDenied, Unavailable
+from ca.errors import AgentBanned, PermissionDenied, Unavailable
 from ca.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import AuthorityForTests
 from workload_api.config import Address
-from workload_api.node_client import Backoff, NodeClient, server_id_problem
+from workload_api.node_client import Backoff, NodeClient, WrongTrustDomain, server_id_problem
 
 T = TypeVar("T")
 NOW = datetime.now(UTC)
@@ -238,3 +238,52 @@ def test_a_refused_challenge_answer_restarts_the_attestation_once(tmp_path: Path
     assert run(scenario()) == {"spiffe_id": "spiffe://example.org/tessera/agent/x509pop/ab"}
     assert answered == [{"nonce": "1"}, {"nonce": "2"}]
     assert len(fake.requests) == 4
+
+
+def test_a_ban_is_told_apart_from_other_refusals(tmp_path: Path) -> None:
+    authority = AuthorityForTests("example.org", NOW)
+    sentence = "agent spiffe://example.org/tessera/agent/join_token/x is banned"
+    fake = FakeServer(403, {"error": {"code": "agent_banned", "message": sentence}})
+
+    async def scenario() -> PermissionDenied:
+        server, port = await start_tls_server(tmp_path, authority, SERVER_ID, fake)
+        client = NodeClient([Address("127.0.0.1", port)], TD)
+        client.configure(anchors=(authority.certificate,), identity=None)
+        try:
+            with pytest.raises(PermissionDenied) as caught:
+                await client.entries(since=0, wait=0)
+            return caught.value
+        finally:
+            await client.aclose()
+            server.close()
+
+    refusal = run(scenario())
+    assert isinstance(refusal, AgentBanned)
+    assert refusal.message == sentence
+
+
+def test_the_server_of_another_trust_domain_is_a_configuration_error(tmp_path: Path) -> None:
+    theirs = AuthorityForTests("other.test", NOW)
+    fake = FakeServer(200, {})
+
+    async def scenario() -> tuple[str, int]:
+        server, port = await start_tls_server(
+            tmp_path, theirs, "spiffe://other.test/tessera/server", fake
+        )
+        # Two addresses: the call does not move on to the next one, it stops at once.
+        client = NodeClient([Address("127.0.0.1", port), Address("127.0.0.1", closed_port())], TD)
+        client.configure(anchors=None, identity=None)  # --insecure-bootstrap
+        try:
+            with pytest.raises(WrongTrustDomain) as caught:
+                await client.attest("join_token", {"token": "secret"}, b"csr", answer=dict)
+            return caught.value.message, port
+        finally:
+            await client.aclose()
+            server.close()
+
+    message, port = run(scenario())
+    assert message == (
+        f"the server at 127.0.0.1:{port} serves trust domain other.test, not example.org; "
+        "check --trust-domain (and --server)"
+    )
+    assert fake.requests == [], "the join token must not reach another trust domain's server"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from spiffe import SpiffeId, TrustDomain
 from ca.errors import ConfigError
 from ca.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import AuthorityForTests, agent_identity_files
+from workload_api import storage as storage_module
 from workload_api.storage import AgentIdentity, AgentStorage
 
 NOW = datetime.now(UTC)
@@ -126,3 +129,44 @@ def test_an_unreadable_identity_says_how_to_recover(
     with pytest.raises(ConfigError) as caught:
         storage.load_identity(TD)
     assert "remove agent.json, agent-svid.pem and agent-svid.key there" in caught.value.message
+
+
+def failing_write(code: int) -> Callable[..., None]:
+    """The write helper on a read-only filesystem or a full disk."""
+
+    def write(path: Path, content: bytes, mode: int) -> None:
+        raise OSError(code, os.strerror(code), str(path))
+
+    return write
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_prepare_says_when_the_data_dir_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    monkeypatch.setattr(storage_module, "write_file_atomically", failing_write(code))
+    with pytest.raises(ConfigError) as caught:
+        AgentStorage(tmp_path / "agent").prepare()
+    assert caught.value.message == (
+        f"the agent cannot write to its data directory {tmp_path / 'agent'} "
+        f"({os.strerror(code)}); give it a --data-dir on a writable filesystem with free space"
+    )
+
+
+def test_prepare_leaves_no_probe_behind(tmp_path: Path) -> None:
+    AgentStorage(tmp_path / "agent").prepare()
+    assert list((tmp_path / "agent").iterdir()) == []
+
+
+def test_a_write_that_fails_later_is_a_sentence_and_leaves_the_old_files(
+    tmp_path: Path, authority: AuthorityForTests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = AgentStorage(tmp_path)
+    storage.save_bundle(authority.bundle)
+    monkeypatch.setattr(storage_module, "write_file_atomically", failing_write(errno.ENOSPC))
+    with pytest.raises(ConfigError) as caught:
+        storage.save_bundle(AuthorityForTests("example.org", NOW).bundle)
+    assert caught.value.message.startswith(
+        f"the agent cannot write to its data directory {tmp_path} (No space left on device)"
+    )
+    assert storage.load_bundle(TD) == authority.bundle
