@@ -214,27 +214,26 @@ def test_an_agent_of_another_trust_domain_exits_with_a_sentence(
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("content", "status", "line"),
     [
-        (b"insecure_bootstrap = 0\n",
-         "insecure_bootstrap in {path} must be true or false, not 0"),
-        (b"trust_domain = \"caf\xe9.test\"\n",
-         ("config file {path} is not UTF-8 text (line 1 has the byte 0xe9); TOML files must "
-          "be UTF-8, so save it as UTF-8")),
+        (b"insecure_bootstrap = 0\n", 2,
+         "Error: Invalid value for '--config' (env var: 'TESSERA_CONFIG'): insecure_bootstrap "
+         "in {path} must be true or false, not 0"),
+        (b"trust_domain = \"caf\xe9.test\"\n", 1,  # read like the server's (one sentence)
+         "Error: config file {path} is not UTF-8 text (line 1 has the byte 0xe9); TOML files "
+         "must be UTF-8, so save it as UTF-8"),
     ],
 )
-def test_bad_config_values_get_a_sentence(tmp_path: Path, content: bytes, message: str) -> None:
+def test_bad_config_values_get_a_sentence(tmp_path: Path, content: bytes, status: int,
+                                          line: str) -> None:
     path = tmp_path / "agent.toml"
     path.write_bytes(content)
     result = tessera("agent", "run", "--config", str(path), "--trust-domain", "example.org",
                      "--server", "127.0.0.1:1", "--data-dir", str(tmp_path / "agent"),
                      check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == status, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == (
-        "Error: Invalid value for '--config' (env var: 'TESSERA_CONFIG'): "
-        + message.format(path=path)
-    )
+    assert result.stderr.splitlines()[-1] == line.format(path=path)
 
 
 @contextlib.contextmanager
