@@ -25,8 +25,8 @@ import threading
 
 from spiffe import SpiffeId
 
+from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent
-from ca.datastore.store import Datastore
 from ca.issuance import agent_or_refuse
 from ca.revisions import RevisionWatcher
 

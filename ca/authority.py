@@ -43,8 +43,8 @@ from spiffe import SpiffeId, TrustDomain
 from ca import x509ca
 from ca.bundle import TrustBundle
 from ca.clock import Clock
+from ca.datastore.interface import Datastore
 from ca.datastore.records import Authority
-from ca.datastore.store import Datastore
 from ca.der import split_certificates
 from ca.errors import CAError, FailedPrecondition, NotFound
 from ca.jwtsvid import mint_jwt_svid

@@ -30,8 +30,8 @@ from attestor.selector import matches
 from ca.authority import Authorities
 from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
+from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
-from ca.datastore.store import Datastore
 from ca.errors import AgentBanned, InvalidArgument, NotFound, PermissionDenied
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import parse_spiffe_id, require_member

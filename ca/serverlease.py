@@ -35,8 +35,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ca.clock import SYSTEM_CLOCK, Clock
+from ca.datastore.interface import Datastore
 from ca.datastore.records import ServerLease
-from ca.datastore.store import Datastore
 from ca.errors import AlreadyExists, FailedPrecondition
 
 log = logging.getLogger(__name__)

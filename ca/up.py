@@ -46,8 +46,8 @@ from attestor.node.join_token import generate_token
 from attestor.selector import Selector
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import DEFAULT_BIND, parse_bind, server_config
+from ca.datastore.interface import Datastore
 from ca.datastore.records import RegistrationEntry
-from ca.datastore.store import Datastore
 from ca.entries import new_entry
 from ca.errors import ConfigError, FailedPrecondition, NotFound
 from ca.server import Server, prepare_private_dir

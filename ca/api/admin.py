@@ -22,8 +22,8 @@ from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
 from ca.authority import Authorities
 from ca.bundle import TrustBundle
 from ca.clock import Clock
+from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
-from ca.datastore.store import Datastore
 from ca.durations import parse_duration
 from ca.entries import entry_json, new_entry
 from ca.errors import InvalidArgument

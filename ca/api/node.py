@@ -37,8 +37,8 @@ from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
 from ca.bundle import TrustBundle
 from ca.csr import parse_csr
+from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, AuditNote
-from ca.datastore.store import Datastore
 from ca.entries import entry_json
 from ca.errors import AgentBanned, FailedPrecondition, InvalidArgument, NotFound
 from ca.issuance import IssuedX509, Issuer

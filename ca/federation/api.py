@@ -27,8 +27,8 @@ from spiffe import TrustDomain
 
 from ca.api.errors import error_responses
 from ca.bundle import TrustBundle
+from ca.datastore.interface import Datastore
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship, NewFederationRelationship
-from ca.datastore.store import Datastore
 from ca.errors import InvalidArgument, NotFound
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.refresher import refresh_relationship

@@ -26,8 +26,8 @@ from datetime import datetime, timedelta
 
 from ca.bundle import TrustBundle
 from ca.clock import Clock
+from ca.datastore.interface import Datastore
 from ca.datastore.records import FederationRelationship
-from ca.datastore.store import Datastore
 from ca.errors import CAError, InvalidArgument, NotFound
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle

@@ -38,7 +38,7 @@ from ca.keymanager import Signer
 from ca.keys import PublicKey
 
 if TYPE_CHECKING:
-    from ca.datastore.store import Datastore
+    from ca.datastore.interface import Datastore
 
 __all__ = ["MintedCA", "UpstreamAuthority", "UpstreamContext", "load_upstream_authority"]
 

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
 from ca.clock import Clock
+from ca.datastore.interface import Datastore
 from ca.datastore.records import SharedRoot
-from ca.datastore.store import Datastore
 from ca.durations import format_duration, parse_duration
 from ca.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner, Signer

@@ -1,5 +1,8 @@
 """The datastore contract: every test runs against SQLite and PostgreSQL alike.
 
+The tests are written against the Protocols of :mod:`ca.datastore.interface`, and
+the first ones check that the SQL store has every method they ask for.
+
 The ``datastore_url`` fixture (tests/conftest.py) gives a fresh SQLite file or a
 fresh PostgreSQL database per test; the ``store`` fixture opens it with a
 ManualClock so nothing here sleeps.
@@ -7,6 +10,7 @@ ManualClock so nothing here sleeps.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import sqlite3
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -24,19 +29,21 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import exc as sa_exc
 
+import ca.datastore
+import ca.datastore.store
 from attestor.selector import Selector
 from ca.clock import ManualClock
 from ca.datastore import (
     AuditNote,
     AuditVerification,
     Authority,
-    Datastore,
     IssuedSvid,
     NewEntry,
     RegistrationEntry,
     as_new_entry,
     default_datastore_url,
 )
+from ca.datastore.interface import PROTOCOLS, Datastore, protocol_members
 from ca.datastore.migrate import (
     VERSION_TABLE,
     alembic_config,
@@ -45,6 +52,7 @@ from ca.datastore.migrate import (
     upgrade,
 )
 from ca.datastore.schema import Base, IssuedSvidRow
+from ca.datastore.sql import SqlDatastore, open_datastore
 from ca.errors import (
     AlreadyExists,
     ConfigError,
@@ -120,16 +128,51 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def store(datastore_url: str, clock: ManualClock) -> Iterator[Datastore]:
-    opened = Datastore.open(datastore_url, clock=clock)
+    opened = open_datastore(datastore_url, clock=clock)
     yield opened
     opened.close()
+
+
+# -- the Protocols ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=lambda p: p.__name__)
+def test_the_sql_store_has_every_method_of_the_protocol_as_it_is_declared(
+    store: Datastore, protocol: type[Any]
+) -> None:
+    assert isinstance(store, protocol)
+    for name in sorted(protocol_members(protocol)):
+        declared = inspect.getattr_static(protocol, name)
+        implemented = inspect.getattr_static(SqlDatastore, name)
+        if isinstance(declared, property):
+            assert isinstance(implemented, property), name
+            continue
+        assert _parameters(implemented) == _parameters(declared), name
+
+
+def _parameters(method: Any) -> list[tuple[str, Any, Any]]:
+    """Names, kinds and defaults: mypy checks the types (``_conforms`` in ca.datastore.sql)."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+
+def test_the_datastore_protocol_is_every_kind_of_record_and_the_lifecycle() -> None:
+    kinds = set().union(*(protocol_members(p) for p in PROTOCOLS if p is not Datastore))
+    lifecycle = {"dialect", "close", "ping", "on_agent_change", "__enter__", "__exit__"}
+    assert protocol_members(Datastore) == kinds | lifecycle
+    assert len(kinds) == 59
+
+
+def test_the_first_name_of_the_store_still_opens_it(datastore_url: str) -> None:
+    assert ca.datastore.Datastore is ca.datastore.store.Datastore is SqlDatastore
+    with ca.datastore.Datastore.open(datastore_url) as store:
+        assert store.current_revision() == 0
 
 
 # -- schema and migrations --------------------------------------------------------
 
 
 def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore_url: str) -> None:
-    store = Datastore.open(datastore_url)
+    store = open_datastore(datastore_url)
     store.create_entry(new_entry())
     store.bump_bundle_sequence()
     store.close()
@@ -144,7 +187,7 @@ def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore
     finally:
         engine.dispose()
 
-    reopened = Datastore.open(datastore_url)  # and once more through open()
+    reopened = open_datastore(datastore_url)  # and once more through open()
     try:
         assert reopened.count_entries() == 1
         assert reopened.current_revision() == 1
@@ -158,7 +201,7 @@ def test_an_upgrade_from_the_first_schema_keeps_every_row(datastore_url: str) ->
     SVIDs, counters) comes through every migration since unchanged: written at head, taken
     down to 0001 with the migrations' own downgrades, then opened (upgraded) again."""
     clock = ManualClock(START)
-    with Datastore.open(datastore_url, clock=clock) as store:
+    with open_datastore(datastore_url, clock=clock) as store:
         entry = store.create_entry(new_entry(dns_names=("web.example.org",), x509_svid_ttl=60,
                                              federates_with=("partner.org",), hint="web"))
         store.upsert_agent(AGENT, attestation_type="x509pop", serial="0a",
@@ -181,7 +224,7 @@ def test_an_upgrade_from_the_first_schema_keeps_every_row(datastore_url: str) ->
     finally:
         engine.dispose()
 
-    with Datastore.open(datastore_url, clock=clock) as upgraded:
+    with open_datastore(datastore_url, clock=clock) as upgraded:
         after = (upgraded.list_entries(), upgraded.get_agent(AGENT),
                  upgraded.agent_aliases(AGENT), upgraded.list_join_tokens(),
                  upgraded.list_authorities(), upgraded.count_issued_svids(),
@@ -205,7 +248,7 @@ def test_servers_starting_together_migrate_one_at_a_time(datastore_url: str) -> 
 
     def open_store() -> None:
         try:
-            opened.append(Datastore.open(datastore_url))
+            opened.append(open_datastore(datastore_url))
         except BaseException as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -235,7 +278,7 @@ def test_models_and_migrations_describe_the_same_schema(
 
 
 def test_a_schema_newer_than_this_tessera_is_refused(datastore_url: str) -> None:
-    Datastore.open(datastore_url).close()
+    open_datastore(datastore_url).close()
     engine = sa.create_engine(datastore_url)
     try:
         with engine.begin() as conn:
@@ -243,7 +286,7 @@ def test_a_schema_newer_than_this_tessera_is_refused(datastore_url: str) -> None
     finally:
         engine.dispose()
     with pytest.raises(FailedPrecondition) as caught:
-        Datastore.open(datastore_url)
+        open_datastore(datastore_url)
     assert caught.value.message.startswith("the datastore schema cannot be upgraded: ")
     assert "'9999'" in caught.value.message
     assert caught.value.message.endswith(
@@ -252,7 +295,7 @@ def test_a_schema_newer_than_this_tessera_is_refused(datastore_url: str) -> None
 
 
 def test_data_survives_a_restart(datastore_url: str, clock: ManualClock) -> None:
-    store = Datastore.open(datastore_url, clock=clock)
+    store = open_datastore(datastore_url, clock=clock)
     entry = store.create_entry(new_entry(dns_names=("web.example.org",), hint="web"))
     store.upsert_agent(
         AGENT, attestation_type="x509pop", serial="0a", expires_at=START + timedelta(hours=1)
@@ -265,7 +308,7 @@ def test_data_survives_a_restart(datastore_url: str, clock: ManualClock) -> None
     store.append_audit(actor="admin", action="entry.create", target=entry.id)
     store.close()
 
-    with Datastore.open(datastore_url, clock=clock) as again:
+    with open_datastore(datastore_url, clock=clock) as again:
         assert again.get_entry(entry.id) == entry
         assert again.current_revision() == 2
         assert again.get_agent(AGENT).serial == "0a"
@@ -467,8 +510,8 @@ def test_incremental_sync_by_revision(store: Datastore) -> None:
 
 
 def test_concurrent_writers_get_distinct_revisions_in_order(datastore_url: str) -> None:
-    first = Datastore.open(datastore_url)
-    second = Datastore.open(datastore_url)  # as a second server process would
+    first = open_datastore(datastore_url)
+    second = open_datastore(datastore_url)  # as a second server process would
     errors: list[BaseException] = []
 
     def create(store: Datastore, worker: int) -> None:
@@ -618,7 +661,7 @@ def test_join_tokens_work_once_and_expire(store: Datastore, clock: ManualClock) 
 def test_a_join_token_is_consumed_once_under_contention(
     datastore_url: str, clock: ManualClock
 ) -> None:
-    stores = [Datastore.open(datastore_url, clock=clock) for _ in range(4)]
+    stores = [open_datastore(datastore_url, clock=clock) for _ in range(4)]
     stores[0].create_join_token("race", alias_id=None, expires_at=START + timedelta(minutes=10))
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -694,7 +737,7 @@ def test_registering_an_agent_redeems_its_join_token_in_the_same_transaction(
 def test_one_join_token_registers_one_agent_under_contention(
     datastore_url: str, clock: ManualClock
 ) -> None:
-    stores = [Datastore.open(datastore_url, clock=clock) for _ in range(4)]
+    stores = [open_datastore(datastore_url, clock=clock) for _ in range(4)]
     stores[0].create_join_token("race", alias_id=None, expires_at=START + timedelta(minutes=10))
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -920,7 +963,7 @@ def test_times_come_back_in_utc(store: Datastore) -> None:
 
 
 def test_ping_and_close(datastore_url: str) -> None:
-    store = Datastore.open(datastore_url)
+    store = open_datastore(datastore_url)
     store.ping()
     store.close()
     with pytest.raises(Unavailable) as caught:
@@ -937,7 +980,7 @@ def _closed_port() -> int:
 def test_an_unreachable_database_is_unavailable() -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/tessera"
     with pytest.raises(Unavailable) as caught:
-        Datastore.open(url)
+        open_datastore(url)
     message = caught.value.message
     assert message.startswith("the datastore is unavailable: connection failed: ")
     assert message.endswith(UNAVAILABLE_END)
@@ -946,7 +989,7 @@ def test_an_unreachable_database_is_unavailable() -> None:
 
 
 def test_a_database_that_goes_away_is_unavailable(postgres_url: str) -> None:
-    store = Datastore.open(postgres_url)
+    store = open_datastore(postgres_url)
     store.ping()
     admin = sa.create_engine(postgres_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
     try:
@@ -996,7 +1039,7 @@ def test_a_database_that_goes_away_is_unavailable(postgres_url: str) -> None:
 )
 def test_bad_urls_are_config_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        Datastore.open(url)
+        open_datastore(url)
     assert caught.value.message == message
 
 
@@ -1006,7 +1049,7 @@ def test_bad_urls_are_config_errors(url: str, message: str) -> None:
 def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     url = default_datastore_url(tmp_path / "data")
     assert url == f"sqlite:///{tmp_path}/data/datastore.sqlite3"
-    Datastore.open(url).close()
+    open_datastore(url).close()
     path = tmp_path / "data" / "datastore.sqlite3"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -1015,12 +1058,12 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     conn.close()
 
     os.chmod(path, 0o644)  # a file others can read is tightened on open
-    Datastore.open(url).close()
+    open_datastore(url).close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_sqlite_enforces_foreign_keys(sqlite_url: str) -> None:
-    store = Datastore.open(sqlite_url)
+    store = open_datastore(sqlite_url)
     store.upsert_agent(
         AGENT, attestation_type="x", serial="1", expires_at=START, selectors=[sel("a:b")]
     )
@@ -1037,7 +1080,7 @@ def test_sqlite_path_that_cannot_be_created_is_a_config_error(tmp_path: Path) ->
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError) as caught:
-        Datastore.open(f"sqlite:///{blocker}/sub/datastore.sqlite3")
+        open_datastore(f"sqlite:///{blocker}/sub/datastore.sqlite3")
     assert caught.value.message == (
         f"cannot create the datastore file {blocker}/sub/datastore.sqlite3: Not a directory; "
         "choose a data directory the server may write to"

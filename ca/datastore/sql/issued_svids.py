@@ -1,0 +1,131 @@
+"""The record of issued SVIDs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.engine import Dialect
+
+from ca.datastore.records import AUTHORITY_KINDS, AuditNote, IssuedSvid
+from ca.datastore.schema import IssuedSvidRow
+from ca.datastore.sql.audit import _append_audit, _audit_details
+from ca.datastore.sql.base import SqlBase, _check_choice, _table
+from ca.errors import InvalidArgument
+
+
+class IssuedSvidsMixin(SqlBase):
+    """:class:`~ca.datastore.interface.IssuedSvidStore` on SQL."""
+
+    def record_issued_svids(
+        self, svids: Sequence[IssuedSvid], *, audit: AuditNote | None = None
+    ) -> None:
+        """Record issued SVIDs in one batch (one executemany); AlreadyExists (and
+        nothing recorded) if a serial repeats. ``audit``, the issuance's audit event,
+        is chained to the audit log in the same transaction: the record of SVIDs
+        expires with them, the audit log keeps every issuance.
+
+        The rows go to the driver as they are, converted before the transaction
+        opens: only ``expires_at`` needs converting, once per distinct value (a
+        batch's SVIDs share a few expiry times, in whole seconds).
+        """
+        if not svids:
+            return
+        for kind in dict.fromkeys(svid.kind for svid in svids):
+            _check_choice("SVID kind", kind, AUTHORITY_KINDS)
+        statement = _issued_svids_insert(self._engines.writes.dialect)
+        stored: dict[datetime, Any] = {}
+        rows: list[tuple[Any, ...]] = []
+        try:
+            for svid in svids:
+                expires_at = stored.get(svid.expires_at)
+                if expires_at is None:
+                    expires_at = stored[svid.expires_at] = statement.expires_at(svid.expires_at)
+                rows.append(
+                    (
+                        svid.serial,
+                        svid.spiffe_id,
+                        svid.kind,
+                        svid.agent_id,
+                        svid.authority_id,
+                        expires_at,
+                    )
+                )
+        except (ValueError, TypeError) as error:
+            raise InvalidArgument(f"the datastore refused a value: {error}") from error
+        parameters: list[tuple[Any, ...]] | list[dict[str, Any]] = rows
+        if not statement.positional:
+            parameters = [dict(zip(_ISSUED_SVID_COLUMNS, row, strict=True)) for row in rows]
+        conflict = (
+            "an SVID with one of these serial numbers is recorded already; serials must be unique"
+        )
+        details = _audit_details(audit.details) if audit is not None else {}
+        with self._writing(conflict=conflict) as session:
+            session.connection().exec_driver_sql(statement.sql, parameters)
+            if audit is not None:
+                _append_audit(
+                    session, self._clock.now(), audit.actor, audit.action, audit.target, details
+                )
+
+    def count_issued_svids(self) -> int:
+        with self._reading() as session:
+            return session.scalar(select(func.count()).select_from(IssuedSvidRow)) or 0
+
+    def prune_issued_svids(self, expired_before: datetime) -> int:
+        """Forget SVIDs that expired before ``expired_before``; returns how many."""
+        with self._writing() as session:
+            result = session.connection().execute(
+                delete(_table(IssuedSvidRow)).where(IssuedSvidRow.expires_at < expired_before)
+            )
+            return result.rowcount
+
+
+# -- helpers: issued SVIDs -----------------------------------------------------------
+
+_ISSUED_SVID_COLUMNS = ("serial", "spiffe_id", "kind", "agent_id", "authority_id", "expires_at")
+
+
+@dataclass(frozen=True)
+class _DriverInsert:
+    """The INSERT of issued SVIDs in the driver's own terms, compiled once per dialect."""
+
+    sql: str
+    positional: bool
+    """Rows are tuples in :data:`_ISSUED_SVID_COLUMNS` order; dicts by column otherwise."""
+    expires_at: Callable[[Any], Any]
+    """What SQLAlchemy does to an ``expires_at`` value before the driver sees it."""
+
+
+_driver_inserts: dict[tuple[str, str, str], _DriverInsert] = {}
+
+
+def _issued_svids_insert(dialect: Dialect) -> _DriverInsert:
+    key = (dialect.name, dialect.driver, dialect.paramstyle)
+    found = _driver_inserts.get(key)
+    if found is not None:
+        return found
+    table = _table(IssuedSvidRow)
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(_ISSUED_SVID_COLUMNS))
+    positions = compiled.positiontup
+    # Only expires_at is converted (UtcDateTime): the text columns go as they are.
+    plain = all(
+        table.c[name].type.dialect_impl(dialect).bind_processor(dialect) is None
+        for name in _ISSUED_SVID_COLUMNS[:-1]
+    )
+    if not plain or (positions is not None and tuple(positions) != _ISSUED_SVID_COLUMNS):
+        raise AssertionError(f"unexpected INSERT for issued SVIDs on {dialect.name}")
+    processor = table.c.expires_at.type.dialect_impl(dialect).bind_processor(dialect)
+    made = _DriverInsert(
+        sql=compiled.string,
+        positional=positions is not None,
+        expires_at=processor if processor is not None else _unchanged,
+    )
+    _driver_inserts[key] = made
+    return made
+
+
+def _unchanged(value: Any) -> Any:
+    return value
