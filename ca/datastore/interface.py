@@ -135,16 +135,6 @@ class EntryStore(Protocol):
 class AgentStore(Protocol):
     """Attested agents, their selectors and aliases."""
 
-    def upsert_agent(
-        self,
-        spiffe_id: str,
-        *,
-        attestation_type: str,
-        serial: str,
-        expires_at: datetime,
-        selectors: Sequence[Selector] = (),
-    ) -> AttestedAgent: ...
-
     def register_agent(
         self,
         spiffe_id: str,

@@ -28,33 +28,6 @@ from ca.errors import NotFound
 class AgentsMixin(SqlBase):
     """:class:`~ca.datastore.interface.AgentStore` on SQL."""
 
-    def upsert_agent(
-        self,
-        spiffe_id: str,
-        *,
-        attestation_type: str,
-        serial: str,
-        expires_at: datetime,
-        selectors: Sequence[Selector] = (),
-    ) -> AttestedAgent:
-        """Record an attested agent, or refresh one that attests again (its
-        ``banned`` flag, aliases and ``created_at`` stay)."""
-        now = self._clock.now()
-        values: dict[str, Any] = {
-            "spiffe_id": spiffe_id,
-            "attestation_type": attestation_type,
-            "serial": serial,
-            "previous_serial": "",
-            "expires_at": expires_at,
-            "banned": False,
-            "created_at": now,
-            "updated_at": now,
-        }
-        with self._changing_agent(spiffe_id) as session:
-            self._upsert_agent_rows(session, values, selectors)
-            agent = _agent_record(_agent_row(session, spiffe_id))
-        return agent
-
     def register_agent(
         self,
         spiffe_id: str,
@@ -69,7 +42,8 @@ class AgentsMixin(SqlBase):
     ) -> AttestedAgent:
         """Record an agent that attested, in one transaction: redeem its ``join_token``
         (NotFound if another attestation used it meanwhile, FailedPrecondition if it
-        expired), then :meth:`upsert_agent`, its ``aliases`` and the ``audit`` event.
+        expired), then the agent (new, or refreshed when it attests again: its ``banned``
+        flag, aliases and ``created_at`` stay), its ``aliases`` and the ``audit`` event.
         A refusal leaves the token, the agent and the log as they were."""
         now = self._clock.now()
         values: dict[str, Any] = {

@@ -64,7 +64,7 @@ def reads(store: Datastore, monkeypatch: pytest.MonkeyPatch) -> CountedStore:
 
 
 def attest(store: Datastore, spiffe_id: str = AGENT, serial: str = "1f") -> None:
-    store.upsert_agent(
+    store.register_agent(
         spiffe_id, attestation_type="join_token", serial=serial,
         expires_at=START + timedelta(hours=1),
     )

@@ -31,7 +31,7 @@ def store(datastore_url: str) -> Iterator[Datastore]:
 
 
 def attest(store: Datastore, spiffe_id: str = AGENT, serial: str = "0a") -> None:
-    store.upsert_agent(
+    store.register_agent(
         spiffe_id, attestation_type="x509pop", serial=serial,
         expires_at=START + timedelta(hours=1),
     )

@@ -159,7 +159,7 @@ def test_the_datastore_protocol_is_every_kind_of_record_and_the_lifecycle() -> N
     kinds = set().union(*(protocol_members(p) for p in PROTOCOLS if p is not Datastore))
     lifecycle = {"dialect", "close", "ping", "on_agent_change", "__enter__", "__exit__"}
     assert protocol_members(Datastore) == kinds | lifecycle
-    assert len(kinds) == 59
+    assert len(kinds) == 58
 
 
 def test_the_first_name_of_the_store_still_opens_it(datastore_url: str) -> None:
@@ -204,7 +204,7 @@ def test_an_upgrade_from_the_first_schema_keeps_every_row(datastore_url: str) ->
     with open_datastore(datastore_url, clock=clock) as store:
         entry = store.create_entry(new_entry(dns_names=("web.example.org",), x509_svid_ttl=60,
                                              federates_with=("partner.org",), hint="web"))
-        store.upsert_agent(AGENT, attestation_type="x509pop", serial="0a",
+        store.register_agent(AGENT, attestation_type="x509pop", serial="0a",
                            expires_at=START + timedelta(hours=1), selectors=(sel("x509pop:a"),))
         store.add_agent_alias(AGENT, f"{TD}/node/a")
         store.create_join_token("t" * 32, alias_id=f"{TD}/node/b",
@@ -297,7 +297,7 @@ def test_a_schema_newer_than_this_tessera_is_refused(datastore_url: str) -> None
 def test_data_survives_a_restart(datastore_url: str, clock: ManualClock) -> None:
     store = open_datastore(datastore_url, clock=clock)
     entry = store.create_entry(new_entry(dns_names=("web.example.org",), hint="web"))
-    store.upsert_agent(
+    store.register_agent(
         AGENT, attestation_type="x509pop", serial="0a", expires_at=START + timedelta(hours=1)
     )
     store.add_agent_alias(AGENT, f"{TD}/cluster/a")
@@ -415,7 +415,7 @@ def test_a_failed_write_leaves_nothing_behind(store: Datastore) -> None:
     assert store.count_issued_svids() == 1
 
     # A value refused half-way through an upsert leaves the agent untouched.
-    store.upsert_agent(AGENT, attestation_type="x509pop", serial="01", expires_at=START)
+    store.register_agent(AGENT, attestation_type="x509pop", serial="01", expires_at=START)
     naive = datetime(2030, 1, 2)
     with pytest.raises(InvalidArgument) as refused:
         store.update_agent_serial(AGENT, "02", naive)
@@ -543,7 +543,7 @@ def test_concurrent_writers_get_distinct_revisions_in_order(datastore_url: str) 
 
 def test_agents(store: Datastore, clock: ManualClock) -> None:
     expires = START + timedelta(hours=1)
-    agent = store.upsert_agent(
+    agent = store.register_agent(
         AGENT,
         attestation_type="x509pop",
         serial="0a",
@@ -567,7 +567,7 @@ def test_agents(store: Datastore, clock: ManualClock) -> None:
     assert banned.banned is True
     # Attesting again refreshes the agent but keeps it banned and keeps created_at.
     clock.advance(timedelta(minutes=1))
-    again = store.upsert_agent(
+    again = store.register_agent(
         AGENT, attestation_type="x509pop", serial="0c", expires_at=expires, selectors=[sel("a:b")]
     )
     assert (again.serial, again.banned, again.selectors) == ("0c", True, (sel("a:b"),))
@@ -577,7 +577,7 @@ def test_agents(store: Datastore, clock: ManualClock) -> None:
     assert store.set_agent_banned(AGENT, False).banned is False
 
     other = f"{TD}/tessera/agent/join_token/abc"
-    store.upsert_agent(other, attestation_type="join_token", serial="01", expires_at=expires)
+    store.register_agent(other, attestation_type="join_token", serial="01", expires_at=expires)
     assert [a.spiffe_id for a in store.list_agents()] == [other, AGENT]
     assert store.count_agents() == 2
 
@@ -597,7 +597,7 @@ def test_agents(store: Datastore, clock: ManualClock) -> None:
 
 
 def test_agent_aliases_change_the_entry_revision(store: Datastore) -> None:
-    store.upsert_agent(AGENT, attestation_type="x509pop", serial="0a", expires_at=START)
+    store.register_agent(AGENT, attestation_type="x509pop", serial="0a", expires_at=START)
     store.create_entry(new_entry())
     assert store.current_revision() == 1
     assert store.agent_aliases(AGENT) == set()
@@ -615,7 +615,7 @@ def test_agent_aliases_change_the_entry_revision(store: Datastore) -> None:
     assert store.agent_aliases(AGENT) == set()
     assert store.current_revision() == 4
 
-    store.upsert_agent(AGENT, attestation_type="x509pop", serial="0b", expires_at=START)
+    store.register_agent(AGENT, attestation_type="x509pop", serial="0b", expires_at=START)
     store.delete_agent(AGENT)  # no aliases: no bump
     assert store.current_revision() == 4
 
@@ -949,7 +949,7 @@ def test_times_come_back_in_utc(store: Datastore) -> None:
     paris = timezone(timedelta(hours=1))
     expires = datetime(2030, 1, 1, 13, 0, tzinfo=paris)
     token = store.create_join_token("t", alias_id=None, expires_at=expires)
-    agent = store.upsert_agent(AGENT, attestation_type="x509pop", serial="1", expires_at=expires)
+    agent = store.register_agent(AGENT, attestation_type="x509pop", serial="1", expires_at=expires)
     for value in (token.expires_at, agent.expires_at, store.list_join_tokens()[0].expires_at):
         assert value == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
         assert value.tzinfo == UTC
@@ -1064,7 +1064,7 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
 
 def test_sqlite_enforces_foreign_keys(sqlite_url: str) -> None:
     store = open_datastore(sqlite_url)
-    store.upsert_agent(
+    store.register_agent(
         AGENT, attestation_type="x", serial="1", expires_at=START, selectors=[sel("a:b")]
     )
     store.add_agent_alias(AGENT, f"{TD}/alias")

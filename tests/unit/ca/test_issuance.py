@@ -70,7 +70,7 @@ def issuer(store: Datastore, authorities: Authorities, clock: ManualClock) -> Is
 def add_agent(
     store: Datastore, spiffe_id: str = AGENT, *, serial: str = "1f", selectors: tuple[str, ...] = ()
 ) -> AttestedAgent:
-    return store.upsert_agent(
+    return store.register_agent(
         spiffe_id,
         attestation_type="join_token",
         serial=serial,
