@@ -36,6 +36,7 @@ from ca.durations import format_duration, parse_duration
 from ca.errors import ConfigError, InvalidArgument
 from ca.keys import KeyType, parse_key_type
 from ca.spiffeid import parse_trust_domain
+from ca.tombstones import DEFAULT_TOMBSTONE_RETENTION
 
 if TYPE_CHECKING:
     from spiffe import TrustDomain
@@ -61,6 +62,7 @@ SCALAR_KEYS = {
     "jwt_key_type",
     "log_level",
     "server_lease_ttl",
+    "tombstone_retention",
 }
 PLUGIN_KEYS = {"key_manager", "upstream_authority", "node_attestors"}
 TABLE_KEYS = {"federation"}
@@ -115,6 +117,8 @@ class ServerConfig:
     log_level: str = "info"
     federation: FederationConfig = FederationConfig()
     server_lease_ttl: timedelta = DEFAULT_SERVER_LEASE_TTL
+    tombstone_retention: timedelta = DEFAULT_TOMBSTONE_RETENTION
+    """How long a deleted entry's tombstone is kept (see :mod:`ca.tombstones`)."""
 
     @property
     def jwt_authority_key_type(self) -> KeyType:
@@ -202,6 +206,9 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         log_level=str(values.get("log_level") or "info"),
         federation=_federation(values.get("federation")),
         server_lease_ttl=_duration(values, "server_lease_ttl", DEFAULT_SERVER_LEASE_TTL),
+        tombstone_retention=_duration(
+            values, "tombstone_retention", DEFAULT_TOMBSTONE_RETENTION
+        ),
     )
     if config.server_lease_ttl < MIN_SERVER_LEASE_TTL:
         raise ConfigError(

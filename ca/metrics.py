@@ -26,3 +26,7 @@ AUTHORITY_EXPIRY = Gauge(
 ENTRIES = Gauge("tessera_server_entries", "Registration entries in the datastore")
 AGENTS = Gauge("tessera_server_agents", "Attested agents in the datastore")
 ENTRY_REVISION = Gauge("tessera_server_entry_revision", "The datastore's entry revision")
+TOMBSTONES_PURGED = Counter(
+    "tessera_server_tombstones_purged",
+    "Tombstones of deleted entries this server purged once older than the retention",
+)

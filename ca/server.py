@@ -51,6 +51,7 @@ from ca.privatefiles import (
 )
 from ca.revisions import RevisionWatcher
 from ca.serverlease import LeaseLost, ServerIdLease
+from ca.tombstones import TombstoneHorizon
 from ca.upstream import UpstreamContext, load_upstream_authority
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ class Server:
         self._stop: Callable[[], None] | None = None
         self._stop_early = False
         self._next_count = 0.0
+        self.tombstones = TombstoneHorizon(config.tombstone_retention)
+        self._purged_below = 0
 
     def _close_store(self) -> None:
         """Give up the lease (so the server may start again at once) and close the store."""
@@ -361,6 +364,7 @@ class Server:
             self.lease.renew()  # first: a slow rotation must not let the lease lapse
         self.authorities.rotate()
         self.store.prune_join_tokens()
+        self._purge_tombstones()
         for kind in (X509, JWT):
             expiry = self.authorities.active(kind).not_after.timestamp()
             metrics.AUTHORITY_EXPIRY.labels(kind).set(expiry)
@@ -371,6 +375,17 @@ class Server:
             # The issuance record keeps a day of expired SVIDs, then lets them go.
             self.store.prune_issued_svids(self.clock.now() - ISSUED_SVID_RETENTION)
             self._next_count = time.monotonic() + COUNT_SECONDS
+
+    def _purge_tombstones(self) -> None:
+        """Forget the tombstones of entries deleted longer than the retention ago: a
+        sync answer names every entry an agent gets, so no agent needs them (see
+        ca.tombstones). A purge is written only when the horizon moved."""
+        now = self.clock.now()
+        self.tombstones.sample(now, self.store.current_revision())
+        horizon = self.tombstones.revision(now)
+        if horizon > self._purged_below:
+            metrics.TOMBSTONES_PURGED.inc(self.store.purge_tombstones(horizon))
+            self._purged_below = horizon
 
 
 def _check_listen_addresses(config: ServerConfig) -> None:

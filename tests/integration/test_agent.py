@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import stat
 import subprocess
 import threading
@@ -278,6 +279,39 @@ def test_the_agent_serves_from_cache_while_the_server_is_down(
          "the agent catching up with the restarted server")
     print(f"caught up {time.monotonic() - began:.2f}s after the entry was created")
     assert agent.process is not None and agent.process.poll() is None
+
+
+def test_an_agent_behind_a_tombstone_purge_still_drops_the_deleted_entry(
+    tmp_path: Path, start_server: Callable[..., ServerProcess], start_agent: StartAgent
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('tombstone_retention = "1s"\n')
+    server = start_server(extra=("--config", str(config)))
+    create_entry(server, "spiffe://example.org/web", f"unix:uid:{UID}")
+    gone = create_entry(server, "spiffe://example.org/gone", f"unix:uid:{UID}")
+    agent = start_agent(server)
+    assert sorted(spiffe_ids(agent)) == ["spiffe://example.org/gone", "spiffe://example.org/web"]
+
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGSTOP)  # the agent stays at the revision it synced
+    try:
+        server.stop()
+        server.start()
+        server.cli("entry", "delete", "--entry-id", gone)
+        create_entry(server, "spiffe://example.org/after", f"unix:uid:{UID}")
+
+        def purged() -> float | None:
+            count = scrape(f"https://{server.address}/metrics")[
+                "tessera_server_tombstones_purged_total", ()]
+            return count if count >= 1 else None
+
+        poll(purged, 15, "the server purging the tombstone of the deleted entry")
+    finally:
+        agent.process.send_signal(signal.SIGCONT)
+
+    poll(lambda: sorted(spiffe_ids(agent)) == ["spiffe://example.org/after",
+                                               "spiffe://example.org/web"] or None,
+         20, "the agent syncing from its revision, older than the purge")
 
 
 def test_a_restarted_agent_needs_no_new_token(

@@ -285,3 +285,8 @@ def test_a_server_lease_ttl_under_three_seconds_is_refused():
         "so give it a few seconds"
     )
     assert config(server_lease_ttl="3s").server_lease_ttl == timedelta(seconds=3)
+
+
+def test_tombstones_are_kept_a_day_unless_configured() -> None:
+    assert config().tombstone_retention == timedelta(hours=24)
+    assert config(tombstone_retention="10m").tombstone_retention == timedelta(minutes=10)
