@@ -272,14 +272,14 @@ class SidecarX509Source:
             return
         snapshot = X509Snapshot(chosen, tuple(context.x509_bundle_set.bundles))
         with self._lock:
-            recovered = self._no_identity is not None and self._first.is_set()
+            if self._no_identity is not None and self._first.is_set():
+                # Said before the SVID is back in use, so whoever sees it back sees this too.
+                _log.warning("the Workload API at %s issued an SVID for %s again; using it "
+                             "from now on", self.address, chosen.spiffe_id)  # fmt: skip
             self._snapshot = snapshot
             self._no_identity = None
             self._dropped = None
             subscribers = list(self._subscribers)
-        if recovered:
-            _log.warning("the Workload API at %s issued an SVID for %s again; using it from "
-                         "now on", self.address, chosen.spiffe_id)  # fmt: skip
         self._first.set()
         for callback in subscribers:
             try:
