@@ -23,10 +23,12 @@ in the other direction, a TLS handshake refused by an authorizer fails with
 from __future__ import annotations
 
 from pathlib import Path
-
-from spiffe import SpiffeId
+from typing import TYPE_CHECKING
 
 from ca.errors import TesseraError
+
+if TYPE_CHECKING:
+    from spiffe import SpiffeId
 
 __all__ = [
     "AuthenticationError",
