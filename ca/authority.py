@@ -46,11 +46,11 @@ from ca.clock import Clock
 from ca.datastore.records import Authority
 from ca.datastore.store import Datastore
 from ca.der import split_certificates
-from ca.errors import CAError, FailedPrecondition, NotFound
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
 from ca.keys import KeyType, PublicKey
 from ca.upstream import UpstreamAuthority
+from sdk.errors import FailedPrecondition, NotFound, TesseraError
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ class Authorities:
                 target=authority.authority_id,
                 details={"kind": authority.kind, "server_id": authority.server_id},
             )
-        except CAError:
+        except TesseraError:
             log.exception("could not write the audit event for %s", action)
 
 

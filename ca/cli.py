@@ -33,8 +33,8 @@ from ca.commandline import (
 )
 from ca.config import server_config
 from ca.durations import parse_duration
-from ca.errors import InvalidArgument, TesseraError
 from ca.federation.cli import federation_group
+from sdk.errors import InvalidArgument, TesseraError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

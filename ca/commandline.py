@@ -22,7 +22,7 @@ import click
 
 from ca.admin_client import AdminClient
 from ca.config import ConfigFileUnreadable, load_config_file
-from ca.errors import TesseraError
+from sdk.errors import TesseraError
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_DATA_DIR = ".tessera"

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ca.durations import format_duration, parse_duration
-from ca.errors import ConfigError, InvalidArgument
 from ca.keys import KeyType, parse_key_type
 from ca.spiffeid import parse_trust_domain
+from sdk.errors import ConfigError, InvalidArgument
 
 if TYPE_CHECKING:
     from spiffe import TrustDomain

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 
 INTEGER = 0x02
 BIT_STRING = 0x03

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 T = TypeVar("T")
 Loop = Literal["uvloop", "asyncio"]

@@ -32,10 +32,11 @@ from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
-from ca.errors import AgentBanned, InvalidArgument, NotFound, PermissionDenied
+from ca.errors import AgentBanned
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import parse_spiffe_id, require_member
 from ca.x509ca import SignedX509Svid
+from sdk.errors import InvalidArgument, NotFound, PermissionDenied
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32

@@ -36,10 +36,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from spiffe import SpiffeId
 
-from ca.errors import InvalidArgument
 from ca.keymanager import Signer
 from ca.keys import PublicKey, jwt_algorithm
 from ca.spiffeid import parse_spiffe_id
+from sdk.errors import InvalidArgument
 
 CLOCK_SKEW_LEEWAY = timedelta(seconds=5)
 """How far past ``exp`` (or before ``nbf``) a token is still accepted."""

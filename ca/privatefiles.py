@@ -29,7 +29,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 PRIVATE_DIR_MODE = 0o700
 CREATED_PARENT_MODE = 0o755

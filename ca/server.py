@@ -37,7 +37,6 @@ from ca.authority import JWT, X509, Authorities, AuthorityPolicy
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
-from ca.errors import CAError, ConfigError, FailedPrecondition
 from ca.federation.endpoint import bundle_endpoint_server_config
 from ca.federation.refresher import BundleRefresher
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer
@@ -52,6 +51,7 @@ from ca.privatefiles import (
 from ca.revisions import RevisionWatcher
 from ca.serverlease import LeaseLost, ServerIdLease
 from ca.upstream import UpstreamContext, load_upstream_authority
+from sdk.errors import ConfigError, FailedPrecondition, TesseraError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Server:
     def _close_store(self) -> None:
         """Give up the lease (so the server may start again at once) and close the store."""
         if self.lease is not None:
-            with contextlib.suppress(CAError):
+            with contextlib.suppress(TesseraError):
                 self.lease.release()
         self.store.close()
 
@@ -349,7 +349,7 @@ class Server:
                 log.error("%s", err.message)
                 self.stop()
                 return
-            except CAError as err:
+            except TesseraError as err:
                 self._db_problem = err.message
                 log.warning("periodic work failed: %s", err.message)
             except Exception:

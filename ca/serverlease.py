@@ -37,7 +37,7 @@ from pathlib import Path
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.records import ServerLease
 from ca.datastore.store import Datastore
-from ca.errors import AlreadyExists, FailedPrecondition
+from sdk.errors import AlreadyExists, FailedPrecondition
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the spiffe package (and the grpc it loads) is imported on first use,
     from spiffe import SpiffeId, TrustDomain  # so a plain CLI call starts faster

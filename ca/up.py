@@ -49,9 +49,9 @@ from ca.config import DEFAULT_BIND, parse_bind, server_config
 from ca.datastore.records import RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.entries import new_entry
-from ca.errors import ConfigError, FailedPrecondition, NotFound
 from ca.server import Server, prepare_private_dir
 from ca.spiffeid import parse_spiffe_id
+from sdk.errors import ConfigError, FailedPrecondition, NotFound
 from workload_api.agent import Agent
 from workload_api.config import DEFAULT_HEALTH_BIND, agent_config
 from workload_api.storage import AgentStorage

@@ -54,9 +54,9 @@ from prometheus_client import Counter
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials, peer_credentials
-from ca.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from ca.jwtsvid import check_audience, check_audiences
 from ca.spiffeid import parse_spiffe_id
+from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import LimitedServer, RefusalLog, ServerLimits, describe_peer
 from workload_api.identity import IdentityProvider, X509Context, X509SvidMaterial
@@ -99,7 +99,7 @@ CALLS: Final = Counter(
 # CALLS.labels(...) resolved once per (method, status) rather than on every call.
 _CALL_COUNTERS: dict[tuple[str, Status], Counter] = {}
 
-# ca.errors carry an HTTP status; the Workload API answers with the gRPC one.
+# Tessera's errors (sdk.errors) carry an HTTP status; the Workload API answers with the gRPC one.
 _GRPC_STATUS_BY_HTTP: Final[Mapping[int, Status]] = {
     400: Status.INVALID_ARGUMENT,
     401: Status.UNAUTHENTICATED,

@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import SpiffeId, TrustDomain
 
 from ca.bundle import TrustBundle
-from ca.errors import ConfigError, InvalidArgument
 from ca.keys import PrivateKey
 from ca.spiffeid import parse_spiffe_id
+from sdk.errors import ConfigError, InvalidArgument
 
 __all__ = ["AgentIdentity", "AgentStorage", "svid_spiffe_id", "write_file_atomically"]
 

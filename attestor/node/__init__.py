@@ -20,7 +20,7 @@ from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import Selector
 from ca.clock import SYSTEM_CLOCK, Clock
-from ca.errors import ConfigError, TesseraError
+from sdk.errors import ConfigError, TesseraError
 
 
 class NodeAttestationError(TesseraError):

@@ -26,10 +26,10 @@ from ca.datastore.records import AttestedAgent, Authority, JoinToken
 from ca.datastore.store import Datastore
 from ca.durations import parse_duration
 from ca.entries import entry_json, new_entry
-from ca.errors import InvalidArgument
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
 from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.errors import InvalidArgument
 
 Kind = Literal["x509", "jwt"]
 

@@ -40,10 +40,11 @@ from ca.csr import parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote
 from ca.datastore.store import Datastore
 from ca.entries import entry_json
-from ca.errors import AgentBanned, FailedPrecondition, InvalidArgument, NotFound
+from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
 from ca.jwtsvid import check_audiences
 from ca.revisions import RevisionWatcher
+from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_WAIT_SECONDS = 60.0
 

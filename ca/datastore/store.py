@@ -113,7 +113,7 @@ from ca.datastore.schema import (
     SharedRootRow,
 )
 from ca.datastore.translate import translate_errors
-from ca.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from sdk.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 # Parent IDs per query in entries_by_parent; keeps far below every driver's
 # limit on bound parameters.

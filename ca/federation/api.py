@@ -29,11 +29,11 @@ from ca.api.errors import error_responses
 from ca.bundle import TrustBundle
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship, NewFederationRelationship
 from ca.datastore.store import Datastore
-from ca.errors import InvalidArgument, NotFound
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.refresher import refresh_relationship
 from ca.federation.relationship import parse_given_bundle, validate_relationship
 from ca.spiffeid import parse_trust_domain
+from sdk.errors import InvalidArgument, NotFound
 
 Audit = Callable[[str, str, dict[str, Any] | None], None]
 

@@ -32,7 +32,7 @@ from ca.api.errors import install_error_handlers
 from ca.api.tls import RotatingServerContext, ServerIdentity
 from ca.bundle import TrustBundle
 from ca.config import BundleEndpointConfig
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

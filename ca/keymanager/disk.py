@@ -38,9 +38,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca.errors import ConfigError, InvalidArgument, NotFound
 from ca.keymanager import LocalSigner, check_config_keys
 from ca.keys import KeyType, generate_private_key
+from sdk.errors import ConfigError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from cryptography import x509
 from spiffe import TrustDomain
 
 from ca.clock import SYSTEM_CLOCK, Clock
-from ca.errors import ConfigError
 from ca.keymanager import Signer
 from ca.keys import PublicKey
+from sdk.errors import ConfigError
 
 if TYPE_CHECKING:
     from ca.datastore.store import Datastore

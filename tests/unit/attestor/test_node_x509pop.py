@@ -34,7 +34,7 @@ from attestor.node.x509pop import (
 )
 from attestor.selector import Selector
 from ca.clock import SYSTEM_CLOCK, ManualClock
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 TRUST_DOMAIN = TrustDomain("example.org")
 START = datetime(2030, 1, 1, tzinfo=UTC)

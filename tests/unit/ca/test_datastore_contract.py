@@ -45,7 +45,7 @@ from ca.datastore.migrate import (
     upgrade,
 )
 from ca.datastore.schema import Base, IssuedSvidRow
-from ca.errors import (
+from sdk.errors import (
     AlreadyExists,
     ConfigError,
     FailedPrecondition,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ca.config import BundleEndpointConfig, FederationConfig, server_config
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 
 def config(federation: Any) -> Any:

@@ -26,10 +26,10 @@ from ca.clock import ManualClock
 from ca.csr import build_csr
 from ca.datastore import AttestedAgent, Datastore, RegistrationEntry
 from ca.entries import new_entry
-from ca.errors import InvalidArgument, PermissionDenied
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer, agent_or_refuse
 from ca.keymanager import load_key_manager
 from ca.keys import KeyType, PrivateKey, generate_private_key
+from sdk.errors import InvalidArgument, PermissionDenied
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 SERVER = "spiffe://example.org/tessera/server"

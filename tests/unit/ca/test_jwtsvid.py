@@ -11,7 +11,6 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import ArgumentError
 from spiffe.svid.errors import JwtSvidError as SpiffeJwtSvidError
 
-from ca.errors import InvalidArgument
 from ca.jwtsvid import (
     MAX_AUDIENCE_CLAIM_BYTES,
     MAX_TOKEN_BYTES,
@@ -21,6 +20,7 @@ from ca.jwtsvid import (
 )
 from ca.keymanager import LocalSigner
 from ca.keys import KeyType
+from sdk.errors import InvalidArgument
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

@@ -7,7 +7,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.errors import InvalidArgument
 from ca.keys import (
     KeyType,
     generate_private_key,
@@ -19,6 +18,7 @@ from ca.keys import (
     public_jwk,
     public_key_from_jwk,
 )
+from sdk.errors import InvalidArgument
 
 
 def test_parse_key_type():

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from ca import privatefiles
-from ca.errors import ConfigError
 from ca.privatefiles import (
     make_directories,
     os_error_sentence,
@@ -19,6 +18,7 @@ from ca.privatefiles import (
     prepare_socket_dir,
     write_file_atomically,
 )
+from sdk.errors import ConfigError
 
 
 def _mode(path: Path) -> int:

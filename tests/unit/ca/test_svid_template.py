@@ -16,7 +16,7 @@ from spiffe import SpiffeId
 
 from ca import der
 from ca.csr import build_csr, checked_csr, parse_csr
-from ca.errors import CAError, InvalidArgument
+from ca.errors import CAError
 from ca.keymanager import LocalSigner, Signer
 from ca.keys import KeyType, PublicKey
 from ca.x509ca import (
@@ -27,6 +27,7 @@ from ca.x509ca import (
     sign_certificate,
     x509_svid_template,
 )
+from sdk.errors import InvalidArgument
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

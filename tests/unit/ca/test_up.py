@@ -15,7 +15,6 @@ from spiffe import TrustDomain
 
 from ca.clock import ManualClock
 from ca.datastore.store import Datastore
-from ca.errors import ConfigError
 from ca.spiffeid import parse_spiffe_id
 from ca.up import (
     LocalTrustDomain,
@@ -27,6 +26,7 @@ from ca.up import (
     login_name,
     user_spiffe_id,
 )
+from sdk.errors import ConfigError
 from tests.unit.ca.conftest import START
 
 TD = TrustDomain("example.org")

@@ -8,7 +8,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from spiffe import SpiffeId, TrustDomain, X509Svid
 
-from ca.errors import FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner
 from ca.keys import KeyType, private_key_to_pkcs8_der
 from ca.x509ca import (
@@ -18,6 +17,7 @@ from ca.x509ca import (
     random_serial,
     sign_certificate,
 )
+from sdk.errors import FailedPrecondition, InvalidArgument
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 WEB = SpiffeId("spiffe://example.org/web")

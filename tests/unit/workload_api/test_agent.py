@@ -17,8 +17,8 @@ from spiffe import SpiffeId
 
 from attestor.selector import parse_selectors
 from ca.clock import ManualClock
-from ca.errors import ConfigError, InvalidArgument, Unavailable
 from ca.keys import KeyType, generate_private_key
+from sdk.errors import ConfigError, InvalidArgument, Unavailable
 from tests.unit.workload_api.agent_helpers import (
     AuthorityForTests,
     FakeNodeApi,
