@@ -42,7 +42,6 @@ from spiffe import SpiffeId, TrustDomain
 
 from ca import x509ca
 from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.records import Authority
 from ca.datastore.store import Datastore
 from ca.der import split_certificates
@@ -50,6 +49,7 @@ from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
 from ca.keys import KeyType, PublicKey
 from ca.upstream import UpstreamAuthority
+from sdk.clock import Clock
 from sdk.errors import FailedPrecondition, NotFound, TesseraError
 
 log = logging.getLogger(__name__)

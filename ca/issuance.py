@@ -28,7 +28,6 @@ from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import matches
 from ca.authority import Authorities
-from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
@@ -36,6 +35,7 @@ from ca.errors import AgentBanned
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.spiffeid import parse_spiffe_id, require_member
 from ca.x509ca import SignedX509Svid
+from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, PermissionDenied
 
 MAX_BATCH = 500

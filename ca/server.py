@@ -34,7 +34,6 @@ from ca.api.admin import create_admin_app
 from ca.api.node import create_node_app
 from ca.api.tls import RotatingServerContext, ServerIdentity, TLSIdentityProtocol
 from ca.authority import JWT, X509, Authorities, AuthorityPolicy
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
 from ca.federation.endpoint import bundle_endpoint_server_config
@@ -51,6 +50,7 @@ from ca.privatefiles import (
 from ca.revisions import RevisionWatcher
 from ca.serverlease import LeaseLost, ServerIdLease
 from ca.upstream import UpstreamContext, load_upstream_authority
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, FailedPrecondition, TesseraError
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.records import ServerLease
 from ca.datastore.store import Datastore
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import AlreadyExists, FailedPrecondition
 
 log = logging.getLogger(__name__)

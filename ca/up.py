@@ -44,13 +44,13 @@ from spiffe import SpiffeId, TrustDomain
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import DEFAULT_BIND, parse_bind, server_config
 from ca.datastore.records import RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.entries import new_entry
 from ca.server import Server, prepare_private_dir
 from ca.spiffeid import parse_spiffe_id
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, FailedPrecondition, NotFound
 from workload_api.agent import Agent
 from workload_api.config import DEFAULT_HEALTH_BIND, agent_config

@@ -58,11 +58,11 @@ from attestor.workload import (
     load_workload_attestor,
 )
 from ca.bundle import TrustBundle
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.csr import build_csr
 from ca.jwtsvid import validate_jwt_svid
 from ca.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
 from ca.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import (
     ConfigError,
     InvalidArgument,

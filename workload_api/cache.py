@@ -40,8 +40,8 @@ from spiffe import TrustDomain
 
 from attestor.selector import Selector, matches
 from ca.bundle import TrustBundle
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.spiffeid import parse_trust_domain
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import InvalidArgument
 from workload_api.identity import X509Context, X509SvidMaterial
 

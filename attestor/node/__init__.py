@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, TesseraError
 
 

@@ -21,7 +21,6 @@ from attestor.selector import Selector
 from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
 from ca.authority import Authorities
 from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
 from ca.datastore.store import Datastore
 from ca.durations import parse_duration
@@ -29,6 +28,7 @@ from ca.entries import entry_json, new_entry
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
 from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.clock import Clock
 from sdk.errors import InvalidArgument
 
 Kind = Literal["x509", "jwt"]

@@ -67,7 +67,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.audit import GENESIS, event_digest
 from ca.datastore.engine import Engines, create_engines
 from ca.datastore.migrate import upgrade
@@ -113,6 +112,7 @@ from ca.datastore.schema import (
     SharedRootRow,
 )
 from ca.datastore.translate import translate_errors
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 # Parent IDs per query in entries_by_parent; keeps far below every driver's

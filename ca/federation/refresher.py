@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.records import FederationRelationship
 from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle
 from ca.keys import public_jwk
 from ca.spiffeid import parse_trust_domain
+from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, TesseraError
 
 log = logging.getLogger(__name__)

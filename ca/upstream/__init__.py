@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from cryptography import x509
 from spiffe import TrustDomain
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.keymanager import Signer
 from ca.keys import PublicKey
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError
 
 if TYPE_CHECKING:

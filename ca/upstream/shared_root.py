@@ -41,7 +41,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
-from ca.clock import Clock
 from ca.datastore.records import SharedRoot
 from ca.datastore.store import Datastore
 from ca.durations import format_duration, parse_duration
@@ -50,6 +49,7 @@ from ca.keymanager.disk import KEK_ENVIRONMENT_VARIABLE, Kek, configured_kek
 from ca.keys import KeyType, PublicKey, generate_private_key, parse_key_type
 from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.x509ca import build_ca_certificate
+from sdk.clock import Clock
 from sdk.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from attestor.node.x509pop import (
     X509PopServer,
 )
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, ManualClock
+from sdk.clock import SYSTEM_CLOCK, ManualClock
 from sdk.errors import ConfigError
 
 TRUST_DOMAIN = TrustDomain("example.org")

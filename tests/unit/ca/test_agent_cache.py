@@ -15,9 +15,9 @@ import pytest
 from spiffe import SpiffeId
 
 from ca.agent_cache import AgentCache
-from ca.clock import ManualClock
 from ca.datastore import Datastore
 from ca.datastore.records import AttestedAgent
+from sdk.clock import ManualClock
 from sdk.errors import PermissionDenied, Unavailable
 
 START = datetime(2030, 1, 1, tzinfo=UTC)

@@ -25,7 +25,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import exc as sa_exc
 
 from attestor.selector import Selector
-from ca.clock import ManualClock
 from ca.datastore import (
     AuditNote,
     AuditVerification,
@@ -45,6 +44,7 @@ from ca.datastore.migrate import (
     upgrade,
 )
 from ca.datastore.schema import Base, IssuedSvidRow
+from sdk.clock import ManualClock
 from sdk.errors import (
     AlreadyExists,
     ConfigError,

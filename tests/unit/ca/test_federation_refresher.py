@@ -12,7 +12,6 @@ from datetime import timedelta
 import pytest
 
 from ca.bundle import TrustBundle
-from ca.clock import ManualClock
 from ca.datastore.records import NewFederationRelationship
 from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetchError
@@ -23,6 +22,7 @@ from ca.federation.refresher import (
     refresh_relationship,
 )
 from ca.spiffeid import parse_trust_domain
+from sdk.clock import ManualClock
 from tests.unit.ca.conftest import START
 from tests.unit.ca.federation_helpers import FakeEndpoint, bundle, relationship
 

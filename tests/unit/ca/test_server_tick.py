@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from ca.clock import ManualClock
 from ca.config import server_config
 from ca.datastore.records import IssuedSvid
 from ca.server import Server
+from sdk.clock import ManualClock
 from tests.unit.ca.conftest import START
 
 

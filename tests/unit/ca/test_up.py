@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from spiffe import TrustDomain
 
-from ca.clock import ManualClock
 from ca.datastore.store import Datastore
 from ca.spiffeid import parse_spiffe_id
 from ca.up import (
@@ -26,6 +25,7 @@ from ca.up import (
     login_name,
     user_spiffe_id,
 )
+from sdk.clock import ManualClock
 from sdk.errors import ConfigError
 from tests.unit.ca.conftest import START
 

@@ -10,7 +10,7 @@ import pytest
 
 import sdk
 
-GROUND_FLOOR = ["sdk", "sdk.errors"]
+GROUND_FLOOR = ["sdk", "sdk.errors", "sdk.clock"]
 
 
 def loaded_after_import(module: str) -> set[str]:
