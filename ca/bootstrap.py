@@ -22,8 +22,8 @@ import stat
 from pathlib import Path
 
 from ca.privatefiles import os_error_sentence, write_file_atomically
-from ca.spiffeid import parse_trust_domain
 from sdk.errors import AlreadyExists, ConfigError
+from sdk.spiffeid import parse_trust_domain
 
 SERVER_TOML = """\
 # Tessera server for {td}. Every key is a `tessera server run` flag

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from ca.durations import format_duration, parse_duration
 from ca.keys import KeyType, parse_key_type
-from ca.spiffeid import parse_trust_domain
 from sdk.errors import ConfigError, InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 
 if TYPE_CHECKING:
     from spiffe import TrustDomain

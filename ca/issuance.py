@@ -33,10 +33,10 @@ from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, Registrat
 from ca.datastore.store import Datastore
 from ca.errors import AgentBanned
 from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
-from ca.spiffeid import parse_spiffe_id, require_member
 from ca.x509ca import SignedX509Svid
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, PermissionDenied
+from sdk.spiffeid import parse_spiffe_id, require_member
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32

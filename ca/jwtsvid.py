@@ -38,8 +38,8 @@ from spiffe import SpiffeId
 
 from ca.keymanager import Signer
 from ca.keys import PublicKey, jwt_algorithm
-from ca.spiffeid import parse_spiffe_id
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id
 
 CLOCK_SKEW_LEEWAY = timedelta(seconds=5)
 """How far past ``exp`` (or before ``nbf``) a token is still accepted."""

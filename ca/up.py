@@ -49,9 +49,9 @@ from ca.datastore.records import RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.entries import new_entry
 from ca.server import Server, prepare_private_dir
-from ca.spiffeid import parse_spiffe_id
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, FailedPrecondition, NotFound
+from sdk.spiffeid import parse_spiffe_id
 from workload_api.agent import Agent
 from workload_api.config import DEFAULT_HEALTH_BIND, agent_config
 from workload_api.storage import AgentStorage

@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 from spiffe import SpiffeId, TrustDomain
 
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain
 from sdk.errors import AuthorizationError, InvalidArgument, SdkError
 from sdk.policy import Policy
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 
 __all__ = [
     "Authorizer",

@@ -40,9 +40,9 @@ from spiffe import TrustDomain
 
 from attestor.selector import Selector, matches
 from ca.bundle import TrustBundle
-from ca.spiffeid import parse_trust_domain
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 from workload_api.identity import X509Context, X509SvidMaterial
 
 __all__ = [

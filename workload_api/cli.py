@@ -40,8 +40,8 @@ from spiffe.workloadapi.x509_context import X509Context as SpiffeX509Context
 
 from ca import eventloop
 from ca.commandline import config_file_values, config_option, emit, option, output_option, progress
-from ca.spiffeid import parse_spiffe_id
 from sdk.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from sdk.spiffeid import parse_spiffe_id
 from workload_api.config import (
     DEFAULT_HEALTH_BIND,
     LOG_LEVELS,

@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from ca.keys import PrivateKey
-from ca.spiffeid import parse_spiffe_id
 from ca.tls_material import load_identity
 from sdk.errors import (
     AlreadyExists,
@@ -63,6 +62,7 @@ from sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sdk.spiffeid import parse_spiffe_id
 from workload_api.config import Address
 
 __all__ = [

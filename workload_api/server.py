@@ -55,8 +55,8 @@ from prometheus_client import Counter
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials, peer_credentials
 from ca.jwtsvid import check_audience, check_audiences
-from ca.spiffeid import parse_spiffe_id
 from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from sdk.spiffeid import parse_spiffe_id
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import LimitedServer, RefusalLog, ServerLimits, describe_peer
 from workload_api.identity import IdentityProvider, X509Context, X509SvidMaterial

@@ -37,8 +37,8 @@ from spiffe import SpiffeId, TrustDomain
 
 from ca.bundle import TrustBundle
 from ca.keys import PrivateKey
-from ca.spiffeid import parse_spiffe_id
 from sdk.errors import ConfigError, InvalidArgument
+from sdk.spiffeid import parse_spiffe_id
 
 __all__ = ["AgentIdentity", "AgentStorage", "svid_spiffe_id", "write_file_atomically"]
 

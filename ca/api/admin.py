@@ -27,9 +27,9 @@ from ca.durations import parse_duration
 from ca.entries import entry_json, new_entry
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 Kind = Literal["x509", "jwt"]
 

@@ -32,8 +32,8 @@ from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.refresher import refresh_relationship
 from ca.federation.relationship import parse_given_bundle, validate_relationship
-from ca.spiffeid import parse_trust_domain
 from sdk.errors import InvalidArgument, NotFound
+from sdk.spiffeid import parse_trust_domain
 
 Audit = Callable[[str, str, dict[str, Any] | None], None]
 

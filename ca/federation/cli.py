@@ -26,8 +26,8 @@ from typing import Any
 import click
 
 from ca.commandline import admin_client, admin_options, emit, option, output_option
-from ca.spiffeid import parse_trust_domain
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 
 PROFILES = click.Choice(["https_web", "https_spiffe"])
 RELATIONSHIPS = "/v1/federation/relationships"

@@ -32,8 +32,8 @@ from ca.datastore.records import (
     HTTPS_WEB,
     NewFederationRelationship,
 )
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 MAX_URL_LENGTH = 2048
 

@@ -21,8 +21,8 @@ from ca.federation.refresher import (
     next_refresh_delay,
     refresh_relationship,
 )
-from ca.spiffeid import parse_trust_domain
 from sdk.clock import ManualClock
+from sdk.spiffeid import parse_trust_domain
 from tests.unit.ca.conftest import START
 from tests.unit.ca.federation_helpers import FakeEndpoint, bundle, relationship
 

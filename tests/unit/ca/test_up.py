@@ -14,7 +14,6 @@ import pytest
 from spiffe import TrustDomain
 
 from ca.datastore.store import Datastore
-from ca.spiffeid import parse_spiffe_id
 from ca.up import (
     LocalTrustDomain,
     UpSettings,
@@ -27,6 +26,7 @@ from ca.up import (
 )
 from sdk.clock import ManualClock
 from sdk.errors import ConfigError
+from sdk.spiffeid import parse_spiffe_id
 from tests.unit.ca.conftest import START
 
 TD = TrustDomain("example.org")
