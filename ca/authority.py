@@ -47,10 +47,10 @@ from ca.datastore.store import Datastore
 from ca.der import split_certificates
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
-from ca.keys import KeyType, PublicKey
 from ca.upstream import UpstreamAuthority
 from sdk.clock import Clock
 from sdk.errors import FailedPrecondition, NotFound, TesseraError
+from sdk.keys import KeyType, PublicKey
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import JwtBundle, TrustDomain, X509Bundle
 
-from ca.keys import PublicKey, public_jwk, public_key_from_jwk
 from sdk.errors import InvalidArgument
+from sdk.keys import PublicKey, public_jwk, public_key_from_jwk
 
 X509_SVID_USE = "x509-svid"
 JWT_SVID_USE = "jwt-svid"

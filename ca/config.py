@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ca.durations import format_duration, parse_duration
-from ca.keys import KeyType, parse_key_type
 from sdk.errors import ConfigError, InvalidArgument
+from sdk.keys import KeyType, parse_key_type
 from sdk.spiffeid import parse_trust_domain
 
 if TYPE_CHECKING:

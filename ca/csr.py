@@ -30,8 +30,8 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 from spiffe import SpiffeId
 
 from ca import der
-from ca.keys import PrivateKey, PublicKey
 from sdk.errors import InvalidArgument
+from sdk.keys import PrivateKey, PublicKey
 
 MAX_CSR_BYTES = 16384
 MIN_RSA_BITS = 2048

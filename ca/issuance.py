@@ -32,10 +32,10 @@ from ca.csr import checked_csr, parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.datastore.store import Datastore
 from ca.errors import AgentBanned
-from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.x509ca import SignedX509Svid
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, PermissionDenied
+from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from sdk.spiffeid import parse_spiffe_id, require_member
 
 MAX_BATCH = 500

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from spiffe import SpiffeId
 
 from ca.keymanager import Signer
-from ca.keys import PublicKey, jwt_algorithm
 from sdk.errors import InvalidArgument
+from sdk.keys import PublicKey, jwt_algorithm
 from sdk.spiffeid import parse_spiffe_id
 
 CLOCK_SKEW_LEEWAY = timedelta(seconds=5)

@@ -60,7 +60,6 @@ from attestor.workload import (
 from ca.bundle import TrustBundle
 from ca.csr import build_csr
 from ca.jwtsvid import validate_jwt_svid
-from ca.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import (
     ConfigError,
@@ -71,6 +70,7 @@ from sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sdk.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
 from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 from workload_api import health
 from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_authority_id

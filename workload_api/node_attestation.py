@@ -31,8 +31,8 @@ from spiffe import TrustDomain
 from ca.bundle import TrustBundle
 from ca.csr import build_csr
 from ca.der import split_certificates
-from ca.keys import KeyType, PrivateKey, generate_private_key
 from sdk.errors import ConfigError, InvalidArgument, Unavailable
+from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.config import AgentConfig
 from workload_api.node_client import NodeClient
 from workload_api.storage import AgentIdentity, svid_spiffe_id

@@ -49,7 +49,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
-from ca.keys import PrivateKey
 from ca.tls_material import load_identity
 from sdk.errors import (
     AlreadyExists,
@@ -62,6 +61,7 @@ from sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sdk.keys import PrivateKey
 from sdk.spiffeid import parse_spiffe_id
 from workload_api.config import Address
 

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import SpiffeId, TrustDomain
 
 from ca.bundle import TrustBundle
-from ca.keys import PrivateKey
 from sdk.errors import ConfigError, InvalidArgument
+from sdk.keys import PrivateKey
 from sdk.spiffeid import parse_spiffe_id
 
 __all__ = ["AgentIdentity", "AgentStorage", "svid_spiffe_id", "write_file_atomically"]

@@ -29,9 +29,9 @@ from ca.datastore.records import FederationRelationship
 from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle
-from ca.keys import public_jwk
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, TesseraError
+from sdk.keys import public_jwk
 from sdk.spiffeid import parse_trust_domain
 
 log = logging.getLogger(__name__)

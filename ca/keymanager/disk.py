@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca.keymanager import LocalSigner, check_config_keys
-from ca.keys import KeyType, generate_private_key
 from sdk.errors import ConfigError, InvalidArgument, NotFound
+from sdk.keys import KeyType, generate_private_key
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from cryptography import x509
 from spiffe import TrustDomain
 
 from ca.keymanager import Signer
-from ca.keys import PublicKey
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError
+from sdk.keys import PublicKey
 
 if TYPE_CHECKING:
     from ca.datastore.store import Datastore

@@ -7,8 +7,8 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import JwtBundle, X509Bundle
 
 from ca.bundle import TrustBundle
-from ca.keys import KeyType
 from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import TRUST_DOMAIN
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from ca.config import PluginConfig, load_config_file, server_config
-from ca.keys import KeyType
 from sdk.errors import ConfigError
+from sdk.keys import KeyType
 
 DURATION_HINT = "write seconds or a number with s, m, h or d, e.g. 90s, 15m, 1h, 24h"
 

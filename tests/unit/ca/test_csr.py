@@ -8,8 +8,8 @@ from spiffe import SpiffeId
 
 from ca import der
 from ca.csr import MAX_CSR_BYTES, build_csr, check_csr, checked_csr, parse_csr
-from ca.keys import KeyType
 from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 
 WEB = SpiffeId("spiffe://example.org/web")
 

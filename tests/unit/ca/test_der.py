@@ -9,8 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca.der import encode_integer, encode_oid, encode_time, split_certificates
-from ca.keys import KeyType
 from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import pooled_key
 
 

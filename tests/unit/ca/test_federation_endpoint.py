@@ -20,8 +20,8 @@ from ca.federation.endpoint import (
     bundle_endpoint_context,
     create_bundle_endpoint_app,
 )
-from ca.keys import PrivateKey
 from sdk.errors import ConfigError
+from sdk.keys import PrivateKey
 from tests.unit.ca.federation_helpers import bundle, call, web_pki
 
 

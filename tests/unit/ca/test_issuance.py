@@ -27,9 +27,9 @@ from ca.datastore import AttestedAgent, Datastore, RegistrationEntry
 from ca.entries import new_entry
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer, agent_or_refuse
 from ca.keymanager import load_key_manager
-from ca.keys import KeyType, PrivateKey, generate_private_key
 from sdk.clock import ManualClock
 from sdk.errors import InvalidArgument, PermissionDenied
+from sdk.keys import KeyType, PrivateKey, generate_private_key
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 SERVER = "spiffe://example.org/tessera/server"

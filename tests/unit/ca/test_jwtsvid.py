@@ -19,8 +19,8 @@ from ca.jwtsvid import (
     validate_jwt_svid,
 )
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType
 from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

@@ -7,7 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.keys import (
+from sdk.errors import InvalidArgument
+from sdk.keys import (
     KeyType,
     generate_private_key,
     hash_for,
@@ -18,7 +19,6 @@ from ca.keys import (
     public_jwk,
     public_key_from_jwk,
 )
-from sdk.errors import InvalidArgument
 
 
 def test_parse_key_type():

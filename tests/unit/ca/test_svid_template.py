@@ -18,7 +18,6 @@ from ca import der
 from ca.csr import build_csr, checked_csr, parse_csr
 from ca.errors import CAError
 from ca.keymanager import LocalSigner, Signer
-from ca.keys import KeyType, PublicKey
 from ca.x509ca import (
     DEFAULT_BACKDATE,
     X509SvidTemplate,
@@ -28,6 +27,7 @@ from ca.x509ca import (
     x509_svid_template,
 )
 from sdk.errors import InvalidArgument
+from sdk.keys import KeyType, PublicKey
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

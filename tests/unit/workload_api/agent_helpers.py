@@ -21,9 +21,9 @@ from ca.bundle import TrustBundle
 from ca.csr import parse_csr
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType, PrivateKey, generate_private_key
 from ca.x509ca import build_ca_certificate, build_x509_svid
 from sdk.errors import PermissionDenied, Unavailable
+from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.cache import AuthorizedEntry
 from workload_api.node_client import AgentBanned, EntriesUpdate, IssuedSvid
 
