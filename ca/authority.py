@@ -44,11 +44,11 @@ from ca import x509ca
 from ca.bundle import TrustBundle
 from ca.datastore.records import Authority
 from ca.datastore.store import Datastore
-from ca.der import split_certificates
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
 from ca.upstream import UpstreamAuthority
 from sdk.clock import Clock
+from sdk.der import split_certificates
 from sdk.errors import FailedPrecondition, NotFound, TesseraError
 from sdk.keys import KeyType, PublicKey
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
 from spiffe import SpiffeId
 
-from ca import der
+from sdk import der
 from sdk.errors import InvalidArgument
 from sdk.keys import PrivateKey, PublicKey
 

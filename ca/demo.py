@@ -32,9 +32,9 @@ from typing import Any, Final
 import httpx
 
 from ca import eventloop
-from ca.der import split_certificates
 from ca.entries import new_entry
 from ca.up import LocalTrustDomain, UpSettings
+from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain
 

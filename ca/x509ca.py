@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from spiffe import SpiffeId, TrustDomain
 
-from ca import der
 from ca.errors import CAError
 from ca.keymanager import Signer
+from sdk import der
 from sdk.errors import FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key, hash_for
 

@@ -30,7 +30,7 @@ from spiffe import TrustDomain
 
 from ca.bundle import TrustBundle
 from ca.csr import build_csr
-from ca.der import split_certificates
+from sdk.der import split_certificates
 from sdk.errors import ConfigError, InvalidArgument, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.config import AgentConfig

@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import SpiffeId
 
-from ca import der
 from ca.csr import build_csr, checked_csr, parse_csr
 from ca.errors import CAError
 from ca.keymanager import LocalSigner, Signer
@@ -26,6 +25,7 @@ from ca.x509ca import (
     sign_certificate,
     x509_svid_template,
 )
+from sdk import der
 from sdk.errors import InvalidArgument
 from sdk.keys import KeyType, PublicKey
 from tests.unit.ca.conftest import START
