@@ -58,9 +58,9 @@ from attestor.workload import (
     load_workload_attestor,
 )
 from ca.bundle import TrustBundle
-from ca.csr import build_csr
 from ca.jwtsvid import validate_jwt_svid
 from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.csr import build_csr
 from sdk.errors import (
     ConfigError,
     InvalidArgument,

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from spiffe import TrustDomain
 
 from ca.bundle import TrustBundle
-from ca.csr import build_csr
+from sdk.csr import build_csr
 from sdk.der import split_certificates
 from sdk.errors import ConfigError, InvalidArgument, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key

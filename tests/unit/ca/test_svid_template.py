@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import SpiffeId
 
-from ca.csr import build_csr, checked_csr, parse_csr
+from ca.csr import checked_csr, parse_csr
 from ca.errors import CAError
 from ca.keymanager import LocalSigner, Signer
 from ca.x509ca import (
@@ -26,6 +26,7 @@ from ca.x509ca import (
     x509_svid_template,
 )
 from sdk import der
+from sdk.csr import build_csr
 from sdk.errors import InvalidArgument
 from sdk.keys import KeyType, PublicKey
 from tests.unit.ca.conftest import START

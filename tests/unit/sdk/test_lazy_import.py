@@ -10,7 +10,7 @@ import pytest
 
 import sdk
 
-GROUND_FLOOR = ["sdk", "sdk.errors", "sdk.clock", "sdk.spiffeid", "sdk.keys", "sdk.der"]
+GROUND_FLOOR = ["sdk", "sdk.errors", "sdk.clock", "sdk.spiffeid", "sdk.keys", "sdk.der", "sdk.csr"]
 
 
 def loaded_after_import(module: str) -> set[str]:
