@@ -41,12 +41,12 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from ca import x509ca
-from ca.bundle import TrustBundle
 from ca.datastore.records import Authority
 from ca.datastore.store import Datastore
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
 from ca.upstream import UpstreamAuthority
+from sdk.bundle import TrustBundle
 from sdk.clock import Clock
 from sdk.der import split_certificates
 from sdk.errors import FailedPrecondition, NotFound, TesseraError

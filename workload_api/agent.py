@@ -57,8 +57,8 @@ from attestor.workload import (
     attest_with_pid_guard,
     load_workload_attestor,
 )
-from ca.bundle import TrustBundle
 from ca.jwtsvid import validate_jwt_svid
+from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.csr import build_csr
 from sdk.errors import (

@@ -39,7 +39,7 @@ from cryptography import x509
 from spiffe import TrustDomain
 
 from attestor.selector import Selector, matches
-from ca.bundle import TrustBundle
+from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_trust_domain

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from spiffe import TrustDomain
 
-from ca.bundle import TrustBundle
+from sdk.bundle import TrustBundle
 from sdk.csr import build_csr
 from sdk.der import split_certificates
 from sdk.errors import ConfigError, InvalidArgument, Unavailable

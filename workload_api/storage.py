@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import SpiffeId, TrustDomain
 
-from ca.bundle import TrustBundle
+from sdk.bundle import TrustBundle
 from sdk.errors import ConfigError, InvalidArgument
 from sdk.keys import PrivateKey
 from sdk.spiffeid import parse_spiffe_id

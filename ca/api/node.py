@@ -35,7 +35,6 @@ from ca.agent_cache import AgentCache
 from ca.api.errors import BodySizeLimit, install_error_handlers
 from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
-from ca.bundle import TrustBundle
 from ca.csr import parse_csr
 from ca.datastore.records import AttestedAgent, AuditNote
 from ca.datastore.store import Datastore
@@ -44,6 +43,7 @@ from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
 from ca.jwtsvid import check_audiences
 from ca.revisions import RevisionWatcher
+from sdk.bundle import TrustBundle
 from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MAX_WAIT_SECONDS = 60.0

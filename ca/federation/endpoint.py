@@ -30,8 +30,8 @@ from fastapi import FastAPI, Response
 
 from ca.api.errors import install_error_handlers
 from ca.api.tls import RotatingServerContext, ServerIdentity
-from ca.bundle import TrustBundle
 from ca.config import BundleEndpointConfig
+from sdk.bundle import TrustBundle
 from sdk.errors import ConfigError
 
 log = logging.getLogger(__name__)

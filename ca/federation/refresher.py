@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ca.bundle import TrustBundle
 from ca.datastore.records import FederationRelationship
 from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle
+from sdk.bundle import TrustBundle
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, TesseraError
 from sdk.keys import public_jwk

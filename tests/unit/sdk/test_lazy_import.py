@@ -10,7 +10,15 @@ import pytest
 
 import sdk
 
-GROUND_FLOOR = ["sdk", "sdk.errors", "sdk.clock", "sdk.spiffeid", "sdk.keys", "sdk.der", "sdk.csr"]
+GROUND_FLOOR = [
+    "sdk",
+    "sdk.clock",
+    "sdk.csr",
+    "sdk.der",
+    "sdk.errors",
+    "sdk.keys",
+    "sdk.spiffeid",
+]
 
 
 def loaded_after_import(module: str) -> set[str]:

@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.node.x509pop import fingerprint
-from ca.bundle import TrustBundle
 from ca.csr import parse_csr
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
 from ca.x509ca import build_ca_certificate, build_x509_svid
+from sdk.bundle import TrustBundle
 from sdk.errors import PermissionDenied, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.cache import AuthorizedEntry
