@@ -49,7 +49,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
-from ca.tls_material import load_identity
 from sdk.errors import (
     AlreadyExists,
     ConfigError,
@@ -63,6 +62,7 @@ from sdk.errors import (
 )
 from sdk.keys import PrivateKey
 from sdk.spiffeid import parse_spiffe_id
+from sdk.tls_material import load_identity
 from workload_api.config import Address
 
 __all__ = [
