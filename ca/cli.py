@@ -17,7 +17,6 @@ from typing import Any
 
 import click
 
-from ca import eventloop
 from ca.commandline import (
     DEFAULT_DATA_DIR,
     RootGroup,
@@ -34,6 +33,7 @@ from ca.commandline import (
 from ca.config import server_config
 from ca.durations import parse_duration
 from ca.federation.cli import federation_group
+from sdk import eventloop
 from sdk.errors import InvalidArgument, TesseraError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

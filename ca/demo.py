@@ -31,9 +31,9 @@ from typing import Any, Final
 
 import httpx
 
-from ca import eventloop
 from ca.entries import new_entry
 from ca.up import LocalTrustDomain, UpSettings
+from sdk import eventloop
 from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import uvloop
 
-from ca import eventloop
+from sdk import eventloop
 from sdk.errors import ConfigError
 
 
