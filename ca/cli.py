@@ -31,9 +31,9 @@ from ca.commandline import (
     run,
 )
 from ca.config import server_config
-from ca.durations import parse_duration
 from ca.federation.cli import federation_group
 from sdk import eventloop
+from sdk.durations import parse_duration
 from sdk.errors import InvalidArgument, TesseraError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

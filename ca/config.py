@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ca.durations import format_duration, parse_duration
+from sdk.durations import format_duration, parse_duration
 from sdk.errors import ConfigError, InvalidArgument
 from sdk.keys import KeyType, parse_key_type
 from sdk.spiffeid import parse_trust_domain

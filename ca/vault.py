@@ -51,8 +51,8 @@ import hvac
 import hvac.exceptions
 import requests
 
-from ca.durations import parse_duration
 from ca.errors import CAError
+from sdk.durations import parse_duration
 from sdk.errors import (
     ConfigError,
     InvalidArgument,

@@ -22,12 +22,12 @@ from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
 from ca.authority import Authorities
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
 from ca.datastore.store import Datastore
-from ca.durations import parse_duration
 from ca.entries import entry_json, new_entry
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
 from sdk.bundle import TrustBundle
 from sdk.clock import Clock
+from sdk.durations import parse_duration
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 

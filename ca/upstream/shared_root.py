@@ -43,12 +43,12 @@ from spiffe import TrustDomain
 
 from ca.datastore.records import SharedRoot
 from ca.datastore.store import Datastore
-from ca.durations import format_duration, parse_duration
 from ca.keymanager import LocalSigner, Signer
 from ca.keymanager.disk import KEK_ENVIRONMENT_VARIABLE, Kek, configured_kek
 from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.x509ca import build_ca_certificate
 from sdk.clock import Clock
+from sdk.durations import format_duration, parse_duration
 from sdk.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PublicKey, generate_private_key, parse_key_type
 
