@@ -17,11 +17,11 @@ from typing import Any
 
 import click
 
-from ca.commandline import (
-    DEFAULT_DATA_DIR,
-    RootGroup,
-    admin_client,
-    admin_options,
+from ca.commandline import DEFAULT_DATA_DIR, RootGroup, admin_client, admin_options
+from ca.config import server_config
+from ca.federation.cli import federation_group
+from sdk import eventloop
+from sdk.commandline import (
     config_file_values,
     config_option,
     emit,
@@ -30,9 +30,6 @@ from ca.commandline import (
     progress,
     run,
 )
-from ca.config import server_config
-from ca.federation.cli import federation_group
-from sdk import eventloop
 from sdk.durations import parse_duration
 from sdk.errors import InvalidArgument, TesseraError
 

@@ -38,8 +38,8 @@ from spiffe import SpiffeId, WorkloadApiClient
 from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context as SpiffeX509Context
 
-from ca.commandline import config_file_values, config_option, emit, option, output_option, progress
 from sdk import eventloop
+from sdk.commandline import config_file_values, config_option, emit, option, output_option, progress
 from sdk.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from sdk.spiffeid import parse_spiffe_id
 from workload_api.config import (

@@ -25,7 +25,8 @@ from typing import Any
 
 import click
 
-from ca.commandline import admin_client, admin_options, emit, option, output_option
+from ca.commandline import admin_client, admin_options
+from sdk.commandline import emit, option, output_option
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_trust_domain
 

@@ -170,7 +170,8 @@ def test_init_refuses_when_only_one_file_exists(tmp_path):
 
 
 def test_init_server_toml_is_a_valid_server_config(tmp_path):
-    from ca.config import load_config_file, server_config
+    from ca.config import server_config
+    from sdk.commandline import load_config_file
 
     invoke("init", "--trust-domain", "example.org", "--dir", str(tmp_path))
 

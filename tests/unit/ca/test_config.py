@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from ca.config import PluginConfig, load_config_file, server_config
+from ca.config import PluginConfig, server_config
+from sdk.commandline import load_config_file
 from sdk.errors import ConfigError
 from sdk.keys import KeyType
 

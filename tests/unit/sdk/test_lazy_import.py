@@ -13,6 +13,7 @@ import sdk
 GROUND_FLOOR = [
     "sdk",
     "sdk.clock",
+    "sdk.commandline",
     "sdk.csr",
     "sdk.der",
     "sdk.errors",
