@@ -21,8 +21,8 @@ import os
 import stat
 from pathlib import Path
 
-from ca.privatefiles import os_error_sentence, write_file_atomically
 from sdk.errors import AlreadyExists, ConfigError
+from sdk.privatefiles import os_error_sentence, write_file_atomically
 from sdk.spiffeid import parse_trust_domain
 
 SERVER_TOML = """\

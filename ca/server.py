@@ -40,18 +40,18 @@ from ca.federation.endpoint import bundle_endpoint_server_config
 from ca.federation.refresher import BundleRefresher
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer
 from ca.keymanager import load_key_manager
-from ca.privatefiles import (
-    os_error_sentence,
-    prepare_private_dir,
-    prepare_socket_dir,
-    write_file_atomically,
-)
 from ca.revisions import RevisionWatcher
 from ca.serverlease import LeaseLost, ServerIdLease
 from ca.upstream import UpstreamContext, load_upstream_authority
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, FailedPrecondition, TesseraError
 from sdk.keys import KeyType, PrivateKey, generate_private_key
+from sdk.privatefiles import (
+    os_error_sentence,
+    prepare_private_dir,
+    prepare_socket_dir,
+    write_file_atomically,
+)
 
 log = logging.getLogger(__name__)
 

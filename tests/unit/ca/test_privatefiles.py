@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from ca import privatefiles
-from ca.privatefiles import (
+from sdk import privatefiles
+from sdk.errors import ConfigError
+from sdk.privatefiles import (
     make_directories,
     os_error_sentence,
     prepare_private_dir,
     prepare_socket_dir,
     write_file_atomically,
 )
-from sdk.errors import ConfigError
 
 
 def _mode(path: Path) -> int:
