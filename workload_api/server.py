@@ -26,7 +26,7 @@ Every connection runs under :mod:`workload_api.grpc_limits`: requests over
 4 MiB get ``RESOURCE_EXHAUSTED`` from their length prefix, malformed ones
 ``INVALID_ARGUMENT``, idle connections are closed and each uid may hold a
 bounded number of them (:class:`~workload_api.grpc_limits.ServerLimits`).
-JWT audiences are bounded as the server bounds them (``ca.jwtsvid.check_audiences``),
+JWT audiences are bounded as the server bounds them (``sdk.jwtsvid.check_audiences``),
 before anything is asked of it.
 
 Calls are counted in ``tessera_workload_api_calls_total{method,status}``;
@@ -54,8 +54,8 @@ from prometheus_client import Counter
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials, peer_credentials
-from ca.jwtsvid import check_audience, check_audiences
 from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from sdk.jwtsvid import check_audience, check_audiences
 from sdk.spiffeid import parse_spiffe_id
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import LimitedServer, RefusalLog, ServerLimits, describe_peer

@@ -41,10 +41,10 @@ from ca.datastore.store import Datastore
 from ca.entries import entry_json
 from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
-from ca.jwtsvid import check_audiences
 from ca.revisions import RevisionWatcher
 from sdk.bundle import TrustBundle
 from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
+from sdk.jwtsvid import check_audiences
 
 MAX_WAIT_SECONDS = 60.0
 

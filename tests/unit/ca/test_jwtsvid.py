@@ -11,15 +11,10 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import ArgumentError
 from spiffe.svid.errors import JwtSvidError as SpiffeJwtSvidError
 
-from ca.jwtsvid import (
-    MAX_AUDIENCE_CLAIM_BYTES,
-    MAX_TOKEN_BYTES,
-    JwtSvidError,
-    mint_jwt_svid,
-    validate_jwt_svid,
-)
+from ca.jwtsvid import MAX_TOKEN_BYTES, JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from ca.keymanager import LocalSigner
 from sdk.errors import InvalidArgument
+from sdk.jwtsvid import MAX_AUDIENCE_CLAIM_BYTES
 from sdk.keys import KeyType
 from tests.unit.ca.conftest import START
 
