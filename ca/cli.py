@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from sdk.commandline import (
 )
 from sdk.durations import parse_duration
 from sdk.errors import InvalidArgument, TesseraError
+from sdk.privatefiles import write_file_atomically
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -566,21 +566,8 @@ def write_svid_files(directory: Path, svid: str, key: str, bundle: str) -> list[
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "svid.pem", directory / "key.pem", directory / "bundle.pem"]
     for path, content, mode in zip(paths, (svid, key, bundle), (0o644, 0o600, 0o644), strict=True):
-        write_file_atomically(path, content.encode(), mode)
+        write_file_atomically(path, content.encode(), mode=mode)
     return paths
-
-
-def write_file_atomically(path: Path, content: bytes, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 @server.group("jwt")
