@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 
 MAX_SELECTOR_LENGTH = 1024
 

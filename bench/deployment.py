@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import SpiffeId
 
 from ca.admin_client import AdminClient
-from ca.csr import build_csr
 from ca.datastore.schema import ENTRY_REVISION, CounterRow, EntryRow, EntrySelectorRow
+from sdk.csr import build_csr
 
 TRUST_DOMAIN = "bench.test"
 TESSERA = shutil.which("tessera", path=str(Path(sys.executable).parent)) or "tessera"

@@ -48,9 +48,9 @@ from bench.deployment import (
 from bench.machine import ProcessMeter, openssl_ecdsa_p256, profiled
 from bench.openbao import PkiLoad
 from bench.report import Figure
-from ca.csr import build_csr
 from ca.datastore.schema import AuditEventRow, IssuedSvidRow
 from ca.issuance import X509_SVIDS_ISSUED
+from sdk.csr import build_csr
 
 NAME = "issuance"
 TARGET_PER_CORE = 3000.0

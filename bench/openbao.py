@@ -41,7 +41,7 @@ from spiffe import SpiffeId
 
 from bench.deployment import START_DEADLINE, TRUST_DOMAIN
 from bench.wrk import WrkLoad, run_wrk
-from ca.csr import build_csr
+from sdk.csr import build_csr
 
 BAO = shutil.which("bao", path=str(Path(sys.executable).parent)) or shutil.which("bao")
 CONCURRENCY = 16

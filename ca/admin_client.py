@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 
-from ca.errors import CAError, TesseraError
+from ca.errors import CAError
+from sdk.errors import TesseraError
 
 TIMEOUT_SECONDS = 30.0
 

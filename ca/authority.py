@@ -41,16 +41,16 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from ca import x509ca
-from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.records import Authority
-from ca.der import split_certificates
-from ca.errors import CAError, FailedPrecondition, NotFound
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import KeyManager, Signer
-from ca.keys import KeyType, PublicKey
 from ca.upstream import UpstreamAuthority
+from sdk.bundle import TrustBundle
+from sdk.clock import Clock
+from sdk.der import split_certificates
+from sdk.errors import FailedPrecondition, NotFound, TesseraError
+from sdk.keys import KeyType, PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ class Authorities:
                 target=authority.authority_id,
                 details={"kind": authority.kind, "server_id": authority.server_id},
             )
-        except CAError:
+        except TesseraError:
             log.exception("could not write the audit event for %s", action)
 
 

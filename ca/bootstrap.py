@@ -21,9 +21,9 @@ import os
 import stat
 from pathlib import Path
 
-from ca.errors import AlreadyExists, ConfigError
-from ca.privatefiles import os_error_sentence, write_file_atomically
-from ca.spiffeid import parse_trust_domain
+from sdk.errors import AlreadyExists, ConfigError
+from sdk.privatefiles import os_error_sentence, write_file_atomically
+from sdk.spiffeid import parse_trust_domain
 
 SERVER_TOML = """\
 # Tessera server for {td}. Every key is a `tessera server run` flag

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,11 @@ from typing import Any
 
 import click
 
-from ca import eventloop
-from ca.commandline import (
-    DEFAULT_DATA_DIR,
-    RootGroup,
-    admin_client,
-    admin_options,
+from ca.commandline import DEFAULT_DATA_DIR, RootGroup, admin_client, admin_options
+from ca.config import server_config
+from ca.federation.cli import federation_group
+from sdk import eventloop
+from sdk.commandline import (
     config_file_values,
     config_option,
     emit,
@@ -31,10 +29,9 @@ from ca.commandline import (
     progress,
     run,
 )
-from ca.config import server_config
-from ca.durations import parse_duration
-from ca.errors import InvalidArgument, TesseraError
-from ca.federation.cli import federation_group
+from sdk.durations import parse_duration
+from sdk.errors import InvalidArgument, TesseraError
+from sdk.privatefiles import write_file_atomically
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -569,21 +566,8 @@ def write_svid_files(directory: Path, svid: str, key: str, bundle: str) -> list[
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "svid.pem", directory / "key.pem", directory / "bundle.pem"]
     for path, content, mode in zip(paths, (svid, key, bundle), (0o644, 0o600, 0o644), strict=True):
-        write_file_atomically(path, content.encode(), mode)
+        write_file_atomically(path, content.encode(), mode=mode)
     return paths
-
-
-def write_file_atomically(path: Path, content: bytes, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 @server.group("jwt")
@@ -779,8 +763,8 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
     if log_level == "info":  # one line per request or migration step is noise
         for noisy in ("uvicorn.error", "alembic", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ca.spiffeid import parse_trust_domain
     from ca.up import LocalTrustDomain, UpSettings
+    from sdk.spiffeid import parse_trust_domain
 
     settings = UpSettings(parse_trust_domain(trust_domain), Path(data_dir), bind=bind,
                           health_bind=health_bind, log_level=log_level)

@@ -25,18 +25,21 @@ like this (every key is a flag's name with ``_`` for ``-``)::
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ca.durations import format_duration, parse_duration
-from ca.errors import ConfigError, InvalidArgument
-from ca.keys import KeyType, parse_key_type
-from ca.spiffeid import parse_trust_domain
 from ca.tombstones import DEFAULT_TOMBSTONE_RETENTION
+from sdk.commandline import (  # noqa: F401  (moved; re-exported for the old path)
+    ConfigFileUnreadable,
+    load_config_file,
+)
+from sdk.durations import format_duration, parse_duration
+from sdk.errors import ConfigError, InvalidArgument
+from sdk.keys import KeyType, parse_key_type
+from sdk.spiffeid import parse_trust_domain
 
 if TYPE_CHECKING:
     from spiffe import TrustDomain
@@ -151,33 +154,6 @@ class ServerConfig:
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir.resolve()}/datastore.sqlite3"
-
-
-class ConfigFileUnreadable(ConfigError):
-    """The config file could not be read at all (missing, not permitted)."""
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML config file; ConfigError with the line for bytes that are not UTF-8
-    and for a syntax error."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigFileUnreadable(f"cannot read config file {path}: {err.strerror}") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text (line {line} has the byte "
-            f"0x{data[err.start]:02x}); TOML files must be UTF-8, so save it as UTF-8"
-        ) from err
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(
-            f"config file {path} is not valid TOML: {err}; correct that line"
-        ) from err
 
 
 def server_config(values: Mapping[str, Any]) -> ServerConfig:

@@ -1,11 +1,8 @@
-"""Certificate signing requests: made by agents, checked by the server.
+"""Certificate signing requests: checked by the server.
 
-The agent keeps each workload key and sends only a PKCS#10 request::
-
-    der = build_csr(private_key, SpiffeId("spiffe://example.org/web"), ["web.example.org"])
-
-The server checks the request against the registration entry before it
-signs anything; every refusal is an InvalidArgument that says why::
+Agents make them with :func:`sdk.csr.build_csr` (re-exported here). The server
+checks the request against the registration entry before it signs anything; every
+refusal is an InvalidArgument that says why::
 
     csr = parse_csr(der)
     public_key = check_csr(csr, spiffe_id=entry_id, dns_names=entry_dns_names)
@@ -29,9 +26,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
 from spiffe import SpiffeId
 
-from ca import der
-from ca.errors import InvalidArgument
-from ca.keys import PrivateKey, PublicKey
+from sdk import der
+from sdk.csr import build_csr
+from sdk.errors import InvalidArgument
+from sdk.keys import PublicKey
+
+__all__ = [
+    "MAX_CSR_BYTES",
+    "MIN_RSA_BITS",
+    "CheckedCsr",
+    "build_csr",
+    "check_csr",
+    "checked_csr",
+    "parse_csr",
+]
 
 MAX_CSR_BYTES = 16384
 MIN_RSA_BITS = 2048
@@ -201,19 +209,6 @@ def _subject_public_key_info(request_info: bytes, public_key: PublicKey) -> byte
     )
 
 
-def build_csr(private_key: PrivateKey, spiffe_id: SpiffeId, dns_names: Sequence[str] = ()) -> bytes:
-    """A DER PKCS#10 request for ``spiffe_id`` (and ``dns_names``) signed by ``private_key``."""
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
-    names.extend(x509.DNSName(name) for name in dns_names)
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-    )
-    csr = builder.sign(private_key, _digest_for(private_key))
-    return csr.public_bytes(serialization.Encoding.DER)
-
-
 def _check_public_key(public_key: object) -> PublicKey:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
@@ -232,9 +227,3 @@ def _check_public_key(public_key: object) -> PublicKey:
         f"CSR key type {type(public_key).__name__} is not supported; use EC P-256, EC P-384 "
         f"or RSA of at least {MIN_RSA_BITS} bits"
     )
-
-
-def _digest_for(private_key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
-    if isinstance(private_key, ec.EllipticCurvePrivateKey) and private_key.curve.key_size >= 384:
-        return hashes.SHA384()
-    return hashes.SHA256()

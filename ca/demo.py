@@ -31,12 +31,12 @@ from typing import Any, Final
 
 import httpx
 
-from ca import eventloop
-from ca.der import split_certificates
 from ca.entries import new_entry
-from ca.errors import ConfigError
-from ca.spiffeid import parse_trust_domain
 from ca.up import LocalTrustDomain, UpSettings
+from sdk import eventloop
+from sdk.der import split_certificates
+from sdk.errors import ConfigError
+from sdk.spiffeid import parse_trust_domain
 
 TRUST_DOMAIN: Final = "demo.example"
 SERVICES: Final = ("web", "api", "intruder")

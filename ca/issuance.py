@@ -28,14 +28,15 @@ from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import matches
 from ca.authority import Authorities
-from ca.clock import Clock
 from ca.csr import checked_csr, parse_csr
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
-from ca.errors import AgentBanned, InvalidArgument, NotFound, PermissionDenied
-from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
-from ca.spiffeid import parse_spiffe_id, require_member
+from ca.errors import AgentBanned
 from ca.x509ca import SignedX509Svid
+from sdk.clock import Clock
+from sdk.errors import InvalidArgument, NotFound, PermissionDenied
+from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
+from sdk.spiffeid import parse_spiffe_id, require_member
 
 MAX_BATCH = 500
 MAX_AUDIENCES = 32

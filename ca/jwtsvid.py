@@ -36,23 +36,22 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from spiffe import SpiffeId
 
-from ca.errors import InvalidArgument
 from ca.keymanager import Signer
-from ca.keys import PublicKey, jwt_algorithm
-from ca.spiffeid import parse_spiffe_id
+from sdk.errors import InvalidArgument
+from sdk.jwtsvid import (  # noqa: F401  (moved; re-exported for the old path)
+    MAX_AUDIENCE_BYTES,
+    MAX_AUDIENCE_CLAIM_BYTES,
+    MAX_AUDIENCES,
+    check_audience,
+    check_audiences,
+)
+from sdk.keys import PublicKey, jwt_algorithm
+from sdk.spiffeid import parse_spiffe_id
 
 CLOCK_SKEW_LEEWAY = timedelta(seconds=5)
 """How far past ``exp`` (or before ``nbf``) a token is still accepted."""
 
 MAX_TOKEN_BYTES = 16384
-
-MAX_AUDIENCES = 32
-"""Audiences one JWT-SVID may name."""
-MAX_AUDIENCE_BYTES = 2048
-"""Bytes (UTF-8) of one audience: the longest SPIFFE ID."""
-MAX_AUDIENCE_CLAIM_BYTES = 8192
-"""Bytes the audiences take together in the token's ``aud`` claim (JSON), so that a token
-with the longest subject and an RSA-4096 signature stays under :data:`MAX_TOKEN_BYTES`."""
 
 _HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
     "256": hashes.SHA256,
@@ -109,35 +108,6 @@ def mint_jwt_svid(
     if algorithm.startswith("ES"):
         signature = _der_to_raw(signature, _coordinate_size(signer.public_key()))
     return f"{signing_input.decode('ascii')}.{_b64(signature)}"
-
-
-def check_audiences(audiences: Sequence[str]) -> None:
-    """Refuse more audiences, or longer ones, than a JWT-SVID may carry.
-
-    The agent checks what a workload asks for with it before forwarding the request,
-    and the server checks it again before it signs.
-    """
-    if len(audiences) > MAX_AUDIENCES:
-        raise InvalidArgument(
-            f"{len(audiences)} audiences were asked for; ask for at most {MAX_AUDIENCES} at a time"
-        )
-    for number, audience in enumerate(audiences, start=1):
-        check_audience(audience, what=f"audience {number}")
-    claim_bytes = len(json.dumps(list(audiences), separators=(",", ":")))
-    if claim_bytes > MAX_AUDIENCE_CLAIM_BYTES:
-        raise InvalidArgument(
-            f"the audiences take {claim_bytes} bytes in a JWT-SVID; together they may take "
-            f"at most {MAX_AUDIENCE_CLAIM_BYTES}"
-        )
-
-
-def check_audience(audience: str, *, what: str = "the audience") -> None:
-    """Refuse an audience longer than :data:`MAX_AUDIENCE_BYTES`."""
-    size = len(audience.encode("utf-8", "surrogatepass"))
-    if size > MAX_AUDIENCE_BYTES:
-        raise InvalidArgument(
-            f"{what} is {size} bytes long; an audience may be at most {MAX_AUDIENCE_BYTES} bytes"
-        )
 
 
 def validate_jwt_svid(

@@ -35,25 +35,25 @@ from ca.api.limits import LimitedUvicorn, limited_protocol, uvicorn_settings
 from ca.api.node import create_node_app
 from ca.api.tls import RotatingServerContext, ServerIdentity, TLSIdentityProtocol
 from ca.authority import JWT, X509, Authorities, AuthorityPolicy
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
-from ca.errors import CAError, ConfigError, FailedPrecondition
 from ca.federation.endpoint import bundle_endpoint_server_config
 from ca.federation.refresher import BundleRefresher
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer
 from ca.keymanager import load_key_manager
-from ca.keys import KeyType, PrivateKey, generate_private_key
-from ca.privatefiles import (
+from ca.revisions import RevisionWatcher
+from ca.serverlease import LeaseLost, ServerIdLease
+from ca.tombstones import TombstoneHorizon
+from ca.upstream import UpstreamContext, load_upstream_authority
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import ConfigError, FailedPrecondition, TesseraError
+from sdk.keys import KeyType, PrivateKey, generate_private_key
+from sdk.privatefiles import (
     os_error_sentence,
     prepare_private_dir,
     prepare_socket_dir,
     write_file_atomically,
 )
-from ca.revisions import RevisionWatcher
-from ca.serverlease import LeaseLost, ServerIdLease
-from ca.tombstones import TombstoneHorizon
-from ca.upstream import UpstreamContext, load_upstream_authority
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Server:
     def _close_store(self) -> None:
         """Give up the lease (so the server may start again at once) and close the store."""
         if self.lease is not None:
-            with contextlib.suppress(CAError):
+            with contextlib.suppress(TesseraError):
                 self.lease.release()
         self.store.close()
 
@@ -349,7 +349,7 @@ class Server:
                 log.error("%s", err.message)
                 self.stop()
                 return
-            except CAError as err:
+            except TesseraError as err:
                 self._db_problem = err.message
                 log.warning("periodic work failed: %s", err.message)
             except Exception:

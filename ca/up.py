@@ -44,14 +44,14 @@ from spiffe import SpiffeId, TrustDomain
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import DEFAULT_BIND, parse_bind, server_config
 from ca.datastore.interface import Datastore
 from ca.datastore.records import RegistrationEntry
 from ca.entries import new_entry
-from ca.errors import ConfigError, FailedPrecondition, NotFound
 from ca.server import Server, prepare_private_dir
-from ca.spiffeid import parse_spiffe_id
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import ConfigError, FailedPrecondition, NotFound
+from sdk.spiffeid import parse_spiffe_id
 from workload_api.agent import Agent
 from workload_api.config import DEFAULT_HEALTH_BIND, agent_config
 from workload_api.storage import AgentStorage

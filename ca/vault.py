@@ -4,7 +4,7 @@ The ``vault_transit`` key manager and the ``vault_pki`` upstream authority
 share this client. It reads the connection settings from the plugin's table,
 logs in with a token or with AppRole, logs in once more when a request is
 refused (an expired token looks like a refusal), and turns every hvac and
-requests error into a :mod:`ca.errors` type whose message says what to do::
+requests error into a :mod:`sdk.errors` type whose message says what to do::
 
     settings = VaultSettings.from_config(config, plugin="key manager 'vault_transit'")
     client = VaultClient(settings, plugin="key manager 'vault_transit'")
@@ -28,10 +28,10 @@ Connection settings (every Vault/OpenBao plugin takes them):
 ``timeout``                 seconds (or ``10s``, ``1m``) per request; default 10
 ==========================  ==================================================================
 
-Errors: unreachable or sealed -> :class:`~ca.errors.Unavailable`; refused ->
-:class:`~ca.errors.PermissionDenied` naming the path and capability to grant;
-a failed AppRole login -> :class:`~ca.errors.Unauthenticated`; nothing
-mounted at a path -> :class:`~ca.errors.ConfigError`; any other error answer
+Errors: unreachable or sealed -> :class:`~sdk.errors.Unavailable`; refused ->
+:class:`~sdk.errors.PermissionDenied` naming the path and capability to grant;
+a failed AppRole login -> :class:`~sdk.errors.Unauthenticated`; nothing
+mounted at a path -> :class:`~sdk.errors.ConfigError`; any other error answer
 -> :class:`VaultRequestFailed`. Tokens and secret ids are never logged and
 never appear in a message.
 """
@@ -51,12 +51,13 @@ import hvac
 import hvac.exceptions
 import requests
 
-from ca.durations import parse_duration
-from ca.errors import (
-    CAError,
+from ca.errors import CAError
+from sdk.durations import parse_duration
+from sdk.errors import (
     ConfigError,
     InvalidArgument,
     PermissionDenied,
+    TesseraError,
     Unauthenticated,
     Unavailable,
 )
@@ -466,7 +467,7 @@ class VaultClient:
         self._set_token(str(token))
         log.info("%s logged in to Vault/OpenBao at %s with AppRole", self.plugin, self.address)
 
-    def _translate(self, err: Exception, method: str, path: str) -> CAError:
+    def _translate(self, err: Exception, method: str, path: str) -> TesseraError:
         where = f"Vault/OpenBao at {self.address}"
         if isinstance(err, requests.exceptions.SSLError):
             return Unavailable(

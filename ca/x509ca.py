@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from spiffe import SpiffeId, TrustDomain
 
-from ca import der
-from ca.errors import CAError, FailedPrecondition, InvalidArgument
+from ca.errors import CAError
 from ca.keymanager import Signer
-from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key, hash_for
+from sdk import der
+from sdk.errors import FailedPrecondition, InvalidArgument
+from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key, hash_for
 
 DEFAULT_BACKDATE = timedelta(seconds=10)
 """How far an SVID's notBefore lies before its issuance, for clocks a little behind."""

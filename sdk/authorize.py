@@ -20,10 +20,9 @@ from collections.abc import Callable
 
 from spiffe import SpiffeId, TrustDomain
 
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain
-from sdk.errors import AuthorizationError, SdkError
+from sdk.errors import AuthorizationError, InvalidArgument, SdkError
 from sdk.policy import Policy
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 
 __all__ = [
     "Authorizer",

@@ -1,16 +1,27 @@
-"""The SDK's exceptions.
+"""Tessera's exceptions: the root, the kinds every package raises, and the SDK's own.
 
-    TesseraError                  root of every error Tessera raises on purpose (ca.errors)
-    └── SdkError                  root of the SDK package (``sdk``)
-        ├── SourceError           a source cannot deliver an SVID or a bundle
-        ├── PolicyError           a policy file (or dict) is malformed
-        ├── AuthenticationError   the peer did not prove a SPIFFE ID (no X509-SVID, bad JWT-SVID)
-        └── AuthorizationError    the peer proved its SPIFFE ID, and a rule refused it
+    TesseraError                  root of every error Tessera raises on purpose
+    ├── ConfigError               a flag, environment variable or config file is wrong
+    ├── InvalidArgument           input that can never succeed (bad SPIFFE ID, CSR, selector)
+    ├── NotFound                  the named entry, agent, token or authority does not exist
+    ├── AlreadyExists             a unique thing exists already
+    ├── PermissionDenied          the caller may not do this
+    ├── Unauthenticated           the caller did not prove who it is
+    ├── FailedPrecondition        the state does not allow it now (no prepared key, ...)
+    ├── Unavailable               a dependency (the database, Vault, the server) is not answering
+    ├── SdkError                  root of the SDK's own errors
+    │   ├── SourceError           a source cannot deliver an SVID or a bundle
+    │   ├── PolicyError           a policy file (or dict) is malformed
+    │   ├── AuthenticationError   the peer did not prove a SPIFFE ID (no X509-SVID, bad JWT-SVID)
+    │   └── AuthorizationError    the peer proved its SPIFFE ID, and a rule refused it
+    └── CAError                   the server's own failures (:mod:`ca.errors`, with AgentBanned)
 
-Each carries ``status`` (the HTTP status an integration answers with) and a
-``message`` safe to show the peer. Errors of the ``spiffe`` package and of
-``ssl`` are translated into these where they are caught, with ``raise ... from``;
-in the other direction, a TLS handshake refused by an authorizer fails with
+Each carries ``status`` (the HTTP status an API or integration answers with) and a
+``message`` safe to show the caller or peer; the server's APIs send ``code`` along, a
+reason that clients may act on (``agent_banned``), where the status is not enough.
+Foreign errors (SQLAlchemy, cryptography, hvac, the ``spiffe`` package, ``ssl``) are
+translated into these where they are caught, with ``raise ... from``; in the other
+direction, a TLS handshake refused by an authorizer fails with
 ``ssl.SSLCertVerificationError`` whose ``__cause__`` is the SDK error::
 
     try:
@@ -23,18 +34,71 @@ in the other direction, a TLS handshake refused by an authorizer fails with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from spiffe import SpiffeId
-
-from ca.errors import TesseraError
+if TYPE_CHECKING:
+    from spiffe import SpiffeId
 
 __all__ = [
+    "AlreadyExists",
     "AuthenticationError",
     "AuthorizationError",
+    "ConfigError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
     "PolicyError",
     "SdkError",
     "SourceError",
+    "TesseraError",
+    "Unauthenticated",
+    "Unavailable",
 ]
+
+
+class TesseraError(Exception):
+    """Root of every error Tessera raises on purpose."""
+
+    status = 500
+    code: str | None = None
+    """A reason more precise than the status, for clients to act on; None: the status's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(TesseraError):
+    status = 400
+
+
+class InvalidArgument(TesseraError):
+    status = 400
+
+
+class NotFound(TesseraError):
+    status = 404
+
+
+class AlreadyExists(TesseraError):
+    status = 409
+
+
+class PermissionDenied(TesseraError):
+    status = 403
+
+
+class Unauthenticated(TesseraError):
+    status = 401
+
+
+class FailedPrecondition(TesseraError):
+    status = 412
+
+
+class Unavailable(TesseraError):
+    status = 503
 
 
 class SdkError(TesseraError):

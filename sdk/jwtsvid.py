@@ -13,10 +13,15 @@ package's errors are translated here.
 
 Expiry is checked against the system clock (the ``spiffe`` package reads it
 itself).
+
+:func:`check_audiences` bounds the audiences one JWT-SVID may name; the agent checks a
+workload's request with it before forwarding it, and the server again before it signs.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any
 
 import jwt
@@ -25,10 +30,26 @@ from spiffe.errors import PySpiffeError
 from spiffe.svid.errors import TokenExpiredError
 from spiffe.svid.jwt_svid_validator import AUDIENCE_NOT_MATCH_ERROR
 
-from sdk.errors import AuthenticationError
+from sdk.errors import AuthenticationError, InvalidArgument
 from sdk.sources import JwtBundleSource
 
-__all__ = ["validate_jwt_svid"]
+__all__ = [
+    "MAX_AUDIENCES",
+    "MAX_AUDIENCE_BYTES",
+    "MAX_AUDIENCE_CLAIM_BYTES",
+    "check_audience",
+    "check_audiences",
+    "validate_jwt_svid",
+]
+
+MAX_AUDIENCES = 32
+"""Audiences one JWT-SVID may name."""
+MAX_AUDIENCE_BYTES = 2048
+"""Bytes (UTF-8) of one audience: the longest SPIFFE ID."""
+MAX_AUDIENCE_CLAIM_BYTES = 8192
+"""Bytes the audiences take together in the token's ``aud`` claim (JSON), so that a token
+with the longest subject and an RSA-4096 signature stays under the 16384 bytes a JWT-SVID
+may take (``ca.jwtsvid.MAX_TOKEN_BYTES``)."""
 
 
 def validate_jwt_svid(token: str, bundle_source: JwtBundleSource, audience: str) -> JwtSvid:
@@ -68,3 +89,32 @@ def _audience_of(token: str) -> str:
     audience = claims.get("aud")
     values = [audience] if isinstance(audience, str) else list(audience or [])
     return ", ".join(repr(str(v)) for v in values) or "(none)"
+
+
+def check_audiences(audiences: Sequence[str]) -> None:
+    """Refuse more audiences, or longer ones, than a JWT-SVID may carry.
+
+    The agent checks what a workload asks for with it before forwarding the request,
+    and the server checks it again before it signs.
+    """
+    if len(audiences) > MAX_AUDIENCES:
+        raise InvalidArgument(
+            f"{len(audiences)} audiences were asked for; ask for at most {MAX_AUDIENCES} at a time"
+        )
+    for number, audience in enumerate(audiences, start=1):
+        check_audience(audience, what=f"audience {number}")
+    claim_bytes = len(json.dumps(list(audiences), separators=(",", ":")))
+    if claim_bytes > MAX_AUDIENCE_CLAIM_BYTES:
+        raise InvalidArgument(
+            f"the audiences take {claim_bytes} bytes in a JWT-SVID; together they may take "
+            f"at most {MAX_AUDIENCE_CLAIM_BYTES}"
+        )
+
+
+def check_audience(audience: str, *, what: str = "the audience") -> None:
+    """Refuse an audience longer than :data:`MAX_AUDIENCE_BYTES`."""
+    size = len(audience.encode("utf-8", "surrogatepass"))
+    if size > MAX_AUDIENCE_BYTES:
+        raise InvalidArgument(
+            f"{what} is {size} bytes long; an audience may be at most {MAX_AUDIENCE_BYTES} bytes"
+        )

@@ -18,9 +18,8 @@ from collections.abc import Callable
 from cryptography import x509
 from spiffe import SpiffeId
 
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_spiffe_id
-from sdk.errors import AuthenticationError
+from sdk.errors import AuthenticationError, InvalidArgument
+from sdk.spiffeid import parse_spiffe_id
 
 __all__ = ["spiffe_id_from_certificate", "spiffe_id_from_der", "spiffe_id_from_pem"]
 

@@ -64,9 +64,8 @@ from typing import Any, Final
 
 from spiffe import SpiffeId, TrustDomain
 
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain
-from sdk.errors import PolicyError
+from sdk.errors import InvalidArgument, PolicyError
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 
 __all__ = ["Decision", "Mode", "Policy", "Rule"]
 

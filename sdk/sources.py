@@ -43,9 +43,8 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain, X509Bundle, X509Svid
 from spiffe.errors import PySpiffeError
 
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_trust_domain
-from sdk.errors import SourceError
+from sdk.errors import InvalidArgument, SourceError
+from sdk.spiffeid import parse_trust_domain
 
 __all__ = [
     "ENDPOINT_SOCKET_ENV",

@@ -59,11 +59,11 @@ from typing import Any, Final
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
-from ca.tls_material import load_identity
 from sdk.authorize import Authorizer
 from sdk.errors import AuthenticationError, SdkError, SourceError
 from sdk.peer import spiffe_id_from_der
 from sdk.sources import ChangeCounter, X509BundleSource, X509Source
+from sdk.tls_material import load_identity
 
 __all__ = [
     "mtls_client_context",

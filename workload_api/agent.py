@@ -57,11 +57,11 @@ from attestor.workload import (
     attest_with_pid_guard,
     load_workload_attestor,
 )
-from ca.bundle import TrustBundle
-from ca.clock import SYSTEM_CLOCK, Clock
-from ca.csr import build_csr
-from ca.errors import (
-    AgentBanned,
+from ca.jwtsvid import validate_jwt_svid
+from sdk.bundle import TrustBundle
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.csr import build_csr
+from sdk.errors import (
     ConfigError,
     InvalidArgument,
     NotFound,
@@ -70,9 +70,8 @@ from ca.errors import (
     Unauthenticated,
     Unavailable,
 )
-from ca.jwtsvid import validate_jwt_svid
-from ca.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 from workload_api import health
 from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_authority_id
 from workload_api.config import AgentConfig
@@ -85,7 +84,7 @@ from workload_api.node_attestation import (
     load_node_attestor_agent,
     renew,
 )
-from workload_api.node_client import MAX_BATCH, Backoff, NodeClient, WrongTrustDomain
+from workload_api.node_client import MAX_BATCH, AgentBanned, Backoff, NodeClient, WrongTrustDomain
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
 

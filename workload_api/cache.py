@@ -39,10 +39,10 @@ from cryptography import x509
 from spiffe import TrustDomain
 
 from attestor.selector import Selector, matches
-from ca.bundle import TrustBundle
-from ca.clock import SYSTEM_CLOCK, Clock
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_trust_domain
+from sdk.bundle import TrustBundle
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 from workload_api.identity import X509Context, X509SvidMaterial
 
 __all__ = [

@@ -38,15 +38,11 @@ from spiffe import SpiffeId, WorkloadApiClient
 from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context as SpiffeX509Context
 
-from ca import eventloop
-from ca.commandline import config_file_values, config_option, emit, option, output_option, progress
-from ca.errors import (
-    InvalidArgument,
-    PermissionDenied,
-    TesseraError,
-    Unavailable,
-)
-from ca.spiffeid import parse_spiffe_id
+from sdk import eventloop
+from sdk.commandline import config_file_values, config_option, emit, option, output_option, progress
+from sdk.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from sdk.privatefiles import write_file_atomically
+from sdk.spiffeid import parse_spiffe_id
 from workload_api.config import (
     DEFAULT_HEALTH_BIND,
     LOG_LEVELS,
@@ -54,7 +50,6 @@ from workload_api.config import (
     default_socket_path,
     parse_socket,
 )
-from workload_api.storage import write_file_atomically
 
 __all__ = ["agent"]
 
@@ -309,7 +304,7 @@ def _write_svids(directory: Path, context: SpiffeX509Context) -> list[Path]:
             ),
         )
         for file_path, content, mode in files:
-            write_file_atomically(file_path, content, mode)
+            write_file_atomically(file_path, content, mode=mode)
             written.append(file_path)
     return written
 

@@ -37,9 +37,9 @@ from spiffe import TrustDomain
 
 from attestor.workload import load_workload_attestor
 from ca.config import PluginConfig
-from ca.durations import parse_duration
-from ca.errors import ConfigError, InvalidArgument
-from ca.spiffeid import parse_trust_domain
+from sdk.durations import parse_duration
+from sdk.errors import ConfigError, InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 from workload_api.grpc_limits import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_UID
 
 __all__ = [

@@ -27,7 +27,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 from workload_api.config import Address
 
 __all__ = [

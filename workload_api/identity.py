@@ -121,7 +121,7 @@ class IdentityProvider(Protocol):
     def validate_jwt_svid(self, token: str, audience: str) -> ValidatedToken:
         """Check a JWT-SVID against the JWT bundles.
 
-        Raises ``ca.errors.InvalidArgument`` saying why the token is not valid.
+        Raises ``sdk.errors.InvalidArgument`` saying why the token is not valid.
         """
         ...
 

@@ -28,11 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from spiffe import TrustDomain
 
-from ca.bundle import TrustBundle
-from ca.csr import build_csr
-from ca.der import split_certificates
-from ca.errors import ConfigError, InvalidArgument, Unavailable
-from ca.keys import KeyType, PrivateKey, generate_private_key
+from sdk.bundle import TrustBundle
+from sdk.csr import build_csr
+from sdk.der import split_certificates
+from sdk.errors import ConfigError, InvalidArgument, Unavailable
+from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.config import AgentConfig
 from workload_api.node_client import NodeClient
 from workload_api.storage import AgentIdentity, svid_spiffe_id

@@ -49,8 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
-from ca.errors import (
-    AgentBanned,
+from sdk.errors import (
     AlreadyExists,
     ConfigError,
     FailedPrecondition,
@@ -61,12 +60,13 @@ from ca.errors import (
     Unauthenticated,
     Unavailable,
 )
-from ca.keys import PrivateKey
-from ca.spiffeid import parse_spiffe_id
-from ca.tls_material import load_identity
+from sdk.keys import PrivateKey
+from sdk.spiffeid import parse_spiffe_id
+from sdk.tls_material import load_identity
 from workload_api.config import Address
 
 __all__ = [
+    "AgentBanned",
     "Backoff",
     "EntriesUpdate",
     "IssuedSvid",
@@ -94,6 +94,15 @@ _ERRORS_BY_STATUS: Final[Mapping[int, type[TesseraError]]] = {
     412: FailedPrecondition,
     413: InvalidArgument,
 }
+
+
+class AgentBanned(PermissionDenied):
+    """The server refused because this agent is banned (wire code ``agent_banned``).
+
+    The agent's own class: the server's is ``ca.errors.AgentBanned``, and the code on
+    the wire, not a shared class, is the contract between them."""
+
+    code = "agent_banned"
 
 
 _ERRORS_BY_CODE: Final[Mapping[str, type[TesseraError]]] = {"agent_banned": AgentBanned}

@@ -26,7 +26,7 @@ Every connection runs under :mod:`workload_api.grpc_limits`: requests over
 4 MiB get ``RESOURCE_EXHAUSTED`` from their length prefix, malformed ones
 ``INVALID_ARGUMENT``, idle connections are closed and each uid may hold a
 bounded number of them (:class:`~workload_api.grpc_limits.ServerLimits`).
-JWT audiences are bounded as the server bounds them (``ca.jwtsvid.check_audiences``),
+JWT audiences are bounded as the server bounds them (``sdk.jwtsvid.check_audiences``),
 before anything is asked of it.
 
 Calls are counted in ``tessera_workload_api_calls_total{method,status}``;
@@ -54,9 +54,10 @@ from prometheus_client import Counter
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials, peer_credentials
-from ca.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
-from ca.jwtsvid import check_audience, check_audiences
-from ca.spiffeid import parse_spiffe_id
+from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraError, Unavailable
+from sdk.jwtsvid import check_audience, check_audiences
+from sdk.privatefiles import make_directories
+from sdk.spiffeid import parse_spiffe_id
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import LimitedServer, RefusalLog, ServerLimits, describe_peer
 from workload_api.identity import IdentityProvider, X509Context, X509SvidMaterial
@@ -99,7 +100,7 @@ CALLS: Final = Counter(
 # CALLS.labels(...) resolved once per (method, status) rather than on every call.
 _CALL_COUNTERS: dict[tuple[str, Status], Counter] = {}
 
-# ca.errors carry an HTTP status; the Workload API answers with the gRPC one.
+# Tessera's errors (sdk.errors) carry an HTTP status; the Workload API answers with the gRPC one.
 _GRPC_STATUS_BY_HTTP: Final[Mapping[int, Status]] = {
     400: Status.INVALID_ARGUMENT,
     401: Status.UNAUTHENTICATED,
@@ -545,7 +546,12 @@ def _prepare_socket_path(path: Path) -> None:
             f"the Workload API socket path {path} is longer than {_MAX_SOCKET_PATH_BYTES} "
             "bytes, the limit for Unix sockets; choose a shorter path"
         )
-    _make_directories(path.parent)
+    try:
+        make_directories(path.parent, mode=_CREATED_DIR_MODE)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the Workload API socket directory {err.filename}: {err.strerror}"
+        ) from err
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
@@ -559,24 +565,6 @@ def _prepare_socket_path(path: Path) -> None:
             f"another process is already serving on {path}; stop it or choose another socket path"
         )
     path.unlink()
-
-
-def _make_directories(directory: Path) -> None:
-    """``mkdir -p`` with every directory it creates made traversable by everyone."""
-    missing: list[Path] = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for created in reversed(missing):
-        try:
-            created.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise ConfigError(
-                f"cannot create the Workload API socket directory {created}: {err.strerror}"
-            ) from err
-        os.chmod(created, _CREATED_DIR_MODE)
 
 
 def _socket_is_live(path: Path) -> bool:

@@ -35,10 +35,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import SpiffeId, TrustDomain
 
-from ca.bundle import TrustBundle
-from ca.errors import ConfigError, InvalidArgument
-from ca.keys import PrivateKey
-from ca.spiffeid import parse_spiffe_id
+from sdk.bundle import TrustBundle
+from sdk.errors import ConfigError, InvalidArgument
+from sdk.keys import PrivateKey
+from sdk.privatefiles import write_file_atomically
+from sdk.spiffeid import parse_spiffe_id
 
 __all__ = ["AgentIdentity", "AgentStorage", "svid_spiffe_id", "write_file_atomically"]
 
@@ -206,7 +207,7 @@ class AgentStorage:
 
     def _write(self, name: str, content: bytes, mode: int) -> None:
         try:
-            write_file_atomically(self.data_dir / name, content, mode)
+            write_file_atomically(self.data_dir / name, content, mode=mode)
         except OSError as err:
             raise self._unwritable(err) from err
 
@@ -216,22 +217,6 @@ class AgentStorage:
             f"({err.strerror or err}); give it a --data-dir on a writable filesystem with "
             "free space"
         )
-
-
-def write_file_atomically(path: Path, content: bytes, mode: int) -> None:
-    """Write through a temporary file renamed into place: the old content or the new, whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _json(document: dict[str, Any]) -> bytes:

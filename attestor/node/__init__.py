@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
-from ca.errors import ConfigError, TesseraError
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import ConfigError, TesseraError
 
 
 class NodeAttestationError(TesseraError):

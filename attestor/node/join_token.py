@@ -26,7 +26,7 @@ from attestor.node import (
     ServerContext,
     agent_id,
 )
-from ca.errors import CAError, ConfigError
+from sdk.errors import ConfigError, TesseraError
 
 NAME = "join_token"
 _TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
@@ -63,7 +63,7 @@ class JoinTokenServer:
             raise NodeAttestationError("join token is missing or malformed")
         try:
             alias = self._context.find_join_token(token)
-        except CAError as err:
+        except TesseraError as err:
             hint = "generate a new one with 'tessera server token generate'"
             reason = err.message if hint in err.message else f"{err.message}; {hint}"
             raise NodeAttestationError(f"join token was refused: {reason}") from err

@@ -76,8 +76,8 @@ from attestor.node import (
     agent_id,
 )
 from attestor.selector import MAX_SELECTOR_LENGTH, Selector
-from ca.errors import ConfigError
-from ca.keys import PrivateKey, PublicKey
+from sdk.errors import ConfigError
+from sdk.keys import PrivateKey, PublicKey
 
 NAME = "x509pop"
 CHALLENGE_LIFETIME = timedelta(seconds=60)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from attestor.selector import Selector
-from ca.errors import ConfigError, TesseraError
+from sdk.errors import ConfigError, TesseraError
 
 __all__ = [
     "DEFAULT_PROC_ROOT",

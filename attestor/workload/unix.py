@@ -42,7 +42,7 @@ from attestor.workload import (
     read_proc_bytes,
     reject_unknown_keys,
 )
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 __all__ = ["DEFAULT_MAX_BINARY_SIZE", "UnixWorkloadAttestor"]
 

@@ -20,16 +20,16 @@ from attestor.node.join_token import generate_token
 from attestor.selector import Selector
 from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
 from ca.authority import Authorities
-from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
-from ca.durations import parse_duration
 from ca.entries import entry_json, new_entry
-from ca.errors import InvalidArgument
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.bundle import TrustBundle
+from sdk.clock import Clock
+from sdk.durations import parse_duration
+from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 Kind = Literal["x509", "jwt"]
 

@@ -1,6 +1,6 @@
 """One boundary where errors become HTTP responses, and the request-size guard.
 
-Every error a handler raises on purpose is a :class:`ca.errors.TesseraError`
+Every error a handler raises on purpose is a :class:`sdk.errors.TesseraError`
 and carries its status and a message safe for the caller. Validation errors
 become 400s that say which field is wrong. Anything else is logged with its
 traceback and answered with a bare 500 that leaks nothing. Every refusal has
@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ca.errors import TesseraError
+from sdk.errors import TesseraError
 
 log = logging.getLogger(__name__)
 

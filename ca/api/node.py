@@ -35,15 +35,16 @@ from ca.agent_cache import AgentCache
 from ca.api.errors import BodySizeLimit, install_error_handlers
 from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
-from ca.bundle import TrustBundle
 from ca.csr import parse_csr
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, AuditNote
 from ca.entries import entry_json
-from ca.errors import AgentBanned, FailedPrecondition, InvalidArgument, NotFound
+from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
-from ca.jwtsvid import check_audiences
 from ca.revisions import RevisionWatcher
+from sdk.bundle import TrustBundle
+from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
+from sdk.jwtsvid import check_audiences
 
 MAX_WAIT_SECONDS = 60.0
 

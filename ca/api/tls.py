@@ -26,9 +26,9 @@ from spiffe import SpiffeId
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ca.errors import Unauthenticated
-from ca.keys import PrivateKey
-from ca.tls_material import load_identity
+from sdk.errors import Unauthenticated
+from sdk.keys import PrivateKey
+from sdk.tls_material import load_identity
 
 
 def _with_peer_certificate(app: ASGIApp, chain: list[str]) -> ASGIApp:

@@ -25,7 +25,7 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 
-from ca.errors import FailedPrecondition
+from sdk.errors import FailedPrecondition
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "tessera_schema_version"

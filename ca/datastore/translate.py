@@ -22,7 +22,8 @@ from contextlib import contextmanager
 
 from sqlalchemy import exc as sa_exc
 
-from ca.errors import AlreadyExists, CAError, InvalidArgument, TesseraError, Unavailable
+from ca.errors import CAError
+from sdk.errors import AlreadyExists, InvalidArgument, TesseraError, Unavailable
 
 UNAVAILABLE_HINT = "check that the database is running and the URL is right"
 

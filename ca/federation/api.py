@@ -26,14 +26,14 @@ from pydantic import BaseModel, Field
 from spiffe import TrustDomain
 
 from ca.api.errors import error_responses
-from ca.bundle import TrustBundle
 from ca.datastore.interface import Datastore
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship, NewFederationRelationship
-from ca.errors import InvalidArgument, NotFound
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.refresher import refresh_relationship
 from ca.federation.relationship import parse_given_bundle, validate_relationship
-from ca.spiffeid import parse_trust_domain
+from sdk.bundle import TrustBundle
+from sdk.errors import InvalidArgument, NotFound
+from sdk.spiffeid import parse_trust_domain
 
 Audit = Callable[[str, str, dict[str, Any] | None], None]
 

@@ -25,9 +25,10 @@ from typing import Any
 
 import click
 
-from ca.commandline import admin_client, admin_options, emit, option, output_option
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_trust_domain
+from ca.commandline import admin_client, admin_options
+from sdk.commandline import emit, option, output_option
+from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_trust_domain
 
 PROFILES = click.Choice(["https_web", "https_spiffe"])
 RELATIONSHIPS = "/v1/federation/relationships"

@@ -24,9 +24,9 @@ from typing import Protocol, TypeVar
 import httpx
 from cryptography import x509
 
-from ca.bundle import MAX_BUNDLE_BYTES, TrustBundle
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship
-from ca.errors import Unavailable
+from sdk.bundle import MAX_BUNDLE_BYTES, TrustBundle
+from sdk.errors import Unavailable
 
 FETCH_TIMEOUT_SECONDS = 10.0
 

@@ -24,15 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ca.bundle import TrustBundle
-from ca.clock import Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.records import FederationRelationship
-from ca.errors import CAError, InvalidArgument, NotFound
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle
-from ca.keys import public_jwk
-from ca.spiffeid import parse_trust_domain
+from sdk.bundle import TrustBundle
+from sdk.clock import Clock
+from sdk.errors import InvalidArgument, NotFound, TesseraError
+from sdk.keys import public_jwk
+from sdk.spiffeid import parse_trust_domain
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _audit(store: Datastore, relationship: FederationRelationship, bundle: Trust
                 "jwt_authorities": len(bundle.jwt_authorities),
             },
         )
-    except CAError:
+    except TesseraError:
         log.exception(
             "could not write the audit event for the new bundle of %s", relationship.trust_domain
         )
@@ -250,7 +250,7 @@ class BundleRefresher:
         except NotFound:
             self._slots.pop(name, None)  # deleted while it was being fetched
             return None
-        except CAError as err:  # e.g. the database is down: retry later
+        except TesseraError as err:  # e.g. the database is down: retry later
             outcome = RefreshOutcome(relationship, error=err.message)
         except Exception:
             log.exception("refreshing the bundle of %s failed unexpectedly", name)
@@ -268,7 +268,7 @@ class BundleRefresher:
         while True:
             try:
                 await self.refresh_due()
-            except CAError as err:
+            except TesseraError as err:
                 log.warning("cannot refresh federated bundles: %s", err.message)
             except Exception:
                 log.exception("refreshing federated bundles failed")

@@ -25,15 +25,15 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from spiffe import TrustDomain
 
-from ca.bundle import TrustBundle
 from ca.datastore.records import (
     BUNDLE_ENDPOINT_PROFILES,
     HTTPS_SPIFFE,
     HTTPS_WEB,
     NewFederationRelationship,
 )
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.bundle import TrustBundle
+from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 MAX_URL_LENGTH = 2048
 

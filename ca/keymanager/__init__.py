@@ -23,8 +23,8 @@ from typing import Any, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from ca.errors import ConfigError
-from ca.keys import KeyType, PrivateKey, PublicKey, hash_for, key_type_of
+from sdk.errors import ConfigError
+from sdk.keys import KeyType, PrivateKey, PublicKey, hash_for, key_type_of
 
 __all__ = [
     "KeyManager",

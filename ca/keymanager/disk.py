@@ -38,9 +38,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca.errors import ConfigError, InvalidArgument, NotFound
 from ca.keymanager import LocalSigner, check_config_keys
-from ca.keys import KeyType, generate_private_key
+from sdk.errors import ConfigError, InvalidArgument, NotFound
+from sdk.keys import KeyType, generate_private_key
+from sdk.privatefiles import write_file_atomically
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class DiskKeyManager:
         )
         signer = LocalSigner(key_id, private_key)
         with self._lock:
-            _write_private_file(path, pem)
+            write_file_atomically(path, pem)
             self._cache[key_id] = (_identity(path), signer)
         log.info("generated %s key %r in %s", key_type.value, key_id, self._keys_dir)
         return signer
@@ -193,7 +194,7 @@ def _load_kek(kek_file: Path | None, keys_dir: Path) -> Kek:
     generated = keys_dir / GENERATED_KEK_FILE
     if not generated.exists():
         with contextlib.suppress(FileExistsError):  # another server made it first
-            _write_private_file(generated, secrets.token_hex(32).encode() + b"\n", replace=False)
+            write_file_atomically(generated, secrets.token_hex(32).encode() + b"\n", replace=False)
             log.warning(
                 "generated a key-encryption key in %s; in production set kek_file (or %s) "
                 "to a secret kept apart from the keys",
@@ -212,23 +213,6 @@ def _make_private_dir(path: Path) -> None:
             f"cannot create the keys directory {path} ({err.strerror}); "
             "check keys_dir / the data directory and their permissions"
         ) from None
-
-
-def _write_private_file(path: Path, data: bytes, *, replace: bool = True) -> None:
-    """Write ``data`` to a new 0600 file and move it to ``path`` in one step."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        if replace:
-            os.replace(temp, path)
-        else:
-            os.link(temp, path)  # FileExistsError if someone else won the race
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _identity(path: Path) -> tuple[int, int, int]:

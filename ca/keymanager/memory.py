@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ca.errors import NotFound
 from ca.keymanager import LocalSigner, check_config_keys
-from ca.keys import KeyType, generate_private_key
+from sdk.errors import NotFound
+from sdk.keys import KeyType, generate_private_key
 
 
 class MemoryKeyManager:

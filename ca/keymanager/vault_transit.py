@@ -41,10 +41,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from ca.keymanager import check_config_keys
-from ca.keys import KeyType, PrivateKey, PublicKey, key_type_of
 from ca.vault import CONNECTION_SETTINGS, VaultClient, VaultRequestFailed, VaultSettings
+from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
+from sdk.keys import KeyType, PrivateKey, PublicKey, key_type_of
 
 __all__ = ["TransitSigner", "VaultTransitKeyManager", "create"]
 

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from cryptography import x509
 from spiffe import TrustDomain
 
-from ca.clock import SYSTEM_CLOCK, Clock
-from ca.errors import ConfigError
 from ca.keymanager import Signer
-from ca.keys import PublicKey
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import ConfigError
+from sdk.keys import PublicKey
 
 if TYPE_CHECKING:
     from ca.datastore.interface import Datastore

@@ -39,11 +39,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import TrustDomain
 
-from ca.errors import ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner, Signer
-from ca.keys import PublicKey
 from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.x509ca import build_ca_certificate
+from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
+from sdk.keys import PublicKey
 
 log = logging.getLogger(__name__)
 

@@ -41,16 +41,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
-from ca.clock import Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.records import SharedRoot
-from ca.durations import format_duration, parse_duration
-from ca.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner, Signer
 from ca.keymanager.disk import KEK_ENVIRONMENT_VARIABLE, Kek, configured_kek
-from ca.keys import KeyType, PublicKey, generate_private_key, parse_key_type
 from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.x509ca import build_ca_certificate
+from sdk.clock import Clock
+from sdk.durations import format_duration, parse_duration
+from sdk.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
+from sdk.keys import KeyType, PublicKey, generate_private_key, parse_key_type
 
 log = logging.getLogger(__name__)
 

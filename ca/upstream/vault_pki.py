@@ -48,13 +48,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from spiffe import TrustDomain
 
-from ca.durations import parse_duration
-from ca.errors import CAError, ConfigError, FailedPrecondition, InvalidArgument
+from ca.errors import CAError
 from ca.keymanager import Signer
-from ca.keys import PublicKey
 from ca.upstream import MintedCA, UpstreamContext, check_config_keys
 from ca.vault import CONNECTION_SETTINGS, VaultClient, VaultRequestFailed, VaultSettings
 from ca.x509ca import ORGANIZATION, build_csr_with_signer
+from sdk.durations import parse_duration
+from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
+from sdk.keys import PublicKey
 
 __all__ = ["VaultPkiUpstreamAuthority", "create"]
 

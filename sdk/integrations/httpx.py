@@ -31,8 +31,8 @@ import anyio.to_thread
 import httpx
 from spiffe import JwtSvid, SpiffeId
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from sdk.authorize import Authorizer
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.sources import ChangeCounter, JwtSource, X509Source
 from sdk.tls import mtls_client_context
 

@@ -26,8 +26,8 @@ from typing import Final
 
 import click
 
-from ca import eventloop
-from ca.commandline import config_option, option, output_option, progress
+from sdk import eventloop
+from sdk.commandline import config_option, option, output_option, progress
 from sdk.errors import SourceError
 from sdk.sidecar.config import load_proxy_config, parse_health_bind, parse_svid_id
 from sdk.sidecar.errors import SidecarConfigError

@@ -37,12 +37,11 @@ from typing import Any, Final
 
 from spiffe import SpiffeId
 
-from ca.errors import InvalidArgument
-from ca.spiffeid import parse_spiffe_id, parse_trust_domain
 from sdk.authorize import Authorizer, authorize_id, authorize_member_of, authorize_one_of
-from sdk.errors import PolicyError
+from sdk.errors import InvalidArgument, PolicyError
 from sdk.policy import Policy
 from sdk.sidecar.errors import SidecarConfigError
+from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
 
 __all__ = [
     "DEFAULT_PROXY_HEALTH_BIND",

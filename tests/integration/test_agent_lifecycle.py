@@ -23,8 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from spiffe import TrustDomain
 
-from ca.errors import TesseraError
-from ca.keys import KeyType, generate_private_key
+from sdk.errors import TesseraError
+from sdk.keys import KeyType, generate_private_key
 from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures register by import)
     AgentProcess,
     join_token,

@@ -51,8 +51,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain, WorkloadApiClient
 
-from ca.der import split_certificates
 from sdk import WorkloadApiX509Source, authorize_id, mtls_client_context
+from sdk.der import split_certificates
 from tests.conftest import POSTGRES_ADMIN_URL, POSTGRES_HOST, POSTGRES_PORT, missing_service
 from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures register by import)
     AgentProcess,

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain, X509Svid
 
-from ca.csr import build_csr
+from sdk.csr import build_csr
 from tests.integration.conftest import ServerProcess
 
 pytestmark = pytest.mark.integration

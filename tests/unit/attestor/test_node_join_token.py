@@ -19,7 +19,7 @@ from attestor.node.join_token import (
     generate_token,
     is_well_formed,
 )
-from ca.errors import ConfigError, NotFound
+from sdk.errors import ConfigError, NotFound
 
 TRUST_DOMAIN = TrustDomain("example.org")
 TOKEN = "3f1c0a9e8b7d6c5f4e3d2c1b0a998877"

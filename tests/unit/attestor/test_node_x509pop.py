@@ -33,8 +33,8 @@ from attestor.node.x509pop import (
     X509PopServer,
 )
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, ManualClock
-from ca.errors import ConfigError
+from sdk.clock import SYSTEM_CLOCK, ManualClock
+from sdk.errors import ConfigError
 
 TRUST_DOMAIN = TrustDomain("example.org")
 START = datetime(2030, 1, 1, tzinfo=UTC)

@@ -23,7 +23,7 @@ from attestor.workload.docker import DockerWorkloadAttestor
 from attestor.workload.k8s import K8sWorkloadAttestor
 from attestor.workload.systemd import SystemdWorkloadAttestor
 from attestor.workload.unix import UnixWorkloadAttestor
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 PID = 4242
 PEER = PeerCredentials(pid=PID, uid=1000, gid=1000)

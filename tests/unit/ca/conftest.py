@@ -17,10 +17,10 @@ from pkilint.pkix import extension, name
 from pkilint.validation import ValidationFindingSeverity
 from spiffe import TrustDomain
 
-from ca.clock import ManualClock
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from ca.x509ca import build_ca_certificate
+from sdk.clock import ManualClock
+from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 
 TRUST_DOMAIN = TrustDomain("example.org")
 START = datetime(2030, 1, 1, tzinfo=UTC)

@@ -9,12 +9,12 @@ from functools import cache
 from cryptography import x509
 from spiffe import SpiffeId, TrustDomain
 
-from ca.bundle import TrustBundle
 from ca.datastore.records import FederationRelationship
 from ca.federation.client import BundleFetchError
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType, PrivateKey
 from ca.x509ca import build_ca_certificate, build_x509_svid
+from sdk.bundle import TrustBundle
+from sdk.keys import KeyType, PrivateKey
 from tests.unit.ca.conftest import pooled_key
 
 NOW = datetime.now(UTC).replace(microsecond=0)

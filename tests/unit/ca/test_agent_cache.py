@@ -15,10 +15,10 @@ import pytest
 from spiffe import SpiffeId
 
 from ca.agent_cache import AgentCache
-from ca.clock import ManualClock
 from ca.datastore import Datastore
 from ca.datastore.records import AttestedAgent
-from ca.errors import PermissionDenied, Unavailable
+from sdk.clock import ManualClock
+from sdk.errors import PermissionDenied, Unavailable
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 AGENT = "spiffe://example.org/tessera/agent/join_token/a"

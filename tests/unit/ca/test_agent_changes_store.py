@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from alembic import command
 
 from attestor.selector import Selector
-from ca.clock import ManualClock
 from ca.datastore import Datastore, NewEntry
 from ca.datastore.migrate import alembic_config
-from ca.errors import AlreadyExists, NotFound
+from sdk.clock import ManualClock
+from sdk.errors import AlreadyExists, NotFound
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 TD = "spiffe://example.org"

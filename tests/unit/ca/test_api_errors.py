@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from ca.api.errors import BodySizeLimit, install_error_handlers
-from ca.errors import (
+from sdk.errors import (
     AlreadyExists,
     ConfigError,
     FailedPrecondition,

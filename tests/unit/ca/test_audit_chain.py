@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from ca.clock import ManualClock
 from ca.datastore import Datastore
 from ca.datastore.migrate import alembic_config
+from sdk.clock import ManualClock
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 

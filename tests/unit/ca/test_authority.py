@@ -26,13 +26,13 @@ from ca.authority import (
     Authorities,
     AuthorityPolicy,
 )
-from ca.clock import ManualClock
 from ca.datastore import Datastore
-from ca.errors import FailedPrecondition, NotFound
 from ca.keymanager import KeyManager, LocalSigner, load_key_manager
-from ca.keys import KeyType, generate_private_key
 from ca.upstream import MintedCA
 from ca.x509ca import build_ca_certificate
+from sdk.clock import ManualClock
+from sdk.errors import FailedPrecondition, NotFound
+from sdk.keys import KeyType, generate_private_key
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 CA_TTL = timedelta(hours=6)

@@ -6,9 +6,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from spiffe import JwtBundle, X509Bundle
 
-from ca.bundle import TrustBundle
-from ca.errors import InvalidArgument
-from ca.keys import KeyType
+from sdk.bundle import TrustBundle
+from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import TRUST_DOMAIN
 
 

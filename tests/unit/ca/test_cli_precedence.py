@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from ca.cli import cli, main
-from ca.errors import CAError
+from sdk.errors import TesseraError
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def no_socket_message(path: Path | str) -> str:
 
 def refused_socket(result: Result) -> str:
     assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, CAError), result.exception
+    assert isinstance(result.exception, TesseraError), result.exception
     return result.exception.message
 
 
@@ -148,7 +148,7 @@ def test_init_writes_the_three_files_and_refuses_to_overwrite(tmp_path):
     again = invoke("init", "--trust-domain", "example.org", "--dir", str(directory))
 
     assert again.exit_code == 1
-    assert isinstance(again.exception, CAError)
+    assert isinstance(again.exception, TesseraError)
     assert again.exception.message == (
         f"{files[0]}, {files[1]}, {files[2]} already exist; "
         "choose an empty --dir or remove them"
@@ -161,7 +161,7 @@ def test_init_refuses_when_only_one_file_exists(tmp_path):
 
     result = invoke("init", "--trust-domain", "example.org", "--dir", str(tmp_path))
 
-    assert isinstance(result.exception, CAError)
+    assert isinstance(result.exception, TesseraError)
     assert result.exception.message == (
         f"{tmp_path / 'agent.toml'} already exist; choose an empty --dir or remove them"
     )
@@ -170,7 +170,8 @@ def test_init_refuses_when_only_one_file_exists(tmp_path):
 
 
 def test_init_server_toml_is_a_valid_server_config(tmp_path):
-    from ca.config import load_config_file, server_config
+    from ca.config import server_config
+    from sdk.commandline import load_config_file
 
     invoke("init", "--trust-domain", "example.org", "--dir", str(tmp_path))
 
@@ -218,5 +219,5 @@ def test_agent_client_commands_find_the_socket_in_agent_toml(command, tmp_path):
     result = invoke(*command, "--config", str(config))
 
     assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, CAError), result.exception
+    assert isinstance(result.exception, TesseraError), result.exception
     assert f"no Tessera agent is listening on {socket}; start one" in result.exception.message

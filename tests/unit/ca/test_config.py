@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from ca.config import ConnectionLimits, PluginConfig, load_config_file, server_config
-from ca.errors import ConfigError
-from ca.keys import KeyType
+from ca.config import ConnectionLimits, PluginConfig, server_config
+from sdk.commandline import load_config_file
+from sdk.errors import ConfigError
+from sdk.keys import KeyType
 
 DURATION_HINT = "write seconds or a number with s, m, h or d, e.g. 90s, 15m, 1h, 24h"
 

@@ -6,10 +6,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from spiffe import SpiffeId
 
-from ca import der
-from ca.csr import MAX_CSR_BYTES, build_csr, check_csr, checked_csr, parse_csr
-from ca.errors import InvalidArgument
-from ca.keys import KeyType
+from ca.csr import MAX_CSR_BYTES, check_csr, checked_csr, parse_csr
+from sdk import der
+from sdk.csr import build_csr
+from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 
 WEB = SpiffeId("spiffe://example.org/web")
 

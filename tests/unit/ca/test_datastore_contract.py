@@ -32,7 +32,6 @@ from sqlalchemy import exc as sa_exc
 import ca.datastore
 import ca.datastore.store
 from attestor.selector import Selector
-from ca.clock import ManualClock
 from ca.datastore import (
     AuditNote,
     AuditVerification,
@@ -53,7 +52,8 @@ from ca.datastore.migrate import (
 )
 from ca.datastore.schema import Base, IssuedSvidRow
 from ca.datastore.sql import SqlDatastore, open_datastore
-from ca.errors import (
+from sdk.clock import ManualClock
+from sdk.errors import (
     AlreadyExists,
     ConfigError,
     FailedPrecondition,

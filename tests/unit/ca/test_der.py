@@ -8,9 +8,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.der import encode_integer, encode_oid, encode_time, split_certificates
-from ca.errors import InvalidArgument
-from ca.keys import KeyType
+from sdk.der import encode_integer, encode_oid, encode_time, split_certificates
+from sdk.errors import InvalidArgument
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import pooled_key
 
 

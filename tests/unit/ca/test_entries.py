@@ -9,7 +9,7 @@ from spiffe import TrustDomain
 
 from attestor.selector import Selector
 from ca.entries import new_entry
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 from tests.unit.ca.conftest import TRUST_DOMAIN
 
 ID_HINT = "expected spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web"

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import uvloop
 
-from ca import eventloop
-from ca.errors import ConfigError
+from sdk import eventloop
+from sdk.errors import ConfigError
 
 
 async def running_loop_type() -> type:

@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from spiffe import TrustDomain
 
 from ca.api.errors import install_error_handlers
-from ca.clock import ManualClock
 from ca.datastore.store import Datastore
 from ca.federation.api import federation_router
 from ca.federation.client import BundleFetchError
+from sdk.clock import ManualClock
 from tests.unit.ca.conftest import START
 from tests.unit.ca.federation_helpers import FakeEndpoint, bundle, call
 

@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.bundle import TrustBundle
 from ca.datastore.records import FederationRelationship
 from ca.federation.client import BundleFetchError, fetch_bundle
-from ca.keys import PrivateKey
+from sdk.bundle import TrustBundle
+from sdk.keys import PrivateKey
 from tests.unit.ca.federation_helpers import bundle, relationship, svid, web_pki
 
 DOCUMENT = bundle("partner.org", 0, sequence=3).to_spiffe_json()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ca.config import BundleEndpointConfig, FederationConfig, server_config
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 
 def config(federation: Any) -> Any:
@@ -115,7 +115,7 @@ def test_the_bundle_endpoint_needs_a_port_of_its_own():
 
 
 def test_a_config_file_table_reaches_the_server_config(tmp_path: Path):
-    from ca.config import load_config_file
+    from sdk.commandline import load_config_file
 
     path = tmp_path / "server.toml"
     path.write_text(

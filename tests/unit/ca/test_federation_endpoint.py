@@ -15,13 +15,13 @@ from cryptography.hazmat.primitives import serialization
 
 from ca.api.tls import RotatingServerContext
 from ca.config import BundleEndpointConfig
-from ca.errors import ConfigError
 from ca.federation.endpoint import (
     ServingCertificate,
     bundle_endpoint_context,
     create_bundle_endpoint_app,
 )
-from ca.keys import PrivateKey
+from sdk.errors import ConfigError
+from sdk.keys import PrivateKey
 from tests.unit.ca.federation_helpers import bundle, call, web_pki
 
 

@@ -11,8 +11,6 @@ from datetime import timedelta
 
 import pytest
 
-from ca.bundle import TrustBundle
-from ca.clock import ManualClock
 from ca.datastore.records import NewFederationRelationship
 from ca.datastore.store import Datastore
 from ca.federation.client import BundleFetchError
@@ -22,7 +20,9 @@ from ca.federation.refresher import (
     next_refresh_delay,
     refresh_relationship,
 )
-from ca.spiffeid import parse_trust_domain
+from sdk.bundle import TrustBundle
+from sdk.clock import ManualClock
+from sdk.spiffeid import parse_trust_domain
 from tests.unit.ca.conftest import START
 from tests.unit.ca.federation_helpers import FakeEndpoint, bundle, relationship
 

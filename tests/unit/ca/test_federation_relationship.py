@@ -8,8 +8,8 @@ import pytest
 from spiffe import TrustDomain
 
 from ca.datastore.records import NewFederationRelationship
-from ca.errors import InvalidArgument
 from ca.federation.relationship import check_bundle, parse_given_bundle, validate_relationship
+from sdk.errors import InvalidArgument
 from tests.unit.ca.federation_helpers import authority, bundle
 
 OWN = TrustDomain("example.org")

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import pytest
 
-from ca.clock import ManualClock
 from ca.datastore.records import FederationRelationship, NewFederationRelationship
 from ca.datastore.store import Datastore
-from ca.errors import AlreadyExists, InvalidArgument, NotFound
+from sdk.clock import ManualClock
+from sdk.errors import AlreadyExists, InvalidArgument, NotFound
 from tests.unit.ca.conftest import START
 
 SPIFFE = NewFederationRelationship(

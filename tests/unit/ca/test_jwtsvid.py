@@ -11,16 +11,11 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import ArgumentError
 from spiffe.svid.errors import JwtSvidError as SpiffeJwtSvidError
 
-from ca.errors import InvalidArgument
-from ca.jwtsvid import (
-    MAX_AUDIENCE_CLAIM_BYTES,
-    MAX_TOKEN_BYTES,
-    JwtSvidError,
-    mint_jwt_svid,
-    validate_jwt_svid,
-)
+from ca.jwtsvid import MAX_TOKEN_BYTES, JwtSvidError, mint_jwt_svid, validate_jwt_svid
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType
+from sdk.errors import InvalidArgument
+from sdk.jwtsvid import MAX_AUDIENCE_CLAIM_BYTES
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

@@ -8,10 +8,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from ca.errors import ConfigError, InvalidArgument, NotFound
 from ca.keymanager import LocalSigner, load_key_manager
 from ca.keymanager.disk import DiskKeyManager
-from ca.keys import KeyType
+from sdk.errors import ConfigError, InvalidArgument, NotFound
+from sdk.keys import KeyType
 
 KEK = "0123456789abcdef0123456789abcdef"
 

@@ -7,8 +7,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.errors import InvalidArgument
-from ca.keys import (
+from sdk.errors import InvalidArgument
+from sdk.keys import (
     KeyType,
     generate_private_key,
     hash_for,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ca import privatefiles
-from ca.errors import ConfigError
-from ca.privatefiles import (
+from sdk import privatefiles
+from sdk.errors import ConfigError
+from sdk.privatefiles import (
     make_directories,
     os_error_sentence,
     prepare_private_dir,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ca import privatefiles
-from ca.clock import ManualClock
 from ca.datastore.store import Datastore
-from ca.errors import ConfigError
 from ca.server import load_server_id
 from ca.serverlease import LeaseLost, ServerIdInUse, ServerIdLease, pid_namespace
+from sdk import privatefiles
+from sdk.clock import ManualClock
+from sdk.errors import ConfigError
 from tests.unit.ca.conftest import START
 
 TTL = timedelta(seconds=5)

@@ -6,10 +6,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from attestor.selector import Selector
-from ca.clock import ManualClock
 from ca.config import server_config
 from ca.datastore.records import IssuedSvid, NewEntry
 from ca.server import Server
+from sdk.clock import ManualClock
 from tests.unit.ca.conftest import START
 
 

@@ -14,11 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import SpiffeId
 
-from ca import der
-from ca.csr import build_csr, checked_csr, parse_csr
-from ca.errors import CAError, InvalidArgument
+from ca.csr import checked_csr, parse_csr
+from ca.errors import CAError
 from ca.keymanager import LocalSigner, Signer
-from ca.keys import KeyType, PublicKey
 from ca.x509ca import (
     DEFAULT_BACKDATE,
     X509SvidTemplate,
@@ -27,6 +25,10 @@ from ca.x509ca import (
     sign_certificate,
     x509_svid_template,
 )
+from sdk import der
+from sdk.csr import build_csr
+from sdk.errors import InvalidArgument
+from sdk.keys import KeyType, PublicKey
 from tests.unit.ca.conftest import START
 
 WEB = SpiffeId("spiffe://example.org/web")

@@ -13,9 +13,9 @@ from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId
 
 from ca.api.tls import _with_peer_certificate, peer_spiffe_id
-from ca.errors import Unauthenticated
-from ca.keys import KeyType, PrivateKey
 from ca.x509ca import build_x509_svid
+from sdk.errors import Unauthenticated
+from sdk.keys import KeyType, PrivateKey
 from tests.unit.ca.conftest import START, pooled_key
 
 AGENT = SpiffeId("spiffe://example.org/tessera/agent/join_token/one")

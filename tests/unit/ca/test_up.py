@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 from spiffe import TrustDomain
 
-from ca.clock import ManualClock
 from ca.datastore.store import Datastore
-from ca.errors import ConfigError
-from ca.spiffeid import parse_spiffe_id
 from ca.up import (
     LocalTrustDomain,
     UpSettings,
@@ -27,6 +24,9 @@ from ca.up import (
     login_name,
     user_spiffe_id,
 )
+from sdk.clock import ManualClock
+from sdk.errors import ConfigError
+from sdk.spiffeid import parse_spiffe_id
 from tests.unit.ca.conftest import START
 
 TD = TrustDomain("example.org")

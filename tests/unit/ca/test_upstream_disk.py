@@ -8,11 +8,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId
 
-from ca.errors import ConfigError, FailedPrecondition
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType
 from ca.upstream import load_upstream_authority
 from ca.x509ca import build_x509_svid
+from sdk.errors import ConfigError, FailedPrecondition
+from sdk.keys import KeyType
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 WEB = SpiffeId("spiffe://example.org/web")

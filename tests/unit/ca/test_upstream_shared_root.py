@@ -18,14 +18,14 @@ from cryptography import x509
 from spiffe import SpiffeId
 
 from ca.authority import X509, Authorities, AuthorityPolicy
-from ca.clock import ManualClock
 from ca.datastore import Datastore
-from ca.errors import ConfigError
 from ca.keymanager import load_key_manager
 from ca.keymanager.disk import Kek
-from ca.keys import KeyType, generate_private_key
 from ca.upstream import UpstreamContext, load_upstream_authority
 from ca.upstream.shared_root import SharedRootUpstreamAuthority
+from sdk.clock import ManualClock
+from sdk.errors import ConfigError
+from sdk.keys import KeyType, generate_private_key
 from tests.unit.ca.conftest import TRUST_DOMAIN
 
 CA_TTL = timedelta(hours=6)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ca.errors import ConfigError
 from ca.vault import AppRoleLogin, StaticToken, TokenFile, VaultSettings
+from sdk.errors import ConfigError
 
 PLUGIN = "key manager 'vault_transit'"
 ADDRESS = "https://vault.example.org:8200"

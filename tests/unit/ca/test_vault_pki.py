@@ -14,14 +14,14 @@ from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId
 
 from ca.authority import X509, Authorities, AuthorityPolicy
-from ca.clock import ManualClock
 from ca.datastore import Datastore
-from ca.errors import FailedPrecondition, PermissionDenied
 from ca.keymanager import KeyManager, LocalSigner, load_key_manager
-from ca.keys import KeyType, generate_private_key
 from ca.upstream import MintedCA, UpstreamAuthority, load_upstream_authority
 from ca.upstream.vault_pki import VaultPkiUpstreamAuthority
 from ca.x509ca import build_csr_with_signer
+from sdk.clock import ManualClock
+from sdk.errors import FailedPrecondition, PermissionDenied
+from sdk.keys import KeyType, generate_private_key
 from tests.conftest import OpenBao, PkiMount
 from tests.unit.ca.conftest import TRUST_DOMAIN
 

@@ -14,12 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from spiffe import SpiffeId
 
-from ca.errors import ConfigError, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from ca.jwtsvid import mint_jwt_svid, validate_jwt_svid
 from ca.keymanager import load_key_manager
 from ca.keymanager.vault_transit import TransitSigner, VaultTransitKeyManager
-from ca.keys import KeyType, generate_private_key, hash_for
 from ca.x509ca import build_ca_certificate, build_x509_svid
+from sdk.errors import ConfigError, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from sdk.keys import KeyType, generate_private_key, hash_for
 from tests.conftest import OpenBao
 from tests.unit.ca.conftest import TRUST_DOMAIN
 

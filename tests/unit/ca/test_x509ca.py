@@ -8,9 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from spiffe import SpiffeId, TrustDomain, X509Svid
 
-from ca.errors import FailedPrecondition, InvalidArgument
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType, private_key_to_pkcs8_der
 from ca.x509ca import (
     DEFAULT_BACKDATE,
     build_ca_certificate,
@@ -18,6 +16,8 @@ from ca.x509ca import (
     random_serial,
     sign_certificate,
 )
+from sdk.errors import FailedPrecondition, InvalidArgument
+from sdk.keys import KeyType, private_key_to_pkcs8_der
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 WEB = SpiffeId("spiffe://example.org/web")

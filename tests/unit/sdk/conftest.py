@@ -28,7 +28,7 @@ from spiffe import SpiffeId, TrustDomain, X509Bundle, X509Svid
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 from sdk.sources import StaticX509Source
 from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context, X509SvidMaterial
 from workload_api.server import WorkloadApiServer

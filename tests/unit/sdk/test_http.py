@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 
-from ca.clock import ManualClock
 from sdk.authorize import authorize_any, authorize_id, authorize_member_of
+from sdk.clock import ManualClock
 from sdk.integrations.asgi import PolicyMiddleware, TLSIdentityProtocol, caller_spiffe_id
 from sdk.integrations.fastapi import enforce_policy, jwt_svid_caller, spiffe_peer
 from sdk.integrations.httpx import async_httpx_client, bearer_auth, httpx_client

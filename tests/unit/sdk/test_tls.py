@@ -367,7 +367,7 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 def _load(context: ssl.SSLContext, svid: X509Svid) -> None:
-    from ca.tls_material import load_identity  # the same memfd hand-over the SDK uses
+    from sdk.tls_material import load_identity  # the same memfd hand-over the SDK uses
 
     load_identity(context, svid.cert_chain, svid.private_key)
 

@@ -17,15 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.node.x509pop import fingerprint
-from ca.bundle import TrustBundle
 from ca.csr import parse_csr
-from ca.errors import AgentBanned, PermissionDenied, Unavailable
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
-from ca.keys import KeyType, PrivateKey, generate_private_key
 from ca.x509ca import build_ca_certificate, build_x509_svid
+from sdk.bundle import TrustBundle
+from sdk.errors import PermissionDenied, Unavailable
+from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.cache import AuthorizedEntry
-from workload_api.node_client import EntriesUpdate, IssuedSvid
+from workload_api.node_client import AgentBanned, EntriesUpdate, IssuedSvid
 
 JWT_KID = "test-jwt-key"
 TOKEN = "0123456789abcdef0123"

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from attestor.selector import parse_selectors
-from ca.clock import ManualClock
-from ca.errors import ConfigError, InvalidArgument, Unavailable
-from ca.keys import KeyType, generate_private_key
+from sdk.clock import ManualClock
+from sdk.errors import ConfigError, InvalidArgument, Unavailable
+from sdk.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import (
     AuthorityForTests,
     FakeNodeApi,

@@ -10,8 +10,8 @@ import pytest
 from spiffe import TrustDomain
 
 from attestor.selector import Selector, parse_selectors
-from ca.clock import ManualClock
-from ca.errors import InvalidArgument
+from sdk.clock import ManualClock
+from sdk.errors import InvalidArgument
 from tests.unit.workload_api.agent_helpers import AuthorityForTests, entry
 from workload_api.cache import (
     AuthorizedEntry,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ca.config import PluginConfig
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 from workload_api.config import Address, agent_config, default_socket_path, parse_socket
 
 TOKEN = "0123456789abcdef0123456789abcdef"

@@ -20,11 +20,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
-from ca.errors import AgentBanned, PermissionDenied, Unavailable
-from ca.keys import KeyType, generate_private_key
+from sdk.errors import PermissionDenied, Unavailable
+from sdk.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import AuthorityForTests
 from workload_api.config import Address
-from workload_api.node_client import Backoff, NodeClient, WrongTrustDomain, server_id_problem
+from workload_api.node_client import (
+    AgentBanned,
+    Backoff,
+    NodeClient,
+    WrongTrustDomain,
+    server_id_problem,
+)
 
 T = TypeVar("T")
 NOW = datetime.now(UTC)

@@ -44,7 +44,7 @@ from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, Val
 import workload_api.server as server_module
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
-from ca.errors import ConfigError, InvalidArgument, Unavailable
+from sdk.errors import ConfigError, InvalidArgument, Unavailable
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import MAX_MESSAGE_BYTES, ServerLimits
 from workload_api.identity import (

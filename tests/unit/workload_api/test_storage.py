@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from spiffe import SpiffeId, TrustDomain
 
-from ca.errors import ConfigError
-from ca.keys import KeyType, generate_private_key
+from sdk.errors import ConfigError
+from sdk.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import AuthorityForTests, agent_identity_files
 from workload_api import storage as storage_module
 from workload_api.storage import AgentIdentity, AgentStorage
