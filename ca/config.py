@@ -66,29 +66,12 @@ SCALAR_KEYS = {
     "log_level",
     "server_lease_ttl",
     "tombstone_retention",
-    "tls_handshake_timeout",
-    "request_timeout",
-    "keep_alive_timeout",
-    "max_connections_per_client",
 }
 PLUGIN_KEYS = {"key_manager", "upstream_authority", "node_attestors"}
 TABLE_KEYS = {"federation"}
 
 BUNDLE_ENDPOINT_PROFILES = ("https_spiffe", "https_web")
 BUNDLE_ENDPOINT_KEYS = ("address", "profile", "cert_file", "key_file")
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """What one client may cost the server's HTTP listeners (applied by ca.api.limits)."""
-
-    tls_handshake_timeout: float = 10.0
-    request_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    max_connections_per_client: int = 64
-
-
-DEFAULT_LIMITS = ConnectionLimits()
 
 
 @dataclass(frozen=True)
@@ -138,7 +121,6 @@ class ServerConfig:
     federation: FederationConfig = FederationConfig()
     server_lease_ttl: timedelta = DEFAULT_SERVER_LEASE_TTL
     tombstone_retention: timedelta = DEFAULT_TOMBSTONE_RETENTION
-    connection_limits: ConnectionLimits = DEFAULT_LIMITS
     """How long a deleted entry's tombstone is kept (see :mod:`ca.tombstones`)."""
 
     @property
@@ -203,7 +185,6 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         tombstone_retention=_duration(
             values, "tombstone_retention", DEFAULT_TOMBSTONE_RETENTION
         ),
-        connection_limits=_connection_limits(values),
     )
     if config.server_lease_ttl < MIN_SERVER_LEASE_TTL:
         raise ConfigError(
@@ -224,20 +205,6 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
             "their CA"
         )
     return config
-
-
-def _connection_limits(values: Mapping[str, Any]) -> ConnectionLimits:
-    """The listeners' limits (ca.api.limits): each a positive duration or count."""
-    seconds = {
-        key: _duration(values, key, timedelta(seconds=getattr(DEFAULT_LIMITS, key))).total_seconds()
-        for key in ("tls_handshake_timeout", "request_timeout", "keep_alive_timeout")
-    }
-    per_client = values.get("max_connections_per_client", DEFAULT_LIMITS.max_connections_per_client)
-    if isinstance(per_client, bool) or not isinstance(per_client, int) or per_client < 1:
-        raise ConfigError(
-            f"max_connections_per_client must be a whole number of at least 1, not {per_client!r}"
-        )
-    return ConnectionLimits(max_connections_per_client=per_client, **seconds)
 
 
 def parse_bind(value: str) -> tuple[str, int]:

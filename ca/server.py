@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ import uvicorn
 from attestor.node import NodeAttestorServer, ServerContext, load_node_attestor_server
 from ca import metrics
 from ca.api.admin import create_admin_app
-from ca.api.limits import LimitedUvicorn, limited_protocol, uvicorn_settings
 from ca.api.node import create_node_app
 from ca.api.tls import RotatingServerContext, ServerIdentity, TLSIdentityProtocol
 from ca.authority import JWT, X509, Authorities, AuthorityPolicy
@@ -65,6 +64,14 @@ SERVER_ID_FILE = "server-id"
 SERVER_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 __all__ = ["Server", "load_server_id", "prepare_private_dir"]
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Server stops both APIs together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class Server:
@@ -251,37 +258,33 @@ class Server:
         cancellation."""
         node_app, admin_app = self._apps()
         tls = RotatingServerContext(self.server_identity, require_client=False)
-        limits = self.config.connection_limits
         node_config = uvicorn.Config(
             node_app,
             host=self.config.bind_host,
             port=self.config.bind_port,
-            http=limited_protocol(limits, TLSIdentityProtocol),
+            http=TLSIdentityProtocol,
             log_config=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
-            **uvicorn_settings(limits),
         )
         node_config.load()
         node_config.ssl = tls.context
-        servers = [LimitedUvicorn(node_config, limits)]
+        servers = [_Uvicorn(node_config)]
         if (endpoint := self.config.federation.bundle_endpoint) is not None:
-            servers.append(LimitedUvicorn(bundle_endpoint_server_config(
-                endpoint, self.authorities.bundle, self.server_identity, limits), limits))
+            servers.append(_Uvicorn(bundle_endpoint_server_config(
+                endpoint, self.authorities.bundle, self.server_identity)))
         admin_path = self.config.admin_socket_path
         _claim_socket(admin_path)
         admin_config = uvicorn.Config(
             admin_app,
             uds=str(admin_path),
-            http=limited_protocol(limits),
             log_config=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
-            **uvicorn_settings(limits),
         )
-        servers.append(LimitedUvicorn(admin_config, limits))
+        servers.append(_Uvicorn(admin_config))
 
         loop = asyncio.get_running_loop()
 

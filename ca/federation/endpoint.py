@@ -29,10 +29,9 @@ import uvicorn
 from fastapi import FastAPI, Response
 
 from ca.api.errors import install_error_handlers
-from ca.api.limits import limited_protocol, uvicorn_settings
 from ca.api.tls import RotatingServerContext, ServerIdentity
 from ca.bundle import TrustBundle
-from ca.config import DEFAULT_LIMITS, BundleEndpointConfig, ConnectionLimits
+from ca.config import BundleEndpointConfig
 from ca.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,19 +129,16 @@ def bundle_endpoint_server_config(
     endpoint: BundleEndpointConfig,
     bundle: Callable[[], TrustBundle],
     identity: Callable[[], ServerIdentity],
-    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> uvicorn.Config:
     """A loaded uvicorn configuration for the bundle endpoint listener."""
     config = uvicorn.Config(
         create_bundle_endpoint_app(bundle),
         host=endpoint.host,
         port=endpoint.port,
-        http=limited_protocol(limits),
         log_config=None,
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=2,
-        **uvicorn_settings(limits),
     )
     config.load()
     config.ssl = bundle_endpoint_context(endpoint, identity)

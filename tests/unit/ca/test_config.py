@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ca.config import ConnectionLimits, PluginConfig, server_config
+from ca.config import PluginConfig, server_config
 from sdk.commandline import load_config_file
 from sdk.errors import ConfigError
 from sdk.keys import KeyType
@@ -291,19 +291,3 @@ def test_a_server_lease_ttl_under_three_seconds_is_refused():
 def test_tombstones_are_kept_a_day_unless_configured() -> None:
     assert config().tombstone_retention == timedelta(hours=24)
     assert config(tombstone_retention="10m").tombstone_retention == timedelta(minutes=10)
-
-
-def test_connection_limits_come_from_the_file_and_are_checked():
-    built = config(request_timeout="2s", max_connections_per_client=8)
-    assert built.connection_limits == ConnectionLimits(
-        tls_handshake_timeout=10.0, request_timeout=2.0, keep_alive_timeout=5.0,
-        max_connections_per_client=8,
-    )
-    with pytest.raises(ConfigError) as refused:
-        config(max_connections_per_client=0)
-    assert refused.value.message == (
-        "max_connections_per_client must be a whole number of at least 1, not 0"
-    )
-    with pytest.raises(ConfigError) as refused:
-        config(request_timeout="0s")
-    assert refused.value.message == "request-timeout must be greater than zero"
