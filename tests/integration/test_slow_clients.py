@@ -26,7 +26,7 @@ from tests.integration.agent_fixtures import (  # noqa: F401 (fixtures)
     socket_dir_fixture,
     start_agent_fixture,
 )
-from tests.integration.conftest import ServerProcess
+from tests.integration.conftest import ServerProcess, free_port
 
 CLOSE_DEADLINE = 30.0
 """How long the test waits for the server to close a slow connection before it fails
@@ -242,3 +242,30 @@ def test_limits_that_make_no_sense_are_refused(tmp_path: Path) -> None:
         server.start()
     assert ("Error: idle-timeout 2s is too short: agents keep an idle connection for 4s, "
             "so it must be at least 5s") in str(refused.value)
+
+
+def test_the_bundle_endpoint_is_held_to_the_same_limits(
+    start_server: Callable[..., ServerProcess], tmp_path: Path, slow_clients: list[SlowClient],
+) -> None:
+    endpoint_port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(
+        'request_timeout = "1s"\nmax_connections_per_peer = 2\n\n'
+        f'[federation.bundle_endpoint]\naddress = "127.0.0.1:{endpoint_port}"\n'
+    )
+    server = start_server(extra=["--config", str(config)])
+    endpoint = ("127.0.0.1", endpoint_port)
+    heads = [SlowClient(tls_client(endpoint), b"GET / HTTP/1.1\r\n", b"X-Slow: 1\r\n")
+             for _ in range(2)]
+    slow_clients += heads
+    over = idle_tls(endpoint)  # a third from the same address
+    slow_clients.append(over)
+    assert wait_closed(over, time.monotonic() + CLOSE_DEADLINE)
+
+    assert not trickle_until_closed(heads, time.monotonic() + CLOSE_DEADLINE)
+    assert all(c.received.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for c in heads)
+    with httpx.Client(verify=False, timeout=10) as client:
+        assert "keys" in client.get(f"https://127.0.0.1:{endpoint_port}/").json()
+    log = server.log()
+    assert "bundle endpoint: refused 1 connection(s) over max_connections_per_peer (2)" in log
+    assert "ca.api.limits: node API" not in log  # its own guard: nothing counted there
