@@ -87,6 +87,14 @@ server.add_command(federation_group)
         help="JWT-SVID lifetime for entries without their own.")
 @option("--ca-key-type", type=click.Choice(["ec-p256", "ec-p384", "rsa-2048", "rsa-4096"]),
         default="ec-p256", show_default=True, help="Key type of the X.509 CA.")
+@option("--request-timeout", default="10s", show_default=True,
+        help="Time a client has to send a whole request (TLS handshake included).")
+@option("--idle-timeout", default="5s", show_default=True,
+        help="How long an idle kept-alive connection stays open (at least 5s).")
+@option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+        help="Open connections each listener accepts.")
+@option("--max-connections-per-peer", type=click.IntRange(min=1), default=64,
+        show_default=True, help="Open connections accepted from one IP address.")
 @option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
         default="info", show_default=True)
 def server_run(**flags: Any) -> None:

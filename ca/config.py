@@ -21,6 +21,10 @@ like this (every key is a flag's name with ``_`` for ``-``)::
     [federation.bundle_endpoint]          # serve this trust domain's bundle to others
     address = "0.0.0.0:8443"
     profile = "https_spiffe"              # or "https_web" with cert_file and key_file
+
+The listeners' limits (``request_timeout``, ``idle_timeout``, ``max_connections``,
+``max_connections_per_peer``) are top-level keys too; :class:`ConnectionLimits`
+says what each bounds.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ DEFAULT_JWT_SVID_TTL = timedelta(minutes=5)
 DEFAULT_JOIN_TOKEN_TTL = timedelta(seconds=600)
 DEFAULT_SERVER_LEASE_TTL = timedelta(seconds=15)
 MIN_SERVER_LEASE_TTL = timedelta(seconds=3)
+DEFAULT_REQUEST_TIMEOUT = timedelta(seconds=10)
+DEFAULT_IDLE_TIMEOUT = timedelta(seconds=5)
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_CONNECTIONS_PER_PEER = 64
+MIN_IDLE_TIMEOUT = timedelta(seconds=5)
+"""Agents drop a pooled connection after 4 s idle; the server must not drop it first."""
 
 SCALAR_KEYS = {
     "trust_domain",
@@ -66,6 +76,10 @@ SCALAR_KEYS = {
     "log_level",
     "server_lease_ttl",
     "tombstone_retention",
+    "request_timeout",
+    "idle_timeout",
+    "max_connections",
+    "max_connections_per_peer",
 }
 PLUGIN_KEYS = {"key_manager", "upstream_authority", "node_attestors"}
 TABLE_KEYS = {"federation"}
@@ -93,6 +107,24 @@ class BundleEndpointConfig:
     profile: str = "https_spiffe"
     cert_file: Path | None = None
     key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one client may hold of a listener (node API, bundle endpoint, admin socket).
+
+    ``request_timeout`` bounds the time from accepting a connection (TLS handshake
+    included) to the end of its first request's body, and from the first byte of a
+    later request to the end of its body; ``idle_timeout`` bounds the quiet time
+    between requests on a kept-alive connection. ``max_connections`` caps the open
+    connections of each listener, ``max_connections_per_peer`` those from one IP
+    address (not applied on the Unix socket, whose callers have no address).
+    """
+
+    request_timeout: timedelta = DEFAULT_REQUEST_TIMEOUT
+    idle_timeout: timedelta = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_peer: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
 
 
 @dataclass(frozen=True)
@@ -128,6 +160,7 @@ class ServerConfig:
         """The JWT authority's key type: ``jwt_key_type`` when set, else the CA's, as with
         SPIRE (``rsa-2048`` signs RS256 JWT-SVIDs, ``ec-p384`` ES384, ``ec-p256`` ES256)."""
         return self.jwt_key_type or self.ca_key_type
+    limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def admin_socket_path(self) -> Path:
@@ -185,6 +218,7 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         tombstone_retention=_duration(
             values, "tombstone_retention", DEFAULT_TOMBSTONE_RETENTION
         ),
+        limits=_limits(values),
     )
     if config.server_lease_ttl < MIN_SERVER_LEASE_TTL:
         raise ConfigError(
@@ -224,6 +258,37 @@ def _duration(values: Mapping[str, Any], key: str, default: timedelta) -> timede
             f"{what} {raw!r} is not a duration; write a string such as \"90s\", \"15m\" or \"1h\""
         )
     return parse_duration(raw, what=what)
+
+
+def _limits(values: Mapping[str, Any]) -> ConnectionLimits:
+    idle = _duration(values, "idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    if idle < MIN_IDLE_TIMEOUT:
+        raise ConfigError(
+            f"idle-timeout {format_duration(idle)} is too short: agents keep an idle "
+            f"connection for 4s, so it must be at least {format_duration(MIN_IDLE_TIMEOUT)}"
+        )
+    return ConnectionLimits(
+        request_timeout=_duration(values, "request_timeout", DEFAULT_REQUEST_TIMEOUT),
+        idle_timeout=idle,
+        max_connections=_count(values, "max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_peer=_count(
+            values, "max_connections_per_peer", DEFAULT_MAX_CONNECTIONS_PER_PEER
+        ),
+    )
+
+
+def _count(values: Mapping[str, Any], key: str, default: int) -> int:
+    raw = values.get(key)
+    if raw is None or raw == "":
+        return default
+    what = key.replace("_", "-")
+    try:
+        count = int(raw) if not isinstance(raw, bool | float) else None
+    except ValueError:
+        count = None
+    if count is None or count < 1:
+        raise ConfigError(f"{what} {raw!r} is not a whole number of connections of 1 or more")
+    return count
 
 
 def _federation(raw: Any) -> FederationConfig:

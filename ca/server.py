@@ -26,13 +26,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
 from attestor.node import NodeAttestorServer, ServerContext, load_node_attestor_server
 from ca import metrics
 from ca.api.admin import create_admin_app
+from ca.api.limits import (
+    ConnectionGuard,
+    LimitedServer,
+    connections_per_listener,
+    listener_config,
+)
 from ca.api.node import create_node_app
-from ca.api.tls import RotatingServerContext, ServerIdentity, TLSIdentityProtocol
+from ca.api.tls import RotatingServerContext, ServerIdentity
 from ca.authority import JWT, X509, Authorities, AuthorityPolicy
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
@@ -66,7 +70,7 @@ SERVER_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 __all__ = ["Server", "load_server_id", "prepare_private_dir"]
 
 
-class _Uvicorn(uvicorn.Server):
+class _Uvicorn(LimitedServer):
     """uvicorn without its own signal handling: the Server stops both APIs together."""
 
     @contextlib.contextmanager
@@ -258,33 +262,27 @@ class Server:
         cancellation."""
         node_app, admin_app = self._apps()
         tls = RotatingServerContext(self.server_identity, require_client=False)
-        node_config = uvicorn.Config(
-            node_app,
-            host=self.config.bind_host,
-            port=self.config.bind_port,
-            http=TLSIdentityProtocol,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
+        # Every listener is held to the same limits, each with its own guard, so a
+        # flood on one (the public bundle endpoint, say) cannot starve another.
+        limits, endpoint = self.config.limits, self.config.federation.bundle_endpoint
+        cap = connections_per_listener(limits, 3 if endpoint is not None else 2)
+
+        def guard(listener: str) -> ConnectionGuard:
+            return ConnectionGuard(listener, cap, limits.max_connections_per_peer)
+
+        node_config = listener_config(
+            node_app, guard("node API"), limits,
+            host=self.config.bind_host, port=self.config.bind_port, ssl_context=tls.context,
         )
-        node_config.load()
-        node_config.ssl = tls.context
-        servers = [_Uvicorn(node_config)]
-        if (endpoint := self.config.federation.bundle_endpoint) is not None:
+        servers = [_Uvicorn(node_config, limits)]
+        if endpoint is not None:
             servers.append(_Uvicorn(bundle_endpoint_server_config(
-                endpoint, self.authorities.bundle, self.server_identity)))
+                endpoint, self.authorities.bundle, self.server_identity,
+                guard("bundle endpoint"), limits), limits))
         admin_path = self.config.admin_socket_path
         _claim_socket(admin_path)
-        admin_config = uvicorn.Config(
-            admin_app,
-            uds=str(admin_path),
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        servers.append(_Uvicorn(admin_config))
+        admin_config = listener_config(admin_app, guard("admin API"), limits, uds=str(admin_path))
+        servers.append(_Uvicorn(admin_config, limits))
 
         loop = asyncio.get_running_loop()
 

@@ -5,8 +5,9 @@
     address = "0.0.0.0:8443"
     profile = "https_spiffe"     # or "https_web" with cert_file and key_file
 
-    config = bundle_endpoint_server_config(endpoint, authorities.bundle, server.server_identity)
-    await uvicorn.Server(config).serve()
+    config = bundle_endpoint_server_config(
+        endpoint, authorities.bundle, server.server_identity, guard, limits)
+    await LimitedServer(config, limits).serve()
 
 With ``https_spiffe`` the endpoint presents the server's own SVID (which
 rotates: :class:`ca.api.tls.RotatingServerContext` picks the current one per
@@ -14,7 +15,8 @@ handshake), and clients check it against the bundle they already hold of this
 trust domain. With ``https_web`` it presents a web PKI certificate from
 ``cert_file`` and ``key_file``; :class:`ServingCertificate` reads them again
 when either file changes, so a renewed certificate is served without a
-restart. The document is public: anyone may fetch it.
+restart. The document is public: anyone may fetch it, so its listener is held
+to the same limits as the node API (:mod:`ca.api.limits`), with a guard of its own.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import uvicorn
 from fastapi import FastAPI, Response
 
 from ca.api.errors import install_error_handlers
+from ca.api.limits import ConnectionGuard, listener_config
 from ca.api.tls import RotatingServerContext, ServerIdentity
 from ca.bundle import TrustBundle
-from ca.config import BundleEndpointConfig
+from ca.config import BundleEndpointConfig, ConnectionLimits
 from ca.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -129,17 +132,13 @@ def bundle_endpoint_server_config(
     endpoint: BundleEndpointConfig,
     bundle: Callable[[], TrustBundle],
     identity: Callable[[], ServerIdentity],
+    guard: ConnectionGuard,
+    limits: ConnectionLimits,
 ) -> uvicorn.Config:
-    """A loaded uvicorn configuration for the bundle endpoint listener."""
-    config = uvicorn.Config(
-        create_bundle_endpoint_app(bundle),
-        host=endpoint.host,
-        port=endpoint.port,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=2,
+    """A loaded uvicorn configuration for the bundle endpoint listener, its connections
+    held to ``limits`` like the node API's (serve it with :class:`ca.api.limits.LimitedServer`)."""
+    return listener_config(
+        create_bundle_endpoint_app(bundle), guard, limits,
+        host=endpoint.host, port=endpoint.port,
+        ssl_context=bundle_endpoint_context(endpoint, identity),
     )
-    config.load()
-    config.ssl = bundle_endpoint_context(endpoint, identity)
-    return config

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ca.config import PluginConfig, server_config
+from ca.config import ConnectionLimits, PluginConfig, server_config
 from sdk.commandline import load_config_file
 from sdk.errors import ConfigError
 from sdk.keys import KeyType
@@ -291,3 +291,41 @@ def test_a_server_lease_ttl_under_three_seconds_is_refused():
 def test_tombstones_are_kept_a_day_unless_configured() -> None:
     assert config().tombstone_retention == timedelta(hours=24)
     assert config(tombstone_retention="10m").tombstone_retention == timedelta(minutes=10)
+
+
+# -- the listeners' limits --------------------------------------------------------------
+
+
+def test_limits_default_to_bounds_a_slow_client_cannot_stretch():
+    assert config().limits == ConnectionLimits(
+        request_timeout=timedelta(seconds=10), idle_timeout=timedelta(seconds=5),
+        max_connections=1024, max_connections_per_peer=64,
+    )
+
+
+def test_limits_are_taken_from_flags_or_the_file():
+    built = config(request_timeout="1s", idle_timeout="1m", max_connections="200",
+                   max_connections_per_peer=8)
+    assert built.limits == ConnectionLimits(
+        request_timeout=timedelta(seconds=1), idle_timeout=timedelta(minutes=1),
+        max_connections=200, max_connections_per_peer=8,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("request_timeout", "0", "request-timeout must be greater than zero"),
+        ("request_timeout", "soon", f"request-timeout 'soon' is not a duration; {DURATION_HINT}"),
+        ("idle_timeout", "4s", "idle-timeout 4s is too short: agents keep an idle connection "
+                               "for 4s, so it must be at least 5s"),
+        ("max_connections", 0, "max-connections 0 is not a whole number of connections of 1 "
+                               "or more"),
+        ("max_connections_per_peer", "many", "max-connections-per-peer 'many' is not a whole "
+                                             "number of connections of 1 or more"),
+        ("max_connections_per_peer", 2.5, "max-connections-per-peer 2.5 is not a whole "
+                                          "number of connections of 1 or more"),
+    ],
+)
+def test_bad_limits(key, value, message):
+    assert refusal_of(**{key: value}) == message

@@ -1,0 +1,258 @@
+"""What one client may hold of the server's HTTP listeners, for all of them alike.
+
+The node API, the federation bundle endpoint and the admin socket are uvicorn
+listeners whose connections are :class:`ca.api.tls.TLSIdentityProtocol`; each
+listener has a :class:`ConnectionGuard` that the protocol asks when a connection
+is made and tells when it is gone. Together they bound:
+
+- the time to a complete request: from accepting the connection (the TLS
+  handshake included, which :class:`LimitedServer` hands the loop as its
+  handshake timeout) or from the first byte of a later request, to the end of
+  its body (``request_timeout``; a head left unfinished gets a 408, then the
+  connection is closed);
+- the idle time between requests on a kept-alive connection (uvicorn's
+  ``timeout_keep_alive``, set from ``idle_timeout``);
+- the open connections from one IP address (``max_connections_per_peer``) and
+  on the listener (``max_connections``): one more is closed at once.
+
+Refusals and timeouts are logged as one line per listener at most every
+:data:`REPORT_INTERVAL`, whatever their number::
+
+    guard = ConnectionGuard("node API", limits.max_connections, limits.max_connections_per_peer)
+    config = listener_config(app, guard, limits, host="0.0.0.0", port=8081, ssl=context)
+    await LimitedServer(config, limits).serve()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import resource
+import ssl
+import sys
+from collections import Counter
+from datetime import timedelta
+from typing import Any, cast
+
+import uvicorn
+
+from ca.clock import SYSTEM_CLOCK, Clock
+from ca.config import ConnectionLimits
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = timedelta(seconds=10)
+DESCRIPTOR_RESERVE = 64
+"""File descriptors kept for the datastore, the key files, logs and the admin socket."""
+
+
+class ConnectionGuard:
+    """Counts one listener's open connections, in all and per peer IP address.
+
+    ``admit`` says whether one more may stay open (peer None: a Unix socket
+    caller, counted only in all); ``release`` gives its place back. Refusals and
+    request timeouts are summed and reported in one log line per interval.
+    """
+
+    def __init__(
+        self,
+        listener: str,
+        max_connections: int,
+        max_connections_per_peer: int,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.listener = listener
+        self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
+        self._clock = clock
+        self._open = 0
+        self._per_peer: Counter[str] = Counter()
+        self._over_peer: Counter[str] = Counter()
+        self._over_total = 0
+        self._timed_out = 0
+        self._next_report = clock.now()
+        self._flush: asyncio.TimerHandle | None = None
+
+    @property
+    def open(self) -> int:
+        return self._open
+
+    def open_from(self, peer: str) -> int:
+        return self._per_peer[peer]
+
+    def admit(self, peer: str | None) -> bool:
+        if self._open >= self.max_connections:
+            self._over_total += 1
+            self._event()
+            return False
+        if peer is not None:
+            if self._per_peer[peer] >= self.max_connections_per_peer:
+                self._over_peer[peer] += 1
+                self._event()
+                return False
+            self._per_peer[peer] += 1
+        self._open += 1
+        return True
+
+    def release(self, peer: str | None) -> None:
+        self._open -= 1
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
+
+    def timed_out(self) -> None:
+        """A connection was closed for not sending a whole request in time."""
+        self._timed_out += 1
+        self._event()
+
+    def _event(self) -> None:
+        now = self._clock.now()
+        if now >= self._next_report:
+            self.report()
+            return
+        if self._flush is None:  # what happens until the next report is not lost
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                delay = (self._next_report - now).total_seconds()
+                self._flush = loop.call_later(delay, self.report)
+
+    def report(self) -> None:
+        """Log what was refused or timed out since the last report, if anything."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self._next_report = self._clock.now() + REPORT_INTERVAL
+        parts = []
+        if self._over_peer:
+            worst = ", ".join(
+                f"{count} from {peer}" for peer, count in self._over_peer.most_common(3)
+            )
+            more = len(self._over_peer) - 3
+            parts.append(
+                f"refused {sum(self._over_peer.values())} connection(s) over "
+                f"max_connections_per_peer ({self.max_connections_per_peer}): {worst}"
+                + (f" and {more} more address(es)" if more > 0 else "")
+            )
+        if self._over_total:
+            parts.append(
+                f"refused {self._over_total} connection(s) over max_connections "
+                f"({self.max_connections})"
+            )
+        if self._timed_out:
+            parts.append(
+                f"closed {self._timed_out} connection(s) that sent no whole request "
+                "within request_timeout"
+            )
+        self._over_peer.clear()
+        self._over_total = self._timed_out = 0
+        if parts:
+            log.warning("%s: %s", self.listener, "; ".join(parts))
+
+
+def connections_per_listener(limits: ConnectionLimits, listeners: int) -> int:
+    """``max_connections``, lowered so that ``listeners`` full listeners still leave
+    descriptors to the rest of the server.
+
+    The soft limit on open files is raised to the hard one first (as Go programs
+    do); a cap that still does not fit is lowered, with a warning saying so.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    room = max(1, (soft - DESCRIPTOR_RESERVE) // max(1, listeners))
+    if limits.max_connections <= room:
+        return limits.max_connections
+    log.warning(
+        "max_connections %d does not fit the limit of %d open files: each of the %d "
+        "listener(s) accepts at most %d connections; raise the limit (ulimit -n) to "
+        "allow more",
+        limits.max_connections, soft, listeners, room,
+    )
+    return room
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str | None:
+    """The peer's IP address; None for a Unix socket."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return peer[0]
+    return None
+
+
+def listener_config(
+    app: Any,
+    guard: ConnectionGuard,
+    limits: ConnectionLimits,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    uds: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> uvicorn.Config:
+    """A loaded uvicorn configuration whose connections ``guard`` and ``limits`` bound."""
+    from ca.api.tls import TLSIdentityProtocol
+
+    protocol = functools.partial(TLSIdentityProtocol, guard=guard, limits=limits)
+    config = uvicorn.Config(
+        app,
+        **({"uds": uds} if uds is not None else {"host": host, "port": port}),
+        http=cast(Any, protocol),
+        timeout_keep_alive=int(limits.idle_timeout.total_seconds()),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
+    config.load()
+    config.ssl = ssl_context
+    return config
+
+
+class LimitedServer(uvicorn.Server):
+    """uvicorn's server, its TLS listener giving each handshake ``request_timeout``
+    (the loop's own default is 60 s, and uvicorn does not pass one)."""
+
+    def __init__(self, config: uvicorn.Config, limits: ConnectionLimits) -> None:
+        super().__init__(config)
+        self.limits = limits
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        config = self.config
+        if config.ssl is None or sockets is not None or config.uds or config.fd is not None:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                create_protocol,
+                host=config.host,
+                port=config.port,
+                ssl=config.ssl,
+                backlog=config.backlog,
+                ssl_handshake_timeout=self.limits.request_timeout.total_seconds(),
+            )
+        except OSError as err:  # as uvicorn does: the caller sees a server that never started
+            logging.getLogger("uvicorn.error").error(err)
+            await self.lifespan.shutdown()
+            sys.exit(1)
+        self.servers = [server]
+        self.started = True
