@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attestor.plugin import PluginConfig as PluginConfig  # noqa: PLC0414 -- re-exported
 from ca.durations import format_duration, parse_duration
 from ca.errors import ConfigError, InvalidArgument
 from ca.keys import KeyType, parse_key_type
@@ -67,12 +68,6 @@ TABLE_KEYS = {"federation"}
 
 BUNDLE_ENDPOINT_PROFILES = ("https_spiffe", "https_web")
 BUNDLE_ENDPOINT_KEYS = ("address", "profile", "cert_file", "key_file")
-
-
-@dataclass(frozen=True)
-class PluginConfig:
-    name: str
-    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from typing import Any, Final
 
 from spiffe import TrustDomain
 
+from attestor.plugin import PluginConfig
 from attestor.workload import load_workload_attestor
-from ca.config import PluginConfig
 from ca.durations import parse_duration
 from ca.errors import ConfigError, InvalidArgument
 from ca.spiffeid import parse_trust_domain
