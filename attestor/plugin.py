@@ -68,16 +68,21 @@ class Plugin(Generic[S, C, P]):
 class Registry(Generic[C, P]):
     """The built-in implementations of one plugin type, by the name the config file uses.
 
-    ``modules`` maps each name to the module exporting its ``PLUGIN``; a module is
-    imported only when its plugin is loaded.
+    ``modules`` maps each name to the module exporting its ``PLUGIN`` (or the
+    attribute named by ``attribute``: a node attestor's module holds both halves,
+    as ``SERVER_PLUGIN`` and ``AGENT_PLUGIN``); a module is imported only when its
+    plugin is loaded.
     """
 
-    def __init__(self, kind: str, section: str, modules: Mapping[str, str]) -> None:
+    def __init__(
+        self, kind: str, section: str, modules: Mapping[str, str], *, attribute: str = "PLUGIN"
+    ) -> None:
         self.kind = kind
         """What one plugin of the type is called in sentences, e.g. ``key manager``."""
         self.section = section
         """The config file's table for the type, e.g. ``key_manager``."""
         self._modules = dict(modules)
+        self._attribute = attribute
 
     def names(self) -> tuple[str, ...]:
         """The names a config file may use, sorted."""
@@ -90,7 +95,8 @@ class Registry(Generic[C, P]):
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}"
             )
-        plugin = cast("Plugin[Any, C, P]", importlib.import_module(module_name).PLUGIN)
+        module = importlib.import_module(module_name)
+        plugin = cast("Plugin[Any, C, P]", getattr(module, self._attribute))
         if plugin.name != name:  # a wrong table entry, not a user's mistake
             raise AssertionError(f"{module_name} exports the {self.kind} {plugin.name!r}")
         return plugin
@@ -113,14 +119,14 @@ def parse_settings(model: type[S], raw: Mapping[str, Any], where: str) -> S:
         return model.model_validate(dict(raw))
     except ValidationError as err:
         errors = err.errors()
-    problems = [_describe(error) for error in errors]
+    problems = [_describe(error, model) for error in errors]
     if any(error["type"] == "extra_forbidden" for error in errors):
         known = sorted(model.model_fields)
         problems.append(f"known settings: {', '.join(known)}" if known else "it takes no settings")
     raise ConfigError(f"{where} {'; '.join(problems)}")
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, model: type[BaseModel]) -> str:
     """One pydantic error as ``<field path>: <what is wrong>``, in Tessera's words."""
     path = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
@@ -133,7 +139,9 @@ def _describe(error: Any) -> str:
     elif kind == "extra_forbidden":
         what = "unknown setting"
     elif kind == "missing":
-        what = "is required"
+        field_info = model.model_fields.get(path)
+        described = field_info.description if field_info is not None else None
+        what = f"is required ({described})" if described else "is required"
     elif kind == "bool_type":
         what = f"must be true or false, got {got!r}"
     elif kind in ("int_type", "int_from_float"):
