@@ -75,10 +75,17 @@ class Registry(Generic[C, P]):
     """
 
     def __init__(
-        self, kind: str, section: str, modules: Mapping[str, str], *, attribute: str = "PLUGIN"
+        self,
+        kind: str,
+        section: str,
+        modules: Mapping[str, str],
+        *,
+        plural: str | None = None,
+        attribute: str = "PLUGIN",
     ) -> None:
         self.kind = kind
         """What one plugin of the type is called in sentences, e.g. ``key manager``."""
+        self.plural = plural or f"{kind}s"
         self.section = section
         """The config file's table for the type, e.g. ``key_manager``."""
         self._modules = dict(modules)
@@ -93,7 +100,7 @@ class Registry(Generic[C, P]):
         module_name = self._modules.get(name)
         if module_name is None:
             raise ConfigError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}"
             )
         module = importlib.import_module(module_name)
         plugin = cast("Plugin[Any, C, P]", getattr(module, self._attribute))
@@ -130,7 +137,9 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
     """One pydantic error as ``<field path>: <what is wrong>``, in Tessera's words."""
     path = ".".join(str(part) for part in error["loc"])
     kind = error["type"]
-    got = error.get("input")
+    field_info = model.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+    secret = field_info is not None and not field_info.repr
+    got = "" if secret else f", got {error.get('input')!r}"  # a secret is never shown
     context = error.get("ctx") or {}
     if kind == "value_error" and not path:  # a model validator's sentence
         return str(context["error"])
@@ -139,21 +148,20 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
     elif kind == "extra_forbidden":
         what = "unknown setting"
     elif kind == "missing":
-        field_info = model.model_fields.get(path)
         described = field_info.description if field_info is not None else None
         what = f"is required ({described})" if described else "is required"
     elif kind == "bool_type":
-        what = f"must be true or false, got {got!r}"
+        what = f"must be true or false{got}"
     elif kind in ("int_type", "int_from_float"):
-        what = f"must be a whole number, got {got!r}"
+        what = f"must be a whole number{got}"
     elif kind == "string_type":
-        what = f"must be a string, got {got!r}"
+        what = f"must be a string{got}"
     elif kind == "path_type":
-        what = f"must be a file path (a string), got {got!r}"
+        what = f"must be a file path (a string){got}"
     elif kind == "greater_than_equal":
-        what = f"must be at least {context['ge']}, got {got!r}"
+        what = f"must be at least {context['ge']}{got}"
     elif kind == "string_too_short":
         what = "must not be empty"
     else:
-        what = f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got!r}"
+        what = f"{error['msg'][0].lower()}{error['msg'][1:]}{got}"
     return f"{path}: {what}"

@@ -12,12 +12,16 @@ accepts one.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-__all__ = ["FilePath", "NoSettings", "Settings"]
+from ca.durations import parse_duration
+from ca.errors import InvalidArgument
+
+__all__ = ["Duration", "FilePath", "NoSettings", "Settings"]
 
 
 class Settings(BaseModel):
@@ -36,3 +40,19 @@ def _not_empty(value: Any) -> Any:
 
 FilePath = Annotated[Path, BeforeValidator(_not_empty), Field(strict=False)]
 """A path given as a TOML string (not an empty one)."""
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f'must be a duration such as "90s", "15m" or "1h", got {value!r}')
+    try:
+        return parse_duration(value)
+    except InvalidArgument as err:
+        raise ValueError(err.message.removeprefix("duration ")) from None
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+"""A duration written as seconds (``90``) or with a unit (``"90s"``, ``"15m"``, ``"1h"``,
+``"365d"``); more than zero."""
