@@ -228,9 +228,9 @@ def warn_unknown_selector_types(entry: dict[str, Any]) -> None:
     ours would match them. Node entries match node attestors' selectors, not these."""
     if entry["node"]:
         return
-    from attestor.workload import WORKLOAD_ATTESTOR_NAMES
+    from attestor.workload import WORKLOAD_ATTESTORS
 
-    known = sorted(WORKLOAD_ATTESTOR_NAMES)
+    known = WORKLOAD_ATTESTORS.names()
     for selector_type in dict.fromkeys(s["type"] for s in entry["selectors"]):
         if selector_type not in known:
             progress(

@@ -30,11 +30,12 @@ says what each bounds.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from attestor.plugin import PluginConfig as PluginConfig  # noqa: PLC0414 -- re-exported
 from ca.tombstones import DEFAULT_TOMBSTONE_RETENTION
 from sdk.commandline import (  # noqa: F401  (moved; re-exported for the old path)
     ConfigFileUnreadable,
@@ -86,12 +87,6 @@ TABLE_KEYS = {"federation"}
 
 BUNDLE_ENDPOINT_PROFILES = ("https_spiffe", "https_web")
 BUNDLE_ENDPOINT_KEYS = ("address", "profile", "cert_file", "key_file")
-
-
-@dataclass(frozen=True)
-class PluginConfig:
-    name: str
-    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,16 @@ logs in with a token or with AppRole, logs in once more when a request is
 refused (an expired token looks like a refusal), and turns every hvac and
 requests error into a :mod:`sdk.errors` type whose message says what to do::
 
-    settings = VaultSettings.from_config(config, plugin="key manager 'vault_transit'")
+    class TransitSettings(VaultConnection):      # the plugin's settings model
+        mount: str = "transit"
+
+    parsed = parse_settings(TransitSettings, config, "[key_manager.vault_transit]")
+    settings = VaultSettings.from_connection(parsed, plugin="key manager 'vault_transit'")
     client = VaultClient(settings, plugin="key manager 'vault_transit'")
     data = client.read("transit/keys/tessera-x509-1", policy_path="transit/keys/tessera-*")
 
-Connection settings (every Vault/OpenBao plugin takes them):
+Connection settings (every Vault/OpenBao plugin's settings model extends
+:class:`VaultConnection`, so it takes them):
 
 ==========================  ==================================================================
 ``address``                 ``https://vault.example.org:8200``; default ``VAULT_ADDR`` or
@@ -45,12 +50,15 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import hvac
 import hvac.exceptions
 import requests
+from pydantic import BeforeValidator, Field
 
+from attestor.plugin import parse_settings
+from attestor.settings import FilePath, Settings
 from ca.errors import CAError
 from sdk.durations import parse_duration
 from sdk.errors import (
@@ -68,26 +76,13 @@ __all__ = [
     "StaticToken",
     "TokenFile",
     "VaultClient",
+    "VaultConnection",
     "VaultRequestFailed",
     "VaultSettings",
 ]
 
 log = logging.getLogger(__name__)
 
-CONNECTION_SETTINGS = frozenset(
-    {
-        "address",
-        "namespace",
-        "token",
-        "token_file",
-        "approle_role_id",
-        "approle_secret_id",
-        "approle_secret_id_file",
-        "approle_mount",
-        "ca_cert",
-        "timeout",
-    }
-)
 ADDRESS_VARIABLES = ("VAULT_ADDR", "BAO_ADDR")
 TOKEN_VARIABLES = ("VAULT_TOKEN", "BAO_TOKEN")
 CA_CERT_VARIABLES = ("VAULT_CACERT", "BAO_CACERT")
@@ -169,6 +164,38 @@ class AppRoleLogin:
 Credentials = StaticToken | TokenFile | AppRoleLogin
 
 
+def _timeout_seconds(value: Any) -> Any:
+    """Seconds as a number, or a duration such as ``10s``; more than zero."""
+    if isinstance(value, float):
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be seconds or a duration such as 10s, got {value!r}")
+    try:
+        return parse_duration(value).total_seconds()
+    except InvalidArgument as err:
+        raise ValueError(err.message.removeprefix("duration ")) from None
+
+
+class VaultConnection(Settings):
+    """The connection settings every Vault/OpenBao plugin takes; its model extends this."""
+
+    address: str | None = None
+    namespace: str | None = None
+    token: str | None = Field(default=None, repr=False)  # repr=False: never in a message
+    token_file: FilePath | None = None
+    approle_role_id: str | None = None
+    approle_secret_id: str | None = Field(default=None, repr=False)
+    approle_secret_id_file: FilePath | None = None
+    approle_mount: str | None = None
+    ca_cert: FilePath | None = None
+    timeout: Annotated[float, BeforeValidator(_timeout_seconds)] = DEFAULT_TIMEOUT
+
+
+CONNECTION_SETTINGS = frozenset(VaultConnection.model_fields)
+
+
 @dataclass(frozen=True)
 class VaultSettings:
     address: str
@@ -185,12 +212,23 @@ class VaultSettings:
         plugin: str,
         environ: Mapping[str, str] | None = None,
     ) -> VaultSettings:
-        """The connection settings in a plugin's table; ConfigError naming what is wrong.
+        """The connection settings of ``config``, which holds only those; see
+        :meth:`from_connection`."""
+        connection = parse_settings(VaultConnection, config, plugin)
+        return cls.from_connection(connection, plugin=plugin, environ=environ)
 
-        ``config`` may hold other (plugin-specific) settings too; they are ignored here.
-        """
+    @classmethod
+    def from_connection(
+        cls,
+        connection: VaultConnection,
+        *,
+        plugin: str,
+        environ: Mapping[str, str] | None = None,
+    ) -> VaultSettings:
+        """The parsed connection settings with the environment's defaults filled in;
+        ConfigError naming what is wrong."""
         env = os.environ if environ is None else environ
-        address = _text(config, "address", plugin) or _first_variable(env, ADDRESS_VARIABLES)
+        address = _text(connection.address) or _first_variable(env, ADDRESS_VARIABLES)
         if not address:
             raise ConfigError(
                 f"{plugin} does not know where Vault/OpenBao is; set address "
@@ -200,7 +238,7 @@ class VaultSettings:
             raise ConfigError(
                 f"{plugin} address {address!r} is not an http:// or https:// URL"
             )
-        ca_cert = _path(config, "ca_cert", plugin)
+        ca_cert = _path(connection.ca_cert)
         if ca_cert is None:
             from_env = _first_variable(env, CA_CERT_VARIABLES)
             ca_cert = Path(from_env) if from_env else None
@@ -211,20 +249,20 @@ class VaultSettings:
             )
         return cls(
             address=address.rstrip("/"),
-            credentials=_credentials(config, plugin, env),
-            namespace=_text(config, "namespace", plugin),
+            credentials=_credentials(connection, plugin, env),
+            namespace=_text(connection.namespace),
             ca_cert=ca_cert,
-            timeout=_timeout(config, plugin),
+            timeout=connection.timeout,
         )
 
 
-def _credentials(config: Mapping[str, Any], plugin: str, env: Mapping[str, str]) -> Credentials:
-    token = _text(config, "token", plugin)
-    token_file = _path(config, "token_file", plugin)
-    role_id = _text(config, "approle_role_id", plugin)
-    secret_id = _text(config, "approle_secret_id", plugin)
-    secret_id_file = _path(config, "approle_secret_id_file", plugin)
-    approle_mount = _text(config, "approle_mount", plugin) or DEFAULT_APPROLE_MOUNT
+def _credentials(connection: VaultConnection, plugin: str, env: Mapping[str, str]) -> Credentials:
+    token = _text(connection.token)
+    token_file = _path(connection.token_file)
+    role_id = _text(connection.approle_role_id)
+    secret_id = _text(connection.approle_secret_id)
+    secret_id_file = _path(connection.approle_secret_id_file)
+    approle_mount = _text(connection.approle_mount) or DEFAULT_APPROLE_MOUNT
     chosen = [
         name
         for name, value in (("token", token), ("token_file", token_file), ("AppRole", role_id))
@@ -261,38 +299,12 @@ def _credentials(config: Mapping[str, Any], plugin: str, env: Mapping[str, str])
     )
 
 
-def _text(config: Mapping[str, Any], name: str, plugin: str) -> str | None:
-    value = config.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{plugin} setting {name} must be a string")
-    return value.strip() or None
+def _text(value: str | None) -> str | None:
+    return (value.strip() or None) if value is not None else None
 
 
-def _path(config: Mapping[str, Any], name: str, plugin: str) -> Path | None:
-    value = config.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str | os.PathLike) or not str(value):
-        raise ConfigError(f"{plugin} setting {name} must be a path")
-    return Path(value).expanduser()
-
-
-def _timeout(config: Mapping[str, Any], plugin: str) -> float:
-    value = config.get("timeout")
-    if value is None:
-        return DEFAULT_TIMEOUT
-    if isinstance(value, float) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"{plugin} timeout must be greater than zero")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(f"{plugin} timeout must be seconds or a duration such as 10s")
-    try:
-        return parse_duration(value, what=f"{plugin} timeout").total_seconds()
-    except InvalidArgument as err:
-        raise ConfigError(err.message) from None
+def _path(value: Path | None) -> Path | None:
+    return value.expanduser() if value is not None else None
 
 
 def _first_variable(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:

@@ -35,8 +35,9 @@ from typing import Any, Final
 
 from spiffe import TrustDomain
 
+from attestor.node import NODE_ATTESTORS_AGENT
+from attestor.plugin import PluginConfig
 from attestor.workload import load_workload_attestor
-from ca.config import PluginConfig
 from sdk.durations import parse_duration
 from sdk.errors import ConfigError, InvalidArgument
 from sdk.spiffeid import parse_trust_domain
@@ -121,6 +122,17 @@ class AgentConfig:
             return "x509pop"
         return None
 
+    @property
+    def node_attestor_plugin(self) -> PluginConfig | None:
+        """The agent half the flags name, with its settings; None without one."""
+        if self.join_token:
+            return PluginConfig("join_token", {"token": self.join_token})
+        if self.x509pop_cert and self.x509pop_key:
+            return PluginConfig(
+                "x509pop", {"cert_path": self.x509pop_cert, "key_path": self.x509pop_key}
+            )
+        return None
+
 
 def agent_config(
     values: Mapping[str, Any], *, environ: Mapping[str, str] | None = None
@@ -171,10 +183,8 @@ def _build(values: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig
     for what, path in (("x509pop certificate", x509pop_cert), ("x509pop key", x509pop_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"the {what} file {path} does not exist; check the path")
-    if join_token:
-        from attestor.node.join_token import JoinTokenAgent
-
-        JoinTokenAgent(join_token)  # refuses a malformed token before anything starts
+    if join_token:  # refuses a malformed token before anything starts
+        NODE_ATTESTORS_AGENT.load(PluginConfig("join_token", {"token": join_token}), None)
 
     trust_bundle = _path(values, "trust_bundle")
     insecure = _flag(values, "insecure_bootstrap")

@@ -1,9 +1,10 @@
 """Node attestation from the agent's side: getting, and keeping, the agent's own SVID.
 
 Every node attestor has an agent half, which plugs in here through
-:class:`NodeAttestorAgent`: ``payload()`` is the evidence sent first, and
-``answer(challenge)`` answers a challenge if the server half sends one (x509pop
-proves possession of the node's key this way)::
+:class:`~attestor.node.NodeAttestorAgent`: ``payload()`` is the evidence sent
+first, and ``answer(challenge)`` answers a challenge if the server half sends
+one (x509pop proves possession of the node's key this way). The agent's flags
+name the half, which :data:`~attestor.node.NODE_ATTESTORS_AGENT` builds::
 
     attestor = load_node_attestor_agent(config)          # join_token or x509pop
     identity, bundle = await attest(client, attestor, trust_domain)
@@ -21,17 +22,17 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from spiffe import TrustDomain
 
+from attestor.node import NODE_ATTESTORS_AGENT, NodeAttestorAgent
 from sdk.bundle import TrustBundle
 from sdk.csr import build_csr
 from sdk.der import split_certificates
-from sdk.errors import ConfigError, InvalidArgument, Unavailable
+from sdk.errors import InvalidArgument, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
 from workload_api.config import AgentConfig
 from workload_api.node_client import NodeClient
@@ -46,38 +47,10 @@ __all__ = [
 ]
 
 
-class NodeAttestorAgent(Protocol):
-    """The agent half of a node attestor."""
-
-    name: str
-    """The attestation type the server half is registered under, e.g. ``join_token``."""
-
-    def payload(self) -> Mapping[str, Any]:
-        """The evidence sent with the first attestation request."""
-        ...
-
-    def answer(self, challenge: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The response to a challenge of the server half."""
-        ...
-
-
 def load_node_attestor_agent(config: AgentConfig) -> NodeAttestorAgent | None:
     """The attestor the flags name, or None when none is configured."""
-    if config.join_token:
-        from attestor.node.join_token import JoinTokenAgent
-
-        return JoinTokenAgent(config.join_token)
-    if config.x509pop_cert and config.x509pop_key:
-        try:
-            from attestor.node import x509pop
-        except ImportError as err:
-            raise ConfigError(
-                "x509pop node attestation is not available in this Tessera installation; "
-                "attest with --join-token instead"
-            ) from err
-        agent: NodeAttestorAgent = x509pop.X509PopAgent(config.x509pop_cert, config.x509pop_key)
-        return agent
-    return None
+    plugin = config.node_attestor_plugin
+    return NODE_ATTESTORS_AGENT.load(plugin, None) if plugin is not None else None
 
 
 def join_token_of(identity: AgentIdentity) -> str | None:

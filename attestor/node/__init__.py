@@ -6,8 +6,16 @@ selectors and the aliases the agent may act for. A server half may instead
 answer with a challenge, which the agent answers in a second request (x509pop
 proves possession of a key this way).
 
-    server_half = load_node_attestor_server("join_token", {}, context)
+    server_half = NODE_ATTESTORS_SERVER.load(PluginConfig("join_token"), context)
     result = server_half.attest(payload={"token": "..."}, challenge_response=None)
+
+    agent_half = NODE_ATTESTORS_AGENT.load(PluginConfig("join_token", {"token": "..."}), None)
+    agent_half.payload()                     # {"token": "..."}
+
+Both halves of an attestor live in one module, which exports ``SERVER_PLUGIN``
+and ``AGENT_PLUGIN`` (see :mod:`attestor.plugin`). The server half's settings
+are its ``[node_attestors.<name>]`` table; the agent half's come from the
+agent's flags (``--join-token``, ``--x509pop-cert`` and ``--x509pop-key``).
 """
 
 from __future__ import annotations
@@ -18,9 +26,24 @@ from typing import Any, Protocol
 
 from spiffe import SpiffeId, TrustDomain
 
+from attestor.plugin import PluginConfig, Registry
 from attestor.selector import Selector
 from sdk.clock import SYSTEM_CLOCK, Clock
-from sdk.errors import ConfigError, TesseraError
+from sdk.errors import TesseraError
+
+__all__ = [
+    "NODE_ATTESTORS_AGENT",
+    "NODE_ATTESTORS_SERVER",
+    "AttestationResult",
+    "Challenge",
+    "NodeAttestationError",
+    "NodeAttestorAgent",
+    "NodeAttestorServer",
+    "ServerContext",
+    "agent_id",
+    "load_node_attestor_server",
+]
+
 
 
 class NodeAttestationError(TesseraError):
@@ -49,6 +72,8 @@ class Challenge:
 
 
 class NodeAttestorServer(Protocol):
+    """The server half of a node attestor."""
+
     name: str
 
     def attest(
@@ -68,21 +93,42 @@ class ServerContext:
     """What attestors that check certificate lifetimes or expire challenges read time from."""
 
 
+class NodeAttestorAgent(Protocol):
+    """The agent half of a node attestor."""
+
+    name: str
+    """The attestation type the server half is registered under, e.g. ``join_token``."""
+
+    def payload(self) -> Mapping[str, Any]:
+        """The evidence sent with the first attestation request."""
+        ...
+
+    def answer(self, challenge: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The response to a challenge of the server half."""
+        ...
+
+
+_NODE_ATTESTOR_MODULES = {
+    "join_token": "attestor.node.join_token",
+    "x509pop": "attestor.node.x509pop",
+}
+
+NODE_ATTESTORS_SERVER: Registry[ServerContext, NodeAttestorServer] = Registry(
+    "node attestor", "node_attestors", _NODE_ATTESTOR_MODULES, attribute="SERVER_PLUGIN"
+)
+"""The server halves, configured by ``[node_attestors.<name>]`` tables."""
+
+NODE_ATTESTORS_AGENT: Registry[None, NodeAttestorAgent] = Registry(
+    "node attestor", "node_attestors", _NODE_ATTESTOR_MODULES, attribute="AGENT_PLUGIN"
+)
+"""The agent halves, configured by the agent's flags; they need no context."""
+
+
 def load_node_attestor_server(
     name: str, config: Mapping[str, Any], context: ServerContext
 ) -> NodeAttestorServer:
-    from attestor.node import join_token, x509pop
-
-    factories: dict[str, Callable[[Mapping[str, Any], ServerContext], NodeAttestorServer]] = {
-        "join_token": join_token.JoinTokenServer.from_config,
-        "x509pop": x509pop.X509PopServer.from_config,
-    }
-    try:
-        factory = factories[name]
-    except KeyError:
-        known = ", ".join(sorted(factories))
-        raise ConfigError(f"unknown node attestor {name!r}; known: {known}") from None
-    return factory(config, context)
+    """The server half named in ``[node_attestors.<name>]``, built from its settings."""
+    return NODE_ATTESTORS_SERVER.load(PluginConfig(name, config), context)
 
 
 def agent_id(trust_domain: TrustDomain, attestor: str, *parts: str) -> SpiffeId:

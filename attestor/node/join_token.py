@@ -26,7 +26,19 @@ from attestor.node import (
     ServerContext,
     agent_id,
 )
+from attestor.plugin import Plugin
+from attestor.settings import NoSettings, Settings
 from sdk.errors import ConfigError, TesseraError
+
+__all__ = [
+    "AGENT_PLUGIN",
+    "SERVER_PLUGIN",
+    "JoinTokenAgent",
+    "JoinTokenAgentSettings",
+    "JoinTokenServer",
+    "generate_token",
+    "is_well_formed",
+]
 
 NAME = "join_token"
 _TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
@@ -46,14 +58,6 @@ class JoinTokenServer:
 
     def __init__(self, context: ServerContext) -> None:
         self._context = context
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], context: ServerContext) -> JoinTokenServer:
-        if config:
-            raise ConfigError(
-                f"node attestor join_token takes no settings; remove {', '.join(sorted(config))}"
-            )
-        return cls(context)
 
     def attest(
         self, payload: Mapping[str, Any], challenge_response: Mapping[str, Any] | None
@@ -93,3 +97,21 @@ class JoinTokenAgent:
 
     def answer(self, challenge: Mapping[str, Any]) -> dict[str, Any]:
         raise NodeAttestationError("join_token attestation has no challenge")
+
+
+class JoinTokenAgentSettings(Settings):
+    """The agent half's settings, from ``--join-token``."""
+
+    token: str
+
+
+def _build_server(settings: NoSettings, context: ServerContext) -> JoinTokenServer:
+    return JoinTokenServer(context)
+
+
+def _build_agent(settings: JoinTokenAgentSettings, context: None) -> JoinTokenAgent:
+    return JoinTokenAgent(settings.token)
+
+
+SERVER_PLUGIN = Plugin(NAME, NoSettings, _build_server)
+AGENT_PLUGIN = Plugin(NAME, JoinTokenAgentSettings, _build_agent)

@@ -67,6 +67,7 @@ from cryptography.x509.verification import (
     Store,
     VerificationError,
 )
+from pydantic import Field, field_validator
 
 from attestor.node import (
     AttestationResult,
@@ -75,7 +76,9 @@ from attestor.node import (
     ServerContext,
     agent_id,
 )
+from attestor.plugin import Plugin
 from attestor.selector import MAX_SELECTOR_LENGTH, Selector
+from attestor.settings import FilePath, Settings
 from sdk.errors import ConfigError
 from sdk.keys import PrivateKey, PublicKey
 
@@ -88,7 +91,6 @@ DEFAULT_AGENT_PATH_TEMPLATE = "tessera/agent/x509pop/{fingerprint}"
 MAX_CHAIN_LENGTH = 16
 MAX_CERTIFICATE_SIZE = 49152
 
-_SETTINGS = ("agent_path_template", "ca_bundle_path")
 _MAC_CONTEXT = b"tessera x509pop mac v1\x00"
 _MAC_SIZE = 32
 _SERVER_KEY_ID_SIZE = 8
@@ -357,6 +359,32 @@ def _parse_answer(response: Mapping[str, Any]) -> _ChallengeAnswer:
     return _ChallengeAnswer(nonce, expires_at, server_key_id, mac, signature)
 
 
+class X509PopSettings(Settings):
+    """``[node_attestors.x509pop]``, the server half's settings."""
+
+    ca_bundle_path: FilePath = Field(
+        description="the PEM file of the CAs that sign node certificates"
+    )
+    agent_path_template: str = DEFAULT_AGENT_PATH_TEMPLATE
+
+    @field_validator("agent_path_template")
+    @classmethod
+    def _only_the_default_template(cls, value: str) -> str:
+        if value != DEFAULT_AGENT_PATH_TEMPLATE:
+            raise ValueError(
+                f'only the default, "{DEFAULT_AGENT_PATH_TEMPLATE}", is supported; '
+                "remove the setting"
+            )
+        return value
+
+
+class X509PopAgentSettings(Settings):
+    """The agent half's settings, from ``--x509pop-cert`` and ``--x509pop-key``."""
+
+    cert_path: FilePath
+    key_path: FilePath
+
+
 class X509PopServer:
     """The server half: checks the chain, issues the challenge, checks the answer."""
 
@@ -371,33 +399,6 @@ class X509PopServer:
         self._server_key_id = secrets.token_bytes(_SERVER_KEY_ID_SIZE)
         self._answered: dict[bytes, int] = {}
         self._answered_lock = threading.Lock()
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], context: ServerContext) -> X509PopServer:
-        unknown = sorted(set(config) - set(_SETTINGS))
-        if unknown:
-            raise ConfigError(
-                f"node attestor x509pop does not know the setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(_SETTINGS)}"
-            )
-        template = config.get("agent_path_template", DEFAULT_AGENT_PATH_TEMPLATE)
-        if template != DEFAULT_AGENT_PATH_TEMPLATE:
-            raise ConfigError(
-                f"node attestor x509pop supports only agent_path_template = "
-                f'"{DEFAULT_AGENT_PATH_TEMPLATE}" (the default); remove the setting'
-            )
-        bundle_path = config.get("ca_bundle_path")
-        if bundle_path is None:
-            raise ConfigError(
-                "node attestor x509pop needs ca_bundle_path, the PEM file of the CAs that "
-                "sign node certificates; set it under [node_attestors.x509pop]"
-            )
-        if not isinstance(bundle_path, str) or not bundle_path:
-            raise ConfigError(
-                "node attestor x509pop: ca_bundle_path must be a file path, e.g. "
-                '"/etc/tessera/node-ca.pem"'
-            )
-        return cls(context, load_ca_bundle(Path(bundle_path)))
 
     def attest(
         self, payload: Mapping[str, Any], challenge_response: Mapping[str, Any] | None
@@ -612,3 +613,15 @@ def _read_key(path: Path) -> PrivateKey:
     if problem or not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ConfigError(f"the x509pop key {path} is not usable: {problem}; use {_SUPPORTED_KEYS}")
     return key
+
+
+def _build_server(settings: X509PopSettings, context: ServerContext) -> X509PopServer:
+    return X509PopServer(context, load_ca_bundle(settings.ca_bundle_path))
+
+
+def _build_agent(settings: X509PopAgentSettings, context: None) -> X509PopAgent:
+    return X509PopAgent(settings.cert_path, settings.key_path)
+
+
+SERVER_PLUGIN = Plugin(NAME, X509PopSettings, _build_server)
+AGENT_PLUGIN = Plugin(NAME, X509PopAgentSettings, _build_agent)

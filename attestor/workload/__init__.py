@@ -7,11 +7,14 @@ Each configured attestor turns those credentials into selectors of its own type
 ``systemd:unit:nginx.service``); the workload's selectors are their union::
 
     attestors = [
-        load_workload_attestor("unix", {"hash_binary": True}),
-        load_workload_attestor("systemd", {}),
+        WORKLOAD_ATTESTORS.load(PluginConfig("unix", {"hash_binary": True}), DEFAULT_PROC_ROOT),
+        WORKLOAD_ATTESTORS.load(PluginConfig("systemd"), DEFAULT_PROC_ROOT),
     ]
     peer = peer_credentials(connection)
     selectors = attest_with_pid_guard(attestors, peer)
+
+:data:`WORKLOAD_ATTESTORS` is the registry (see :mod:`attestor.plugin`); its
+context is the ``/proc`` root the attestors read.
 
 Attestors read ``/proc/<pid>/...``; a pid can be reused by another process once
 the caller exits, so :func:`attest_with_pid_guard` checks the process start time
@@ -26,36 +29,33 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from attestor.plugin import PluginConfig, Registry
 from attestor.selector import Selector
-from sdk.errors import ConfigError, TesseraError
+from sdk.errors import TesseraError
 
 __all__ = [
     "DEFAULT_PROC_ROOT",
-    "WORKLOAD_ATTESTOR_NAMES",
+    "WORKLOAD_ATTESTORS",
     "PeerCredentials",
     "WorkloadAttestationError",
     "WorkloadAttestor",
     "attest_with_pid_guard",
     "attest_workload",
-    "bool_option",
     "check_pid",
-    "int_option",
     "load_workload_attestor",
     "peer_credentials",
     "process_not_found",
     "process_start_time",
     "read_proc_bytes",
     "read_proc_file",
-    "reject_unknown_keys",
 ]
 
 DEFAULT_PROC_ROOT = Path("/proc")
-WORKLOAD_ATTESTOR_NAMES = ("docker", "k8s", "systemd", "unix")
 
 _UCRED = struct.Struct("3i")
 # /proc/<pid>/stat: "pid (comm) state ppid ..."; starttime is field 22, which is
@@ -90,28 +90,24 @@ class WorkloadAttestor(Protocol):
         ...
 
 
+WORKLOAD_ATTESTORS: Registry[Path, WorkloadAttestor] = Registry(
+    "workload attestor",
+    "workload_attestors",
+    {
+        "docker": "attestor.workload.docker",
+        "k8s": "attestor.workload.k8s",
+        "systemd": "attestor.workload.systemd",
+        "unix": "attestor.workload.unix",
+    },
+)
+"""The built-in workload attestors; the context is the ``/proc`` root they read."""
+
+
 def load_workload_attestor(
     name: str, config: Mapping[str, Any], *, proc_root: Path = DEFAULT_PROC_ROOT
 ) -> WorkloadAttestor:
     """Build the attestor named in ``[workload_attestors.<name>]`` from its settings."""
-    factory = _factories().get(name)
-    if factory is None:
-        raise ConfigError(
-            f"unknown workload attestor {name!r}; "
-            f"known workload attestors: {', '.join(WORKLOAD_ATTESTOR_NAMES)}"
-        )
-    return factory(config, proc_root)
-
-
-def _factories() -> dict[str, Callable[[Mapping[str, Any], Path], WorkloadAttestor]]:
-    from attestor.workload import docker, k8s, systemd, unix
-
-    return {
-        "docker": docker.DockerWorkloadAttestor.from_config,
-        "k8s": k8s.K8sWorkloadAttestor.from_config,
-        "systemd": systemd.SystemdWorkloadAttestor.from_config,
-        "unix": unix.UnixWorkloadAttestor.from_config,
-    }
+    return WORKLOAD_ATTESTORS.load(PluginConfig(name, config), proc_root)
 
 
 def attest_workload(
@@ -241,40 +237,3 @@ def check_pid(pid: int) -> None:
             f"the caller's pid is {pid}: it runs in a pid namespace the agent cannot see; "
             "run the agent in the host pid namespace"
         )
-
-
-# -- configuration helpers shared by the plugins -----------------------------------------
-
-
-def reject_unknown_keys(plugin: str, config: Mapping[str, Any], known: Iterable[str]) -> None:
-    known_keys = sorted(known)
-    unknown = sorted(set(config) - set(known_keys))
-    if not unknown:
-        return
-    where = f"[workload_attestors.{plugin}]"
-    if not known_keys:
-        raise ConfigError(f"{where} takes no settings; remove {', '.join(unknown)}")
-    raise ConfigError(
-        f"unknown setting(s) in {where}: {', '.join(unknown)}; "
-        f"known settings: {', '.join(known_keys)}"
-    )
-
-
-def bool_option(plugin: str, config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(
-            f"[workload_attestors.{plugin}] {key} must be true or false, got {value!r}"
-        )
-    return value
-
-
-def int_option(plugin: str, config: Mapping[str, Any], key: str, default: int, *, what: str) -> int:
-    """A positive integer setting; ``what`` names its unit in the error, e.g. "bytes"."""
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(
-            f"[workload_attestors.{plugin}] {key} must be a positive number of {what}, "
-            f"got {value!r}"
-        )
-    return value

@@ -21,20 +21,19 @@ than guessed about. Configuration: none (see
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from attestor.plugin import Plugin
 from attestor.selector import Selector
+from attestor.settings import NoSettings
 from attestor.workload import (
     DEFAULT_PROC_ROOT,
     PeerCredentials,
     WorkloadAttestationError,
-    reject_unknown_keys,
 )
 from attestor.workload.cgroup import CgroupLine, read_cgroups
 
-__all__ = ["DockerWorkloadAttestor", "container_id_from_cgroups"]
+__all__ = ["PLUGIN", "DockerWorkloadAttestor", "container_id_from_cgroups"]
 
 NAME = "docker"
 _SCOPE = re.compile(r"(?:docker|cri-containerd)-([0-9a-f]{64})\.scope")
@@ -47,19 +46,19 @@ class DockerWorkloadAttestor:
     def __init__(self, *, proc_root: Path = DEFAULT_PROC_ROOT) -> None:
         self.proc_root = proc_root
 
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], proc_root: Path = DEFAULT_PROC_ROOT
-    ) -> DockerWorkloadAttestor:
-        reject_unknown_keys(NAME, config, ())
-        return cls(proc_root=proc_root)
-
     def attest(self, peer: PeerCredentials) -> list[Selector]:
         cgroups = read_cgroups(peer.pid, self.proc_root)
         container_id = container_id_from_cgroups(peer.pid, cgroups)
         if container_id is None:
             return []
         return [Selector(NAME, f"id:{container_id}")]
+
+
+def _build(settings: NoSettings, proc_root: Path) -> DockerWorkloadAttestor:
+    return DockerWorkloadAttestor(proc_root=proc_root)
+
+
+PLUGIN = Plugin(NAME, NoSettings, _build)
 
 
 def container_id_from_cgroups(pid: int, cgroups: list[CgroupLine]) -> str | None:

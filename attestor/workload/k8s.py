@@ -26,21 +26,20 @@ kubelet's API and are left to a later plugin. Configuration: none (see
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from attestor.plugin import Plugin
 from attestor.selector import Selector
+from attestor.settings import NoSettings
 from attestor.workload import (
     DEFAULT_PROC_ROOT,
     PeerCredentials,
     WorkloadAttestationError,
-    reject_unknown_keys,
 )
 from attestor.workload.cgroup import CgroupLine, read_cgroups
 
-__all__ = ["K8sWorkloadAttestor", "PodContainer", "pod_from_cgroups"]
+__all__ = ["PLUGIN", "K8sWorkloadAttestor", "PodContainer", "pod_from_cgroups"]
 
 NAME = "k8s"
 _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32}"
@@ -66,13 +65,6 @@ class K8sWorkloadAttestor:
     def __init__(self, *, proc_root: Path = DEFAULT_PROC_ROOT) -> None:
         self.proc_root = proc_root
 
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], proc_root: Path = DEFAULT_PROC_ROOT
-    ) -> K8sWorkloadAttestor:
-        reject_unknown_keys(NAME, config, ())
-        return cls(proc_root=proc_root)
-
     def attest(self, peer: PeerCredentials) -> list[Selector]:
         pod = pod_from_cgroups(peer.pid, read_cgroups(peer.pid, self.proc_root))
         if pod is None:
@@ -81,6 +73,13 @@ class K8sWorkloadAttestor:
         if pod.container_id is not None:
             selectors.append(Selector(NAME, f"container-id:{pod.container_id}"))
         return selectors
+
+
+def _build(settings: NoSettings, proc_root: Path) -> K8sWorkloadAttestor:
+    return K8sWorkloadAttestor(proc_root=proc_root)
+
+
+PLUGIN = Plugin(NAME, NoSettings, _build)
 
 
 def pod_from_cgroups(pid: int, cgroups: list[CgroupLine]) -> PodContainer | None:

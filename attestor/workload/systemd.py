@@ -27,24 +27,25 @@ chosen by an operator. Configuration is described in
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from attestor.plugin import Plugin
 from attestor.selector import Selector
-from attestor.workload import (
-    DEFAULT_PROC_ROOT,
-    PeerCredentials,
-    bool_option,
-    reject_unknown_keys,
-)
+from attestor.settings import Settings
+from attestor.workload import DEFAULT_PROC_ROOT, PeerCredentials
 from attestor.workload.cgroup import CgroupLine, read_cgroups
 
-__all__ = ["SystemdWorkloadAttestor", "units_from_cgroups"]
+__all__ = ["PLUGIN", "SystemdSettings", "SystemdWorkloadAttestor", "units_from_cgroups"]
 
 NAME = "systemd"
 _USER_MANAGER = re.compile(r"user@\d+\.service")
 _UNIT_SUFFIXES = (".service", ".scope")
+
+
+class SystemdSettings(Settings):
+    """``[workload_attestors.systemd]``."""
+
+    include_scopes: bool = False
 
 
 class SystemdWorkloadAttestor:
@@ -55,16 +56,6 @@ class SystemdWorkloadAttestor:
     ) -> None:
         self.include_scopes = include_scopes
         self.proc_root = proc_root
-
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], proc_root: Path = DEFAULT_PROC_ROOT
-    ) -> SystemdWorkloadAttestor:
-        reject_unknown_keys(NAME, config, ("include_scopes",))
-        return cls(
-            include_scopes=bool_option(NAME, config, "include_scopes", False),
-            proc_root=proc_root,
-        )
 
     def attest(self, peer: PeerCredentials) -> list[Selector]:
         system_unit, user_unit = units_from_cgroups(read_cgroups(peer.pid, self.proc_root))
@@ -77,6 +68,13 @@ class SystemdWorkloadAttestor:
 
     def _wanted(self, unit: str) -> bool:
         return unit.endswith(".service") or self.include_scopes
+
+
+def _build(settings: SystemdSettings, proc_root: Path) -> SystemdWorkloadAttestor:
+    return SystemdWorkloadAttestor(include_scopes=settings.include_scopes, proc_root=proc_root)
+
+
+PLUGIN = Plugin(NAME, SystemdSettings, _build)
 
 
 def units_from_cgroups(cgroups: list[CgroupLine]) -> tuple[str | None, str | None]:

@@ -26,25 +26,24 @@ import os
 import pwd
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Self
 
+from pydantic import Field, model_validator
+
+from attestor.plugin import Plugin
 from attestor.selector import Selector
+from attestor.settings import Settings
 from attestor.workload import (
     DEFAULT_PROC_ROOT,
     PeerCredentials,
     WorkloadAttestationError,
-    bool_option,
     check_pid,
-    int_option,
     process_not_found,
     read_proc_bytes,
-    reject_unknown_keys,
 )
-from sdk.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_BINARY_SIZE", "UnixWorkloadAttestor"]
+__all__ = ["DEFAULT_MAX_BINARY_SIZE", "PLUGIN", "UnixSettings", "UnixWorkloadAttestor"]
 
 NAME = "unix"
 DEFAULT_MAX_BINARY_SIZE = 64 * 1024 * 1024
@@ -55,6 +54,25 @@ _CHUNK = 1024 * 1024
 log = logging.getLogger(__name__)
 
 _CacheKey = tuple[str, int, int, int, int, int]
+
+
+class UnixSettings(Settings):
+    """``[workload_attestors.unix]``."""
+
+    discover_workload_path: bool = True
+    hash_binary: bool = True
+    max_binary_size: int = Field(default=DEFAULT_MAX_BINARY_SIZE, ge=1)
+
+    @model_validator(mode="after")
+    def _hashing_needs_the_path(self) -> Self:
+        if "hash_binary" in self.model_fields_set and self.hash_binary and not (
+            self.discover_workload_path
+        ):
+            raise ValueError(
+                "hash_binary = true needs discover_workload_path = true (the binary is found "
+                "through /proc/<pid>/exe); set one of them the other way"
+            )
+        return self
 
 
 class UnixWorkloadAttestor:
@@ -76,31 +94,6 @@ class UnixWorkloadAttestor:
         self._hash_cache: OrderedDict[_CacheKey, str] = OrderedDict()
         self._hash_cache_entries = hash_cache_entries
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], proc_root: Path = DEFAULT_PROC_ROOT
-    ) -> UnixWorkloadAttestor:
-        reject_unknown_keys(
-            NAME, config, ("discover_workload_path", "hash_binary", "max_binary_size")
-        )
-        discover = bool_option(NAME, config, "discover_workload_path", True)
-        hash_binary = bool_option(NAME, config, "hash_binary", True)
-        if config.get("hash_binary") is True and not discover:
-            raise ConfigError(
-                "[workload_attestors.unix] hash_binary = true needs "
-                "discover_workload_path = true (the binary is found through /proc/<pid>/exe); "
-                "set one of them the other way"
-            )
-        max_size = int_option(
-            NAME, config, "max_binary_size", DEFAULT_MAX_BINARY_SIZE, what="bytes"
-        )
-        return cls(
-            discover_workload_path=discover,
-            hash_binary=hash_binary,
-            max_binary_size=max_size,
-            proc_root=proc_root,
-        )
 
     def attest(self, peer: PeerCredentials) -> list[Selector]:
         check_pid(peer.pid)
@@ -213,6 +206,18 @@ class UnixWorkloadAttestor:
             while len(self._hash_cache) > self._hash_cache_entries:
                 self._hash_cache.popitem(last=False)
         return hexdigest
+
+
+def _build(settings: UnixSettings, proc_root: Path) -> UnixWorkloadAttestor:
+    return UnixWorkloadAttestor(
+        discover_workload_path=settings.discover_workload_path,
+        hash_binary=settings.hash_binary,
+        max_binary_size=settings.max_binary_size,
+        proc_root=proc_root,
+    )
+
+
+PLUGIN = Plugin(NAME, UnixSettings, _build)
 
 
 def _cache_key(path: str, info: os.stat_result) -> _CacheKey:

@@ -9,24 +9,26 @@ key that never leaves Vault/OpenBao signs just like one kept in this process::
     signature = signer.sign(b"data")          # DER ECDSA with SHA-256
     manager.get_key("x509-ca-a").public_key() == signer.public_key()
 
-Built-ins: ``memory`` (keys vanish on restart; tests and demos) and ``disk``
-(encrypted PKCS#8 files). A new key manager is a module with a
-``create(config, data_dir)`` function, listed in ``_KEY_MANAGERS``.
+Built-ins: ``memory`` (keys vanish on restart; tests and demos), ``disk``
+(encrypted PKCS#8 files) and ``vault_transit`` (keys that never leave a
+Vault/OpenBao transit mount). :data:`KEY_MANAGERS` is their registry (see
+:mod:`attestor.plugin`); its context is the server's data directory. A new key
+manager is a module exporting ``PLUGIN``, listed there.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from sdk.errors import ConfigError
+from attestor.plugin import PluginConfig, Registry
 from sdk.keys import KeyType, PrivateKey, PublicKey, hash_for, key_type_of
 
 __all__ = [
+    "KEY_MANAGERS",
     "KeyManager",
     "LocalSigner",
     "Signer",
@@ -105,32 +107,18 @@ class LocalSigner:
         return f"LocalSigner(key_id={self._key_id!r}, key_type={self._key_type.value!r})"
 
 
-KeyManagerFactory = Callable[[Mapping[str, Any], Path], KeyManager]
-
-# name -> module holding ``create(config, data_dir) -> KeyManager``; imported on use.
-_KEY_MANAGERS: dict[str, str] = {
-    "memory": "ca.keymanager.memory",
-    "disk": "ca.keymanager.disk",
-    "vault_transit": "ca.keymanager.vault_transit",
-}
+KEY_MANAGERS: Registry[Path, KeyManager] = Registry(
+    "key manager",
+    "key_manager",
+    {
+        "disk": "ca.keymanager.disk",
+        "memory": "ca.keymanager.memory",
+        "vault_transit": "ca.keymanager.vault_transit",
+    },
+)
+"""The built-in key managers; the context is the server's data directory."""
 
 
 def load_key_manager(name: str, config: Mapping[str, Any], data_dir: Path) -> KeyManager:
     """The key manager called ``name``, configured from ``config``; ConfigError if unknown."""
-    module_name = _KEY_MANAGERS.get(name)
-    if module_name is None:
-        known = ", ".join(sorted(_KEY_MANAGERS))
-        raise ConfigError(f"key manager {name!r} is not known; use one of {known}")
-    factory = cast(KeyManagerFactory, importlib.import_module(module_name).create)
-    return factory(config, data_dir)
-
-
-def check_config_keys(name: str, config: Mapping[str, Any], allowed: set[str]) -> None:
-    """Raise ConfigError naming any key of ``config`` the key manager does not know."""
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        choices = ", ".join(sorted(allowed)) if allowed else "none"
-        raise ConfigError(
-            f"key manager {name!r} does not take setting(s) {', '.join(unknown)}; "
-            f"its settings are: {choices}"
-        )
+    return KEY_MANAGERS.load(PluginConfig(name, config), data_dir)

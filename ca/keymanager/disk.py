@@ -4,7 +4,7 @@ Every key is written to ``<keys_dir>/<key_id>.pem``, encrypted (PBES2,
 AES-256-CBC) under a key-encryption key (KEK), created with mode 0600 and
 moved into place atomically, so a crash never leaves half a key behind::
 
-    manager = DiskKeyManager.from_config({"kek_file": "/etc/tessera/kek"}, data_dir)
+    manager = load_key_manager("disk", {"kek_file": "/etc/tessera/kek"}, data_dir)
     signer = manager.generate_key("x509-ca-a", KeyType.EC_P256)
 
 Configuration (all optional):
@@ -30,15 +30,15 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ca.keymanager import LocalSigner, check_config_keys
+from attestor.plugin import Plugin
+from attestor.settings import FilePath, Settings
+from ca.keymanager import LocalSigner
 from sdk.errors import ConfigError, InvalidArgument, NotFound
 from sdk.keys import KeyType, generate_private_key
 from sdk.privatefiles import write_file_atomically
@@ -59,6 +59,13 @@ class Kek:
     source: str  # said in error messages; never the secret itself
 
 
+class DiskSettings(Settings):
+    """``[key_manager.disk]``."""
+
+    keys_dir: FilePath | None = None
+    kek_file: FilePath | None = None
+
+
 class DiskKeyManager:
     name = "disk"
 
@@ -75,11 +82,11 @@ class DiskKeyManager:
         self._cache: dict[str, tuple[tuple[int, int, int], LocalSigner]] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], data_dir: Path) -> DiskKeyManager:
-        check_config_keys("disk", config, {"keys_dir", "kek_file"})
-        keys_dir = _path_setting(config, "keys_dir") or data_dir / "keys"
+    def from_settings(cls, settings: DiskSettings, data_dir: Path) -> DiskKeyManager:
+        keys_dir = settings.keys_dir.expanduser() if settings.keys_dir else data_dir / "keys"
         _make_private_dir(keys_dir)
-        kek = _load_kek(_path_setting(config, "kek_file"), keys_dir)
+        kek_file = settings.kek_file.expanduser() if settings.kek_file else None
+        kek = _load_kek(kek_file, keys_dir)
         return cls(keys_dir, kek.secret, kek_source=kek.source)
 
     @property
@@ -149,17 +156,7 @@ class DiskKeyManager:
         return key
 
 
-def create(config: Mapping[str, Any], data_dir: Path) -> DiskKeyManager:
-    return DiskKeyManager.from_config(config, data_dir)
-
-
-def _path_setting(config: Mapping[str, Any], name: str) -> Path | None:
-    value = config.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str | os.PathLike) or not str(value):
-        raise ConfigError(f"key manager 'disk' setting {name} must be a path")
-    return Path(value).expanduser()
+PLUGIN = Plugin("disk", DiskSettings, DiskKeyManager.from_settings)
 
 
 def configured_kek(kek_file: Path | None) -> Kek | None:

@@ -11,11 +11,11 @@ It takes no configuration.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from ca.keymanager import LocalSigner, check_config_keys
+from attestor.plugin import Plugin
+from attestor.settings import NoSettings
+from ca.keymanager import LocalSigner
 from sdk.errors import NotFound
 from sdk.keys import KeyType, generate_private_key
 
@@ -45,6 +45,8 @@ class MemoryKeyManager:
             self._keys.pop(key_id, None)
 
 
-def create(config: Mapping[str, Any], data_dir: Path) -> MemoryKeyManager:
-    check_config_keys("memory", config, set())
+def _build(settings: NoSettings, data_dir: Path) -> MemoryKeyManager:
     return MemoryKeyManager()
+
+
+PLUGIN = Plugin("memory", NoSettings, _build)

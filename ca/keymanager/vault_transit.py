@@ -3,7 +3,8 @@
 Each key is a transit key named ``<key_prefix><key_id>``; Tessera holds only
 its public key and asks transit to sign (one HTTP request per signature)::
 
-    manager = VaultTransitKeyManager.from_config(
+    manager = load_key_manager(
+        "vault_transit",
         {"address": "https://vault.example.org:8200", "token_file": "/run/tessera/token"},
         data_dir,
     )
@@ -40,21 +41,21 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import Field
 
-from ca.keymanager import check_config_keys
-from ca.vault import CONNECTION_SETTINGS, VaultClient, VaultRequestFailed, VaultSettings
+from attestor.plugin import Plugin
+from ca.vault import VaultClient, VaultConnection, VaultRequestFailed, VaultSettings
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from sdk.keys import KeyType, PrivateKey, PublicKey, key_type_of
 
-__all__ = ["TransitSigner", "VaultTransitKeyManager", "create"]
+__all__ = ["PLUGIN", "TransitSigner", "VaultTransitKeyManager", "VaultTransitSettings"]
 
 log = logging.getLogger(__name__)
 
 NAME = "vault_transit"
-PLUGIN = f"key manager {NAME!r}"
+WHAT = f"key manager {NAME!r}"
 DEFAULT_MOUNT = "transit"
 DEFAULT_KEY_PREFIX = "tessera-"
-_SETTINGS = set(CONNECTION_SETTINGS) | {"mount", "key_prefix"}
 
 _TRANSIT_TYPES: dict[KeyType, str] = {
     KeyType.EC_P256: "ecdsa-p256",
@@ -114,6 +115,13 @@ class TransitSigner:
         )
 
 
+class VaultTransitSettings(VaultConnection):
+    """``[key_manager.vault_transit]``: the connection settings and these."""
+
+    mount: str = Field(default=DEFAULT_MOUNT, min_length=1)
+    key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
+
+
 class VaultTransitKeyManager:
     name = NAME
 
@@ -131,19 +139,20 @@ class VaultTransitKeyManager:
         self._signers: dict[str, TransitSigner] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], data_dir: Path) -> VaultTransitKeyManager:
-        check_config_keys(NAME, config, _SETTINGS)
-        mount = _setting(config, "mount", DEFAULT_MOUNT).strip("/")
+    def from_settings(
+        cls, settings: VaultTransitSettings, data_dir: Path
+    ) -> VaultTransitKeyManager:
+        mount = settings.mount.strip("/")
         if not _MOUNT.fullmatch(mount):
-            raise ConfigError(f"{PLUGIN} mount {mount!r} is not a valid mount path")
-        key_prefix = _setting(config, "key_prefix", DEFAULT_KEY_PREFIX)
+            raise ConfigError(f"{WHAT} mount {mount!r} is not a valid mount path")
+        key_prefix = settings.key_prefix
         if not _KEY_PREFIX.fullmatch(key_prefix):
             raise ConfigError(
-                f"{PLUGIN} key_prefix {key_prefix!r} cannot begin a transit key name; use "
+                f"{WHAT} key_prefix {key_prefix!r} cannot begin a transit key name; use "
                 "up to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
             )
-        settings = VaultSettings.from_config(config, plugin=PLUGIN)
-        return cls(VaultClient(settings, plugin=PLUGIN), mount=mount, key_prefix=key_prefix)
+        connection = VaultSettings.from_connection(settings, plugin=WHAT)
+        return cls(VaultClient(connection, plugin=WHAT), mount=mount, key_prefix=key_prefix)
 
     @property
     def mount(self) -> str:
@@ -275,15 +284,7 @@ class VaultTransitKeyManager:
         return f"{self._mount}/{endpoint}/{self._key_prefix}*"
 
 
-def create(config: Mapping[str, Any], data_dir: Path) -> VaultTransitKeyManager:
-    return VaultTransitKeyManager.from_config(config, data_dir)
-
-
-def _setting(config: Mapping[str, Any], name: str, default: str) -> str:
-    value = config.get(name, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{PLUGIN} setting {name} must be a non-empty string")
-    return value
+PLUGIN = Plugin(NAME, VaultTransitSettings, VaultTransitKeyManager.from_settings)
 
 
 def _decode_signature(value: object, name: str) -> bytes:

@@ -14,33 +14,39 @@ any certificates between it and the roots, and the roots to publish::
 
 Built-ins: ``disk`` (a CA certificate and key in PEM files), ``vault_pki`` (a
 Vault/OpenBao PKI mount) and ``shared_root`` (a self-signed root kept, its key
-encrypted, in the datastore every server shares). A new upstream authority is a
-module with a ``create(config, data_dir, context)`` function, listed in
-``_UPSTREAM_AUTHORITIES``. With no upstream authority each server signs its
+encrypted, in the datastore every server shares). :data:`UPSTREAM_AUTHORITIES`
+is their registry (see :mod:`attestor.plugin`); its context is an
+:class:`UpstreamContext`. A new upstream authority is a module exporting
+``PLUGIN``, listed there. With no upstream authority each server signs its
 authorities itself (each is a self-signed root).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from spiffe import TrustDomain
 
+from attestor.plugin import PluginConfig, Registry
 from ca.keymanager import Signer
 from sdk.clock import SYSTEM_CLOCK, Clock
-from sdk.errors import ConfigError
 from sdk.keys import PublicKey
 
 if TYPE_CHECKING:
     from ca.datastore.interface import Datastore
 
-__all__ = ["MintedCA", "UpstreamAuthority", "UpstreamContext", "load_upstream_authority"]
+__all__ = [
+    "UPSTREAM_AUTHORITIES",
+    "MintedCA",
+    "UpstreamAuthority",
+    "UpstreamContext",
+    "load_upstream_authority",
+]
 
 
 @dataclass(frozen=True)
@@ -79,17 +85,17 @@ class UpstreamAuthority(Protocol):
         ...
 
 
-UpstreamAuthorityFactory = Callable[
-    [Mapping[str, Any], Path, UpstreamContext], UpstreamAuthority
-]
-
-# name -> module holding ``create(config, data_dir, context) -> UpstreamAuthority``;
-# imported on use.
-_UPSTREAM_AUTHORITIES: dict[str, str] = {
-    "disk": "ca.upstream.disk",
-    "shared_root": "ca.upstream.shared_root",
-    "vault_pki": "ca.upstream.vault_pki",
-}
+UPSTREAM_AUTHORITIES: Registry[UpstreamContext, UpstreamAuthority] = Registry(
+    "upstream authority",
+    "upstream_authority",
+    {
+        "disk": "ca.upstream.disk",
+        "shared_root": "ca.upstream.shared_root",
+        "vault_pki": "ca.upstream.vault_pki",
+    },
+    plural="upstream authorities",
+)
+"""The built-in upstream authorities; the context is what the server lends them."""
 
 
 def load_upstream_authority(
@@ -99,26 +105,5 @@ def load_upstream_authority(
     context: UpstreamContext | None = None,
 ) -> UpstreamAuthority:
     """The upstream authority called ``name``, configured from ``config``; ConfigError if
-    unknown."""
-    module_name = _UPSTREAM_AUTHORITIES.get(name)
-    if module_name is None:
-        known = ", ".join(sorted(_UPSTREAM_AUTHORITIES))
-        raise ConfigError(f"upstream authority {name!r} is not known; use one of {known}")
-    factory = cast(UpstreamAuthorityFactory, importlib.import_module(module_name).create)
-    return factory(config, data_dir, context or UpstreamContext())
-
-
-def check_config_keys(
-    name: str, config: Mapping[str, Any], *, required: set[str], optional: set[str]
-) -> None:
-    """Raise ConfigError for settings the upstream authority does not know or lacks."""
-    allowed = required | optional
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"upstream authority {name!r} does not take setting(s) {', '.join(unknown)}; "
-            f"its settings are: {', '.join(sorted(allowed))}"
-        )
-    missing = sorted(key for key in required if not config.get(key))
-    if missing:
-        raise ConfigError(f"upstream authority {name!r} needs setting(s) {', '.join(missing)}")
+    unknown. ``data_dir`` is kept for callers; no built-in needs it."""
+    return UPSTREAM_AUTHORITIES.load(PluginConfig(name, config), context or UpstreamContext())

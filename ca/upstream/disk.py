@@ -3,7 +3,8 @@
 The server's X.509 authorities become intermediates of that CA, and the
 CA's roots are what agents and workloads trust::
 
-    upstream = DiskUpstreamAuthority.from_config(
+    upstream = load_upstream_authority(
+        "disk",
         {"cert_file_path": "/etc/tessera/upstream.crt",
          "key_file_path": "/etc/tessera/upstream.key"},
         data_dir,
@@ -27,11 +28,9 @@ upstream certificate. The key file must be readable by the server alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -39,16 +38,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import TrustDomain
 
+from attestor.plugin import Plugin
+from attestor.settings import FilePath, Settings
 from ca.keymanager import LocalSigner, Signer
-from ca.upstream import MintedCA, UpstreamContext, check_config_keys
+from ca.upstream import MintedCA, UpstreamContext
 from ca.x509ca import build_ca_certificate
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
 
 log = logging.getLogger(__name__)
 
-_REQUIRED = {"cert_file_path", "key_file_path"}
-_OPTIONAL = {"bundle_file_path"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,14 @@ class _Material:
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
     signer: LocalSigner
+
+
+class DiskSettings(Settings):
+    """``[upstream_authority.disk]``."""
+
+    cert_file_path: FilePath
+    key_file_path: FilePath
+    bundle_file_path: FilePath | None = None
 
 
 class DiskUpstreamAuthority:
@@ -71,13 +78,14 @@ class DiskUpstreamAuthority:
         self._load()  # fail at start-up, not at the first rotation
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], data_dir: Path) -> DiskUpstreamAuthority:
-        check_config_keys("disk", config, required=_REQUIRED, optional=_OPTIONAL)
-        bundle = config.get("bundle_file_path")
+    def from_settings(
+        cls, settings: DiskSettings, context: UpstreamContext
+    ) -> DiskUpstreamAuthority:
+        bundle = settings.bundle_file_path
         return cls(
-            _path(config, "cert_file_path"),
-            _path(config, "key_file_path"),
-            _path(config, "bundle_file_path") if bundle else None,
+            settings.cert_file_path.expanduser(),
+            settings.key_file_path.expanduser(),
+            bundle.expanduser() if bundle else None,
         )
 
     def mint_x509_ca(
@@ -141,17 +149,7 @@ class DiskUpstreamAuthority:
         return _Material(certificate, chain, roots, signer)
 
 
-def create(
-    config: Mapping[str, Any], data_dir: Path, context: UpstreamContext | None = None
-) -> DiskUpstreamAuthority:
-    return DiskUpstreamAuthority.from_config(config, data_dir)
-
-
-def _path(config: Mapping[str, Any], name: str) -> Path:
-    value = config[name]
-    if not isinstance(value, str | Path):
-        raise ConfigError(f"upstream authority 'disk' setting {name} must be a path")
-    return Path(value).expanduser()
+PLUGIN = Plugin("disk", DiskSettings, DiskUpstreamAuthority.from_settings)
 
 
 def _read_bytes(path: Path, setting: str) -> bytes:

@@ -32,32 +32,38 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import TrustDomain
 
+from attestor.plugin import Plugin
+from attestor.settings import Duration, FilePath, Settings
 from ca.datastore.interface import Datastore
 from ca.datastore.records import SharedRoot
 from ca.keymanager import LocalSigner, Signer
 from ca.keymanager.disk import KEK_ENVIRONMENT_VARIABLE, Kek, configured_kek
-from ca.upstream import MintedCA, UpstreamContext, check_config_keys
+from ca.upstream import MintedCA, UpstreamContext
 from ca.x509ca import build_ca_certificate
 from sdk.clock import Clock
-from sdk.durations import format_duration, parse_duration
+from sdk.durations import format_duration
 from sdk.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PublicKey, generate_private_key, parse_key_type
 
 log = logging.getLogger(__name__)
 
-PLUGIN = "upstream authority 'shared_root'"
+WHAT = "upstream authority 'shared_root'"
 DEFAULT_ROOT_TTL = timedelta(days=365)
 ROOT_BACKDATE = timedelta(seconds=10)
-_OPTIONAL = {"kek_file", "root_ttl", "key_type"}
+
+
+class SharedRootSettings(Settings):
+    """``[upstream_authority.shared_root]``."""
+
+    kek_file: FilePath | None = None
+    root_ttl: Duration = DEFAULT_ROOT_TTL
+    key_type: str = KeyType.EC_P256.value
 
 
 class SharedRootUpstreamAuthority:
@@ -81,39 +87,32 @@ class SharedRootUpstreamAuthority:
         self._signers: dict[bytes, LocalSigner] = {}  # root certificate DER -> its key
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], context: UpstreamContext
+    def from_settings(
+        cls, settings: SharedRootSettings, context: UpstreamContext
     ) -> SharedRootUpstreamAuthority:
-        check_config_keys("shared_root", config, required=set(), optional=_OPTIONAL)
         if context.datastore is None:
-            raise ConfigError(f"{PLUGIN} needs the server's datastore")
-        kek_file = config.get("kek_file")
-        if kek_file is not None and not isinstance(kek_file, str):
-            raise ConfigError(f"{PLUGIN} setting kek_file must be a path")
-        kek = configured_kek(Path(kek_file).expanduser() if kek_file else None)
+            raise ConfigError(f"{WHAT} needs the server's datastore")
+        kek = configured_kek(settings.kek_file.expanduser() if settings.kek_file else None)
         if kek is None:
             raise ConfigError(
-                f"{PLUGIN} needs the key-encryption key every server of the trust domain "
+                f"{WHAT} needs the key-encryption key every server of the trust domain "
                 f"shares: set kek_file, or the {KEK_ENVIRONMENT_VARIABLE} environment "
                 "variable, to the same secret on every server (e.g. the output of "
                 "`openssl rand -hex 32`)"
             )
-        ttl_setting = config.get("root_ttl", DEFAULT_ROOT_TTL)
-        if isinstance(ttl_setting, bool) or not isinstance(ttl_setting, str | int | timedelta):
-            raise ConfigError(f"{PLUGIN} setting root_ttl must be a duration such as \"365d\"")
+        root_ttl = settings.root_ttl
         try:
-            root_ttl = parse_duration(ttl_setting, what="root_ttl")
-            key_type = parse_key_type(str(config.get("key_type", KeyType.EC_P256.value)))
+            key_type = parse_key_type(settings.key_type)
         except InvalidArgument as err:
-            raise ConfigError(f"{PLUGIN}: {err.message}") from err
+            raise ConfigError(f"{WHAT}: {err.message}") from err
         if context.ca_ttl is not None and root_ttl < 2 * context.ca_ttl:
             raise ConfigError(
-                f"{PLUGIN} setting root_ttl ({format_duration(root_ttl)}) must be at least "
+                f"{WHAT} setting root_ttl ({format_duration(root_ttl)}) must be at least "
                 f"twice the CA TTL ({format_duration(context.ca_ttl)}), or every authority is "
                 "cut short by its root; ten times or more is sensible"
             )
         if root_ttl < timedelta(minutes=1):
-            raise ConfigError(f"{PLUGIN} setting root_ttl must be at least 1m")
+            raise ConfigError(f"{WHAT} setting root_ttl must be at least 1m")
         return cls(context.datastore, kek, root_ttl=root_ttl, key_type=key_type,
                    clock=context.clock)  # fmt: skip
 
@@ -206,7 +205,4 @@ def _half_life(root: SharedRoot) -> timedelta:
     return (root.not_after - root.not_before) / 2
 
 
-def create(
-    config: Mapping[str, Any], data_dir: Path, context: UpstreamContext | None = None
-) -> SharedRootUpstreamAuthority:
-    return SharedRootUpstreamAuthority.from_config(config, context or UpstreamContext())
+PLUGIN = Plugin("shared_root", SharedRootSettings, SharedRootUpstreamAuthority.from_settings)

@@ -5,7 +5,8 @@ Tessera server. For each new authority the server sends a CSR, signed by the
 authority's key through its key manager (so a ``vault_transit`` key works
 too), to ``<mount>/root/sign-intermediate``::
 
-    upstream = VaultPkiUpstreamAuthority.from_config(
+    upstream = load_upstream_authority(
+        "vault_pki",
         {"address": "https://vault.example.org:8200", "token_file": "/run/tessera/token"},
         data_dir,
     )
@@ -37,10 +38,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -48,26 +47,34 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from spiffe import TrustDomain
 
+from attestor.plugin import Plugin
+from attestor.settings import Duration
 from ca.errors import CAError
 from ca.keymanager import Signer
-from ca.upstream import MintedCA, UpstreamContext, check_config_keys
-from ca.vault import CONNECTION_SETTINGS, VaultClient, VaultRequestFailed, VaultSettings
+from ca.upstream import MintedCA, UpstreamContext
+from ca.vault import VaultClient, VaultConnection, VaultRequestFailed, VaultSettings
 from ca.x509ca import ORGANIZATION, build_csr_with_signer
-from sdk.durations import parse_duration
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
 
-__all__ = ["VaultPkiUpstreamAuthority", "create"]
+__all__ = ["PLUGIN", "VaultPkiSettings", "VaultPkiUpstreamAuthority"]
 
 log = logging.getLogger(__name__)
 
 NAME = "vault_pki"
-PLUGIN = f"upstream authority {NAME!r}"
+WHAT = f"upstream authority {NAME!r}"
 DEFAULT_MOUNT = "pki"
-_OPTIONAL = set(CONNECTION_SETTINGS) | {"mount", "issuer_ref", "ttl_cap"}
 _MOUNT = re.compile(r"^[\w.-]+(?:/[\w.-]+)*$", re.ASCII)
 _ISSUER_REF = re.compile(r"^[\w.-]{1,128}$", re.ASCII)
 _MAX_NAME_ATTRIBUTE = 64
+
+
+class VaultPkiSettings(VaultConnection):
+    """``[upstream_authority.vault_pki]``: the connection settings and these."""
+
+    mount: str = DEFAULT_MOUNT
+    issuer_ref: str | None = None
+    ttl_cap: Duration | None = None
 
 
 class VaultPkiUpstreamAuthority:
@@ -87,31 +94,23 @@ class VaultPkiUpstreamAuthority:
         self._ttl_cap = ttl_cap
 
     @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any], data_dir: Path
+    def from_settings(
+        cls, settings: VaultPkiSettings, context: UpstreamContext
     ) -> VaultPkiUpstreamAuthority:
-        check_config_keys(NAME, config, required=set(), optional=_OPTIONAL)
-        mount = _text(config, "mount") or DEFAULT_MOUNT
-        mount = mount.strip("/")
+        mount = (settings.mount.strip() or DEFAULT_MOUNT).strip("/")
         if not _MOUNT.fullmatch(mount):
-            raise ConfigError(f"{PLUGIN} mount {mount!r} is not a valid mount path")
-        issuer_ref = _text(config, "issuer_ref")
+            raise ConfigError(f"{WHAT} mount {mount!r} is not a valid mount path")
+        issuer_ref = (settings.issuer_ref or "").strip() or None
         if issuer_ref is not None and not _ISSUER_REF.fullmatch(issuer_ref):
             raise ConfigError(
-                f"{PLUGIN} issuer_ref {issuer_ref!r} is not an issuer name or id"
+                f"{WHAT} issuer_ref {issuer_ref!r} is not an issuer name or id"
             )
-        ttl_cap = None
-        if config.get("ttl_cap") is not None:
-            try:
-                ttl_cap = parse_duration(config["ttl_cap"], what=f"{PLUGIN} ttl_cap")
-            except InvalidArgument as err:
-                raise ConfigError(err.message) from None
-        settings = VaultSettings.from_config(config, plugin=PLUGIN)
+        connection = VaultSettings.from_connection(settings, plugin=WHAT)
         return cls(
-            VaultClient(settings, plugin=PLUGIN),
+            VaultClient(connection, plugin=WHAT),
             mount=mount,
             issuer_ref=issuer_ref,
-            ttl_cap=ttl_cap,
+            ttl_cap=settings.ttl_cap,
         )
 
     def mint_x509_ca(
@@ -125,7 +124,7 @@ class VaultPkiUpstreamAuthority:
     ) -> MintedCA:
         if signer is None:
             raise FailedPrecondition(
-                f"{PLUGIN} needs the new authority's signer to sign a CSR, and none was given"
+                f"{WHAT} needs the new authority's signer to sign a CSR, and none was given"
             )
         if signer.public_key() != public_key:
             raise InvalidArgument(
@@ -250,19 +249,7 @@ class VaultPkiUpstreamAuthority:
         return certificate
 
 
-def create(
-    config: Mapping[str, Any], data_dir: Path, context: UpstreamContext | None = None
-) -> VaultPkiUpstreamAuthority:
-    return VaultPkiUpstreamAuthority.from_config(config, data_dir)
-
-
-def _text(config: Mapping[str, Any], name: str) -> str | None:
-    value = config.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{PLUGIN} setting {name} must be a string")
-    return value.strip() or None
+PLUGIN = Plugin(NAME, VaultPkiSettings, VaultPkiUpstreamAuthority.from_settings)
 
 
 def _parse_pem(pem: str, path: str) -> list[x509.Certificate]:

@@ -8,6 +8,7 @@ import pytest
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.node import (
+    NODE_ATTESTORS_AGENT,
     AttestationResult,
     NodeAttestationError,
     ServerContext,
@@ -19,6 +20,7 @@ from attestor.node.join_token import (
     generate_token,
     is_well_formed,
 )
+from attestor.plugin import PluginConfig
 from sdk.errors import ConfigError, NotFound
 
 TRUST_DOMAIN = TrustDomain("example.org")
@@ -128,8 +130,11 @@ def test_missing_or_malformed_token_is_refused_without_asking_the_store(
 def test_server_half_takes_no_settings() -> None:
     context = ServerContext(TRUST_DOMAIN, FakeTokenStore({}).find)
     with pytest.raises(ConfigError) as caught:
-        JoinTokenServer.from_config({"ttl": 600, "alias": "x"}, context)
-    assert caught.value.message == "node attestor join_token takes no settings; remove alias, ttl"
+        load_node_attestor_server("join_token", {"ttl": 600, "alias": "x"}, context)
+    assert caught.value.message == (
+        "[node_attestors.join_token] ttl: unknown setting; alias: unknown setting; "
+        "it takes no settings"
+    )
 
 
 def test_agent_half_sends_its_token() -> None:
@@ -150,3 +155,11 @@ def test_agent_half_has_no_challenge_to_answer() -> None:
     with pytest.raises(NodeAttestationError) as caught:
         JoinTokenAgent(TOKEN).answer({"nonce": "AAAA"})
     assert caught.value.message == "join_token attestation has no challenge"
+
+
+def test_the_agent_half_is_built_from_its_flags_through_the_registry() -> None:
+    agent = NODE_ATTESTORS_AGENT.load(PluginConfig("join_token", {"token": TOKEN}), None)
+
+    assert isinstance(agent, JoinTokenAgent)
+    assert agent.payload() == {"token": TOKEN}
+    assert NODE_ATTESTORS_AGENT.names() == ("join_token", "x509pop")

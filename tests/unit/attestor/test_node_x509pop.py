@@ -352,7 +352,9 @@ def test_signature_is_over_the_context_and_the_nonce(
 def test_load_node_attestor_server_knows_x509pop(context: ServerContext) -> None:
     with pytest.raises(ConfigError) as caught:
         load_node_attestor_server("tpm", {}, context)
-    assert caught.value.message == "unknown node attestor 'tpm'; known: join_token, x509pop"
+    assert caught.value.message == (
+        "unknown node attestor 'tpm'; known node attestors: join_token, x509pop"
+    )
 
 
 def test_server_context_reads_the_system_clock_by_default() -> None:
@@ -700,28 +702,37 @@ def test_random_challenge_responses_never_crash(server: X509PopServer, agent: X5
 
 def config_error(config: dict[str, Any], context: ServerContext) -> str:
     with pytest.raises(ConfigError) as caught:
-        X509PopServer.from_config(config, context)
+        load_node_attestor_server("x509pop", config, context)
     return caught.value.message
 
 
 def test_config_needs_a_ca_bundle_path(context: ServerContext) -> None:
     assert config_error({}, context) == (
-        "node attestor x509pop needs ca_bundle_path, the PEM file of the CAs that sign node "
-        "certificates; set it under [node_attestors.x509pop]"
+        "[node_attestors.x509pop] ca_bundle_path: is required (the PEM file of the CAs that "
+        "sign node certificates)"
     )
 
 
-@pytest.mark.parametrize("value", [42, "", ["a.pem"]])
-def test_config_ca_bundle_path_must_be_a_path(context: ServerContext, value: Any) -> None:
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (42, "must be a file path (a string), got 42"),
+        ("", "must be a file path, not an empty string"),
+        (["a.pem"], "must be a file path (a string), got ['a.pem']"),
+    ],
+)
+def test_config_ca_bundle_path_must_be_a_path(
+    context: ServerContext, value: Any, problem: str
+) -> None:
     assert config_error({"ca_bundle_path": value}, context) == (
-        'node attestor x509pop: ca_bundle_path must be a file path, e.g. "/etc/tessera/node-ca.pem"'
+        f"[node_attestors.x509pop] ca_bundle_path: {problem}"
     )
 
 
 def test_config_refuses_unknown_settings(context: ServerContext) -> None:
     assert config_error({"ca_bundle_path": "x", "trust_all": True, "ttl": 1}, context) == (
-        "node attestor x509pop does not know the setting(s) trust_all, ttl; "
-        "known: agent_path_template, ca_bundle_path"
+        "[node_attestors.x509pop] trust_all: unknown setting; ttl: unknown setting; "
+        "known settings: agent_path_template, ca_bundle_path"
     )
 
 
@@ -734,11 +745,11 @@ def test_config_accepts_only_the_default_agent_path_template(
         "ca_bundle_path": str(bundle),
         "agent_path_template": "tessera/agent/x509pop/{fingerprint}",
     }
-    assert isinstance(X509PopServer.from_config(default, context), X509PopServer)
+    assert isinstance(load_node_attestor_server("x509pop", default, context), X509PopServer)
     custom = {**default, "agent_path_template": "node/{subject_cn}"}
     assert config_error(custom, context) == (
-        "node attestor x509pop supports only agent_path_template = "
-        '"tessera/agent/x509pop/{fingerprint}" (the default); remove the setting'
+        "[node_attestors.x509pop] agent_path_template: only the default, "
+        '"tessera/agent/x509pop/{fingerprint}", is supported; remove the setting'
     )
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from attestor.plugin import PluginConfig
 from attestor.selector import Selector
 from attestor.workload import (
+    WORKLOAD_ATTESTORS,
     PeerCredentials,
     WorkloadAttestationError,
     WorkloadAttestor,
@@ -134,35 +136,33 @@ def test_systemd_include_scopes() -> None:
         (
             "unix",
             {"hash_binaries": True, "colour": "blue"},
-            "unknown setting(s) in [workload_attestors.unix]: colour, hash_binaries; "
+            "[workload_attestors.unix] hash_binaries: unknown setting; colour: unknown setting; "
             "known settings: discover_workload_path, hash_binary, max_binary_size",
         ),
         (
             "unix",
             {"hash_binary": "yes"},
-            "[workload_attestors.unix] hash_binary must be true or false, got 'yes'",
+            "[workload_attestors.unix] hash_binary: must be true or false, got 'yes'",
         ),
         (
             "unix",
             {"discover_workload_path": 1},
-            "[workload_attestors.unix] discover_workload_path must be true or false, got 1",
+            "[workload_attestors.unix] discover_workload_path: must be true or false, got 1",
         ),
         (
             "unix",
             {"max_binary_size": "64MiB"},
-            "[workload_attestors.unix] max_binary_size must be a positive number of bytes, "
-            "got '64MiB'",
+            "[workload_attestors.unix] max_binary_size: must be a whole number, got '64MiB'",
         ),
         (
             "unix",
             {"max_binary_size": 0},
-            "[workload_attestors.unix] max_binary_size must be a positive number of bytes, got 0",
+            "[workload_attestors.unix] max_binary_size: must be at least 1, got 0",
         ),
         (
             "unix",
             {"max_binary_size": True},
-            "[workload_attestors.unix] max_binary_size must be a positive number of bytes, "
-            "got True",
+            "[workload_attestors.unix] max_binary_size: must be a whole number, got True",
         ),
         (
             "unix",
@@ -171,25 +171,37 @@ def test_systemd_include_scopes() -> None:
             "(the binary is found through /proc/<pid>/exe); set one of them the other way",
         ),
         (
+            "unix",
+            {"hash_binary": "yes", "max_binary_size": -1, "colour": "blue"},
+            "[workload_attestors.unix] hash_binary: must be true or false, got 'yes'; "
+            "max_binary_size: must be at least 1, got -1; colour: unknown setting; "
+            "known settings: discover_workload_path, hash_binary, max_binary_size",
+        ),
+        (
+            "unix",
+            {"max_binary_size": 1.5},
+            "[workload_attestors.unix] max_binary_size: must be a whole number, got 1.5",
+        ),
+        (
             "docker",
             {"socket": "/var/run/docker.sock"},
-            "[workload_attestors.docker] takes no settings; remove socket",
+            "[workload_attestors.docker] socket: unknown setting; it takes no settings",
         ),
         (
             "k8s",
             {"kubelet_port": 10250, "node_name": "n1"},
-            "[workload_attestors.k8s] takes no settings; remove kubelet_port, node_name",
+            "[workload_attestors.k8s] kubelet_port: unknown setting; node_name: unknown setting; "
+            "it takes no settings",
         ),
         (
             "systemd",
             {"include_scopes": "no"},
-            "[workload_attestors.systemd] include_scopes must be true or false, got 'no'",
+            "[workload_attestors.systemd] include_scopes: must be true or false, got 'no'",
         ),
         (
             "systemd",
             {"scopes": True},
-            "unknown setting(s) in [workload_attestors.systemd]: scopes; "
-            "known settings: include_scopes",
+            "[workload_attestors.systemd] scopes: unknown setting; known settings: include_scopes",
         ),
     ],
 )
@@ -198,6 +210,17 @@ def test_config_errors(name: str, config: dict[str, Any], message: str) -> None:
         load_workload_attestor(name, config)
 
     assert excinfo.value.message == message
+
+
+def test_the_registry_names_the_built_ins() -> None:
+    assert WORKLOAD_ATTESTORS.names() == ("docker", "k8s", "systemd", "unix")
+
+
+def test_the_registry_loads_from_a_plugin_config(tmp_path: Path) -> None:
+    attestor = WORKLOAD_ATTESTORS.load(PluginConfig("systemd", {"include_scopes": True}), tmp_path)
+
+    assert isinstance(attestor, SystemdWorkloadAttestor)
+    assert (attestor.include_scopes, attestor.proc_root) == (True, tmp_path)
 
 
 # -- union of attestors ------------------------------------------------------------------

@@ -3,13 +3,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from ca.keymanager import LocalSigner, load_key_manager
-from ca.keymanager.disk import DiskKeyManager
 from sdk.errors import ConfigError, InvalidArgument, NotFound
 from sdk.keys import KeyType
 
@@ -34,7 +35,7 @@ def test_unknown_key_manager_names_the_known_ones(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_key_manager("hsm", {}, tmp_path)
     assert err.value.message == (
-        "key manager 'hsm' is not known; use one of disk, memory, vault_transit"
+        "unknown key manager 'hsm'; known key managers: disk, memory, vault_transit"
     )
 
 
@@ -42,12 +43,19 @@ def test_unknown_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_key_manager("memory", {"keys_dir": "x"}, tmp_path)
     assert err.value.message == (
-        "key manager 'memory' does not take setting(s) keys_dir; its settings are: none"
+        "[key_manager.memory] keys_dir: unknown setting; it takes no settings"
     )
     with pytest.raises(ConfigError) as err:
         load_key_manager("disk", {"kek": "x", "dir": "y"}, tmp_path)
     assert err.value.message == (
-        "key manager 'disk' does not take setting(s) dir, kek; its settings are: kek_file, keys_dir"
+        "[key_manager.disk] kek: unknown setting; dir: unknown setting; "
+        "known settings: kek_file, keys_dir"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_key_manager("disk", {"kek_file": 7, "keys_dir": ""}, tmp_path)
+    assert err.value.message == (
+        "[key_manager.disk] keys_dir: must be a file path, not an empty string; "
+        "kek_file: must be a file path (a string), got 7"
     )
 
 
@@ -162,8 +170,8 @@ def test_disk_key_ids_must_be_safe_file_names(tmp_path, key_id):
 
 def test_disk_sees_a_key_replaced_by_another_process(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_KEK", KEK)
-    one = DiskKeyManager.from_config({}, tmp_path)
-    two = DiskKeyManager.from_config({}, tmp_path)
+    one = load_key_manager("disk", {}, tmp_path)
+    two = load_key_manager("disk", {}, tmp_path)
     one.generate_key("k", KeyType.EC_P256)
     assert two.get_key("k").public_key() == one.get_key("k").public_key()
     replaced = one.generate_key("k", KeyType.EC_P256)
@@ -180,3 +188,20 @@ def test_no_key_material_is_logged(tmp_path, caplog, monkeypatch):
     assert "generated ec-p256 key 'k'" in caplog.text
     assert KEK not in caplog.text
     assert "PRIVATE KEY" not in caplog.text
+
+
+def test_hvac_is_imported_only_when_a_vault_plugin_is_loaded(tmp_path):
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from ca.keymanager import KEY_MANAGERS, load_key_manager\n"
+        "from ca.upstream import UPSTREAM_AUTHORITIES\n"
+        f"load_key_manager('memory', {{}}, Path({str(tmp_path)!r}))\n"
+        "assert 'hvac' not in sys.modules, 'hvac without a Vault plugin'\n"
+        "KEY_MANAGERS.plugin('vault_transit')\n"
+        "print('hvac' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout == "True\n"

@@ -183,17 +183,18 @@ def test_settings_are_checked(root_files, tmp_path):
     _, _, config = root_files
     with pytest.raises(ConfigError) as err:
         load_upstream_authority("disk", {"cert_file_path": config["cert_file_path"]}, tmp_path)
-    assert err.value.message == "upstream authority 'disk' needs setting(s) key_file_path"
+    assert err.value.message == "[upstream_authority.disk] key_file_path: is required"
     with pytest.raises(ConfigError) as err:
         load_upstream_authority("disk", {**config, "cert": "x"}, tmp_path)
     assert err.value.message == (
-        "upstream authority 'disk' does not take setting(s) cert; its settings are: "
+        "[upstream_authority.disk] cert: unknown setting; known settings: "
         "bundle_file_path, cert_file_path, key_file_path"
     )
     with pytest.raises(ConfigError) as err:
         load_upstream_authority("vault-pki", {}, tmp_path)
     assert err.value.message == (
-        "upstream authority 'vault-pki' is not known; use one of disk, shared_root, vault_pki"
+        "unknown upstream authority 'vault-pki'; known upstream authorities: disk, "
+        "shared_root, vault_pki"
     )
 
 

@@ -206,12 +206,16 @@ def test_configuration(store: Datastore, clock: ManualClock, tmp_path: Path,
     kek_file = tmp_path / "kek"
     kek_file.write_text(KEK + "\n")
     assert refused({"kek_file": str(kek_file), "root_ttl": "soon"}) == (
-        "upstream authority 'shared_root': root_ttl 'soon' is not a duration; write seconds "
+        "[upstream_authority.shared_root] root_ttl: 'soon' is not a duration; write seconds "
         "or a number with s, m, h or d, e.g. 90s, 15m, 1h, 24h")
+    assert refused({"kek_file": str(kek_file), "root_ttl": True}) == (
+        "[upstream_authority.shared_root] root_ttl: must be a duration such as \"90s\", "
+        "\"15m\" or \"1h\", got True")
     assert refused({"kek_file": str(kek_file), "key_type": "dsa"}).startswith(
         "upstream authority 'shared_root': key type 'dsa' is not supported")
-    assert refused({"kek_file": str(kek_file), "root": "x"}).startswith(
-        "upstream authority 'shared_root' does not take setting(s) root")
+    assert refused({"kek_file": str(kek_file), "root": "x"}) == (
+        "[upstream_authority.shared_root] root: unknown setting; "
+        "known settings: kek_file, key_type, root_ttl")
     with pytest.raises(ConfigError) as too_short:
         load_upstream_authority("shared_root", {"kek_file": str(kek_file), "root_ttl": "1d"},
                                 tmp_path, UpstreamContext(datastore=store, clock=clock,

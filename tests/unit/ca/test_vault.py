@@ -107,7 +107,7 @@ def test_secrets_are_not_in_the_repr() -> None:
         ),
         (
             {"address": ADDRESS, "token": "t", "timeout": "soon"},
-            "key manager 'vault_transit' timeout 'soon' is not a duration; write seconds or a "
+            "key manager 'vault_transit' timeout: 'soon' is not a duration; write seconds or a "
             "number with s, m, h or d, e.g. 90s, 15m, 1h, 24h",
         ),
         (
@@ -117,7 +117,16 @@ def test_secrets_are_not_in_the_repr() -> None:
         ),
         (
             {"address": ADDRESS, "token": 42},
-            "key manager 'vault_transit' setting token must be a string",
+            "key manager 'vault_transit' token: must be a string",
+        ),
+        (
+            {"address": ADDRESS, "approle_role_id": "r", "approle_secret_id": ["s3cret"]},
+            "key manager 'vault_transit' approle_secret_id: must be a string",
+        ),
+        (
+            {"address": ADDRESS, "token": "t", "timeout": True},
+            "key manager 'vault_transit' timeout: must be seconds or a duration such as 10s, "
+            "got True",
         ),
     ],
 )

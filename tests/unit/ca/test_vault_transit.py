@@ -294,6 +294,8 @@ def test_a_missing_mount_is_a_config_error(openbao: OpenBao, make_manager: Any) 
 def test_unknown_settings_are_refused(data_dir: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_key_manager("vault_transit", {"adress": "http://x"}, data_dir)
-    assert caught.value.message.startswith(
-        "key manager 'vault_transit' does not take setting(s) adress; its settings are: address,"
+    assert caught.value.message == (
+        "[key_manager.vault_transit] adress: unknown setting; known settings: address, "
+        "approle_mount, approle_role_id, approle_secret_id, approle_secret_id_file, ca_cert, "
+        "key_prefix, mount, namespace, timeout, token, token_file"
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ca.config import PluginConfig
+from attestor.plugin import PluginConfig
 from sdk.errors import ConfigError
 from workload_api.config import Address, agent_config, default_socket_path, parse_socket
 
@@ -179,7 +179,7 @@ def test_no_node_attestor_is_allowed_for_an_agent_that_attested_before(tmp_path:
          "unknown workload attestor 'podman'; "
          "known workload attestors: docker, k8s, systemd, unix"),
         ({"workload_attestors": {"unix": {"hash": True}}},
-         "unknown setting(s) in [workload_attestors.unix]: hash; known settings: "
+         "[workload_attestors.unix] hash: unknown setting; known settings: "
          "discover_workload_path, hash_binary, max_binary_size"),
         ({"workload_attestors": "unix"},
          "[workload_attestors] must be a table of attestor tables, e.g. [workload_attestors.unix]"),
