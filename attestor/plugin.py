@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel

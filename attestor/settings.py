@@ -18,8 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from ca.durations import parse_duration
-from ca.errors import InvalidArgument
+from sdk.durations import parse_duration
+from sdk.errors import InvalidArgument
 
 __all__ = ["Duration", "FilePath", "NoSettings", "Settings"]
 
