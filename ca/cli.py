@@ -1,8 +1,9 @@
-"""The ``tessera`` command line: the root group and ``tessera server ...``.
+"""``tessera server ...``: run and operate a trust domain's server (the CA).
 
 CLI.md is the contract for names: every ``spire-server X`` is ``tessera server
 X`` with kebab-case flags. Admin commands talk to a running server over its
-admin socket (``--admin-socket``, default ``<data-dir>/admin.sock``).
+admin socket (``--admin-socket``, default ``<data-dir>/admin.sock``). The root
+group (:mod:`tessera.cli`) mounts :data:`server` when its name is used.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import click
 from ca import eventloop
 from ca.commandline import (
     DEFAULT_DATA_DIR,
-    RootGroup,
     admin_client,
     admin_options,
     config_file_values,
@@ -29,29 +29,11 @@ from ca.commandline import (
     option,
     output_option,
     progress,
-    run,
 )
 from ca.config import server_config
 from ca.durations import parse_duration
-from ca.errors import InvalidArgument, TesseraError
+from ca.errors import InvalidArgument
 from ca.federation.cli import federation_group
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-@click.group(
-    cls=RootGroup,
-    context_settings=CONTEXT,
-    lazy={"agent": "workload_api.cli:agent", "sidecar": "sdk.sidecar.cli:sidecar"},
-)
-@click.version_option(package_name="tessera", prog_name="tessera")
-def cli() -> None:
-    """Tessera: zero-trust identity for workloads (SPIFFE server, agent and SDK)."""
-
-
-def main() -> None:
-    run(cli)
-
 
 # -- shared options -------------------------------------------------------------------
 
@@ -65,7 +47,7 @@ def seconds(value: str | None, what: str) -> int:
 # -- tessera server ---------------------------------------------------------------------
 
 
-@cli.group(context_settings=CONTEXT)
+@click.group("server")
 def server() -> None:
     """Run and operate a trust domain's server (the CA)."""
 
@@ -726,94 +708,3 @@ def audit_verify(admin_socket: str | None, data_dir: str, output: str) -> None:
         emit(output, result, "")
     click.echo(f"Error: the audit log was tampered with: {result['problem']}.", err=True)
     sys.exit(1)
-
-
-# -- tessera init -----------------------------------------------------------------------
-
-
-@cli.command("init")
-@config_option
-@option("--trust-domain", required=True, help="The trust domain, e.g. example.org.")
-@option("--dir", "directory", required=True, type=click.Path(file_okay=False),
-        help="Where to write server.toml, agent.toml and README.md.")
-@output_option
-def init(trust_domain: str, directory: str, output: str) -> None:
-    """Write starter configuration for a new trust domain."""
-    from ca.bootstrap import agent_socket, closed_to_others, write_trust_domain_files
-
-    files = write_trust_domain_files(trust_domain, Path(directory))
-    socket_path = agent_socket(Path(directory))
-    blocked = closed_to_others(socket_path)
-    if blocked is not None:
-        progress(
-            f"Warning: {blocked} is closed to other users, so workloads that run as another "
-            f"user cannot reach the agent's socket {socket_path}; choose a --dir every "
-            "workload can traverse, or another socket in agent.toml"
-        )
-    emit(output, {"files": [str(f) for f in files]},
-         lambda: "\n".join(f"Wrote {f}" for f in files))
-
-
-# -- tessera up -------------------------------------------------------------------------
-
-
-@cli.command("up")
-@config_option
-@option("--trust-domain", default="example.org", show_default=True,
-        help="The trust domain.")
-@option("--data-dir", type=click.Path(file_okay=False), default=DEFAULT_DATA_DIR,
-        show_default=True, help="Holds server/ and agent/; reused when started again.")
-@option("--bind", default="127.0.0.1:8081", show_default=True,
-        help="HOST:PORT of the node API; a free port is used if this one is taken.")
-@option("--health-bind", default="127.0.0.1:8088", show_default=True,
-        help="HOST:PORT of the agent's /live, /ready, /metrics (falls back likewise); 0: off.")
-@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-        default="warning", show_default=True)
-@output_option
-def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level: str,
-       output: str) -> None:
-    """Run a server, an agent and an SVID for you, in one process, until Ctrl-C."""
-    started = time.monotonic()
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if log_level == "info":  # one line per request or migration step is noise
-        for noisy in ("uvicorn.error", "alembic", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ca.spiffeid import parse_trust_domain
-    from ca.up import LocalTrustDomain, UpSettings
-
-    settings = UpSettings(parse_trust_domain(trust_domain), Path(data_dir), bind=bind,
-                          health_bind=health_bind, log_level=log_level)
-    progress(f"Starting trust domain {settings.trust_domain.name} in "
-             f"{settings.data_dir.absolute()}")
-    local = LocalTrustDomain(settings, progress=progress, started=started)
-    eventloop.run(local.run(on_ready=lambda summary: emit(output, summary.to_json(), summary.text)))
-    progress("Stopped.")
-
-
-
-# -- tessera demo -----------------------------------------------------------------------
-
-
-@cli.command("demo")
-@config_option
-@option("--duration", type=click.FloatRange(5, 3600), default=45, show_default=True,
-        help="Seconds to watch certificates rotate while web calls api.")
-@option("--svid-ttl", type=click.IntRange(4, 3600), default=10, show_default=True,
-        help="Lifetime of the demo's X509-SVIDs, in seconds.")
-@output_option
-def demo(duration: float, svid_ttl: int, output: str) -> None:
-    """Two services talking mTLS through sidecars, a refused caller, live rotation."""
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    from ca.demo import run_demo
-
-    echo = progress if output == "json" else click.echo
-    result = run_demo(duration, svid_ttl, echo)
-    if output == "json":
-        emit(output, result.to_json(), "")
-    if result.failures:
-        raise TesseraError(f"{result.failures} of {result.requests} calls failed during the demo")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

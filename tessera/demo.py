@@ -36,7 +36,7 @@ from ca.der import split_certificates
 from ca.entries import new_entry
 from ca.errors import ConfigError
 from ca.spiffeid import parse_trust_domain
-from ca.up import LocalTrustDomain, UpSettings
+from tessera.up import LocalTrustDomain, UpSettings
 
 TRUST_DOMAIN: Final = "demo.example"
 SERVICES: Final = ("web", "api", "intruder")

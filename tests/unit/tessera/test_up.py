@@ -17,7 +17,7 @@ from ca.clock import ManualClock
 from ca.datastore.store import Datastore
 from ca.errors import ConfigError
 from ca.spiffeid import parse_spiffe_id
-from ca.up import (
+from tessera.up import (
     LocalTrustDomain,
     UpSettings,
     UpSummary,
