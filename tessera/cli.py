@@ -23,7 +23,6 @@ from typing import Any, Final
 
 import click
 
-from ca import eventloop
 from ca.commandline import (
     DEFAULT_DATA_DIR,
     RootGroup,
@@ -169,6 +168,7 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
     if log_level == "info":  # one line per request or migration step is noise
         for noisy in ("uvicorn.error", "alembic", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ca import eventloop
     from ca.spiffeid import parse_trust_domain
     from tessera.up import LocalTrustDomain, UpSettings
 
