@@ -11,9 +11,10 @@
     tessera server federation delete --trust-domain partner.org
 
 Thin clients of the admin API's ``/v1/federation`` endpoints
-(:mod:`ca.federation.api`); ``ca/cli.py`` mounts :data:`federation_group` under
-``tessera server``. This module depends only on :mod:`ca.commandline`, never
-on the root CLI, so either may be imported first.
+(:mod:`ca.federation.api`); :mod:`ca.cli` mounts :data:`federation_group` under
+``tessera server`` when its name is used. Like every noun in :mod:`ca.cli`, it
+depends on :mod:`ca.commandline` and :mod:`ca.cli.common`, never on the groups
+that mount it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import click
 
+from ca.cli.common import emit_found
 from ca.commandline import admin_client, admin_options
 from sdk.commandline import emit, option, output_option
 from sdk.errors import InvalidArgument
@@ -162,13 +164,10 @@ def federation_update(
 def federation_list(admin_socket: str | None, data_dir: str, output: str) -> None:
     """List the federation relationships."""
     relationships = admin_client(admin_socket, data_dir).get(RELATIONSHIPS)["relationships"]
-
-    def text() -> str:
-        count = len(relationships)
-        found = f"Found {count} federation {'relationship' if count == 1 else 'relationships'}"
-        return "\n\n".join([found, *(relationship_text(r) for r in relationships)])
-
-    emit(output, {"relationships": relationships}, text)
+    emit_found(
+        output, "relationships", relationships,
+        ("federation relationship", "federation relationships"), relationship_text,
+    )
 
 
 @federation_group.command("show")

@@ -17,7 +17,7 @@ from typing import Any
 
 from spiffe import TrustDomain, WorkloadApiClient
 
-from ca.up import login_name, user_spiffe_id
+from tessera.up import login_name, user_spiffe_id
 from tests.integration.conftest import TESSERA, tessera
 
 DEADLINE = 30.0

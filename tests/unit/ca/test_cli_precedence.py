@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from ca.cli import cli, main
 from sdk.errors import TesseraError
+from tessera.cli import cli, main
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ca.cli import cli
+from tessera.cli import cli
 
 
 def refusal(*args: str) -> tuple[int, str]:
@@ -62,7 +62,7 @@ def test_other_unknown_options_keep_clicks_message() -> None:
 
 def test_the_installed_command_says_it_too() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ca.cli", "server", "entry", "create", "-parentID", "x"],
+        [sys.executable, "-m", "tessera.cli", "server", "entry", "create", "-parentID", "x"],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2

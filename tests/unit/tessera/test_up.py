@@ -14,7 +14,10 @@ import pytest
 from spiffe import TrustDomain
 
 from ca.datastore.store import Datastore
-from ca.up import (
+from sdk.clock import ManualClock
+from sdk.errors import ConfigError
+from sdk.spiffeid import parse_spiffe_id
+from tessera.up import (
     LocalTrustDomain,
     UpSettings,
     UpSummary,
@@ -24,9 +27,6 @@ from ca.up import (
     login_name,
     user_spiffe_id,
 )
-from sdk.clock import ManualClock
-from sdk.errors import ConfigError
-from sdk.spiffeid import parse_spiffe_id
 from tests.unit.ca.conftest import START
 
 TD = TrustDomain("example.org")

@@ -32,11 +32,11 @@ from typing import Any, Final
 import httpx
 
 from ca.entries import new_entry
-from ca.up import LocalTrustDomain, UpSettings
 from sdk import eventloop
 from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain
+from tessera.up import LocalTrustDomain, UpSettings
 
 TRUST_DOMAIN: Final = "demo.example"
 SERVICES: Final = ("web", "api", "intruder")

@@ -1,0 +1,8 @@
+"""The Tessera product: the ``tessera`` command's root group and the commands that
+span the whole product, above the server (``ca``), the agent (``workload_api``)
+and the SDK (``sdk``)::
+
+    tessera init --trust-domain example.org --dir conf   # starter configuration
+    tessera up                                           # server, agent and your SVID
+    tessera demo                                         # mTLS through sidecars, live
+"""
