@@ -39,7 +39,9 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir: Path = tmp_path_factory.mktemp("schema") / "server"
-    server = Server(server_config({"trust_domain": "example.org", "data_dir": str(data_dir)}))
+    # Never listens: port 0, so a server running on 8081 meanwhile does not matter.
+    server = Server(server_config({"trust_domain": "example.org", "data_dir": str(data_dir),
+                                   "bind": "127.0.0.1:0"}))
     yield server
     server.store.close()
 

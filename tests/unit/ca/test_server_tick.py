@@ -16,6 +16,7 @@ from tests.unit.ca.conftest import START
 def test_the_tick_lets_expired_issuance_records_go_after_a_day(tmp_path: Path) -> None:
     clock = ManualClock(START)
     server = Server(server_config({"trust_domain": "example.org", "data_dir": str(tmp_path),
+                                   "bind": "127.0.0.1:0",  # never listens: any port will do
                                    "key_manager": {"memory": {}}}), clock=clock)
     try:
         server.store.record_issued_svids([
@@ -37,6 +38,7 @@ def test_the_tick_lets_expired_issuance_records_go_after_a_day(tmp_path: Path) -
 def test_the_tick_purges_tombstones_once_older_than_the_retention(tmp_path: Path) -> None:
     clock = ManualClock(START)
     server = Server(server_config({"trust_domain": "example.org", "data_dir": str(tmp_path),
+                                   "bind": "127.0.0.1:0",  # never listens: any port will do
                                    "key_manager": {"memory": {}},
                                    "tombstone_retention": "1h"}), clock=clock)
     store = server.store
@@ -65,6 +67,7 @@ def test_no_tombstone_is_purged_before_the_server_watched_for_the_retention(
 ) -> None:
     clock = ManualClock(START)
     server = Server(server_config({"trust_domain": "example.org", "data_dir": str(tmp_path),
+                                   "bind": "127.0.0.1:0",  # never listens: any port will do
                                    "key_manager": {"memory": {}}}), clock=clock)
     store = server.store
     try:
