@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ca.admin_client import AdminClient
 from sdk.commandline import (
     ConfigFileUnreadable,
     LazyGroup,
@@ -45,6 +44,9 @@ __all__ = [
     "run",
     "spire_flag_hint",
 ]
+
+if TYPE_CHECKING:  # httpx comes with the server extra; the root group needs it not
+    from ca.admin_client import AdminClient
 
 DEFAULT_DATA_DIR = ".tessera"
 
@@ -130,6 +132,8 @@ def admin_options(f: Any) -> Any:
 
 
 def admin_client(admin_socket: str | None, data_dir: str) -> AdminClient:
+    from ca.admin_client import AdminClient
+
     return AdminClient(Path(admin_socket) if admin_socket else admin_socket_in(Path(data_dir)))
 
 

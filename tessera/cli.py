@@ -29,8 +29,13 @@ from sdk.errors import TesseraError
 
 CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-# The rooms that need an extra beyond the base install, and its name.
-EXTRAS: Final = {"server": "server", "agent": "agent"}
+# The commands that need extras beyond the base install, and their names.
+EXTRAS: Final = {
+    "server": ("server",),
+    "agent": ("agent",),
+    "up": ("server", "agent"),
+    "demo": ("server", "agent"),
+}
 OWN_PACKAGES: Final = frozenset({"tessera", "ca", "workload_api", "attestor", "sdk"})
 
 
@@ -42,13 +47,19 @@ def missing_extra(command: str | None, err: ModuleNotFoundError) -> MissingExtra
     """The refusal naming the extra ``tessera COMMAND`` needs, when ``err`` is about a
     third-party module; ``None`` for one of Tessera's own modules (a bug, not an
     install) or a command that needs no extra."""
-    extra = EXTRAS.get(command or "")
+    extras = EXTRAS.get(command or "")
     top_level = (err.name or "").partition(".")[0]
-    if extra is None or not top_level or top_level in OWN_PACKAGES:
+    if extras is None or not top_level or top_level in OWN_PACKAGES:
         return None
-    return MissingExtra(
-        f"tessera {command} needs the {extra} extra: pip install 'tessera[{extra}]'"
-    )
+    return MissingExtra(f"tessera {command} needs {_the_extras(extras)}: "
+                        f"pip install 'tessera[{','.join(extras)}]'")
+
+
+def _the_extras(extras: tuple[str, ...]) -> str:
+    """``the server extra``, ``the server and agent extras``."""
+    if len(extras) == 1:
+        return f"the {extras[0]} extra"
+    return f"the {', '.join(extras[:-1])} and {extras[-1]} extras"
 
 
 class ProductGroup(RootGroup):
@@ -81,11 +92,11 @@ def _refusing_command(name: str, refusal: MissingExtra) -> click.Command:
     def refuse() -> None:
         raise refusal
 
-    extra = EXTRAS[name]
+    extras = EXTRAS[name]
     return click.Command(
         name,
         callback=refuse,
-        short_help=f"Needs the {extra} extra: pip install 'tessera[{extra}]'.",
+        short_help=f"Needs {_the_extras(extras)}: pip install 'tessera[{','.join(extras)}]'.",
         add_help_option=False,
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     )

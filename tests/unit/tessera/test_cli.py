@@ -64,6 +64,11 @@ def test_the_root_help_lists_a_room_that_cannot_be_imported_with_its_extra() -> 
                                      "pip install 'tessera[server]'"),
         ("agent", "grpclib", "tessera agent needs the agent extra: "
                              "pip install 'tessera[agent]'"),
+        # The commands that run a whole trust domain need both.
+        ("up", "sqlalchemy", "tessera up needs the server and agent extras: "
+                             "pip install 'tessera[server,agent]'"),
+        ("demo", "pydantic", "tessera demo needs the server and agent extras: "
+                             "pip install 'tessera[server,agent]'"),
         # A module of Tessera's own is a broken install or a bug, not a missing extra.
         ("server", "ca.server", None),
         ("agent", "workload_api.agent", None),
