@@ -16,8 +16,8 @@ refuses, with the status an :class:`~sdk.sidecar.errors.HttpError` carries:
 - a request line that is not ``METHOD SP /origin-form SP HTTP/1.x``: 400;
   longer than 8 KiB: 414; another major version: 505; ``CONNECT``: 501;
 - a path that is not already normal once percent-decoded (``.``/``..``
-  segments, ``//``): 400, since the app might resolve it otherwise than the
-  policy did;
+  segments, ``//``, ``..;``): 400, since the app might resolve it otherwise than
+  the policy did; the policy judges a path without its segments' ``;parameters``;
 - a header section over 32 KiB or 100 fields: 431; line folding, whitespace
   before the colon, control bytes, lines not ended by CRLF: 400; an HTTP/1.1
   request without exactly one ``Host``: 400;
@@ -231,14 +231,17 @@ def _path(target: str) -> str:
         path = unquote(target.partition("?")[0], errors="strict")
     except UnicodeDecodeError as err:
         raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from err
-    segments = path.split("/")[1:]
-    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+    # A segment's ;parameters are not part of its name to the servers that strip them
+    # (servlet containers read "..;" as ".." and "secret;x" as "secret"): the policy
+    # judges the names alone, and a name no server would take at its word is refused.
+    names = [segment.partition(";")[0] for segment in path.split("/")[1:]]
+    if any(s in (".", "..") for s in names) or "" in names[:-1]:
         raise HttpError(
             400,
-            "the request path has '.' or '..' segments or an empty segment once decoded; "
-            "send it normalised",
+            "the request path has '.' or '..' segments or an empty segment once decoded "
+            "(path parameters after ';' aside); send it normalised",
         )
-    return path
+    return "/" + "/".join(names)
 
 
 def _request_body(version: str, headers: Headers) -> Body:
@@ -326,17 +329,23 @@ def simple_response(status: int, text: str, *, keep_alive: bool) -> bytes:
 
 
 async def copy_body(
-    reader: ByteReader, writer: ByteWriter, body: Body, *, status: int = 400
+    reader: ByteReader,
+    writer: ByteWriter,
+    body: Body,
+    *,
+    status: int = 400,
+    drop_trailer: Callable[[str], bool] = lambda name: False,
 ) -> None:
     """Pass one message body on, re-framed as it was read; HttpError(``status``) if malformed.
 
     ``UNTIL_CLOSE`` copies until the reader's end. Chunk extensions are dropped;
-    trailer fields are passed on.
+    trailer fields are passed on, but for those whose name ``drop_trailer`` accepts
+    (some servers merge trailers into the headers the app sees).
     """
     if body.kind is BodyKind.LENGTH:
         await _copy_exactly(reader, writer, body.length, status)
     elif body.kind is BodyKind.CHUNKED:
-        await _copy_chunked(reader, writer, status)
+        await _copy_chunked(reader, writer, status, drop_trailer)
     elif body.kind is BodyKind.UNTIL_CLOSE:
         while data := await reader.read(COPY_BUFFER):
             writer.write(data)
@@ -354,7 +363,9 @@ async def _copy_exactly(reader: ByteReader, writer: ByteWriter, length: int, sta
         await writer.drain()
 
 
-async def _copy_chunked(reader: ByteReader, writer: ByteWriter, status: int) -> None:
+async def _copy_chunked(
+    reader: ByteReader, writer: ByteWriter, status: int, drop_trailer: Callable[[str], bool]
+) -> None:
     too_long = HttpError(status, f"a chunk size line is longer than {MAX_CHUNK_LINE} bytes")
     while True:
         line = await _read_line(reader, MAX_CHUNK_LINE, too_long, allow_eof=False, status=status)
@@ -377,7 +388,7 @@ async def _copy_chunked(reader: ByteReader, writer: ByteWriter, status: int) -> 
         await writer.drain()
     trailer_lines: list[bytes] = []
     trailers_status = 431 if status == 400 else status
-    await _read_fields(
+    trailers = await _read_fields(
         reader,
         budget=MAX_HEADER_BYTES,
         max_fields=MAX_HEADER_FIELDS,
@@ -386,7 +397,9 @@ async def _copy_chunked(reader: ByteReader, writer: ByteWriter, status: int) -> 
         raw=trailer_lines,
         status=status,
     )
-    writer.write(b"".join(line + b"\r\n" for line in trailer_lines) + b"\r\n")
+    kept = [line for (name, _), line in zip(trailers, trailer_lines, strict=True)
+            if not drop_trailer(name)]
+    writer.write(b"".join(line + b"\r\n" for line in kept) + b"\r\n")
     await writer.drain()
 
 

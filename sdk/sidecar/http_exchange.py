@@ -237,7 +237,9 @@ class HttpExchange:
             app.write(request)
         except OSError as err:
             raise _AppFailed(f"the connection to the app failed: {err}") from err
-        body = asyncio.create_task(copy_body(self.client, app, head.body))
+        body = asyncio.create_task(
+            copy_body(self.client, app, head.body, drop_trailer=reserved_identity_header)
+        )
         relay = asyncio.create_task(self._relay_response(head, app))
         try:
             done, _ = await asyncio.wait({body, relay}, return_when=asyncio.FIRST_COMPLETED)
