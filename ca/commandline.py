@@ -123,7 +123,9 @@ def admin_options(f: Any) -> Any:
     )(f)
     f = option(
         "--data-dir",
-        type=click.Path(file_okay=False),
+        # Not checked for reading here: only the socket in it is used, and a caller who
+        # cannot open that is told which socket and why (ca.admin_client).
+        type=click.Path(file_okay=False, readable=False),
         default=DEFAULT_DATA_DIR,
         show_default=True,
         help="The server's data directory (to find its admin socket).",

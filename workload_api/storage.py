@@ -48,8 +48,10 @@ KEY_FILE: Final = "agent-svid.key"
 META_FILE: Final = "agent.json"
 BUNDLE_FILE: Final = "bundle.json"
 PROBE_FILE: Final = ".write-probe"
-PROBE_SIZE: Final = 8192
-"""About what the agent stores (its SVID, key and the bundle): a full disk shows up."""
+PROBE_SIZE: Final = 64 * 1024
+"""Room for everything the agent stores on attesting (its SVID, key, metadata and bundle:
+four files, each at least a filesystem block) several times over, so a disk too full for
+them shows up here, before the join token is spent."""
 
 
 @dataclass(frozen=True)

@@ -265,9 +265,19 @@ def full_dir(target: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def nearly_full_dir(target: Path) -> Iterator[None]:
+    """``target`` on a small tmpfs with 12 KiB left: room for a small probe, not for the
+    four files an attested agent stores."""
+    with mounted(target, "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"):
+        (target / "filler").write_bytes(b"\0" * (52 * 1024))
+        yield
+
+
 @pytest.mark.parametrize(
     ("unwritable", "strerror"),
-    [(read_only_dir, os.strerror(errno.EROFS)), (full_dir, os.strerror(errno.ENOSPC))],
+    [(read_only_dir, os.strerror(errno.EROFS)), (full_dir, os.strerror(errno.ENOSPC)),
+     (nearly_full_dir, os.strerror(errno.ENOSPC))],
 )
 def test_an_unwritable_data_dir_is_refused_before_the_token_is_spent(
     server: ServerProcess, tmp_path: Path, socket_dir: Path,

@@ -71,6 +71,28 @@ def test_a_user_who_cannot_open_the_admin_socket_is_told_what_to_do(
         )
 
 
+def test_a_user_who_cannot_read_the_data_dir_is_told_about_the_socket() -> None:
+    """The data dir is 0700 under a directory anyone may pass: the command names the socket
+    and the reason, not click's 'Directory ... is not readable' about --data-dir."""
+    parent = Path(tempfile.mkdtemp(prefix="tessera-server-"))
+    os.chmod(parent, 0o755)  # traversable, as /var/lib is
+    server = ServerProcess(data_dir=parent / "server", port=free_port())
+    try:
+        server.start()
+        result = tessera_as_nobody("server", "entry", "show", "--data-dir",
+                                   str(server.data_dir))
+    finally:
+        server.stop()
+        shutil.rmtree(parent)
+
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        f"Error: permission denied on the admin socket {server.admin_socket}; run the "
+        "command as the user the server runs as, or pass --admin-socket PATH of a socket "
+        "you may open\n"
+    )
+
+
 def test_no_server_and_a_dead_socket_are_told_apart(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "admin.sock"
     result = tessera("server", "entry", "show", "--data-dir", str(missing.parent), check=False)
