@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, FastAPI, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
-from ca.api.errors import BodySizeLimit, error_responses, install_error_handlers
+from ca.api.errors import BodySizeLimit, RequestBody, error_responses, install_error_handlers
 from ca.authority import Authorities
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
@@ -45,7 +45,7 @@ BUNDLE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class EntryBody(BaseModel):
+class EntryBody(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     parent_id: str = Field(max_length=2048)
     selectors: list[str] = Field(default_factory=list, max_length=64)
@@ -60,32 +60,32 @@ class EntryBody(BaseModel):
     expires_at: int | None = None
 
 
-class TokenBody(BaseModel):
+class TokenBody(RequestBody):
     spiffe_id: str | None = Field(default=None, max_length=2048)
     ttl: int = Field(default=600, gt=0, le=30 * 86400)
 
 
-class X509MintBody(BaseModel):
+class X509MintBody(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     ttl: str | None = None
     dns_names: list[str] = Field(default_factory=list, max_length=64)
 
 
-class JwtMintBody(BaseModel):
+class JwtMintBody(RequestBody):
     spiffe_id: str = Field(max_length=2048)
     audience: list[str] = Field(min_length=1, max_length=32)
     ttl: str | None = None
 
 
-class AgentBody(BaseModel):
+class AgentBody(RequestBody):
     spiffe_id: str = Field(max_length=2048)
 
 
-class AuthorityBody(BaseModel):
+class AuthorityBody(RequestBody):
     authority_id: str = Field(min_length=1, max_length=128)
 
 
-class BundleBody(BaseModel):
+class BundleBody(RequestBody):
     id: str = Field(max_length=300)
     bundle: str = Field(max_length=512 * 1024)
     format: Literal["pem", "spiffe"] = "pem"

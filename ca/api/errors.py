@@ -23,7 +23,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,6 +62,13 @@ _DESCRIPTIONS = {
     413: f"The request body is larger than {MAX_BODY_BYTES} bytes",
     503: "A dependency (the datastore) is not answering",
 }
+
+
+class RequestBody(BaseModel):
+    """A request body of the admin API: a field it does not know (a typo such as
+    ``x509_svid_tll``) is refused with 400, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorDetail(BaseModel):
@@ -158,7 +165,10 @@ def describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        problems.append(f"{where or 'request body'}: {error.get('msg', 'invalid')}")
+        message = error.get("msg", "invalid")
+        if error.get("type") == "extra_forbidden":
+            message = "not a field of this request (a typo?)"
+        problems.append(f"{where or 'request body'}: {message}")
     return "invalid request: " + "; ".join(problems)
 
 

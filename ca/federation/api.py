@@ -22,10 +22,10 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import Field
 from spiffe import TrustDomain
 
-from ca.api.errors import error_responses
+from ca.api.errors import RequestBody, error_responses
 from ca.datastore.interface import Datastore
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship, NewFederationRelationship
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
@@ -38,7 +38,7 @@ from sdk.spiffeid import parse_trust_domain
 Audit = Callable[[str, str, dict[str, Any] | None], None]
 
 
-class RelationshipBody(BaseModel):
+class RelationshipBody(RequestBody):
     trust_domain: str = Field(max_length=300)
     bundle_endpoint_url: str = Field(max_length=4096)
     bundle_endpoint_profile: str = Field(max_length=32)

@@ -204,3 +204,33 @@ def test_a_wrong_method_answers_in_the_same_shape():
         "error": {"code": "method_not_allowed", "message": "Method Not Allowed"}
     }
     assert response.headers["allow"] == "POST"
+
+
+def test_an_unknown_field_in_an_admin_request_is_refused_not_dropped(tmp_path) -> None:
+    """A typo such as x509_svid_tll used to be dropped silently (201, default TTL)."""
+    from ca.config import server_config
+    from ca.server import Server
+
+    server = Server(server_config({"trust_domain": "example.org", "bind": "127.0.0.1:0",
+                                   "data_dir": str(tmp_path / "server")}))
+    try:
+        _, admin = server._apps()
+
+        async def post() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=admin),
+                                         base_url="http://tessera") as client:
+                return await client.post("/v1/entries", json={
+                    "parent_id": "spiffe://example.org/node",
+                    "spiffe_id": "spiffe://example.org/web",
+                    "selectors": ["unix:uid:1"], "x509_svid_tll": 60,
+                })
+
+        answer = asyncio.run(post())
+        assert answer.status_code == 400
+        assert answer.json() == {"error": {
+            "code": "invalid_argument",
+            "message": "invalid request: x509_svid_tll: not a field of this request (a typo?)",
+        }}
+        assert server.store.count_entries() == 0
+    finally:
+        server.store.close()
