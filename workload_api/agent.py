@@ -84,7 +84,13 @@ from workload_api.node_attestation import (
     load_node_attestor_agent,
     renew,
 )
-from workload_api.node_client import MAX_BATCH, AgentBanned, Backoff, NodeClient, WrongTrustDomain
+from workload_api.node_client import (
+    MAX_BATCH,
+    AgentBanned,
+    NodeClient,
+    WrongTrustDomain,
+    retry_backoff,
+)
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
 
@@ -261,7 +267,7 @@ class Agent:
 
     async def sync_forever(self) -> None:
         """Sync until cancelled; failures are retried with capped exponential backoff."""
-        backoff = Backoff(rng=self._rng)
+        backoff = retry_backoff(self._rng)
         while True:
             try:
                 await self.sync_once(wait=self._poll_wait())
@@ -286,7 +292,7 @@ class Agent:
                 # A bug must not stop the agent from serving what it has; say so loudly.
                 self._problem = "sync failed unexpectedly; see the agent's log"
                 _log.exception("sync failed unexpectedly")
-            await asyncio.sleep(backoff.next_delay())
+            await asyncio.sleep(backoff.next())
 
     async def sync_once(self, wait: float) -> None:
         """One round: entries (long poll), bundles, CSRs for due entries, own SVID renewal."""
@@ -414,13 +420,13 @@ class Agent:
                 "FILE (saved with 'tessera server bundle show') or --insecure-bootstrap"
             )
         self._client.configure(anchors=anchors, identity=None)
-        backoff = Backoff(rng=self._rng)
+        backoff = retry_backoff(self._rng)
         while True:
             try:
                 identity, pinned = await attest(self._client, attestor, self.config.trust_domain)
                 break
             except Unavailable as err:
-                delay = backoff.next_delay()
+                delay = backoff.next()
                 self._progress(f"Cannot attest yet: {err.message}; retrying in {delay:.1f}s")
                 await asyncio.sleep(delay)
             except WrongTrustDomain:

@@ -39,6 +39,7 @@ from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.x509_context import X509Context as SpiffeX509Context
 
 from sdk import eventloop
+from sdk.backoff import Backoff
 from sdk.commandline import config_file_values, config_option, emit, option, output_option, progress
 from sdk.errors import InvalidArgument, PermissionDenied, TesseraError, Unavailable
 from sdk.privatefiles import write_file_atomically
@@ -395,7 +396,7 @@ def watch(socket: str | None, data_dir: str | None, output: str) -> None:
     path = socket_path(socket, data_dir)
     updates: queue.Queue[SpiffeX509Context | Exception] = queue.Queue()
     last_problem = ""
-    delay = 0.5
+    backoff = Backoff(initial=0.5, maximum=5.0)
     with workload_api(path) as client:
         while True:
             handler = client.stream_x509_contexts(
@@ -413,12 +414,12 @@ def watch(socket: str | None, data_dir: str | None, output: str) -> None:
                             progress(f"Error: {problem}; retrying")
                             last_problem = problem
                         break
-                    last_problem, delay = "", 0.5
+                    last_problem = ""
+                    backoff.reset()
                     _print_update(item, output)
             finally:
                 handler.cancel()
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(backoff.next())
 
 
 def _stream_problem(err: Exception, path: Path) -> str:

@@ -23,7 +23,7 @@ no request goes out with an SVID the server no longer accepts.
 Failover: calls go to the server that answered last; when it cannot be
 reached (or answers 5xx) the call moves on to the next one, each tried once.
 When none answers the call raises ``Unavailable``; callers retry after a
-:class:`Backoff` delay. A server that answers as another trust domain's server
+:func:`retry_backoff` delay. A server that answers as another trust domain's server
 is not unreachable but misconfigured: the call raises :class:`WrongTrustDomain`
 at once. A refusal because the agent is banned raises ``AgentBanned`` (the
 server's error code ``agent_banned``), so the agent can tell it from an eviction.
@@ -49,6 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
+from sdk.backoff import Backoff
 from sdk.errors import (
     AlreadyExists,
     ConfigError,
@@ -67,11 +68,11 @@ from workload_api.config import Address
 
 __all__ = [
     "AgentBanned",
-    "Backoff",
     "EntriesUpdate",
     "IssuedSvid",
     "NodeClient",
     "WrongTrustDomain",
+    "retry_backoff",
     "server_spiffe_id",
 ]
 
@@ -142,34 +143,13 @@ class IssuedSvid:
     expires_at: datetime
 
 
-class Backoff:
-    """Capped exponential delays with jitter: 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s...
+def retry_backoff(rng: random.Random | None = None) -> Backoff:
+    """The delays between tries while no server answers: 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s...
 
     Each delay is drawn between half and all of the nominal one, so agents that
     lost the same server do not come back in step.
     """
-
-    def __init__(
-        self,
-        *,
-        initial: float = 0.5,
-        maximum: float = 5.0,
-        factor: float = 2.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self._rng = rng or random.Random()
-        self.attempts = 0
-
-    def next_delay(self) -> float:
-        nominal = min(self.maximum, self.initial * self.factor**self.attempts)
-        self.attempts += 1
-        return nominal * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempts = 0
+    return Backoff(initial=0.5, maximum=5.0, multiplier=2.0, jitter=0.5, rng=rng)
 
 
 class NodeClient:

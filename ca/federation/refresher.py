@@ -28,6 +28,7 @@ from ca.datastore.interface import Datastore
 from ca.datastore.records import FederationRelationship
 from ca.federation.client import BundleFetcher, BundleFetchError, fetch_bundle
 from ca.federation.relationship import check_bundle
+from sdk.backoff import Backoff
 from sdk.bundle import TrustBundle
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, TesseraError
@@ -41,6 +42,8 @@ MAX_REFRESH = timedelta(hours=1)
 FIRST_RETRY = timedelta(seconds=5)
 MAX_RETRY = timedelta(minutes=5)
 POLL_SECONDS = 1.0
+
+_RETRIES = Backoff(initial=FIRST_RETRY.total_seconds(), maximum=MAX_RETRY.total_seconds())
 
 
 class BundleRefused(BundleFetchError):
@@ -64,8 +67,7 @@ def next_refresh_delay(outcome: RefreshOutcome, failures: int) -> timedelta:
     if outcome.error is None and outcome.bundle is not None:
         hint = timedelta(seconds=outcome.bundle.refresh_hint)
         return min(max(hint, MIN_REFRESH), MAX_REFRESH)
-    doublings = min(max(failures - 1, 0), 16)
-    return min(FIRST_RETRY * (1 << doublings), MAX_RETRY)
+    return timedelta(seconds=_RETRIES.delay(max(failures - 1, 0)))
 
 
 def accept_bundle(

@@ -100,6 +100,8 @@ def test_failures_back_off_doubling_up_to_5_minutes():
     delays = [next_refresh_delay(failed, n).total_seconds() for n in range(1, 10)]
 
     assert delays == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert next_refresh_delay(failed, 0) == timedelta(seconds=5)
+    assert next_refresh_delay(failed, 100_000) == timedelta(minutes=5)  # a partner gone for good
 
 
 def test_a_new_relationship_is_fetched_at_once_then_at_its_hint(

@@ -26,9 +26,9 @@ from tests.unit.workload_api.agent_helpers import AuthorityForTests
 from workload_api.config import Address
 from workload_api.node_client import (
     AgentBanned,
-    Backoff,
     NodeClient,
     WrongTrustDomain,
+    retry_backoff,
     server_id_problem,
 )
 
@@ -39,13 +39,22 @@ SERVER_ID = "spiffe://example.org/tessera/server"
 
 
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
-    backoff = Backoff(initial=0.5, maximum=5.0, rng=random.Random(1))
-    delays = [backoff.next_delay() for _ in range(8)]
+    backoff = retry_backoff(random.Random(1))
+    delays = [backoff.next() for _ in range(8)]
     nominal = [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]
+    same_seed = random.Random(1)
+    assert delays == [cap * same_seed.uniform(0.5, 1.0) for cap in nominal]
     for delay, cap in zip(delays, nominal, strict=True):
         assert cap / 2 <= delay <= cap
     backoff.reset()
-    assert backoff.next_delay() <= 0.5
+    assert backoff.next() <= 0.5
+
+
+def test_backoff_outlasts_a_long_outage() -> None:
+    # over an hour of an unreachable server: 2.0 ** 1024 would overflow a float
+    backoff = retry_backoff(random.Random(2))
+    delays = [backoff.next() for _ in range(1100)]
+    assert all(2.5 <= delay <= 5.0 for delay in delays[4:])
 
 
 def test_server_id_problem() -> None:
