@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from attestor.plugin import PluginConfig as PluginConfig  # noqa: PLC0414 -- re-exported
 from ca.tombstones import DEFAULT_TOMBSTONE_RETENTION
+from sdk.address import HostPort
 from sdk.commandline import (  # noqa: F401  (moved; re-exported for the old path)
     ConfigFileUnreadable,
     load_config_file,
@@ -185,7 +186,7 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         raise ConfigError("the trust domain is not set; pass --trust-domain, e.g. example.org")
     if not values.get("data_dir"):
         raise ConfigError("the data directory is not set; pass --data-dir, e.g. .tessera")
-    host, port = parse_bind(str(values.get("bind") or DEFAULT_BIND))
+    bind = parse_bind(str(values.get("bind") or DEFAULT_BIND))
     key_manager = _single_plugin(values.get("key_manager"), "key_manager") or PluginConfig("disk")
     upstream = _single_plugin(values.get("upstream_authority"), "upstream_authority")
     attestors = _plugins(values.get("node_attestors"), "node_attestors")
@@ -193,8 +194,8 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
     config = ServerConfig(
         trust_domain=parse_trust_domain(str(values["trust_domain"])),
         data_dir=Path(str(values["data_dir"])),
-        bind_host=host,
-        bind_port=port,
+        bind_host=bind.host,
+        bind_port=bind.port,
         admin_socket=Path(str(admin_socket)) if admin_socket else None,
         db_url=str(values["db"]) if values.get("db") else None,
         ca_ttl=_duration(values, "ca_ttl", DEFAULT_CA_TTL),
@@ -222,9 +223,9 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
             "second, so give it a few seconds"
         )
     endpoint = config.federation.bundle_endpoint
-    if endpoint is not None and (endpoint.host, endpoint.port) == (host, port):
+    if endpoint is not None and (endpoint.host, endpoint.port) == (bind.host, bind.port):
         raise ConfigError(
-            f"the bundle endpoint and the node API both listen on {host}:{port}; "
+            f"the bundle endpoint and the node API both listen on {bind}; "
             "give [federation.bundle_endpoint] address a port of its own"
         )
     if config.default_x509_svid_ttl > config.ca_ttl:
@@ -236,11 +237,9 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
     return config
 
 
-def parse_bind(value: str) -> tuple[str, int]:
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"bind address {value!r} is not HOST:PORT, e.g. 127.0.0.1:8081")
-    return host.strip("[]"), int(port_text)
+def parse_bind(value: str) -> HostPort:
+    """Where to listen: ``HOST:PORT``, ``[IPV6]:PORT``; port 0 takes any free port."""
+    return HostPort.parse(value, what="bind address", example="127.0.0.1:8081", any_port=True)
 
 
 def _duration(values: Mapping[str, Any], key: str, default: timedelta) -> timedelta:
@@ -317,12 +316,9 @@ def _bundle_endpoint(raw: Any) -> BundleEndpointConfig:
     address = raw.get("address")
     if not isinstance(address, str) or not address:
         raise ConfigError(f"{where} needs an address, e.g. address = \"0.0.0.0:8443\"")
-    try:
-        host, port = parse_bind(address)
-    except ConfigError:
-        raise ConfigError(
-            f"{where} address {address!r} is not HOST:PORT, e.g. \"0.0.0.0:8443\""
-        ) from None
+    listen = HostPort.parse(
+        address, what=f"{where} address", example='"0.0.0.0:8443"', any_port=True
+    )
     profile = raw.get("profile", "https_spiffe")
     if profile not in BUNDLE_ENDPOINT_PROFILES:
         raise ConfigError(
@@ -341,7 +337,7 @@ def _bundle_endpoint(raw: Any) -> BundleEndpointConfig:
                 "for profile https_web; with "
                 "https_spiffe the endpoint serves the server's own SVID, so remove them"
             )
-        return BundleEndpointConfig(host=host, port=port, profile=profile)
+        return BundleEndpointConfig(host=listen.host, port=listen.port, profile=profile)
     missing = [name for name, value in files.items() if value is None]
     if missing:
         raise ConfigError(
@@ -349,8 +345,8 @@ def _bundle_endpoint(raw: Any) -> BundleEndpointConfig:
             "certificate (with its chain) and private key the endpoint serves with"
         )
     return BundleEndpointConfig(
-        host=host,
-        port=port,
+        host=listen.host,
+        port=listen.port,
         profile=profile,
         cert_file=Path(str(files["cert_file"])),
         key_file=Path(str(files["key_file"])),

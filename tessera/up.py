@@ -154,7 +154,8 @@ def listenable_port(host: str, port: int) -> int:
 
 
 def _port_or_fallback(value: str, what: str, progress: Callable[[str], None]) -> tuple[str, int]:
-    host, wanted = parse_bind(value)
+    bind = parse_bind(value)
+    host, wanted = bind.host, bind.port
     port = listenable_port(host, wanted)
     if wanted and port != wanted:
         progress(f"{host}:{wanted} is in use; the {what} listens on {host}:{port} instead")

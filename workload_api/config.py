@@ -38,6 +38,7 @@ from spiffe import TrustDomain
 from attestor.node import NODE_ATTESTORS_AGENT
 from attestor.plugin import PluginConfig
 from attestor.workload import load_workload_attestor
+from sdk.address import HostPort
 from sdk.durations import parse_duration
 from sdk.errors import ConfigError, InvalidArgument
 from sdk.spiffeid import parse_trust_domain
@@ -78,15 +79,8 @@ TABLE_KEYS: Final = frozenset({"workload_attestors"})
 
 
 @dataclass(frozen=True)
-class Address:
-    """A ``HOST:PORT`` the agent connects to or listens on."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+class Address(HostPort):
+    """A ``HOST:PORT`` the agent connects to or listens on (a HostPort with its https URL)."""
 
     @property
     def https_url(self) -> str:
@@ -271,11 +265,7 @@ def parse_socket(value: str, *, what: str) -> Path:
 
 
 def parse_address(value: str, *, what: str) -> Address:
-    host, sep, port_text = value.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ConfigError(f"{what} {value!r} is not HOST:PORT, e.g. 127.0.0.1:8081")
-    return Address(host, int(port_text))
+    return Address.parse(value, what=what, example="127.0.0.1:8081")
 
 
 def _servers(raw: Any) -> tuple[Address, ...]:

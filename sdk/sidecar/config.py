@@ -28,7 +28,6 @@ against) are all refused with a sentence naming the key.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from typing import Any, Final
 
 from spiffe import SpiffeId
 
+from sdk.address import HostPort
 from sdk.authorize import Authorizer, authorize_id, authorize_member_of, authorize_one_of
-from sdk.errors import InvalidArgument, PolicyError
+from sdk.errors import ConfigError, InvalidArgument, PolicyError
 from sdk.policy import Policy
 from sdk.sidecar.errors import SidecarConfigError
 from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
@@ -66,26 +66,6 @@ _OUTBOUND_KEYS: Final = frozenset({"name", "listen", "upstream", "spiffe_id", "t
 _UPSTREAM_CHOICES: Final = ("spiffe_id", "trust_domain", "one_of")
 
 _Fail = Callable[[str], SidecarConfigError]
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """A ``HOST:PORT`` to listen on or connect to."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def is_ip(self) -> bool:
-        try:
-            ipaddress.ip_address(self.host)
-        except ValueError:
-            return False
-        return True
 
 
 class ListenerProtocol(enum.StrEnum):
@@ -234,20 +214,10 @@ def parse_proxy_config(data: Mapping[str, Any], *, source: str | Path) -> ProxyC
 
 def parse_host_port(value: object, *, what: str, example: str) -> HostPort:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6); SidecarConfigError otherwise."""
-    text = value.strip() if isinstance(value, str) else ""
-    host, sep, port_text = text.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = host[1:-1] if bracketed else host
-    valid = (
-        sep
-        and host
-        and (bracketed or ":" not in host)
-        and port_text.isdigit()
-        and 0 < int(port_text) <= 65535
-    )
-    if not valid:
-        raise SidecarConfigError(f"{what} {value!r} is not HOST:PORT, e.g. {example}")
-    return HostPort(host, int(port_text))
+    try:
+        return HostPort.parse(value, what=what, example=example)
+    except ConfigError as err:
+        raise SidecarConfigError(err.message) from err
 
 
 def parse_health_bind(value: object, *, what: str = "--health-bind") -> HostPort | None:

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sdk.sidecar.config import HostPort
+from sdk.address import HostPort
 from sdk.sidecar.errors import HttpError, SidecarConfigError
 from sdk.sidecar.http import read_request_head, simple_response
 from sdk.sidecar.metrics import FilesMetrics, ProxyMetrics

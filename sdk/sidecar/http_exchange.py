@@ -41,8 +41,8 @@ from typing import Final
 
 from spiffe import SpiffeId
 
+from sdk.address import HostPort
 from sdk.policy import Decision, Policy
-from sdk.sidecar.config import HostPort
 from sdk.sidecar.errors import HttpError
 from sdk.sidecar.http import (
     BodyKind,

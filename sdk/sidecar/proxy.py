@@ -53,10 +53,10 @@ from typing import Any, Final
 
 from spiffe import SpiffeId
 
+from sdk.address import HostPort
 from sdk.errors import AuthorizationError, SdkError
 from sdk.policy import Decision, Policy
 from sdk.sidecar.config import (
-    HostPort,
     InboundConfig,
     ListenerProtocol,
     OutboundConfig,

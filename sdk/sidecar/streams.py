@@ -26,7 +26,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from sdk.sidecar.config import HostPort
+from sdk.address import HostPort
 
 __all__ = ["Stream", "splice"]
 

@@ -101,9 +101,17 @@ def test_unknown_keys_are_named():
     )
 
 
-@pytest.mark.parametrize("bind", ["nope", "127.0.0.1", ":8081", "host:http", "host:65536"])
+@pytest.mark.parametrize(
+    "bind", ["nope", "127.0.0.1", ":8081", "host:http", "host:65536", "::1:8081", "[host]:8081"]
+)
 def test_bad_bind(bind):
     assert refusal_of(bind=bind) == f"bind address {bind!r} is not HOST:PORT, e.g. 127.0.0.1:8081"
+
+
+def test_bind_port_0_takes_any_free_port():
+    built = config(bind="[::]:0")
+
+    assert (built.bind_host, built.bind_port) == ("::", 0)
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,8 @@ def test_no_node_attestor_is_allowed_for_an_agent_that_attested_before(tmp_path:
          "no server address is set; pass --server HOST:PORT (repeat it for several servers)"),
         ({"server": ["localhost"]},
          "server address 'localhost' is not HOST:PORT, e.g. 127.0.0.1:8081"),
+        ({"server": ["::1:8081"]},
+         "server address '::1:8081' is not HOST:PORT, e.g. 127.0.0.1:8081"),
         ({"server": 8081},
          'server must be a list of addresses, e.g. server = ["127.0.0.1:8081"]'),
         ({"data_dir": None},

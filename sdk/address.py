@@ -1,0 +1,86 @@
+"""A ``HOST:PORT`` to listen on or connect to, read the same way everywhere.
+
+    HostPort.parse("127.0.0.1:8081")                   # HostPort(host='127.0.0.1', port=8081)
+    HostPort.parse("[::1]:8443")                       # an IPv6 address goes in brackets
+    HostPort.parse("0.0.0.0:0", any_port=True)         # port 0: any free port (to bind on)
+    HostPort.parse("8081", what="--bind", example="127.0.0.1:8081")
+    # ConfigError: --bind '8081' is not HOST:PORT, e.g. 127.0.0.1:8081
+    str(HostPort("::1", 8443))                         # '[::1]:8443'
+
+The port is 1 to 65535 (0 too with ``any_port``); an IPv6 address needs its
+brackets, since in ``::1:8443`` the port cannot be told from the address. The
+error names the setting (``what``) and shows an ``example``, so each caller's
+message says which flag or key to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Final, Self
+
+from sdk.errors import ConfigError
+
+__all__ = ["HostPort"]
+
+MAX_PORT: Final = 65535
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A ``HOST:PORT`` to listen on or connect to; ``host`` is kept without brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(
+        cls,
+        text: object,
+        *,
+        what: str = "address",
+        example: str = "127.0.0.1:8081",
+        any_port: bool = False,
+    ) -> Self:
+        """``HOST:PORT`` or ``[IPV6]:PORT``, blanks around it ignored; ConfigError
+        ``"<what> <text!r> is not HOST:PORT, e.g. <example>"`` otherwise."""
+        parsed = _split(text.strip(), any_port=any_port) if isinstance(text, str) else None
+        if parsed is None:
+            raise ConfigError(f"{what} {text!r} is not HOST:PORT, e.g. {example}")
+        return cls(*parsed)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        """Whether the host is an IP address (not a name to resolve)."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+def _split(text: str, *, any_port: bool) -> tuple[str, int] | None:
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not (port_text.isascii() and port_text.isdigit()):
+        return None
+    port = int(port_text)
+    if not (0 if any_port else 1) <= port <= MAX_PORT:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return (host, port) if _is_ipv6(host) else None
+    if not host or any(char in host for char in ":[]"):
+        return None
+    return host, port
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
