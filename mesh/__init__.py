@@ -4,10 +4,11 @@ The first room of the mesh's control plane (parse → validate → compile → r
 serve): YAML in, typed resources out, every error at once with the path of its field.
 Pure: no file, socket or process::
 
-    from mesh import ConfigError, parse_documents
+    from mesh import Config, ConfigError, parse_documents
 
     try:
         resources = parse_documents(text, source="mesh.yaml")
+        config, changes = Config().apply(resources)
     except ConfigError as err:
         for error in err.errors:
             print(error)    # VirtualService reviews: spec.http[0].corsPolicy is not supported
@@ -18,6 +19,8 @@ The modules, one idea each:
 - :mod:`mesh.validation` — one document to a typed resource, pydantic's errors translated;
 - :mod:`mesh.parse` — text to resources (:func:`parse_documents`);
 - :mod:`mesh.resources` — the seven kinds, one module each;
+- :mod:`mesh.references` — what must exist for a configuration to hold together;
+- :mod:`mesh.config` — the immutable configuration and what an apply changes;
 - :mod:`mesh.hosts`, :mod:`mesh.principals`, :mod:`mesh.durations`, :mod:`mesh.regex`,
   :mod:`mesh.httpsyntax`, :mod:`mesh.names` — the values fields hold, and their checks;
 - :mod:`mesh.errors` — :class:`ConfigError` and its :class:`FieldError`s.
@@ -25,8 +28,10 @@ The modules, one idea each:
 
 from __future__ import annotations
 
+from mesh.config import Change, Config
 from mesh.errors import ConfigError, FieldError, MeshError
 from mesh.parse import parse_documents
+from mesh.references import check_references
 from mesh.resources import (
     KINDS,
     AnyResource,
@@ -50,6 +55,8 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "AnyResource",
     "AuthorizationPolicy",
+    "Change",
+    "Config",
     "ConfigError",
     "DestinationRule",
     "FieldError",
@@ -61,6 +68,7 @@ __all__ = [
     "ResourceKey",
     "Service",
     "VirtualService",
+    "check_references",
     "kind_named",
     "parse_documents",
     "parse_resource",
