@@ -75,6 +75,7 @@ _NO_ANCHORS = (
     "YAML anchors and aliases (&name, *name) are not supported: write each value out "
     "(an alias can make a small file expand into a huge one)"
 )
+_QUOTE_STARS = 'to write a value that starts with \'*\', quote it: "*", "*.example.com"'
 
 
 class _Refused(yaml.MarkedYAMLError):
@@ -142,7 +143,7 @@ class _BoundedLoader(Composer, _EventParser, SafeConstructor, Resolver):  # type
                 event.start_mark,
             )
         if isinstance(event, yaml.AliasEvent):
-            raise _Refused(_NO_ANCHORS, event.start_mark)
+            raise _Refused(f"{_NO_ANCHORS}; {_QUOTE_STARS}", event.start_mark)
         if getattr(event, "anchor", None) is not None:
             raise _Refused(_NO_ANCHORS, event.start_mark)
         self._depth += 1
@@ -227,6 +228,8 @@ def _syntax_error(err: yaml.YAMLError, source: str) -> FieldError:
             problem = f"{err.problem} ({err.context})"
         if not isinstance(err, _Refused):
             problem = f"invalid YAML: {problem}"
+        if err.context == "while scanning an alias":  # hosts: [*]
+            problem += f"; {_QUOTE_STARS}"
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         return FieldError("", "", "", f"{where}{problem}", source=source)
     return FieldError("", "", "", f"is not valid YAML: {err}", source=source)  # pragma: no cover

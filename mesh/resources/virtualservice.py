@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, Strict, model_validator
+from pydantic import AfterValidator, BeforeValidator, Strict, model_validator
 
 from mesh.fields import (
     Authority,
@@ -174,6 +174,12 @@ class PortSelector(Model):
     number: PortNumber
 
 
+def _port_as_mapping(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"must be a mapping: write port: {{number: {value}}}, as Istio does")
+    return value
+
+
 class Destination(Model):
     """A Service (``host``), optionally a subset of its instances and one of its ports.
 
@@ -182,7 +188,7 @@ class Destination(Model):
 
     host: DestinationHost
     subset: DnsLabel | None = None
-    port: PortSelector | None = None
+    port: Annotated[PortSelector, BeforeValidator(_port_as_mapping)] | None = None
 
 
 class HeaderOperations(Model):

@@ -26,6 +26,7 @@ h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
 i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 
+QUOTE_STARS = 'to write a value that starts with \'*\', quote it: "*", "*.example.com"'
 NO_ANCHORS = (
     "YAML anchors and aliases (&name, *name) are not supported: write each value out "
     "(an alias can make a small file expand into a huge one)"
@@ -87,7 +88,21 @@ def refusal(text: str | bytes, source: str = "<stdin>") -> str:
         pytest.param(
             BILLION_LAUGHS, f"<stdin>: line 1, column 4: {NO_ANCHORS}", id="billion-laughs"
         ),
-        pytest.param("a: *x\n", f"<stdin>: line 1, column 4: {NO_ANCHORS}", id="alias"),
+        pytest.param(
+            "a: *x\n", f"<stdin>: line 1, column 4: {NO_ANCHORS}; {QUOTE_STARS}", id="alias"
+        ),
+        pytest.param(
+            "hosts: [*.example.com]\n",
+            "<stdin>: line 1, column 10: invalid YAML: did not find expected alphabetic or "
+            f"numeric character (while scanning an alias); {QUOTE_STARS}",
+            id="unquoted-wildcard",
+        ),
+        pytest.param(
+            "hosts:\n- *\n",
+            "<stdin>: line 2, column 4: invalid YAML: did not find expected alphabetic or "
+            f"numeric character (while scanning an alias); {QUOTE_STARS}",
+            id="unquoted-star",
+        ),
         pytest.param(
             "base: &base {a: 1}\n", f"<stdin>: line 1, column 7: {NO_ANCHORS}", id="anchor"
         ),

@@ -301,6 +301,12 @@ def test_the_gateways_default_to_the_mesh() -> None:
         ),
         (
             "spec.http[3].route[0].destination.port",
+            9080,
+            "spec.http[3].route[0].destination.port must be a mapping: write port: {number: "
+            "9080}, as Istio does",
+        ),
+        (
+            "spec.http[3].route[0].destination.port",
             {},
             "spec.http[3].route[0].destination.port.number is required",
         ),
