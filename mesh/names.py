@@ -1,0 +1,84 @@
+"""Names in the Kubernetes shape Istio's resources use: DNS-1123 labels and subdomains,
+label keys and values.
+
+Each check returns nothing or raises ``ValueError`` with a message that reads after the
+field's path (``metadata.name must be a DNS-1123 subdomain: ...``)::
+
+    check_dns_label("users-service")        # fine
+    check_dns_label("Users_Service")        # ValueError: must be a DNS-1123 label: ...
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "MAX_LABEL_LENGTH",
+    "MAX_SUBDOMAIN_LENGTH",
+    "check_dns_label",
+    "check_dns_subdomain",
+    "check_label_key",
+    "check_label_value",
+    "is_dns_label",
+    "is_dns_subdomain",
+]
+
+MAX_LABEL_LENGTH = 63
+MAX_SUBDOMAIN_LENGTH = 253
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+_LABEL_RULE = (
+    "lower-case letters, digits and '-', starting and ending with a letter or digit, "
+    f"at most {MAX_LABEL_LENGTH} characters"
+)
+
+
+def is_dns_label(value: str) -> bool:
+    return len(value) <= MAX_LABEL_LENGTH and _DNS_LABEL.fullmatch(value) is not None
+
+
+def is_dns_subdomain(value: str) -> bool:
+    return len(value) <= MAX_SUBDOMAIN_LENGTH and all(
+        is_dns_label(part) for part in value.split(".")
+    )
+
+
+def check_dns_label(value: str) -> None:
+    """A DNS-1123 label: ``users-service``, never ``users.service`` or ``Users``."""
+    if not is_dns_label(value):
+        raise ValueError(f"must be a DNS-1123 label: {_LABEL_RULE} (e.g. users-service)")
+
+
+def check_dns_subdomain(value: str) -> None:
+    """A DNS-1123 subdomain: DNS labels joined by '.', at most 253 characters."""
+    if not is_dns_subdomain(value):
+        raise ValueError(
+            "must be a DNS-1123 subdomain: labels of lower-case letters, digits and '-' "
+            f"joined by '.', at most {MAX_SUBDOMAIN_LENGTH} characters (e.g. reviews-route)"
+        )
+
+
+def check_label_key(value: str) -> None:
+    """A label key: ``name`` or ``prefix/name`` (prefix a DNS subdomain), as Kubernetes."""
+    prefix, _, name = value.rpartition("/")
+    if "/" in value and not is_dns_subdomain(prefix):
+        raise ValueError(
+            "must be a label key: its prefix (before '/') must be a DNS-1123 subdomain"
+        )
+    if len(name) > MAX_LABEL_LENGTH or _LABEL_NAME.fullmatch(name) is None:
+        raise ValueError(
+            "must be a label key: letters, digits, '-', '_' and '.', starting and ending "
+            f"with a letter or digit, at most {MAX_LABEL_LENGTH} characters, with an "
+            "optional DNS prefix and '/' (e.g. app, app.kubernetes.io/name)"
+        )
+
+
+def check_label_value(value: str) -> None:
+    """A label value: empty, or as a label key's name part."""
+    if value and (len(value) > MAX_LABEL_LENGTH or _LABEL_NAME.fullmatch(value) is None):
+        raise ValueError(
+            "must be a label value: empty, or letters, digits, '-', '_' and '.', starting "
+            f"and ending with a letter or digit, at most {MAX_LABEL_LENGTH} characters"
+        )
