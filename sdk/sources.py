@@ -16,6 +16,11 @@ rotation reaches it. Four implementations stand in for each other:
         bundle = source.x509_bundle_for(svid.spiffe_id.trust_domain)
         unsubscribe = source.subscribe(lambda: print("rotated"))
 
+    # one of several SVIDs; dropped while the Workload API withdraws it
+    source = WorkloadApiX509Source(spiffe_id="spiffe://example.org/api", drop_withdrawn=True)
+    snapshot = source.snapshot()                   # the SVID and bundles of one update
+    source.no_identity()                           # None, or why it holds no SVID now
+
 The value types are the ``spiffe`` package's (``X509Svid``, ``X509Bundle``,
 ``JwtSvid``, ``JwtBundle``, ``SpiffeId``, ``TrustDomain``). Errors of the
 ``spiffe`` package and of grpc become :class:`~sdk.errors.SourceError` here.
@@ -29,6 +34,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,32 +43,44 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol, Self
 
+import grpc  # type: ignore[import-untyped]
 import spiffe
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain, X509Bundle, X509Svid
 from spiffe.errors import PySpiffeError
+from spiffe.workloadapi.workload_api_client import StreamCancelHandler
+from spiffe.workloadapi.x509_context import X509Context
 
 from sdk.errors import InvalidArgument, SourceError
 from sdk.spiffeid import parse_trust_domain
 
 __all__ = [
     "ENDPOINT_SOCKET_ENV",
+    "RETRY_SECONDS",
     "ChangeCounter",
     "FileX509Source",
     "JwtBundleSource",
     "JwtSource",
-    "SpiffeIdPicker",
     "StaticX509Source",
     "Unsubscribe",
+    "Withdrawal",
     "WorkloadApiJwtSource",
     "WorkloadApiX509Source",
     "X509BundleSource",
+    "X509Snapshot",
     "X509Source",
+    "workload_api_address",
+    "workload_api_status",
 ]
 
 ENDPOINT_SOCKET_ENV: Final = "SPIFFE_ENDPOINT_SOCKET"
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
+RETRY_SECONDS: Final = 2.0
+"""The longest wait between two attempts to open the Workload API's X509-SVID stream."""
+_FIRST_RETRY_SECONDS: Final = 0.1
+_CLOSE_CHECK_SECONDS: Final = 0.5
+_STATUS_IN_WORDS: Final = re.compile(r"StatusCode\.([A-Z_]+)")
 
 _log = logging.getLogger(__name__)
 
@@ -113,32 +131,71 @@ class JwtSource(JwtBundleSource, Protocol):
 # -- the Workload API --------------------------------------------------------------------
 
 
-class SpiffeIdPicker:
-    """Picks one SPIFFE ID's SVID when the Workload API gives a workload several (py-spiffe's
-    ``svid_picker``): the wanted ID; if an update no longer offers it, the SVID picked
-    before (logged: it is kept until it expires); SourceError if it was never offered."""
+@dataclass(frozen=True)
+class X509Snapshot:
+    """The SVID a source serves and the bundles of the same Workload API update."""
 
-    def __init__(self, spiffe_id: SpiffeId | str) -> None:
-        self.spiffe_id = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId(spiffe_id)
-        self._lock = threading.Lock()
-        self._picked: X509Svid | None = None
+    svid: X509Svid
+    bundles: tuple[X509Bundle, ...]
 
-    def __call__(self, svids: list[X509Svid]) -> X509Svid:
-        wanted = self.spiffe_id
-        with self._lock:
-            for svid in svids:
-                if svid.spiffe_id == wanted:
-                    self._picked = svid
-                    return svid
-            offered = ", ".join(str(s.spiffe_id) for s in svids) or "none"
-            if self._picked is not None:
-                _log.error(
-                    "the Workload API no longer offers %s (it offers %s); keeping the SVID "
-                    "held until now, which expires at %s",
-                    wanted, offered, self._picked.leaf.not_valid_after_utc,
-                )  # fmt: skip
-                return self._picked
-            raise SourceError(f"no SVID for {wanted} (the Workload API offers {offered})")
+    @property
+    def own_bundle(self) -> X509Bundle | None:
+        """The bundle of the SVID's own trust domain."""
+        return self.bundle_for(self.svid.spiffe_id.trust_domain)
+
+    @property
+    def federated_bundles(self) -> tuple[X509Bundle, ...]:
+        """The bundles of the other trust domains, ordered by name."""
+        own = self.svid.spiffe_id.trust_domain
+        others = [b for b in self.bundles if b.trust_domain != own]
+        return tuple(sorted(others, key=lambda b: b.trust_domain.name))
+
+    def bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
+        return next((b for b in self.bundles if b.trust_domain == trust_domain), None)
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """The Workload API no longer offers the SVID a :class:`WorkloadApiX509Source` serves.
+
+    It says so with ``PERMISSION_DENIED`` (the workload has no identity any
+    more: its registration entry was deleted or no longer matches it;
+    ``offered`` is empty), or with an update that does not list the SPIFFE ID
+    the source serves (``offered`` lists those it does). ``str()`` puts it in
+    words; a source's ``explain_withdrawal`` may say it otherwise.
+    """
+
+    address: str
+    """The Workload API's address."""
+    spiffe_id: SpiffeId | None
+    """Whose SVID: the one the source had, else the one it asked for (None: the default)."""
+    offered: tuple[SpiffeId, ...]
+    """The SPIFFE IDs the Workload API offers instead; empty when it offers none."""
+    held: X509Svid | None
+    """The SVID the source had (serving or dropped); None when it never had one."""
+    kept: bool
+    """Whether the source goes on serving ``held`` (it was built with ``drop_withdrawn=False``)."""
+
+    def __str__(self) -> str:
+        if not self.offered:
+            said = (
+                f"the Workload API at {self.address} says this process has no identity "
+                "(PERMISSION_DENIED): its registration entry was deleted or no longer matches it"
+            )
+        else:
+            offered = ", ".join(str(spiffe_id) for spiffe_id in self.offered)
+            verb = "no longer offers" if self.held is not None else "offers no SVID for"
+            said = (
+                f"the Workload API at {self.address} {verb} {self.spiffe_id} (it offers {offered})"
+            )
+        if self.held is None:
+            return said
+        if self.kept:
+            return (
+                f"{said}; keeping the SVID held until now, which expires at "
+                f"{self.held.leaf.not_valid_after_utc}"
+            )
+        return f"{said}; dropped the SVID of {self.held.spiffe_id} until one is issued again"
 
 
 class WorkloadApiX509Source:
@@ -150,6 +207,24 @@ class WorkloadApiX509Source:
     when the workload has several. The constructor waits up to ``timeout``
     seconds for the first SVID and raises SourceError if none comes (no agent,
     no identity for this workload, or none for ``spiffe_id``).
+
+    It follows the stream on a thread of its own and opens it again by itself
+    (after 0.1 s, doubling up to ``retry_seconds``):
+
+    - the agent unreachable or the stream ended: the SVID held is kept (it
+      stays valid until it expires) and the stream is opened again;
+    - the SVID is withdrawn (a :class:`Withdrawal`: ``PERMISSION_DENIED``, or
+      an update without ``spiffe_id``): one ERROR is logged, in the words of
+      ``explain_withdrawal``. By default the source keeps serving the SVID
+      held, which peers refuse once it expires; with ``drop_withdrawn`` it
+      drops it: :meth:`snapshot` and :meth:`x509_svid` raise SourceError and
+      :meth:`no_identity` says why (subscribers are not told: there is nothing
+      new to build). :meth:`withdrawn` says why either way, and the first
+      update that offers the SVID again brings it back, with a WARNING;
+    - ``INVALID_ARGUMENT`` (the agent refuses the client itself): the source
+      stops following the stream, and :meth:`problem` says why.
+
+    It logs on ``logger`` (default: this module's).
     """
 
     def __init__(
@@ -158,32 +233,85 @@ class WorkloadApiX509Source:
         *,
         spiffe_id: SpiffeId | str | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        drop_withdrawn: bool = False,
+        explain_withdrawal: Callable[[Withdrawal], str] = str,
+        retry_seconds: float = RETRY_SECONDS,
+        logger: logging.Logger | None = None,
     ) -> None:
         self.address = workload_api_address(socket_path)
+        self._drop_withdrawn = drop_withdrawn
+        self._explain = explain_withdrawal
+        self._retry_seconds = retry_seconds
+        self._log = logger or _log
+        self._lock = threading.Lock()
+        self._snapshot: X509Snapshot | None = None
+        self._dropped: X509Svid | None = None
+        self._withdrawn: str | None = None
+        self._failed: str | None = None
+        self._subscribers = _Subscribers()
+        self._closing = threading.Event()
+        self._first = threading.Event()
+        self._stream: StreamCancelHandler | None = None
         with _translated(f"cannot get an X509-SVID from the Workload API at {self.address}"):
-            picker = SpiffeIdPicker(spiffe_id) if spiffe_id is not None else None
-            self._source = spiffe.X509Source(
-                socket_path=self.address, timeout_in_seconds=timeout, svid_picker=picker
+            self.spiffe_id = SpiffeId(spiffe_id) if isinstance(spiffe_id, str) else spiffe_id
+            self._client = spiffe.WorkloadApiClient(socket_path=self.address)
+        threading.Thread(target=self._watch, name="tessera-workload-api-x509",
+                         daemon=True).start()  # fmt: skip
+        if not self._first.wait(timeout) or self._failed:
+            reason = self._failed or self._withdrawn or (
+                f"cannot get an X509-SVID from the Workload API at {self.address}: none came "
+                f"within {timeout:g}s"
             )
+            self.close()
+            raise SourceError(reason)
+
+    def snapshot(self) -> X509Snapshot:
+        """The SVID and the bundles of the same update (so files written from them match)."""
+        with self._lock:
+            if self._closing.is_set():
+                raise SourceError(f"the Workload API source for {self.address} is closed")
+            if self._snapshot is None:
+                raise SourceError(
+                    self._withdrawn or self._failed or f"no X509-SVID from {self.address}"
+                )
+            return self._snapshot
 
     def x509_svid(self) -> X509Svid:
-        with _translated("cannot read the X509-SVID from the Workload API"):
-            return self._source.get_x509_context().default_svid
+        return self.snapshot().svid
 
     def x509_bundle_for(self, trust_domain: TrustDomain) -> X509Bundle | None:
-        with _translated("cannot read the X.509 bundles from the Workload API"):
-            return self._source.get_bundle_for_trust_domain(trust_domain)
+        return self.snapshot().bundle_for(trust_domain)
 
     def x509_bundles(self) -> Sequence[X509Bundle]:
-        with _translated("cannot read the X.509 bundles from the Workload API"):
-            return list(self._source.get_x509_context().x509_bundle_set.bundles)
+        return self.snapshot().bundles
 
     def subscribe(self, callback: Callable[[], None]) -> Unsubscribe:
-        self._source.subscribe_for_updates(callback)
-        return lambda: self._source.unsubscribe_for_updates(callback)
+        return self._subscribers.add(callback)
+
+    def withdrawn(self) -> str | None:
+        """Why the Workload API no longer offers the SVID (kept or dropped), or None."""
+        with self._lock:
+            return self._withdrawn
+
+    def no_identity(self) -> str | None:
+        """Why the source holds no SVID now (it dropped a withdrawn one), or None."""
+        with self._lock:
+            return self._withdrawn if self._snapshot is None else None
+
+    def problem(self) -> str | None:
+        """Why the source stopped following the Workload API for good, or None."""
+        if self._closing.is_set():
+            return None
+        return self._failed
 
     def close(self) -> None:
-        self._source.close()
+        self._closing.set()
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+        with contextlib.suppress(Exception):
+            self._client.close()
 
     def __enter__(self) -> Self:
         return self
@@ -195,6 +323,115 @@ class WorkloadApiX509Source:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # -- following the stream ----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        backoff = _FIRST_RETRY_SECONDS
+        while not self._closing.is_set():
+            received, error = self._follow_stream()
+            if self._closing.is_set():
+                return
+            if received:
+                backoff = _FIRST_RETRY_SECONDS
+            code = workload_api_status(error)
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                self._withdraw(offered=())
+            elif code == grpc.StatusCode.INVALID_ARGUMENT:
+                self._failed = (
+                    f"the Workload API at {self.address} refused this client ({error}); "
+                    "restart this process once the agent serves this workload again"
+                )
+                self._log.error("%s", self._failed)
+                self._first.set()
+                return
+            else:
+                self._log.debug("the Workload API stream at %s ended (%s); keeping the SVID "
+                                "held and reconnecting in %gs", self.address, error,
+                                backoff)  # fmt: skip
+            if self._closing.wait(backoff):
+                return
+            backoff = min(backoff * 2, self._retry_seconds)
+
+    def _follow_stream(self) -> tuple[bool, Exception | None]:
+        """One ``FetchX509SVID`` stream until it ends: whether it brought an update, and why
+        it ended (None when the source was closed)."""
+        ended = threading.Event()
+        received = threading.Event()
+        errors: list[Exception] = []
+
+        def on_update(context: X509Context) -> None:
+            received.set()
+            self._update(context)
+
+        def on_error(error: Exception) -> None:
+            errors.append(error)
+            ended.set()
+
+        try:
+            stream = self._client.stream_x509_contexts(on_update, on_error, retry_connect=False)
+        except PySpiffeError as err:
+            return False, err
+        with self._lock:
+            self._stream = stream
+        while not ended.wait(_CLOSE_CHECK_SECONDS) and not self._closing.is_set():
+            pass
+        stream.cancel()
+        return received.is_set(), errors[0] if errors else None
+
+    def _update(self, context: X509Context) -> None:
+        if self._closing.is_set():
+            return
+        svids = list(context.x509_svids)
+        bundles = tuple(context.x509_bundle_set.bundles)
+        if self.spiffe_id is None:
+            chosen = svids[0] if svids else None
+        else:
+            chosen = next((svid for svid in svids if svid.spiffe_id == self.spiffe_id), None)
+        if chosen is None:
+            self._withdraw(offered=tuple(svid.spiffe_id for svid in svids), bundles=bundles)
+            return
+        with self._lock:
+            if self._withdrawn is not None and self._first.is_set():
+                # Said before the SVID is back in use, so whoever sees it back sees this too.
+                self._log.warning("the Workload API at %s issued an SVID for %s again; using it "
+                                  "from now on", self.address, chosen.spiffe_id)  # fmt: skip
+            self._snapshot = X509Snapshot(chosen, bundles)
+            self._withdrawn = None
+            self._dropped = None
+        self._first.set()
+        self._subscribers.notify()
+
+    def _withdraw(
+        self, *, offered: tuple[SpiffeId, ...], bundles: tuple[X509Bundle, ...] | None = None
+    ) -> None:
+        """The Workload API no longer offers the SVID: keep it (with the update's bundles) or
+        drop it, and log why once per withdrawal. Only the stream's thread calls this."""
+        with self._lock:
+            serving = self._snapshot
+            first_notice = self._withdrawn is None
+        held = serving.svid if serving is not None else self._dropped
+        keep = serving is not None and not self._drop_withdrawn
+        withdrawal = Withdrawal(
+            address=self.address,
+            spiffe_id=held.spiffe_id if held is not None else self.spiffe_id,
+            offered=offered,
+            held=held,
+            kept=keep,
+        )
+        reason = self._explain(withdrawal)
+        if first_notice and serving is not None:  # at start, the constructor raises it instead
+            # Said before the SVID is dropped, so whoever sees it gone sees this too.
+            self._log.error("%s", reason)
+        with self._lock:
+            self._withdrawn = reason
+            if serving is not None and keep and bundles is not None:
+                self._snapshot = X509Snapshot(serving.svid, bundles)
+            elif serving is not None and not keep:
+                self._snapshot = None
+                self._dropped = serving.svid
+        if keep and bundles is not None:
+            self._subscribers.notify()
 
 
 class WorkloadApiJwtSource:
@@ -245,6 +482,21 @@ def workload_api_address(socket_path: str | None) -> str:
             "e.g. unix:///run/tessera/agent.sock"
         )
     return f"unix://{value}" if value.startswith("/") else value
+
+
+def workload_api_status(error: BaseException | None) -> grpc.StatusCode | None:
+    """The gRPC status behind a Workload API error (the ``spiffe`` package keeps the
+    grpc error as a cause, or only the status's name in its words)."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, grpc.RpcError) and hasattr(cause, "code"):
+            code: grpc.StatusCode = cause.code()
+            return code
+        cause = cause.__cause__
+    matched = _STATUS_IN_WORDS.search(str(error)) if error is not None else None
+    if matched and matched.group(1) in grpc.StatusCode.__members__:
+        return grpc.StatusCode[matched.group(1)]
+    return None
 
 
 @contextlib.contextmanager

@@ -34,8 +34,6 @@ another trust domain ends the agent with a sentence (``WrongTrustDomain``).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -47,7 +45,7 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId
+from spiffe import JwtBundle, SpiffeId, TrustDomain
 
 from attestor.selector import Selector
 from attestor.workload import (
@@ -57,7 +55,6 @@ from attestor.workload import (
     attest_with_pid_guard,
     load_workload_attestor,
 )
-from ca.jwtsvid import validate_jwt_svid
 from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.csr import build_csr
@@ -70,8 +67,9 @@ from sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sdk.jwtsvid import JwtSvidError, claimed_spiffe_id, parse_and_validate_jwt_svid
 from sdk.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.spiffeid import parse_trust_domain
 from workload_api import health
 from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_authority_id
 from workload_api.config import AgentConfig
@@ -676,25 +674,19 @@ class Agent:
                 self._jwt_locks.pop(key, None)
 
     def validate_jwt_svid(self, token: str, audience: str) -> ValidatedToken:
-        trust_domain = _unverified_trust_domain(token)
-        bundle = (
-            self.cache.bundle_for(parse_spiffe_id(f"spiffe://{trust_domain}").trust_domain)
-            if trust_domain
-            else self.cache.bundle
-        )
+        try:
+            trust_domain: TrustDomain | None = claimed_spiffe_id(token).trust_domain
+        except JwtSvidError:
+            trust_domain = None  # checking it with the own bundle says what is wrong
+        bundle = self.cache.bundle if trust_domain is None else self.cache.bundle_for(trust_domain)
         if bundle is None:
+            name = trust_domain.name if trust_domain is not None else None
             raise InvalidArgument(
-                f"no JWT bundle for trust domain {trust_domain}; the agent can validate "
-                "JWT-SVIDs of its own trust domain and of federated ones"
+                f"no JWT bundle for trust domain {name}; the agent can validate JWT-SVIDs of "
+                "its own trust domain and of federated ones"
             )
-        validated = validate_jwt_svid(
-            token, audience=audience, keys=bundle.jwt_authorities, now=self._clock.now()
-        )
-        if validated.spiffe_id.trust_domain != bundle.trust_domain:
-            raise InvalidArgument(
-                f"JWT-SVID subject {validated.spiffe_id} is not in trust domain "
-                f"{bundle.trust_domain.name}, whose key signed it"
-            )
+        keys = JwtBundle(bundle.trust_domain, {**bundle.jwt_authorities})
+        validated = parse_and_validate_jwt_svid(token, keys, audience, clock=self._clock)
         return ValidatedToken(spiffe_id=str(validated.spiffe_id), claims=validated.claims)
 
     def version(self) -> int:
@@ -721,21 +713,3 @@ def _read_trust_bundle(path: Any, config: AgentConfig) -> tuple[x509.Certificate
         return TrustBundle.from_pem(config.trust_domain, data).x509_authorities
     except InvalidArgument as err:
         raise ConfigError(f"the trust bundle file {path} is not usable: {err.message}") from err
-
-
-def _unverified_trust_domain(token: str) -> str | None:
-    """The trust domain a JWT-SVID's ``sub`` claims, read before any check (to pick keys)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        padded = parts[1] + "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(padded))
-        subject = claims.get("sub") if isinstance(claims, dict) else None
-        if not isinstance(subject, str):
-            return None
-        return parse_spiffe_id(subject).trust_domain.name
-    except (binascii.Error, ValueError, InvalidArgument):
-        return None
-
-

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import HTTPException, Request
 from spiffe import SpiffeId
 
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import AuthenticationError, SdkError
 from sdk.integrations.asgi import authorize_request, caller_spiffe_id
 from sdk.jwtsvid import validate_jwt_svid
@@ -59,20 +60,20 @@ def enforce_policy(policy: Policy) -> Callable[[Request], Awaitable[SpiffeId]]:
 
 
 def jwt_svid_caller(
-    bundle_source: JwtBundleSource, audience: str
+    bundle_source: JwtBundleSource, audience: str, *, clock: Clock = SYSTEM_CLOCK
 ) -> Callable[[Request], Awaitable[SpiffeId]]:
     """A dependency validating ``Authorization: Bearer <JWT-SVID>`` for ``audience``.
 
     ``bundle_source`` is a JWT source (``WorkloadApiJwtSource``) or anything
     with ``jwt_bundle_for``. Returns the token's SPIFFE ID; 401 with the
-    reason when the token is missing, expired, for another audience or not
-    signed by its trust domain.
+    reason when the token is missing, expired (by ``clock``), for another
+    audience or not signed by its trust domain.
     """
 
     async def caller(request: Request) -> SpiffeId:
         try:
             token = _bearer_token(request)
-            return validate_jwt_svid(token, bundle_source, audience).spiffe_id
+            return validate_jwt_svid(token, bundle_source, audience, clock=clock).spiffe_id
         except SdkError as err:
             raise _http_error(err, bearer=True) from err
 

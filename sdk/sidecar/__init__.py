@@ -11,7 +11,7 @@ Two commands, one module per idea:
   HTTP, every request (:mod:`sdk.sidecar.proxy`, :mod:`sdk.sidecar.config`,
   :mod:`sdk.sidecar.http`, :mod:`sdk.sidecar.http_exchange`).
 
-Both read the Workload API through :mod:`sdk.sidecar.workload` and serve
+Both read the Workload API through :mod:`sdk.sidecar.connect` and serve
 :mod:`sdk.sidecar.health` with :mod:`sdk.sidecar.metrics`. TLS and policy are
 the SDK's own (:mod:`sdk.tls`, :mod:`sdk.policy`).
 
@@ -31,11 +31,11 @@ from sdk.sidecar.config import (
     ProxyConfig,
     load_proxy_config,
 )
+from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.errors import HttpError, SidecarConfigError, SidecarError
 from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.proxy import Proxy
 from sdk.sidecar.svid_files import WrittenSvid, write_svid_files
-from sdk.sidecar.workload import SidecarX509Source, X509Snapshot, connect_x509_source
 
 __all__ = [
     "FilesSidecar",
@@ -48,9 +48,7 @@ __all__ = [
     "ProxyConfig",
     "SidecarConfigError",
     "SidecarError",
-    "SidecarX509Source",
     "WrittenSvid",
-    "X509Snapshot",
     "connect_x509_source",
     "load_proxy_config",
     "write_svid_files",

@@ -30,6 +30,7 @@ from sdk import eventloop
 from sdk.commandline import config_option, option, output_option, progress
 from sdk.errors import SourceError
 from sdk.sidecar.config import load_proxy_config, parse_health_bind, parse_svid_id
+from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.errors import SidecarConfigError
 from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.health import HealthServer
@@ -37,7 +38,7 @@ from sdk.sidecar.metrics import FilesMetrics, ProxyMetrics
 from sdk.sidecar.proxy import Proxy
 from sdk.sidecar.reload import Reload, command_reload, signal_reload
 from sdk.sidecar.svid_files import WrittenSvid
-from sdk.sidecar.workload import SidecarX509Source, connect_x509_source
+from sdk.sources import WorkloadApiX509Source
 
 __all__ = ["sidecar"]
 
@@ -191,7 +192,7 @@ def proxy_command(
     _run(source, serve)
 
 
-def _follow_expiry(source: SidecarX509Source, metrics: ProxyMetrics) -> None:
+def _follow_expiry(source: WorkloadApiX509Source, metrics: ProxyMetrics) -> None:
     def update() -> None:
         with contextlib.suppress(SourceError):
             metrics.svid_expiry.set(source.x509_svid().leaf.not_valid_after_utc.timestamp())
@@ -203,7 +204,7 @@ def _follow_expiry(source: SidecarX509Source, metrics: ProxyMetrics) -> None:
 # -- running -----------------------------------------------------------------------------
 
 
-def _run(source: SidecarX509Source, serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+def _run(source: WorkloadApiX509Source, serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``serve`` until SIGTERM/SIGINT; the source is closed afterwards."""
 
     async def main() -> None:
@@ -220,7 +221,7 @@ def _run(source: SidecarX509Source, serve: Callable[[asyncio.Event], Awaitable[N
     progress("Sidecar stopped.")
 
 
-async def _until(stop: asyncio.Event, source: SidecarX509Source) -> None:
+async def _until(stop: asyncio.Event, source: WorkloadApiX509Source) -> None:
     """Until ``stop`` is set; SourceError if the Workload API stream fails for good first."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):

@@ -23,20 +23,33 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from sdk.errors import SdkError, SourceError
 from sdk.sidecar.metrics import FilesMetrics
 from sdk.sidecar.reload import Reload
 from sdk.sidecar.svid_files import WrittenSvid, svid_file_set, write_svid_files
-from sdk.sidecar.workload import SnapshotSource
+from sdk.sources import Unsubscribe, X509Snapshot
 
-__all__ = ["RETRY_SECONDS", "FilesSidecar"]
+__all__ = ["RETRY_SECONDS", "FilesSidecar", "SnapshotSource"]
 
 _log = logging.getLogger("tessera.sidecar")
 
 RETRY_SECONDS: Final = 5.0
 _HEALTH_CHECK_SECONDS: Final = 1.0
+
+
+class SnapshotSource(Protocol):
+    """What the files sidecar reads (a :class:`sdk.sources.WorkloadApiX509Source`): whole
+    snapshots, change notices, and its health."""
+
+    def snapshot(self) -> X509Snapshot: ...
+
+    def subscribe(self, callback: Callable[[], None]) -> Unsubscribe: ...
+
+    def problem(self) -> str | None: ...
+
+    def no_identity(self) -> str | None: ...
 
 
 class FilesSidecar:

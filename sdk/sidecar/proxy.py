@@ -3,7 +3,7 @@
 ::
 
     config = load_proxy_config("proxy.toml")
-    proxy = Proxy(config, source)           # source: the workload's SVID (sdk.sidecar.workload)
+    proxy = Proxy(config, source)           # source: the workload's SVID (sdk.sidecar.connect)
     await proxy.start()                     # binds every listener, or SidecarConfigError
     ...
     await proxy.stop()                      # stop accepting, let connections finish (5 s)
@@ -104,7 +104,7 @@ class Proxy:
             *(InboundListener(c, source, self.metrics) for c in config.inbound),
             *(OutboundListener(c, source, self.metrics) for c in config.outbound),
         ]
-        # A source that can lose its identity (SidecarX509Source) says so; others never do.
+        # A source that can drop its identity (WorkloadApiX509Source) says so; others never do.
         no_identity: Callable[[], str | None] = getattr(source, "no_identity", _always_held)
         for listener in self.listeners:
             listener.no_identity = no_identity

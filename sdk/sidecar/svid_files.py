@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, X509Bundle
 
 from sdk.sidecar.errors import SidecarError
-from sdk.sidecar.workload import X509Snapshot
+from sdk.sources import X509Snapshot
 
 __all__ = [
     "BUNDLE_FILE",

@@ -44,7 +44,7 @@ from sdk import (
 from sdk.integrations.asgi import TLSIdentityProtocol, caller_spiffe_id
 from sdk.integrations.fastapi import enforce_policy, spiffe_peer
 from sdk.integrations.httpx import httpx_client
-from sdk.sidecar.workload import connect_x509_source
+from sdk.sidecar.connect import connect_x509_source
 from tests.conftest import missing_service
 from tests.integration.conftest import free_port
 from tests.integration.sidecar_fixtures import (

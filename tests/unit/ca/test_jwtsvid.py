@@ -11,10 +11,16 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import ArgumentError
 from spiffe.svid.errors import JwtSvidError as SpiffeJwtSvidError
 
-from ca.jwtsvid import MAX_TOKEN_BYTES, JwtSvidError, mint_jwt_svid, validate_jwt_svid
+from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
+from sdk.clock import ManualClock
 from sdk.errors import InvalidArgument
-from sdk.jwtsvid import MAX_AUDIENCE_CLAIM_BYTES
+from sdk.jwtsvid import (
+    MAX_AUDIENCE_CLAIM_BYTES,
+    MAX_TOKEN_BYTES,
+    JwtSvidError,
+    parse_and_validate_jwt_svid,
+)
 from sdk.keys import KeyType
 from tests.unit.ca.conftest import START
 
@@ -42,7 +48,8 @@ def _mint(signer, *, now=START, audience=("db",), ttl=timedelta(minutes=5), spif
 
 
 def _validate(token, signer, *, audience="db", now=START + timedelta(minutes=1)):
-    return validate_jwt_svid(token, audience=audience, keys={"k1": signer.public_key()}, now=now)
+    bundle = JwtBundle(TRUST_DOMAIN, {"k1": signer.public_key()})
+    return parse_and_validate_jwt_svid(token, bundle, audience, clock=ManualClock(now))
 
 
 def _refusal(token, signer, **kwargs) -> str:
@@ -65,6 +72,7 @@ def test_minted_token_validates_here_and_with_the_spiffe_package(key_type, audie
     validated = _validate(token, signer, now=now)
     assert validated.spiffe_id == WEB
     assert validated.expiry == now + timedelta(minutes=5)
+    assert validated.audience == audience
     assert validated.claims["iat"] == int(now.timestamp())
     assert validated.claims["aud"] == (audience[0] if len(audience) == 1 else list(audience))
 
@@ -199,7 +207,7 @@ def test_header_and_signature_problems_are_named(key_pool):
     )
     other_signer = LocalSigner("other", key_pool(KeyType.EC_P256, 1))
     with pytest.raises(JwtSvidError, match="signature is not valid"):
-        validate_jwt_svid(token, audience="db", keys={"k1": other_signer.public_key()}, now=START)
+        _validate(token, other_signer, now=START)
 
 
 def test_minting_needs_an_audience(key_pool):

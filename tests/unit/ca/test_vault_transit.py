@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, padding
-from spiffe import SpiffeId
+from spiffe import JwtBundle, SpiffeId
 
-from ca.jwtsvid import mint_jwt_svid, validate_jwt_svid
+from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import load_key_manager
 from ca.keymanager.vault_transit import TransitSigner, VaultTransitKeyManager
 from ca.x509ca import build_ca_certificate, build_x509_svid
+from sdk.clock import ManualClock
 from sdk.errors import ConfigError, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from sdk.jwtsvid import parse_and_validate_jwt_svid
 from sdk.keys import KeyType, generate_private_key, hash_for
 from tests.conftest import OpenBao
 from tests.unit.ca.conftest import TRUST_DOMAIN
@@ -176,7 +178,8 @@ def test_jwt_svid_signed_in_transit_validates(
         spiffe_id=WEB, audience=["db"], signer=signer, kid="k1", now=now,
         ttl=timedelta(minutes=5),
     )
-    validated = validate_jwt_svid(token, audience="db", keys={"k1": signer.public_key()}, now=now)
+    bundle = JwtBundle(WEB.trust_domain, {"k1": signer.public_key()})
+    validated = parse_and_validate_jwt_svid(token, bundle, "db", clock=ManualClock(now))
     assert validated.spiffe_id == WEB
 
 

@@ -21,12 +21,12 @@ from spiffe import SpiffeId
 from sdk.errors import SourceError
 from sdk.sidecar import svid_files
 from sdk.sidecar.cli import _reload
+from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.errors import SidecarConfigError, SidecarError
 from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.reload import command_reload, parse_signal, signal_reload
 from sdk.sidecar.svid_files import write_svid_files
-from sdk.sidecar.workload import SidecarX509Source, X509Snapshot, connect_x509_source
-from sdk.sources import FileX509Source
+from sdk.sources import FileX509Source, X509Snapshot
 from tests.unit.sdk.conftest import (
     PARTNER_DOMAIN,
     WEB_ID,
@@ -288,7 +288,7 @@ def test_the_files_follow_rotations_and_reload_each_time(
 ) -> None:
     directory = tmp_path / "out"
     recorder = Recorder()
-    source = SidecarX509Source(workload_api.address, spiffe_id=None, timeout=5)
+    source = connect_x509_source(workload_api.address, spiffe_id=None, timeout=5)
     sidecar = FilesSidecar(source, directory, reload=recorder.reload,
                            on_written=recorder.on_written)  # fmt: skip
     stop = asyncio.Event()
@@ -320,7 +320,7 @@ def test_the_svid_named_is_the_one_written(
 ) -> None:
     both = (ca.material(WEB_ID), ca.material(API_ID))
     workload_api.replace(X509Context(svids=both, federated_bundles={}))
-    with SidecarX509Source(workload_api.address, spiffe_id=SpiffeId(API_ID), timeout=5) as source:
+    with connect_x509_source(workload_api.address, spiffe_id=SpiffeId(API_ID), timeout=5) as source:
         wait_until(lambda: source.x509_svid().spiffe_id == SpiffeId(API_ID), "the api SVID")
         written = write_svid_files(tmp_path, source.snapshot())
     assert written.spiffe_id == SpiffeId(API_ID)

@@ -24,9 +24,9 @@ from sdk.authorize import authorize_id
 from sdk.errors import SourceError
 from sdk.integrations.httpx import httpx_client
 from sdk.policy import Policy
+from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.proxy import Proxy
-from sdk.sidecar.workload import SidecarX509Source
 from sdk.sources import StaticX509Source
 from tests.unit.sdk.conftest import WEB_ID, LoopThread, RunningWorkloadApi, TestCA, wait_until
 from tests.unit.sdk.test_sidecar_proxy import (
@@ -77,7 +77,7 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_the_source_drops_a_withdrawn_svid_and_takes_the_next_one(
     workload_api: RunningWorkloadApi, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="tessera.sidecar"), SidecarX509Source(
+    with caplog.at_level(logging.INFO, logger="tessera.sidecar"), connect_x509_source(
         workload_api.address, spiffe_id=None, timeout=5, consequence=DROPPED, retry_seconds=0.2
     ) as source:
         first = source.x509_svid()
@@ -107,7 +107,7 @@ def test_an_svid_no_longer_offered_is_dropped_too(
 ) -> None:
     workload_api.replace(X509Context(svids=(ca.material(WEB_ID), ca.material(API_ID)),
                                      federated_bundles={}))  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="tessera.sidecar"), SidecarX509Source(
+    with caplog.at_level(logging.INFO, logger="tessera.sidecar"), connect_x509_source(
         workload_api.address, spiffe_id=SpiffeId(API_ID), timeout=5, retry_seconds=0.2
     ) as source:
         assert source.x509_svid().spiffe_id == SpiffeId(API_ID)
@@ -125,7 +125,7 @@ def test_an_svid_no_longer_offered_is_dropped_too(
 def test_the_proxy_refuses_new_connections_both_ways_without_an_identity(
     loop_thread: LoopThread, workload_api: RunningWorkloadApi, app: App, ca: TestCA
 ) -> None:
-    web = SidecarX509Source(workload_api.address, spiffe_id=None, timeout=5, retry_seconds=0.2)
+    web = connect_x509_source(workload_api.address, spiffe_id=None, timeout=5, retry_seconds=0.2)
     api_source = source_for(ca, API_ID)
     server_side = Running(loop_thread, Proxy(inbound(port_of(app), policy=ALLOW_WEB), api_source))
     # web's sidecar: an inbound listener (web as a server) and an outbound one (web calling api)
@@ -168,7 +168,7 @@ def test_the_files_sidecar_is_not_ready_and_leaves_the_files_until_an_svid_comes
 ) -> None:
     directory = tmp_path / "out"
     consequence = f"the files in {directory} are left as they are"
-    source = SidecarX509Source(workload_api.address, spiffe_id=None, timeout=5,
+    source = connect_x509_source(workload_api.address, spiffe_id=None, timeout=5,
                                consequence=consequence, retry_seconds=0.2)  # fmt: skip
     sidecar = FilesSidecar(source, directory)
     stop = asyncio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -31,6 +32,7 @@ from tests.unit.sdk.conftest import (
     RunningWorkloadApi,
     TestCA,
     serial_of,
+    wait_until,
 )
 from workload_api.identity import X509Context
 
@@ -214,6 +216,109 @@ def test_the_workload_api_source_follows_the_agent(
             source.x509_svid().cert_chain[0].public_bytes(serialization.Encoding.DER)
             == rotated.cert_chain_der
         )
+
+
+def test_a_withdrawn_svid_is_kept_by_default_and_replaced_when_offered_again(
+    workload_api: RunningWorkloadApi, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    workload_api.replace(X509Context(svids=(ca.material(WEB_ID), ca.material(API_ID)),
+                                     federated_bundles={}))  # fmt: skip
+    updates: list[str] = []
+    with caplog.at_level(logging.INFO, logger="sdk.sources"), WorkloadApiX509Source(
+        workload_api.address, spiffe_id=API_ID, timeout=DEADLINE_SECONDS, retry_seconds=0.2
+    ) as source:
+        held = source.x509_svid()
+        assert held.spiffe_id == SpiffeId(API_ID)
+        source.subscribe(lambda: updates.append("changed"))
+
+        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        wait_until(lambda: updates, "the update without the api SVID")
+        assert source.x509_svid() is held
+        assert len(source.x509_bundles()) == 1  # the update's bundles, with the SVID kept
+        assert source.no_identity() is None  # it holds one
+        not_offered = source.withdrawn()
+        assert not_offered is not None and not_offered.startswith(
+            f"the Workload API at {workload_api.address} no longer offers {API_ID}")
+
+        withdraw(workload_api)  # PERMISSION_DENIED now: the same withdrawal, said anew
+        wait_until(lambda: source.withdrawn() != not_offered, "the PERMISSION_DENIED")
+        assert source.withdrawn() == (
+            f"the Workload API at {workload_api.address} says this process has no identity "
+            "(PERMISSION_DENIED): its registration entry was deleted or no longer matches it; "
+            "keeping the SVID held until now, which expires at "
+            f"{held.leaf.not_valid_after_utc}"
+        )
+        assert source.x509_svid() is held
+
+        workload_api.replace(X509Context(svids=(ca.material(API_ID),), federated_bundles={}))
+        wait_until(lambda: serial_of(source.x509_svid()) != serial_of(held), "the api SVID")
+        assert source.withdrawn() is None
+
+    assert _errors(caplog) == [
+        f"the Workload API at {workload_api.address} no longer offers {API_ID} (it offers "
+        f"{WEB_ID}); keeping the SVID held until now, which expires at "
+        f"{held.leaf.not_valid_after_utc}"
+    ]
+    assert (f"the Workload API at {workload_api.address} issued an SVID for {API_ID} again; "
+            "using it from now on") in caplog.text  # fmt: skip
+
+
+def test_a_source_that_drops_withdrawn_svids_refuses_until_one_comes_back(
+    workload_api: RunningWorkloadApi, ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    changes: list[str] = []
+    with WorkloadApiX509Source(workload_api.address, timeout=DEADLINE_SECONDS,
+                               drop_withdrawn=True, retry_seconds=0.2) as source:  # fmt: skip
+        first = source.snapshot()
+        assert first.svid.spiffe_id == SpiffeId(WEB_ID)
+        assert [b.trust_domain.name for b in first.federated_bundles] == [PARTNER_DOMAIN]
+        source.subscribe(lambda: changes.append("changed"))
+
+        withdraw(workload_api)
+        wait_until(lambda: source.no_identity() is not None, "the SVID being dropped")
+        reason = (
+            f"the Workload API at {workload_api.address} says this process has no identity "
+            "(PERMISSION_DENIED): its registration entry was deleted or no longer matches it; "
+            f"dropped the SVID of {WEB_ID} until one is issued again"
+        )
+        assert source.no_identity() == source.withdrawn() == reason
+        for read in (source.x509_svid, source.x509_bundles, source.snapshot):
+            with pytest.raises(SourceError) as refused:
+                read()
+            assert refused.value.message == reason
+        assert changes == []  # nothing new to build
+
+        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        wait_until(lambda: source.no_identity() is None, "the SVID coming back")
+        assert changes == ["changed"]
+        assert serial_of(source.x509_svid()) != serial_of(first.svid)
+        assert source.problem() is None
+
+    assert _errors(caplog) == [reason]
+    with pytest.raises(SourceError) as closed:
+        source.x509_svid()
+    assert closed.value.message == (
+        f"the Workload API source for {workload_api.address} is closed"
+    )
+
+
+def test_a_spiffe_id_never_offered_is_refused_at_start(workload_api: RunningWorkloadApi) -> None:
+    with pytest.raises(SourceError) as refused:
+        WorkloadApiX509Source(workload_api.address, spiffe_id=API_ID, timeout=DEADLINE_SECONDS)
+
+    assert refused.value.message == (
+        f"the Workload API at {workload_api.address} offers no SVID for {API_ID} (it offers "
+        f"{WEB_ID})"
+    )
+
+
+def withdraw(api: RunningWorkloadApi) -> None:
+    """What the agent does once the workload's entry is deleted: PERMISSION_DENIED."""
+    api.replace(X509Context(svids=(), federated_bundles={}))
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_tls_follows_a_rotation_served_by_the_workload_api(
