@@ -52,6 +52,7 @@ from spiffe.errors import PySpiffeError
 from spiffe.workloadapi.workload_api_client import StreamCancelHandler
 from spiffe.workloadapi.x509_context import X509Context
 
+from sdk.backoff import Backoff
 from sdk.errors import InvalidArgument, SourceError
 from sdk.spiffeid import parse_trust_domain
 
@@ -327,13 +328,16 @@ class WorkloadApiX509Source:
     # -- following the stream ----------------------------------------------------------------
 
     def _watch(self) -> None:
-        backoff = _FIRST_RETRY_SECONDS
+        backoff = Backoff(
+            initial=min(_FIRST_RETRY_SECONDS, self._retry_seconds), maximum=self._retry_seconds
+        )
         while not self._closing.is_set():
             received, error = self._follow_stream()
             if self._closing.is_set():
                 return
             if received:
-                backoff = _FIRST_RETRY_SECONDS
+                backoff.reset()
+            delay = backoff.next()
             code = workload_api_status(error)
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 self._withdraw(offered=())
@@ -348,10 +352,9 @@ class WorkloadApiX509Source:
             else:
                 self._log.debug("the Workload API stream at %s ended (%s); keeping the SVID "
                                 "held and reconnecting in %gs", self.address, error,
-                                backoff)  # fmt: skip
-            if self._closing.wait(backoff):
+                                delay)  # fmt: skip
+            if self._closing.wait(delay):
                 return
-            backoff = min(backoff * 2, self._retry_seconds)
 
     def _follow_stream(self) -> tuple[bool, Exception | None]:
         """One ``FetchX509SVID`` stream until it ends: whether it brought an update, and why
