@@ -274,14 +274,18 @@ def _server_context(kind: str, directory: Path) -> ssl.SSLContext:
 
 def _node_api_context(directory: Path) -> ssl.SSLContext:
     """The context the server's node API serves with, over an identity that does not change."""
-    from ca.api.tls import RotatingServerContext, ServerIdentity
+    from spiffe import TrustDomain
+
+    from ca.api.tls import ServerIdentity, server_tls_context
+    from sdk.bundle import TrustBundle
 
     chain = tuple(x509.load_pem_x509_certificates((directory / "server.pem").read_bytes()))
     key = serialization.load_pem_private_key((directory / "server.key").read_bytes(), None)
     anchors = tuple(x509.load_pem_x509_certificates((directory / "bundle.pem").read_bytes()))
-    identity = ServerIdentity(chain=chain, private_key=key, trust_anchors=anchors,  # type: ignore[arg-type]
+    bundle = TrustBundle(TrustDomain(TRUST_DOMAIN), anchors, sequence=1)
+    identity = ServerIdentity(chain=chain, private_key=key, bundle=bundle,  # type: ignore[arg-type]
                               version=(1, chain[0].serial_number))
-    return RotatingServerContext(lambda: identity, require_client=False).context
+    return server_tls_context(lambda: identity)
 
 
 async def _serve(kind: str, port: int, directory: Path) -> None:
