@@ -36,7 +36,7 @@ from ca.api.limits import (
     listener_config,
 )
 from ca.api.node import create_node_app
-from ca.api.tls import RotatingServerContext, ServerIdentity
+from ca.api.tls import ServerIdentity, server_tls_context
 from ca.authority import JWT, X509, Authorities, AuthorityPolicy
 from ca.config import ServerConfig
 from ca.datastore.store import Datastore
@@ -203,7 +203,7 @@ class Server:
         return ServerIdentity(
             chain=(issued.leaf, *issued.intermediates),
             private_key=key,
-            trust_anchors=bundle.x509_authorities,
+            bundle=bundle,
             version=(bundle.sequence, issued.leaf.serial_number),
         )
 
@@ -261,7 +261,7 @@ class Server:
         """Serve until SIGINT/SIGTERM (with ``handle_signals``), :meth:`stop` or
         cancellation."""
         node_app, admin_app = self._apps()
-        tls = RotatingServerContext(self.server_identity, require_client=False)
+        tls = server_tls_context(self.server_identity)
         # Every listener is held to the same limits, each with its own guard, so a
         # flood on one (the public bundle endpoint, say) cannot starve another.
         limits, endpoint = self.config.limits, self.config.federation.bundle_endpoint
@@ -272,7 +272,7 @@ class Server:
 
         node_config = listener_config(
             node_app, guard("node API"), limits,
-            host=self.config.bind_host, port=self.config.bind_port, ssl_context=tls.context,
+            host=self.config.bind_host, port=self.config.bind_port, ssl_context=tls,
         )
         servers = [_Uvicorn(node_config, limits)]
         if endpoint is not None:

@@ -41,6 +41,7 @@ from ca.keymanager import Signer
 from sdk import der
 from sdk.errors import FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key, hash_for
+from sdk.peer import trust_domains_named
 
 DEFAULT_BACKDATE = timedelta(seconds=10)
 """How far an SVID's notBefore lies before its issuance, for clocks a little behind."""
@@ -434,18 +435,8 @@ def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIden
 
 
 def _trust_domain_of(certificate: x509.Certificate) -> str | None:
-    """The trust domain named by a certificate's SPIFFE URI SAN, if it has one."""
-    try:
-        san = certificate.extensions.get_extension_for_oid(
-            ExtensionOID.SUBJECT_ALTERNATIVE_NAME
-        ).value
-    except x509.ExtensionNotFound:
-        return None
-    assert isinstance(san, x509.SubjectAlternativeName)
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith("spiffe://"):
-            return uri.removeprefix("spiffe://").split("/", 1)[0]
-    return None
+    """The trust domain named by a certificate's first SPIFFE URI SAN, if it has one."""
+    return next(iter(trust_domains_named(certificate)), None)
 
 
 def _checked_dns_name(name: str) -> str:

@@ -13,6 +13,7 @@
     │   ├── SourceError           a source cannot deliver an SVID or a bundle
     │   ├── PolicyError           a policy file (or dict) is malformed
     │   ├── AuthenticationError   the peer did not prove a SPIFFE ID (no X509-SVID, bad JWT-SVID)
+    │   │   └── NotAnX509Svid     a certificate is not shaped like an X509-SVID leaf
     │   └── AuthorizationError    the peer proved its SPIFFE ID, and a rule refused it
     └── CAError                   the server's own failures (:mod:`ca.errors`, with AgentBanned)
 
@@ -34,7 +35,7 @@ direction, a TLS handshake refused by an authorizer fails with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from spiffe import SpiffeId
@@ -46,11 +47,13 @@ __all__ = [
     "ConfigError",
     "FailedPrecondition",
     "InvalidArgument",
+    "NotAnX509Svid",
     "NotFound",
     "PermissionDenied",
     "PolicyError",
     "SdkError",
     "SourceError",
+    "SvidProblem",
     "TesseraError",
     "Unauthenticated",
     "Unavailable",
@@ -132,6 +135,32 @@ class AuthenticationError(SdkError):
     def __init__(self, message: str, *, peer_id: SpiffeId | None = None) -> None:
         super().__init__(message)
         self.peer_id = peer_id
+
+
+SvidProblem = Literal["uri_sans", "spiffe_id", "path", "ca"]
+"""Which rule of an X509-SVID leaf a certificate breaks: not exactly one URI SAN; a URI
+SAN that is not a SPIFFE ID; an ID without a path; a CA certificate."""
+
+
+class NotAnX509Svid(AuthenticationError):
+    """A certificate is not shaped like an X509-SVID leaf.
+
+    ``problem`` says which rule it breaks and ``uri_sans`` what it carries, so that a
+    caller with its own wording can catch this and raise its own error; ``peer_id`` is
+    the ID it names when that much is valid (problems ``path`` and ``ca``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        problem: SvidProblem,
+        uri_sans: list[str],
+        peer_id: SpiffeId | None = None,
+    ) -> None:
+        super().__init__(message, peer_id=peer_id)
+        self.problem: SvidProblem = problem
+        self.uri_sans = uri_sans
 
 
 class AuthorizationError(SdkError):

@@ -33,6 +33,13 @@ What the contexts guarantee:
   ...``, as a server's ``sni_callback`` would), rebuilt only after the source
   reported a change. Connections already open keep the identity they were
   made with. Private keys reach OpenSSL through a memfd, never the disk.
+- **Material rotated by its owner.** A server that renews its own certificate
+  and bundle (Tessera's server does) hands :func:`server_context` a function
+  giving the current :class:`TlsMaterial` and a cheap ``version`` function;
+  before each handshake the version is asked, and the context rebuilt when it
+  moved. Such a server may let clients come without a certificate
+  (``client_certificate="optional"``: one presented is verified and authorized
+  all the same), or, without an authorizer, ask for none.
 
 Limits: TLS 1.2 or later. In TLS 1.3 the client has sent its last handshake
 message before the server can judge its certificate, so a client refused by
@@ -52,12 +59,14 @@ import logging
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId, TrustDomain
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from spiffe import SpiffeId, TrustDomain, X509Bundle
 
 from sdk.authorize import Authorizer
 from sdk.errors import AuthenticationError, SdkError, SourceError
@@ -66,9 +75,12 @@ from sdk.sources import ChangeCounter, X509BundleSource, X509Source
 from sdk.tls_material import load_identity
 
 __all__ = [
+    "ClientCertificate",
+    "TlsMaterial",
     "mtls_client_context",
     "mtls_server_context",
     "peer_spiffe_id",
+    "server_context",
     "tls_client_context",
 ]
 
@@ -80,30 +92,101 @@ MINIMUM_TLS_VERSION: Final = ssl.TLSVersion.TLSv1_2
 _REMEMBERED_SESSIONS: Final = 32768
 
 
-def mtls_server_context(source: X509Source, authorizer: Authorizer) -> ssl.SSLContext:
-    """A server context presenting the source's SVID and requiring an authorized client SVID."""
-    return _Rotation(source, source, authorizer, server_side=True).context
+ClientCertificate = Literal["required", "optional"]
+"""Whether a server context's clients must present an X509-SVID, or may present none."""
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What a context presents and whom it trusts, as its owner holds them at one moment."""
+
+    cert_chain: Sequence[x509.Certificate] = ()
+    """The certificate presented, leaf first, then intermediates; none for a client without."""
+    private_key: PrivateKeyTypes | None = None
+    bundles: Sequence[X509Bundle] = ()
+    """The trust domains whose X509-SVIDs peers may present."""
+
+
+def mtls_server_context(
+    source: X509Source,
+    authorizer: Authorizer,
+    *,
+    client_certificate: ClientCertificate = "required",
+) -> ssl.SSLContext:
+    """A server context presenting the source's SVID and requiring an authorized client SVID
+    (or, with ``client_certificate="optional"``, authorizing one if the client presents it)."""
+    changes = ChangeCounter(source)
+    return _Rotation(
+        _source_material(source, source, "server"), lambda: changes.value, authorizer,
+        server_side=True, client_certificate=client_certificate,
+    ).context  # fmt: skip
 
 
 def mtls_client_context(source: X509Source, authorizer: Authorizer) -> ssl.SSLContext:
     """A client context presenting the source's SVID and requiring an authorized server SVID."""
-    return _Rotation(source, source, authorizer, server_side=False).context
+    changes = ChangeCounter(source)
+    return _Rotation(
+        _source_material(source, source, "client"), lambda: changes.value, authorizer,
+        server_side=False,
+    ).context  # fmt: skip
 
 
 def tls_client_context(bundle_source: X509BundleSource, authorizer: Authorizer) -> ssl.SSLContext:
     """A client context without an SVID of its own that requires an authorized server SVID."""
-    return _Rotation(bundle_source, None, authorizer, server_side=False).context
+    changes = ChangeCounter(bundle_source)
+    return _Rotation(
+        _source_material(bundle_source, None, "client"), lambda: changes.value, authorizer,
+        server_side=False,
+    ).context  # fmt: skip
+
+
+def server_context(
+    material: Callable[[], TlsMaterial],
+    *,
+    version: Callable[[], Hashable],
+    authorizer: Authorizer | None,
+    client_certificate: ClientCertificate = "required",
+) -> ssl.SSLContext:
+    """A server context for material its owner rotates itself.
+
+    Before each handshake ``version()`` is called (keep it cheap); when it returns
+    something new, the context presents and trusts ``material()`` from then on (if that
+    raises or OpenSSL refuses the material, the previous one is kept and the error
+    logged). With an ``authorizer``, clients present X509-SVIDs of the material's
+    bundles, which it authorizes (``client_certificate="optional"``: or none at all);
+    without one, no client certificate is asked for. Errors of the first ``material()``
+    are raised here.
+    """
+    return _Rotation(
+        material, version, authorizer, server_side=True, client_certificate=client_certificate
+    ).context
 
 
 def peer_spiffe_id(connection: ssl.SSLObject | ssl.SSLSocket) -> SpiffeId:
     """The SPIFFE ID the peer proved and the authorizer allowed on this connection."""
-    peer_id = getattr(connection, "_tessera_peer_id", None)
-    if not isinstance(peer_id, SpiffeId):
+    verified = getattr(connection, "_tessera_verified", None)
+    if not isinstance(verified, _Verified):
         raise AuthenticationError(
             "this TLS connection has no authorized SPIFFE ID: it was not made with a context "
             "from sdk.tls, or its handshake has not completed"
         )
-    return peer_id
+    if verified.peer_id is None:
+        raise AuthenticationError("the peer presented no certificate on this connection")
+    return verified.peer_id
+
+
+def _source_material(
+    bundle_source: X509BundleSource, svid_source: X509Source | None, side: str
+) -> Callable[[], TlsMaterial]:
+    def material() -> TlsMaterial:
+        bundles = bundle_source.x509_bundles()
+        if svid_source is None:
+            return TlsMaterial(bundles=bundles)
+        svid = svid_source.x509_svid()
+        _log.debug("TLS %s: now presenting %s", side, svid.spiffe_id)
+        return TlsMaterial(svid.cert_chain, svid.private_key, bundles)
+
+    return material
 
 
 # -- one context per generation of material ----------------------------------------------
@@ -122,50 +205,55 @@ class _Generation:
 class _Verified:
     """What a full handshake established, kept so a resumed session can be checked again."""
 
-    peer_id: SpiffeId
-    anchor: bytes
+    peer_id: SpiffeId | None
+    """None: the client presented no certificate (where that is allowed), or none was asked."""
+    anchor: bytes | None
+
+
+_ANONYMOUS: Final = _Verified(peer_id=None, anchor=None)
 
 
 class _Rotation:
-    """Builds a context per generation of the source's material; hands out the current one."""
+    """Builds a context per generation of material; hands out the current one."""
 
     def __init__(
         self,
-        bundle_source: X509BundleSource,
-        svid_source: X509Source | None,
-        authorizer: Authorizer,
+        material: Callable[[], TlsMaterial],
+        version: Callable[[], Hashable],
+        authorizer: Authorizer | None,
         *,
         server_side: bool,
+        client_certificate: ClientCertificate = "required",
     ) -> None:
         self.authorizer = authorizer
         self.side = "server" if server_side else "client"
-        self._bundle_source = bundle_source
-        self._svid_source = svid_source
+        self.certificate_optional = server_side and client_certificate == "optional"
+        self._material = material
+        self._version = version
         self._server_side = server_side
         self._lock = threading.Lock()
         self._alpn: list[str] | None = None
         self._sessions: OrderedDict[bytes, _Verified] = OrderedDict()
-        # Count changes before the first build, so that none in between is missed.
-        self._changes = ChangeCounter(bundle_source)
-        self._built_for = self._changes.value
-        self._generation = self._build()
+        # Take the version before the first build, so that no change in between is missed.
+        self._built_for = version()
+        self._generation = self._build(material())
         self.context = self._generation.context
         """The context handed to the caller: the first generation's."""
 
     def current(self) -> _Generation:
-        """The generation built from the latest material (rebuilt if the source changed)."""
+        """The generation built from the latest material (rebuilt if its version moved)."""
         with self._lock:
-            changes = self._changes.value
-            if changes != self._built_for:
-                try:
-                    self._generation = self._build()
-                except Exception as err:  # a handshake must not fail because a source did
-                    reason = err if isinstance(err, SdkError) else repr(err)
-                    _log.error(
-                        "TLS %s: keeping the previous SVID and bundles, the new ones do not "
-                        "load: %s", self.side, reason,
-                    )  # fmt: skip
-                self._built_for = changes
+            try:
+                version = self._version()
+                if version != self._built_for:
+                    self._built_for = version
+                    self._generation = self._build(self._material())
+            except Exception as err:  # a handshake must not fail because a source did
+                reason = err if isinstance(err, SdkError) else repr(err)
+                _log.error(
+                    "TLS %s: keeping the previous SVID and bundles, the new ones do not "
+                    "load: %s", self.side, reason,
+                )  # fmt: skip
             return self._generation
 
     def set_alpn_protocols(self, protocols: list[str]) -> None:
@@ -194,41 +282,44 @@ class _Rotation:
         with self._lock:
             return self._sessions.get(session.id)
 
-    def _build(self) -> _Generation:
-        bundles = self._bundle_source.x509_bundles()
-        svid = self._svid_source.x509_svid() if self._svid_source is not None else None
+    def _build(self, material: TlsMaterial) -> _Generation:
+        verifies = self.authorizer is not None
         anchors = {
             bundle.trust_domain: frozenset(
                 authority.public_bytes(serialization.Encoding.DER)
                 for authority in bundle.x509_authorities
             )
-            for bundle in bundles
+            for bundle in material.bundles
         }
-        if not any(anchors.values()):
+        if verifies and not any(anchors.values()):
             raise SourceError("the source holds no X.509 bundle, so no peer can be verified")
         context = _SpiffeContext(
             ssl.PROTOCOL_TLS_SERVER if self._server_side else ssl.PROTOCOL_TLS_CLIENT
         )
         context.tessera_rotation = self
         context.minimum_version = MINIMUM_TLS_VERSION
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_REQUIRED
-        # Any certificate of a bundle is a trust anchor, self-signed or not (SPIFFE bundles).
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         context.options |= ssl.OP_NO_RENEGOTIATION
-        if self._server_side:
-            context.options |= ssl.OP_NO_TICKET
-            context.num_tickets = 0
+        if verifies:
+            context.check_hostname = False
+            optional = self.certificate_optional
+            context.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
+            # Any certificate of a bundle is a trust anchor, self-signed or not (SPIFFE bundles).
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            if self._server_side:
+                context.options |= ssl.OP_NO_TICKET
+                context.num_tickets = 0
         try:
-            context.load_verify_locations(cadata=b"".join(sorted(set().union(*anchors.values()))))
-            if svid is not None:
-                load_identity(context, svid.cert_chain, svid.private_key)
+            if verifies:
+                cadata = b"".join(sorted(set().union(*anchors.values())))
+                context.load_verify_locations(cadata=cadata)
+            if material.cert_chain:
+                if material.private_key is None:
+                    raise SourceError("the material has a certificate chain but no private key")
+                load_identity(context, material.cert_chain, material.private_key)
         except ssl.SSLError as err:
             raise SourceError(f"OpenSSL does not accept the SVID or bundles: {err}") from err
         if self._alpn is not None:
             ssl.SSLContext.set_alpn_protocols(context, self._alpn)
-        if svid is not None:
-            _log.debug("TLS %s: now presenting %s", self.side, svid.spiffe_id)
         return _Generation(context=context, anchors=anchors)
 
 
@@ -244,17 +335,24 @@ def _adopt_current(connection: ssl.SSLObject | ssl.SSLSocket) -> _Generation:
     return generation
 
 
-def _authorize_peer(connection: ssl.SSLObject | ssl.SSLSocket, generation: _Generation) -> SpiffeId:
-    """After OpenSSL's handshake: the peer's ID if the authorizer allows it, else a failure."""
+def _authorize_peer(
+    connection: ssl.SSLObject | ssl.SSLSocket, generation: _Generation
+) -> _Verified:
+    """After OpenSSL's handshake: what the peer proved if the authorizer allows it, else a
+    failure."""
     rotation = _rotation_of(connection)
+    authorizer = rotation.authorizer
+    if authorizer is None:
+        return _ANONYMOUS  # no client certificate was asked for
     try:
         verified = _verify_peer(connection, generation, rotation)
-        rotation.authorizer(verified.peer_id)
+        if verified.peer_id is not None:
+            authorizer(verified.peer_id)
     except Exception as err:
         _log.info("TLS %s: refused the peer: %s", rotation.side, err)
         raise _handshake_failure(err) from err
     rotation.remember(connection, verified)
-    return verified.peer_id
+    return verified
 
 
 def _verify_peer(
@@ -269,11 +367,15 @@ def _verify_peer(
     else:
         der = connection.getpeercert(binary_form=True)
         if not der:
+            if rotation.certificate_optional:
+                return _ANONYMOUS
             raise AuthenticationError("the peer presented no certificate")
         chain = _verified_chain(connection)
         if not chain:
             raise AuthenticationError("OpenSSL reported no verified chain for the peer")
         verified = _Verified(peer_id=spiffe_id_from_der(der), anchor=chain[-1])
+    if verified.peer_id is None:
+        return verified  # a resumed session of a client that presented no certificate
     trust_domain = verified.peer_id.trust_domain
     if verified.anchor not in generation.anchors.get(trust_domain, frozenset()):
         raise AuthenticationError(
@@ -317,21 +419,21 @@ class _AuthorizingSSLObject(ssl.SSLObject):
     """The memory-BIO TLS object (asyncio, uvicorn, anyio) that authorizes in its handshake."""
 
     _tessera_generation: _Generation | None = None
-    _tessera_peer_id: SpiffeId | None = None
+    _tessera_verified: _Verified | None = None
 
     def do_handshake(self) -> None:
         if self._tessera_generation is None:
             self._tessera_generation = _adopt_current(self)
         super().do_handshake()
-        self._tessera_peer_id = _authorize_peer(self, self._tessera_generation)
+        self._tessera_verified = _authorize_peer(self, self._tessera_generation)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if self._tessera_peer_id is None:
+        if self._tessera_verified is None:
             self.do_handshake()
         return super().read(len, buffer)
 
     def write(self, data: Any) -> int:
-        if self._tessera_peer_id is None:
+        if self._tessera_verified is None:
             self.do_handshake()
         return super().write(data)
 
@@ -340,13 +442,13 @@ class _AuthorizingSSLSocket(ssl.SSLSocket):
     """The socket TLS object (blocking clients and servers) that authorizes in its handshake."""
 
     _tessera_generation: _Generation | None = None
-    _tessera_peer_id: SpiffeId | None = None
+    _tessera_verified: _Verified | None = None
 
     def do_handshake(self, block: bool = False) -> None:
         if self._tessera_generation is None:
             self._tessera_generation = _adopt_current(self)
         super().do_handshake(block)
-        self._tessera_peer_id = _authorize_peer(self, self._tessera_generation)
+        self._tessera_verified = _authorize_peer(self, self._tessera_generation)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
         self._authorized_before_data()
@@ -361,7 +463,7 @@ class _AuthorizingSSLSocket(ssl.SSLSocket):
         return super().send(data, flags)
 
     def _authorized_before_data(self) -> None:
-        if self._tessera_peer_id is None and getattr(self, "_sslobj", None) is not None:
+        if self._tessera_verified is None and getattr(self, "_sslobj", None) is not None:
             self.do_handshake()
 
 

@@ -52,6 +52,7 @@ from spiffe import SpiffeId, TrustDomain
 from sdk.backoff import Backoff
 from sdk.errors import (
     AlreadyExists,
+    AuthenticationError,
     ConfigError,
     FailedPrecondition,
     InvalidArgument,
@@ -62,7 +63,7 @@ from sdk.errors import (
     Unavailable,
 )
 from sdk.keys import PrivateKey
-from sdk.spiffeid import parse_spiffe_id
+from sdk.peer import spiffe_id_from_der, uri_sans
 from sdk.tls_material import load_identity
 from workload_api.config import Address
 
@@ -443,10 +444,8 @@ def server_id_problem(certificate_der: bytes | None, expected: str) -> str | Non
     if not certificate_der:
         return "the server presented no certificate"
     try:
-        certificate = x509.load_der_x509_certificate(certificate_der)
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except (ValueError, x509.ExtensionNotFound):
+        uris = uri_sans(x509.load_der_x509_certificate(certificate_der))
+    except ValueError:
         uris = []
     if uris != [expected]:
         shown = ", ".join(uris) if uris else "no SPIFFE ID"
@@ -480,16 +479,8 @@ def _server_trust_domain(certificate_der: bytes | None) -> str | None:
     if not certificate_der:
         return None
     try:
-        certificate = x509.load_der_x509_certificate(certificate_der)
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    if len(uris) != 1:
-        return None
-    try:
-        spiffe_id = parse_spiffe_id(uris[0])
-    except InvalidArgument:
+        spiffe_id = spiffe_id_from_der(certificate_der, leaf=False)
+    except (AuthenticationError, ValueError):
         return None
     return spiffe_id.trust_domain.name if spiffe_id.path == SERVER_PATH else None
 

@@ -36,8 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import SpiffeId, TrustDomain
 
 from sdk.bundle import TrustBundle
-from sdk.errors import ConfigError, InvalidArgument
+from sdk.errors import ConfigError, InvalidArgument, NotAnX509Svid
 from sdk.keys import PrivateKey
+from sdk.peer import spiffe_id_from_certificate
 from sdk.privatefiles import write_file_atomically
 from sdk.spiffeid import parse_spiffe_id
 
@@ -88,13 +89,14 @@ class AgentIdentity:
 def svid_spiffe_id(certificate: x509.Certificate) -> SpiffeId:
     """The SPIFFE ID in a certificate's single URI SAN; InvalidArgument otherwise."""
     try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if len(uris) != 1:
-        raise InvalidArgument("the certificate is not an X509-SVID: it needs exactly one URI SAN")
-    return parse_spiffe_id(uris[0], what="certificate URI SAN")
+        return spiffe_id_from_certificate(certificate, leaf=False)
+    except NotAnX509Svid as err:
+        if err.problem == "uri_sans":
+            raise InvalidArgument(
+                "the certificate is not an X509-SVID: it needs exactly one URI SAN"
+            ) from None
+        # Worded for the agent's files rather than for a TLS peer.
+        return parse_spiffe_id(err.uri_sans[0], what="certificate URI SAN")
 
 
 class AgentStorage:

@@ -81,6 +81,7 @@ from attestor.selector import MAX_SELECTOR_LENGTH, Selector
 from attestor.settings import FilePath, Settings
 from sdk.errors import ConfigError
 from sdk.keys import PrivateKey, PublicKey
+from sdk.peer import uri_sans
 
 NAME = "x509pop"
 CHALLENGE_LIFETIME = timedelta(seconds=60)
@@ -187,11 +188,7 @@ def node_selectors(leaf: x509.Certificate, ca: x509.Certificate) -> tuple[Select
         pass
     else:
         values += [f"san:dns:{name}" for name in names.get_values_for_type(x509.DNSName) if name]
-        values += [
-            f"san:uri:{uri}"
-            for uri in names.get_values_for_type(x509.UniformResourceIdentifier)
-            if uri
-        ]
+    values += [f"san:uri:{uri}" for uri in uri_sans(leaf) if uri]
     values.append(f"serialnumber:{leaf.serial_number:x}")
     limit = MAX_SELECTOR_LENGTH - len(NAME) - 1
     unique = dict.fromkeys(value for value in values if len(value) <= limit)

@@ -1,9 +1,11 @@
 """What one client may hold of the server's HTTP listeners, for all of them alike.
 
 The node API, the federation bundle endpoint and the admin socket are uvicorn
-listeners whose connections are :class:`ca.api.tls.TLSIdentityProtocol`; each
-listener has a :class:`ConnectionGuard` that the protocol asks when a connection
-is made and tells when it is gone. Together they bound:
+listeners whose connections are :class:`LimitedProtocol` (the SDK's
+:class:`~sdk.integrations.asgi.TLSIdentityProtocol`, which puts the handshake's
+client certificate in each request); each listener has a
+:class:`ConnectionGuard` that the protocol asks when a connection is made and
+tells when it is gone. Together they bound:
 
 - the time to a complete request: from accepting the connection (the TLS
   handshake included, which :class:`LimitedServer` hands the loop as its
@@ -34,14 +36,26 @@ import ssl
 import sys
 from collections import Counter
 from datetime import timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+import h11
 import uvicorn
 
 from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ConnectionLimits
+from sdk.integrations.asgi import TLSIdentityProtocol
+
+if TYPE_CHECKING:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 42\r\nconnection: close\r\n\r\n"
+    b"the request did not arrive whole in time\r\n"
+)
 
 REPORT_INTERVAL = timedelta(seconds=10)
 DESCRIPTOR_RESERVE = 64
@@ -188,6 +202,95 @@ def peer_address(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
+class LimitedProtocol(TLSIdentityProtocol):
+    """A listener's connection, held to its ``guard`` and ``limits``: asks the guard for a
+    place when made, and is closed if it has not sent a whole request in ``request_timeout``."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        guard: ConnectionGuard,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._guard = guard
+        self._request_timeout = limits.request_timeout.total_seconds()
+        # Made when the connection is accepted, before any TLS handshake: the first
+        # request's time runs from here.
+        self._accepted_at = self.loop.time()
+        self._peer: str | None = None
+        self._admitted = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self._peer = peer_address(transport)
+        if not self._guard.admit(self._peer):
+            transport.abort()  # no TLS close_notify exchange to wait for
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._arm(self._accepted_at + self._request_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return  # refused in connection_made: nothing was set up
+        self._admitted = False
+        self._disarm()
+        self._guard.release(self._peer)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow_request()
+
+    # -- the request deadline -----------------------------------------------------------
+
+    def _request_pending(self) -> bool:
+        """A request has begun and not yet arrived whole."""
+        state = self.conn.their_state
+        return state is h11.SEND_BODY or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
+
+    def _follow_request(self) -> None:
+        if not self._admitted:
+            return
+        if self._request_pending():
+            if self._deadline is None:
+                self._arm(self.loop.time() + self._request_timeout)
+        elif self.conn.their_state is not h11.IDLE:
+            self._disarm()  # the request is whole; the app's time is not bounded here
+        elif self.cycle is not None:
+            self._disarm()  # between requests: uvicorn's keep-alive timeout holds
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_at(when, self._request_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _request_timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        self._guard.timed_out()
+        if self.conn.their_state is h11.SEND_BODY and self.cycle is not None:
+            self.cycle.disconnected = True  # the app stops waiting for a body that never came
+        elif self.conn.our_state is h11.IDLE and self._request_pending():
+            self.transport.write(REQUEST_TIMEOUT_RESPONSE)  # a head had begun
+        # abort, not close: a TLS close would wait for the slow peer's close_notify
+        self.transport.abort()
+
+
 def listener_config(
     app: Any,
     guard: ConnectionGuard,
@@ -199,9 +302,7 @@ def listener_config(
     ssl_context: ssl.SSLContext | None = None,
 ) -> uvicorn.Config:
     """A loaded uvicorn configuration whose connections ``guard`` and ``limits`` bound."""
-    from ca.api.tls import TLSIdentityProtocol
-
-    protocol = functools.partial(TLSIdentityProtocol, guard=guard, limits=limits)
+    protocol = functools.partial(LimitedProtocol, guard=guard, limits=limits)
     config = uvicorn.Config(
         app,
         **({"uds": uds} if uds is not None else {"host": host, "port": port}),

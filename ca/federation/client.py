@@ -27,6 +27,7 @@ from cryptography import x509
 from ca.datastore.records import HTTPS_SPIFFE, FederationRelationship
 from sdk.bundle import MAX_BUNDLE_BYTES, TrustBundle
 from sdk.errors import Unavailable
+from sdk.peer import uri_sans
 
 FETCH_TIMEOUT_SECONDS = 10.0
 
@@ -100,12 +101,7 @@ def _check_endpoint_id(relationship: FederationRelationship, response: httpx.Res
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise BundleFetchError(f"the bundle endpoint {url} presented no certificate")
-    certificate = x509.load_der_x509_certificate(der)
-    try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+    uris = uri_sans(x509.load_der_x509_certificate(der))
     expected = relationship.endpoint_spiffe_id
     if uris != [expected]:
         presented = ", ".join(uris) or "no SPIFFE ID"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from cryptography import x509
 from spiffe import TrustDomain
 
 from ca.datastore.records import (
@@ -33,6 +32,7 @@ from ca.datastore.records import (
 )
 from sdk.bundle import TrustBundle
 from sdk.errors import InvalidArgument
+from sdk.peer import trust_domains_named
 from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
 
 MAX_URL_LENGTH = 2048
@@ -109,25 +109,12 @@ def check_bundle(bundle: TrustBundle, *, source: str) -> None:
     if not bundle.x509_authorities and not bundle.jwt_authorities:
         raise InvalidArgument(f"{source} for {name} holds no authorities")
     for certificate in bundle.x509_authorities:
-        for other in _trust_domains_named(certificate):
+        for other in trust_domains_named(certificate):
             if other != name:
                 raise InvalidArgument(
                     f"{source} is for trust domain {other}, not {name}: its authority "
                     f"{certificate.subject.rfc4514_string()!r} carries spiffe://{other}"
                 )
-
-
-def _trust_domains_named(certificate: x509.Certificate) -> list[str]:
-    try:
-        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return [
-        uri.removeprefix("spiffe://").split("/", 1)[0]
-        for uri in uris
-        if uri.startswith("spiffe://")
-    ]
 
 
 def _check_url(url: str) -> str:

@@ -56,6 +56,7 @@ from ca.vault import VaultClient, VaultConnection, VaultRequestFailed, VaultSett
 from ca.x509ca import ORGANIZATION, build_csr_with_signer
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
+from sdk.peer import uri_sans
 
 __all__ = ["PLUGIN", "VaultPkiSettings", "VaultPkiUpstreamAuthority"]
 
@@ -234,11 +235,7 @@ class VaultPkiUpstreamAuthority:
                 problems.append("its keyUsage lacks keyCertSign")
         except x509.ExtensionNotFound:
             pass
-        try:
-            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-            uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
-        except x509.ExtensionNotFound:
-            uris = []
+        uris = uri_sans(certificate)
         if uris != [f"spiffe://{trust_domain.name}"]:
             problems.append(f"its URI SANs are {uris}, not only spiffe://{trust_domain.name}")
         if problems:

@@ -18,22 +18,57 @@ with the reason) before the app sees the request::
 
 With :mod:`sdk.tls`'s server context the peer has already been verified and
 authorized during the handshake; the policy here narrows by method and path.
+
+:class:`TLSIdentityProtocol` reads the peer's certificate once, when the
+connection is made, from the TLS object the handshake verified, and wraps the
+app so that every request on that connection carries it in place of whatever
+the scope held: nothing else (no header, no query parameter) can name the
+caller. Tessera's own server speaks it on every listener.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
+from typing import Any
 
 from spiffe import SpiffeId
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ca.api.tls import TLSIdentityProtocol
 from sdk.authorize import authorize_policy
 from sdk.errors import AuthenticationError, SdkError
 from sdk.peer import spiffe_id_from_pem
 from sdk.policy import Policy
 
 __all__ = ["PolicyMiddleware", "TLSIdentityProtocol", "authorize_request", "caller_spiffe_id"]
+
+
+class TLSIdentityProtocol(H11Protocol):
+    """uvicorn's h11 protocol, filling the ASGI TLS extension from the connection's handshake
+    (``client_cert_chain``: the peer's certificate in PEM, or empty without one)."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        chain: list[str] = []
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                chain = [ssl.DER_cert_to_PEM_cert(der)]
+        self.app = _with_peer_certificate(self.app, chain)
+
+
+def _with_peer_certificate(app: ASGIApp, chain: list[str]) -> ASGIApp:
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = dict(scope)
+            extensions = dict(scope.get("extensions") or {})
+            extensions["tls"] = {"client_cert_chain": chain}
+            scope["extensions"] = extensions
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 def caller_spiffe_id(scope: Scope) -> SpiffeId:

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ca.api.tls import RotatingServerContext
+from ca.api.tls import ServerIdentity
 from ca.config import BundleEndpointConfig
 from ca.federation.endpoint import (
     ServingCertificate,
@@ -22,7 +22,7 @@ from ca.federation.endpoint import (
 )
 from sdk.errors import ConfigError
 from sdk.keys import PrivateKey
-from tests.unit.ca.federation_helpers import bundle, call, web_pki
+from tests.unit.ca.federation_helpers import bundle, call, svid, web_pki
 
 
 def write_pair(directory: Path, leaf: x509.Certificate, key: PrivateKey) -> tuple[Path, Path]:
@@ -114,16 +114,14 @@ def test_unreadable_certificate_files_are_a_config_error(tmp_path: Path):
     )
 
 
-def test_https_spiffe_serves_through_the_rotating_server_context(monkeypatch):
-    built: list[bool] = []
+def test_https_spiffe_serves_the_servers_current_svid():
+    first, first_key = svid("spiffe://example.org/tessera/server")
+    renewed, renewed_key = svid("spiffe://example.org/tessera/server", 1)
+    current = [ServerIdentity((first,), first_key, bundle("example.org", 0), version=(1, 1))]
+    context = bundle_endpoint_context(BundleEndpointConfig("127.0.0.1", 8443), lambda: current[0])
 
-    class Recorder(RotatingServerContext):
-        def __init__(self, identity, *, require_client):  # type: ignore[no-untyped-def]
-            built.append(require_client)
-            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-
-    monkeypatch.setattr("ca.federation.endpoint.RotatingServerContext", Recorder)
-
-    bundle_endpoint_context(BundleEndpointConfig("127.0.0.1", 8443), lambda: None)  # type: ignore[arg-type, return-value]
-
-    assert built == [False]
+    assert served_certificate(context) == first  # to a client without a certificate
+    current[0] = ServerIdentity(
+        (renewed,), renewed_key, bundle("example.org", 0, 1, sequence=2), version=(2, 2)
+    )
+    assert served_certificate(context) == renewed

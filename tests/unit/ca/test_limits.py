@@ -13,8 +13,13 @@ import h11
 import pytest
 from uvicorn.server import ServerState
 
-from ca.api.limits import ConnectionGuard, connections_per_listener, listener_config
-from ca.api.tls import REQUEST_TIMEOUT_RESPONSE, TLSIdentityProtocol
+from ca.api.limits import (
+    REQUEST_TIMEOUT_RESPONSE,
+    ConnectionGuard,
+    LimitedProtocol,
+    connections_per_listener,
+    listener_config,
+)
 from ca.clock import ManualClock
 from ca.config import ConnectionLimits
 
@@ -120,27 +125,27 @@ def guard() -> ConnectionGuard:
 
 
 @pytest.fixture
-def accept(loop: ManualLoop, guard: ConnectionGuard) -> Callable[..., TLSIdentityProtocol]:
+def accept(loop: ManualLoop, guard: ConnectionGuard) -> Callable[..., LimitedProtocol]:
     """A connection accepted now, as the listener's uvicorn configuration makes it."""
     config = listener_config(app, guard, LIMITS, host="127.0.0.1", port=8081)
     state = ServerState()
 
-    def accept() -> TLSIdentityProtocol:
+    def accept() -> LimitedProtocol:
         protocol = config.http_protocol_class(  # type: ignore[call-arg]
             config=config, server_state=state, app_state={}, _loop=loop)
-        assert isinstance(protocol, TLSIdentityProtocol)
+        assert isinstance(protocol, LimitedProtocol)
         return protocol
 
     return accept
 
 
-def connect(protocol: TLSIdentityProtocol, peer: str | None = "192.0.2.1") -> Transport:
+def connect(protocol: LimitedProtocol, peer: str | None = "192.0.2.1") -> Transport:
     transport = Transport(peer)
     protocol.connection_made(transport)
     return transport
 
 
-def answer(protocol: TLSIdentityProtocol) -> None:
+def answer(protocol: LimitedProtocol) -> None:
     """The app's response to the request, sent as uvicorn's cycle would."""
     protocol.conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
     protocol.conn.send(h11.EndOfMessage())

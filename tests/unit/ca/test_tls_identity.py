@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId
 
-from ca.api.tls import _with_peer_certificate, peer_spiffe_id
+from ca.api.tls import peer_spiffe_id
 from ca.x509ca import build_x509_svid
 from sdk.errors import Unauthenticated
+from sdk.integrations.asgi import _with_peer_certificate
 from sdk.keys import KeyType, PrivateKey
 from tests.unit.ca.conftest import START, pooled_key
 

@@ -19,8 +19,13 @@ from sdk.authorize import (
     authorize_one_of,
     authorize_policy,
 )
-from sdk.errors import AuthenticationError, AuthorizationError, SdkError
-from sdk.peer import spiffe_id_from_certificate, spiffe_id_from_pem
+from sdk.errors import AuthenticationError, AuthorizationError, NotAnX509Svid, SdkError
+from sdk.peer import (
+    spiffe_id_from_certificate,
+    spiffe_id_from_pem,
+    trust_domains_named,
+    uri_sans,
+)
 from sdk.policy import Policy
 
 WEB = SpiffeId("spiffe://example.org/web")
@@ -186,3 +191,44 @@ def test_certificates_that_are_not_x509_svids(cert: x509.Certificate, message: s
 
     assert str(refused.value) == message
     assert refused.value.status == 401
+
+
+@pytest.mark.parametrize(
+    ("uris", "ca", "problem", "peer_id"),
+    [
+        ([], False, "uri_sans", None),
+        ([str(WEB), str(API)], False, "uri_sans", None),
+        (["https://example.org/web"], False, "spiffe_id", None),
+        (["spiffe://example.org"], False, "path", SpiffeId("spiffe://example.org")),
+        ([str(WEB)], True, "ca", WEB),
+    ],
+    ids=["no-uri", "two-uris", "not-spiffe", "no-path", "ca"],
+)
+def test_the_refusal_names_the_rule_broken_for_callers_with_their_own_words(
+    uris: list[str], ca: bool, problem: str, peer_id: SpiffeId | None
+) -> None:
+    with pytest.raises(NotAnX509Svid) as refused:
+        spiffe_id_from_certificate(certificate(uris, ca=ca))
+
+    assert (refused.value.problem, refused.value.uri_sans) == (problem, uris)
+    assert refused.value.peer_id == peer_id
+
+
+def test_any_certificate_naming_one_spiffe_id_with_leaf_false() -> None:
+    signing = certificate(["spiffe://example.org"], ca=True)
+
+    assert spiffe_id_from_certificate(signing, leaf=False) == SpiffeId("spiffe://example.org")
+    assert spiffe_id_from_certificate(certificate([str(WEB)], ca=True), leaf=False) == WEB
+    with pytest.raises(NotAnX509Svid):
+        spiffe_id_from_certificate(certificate([str(WEB), str(API)]), leaf=False)
+    with pytest.raises(NotAnX509Svid):
+        spiffe_id_from_certificate(certificate(["https://example.org/web"]), leaf=False)
+
+
+def test_uri_sans_and_the_trust_domains_they_name() -> None:
+    uris = ["https://example.org/web", "spiffe://example.org", "spiffe://partner.org/api"]
+
+    assert uri_sans(certificate(uris)) == uris
+    assert uri_sans(certificate([])) == []
+    assert trust_domains_named(certificate(uris)) == ["example.org", "partner.org"]
+    assert trust_domains_named(certificate(["https://example.org/web"])) == []

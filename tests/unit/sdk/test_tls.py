@@ -18,7 +18,14 @@ from spiffe import SpiffeId, X509Bundle, X509Svid
 from sdk.authorize import Authorizer, authorize_any, authorize_id, authorize_member_of
 from sdk.errors import AuthenticationError, AuthorizationError, SourceError
 from sdk.sources import StaticX509Source
-from sdk.tls import mtls_client_context, mtls_server_context, peer_spiffe_id, tls_client_context
+from sdk.tls import (
+    TlsMaterial,
+    mtls_client_context,
+    mtls_server_context,
+    peer_spiffe_id,
+    server_context,
+    tls_client_context,
+)
 from tests.unit.sdk.conftest import (
     API_ID,
     DEADLINE_SECONDS,
@@ -27,6 +34,7 @@ from tests.unit.sdk.conftest import (
     WEB_ID,
     LoopThread,
     TestCA,
+    serial_of,
     wait_until,
 )
 
@@ -538,3 +546,150 @@ def test_a_resumed_session_is_authorized_again(
     ]
     assert calls == [SpiffeId(WEB_ID)] * 3
     assert len(server.handled) == 2
+
+
+# -- a server rotating its own material ---------------------------------------------------
+
+
+class Owner:
+    """Material a server rotates itself, and how often its context asked for it."""
+
+    def __init__(self, svid: X509Svid, bundles: list[X509Bundle]) -> None:
+        self.material = TlsMaterial(svid.cert_chain, svid.private_key, bundles)
+        self.version = 1
+        self.loads = 0
+        self.broken = False
+
+    def load(self) -> TlsMaterial:
+        self.loads += 1
+        if self.broken:
+            raise SourceError("the owner's SVID is not there")
+        return self.material
+
+    def rotate(self, svid: X509Svid) -> None:
+        self.material = TlsMaterial(svid.cert_chain, svid.private_key, self.material.bundles)
+        self.version += 1
+
+
+@pytest.fixture
+def who(loop_thread: LoopThread) -> Iterator[Any]:
+    """Starts asyncio TLS servers answering a line with the caller's ID, or why it has none."""
+    servers: list[asyncio.Server] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        try:
+            caller = str(peer_spiffe_id(writer.get_extra_info("ssl_object")))
+        except AuthenticationError as err:
+            caller = err.message
+        writer.write(caller.encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
+    def start(context: ssl.SSLContext) -> int:
+        server = loop_thread.run(asyncio.start_server(answer, "127.0.0.1", 0, ssl=context))
+        servers.append(server)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
+    yield start
+    for server in servers:
+        loop_thread.close_server(server)
+
+
+def test_a_client_certificate_may_be_optional(
+    who: Any, ca: TestCA, api_source: StaticX509Source, web_source: StaticX509Source
+) -> None:
+    owner = Owner(api_source.x509_svid(), [ca.bundle()])
+    port = who(server_context(owner.load, version=lambda: owner.version,
+                              authorizer=authorize_id(WEB_ID), client_certificate="optional"))
+    anonymous = tls_client_context(web_source, authorize_id(API_ID))
+    refused_source = StaticX509Source(ca.issue("spiffe://example.org/db"), [ca.bundle()])
+
+    without = Client(anonymous, port)
+    with_svid = Client(mtls_client_context(web_source, authorize_id(API_ID)), port)
+    refused = Client(mtls_client_context(refused_source, authorize_id(API_ID)), port)
+
+    assert without.say("who") == "the peer presented no certificate on this connection"
+    assert with_svid.say("who") == WEB_ID
+    assert refused.is_cut_off()
+    for client in (without, with_svid, refused):
+        client.close()
+
+
+def test_an_anonymous_session_is_resumed(
+    who: Any, ca: TestCA, api_source: StaticX509Source, web_source: StaticX509Source
+) -> None:
+    owner = Owner(api_source.x509_svid(), [ca.bundle()])
+    port = who(server_context(owner.load, version=lambda: owner.version,
+                              authorizer=authorize_any(), client_certificate="optional"))
+    context = tls_client_context(web_source, authorize_id(API_ID))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # sessions are resumed by ID in TLS 1.2
+    first = Client(context, port)
+    assert first.say("who") == "the peer presented no certificate on this connection"
+    session = first.tls.session
+    first.close()
+
+    resumed = Client(context, port, session=session)
+
+    assert resumed.tls.session_reused
+    assert resumed.say("who") == "the peer presented no certificate on this connection"
+    resumed.close()
+
+
+def test_the_owners_material_is_read_again_only_when_its_version_moves(
+    who: Any, ca: TestCA, api_source: StaticX509Source, web_source: StaticX509Source
+) -> None:
+    owner = Owner(api_source.x509_svid(), [ca.bundle()])
+    port = who(server_context(owner.load, version=lambda: owner.version,
+                              authorizer=authorize_any()))
+    client_context = mtls_client_context(web_source, authorize_id(API_ID))
+    before = [Client(client_context, port) for _ in range(3)]
+
+    renewed = ca.issue(API_ID)
+    owner.rotate(renewed)
+    after = Client(client_context, port)
+
+    assert {client.server_serial() for client in before} == {serial_of(api_source.x509_svid())}
+    assert after.server_serial() == serial_of(renewed)
+    assert after.say("who") == WEB_ID
+    assert owner.loads == 2
+    for client in (*before, after):
+        client.close()
+
+
+def test_material_its_owner_cannot_give_keeps_the_previous_generation(
+    who: Any,
+    ca: TestCA,
+    api_source: StaticX509Source,
+    web_source: StaticX509Source,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    owner = Owner(api_source.x509_svid(), [ca.bundle()])
+    port = who(server_context(owner.load, version=lambda: owner.version,
+                              authorizer=authorize_any()))
+    owner.broken = True
+    owner.version += 1
+
+    client = Client(mtls_client_context(web_source, authorize_id(API_ID)), port)
+
+    assert client.server_serial() == serial_of(api_source.x509_svid())
+    assert client.say("who") == WEB_ID
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "TLS server: keeping the previous SVID and bundles, the new ones do not load: "
+        "the owner's SVID is not there"
+    ]
+    client.close()
+
+
+def test_without_an_authorizer_no_client_certificate_is_asked_for(
+    who: Any, api_source: StaticX509Source, web_source: StaticX509Source
+) -> None:
+    owner = Owner(api_source.x509_svid(), [])
+    port = who(server_context(owner.load, version=lambda: owner.version, authorizer=None))
+
+    client = Client(mtls_client_context(web_source, authorize_id(API_ID)), port)
+
+    assert client.say("who") == "the peer presented no certificate on this connection"
+    assert peer_spiffe_id(client.tls) == SpiffeId(API_ID)
+    client.close()

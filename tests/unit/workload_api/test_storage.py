@@ -6,17 +6,20 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId, TrustDomain
 
-from sdk.errors import ConfigError
+from sdk.errors import ConfigError, InvalidArgument
 from sdk.keys import KeyType, generate_private_key
 from tests.unit.workload_api.agent_helpers import AuthorityForTests, agent_identity_files
 from workload_api import storage as storage_module
-from workload_api.storage import AgentIdentity, AgentStorage
+from workload_api.storage import AgentIdentity, AgentStorage, svid_spiffe_id
 
 NOW = datetime.now(UTC)
 TD = TrustDomain("example.org")
@@ -170,3 +173,49 @@ def test_a_write_that_fails_later_is_a_sentence_and_leaves_the_old_files(
         f"the agent cannot write to its data directory {tmp_path} (No space left on device)"
     )
     assert storage.load_bundle(TD) == authority.bundle
+
+
+# -- the SPIFFE ID of a stored SVID ---------------------------------------------------------
+
+
+def certificate_naming(*uris: str) -> x509.Certificate:
+    """A self-signed certificate whose URI SANs are ``uris`` (none: no SAN extension)."""
+    key = generate_private_key(KeyType.EC_P256)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stored")])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+    )
+    if uris:
+        names = [x509.UniformResourceIdentifier(uri) for uri in uris]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_the_spiffe_id_of_a_stored_svid() -> None:
+    agent = "spiffe://example.org/tessera/agent/join_token/one"
+
+    assert svid_spiffe_id(certificate_naming(agent)) == SpiffeId(agent)
+
+
+@pytest.mark.parametrize(
+    ("uris", "message"),
+    [
+        ((), "the certificate is not an X509-SVID: it needs exactly one URI SAN"),
+        (("spiffe://example.org/a", "spiffe://example.org/b"),
+         "the certificate is not an X509-SVID: it needs exactly one URI SAN"),
+        (("https://example.org/agent",),
+         "certificate URI SAN 'https://example.org/agent' is not valid: does not start with "
+         "'spiffe://'; expected spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web"),
+    ],
+    ids=["no-uri", "two-uris", "not-spiffe"],
+)
+def test_a_stored_certificate_that_names_no_one_spiffe_id(
+    uris: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        svid_spiffe_id(certificate_naming(*uris))
+
+    assert refused.value.message == message
