@@ -1,5 +1,6 @@
-"""Fixtures shared by the whole suite: the real services tests talk to.
+"""Fixtures shared by the whole suite: the test CA, and the real services tests talk to.
 
+The test CA (``tests/support/pki.py``) makes every certificate in code.
 PostgreSQL and OpenBao are real. Without them a test skips with the reason,
 unless TESSERA_REQUIRE_SERVICES=1 (set by .ci/run), where a missing service
 fails the test instead.
@@ -21,9 +22,35 @@ from typing import Any
 
 import pytest
 
+from tests.support.pki import KEYS, KeyPool, TestCA
+
 POSTGRES_HOST = os.environ.get("TESSERA_TEST_PG_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("TESSERA_TEST_PG_PORT", "5432"))
 POSTGRES_ADMIN_URL = f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+
+
+# -- the test CA --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def key_pool() -> KeyPool:
+    """Private keys by (type, slot), each made once for the run: RSA keys take a while."""
+    return KEYS
+
+
+@pytest.fixture
+def test_ca() -> TestCA:
+    """A root CA of example.org, new for each test (ECDSA P-256 keys are cheap)."""
+    return TestCA("example.org")
+
+
+@pytest.fixture
+def partner_test_ca() -> TestCA:
+    """A root CA of partner.test, a second trust domain."""
+    return TestCA("partner.test")
+
+
+# -- services: a missing one, and PostgreSQL ----------------------------------------------
 
 
 def services_required() -> bool:
