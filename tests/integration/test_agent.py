@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 import httpx
@@ -37,11 +37,11 @@ from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures regi
 )
 from tests.integration.conftest import TESSERA, ServerProcess
 from tests.support.pki import TestCA, write_key_pem, write_pem
+from tests.support.processes import poll
 from workload_api._proto import workload_pb2
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 pb: Any = workload_pb2  # message classes are built at import time, out of mypy's sight
 UID = os.getuid()
 NODE = "spiffe://example.org/node/a"
@@ -56,22 +56,6 @@ def create_entry(server: ServerProcess, spiffe_id: str, *selectors: str, parent:
     if ttl:
         args += ["--x509-svid-ttl", ttl]
     return str(server.cli_json(*args)["id"])
-
-
-def poll(check: Callable[[], T | None], deadline: float, what: str) -> T:
-    """Call ``check`` until it returns something, or fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            value = check()
-        except Exception as err:  # the agent may not have it yet
-            last_error = err
-            value = None
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {deadline}s (last error: {last_error})")
 
 
 def spiffe_ids(agent: AgentProcess) -> list[str]:
