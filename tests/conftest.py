@@ -1,5 +1,6 @@
-"""Fixtures shared by the whole suite: the real services tests talk to.
+"""Fixtures shared by the whole suite: the test CA, and the real services tests talk to.
 
+The test CA (``tests/support/pki.py``) makes every certificate in code.
 PostgreSQL and OpenBao are real. Without them a test skips with the reason,
 unless TESSERA_REQUIRE_SERVICES=1 (set by .ci/run), where a missing service
 fails the test instead.
@@ -11,9 +12,7 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,36 @@ from typing import Any
 
 import pytest
 
+from tests.support.pki import KEYS, KeyPool, TestCA
+from tests.support.processes import Process
+
 POSTGRES_HOST = os.environ.get("TESSERA_TEST_PG_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("TESSERA_TEST_PG_PORT", "5432"))
 POSTGRES_ADMIN_URL = f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+
+
+# -- the test CA --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def key_pool() -> KeyPool:
+    """Private keys by (type, slot), each made once for the run: RSA keys take a while."""
+    return KEYS
+
+
+@pytest.fixture
+def test_ca() -> TestCA:
+    """A root CA of example.org, new for each test (ECDSA P-256 keys are cheap)."""
+    return TestCA("example.org")
+
+
+@pytest.fixture
+def partner_test_ca() -> TestCA:
+    """A root CA of partner.test, a second trust domain."""
+    return TestCA("partner.test")
+
+
+# -- services: a missing one, and PostgreSQL ----------------------------------------------
 
 
 def services_required() -> bool:
@@ -108,8 +134,7 @@ class OpenBao:
 
     address: str
     root_token: str
-    log_path: Path
-    process: subprocess.Popen[bytes]
+    process: Process
 
     def client(self, token: str | None = None) -> Any:
         import hvac
@@ -117,7 +142,7 @@ class OpenBao:
         return hvac.Client(url=self.address, token=token or self.root_token)
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
 
     def enable_transit(self) -> str:
         """A fresh transit mount; its path."""
@@ -193,35 +218,16 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     port = _free_port_pair()
     address = f"http://127.0.0.1:{port}"
     root_token = f"root-{secrets.token_hex(12)}"
-    log_path = workdir / "bao.log"
     # HOME points at the work dir: dev mode writes the root token to ~/.vault-token.
     env = {**os.environ, "HOME": str(workdir)}
     for variable in ("VAULT_ADDR", "BAO_ADDR", "VAULT_TOKEN", "BAO_TOKEN"):
         env.pop(variable, None)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [BAO, "server", "-dev", f"-dev-root-token-id={root_token}",
-             f"-dev-listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-        )
-    bao = OpenBao(address, root_token, log_path, process)
-    try:
-        deadline = time.monotonic() + BAO_START_DEADLINE
-        while not _bao_healthy(address):
-            if process.poll() is not None:
-                raise AssertionError(f"bao exited {process.returncode}:\n{bao.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"bao did not become healthy in {BAO_START_DEADLINE}s:\n{bao.log()}")
-            time.sleep(0.05)
-        yield bao
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = [BAO, "server", "-dev", f"-dev-root-token-id={root_token}",
+            f"-dev-listen-address=127.0.0.1:{port}"]
+    with Process.start("bao", args, log_path=workdir / "bao.log", env=env, cwd=workdir) as bao:
+        bao.wait_until(lambda: _bao_healthy(address) or None, "answering /v1/sys/health",
+                       BAO_START_DEADLINE)  # fmt: skip
+        yield OpenBao(address, root_token, bao)
 
 
 @pytest.fixture

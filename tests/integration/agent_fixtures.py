@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import TESSERA, ServerProcess, free_port
+from tests.support.processes import Process
 
 START_DEADLINE = 20.0
 
@@ -54,7 +53,7 @@ class AgentProcess:
     trust_domain: str = "example.org"
     trust_bundle: Path | None = None
     health_port: int = field(default_factory=free_port)
-    process: subprocess.Popen[str] | None = None
+    process: Process | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,17 +78,9 @@ class AgentProcess:
             args += ["--join-token", token]
         if self.trust_bundle is not None:
             args += ["--trust-bundle", str(self.trust_bundle)]
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen([*args, *extra], stdout=log, stderr=subprocess.STDOUT,
-                                        text=True)
-        deadline = time.monotonic() + START_DEADLINE
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"agent exited {self.process.returncode}:\n{self.log()}")
-            if self.ready():
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"agent did not become ready in {START_DEADLINE}s:\n{self.log()}")
+        self.process = Process.start("agent", [*args, *extra], log_path=self.log_path)
+        self.process.wait_until(lambda: self.ready() or None, "answering /ready", START_DEADLINE)
+        return self
 
     def ready(self) -> bool:
         try:
@@ -98,16 +89,12 @@ class AgentProcess:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            self.process.stop()
         self.process = None
 
     def log(self) -> str:
+        """The output of every run of this agent (a restart appends to it)."""
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support.processes import Process
 
 TESSERA = shutil.which("tessera", path=str(Path(sys.executable).parent)) or "tessera"
 START_DEADLINE = 20.0
@@ -49,7 +50,7 @@ class ServerProcess:
     trust_domain: str = "example.org"
     db: str | None = None
     extra: Sequence[str] = ()
-    process: subprocess.Popen[str] | None = None
+    process: Process | None = None
     log_path: Path = field(init=False)
     started_in: float = 0.0
 
@@ -69,18 +70,12 @@ class ServerProcess:
                 "--data-dir", str(self.data_dir), "--bind", self.address, *self.extra]
         if self.db:
             args += ["--db", self.db]
-        log = self.log_path.open("a")
         began = time.monotonic()
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True)
-        deadline = began + START_DEADLINE
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}:\n{self.log()}")
-            if self.healthy():
-                self.started_in = time.monotonic() - began
-                return self
-            time.sleep(0.05)
-        raise AssertionError(f"server did not become healthy in {START_DEADLINE}s:\n{self.log()}")
+        self.process = Process.start("server", args, log_path=self.log_path)
+        self.process.wait_until(lambda: self.healthy() or None, "answering /v1/health",
+                                START_DEADLINE)  # fmt: skip
+        self.started_in = time.monotonic() - began
+        return self
 
     def healthy(self) -> bool:
         if not self.admin_socket.exists():
@@ -93,16 +88,12 @@ class ServerProcess:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            self.process.stop()
         self.process = None
 
     def log(self) -> str:
+        """The output of every run of this server (a restart appends to it)."""
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def cli(self, *args: str, check: bool = True, input: str | None = None,

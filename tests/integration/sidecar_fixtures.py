@@ -1,7 +1,10 @@
-"""A real trust domain for the sidecar and example tests, and ``tessera sidecar`` processes.
+"""A real trust domain for the sidecar and example tests, and ``tessera sidecar`` processes
+(``tests/support/processes.py``).
 
-    with trust_domain(tmp_path, [Entry("spiffe://example.org/web", ttl=10)]) as domain:
-        proxy = start_tessera(domain, tmp_path, "web-proxy", "sidecar", "proxy", "--config", p)
+    with trust_domain(tmp_path, [Entry("spiffe://example.org/web", ttl=10)]) as domain, \
+            processes() as start:
+        proxy = start("web-proxy", tessera_args("sidecar", "proxy", "--config", str(p)),
+                      directory=tmp_path, env=domain.env())
         proxy.wait_for("Sidecar proxy is ready")
 
 One ``tessera server run`` and one ``tessera agent run`` per test module (they
@@ -15,20 +18,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from ca.admin_client import AdminClient
 from tests.integration.agent_fixtures import AgentProcess
 from tests.integration.conftest import TESSERA, ServerProcess, free_port
-
-T = TypeVar("T")
+from tests.support.processes import Process, poll
 
 UID = os.getuid()
 ALIAS = "spiffe://example.org/node/sidecar-tests"
@@ -96,69 +94,17 @@ def trust_domain(directory: Path, entries: Sequence[Entry]) -> Iterator[TrustDom
         server.stop()
 
 
-@dataclass
-class TesseraProcess:
-    """A long-running ``tessera ...`` (or other) process, its stderr and stdout in files."""
-
-    name: str
-    args: list[str]
-    directory: Path
-    env: dict[str, str]
-    cwd: Path | None = None
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(init=False)
-    stdout_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.directory / f"{self.name}.log"
-        self.stdout_path = self.directory / f"{self.name}.out"
-
-    def start(self) -> TesseraProcess:
-        with self.log_path.open("ab") as log, self.stdout_path.open("ab") as out:
-            self.process = subprocess.Popen(self.args, stdout=out, stderr=log, env=self.env,
-                                            cwd=self.cwd)  # fmt: skip
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
-
-    def wait_for(self, text: str, deadline: float = 20.0, *, in_stdout: bool = False) -> None:
-        def seen() -> bool | None:
-            self.check_running()
-            return True if text in (self.stdout() if in_stdout else self.log()) else None
-
-        poll(seen, deadline, f"{text!r} from {self.name}")
-
-    def check_running(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(
-                f"{self.name} exited {self.process.returncode}:\n{self.log()}\n{self.stdout()}"
-            )
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
 @contextlib.contextmanager
-def processes() -> Iterator[Callable[..., TesseraProcess]]:
-    """Start processes with the returned function; all are stopped at the end (reverse order)."""
-    started: list[TesseraProcess] = []
+def processes() -> Iterator[Callable[..., Process]]:
+    """Start processes with the returned function (``name``'s stderr in ``<name>.log`` and
+    stdout in ``<name>.out`` under ``directory``); all are stopped at the end, in reverse
+    order."""
+    started: list[Process] = []
 
     def start(name: str, args: Sequence[str], *, directory: Path, env: dict[str, str],
-              cwd: Path | None = None) -> TesseraProcess:  # fmt: skip
-        process = TesseraProcess(name, list(args), directory, env, cwd).start()
+              cwd: Path | None = None) -> Process:  # fmt: skip
+        process = Process.start(name, args, log_path=directory / f"{name}.log",
+                                stdout_path=directory / f"{name}.out", env=env, cwd=cwd)
         started.append(process)
         return process
 
@@ -173,30 +119,13 @@ def tessera_args(*args: str) -> list[str]:
     return [TESSERA, *args]
 
 
-def poll(check: Callable[[], T | None], deadline: float, what: str) -> T:
-    """Call ``check`` until it returns something, or fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            value = check()
-        except AssertionError:
-            raise
-        except Exception as err:  # not there yet
-            last_error = err
-            value = None
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {deadline}s (last error: {last_error})")
-
-
-def wait_for_port(port: int, deadline: float = 20.0, *, process: TesseraProcess | None = None
-                  ) -> None:  # fmt: skip
+def wait_for_port(port: int, deadline: float = 20.0, *, process: Process | None = None) -> None:
     def listening() -> bool | None:
-        if process is not None:
-            process.check_running()
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
 
-    poll(listening, deadline, f"a listener on port {port}")
+    what = f"a listener on port {port}"
+    if process is None:
+        poll(listening, deadline, what)
+    else:
+        process.wait_until(listening, what, deadline)

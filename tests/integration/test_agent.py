@@ -16,17 +16,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from spiffe import WorkloadApiClient, X509Source
 from spiffe.workloadapi.errors import ValidateJwtSvidError
 
@@ -40,11 +36,12 @@ from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures regi
     start_agent_fixture,
 )
 from tests.integration.conftest import TESSERA, ServerProcess
+from tests.support.pki import TestCA, write_key_pem, write_pem
+from tests.support.processes import poll
 from workload_api._proto import workload_pb2
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 pb: Any = workload_pb2  # message classes are built at import time, out of mypy's sight
 UID = os.getuid()
 NODE = "spiffe://example.org/node/a"
@@ -59,22 +56,6 @@ def create_entry(server: ServerProcess, spiffe_id: str, *selectors: str, parent:
     if ttl:
         args += ["--x509-svid-ttl", ttl]
     return str(server.cli_json(*args)["id"])
-
-
-def poll(check: Callable[[], T | None], deadline: float, what: str) -> T:
-    """Call ``check`` until it returns something, or fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            value = check()
-        except Exception as err:  # the agent may not have it yet
-            last_error = err
-            value = None
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {deadline}s (last error: {last_error})")
 
 
 def spiffe_ids(agent: AgentProcess) -> list[str]:
@@ -364,46 +345,12 @@ def test_fetch_x509_writes_files_openssl_accepts(
 
 def node_certificate(directory: Path) -> tuple[Path, Path, Path, str]:
     """A node CA (for the server) and a node certificate with its key (for the agent)."""
-    now = datetime.now(UTC)
-
-    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-                    signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(digital_signature=not ca, content_commitment=False,
-                              key_encipherment=False, data_encipherment=False,
-                              key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                              encipher_only=False, decipher_only=False),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                           critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                signer.public_key()), critical=False)
-            .sign(signer, hashes.SHA256())
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node CA")])
-    ca = certificate("node CA", ca_key, ca_name, ca_key, ca=True)
-    node_key = ec.generate_private_key(ec.SECP256R1())
-    node = certificate("node-a", node_key, ca_name, ca_key, ca=False)
-    paths = directory / "node-ca.pem", directory / "node.pem", directory / "node.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(node.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(node_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-    return *paths, fingerprint(node)
+    node_ca = TestCA.named("node CA")
+    node = node_ca.issue_certificate(subject="node-a")
+    return (write_pem(directory / "node-ca.pem", node_ca.certificate),
+            write_pem(directory / "node.pem", node.certificate),
+            write_key_pem(directory / "node.key", node.key),
+            fingerprint(node.certificate))  # fmt: skip
 
 
 def x509pop_agent(

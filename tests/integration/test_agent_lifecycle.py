@@ -12,10 +12,8 @@ import contextlib
 import errno
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
@@ -33,31 +31,15 @@ from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures regi
     start_agent_fixture,
 )
 from tests.integration.conftest import TESSERA, ServerProcess, free_port, tessera
+from tests.support.processes import Process, poll
 from workload_api.config import Address
 from workload_api.node_client import NodeClient
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 UID = os.getuid()
 NODE = "spiffe://example.org/node/a"
 StartAgent = Callable[..., AgentProcess]
-
-
-def poll(check: Callable[[], T | None], deadline: float, what: str) -> T:
-    """Call ``check`` until it returns something, or fail after ``deadline`` seconds."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while time.monotonic() < end:
-        try:
-            value = check()
-        except Exception as err:
-            last_error = err
-            value = None
-        if value is not None:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen within {deadline}s (last error: {last_error})")
 
 
 def agent_args(server: ServerProcess, data_dir: Path, sock: Path, *extra: str) -> list[str]:
@@ -196,21 +178,13 @@ def test_an_agent_of_another_trust_domain_exits_with_a_sentence(
 
     # A server that does not answer at all is waited for, not given up on.
     silent = ServerProcess(data_dir=tmp_path / "nobody", port=free_port())
-    log_path = tmp_path / "waiting.log"
-    with log_path.open("w") as log:
-        waiting = subprocess.Popen(
-            agent_args(silent, tmp_path / "waiting", socket_dir / "waiting.sock",
-                       "--trust-domain", "other.test", "--join-token", token,
-                       "--insecure-bootstrap"),
-            stdout=log, stderr=subprocess.STDOUT, text=True,
-        )
-    try:
-        poll(lambda: log_path.read_text().count("Cannot attest yet") >= 2 or None, 20,
-             "two attempts to reach the silent server")
-        assert waiting.poll() is None, log_path.read_text()
-    finally:
-        waiting.terminate()
-        waiting.wait(timeout=10)
+    args = agent_args(silent, tmp_path / "waiting", socket_dir / "waiting.sock",
+                      "--trust-domain", "other.test", "--join-token", token,
+                      "--insecure-bootstrap")  # fmt: skip
+    with Process.start("agent", args, log_path=tmp_path / "waiting.log") as waiting:
+        waiting.wait_until(lambda: waiting.log().count("Cannot attest yet") >= 2 or None,
+                           "two attempts to reach the silent server", 20)  # fmt: skip
+        waiting.check_running()
 
 
 @pytest.mark.parametrize(

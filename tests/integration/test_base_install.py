@@ -3,7 +3,7 @@
 A fresh virtualenv gets the base install of this checkout (pip's own index and
 cache settings, nothing added). In it the server's, the agent's and the web
 integrations' packages are absent; the SDK imports and does mTLS over a
-loopback socket with certificates from a CA made on the spot; and ``tessera
+loopback socket with certificates the test CA made on the spot; and ``tessera
 server run`` names the extra to install instead of failing with a traceback.
 Building the venv takes a few seconds to a minute.
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pki import TestCA, write_key_pem, write_pem
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,57 +27,26 @@ SOURCES = ("pyproject.toml", "README.md", "LICENSE", "tessera", "ca", "attestor"
 NOT_IN_BASE = ("sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "hvac", "psycopg",
                "grpclib", "pydantic", "httpx")
 
-# Runs in the base venv: a CA, two SVIDs, an mTLS echo between contexts sdk.tls builds
-# over StaticX509Source, each side printing the SPIFFE ID it saw.
+# Runs in the base venv: an mTLS echo between contexts sdk.tls builds over StaticX509Source,
+# each side printing the SPIFFE ID it saw. Its SVIDs and bundle are files the test CA wrote to
+# the directory in argv[1] (bundle.pem, api.pem, api.key, web.pem, web.key).
 MTLS_SCRIPT = '''
-import datetime, socket, threading
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from sdk import (SpiffeId, StaticX509Source, TrustDomain, X509Bundle, X509Svid,
+import socket, sys, threading
+from pathlib import Path
+from cryptography.hazmat.primitives.serialization import Encoding
+from sdk import (StaticX509Source, TrustDomain, X509Bundle, X509Svid,
                  authorize_id, mtls_client_context, mtls_server_context, peer_spiffe_id)
 
-now = datetime.datetime.now(datetime.UTC)
-ca_key = ec.generate_private_key(ec.SECP256R1())
-ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-      .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-      .not_valid_before(now - datetime.timedelta(minutes=1))
-      .not_valid_after(now + datetime.timedelta(hours=1))
-      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-      .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                   content_commitment=False, key_encipherment=False,
-                                   data_encipherment=False, key_agreement=False,
-                                   encipher_only=False, decipher_only=False), critical=True)
-      .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                     critical=False)
-      .sign(ca_key, hashes.SHA256()))
-bundle = X509Bundle(TrustDomain("example.org"), {ca})
+pki = Path(sys.argv[1])
+bundle = X509Bundle.load(TrustDomain("example.org"), pki / "bundle.pem", Encoding.PEM)
 
-def source(spiffe_id):
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
-                                         content_commitment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return StaticX509Source(X509Svid(SpiffeId(spiffe_id), [cert], key), [bundle])
+def source(name):
+    svid = X509Svid.load(pki / f"{name}.pem", pki / f"{name}.key", Encoding.PEM)
+    return StaticX509Source(svid, [bundle])
 
 API, WEB = "spiffe://example.org/api", "spiffe://example.org/web"
-server_context = mtls_server_context(source(API), authorize_id(WEB))
-client_context = mtls_client_context(source(WEB), authorize_id(API))
+server_context = mtls_server_context(source("api"), authorize_id(WEB))
+client_context = mtls_client_context(source("web"), authorize_id(API))
 listener = socket.create_server(("127.0.0.1", 0))
 seen_by_server = []
 
@@ -135,8 +106,16 @@ def test_the_base_install_has_none_of_the_server_agent_or_web_packages(
     assert result.returncode == 0, result.stderr
 
 
-def test_the_base_install_does_mtls_with_the_sdk(base_venv: Path) -> None:
-    result = run_in(base_venv, str(base_venv / "bin" / "python"), "-c", MTLS_SCRIPT)
+def test_the_base_install_does_mtls_with_the_sdk(
+    base_venv: Path, test_ca: TestCA, tmp_path: Path
+) -> None:
+    (tmp_path / "bundle.pem").write_bytes(test_ca.bundle_pem())
+    for name in ("api", "web"):
+        svid = test_ca.issue_x509_svid(f"spiffe://example.org/{name}")
+        write_pem(tmp_path / f"{name}.pem", *svid.cert_chain)
+        write_key_pem(tmp_path / f"{name}.key", svid.private_key)
+    result = run_in(base_venv, str(base_venv / "bin" / "python"), "-c", MTLS_SCRIPT,
+                    str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "client saw spiffe://example.org/api ping",

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 
 from tests.integration.conftest import TESSERA, ServerProcess, free_port, tessera
 from tests.integration.test_up import UpProcess
+from tests.support.processes import Process
 
 pytestmark = pytest.mark.integration
 NOBODY = pwd.getpwnam("nobody")
@@ -142,12 +142,14 @@ def test_a_workload_of_another_user_fetches_its_svid_from_an_init_agent(
                    "--spiffe-id", "spiffe://example.org/nobody",
                    "--selector", f"unix:uid:{NOBODY.pw_uid}")
         health = free_port()
-        log = (shared_dir / "agent.log").open("w")
-        agent = subprocess.Popen(
+        agent = Process.start(
+            "agent",
             [TESSERA, "agent", "run", "--config", str(agent_file), "--join-token", token,
              "--server", server.address, "--health-bind", f"127.0.0.1:{health}"],
-            stdout=log, stderr=subprocess.STDOUT, text=True)
-        wait_ready(agent, f"http://127.0.0.1:{health}/ready", shared_dir / "agent.log")
+            log_path=shared_dir / "agent.log")
+        ready = f"http://127.0.0.1:{health}/ready"
+        agent.wait_until(lambda: httpx.get(ready, timeout=2).status_code == 200 or None,
+                         "answering /ready", DEADLINE)  # fmt: skip
 
         # nobody reads agent.toml for the socket, as the init README tells a workload to.
         result = tessera_as_nobody("agent", "api", "fetch", "x509", "--config", str(agent_file),
@@ -178,19 +180,6 @@ def test_a_workload_that_cannot_reach_the_socket_is_told_why(tmp_path: Path) -> 
         f"is closed to uid {NOBODY.pw_uid}; serve the socket where every workload can reach "
         "it ('socket' in agent.toml), or pass --socket\n"
     )
-
-
-def wait_ready(process: subprocess.Popen[str], url: str, log: Path) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"agent not ready in {DEADLINE}s:\n{log.read_text()}")
 
 
 def test_init_warns_when_other_users_cannot_reach_the_socket(tmp_path: Path) -> None:

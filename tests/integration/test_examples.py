@@ -25,13 +25,13 @@ from tests.integration.conftest import free_port
 from tests.integration.sidecar_fixtures import (
     NGINX,
     Entry,
-    TesseraProcess,
     TrustDomain,
     processes,
     tessera_args,
     trust_domain,
     wait_for_port,
 )
+from tests.support.processes import Process
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ WEB = "spiffe://example.org/web"
 API = "spiffe://example.org/api"
 NGINX_ID = "spiffe://example.org/nginx"
 
-StartProcess = Callable[..., TesseraProcess]
+StartProcess = Callable[..., Process]
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,16 @@ trusted by example.org through ``SSL_CERT_FILE``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.integration.conftest import ServerProcess, free_port
+from tests.support.pki import TestCA, write_key_pem, write_pem
 
 pytestmark = pytest.mark.integration
 
@@ -162,41 +158,12 @@ def test_two_trust_domains_federate_over_https_spiffe(start_server: Any, tmp_pat
 
 def make_web_certificate(directory: Path) -> tuple[Path, Path, Path]:
     """A test web CA and a certificate it issued for 127.0.0.1: (ca, cert, key) files."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tessera test web CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                       critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = directory / "web-ca.pem", directory / "web.pem", directory / "web.key"
-    files[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    files[2].write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return files
+    web_ca = TestCA.named("Tessera test web CA")
+    web = web_ca.issue_certificate(subject="127.0.0.1", ip_addresses=["127.0.0.1"],
+                                   extended_key_usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+    return (write_pem(directory / "web-ca.pem", web_ca.certificate),
+            write_pem(directory / "web.pem", web.certificate),
+            write_key_pem(directory / "web.key", web.key))  # fmt: skip
 
 
 def test_federating_over_https_web(start_server: Any, tmp_path: Path,

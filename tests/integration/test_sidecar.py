@@ -51,14 +51,13 @@ from tests.integration.sidecar_fixtures import (
     NGINX,
     UID,
     Entry,
-    TesseraProcess,
     TrustDomain,
-    poll,
     processes,
     tessera_args,
     trust_domain,
     wait_for_port,
 )
+from tests.support.processes import Process, poll
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +73,7 @@ ENTRIES = [
 ]
 STEADY_SECONDS = 60.0
 
-StartProcess = Callable[..., TesseraProcess]
+StartProcess = Callable[..., Process]
 
 
 # -- the trust domain, a plain HTTP app, and the sidecars in front of it ------------------
@@ -174,7 +173,7 @@ class Sidecars:
 
     @staticmethod
     def _proxy(start: StartProcess, domain: TrustDomain, directory: Path, name: str,
-               config: str) -> TesseraProcess:  # fmt: skip
+               config: str) -> Process:  # fmt: skip
         path = directory / f"{name}.toml"
         path.write_text(textwrap.dedent(config))
         return start(name, tessera_args("sidecar", "proxy", "--config", str(path)),
@@ -339,8 +338,7 @@ def test_policy_files_reload_on_change_and_on_sighup(
                  "policy loaded before stays in effect: api: ")
     assert status() == 403
 
-    assert api.process is not None
-    api.process.send_signal(signal.SIGHUP)
+    api.send_signal(signal.SIGHUP)
     api.wait_for(f"api: reloading the policy file {policy} (on SIGHUP) failed, so the policy "
                  "loaded before stays in effect")
     api.check_running()

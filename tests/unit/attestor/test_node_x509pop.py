@@ -1,5 +1,5 @@
 """The x509pop node attestor: both halves, made to talk to each other with certificates
-issued in code by a test CA."""
+issued in code by the test CA (a node PKI: a root, an intermediate, node certificates)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import TrustDomain
 
 from attestor.node import (
@@ -35,6 +34,7 @@ from attestor.node.x509pop import (
 from attestor.selector import Selector
 from sdk.clock import SYSTEM_CLOCK, ManualClock
 from sdk.errors import ConfigError
+from tests.support.pki import KEYS, IssuedCertificate, TestCA, key_pem, pem
 
 TRUST_DOMAIN = TrustDomain("example.org")
 START = datetime(2030, 1, 1, tzinfo=UTC)
@@ -59,26 +59,8 @@ BAD_SIGNATURE = (
     "sign with the private key of the certificate sent in the payload"
 )
 
-_KEYS: dict[str, Any] = {}
-
-
-def key(kind: str = "p256", slot: int = 0) -> Any:
-    """One key per (kind, slot) for the whole module: RSA keys take a while to make."""
-    name = f"{kind}/{slot}"
-    if name not in _KEYS:
-        if kind == "p256":
-            _KEYS[name] = ec.generate_private_key(ec.SECP256R1())
-        elif kind == "p384":
-            _KEYS[name] = ec.generate_private_key(ec.SECP384R1())
-        elif kind == "p521":
-            _KEYS[name] = ec.generate_private_key(ec.SECP521R1())
-        elif kind == "rsa2048":
-            _KEYS[name] = rsa.generate_private_key(65537, 2048)
-        elif kind == "rsa1024":
-            _KEYS[name] = rsa.generate_private_key(65537, 1024)
-        elif kind == "ed25519":
-            _KEYS[name] = ed25519.Ed25519PrivateKey.generate()
-    return _KEYS[name]
+# Node certificates and their CAs are valid from a day before START to 30 days after it.
+VALIDITY: dict[str, Any] = {"not_before": START - timedelta(days=1), "ttl": timedelta(days=31)}
 
 
 def sha1_hex(certificate: x509.Certificate) -> str:
@@ -89,106 +71,34 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@dataclass
-class Issued:
-    certificate: x509.Certificate
-    key: Any
-
-
-def issue(
-    subject: str,
-    subject_key: Any,
-    issuer: Issued | None,
-    *,
-    ca: bool = False,
-    not_before: datetime = START - timedelta(days=1),
-    not_after: datetime = START + timedelta(days=30),
-    key_usage: bool | None = True,
-    digital_signature: bool = True,
-    sans: list[x509.GeneralName] | None = None,
-    serial: int | None = None,
-) -> Issued:
-    """A certificate for ``subject_key`` signed by ``issuer`` (self-signed when None)."""
-    issuer_name = issuer.certificate.subject if issuer else None
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    signing_key = issuer.key if issuer else subject_key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name or name)
-        .public_key(subject_key.public_key())
-        .serial_number(serial or x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(subject_key.public_key()), critical=False
-        )
-    )
-    if issuer:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False,
-        )
-    if key_usage:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=digital_signature and not ca,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    algorithm = None if isinstance(signing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return Issued(builder.sign(signing_key, algorithm), subject_key)
+def issue(subject: str, key: Any, issuer: TestCA, **options: Any) -> IssuedCertificate:
+    """A node certificate for ``key`` signed by ``issuer`` (options: TestCA.issue_certificate's)."""
+    return issuer.issue_certificate(subject=subject, key=key, **VALIDITY, **options)
 
 
 @dataclass
 class NodePki:
     """A root CA, an intermediate under it, and a node certificate under the intermediate."""
 
-    root: Issued
-    intermediate: Issued
-    node: Issued
+    root: TestCA
+    intermediate: TestCA
+    node: IssuedCertificate
 
 
 @pytest.fixture
 def pki() -> NodePki:
-    root = issue("Node Root CA", key("p256", 1), None, ca=True)
-    intermediate = issue("Node Issuing CA", key("p256", 2), root, ca=True)
+    root = TestCA.named("Node Root CA", key=KEYS("ec-p256", 1), **VALIDITY)
+    intermediate = root.intermediate(common_name="Node Issuing CA", key=KEYS("ec-p256", 2),
+                                     **VALIDITY)  # fmt: skip
     node = issue(
         "node-1",
-        key("p256", 3),
+        KEYS("ec-p256", 3),
         intermediate,
-        sans=[
-            x509.DNSName("node-1.example.org"),
-            x509.DNSName("web.example.org"),
-            x509.UniformResourceIdentifier("urn:tessera:node:1"),
-        ],
-        serial=0x1234ABCD,
+        dns_names=["node-1.example.org", "web.example.org"],
+        uris=["urn:tessera:node:1"],
+        serial_number=0x1234ABCD,
     )
     return NodePki(root, intermediate, node)
-
-
-def pem(*certificates: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
-
-
-def key_pem(private_key: Any) -> bytes:
-    data: bytes = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return data
 
 
 @pytest.fixture
@@ -228,7 +138,8 @@ def server(make_server: Callable[..., X509PopServer]) -> X509PopServer:
 def make_agent(tmp_path: Path, pki: NodePki) -> Callable[..., X509PopAgent]:
     counter = iter(range(1000))
 
-    def make(node: Issued | None = None, *chain: x509.Certificate) -> X509PopAgent:
+    def make(node: IssuedCertificate | TestCA | None = None, *chain: x509.Certificate,
+             ) -> X509PopAgent:  # fmt: skip
         node = node or pki.node
         chain = chain or (pki.intermediate.certificate,)
         index = next(counter)
@@ -301,8 +212,8 @@ def test_ca_selector_names_the_bundle_ca_the_chain_ends_in(
     make_agent: Callable[..., X509PopAgent],
     pki: NodePki,
 ) -> None:
-    other_root = issue("Other Root CA", key("p384", 1), None, ca=True)
-    node = issue("node-2", key("p256", 4), other_root)
+    other_root = TestCA.named("Other Root CA", key=KEYS("ec-p384", 1), **VALIDITY)
+    node = issue("node-2", KEYS("ec-p256", 4), other_root)
     server = make_server(pki.root.certificate, other_root.certificate)
 
     result = attest(server, make_agent(node, other_root.certificate))
@@ -314,14 +225,14 @@ def test_ca_selector_names_the_bundle_ca_the_chain_ends_in(
     )
 
 
-@pytest.mark.parametrize("kind", ["p256", "p384", "rsa2048"])
+@pytest.mark.parametrize("kind", ["ec-p256", "ec-p384", "rsa-2048"])
 def test_every_supported_node_key_type_attests(
     kind: str,
     server: X509PopServer,
     make_agent: Callable[..., X509PopAgent],
     pki: NodePki,
 ) -> None:
-    node = issue("node-k", key(kind, 5), pki.intermediate)
+    node = issue("node-k", KEYS(kind, 5), pki.intermediate)
     result = attest(server, make_agent(node))
     assert str(result.agent_id).endswith(sha1_hex(node.certificate))
 
@@ -329,7 +240,7 @@ def test_every_supported_node_key_type_attests(
 def test_node_certificate_signed_by_a_bundle_ca_directly_attests(
     server: X509PopServer, make_agent: Callable[..., X509PopAgent], pki: NodePki
 ) -> None:
-    node = issue("node-direct", key("p256", 6), pki.root)
+    node = issue("node-direct", KEYS("ec-p256", 6), pki.root)
     result = attest(server, make_agent(node, pki.root.certificate))
     assert Selector("x509pop", "subject:cn:node-direct") in result.selectors
 
@@ -367,8 +278,8 @@ def test_server_context_reads_the_system_clock_by_default() -> None:
 def test_node_certificate_from_another_ca_is_refused(
     server: X509PopServer, make_agent: Callable[..., X509PopAgent]
 ) -> None:
-    stranger_ca = issue("Stranger CA", key("p256", 7), None, ca=True)
-    node = issue("node-1", key("p256", 3), stranger_ca)
+    stranger_ca = TestCA.named("Stranger CA", key=KEYS("ec-p256", 7), **VALIDITY)
+    node = issue("node-1", KEYS("ec-p256", 3), stranger_ca)
     agent = make_agent(node, stranger_ca.certificate)
 
     assert refused(server, agent.payload()) == UNTRUSTED
@@ -425,7 +336,7 @@ def test_ca_certificate_as_node_certificate_is_refused(
 def test_node_certificate_without_digital_signature_is_refused(
     server: X509PopServer, make_agent: Callable[..., X509PopAgent], pki: NodePki
 ) -> None:
-    node = issue("node-1", key("p256", 3), pki.intermediate, digital_signature=False)
+    node = issue("node-1", KEYS("ec-p256", 3), pki.intermediate, digital_signature=False)
     assert refused(server, make_agent(node).payload()) == (
         "node certificate's keyUsage lacks digitalSignature, so its key may not answer the "
         "challenge; issue the node a certificate with digitalSignature"
@@ -435,7 +346,7 @@ def test_node_certificate_without_digital_signature_is_refused(
 def test_node_certificate_without_key_usage_attests(
     server: X509PopServer, make_agent: Callable[..., X509PopAgent], pki: NodePki
 ) -> None:
-    node = issue("node-1", key("p256", 3), pki.intermediate, key_usage=None)
+    node = issue("node-1", KEYS("ec-p256", 3), pki.intermediate, key_usage=False)
     assert isinstance(attest(server, make_agent(node)), AttestationResult)
 
 
@@ -443,14 +354,14 @@ def test_node_certificate_without_key_usage_attests(
     ("kind", "problem"),
     [
         ("ed25519", "Ed25519PublicKey keys are not supported"),
-        ("p521", "EC curve secp521r1 is not supported"),
-        ("rsa1024", "an RSA key of 1024 bits is too short"),
+        ("ec-p521", "EC curve secp521r1 is not supported"),
+        ("rsa-1024", "an RSA key of 1024 bits is too short"),
     ],
 )
 def test_node_certificate_with_an_unsupported_key_is_refused(
     kind: str, problem: str, server: X509PopServer, pki: NodePki
 ) -> None:
-    node = issue("node-1", key(kind, 8), pki.intermediate)
+    node = issue("node-1", KEYS(kind, 8), pki.intermediate)
     payload = {
         "certificates": [
             b64(c.public_bytes(serialization.Encoding.DER))
@@ -509,7 +420,7 @@ def test_challenge_issued_for_another_certificate_is_refused(
     make_agent: Callable[..., X509PopAgent],
     pki: NodePki,
 ) -> None:
-    other = make_agent(issue("node-9", key("p256", 9), pki.intermediate))
+    other = make_agent(issue("node-9", KEYS("ec-p256", 9), pki.intermediate))
     challenge = challenge_of(server, agent.payload())
     assert refused(server, other.payload(), other.answer(challenge)) == ALTERED
 
@@ -547,7 +458,7 @@ def test_signature_by_another_key_is_refused(
 ) -> None:
     challenge = challenge_of(server, agent.payload())
     nonce = base64.b64decode(challenge["nonce"])
-    forged = key("p256", 10).sign(SIGNED_CONTEXT + nonce, ec.ECDSA(hashes.SHA256()))
+    forged = KEYS("ec-p256", 10).sign(SIGNED_CONTEXT + nonce, ec.ECDSA(hashes.SHA256()))
     response = {"challenge": challenge, "signature": b64(forged)}
     assert refused(server, agent.payload(), response) == BAD_SIGNATURE
 
@@ -792,7 +703,7 @@ def test_config_bundle_with_a_non_ca_certificate(
 
 
 def test_config_bundle_with_a_ca_without_key_usage(context: ServerContext, tmp_path: Path) -> None:
-    root = issue("Bare Root", key("p256", 11), None, ca=True, key_usage=None)
+    root = TestCA.named("Bare Root", key=KEYS("ec-p256", 11), key_usage=False, **VALIDITY)
     bundle = tmp_path / "ca.pem"
     bundle.write_bytes(pem(root.certificate))
     assert config_error({"ca_bundle_path": str(bundle)}, context) == (
@@ -876,7 +787,8 @@ def test_agent_with_a_key_it_cannot_load(tmp_path: Path, pki: NodePki, encrypted
 
 
 def test_agent_with_a_key_of_another_certificate(tmp_path: Path, pki: NodePki) -> None:
-    cert_path, key_path = write_node_files(tmp_path, pki.node.certificate, key_pem(key("p256", 12)))
+    other_key = key_pem(KEYS("ec-p256", 12))
+    cert_path, key_path = write_node_files(tmp_path, pki.node.certificate, other_key)
     with pytest.raises(ConfigError) as caught:
         X509PopAgent(cert_path, key_path)
     assert caught.value.message == (
@@ -886,7 +798,7 @@ def test_agent_with_a_key_of_another_certificate(tmp_path: Path, pki: NodePki) -
 
 
 def test_agent_with_an_unsupported_key(tmp_path: Path, pki: NodePki) -> None:
-    node = issue("node-ed", key("ed25519", 13), pki.intermediate)
+    node = issue("node-ed", KEYS("ed25519", 13), pki.intermediate)
     cert_path, key_path = write_node_files(tmp_path, node.certificate, key_pem(node.key))
     with pytest.raises(ConfigError) as caught:
         X509PopAgent(cert_path, key_path)

@@ -1,5 +1,6 @@
-"""Fixtures for the server's cryptographic core: keys, a fake remote signer, and the
-outside judges (the openssl binary and pkilint) that certificates must satisfy."""
+"""Fixtures for the server's cryptographic core: a fake remote signer, a root the server's
+own code makes, and the outside judges (the openssl binary and pkilint) that certificates must
+satisfy. Keys come from the suite's pool (``key_pool``, ``tests/support/pki.py``)."""
 
 from __future__ import annotations
 
@@ -20,25 +21,16 @@ from spiffe import TrustDomain
 from ca.keymanager import LocalSigner
 from ca.x509ca import build_ca_certificate
 from sdk.clock import ManualClock
-from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
+from sdk.keys import KeyType, PrivateKey, PublicKey
+from tests.support.pki import KEYS
 
 TRUST_DOMAIN = TrustDomain("example.org")
 START = datetime(2030, 1, 1, tzinfo=UTC)
 
-_KEYS: dict[tuple[KeyType, int], PrivateKey] = {}
-
 
 def pooled_key(key_type: KeyType, slot: int = 0) -> PrivateKey:
-    """One key per (type, slot) for the whole run: RSA-4096 keys take a while to make."""
-    key = _KEYS.get((key_type, slot))
-    if key is None:
-        key = _KEYS[(key_type, slot)] = generate_private_key(key_type)
-    return key
-
-
-@pytest.fixture
-def key_pool() -> Callable[..., PrivateKey]:
-    return pooled_key
+    """One key per (type, slot) for the whole run (the ``key_pool`` fixture's pool)."""
+    return KEYS(key_type, slot)
 
 
 @pytest.fixture

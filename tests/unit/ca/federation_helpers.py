@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from spiffe import SpiffeId, TrustDomain
 
 from ca.datastore.records import FederationRelationship
@@ -15,6 +16,7 @@ from ca.keymanager import LocalSigner
 from ca.x509ca import build_ca_certificate, build_x509_svid
 from sdk.bundle import TrustBundle
 from sdk.keys import KeyType, PrivateKey
+from tests.support.pki import TestCA
 from tests.unit.ca.conftest import pooled_key
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -92,51 +94,10 @@ def relationship(
 
 def web_pki(host_ip: str = "127.0.0.1") -> tuple[x509.Certificate, x509.Certificate, PrivateKey]:
     """A private web CA and a server certificate it issued for ``host_ip``."""
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_key = pooled_key(KeyType.EC_P256, 40)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Web CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(hours=1))
-        .not_valid_after(NOW + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = pooled_key(KeyType.EC_P256, 41)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_ip)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - timedelta(hours=1))
-        .not_valid_after(NOW + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host_ip))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return ca, leaf, key
+    web_ca = TestCA.named("Test Web CA")
+    server = web_ca.issue_certificate(subject=host_ip, ip_addresses=[host_ip],
+                                      extended_key_usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+    return web_ca.certificate, server.certificate, server.key
 
 
 def call(app: object, method: str, path: str, **kwargs: object) -> object:

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from ca.api.tls import peer_spiffe_id
@@ -17,6 +16,7 @@ from ca.x509ca import build_x509_svid
 from sdk.errors import Unauthenticated
 from sdk.integrations.asgi import _with_peer_certificate
 from sdk.keys import KeyType, PrivateKey
+from tests.support.pki import self_signed
 from tests.unit.ca.conftest import START, pooled_key
 
 AGENT = SpiffeId("spiffe://example.org/tessera/agent/join_token/one")
@@ -28,23 +28,6 @@ def pem(cert: x509.Certificate) -> str:
 
 def scope_with(*chain: str) -> dict[str, Any]:
     return {"type": "http", "extensions": {"tls": {"client_cert_chain": list(chain)}}}
-
-
-def certificate(names: list[x509.GeneralName] | None, key: PrivateKey) -> x509.Certificate:
-    """A plain self-signed certificate with the given SANs (None: no SAN extension)."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer")])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(START)
-        .not_valid_after(START + timedelta(hours=1))
-    )
-    if names is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(key, hashes.SHA256())
 
 
 @pytest.fixture
@@ -94,27 +77,23 @@ def test_no_client_certificate(scope):
 
 
 def test_a_certificate_without_a_uri_san(key):
-    no_san = certificate(None, key)
-    dns_only = certificate([x509.DNSName("agent.example.org")], key)
+    no_san = self_signed(subject="peer", key=key).certificate
+    dns_only = self_signed(subject="peer", key=key, dns_names=["agent.example.org"]).certificate
 
     assert refusal(scope_with(pem(no_san))) == NOT_AN_SVID
     assert refusal(scope_with(pem(dns_only))) == NOT_AN_SVID
 
 
 def test_a_certificate_with_two_uri_sans(key):
-    two = certificate(
-        [
-            x509.UniformResourceIdentifier(str(AGENT)),
-            x509.UniformResourceIdentifier("spiffe://example.org/tessera/server"),
-        ],
-        key,
-    )
+    two = self_signed(
+        subject="peer", key=key, uris=[str(AGENT), "spiffe://example.org/tessera/server"]
+    ).certificate
 
     assert refusal(scope_with(pem(two))) == NOT_AN_SVID
 
 
 def test_a_uri_san_that_is_not_a_spiffe_id(key):
-    web = certificate([x509.UniformResourceIdentifier("https://example.org/agent")], key)
+    web = self_signed(subject="peer", key=key, uris=["https://example.org/agent"]).certificate
 
     assert refusal(scope_with(pem(web))) == "the client certificate's URI SAN is not a SPIFFE ID"
 
@@ -158,9 +137,9 @@ def call(app: Any, scope: dict[str, Any]) -> None:
 
 
 def test_the_handshake_certificate_replaces_any_tls_extension(agent_svid, key):
-    forged = certificate(
-        [x509.UniformResourceIdentifier("spiffe://example.org/tessera/server")], key
-    )
+    forged = self_signed(
+        subject="peer", key=key, uris=["spiffe://example.org/tessera/server"]
+    ).certificate
     inner = Recorder()
     scope = {
         "type": "http",
@@ -177,7 +156,7 @@ def test_the_handshake_certificate_replaces_any_tls_extension(agent_svid, key):
 
 
 def test_without_a_handshake_certificate_a_forged_one_is_dropped(key):
-    forged = certificate([x509.UniformResourceIdentifier(str(AGENT))], key)
+    forged = self_signed(subject="peer", key=key, uris=[str(AGENT)]).certificate
     inner = Recorder()
 
     call(_with_peer_certificate(inner, []), scope_with(pem(forged)))

@@ -3,9 +3,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
 from spiffe import SpiffeId
 
 from ca.keymanager import LocalSigner
@@ -13,49 +10,27 @@ from ca.upstream import load_upstream_authority
 from ca.x509ca import build_x509_svid
 from sdk.errors import ConfigError, FailedPrecondition
 from sdk.keys import KeyType
+from tests.support.pki import TestCA, key_pem, pem, self_signed
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
 WEB = SpiffeId("spiffe://example.org/web")
 
 
-def _enterprise_ca(key, name, *, issuer=None, issuer_key=None, ca=True, days=365):
-    """An ordinary (non-SPIFFE) CA certificate, as an organisation's PKI would have."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(START - timedelta(days=1))
-        .not_valid_after(START + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(issuer_key or key, hashes.SHA256())
-    )
-
-
-def _pem(*certificates) -> bytes:
-    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certificates)
-
-
-def _key_pem(key, password=None) -> bytes:
-    encryption = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+# An organisation's PKI, valid around START: a day before it to a year after.
+VALIDITY = {"not_before": START - timedelta(days=1), "ttl": timedelta(days=366)}
 
 
 @pytest.fixture
-def root_files(tmp_path, key_pool):
-    key = key_pool(KeyType.EC_P384, 4)
-    root = _enterprise_ca(key, "Example Root CA")
-    (tmp_path / "root.pem").write_bytes(_pem(root))
-    (tmp_path / "root.key").write_bytes(_key_pem(key))
+def root_ca(key_pool):
+    """An ordinary (non-SPIFFE) root CA, as an organisation's PKI would have."""
+    return TestCA.named("Example Root CA", key=key_pool(KeyType.EC_P384, 4), **VALIDITY)
+
+
+@pytest.fixture
+def root_files(tmp_path, root_ca):
+    root, key = root_ca.certificate, root_ca.key
+    (tmp_path / "root.pem").write_bytes(pem(root))
+    (tmp_path / "root.key").write_bytes(key_pem(key))
     config = {
         "cert_file_path": str(tmp_path / "root.pem"),
         "key_file_path": str(tmp_path / "root.key"),
@@ -107,12 +82,16 @@ def test_minted_authority_is_capped_at_the_upstream_certificate(root_files, tmp_
     assert minted.certificate.not_valid_after_utc == root.not_valid_after_utc
 
 
-def test_upstream_intermediate_with_a_bundle_file(root_files, tmp_path, key_pool, openssl_verify):
-    root, root_key, _ = root_files
-    issuing_key = key_pool(KeyType.RSA_2048, 4)
-    issuing = _enterprise_ca(issuing_key, "Example Issuing CA", issuer=root, issuer_key=root_key)
-    (tmp_path / "issuing.pem").write_bytes(_pem(issuing))
-    (tmp_path / "issuing.key").write_bytes(_key_pem(issuing_key))
+def test_upstream_intermediate_with_a_bundle_file(
+    root_files, root_ca, tmp_path, key_pool, openssl_verify
+):
+    root, _, _ = root_files
+    issuing_ca = root_ca.intermediate(
+        common_name="Example Issuing CA", key=key_pool(KeyType.RSA_2048, 4), **VALIDITY
+    )
+    issuing = issuing_ca.certificate
+    (tmp_path / "issuing.pem").write_bytes(pem(issuing))
+    (tmp_path / "issuing.key").write_bytes(key_pem(issuing_ca.key))
     config = {
         "cert_file_path": str(tmp_path / "issuing.pem"),
         "key_file_path": str(tmp_path / "issuing.key"),
@@ -138,7 +117,7 @@ def test_upstream_intermediate_with_a_bundle_file(root_files, tmp_path, key_pool
 
 def test_key_that_does_not_match_is_refused(root_files, tmp_path, key_pool):
     _, _, config = root_files
-    (tmp_path / "other.key").write_bytes(_key_pem(key_pool(KeyType.EC_P384, 5)))
+    (tmp_path / "other.key").write_bytes(key_pem(key_pool(KeyType.EC_P384, 5)))
     with pytest.raises(ConfigError) as err:
         load_upstream_authority(
             "disk", {**config, "key_file_path": str(tmp_path / "other.key")}, tmp_path
@@ -165,14 +144,14 @@ def test_file_problems_are_explained(root_files, tmp_path, key_pool):
             "disk", {**config, "cert_file_path": str(tmp_path / "garbage.pem")}, tmp_path
         )
 
-    (tmp_path / "locked.key").write_bytes(_key_pem(key, password=b"secret"))
+    (tmp_path / "locked.key").write_bytes(key_pem(key, password=b"secret"))
     with pytest.raises(ConfigError, match="is encrypted; upstream authority 'disk' needs it"):
         load_upstream_authority(
             "disk", {**config, "key_file_path": str(tmp_path / "locked.key")}, tmp_path
         )
 
-    leaf = _enterprise_ca(key, "Not a CA", ca=False)
-    (tmp_path / "leaf.pem").write_bytes(_pem(leaf))
+    leaf = self_signed(subject="Not a CA", key=key, **VALIDITY).certificate
+    (tmp_path / "leaf.pem").write_bytes(pem(leaf))
     with pytest.raises(ConfigError, match="is not a CA certificate"):
         load_upstream_authority(
             "disk", {**config, "cert_file_path": str(tmp_path / "leaf.pem")}, tmp_path

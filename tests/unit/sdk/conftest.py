@@ -1,6 +1,6 @@
-"""What the SDK tests share: a test CA made in code, and a real Workload API on a socket.
+"""What the SDK tests share: the test CA, and a real Workload API on a socket.
 
-``TestCA`` mints X509-SVIDs (optionally through an intermediate). The
+``ca`` and ``partner_ca`` are the suite's test CAs (``tests/support/pki.py``). The
 Workload API is the real ``workload_api.server.WorkloadApiServer`` on its own
 event loop in a thread, serving what ``FakeIdentityProvider`` holds; tests
 rotate by calling ``RunningWorkloadApi.replace``.
@@ -14,23 +14,20 @@ import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jwt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from spiffe import SpiffeId, TrustDomain, X509Bundle, X509Svid
+from spiffe import X509Svid
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
 from sdk.errors import InvalidArgument
 from sdk.sources import StaticX509Source
-from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context, X509SvidMaterial
+from tests.support.pki import TestCA, x509_svid_material
+from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context
 from workload_api.server import WorkloadApiServer
 
 T = TypeVar("T")
@@ -43,122 +40,7 @@ JWT_KID = "sdk-test-key"
 DEADLINE_SECONDS = 5.0
 
 
-# -- a test CA ----------------------------------------------------------------------------
-
-
-class TestCA:
-    """A CA for one trust domain; with ``parent`` an intermediate under that CA."""
-
-    __test__ = False
-    cert: x509.Certificate
-
-    def __init__(self, trust_domain: str, *, parent: TestCA | None = None) -> None:
-        self.trust_domain = TrustDomain(trust_domain)
-        self.parent = parent
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        serial = x509.random_serial_number()
-        kind = "intermediate" if parent else "root"
-        name = x509.Name(
-            [
-                x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, f"Tessera test {trust_domain}"),
-                x509.NameAttribute(x509.NameOID.SERIAL_NUMBER, f"{kind}-{serial}"),
-            ]
-        )
-        signer = parent.key if parent else self.key
-        now = datetime.now(UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(parent.cert.subject if parent else name)
-            .public_key(self.key.public_key())
-            .serial_number(serial)
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=True), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-                ),
-                critical=False,
-            )
-        )
-        if parent is not None:
-            builder = builder.add_extension(_authority_key_id(parent), critical=False)
-        self.cert = builder.sign(signer, hashes.SHA256())
-
-    @property
-    def root(self) -> TestCA:
-        return self.parent.root if self.parent else self
-
-    def bundle(self) -> X509Bundle:
-        """The bundle relying parties hold: the root's certificate."""
-        return X509Bundle(self.trust_domain, {self.root.cert})
-
-    def issue(self, spiffe_id: str, *, dns_names: Sequence[str] = ()) -> X509Svid:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
-        names += [x509.DNSName(name) for name in dns_names]
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(seconds=10))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(names), critical=True)
-            .add_extension(_authority_key_id(self), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        chain = [leaf] + ([self.cert] if self.parent else [])
-        return X509Svid(SpiffeId(spiffe_id), chain, key)
-
-    def material(self, spiffe_id: str) -> X509SvidMaterial:
-        """An SVID the way the Workload API sends it."""
-        svid = self.issue(spiffe_id)
-        return X509SvidMaterial(
-            spiffe_id=spiffe_id,
-            cert_chain_der=b"".join(
-                c.public_bytes(serialization.Encoding.DER) for c in svid.cert_chain
-            ),
-            private_key_der=svid.private_key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            bundle_der=self.root.cert.public_bytes(serialization.Encoding.DER),
-        )
-
-
-def _authority_key_id(issuer: TestCA) -> x509.AuthorityKeyIdentifier:
-    return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not ca,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
+# -- the test CA --------------------------------------------------------------------------
 
 
 def serial_of(svid: X509Svid) -> int:
@@ -166,25 +48,27 @@ def serial_of(svid: X509Svid) -> int:
 
 
 @pytest.fixture
-def ca() -> TestCA:
-    return TestCA(TRUST_DOMAIN)
+def ca(test_ca: TestCA) -> TestCA:
+    """The shared test CA of example.org (TRUST_DOMAIN), by the name the SDK tests use."""
+    return test_ca
 
 
 @pytest.fixture
-def partner_ca() -> TestCA:
-    return TestCA(PARTNER_DOMAIN)
+def partner_ca(partner_test_ca: TestCA) -> TestCA:
+    """The shared test CA of partner.test (PARTNER_DOMAIN)."""
+    return partner_test_ca
 
 
 @pytest.fixture
 def api_source(ca: TestCA, partner_ca: TestCA) -> StaticX509Source:
     """The server side's source: spiffe://example.org/api, trusting both trust domains."""
-    return StaticX509Source(ca.issue(API_ID), [ca.bundle(), partner_ca.bundle()])
+    return StaticX509Source(ca.issue_x509_svid(API_ID), [ca.bundle(), partner_ca.bundle()])
 
 
 @pytest.fixture
 def web_source(ca: TestCA) -> StaticX509Source:
     """The client side's source: spiffe://example.org/web, trusting example.org."""
-    return StaticX509Source(ca.issue(WEB_ID), [ca.bundle()])
+    return StaticX509Source(ca.issue_x509_svid(WEB_ID), [ca.bundle()])
 
 
 # -- an event loop in a thread ------------------------------------------------------------
@@ -315,14 +199,14 @@ def workload_api(
     loop_thread: LoopThread, ca: TestCA, partner_ca: TestCA, tmp_path: Path
 ) -> Iterator[RunningWorkloadApi]:
     """The Workload API serving spiffe://example.org/web, trusting example.org and partner.test."""
-    partner_bundle = partner_ca.root.cert.public_bytes(serialization.Encoding.DER)
+    partner_bundle = partner_ca.bundle_der()
     provider = FakeIdentityProvider(
         context=X509Context(
-            svids=(ca.material(WEB_ID),),
+            svids=(x509_svid_material(ca, WEB_ID),),
             federated_bundles={f"spiffe://{PARTNER_DOMAIN}": partner_bundle},
         ),
         bundles={
-            f"spiffe://{TRUST_DOMAIN}": ca.root.cert.public_bytes(serialization.Encoding.DER),
+            f"spiffe://{TRUST_DOMAIN}": ca.bundle_der(),
             f"spiffe://{PARTNER_DOMAIN}": partner_bundle,
         },
     )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from sdk.authorize import (
@@ -27,6 +24,7 @@ from sdk.peer import (
     uri_sans,
 )
 from sdk.policy import Policy
+from tests.support.pki import self_signed
 
 WEB = SpiffeId("spiffe://example.org/web")
 API = SpiffeId("spiffe://example.org/api")
@@ -129,22 +127,8 @@ def test_bad_arguments(make: object, message: str) -> None:
 
 
 def certificate(uris: list[str], *, ca: bool = False) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test")]))
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if uris:
-        names = [x509.UniformResourceIdentifier(u) for u in uris]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=True)
-    return builder.sign(key, hashes.SHA256())
+    """A certificate with ``uris`` as its URI SANs (none: no SAN), a CA's if ``ca``."""
+    return self_signed(uris=uris, ca=ca).certificate
 
 
 def test_the_spiffe_id_of_a_certificate() -> None:

@@ -31,7 +31,7 @@ def _echo(request: bytes, context: Any) -> bytes:
 
 @pytest.fixture
 def api_svid_source(ca: TestCA, partner_ca: TestCA) -> StaticX509Source:
-    return StaticX509Source(ca.issue(API_ID, dns_names=[SERVER_NAME]), [ca.bundle()])
+    return StaticX509Source(ca.issue_x509_svid(API_ID, dns_names=[SERVER_NAME]), [ca.bundle()])
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_an_mtls_call_names_the_caller(grpc_server: int, web_source: StaticX509S
 def test_a_caller_the_authorizer_refuses_gets_permission_denied(
     grpc_server: int, ca: TestCA
 ) -> None:
-    intruder = StaticX509Source(ca.issue("spiffe://example.org/intruder"), [ca.bundle()])
+    intruder = StaticX509Source(ca.issue_x509_svid("spiffe://example.org/intruder"), [ca.bundle()])
     target = f"127.0.0.1:{grpc_server}"
     with (
         grpc.secure_channel(target, channel_credentials(intruder), OPTIONS) as channel,
@@ -89,9 +89,9 @@ def test_server_and_channel_follow_a_rotation_to_a_new_ca(
 
         new_ca = TestCA(ca.trust_domain.name)  # the old CA is gone from every bundle
         api_svid_source.update(
-            svid=new_ca.issue(API_ID, dns_names=[SERVER_NAME]), bundles=[new_ca.bundle()]
+            svid=new_ca.issue_x509_svid(API_ID, dns_names=[SERVER_NAME]), bundles=[new_ca.bundle()]
         )
-        web_source.update(svid=new_ca.issue(WEB_ID), bundles=[new_ca.bundle()])
+        web_source.update(svid=new_ca.issue_x509_svid(WEB_ID), bundles=[new_ca.bundle()])
         after = channels.channel()
 
         assert after is not before

@@ -162,7 +162,7 @@ def test_an_async_client_reaches_the_handler(
 def test_the_policy_dependency_allows_and_refuses_by_method_and_path(
     app_server: RunningApp, ca: TestCA, web_source: StaticX509Source
 ) -> None:
-    legacy = StaticX509Source(ca.issue("spiffe://example.org/legacy"), [ca.bundle()])
+    legacy = StaticX509Source(ca.issue_x509_svid("spiffe://example.org/legacy"), [ca.bundle()])
     with (
         httpx_client(web_source, authorize_id(API_ID), base_url=app_server.url) as web,
         httpx_client(legacy, authorize_id(API_ID), base_url=app_server.url) as old,
@@ -218,7 +218,9 @@ def test_the_policy_middleware(
 def test_a_client_the_server_refuses_in_the_handshake_gets_no_answer(
     app_server: RunningApp, partner_ca: TestCA, ca: TestCA
 ) -> None:
-    outsider = StaticX509Source(partner_ca.issue("spiffe://partner.test/web"), [ca.bundle()])
+    outsider = StaticX509Source(
+        partner_ca.issue_x509_svid("spiffe://partner.test/web"), [ca.bundle()]
+    )
 
     with (
         httpx_client(outsider, authorize_id(API_ID), base_url=app_server.url) as client,
@@ -247,7 +249,7 @@ def test_the_client_dials_with_the_rotated_svid_without_being_recreated(
     with httpx_client(web_source, authorize_id(API_ID), base_url=app_server.url) as client:
         before = client.get("/whoami").json()["serial"]
         kept_alive = client.get("/whoami").json()["serial"]
-        web_source.update(svid=ca.issue(WEB_ID))
+        web_source.update(svid=ca.issue_x509_svid(WEB_ID))
         after = client.get("/whoami").json()["serial"]
 
     assert before == kept_alive
@@ -263,7 +265,7 @@ def test_the_async_client_dials_with_the_rotated_svid(
             web_source, authorize_id(API_ID), base_url=app_server.url
         ) as client:
             serials.append((await client.get("/whoami")).json()["serial"])
-            web_source.update(svid=ca.issue(WEB_ID))
+            web_source.update(svid=ca.issue_x509_svid(WEB_ID))
             serials.append((await client.get("/whoami")).json()["serial"])
         return serials
 

@@ -27,6 +27,7 @@ from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.reload import command_reload, parse_signal, signal_reload
 from sdk.sidecar.svid_files import write_svid_files
 from sdk.sources import FileX509Source, X509Snapshot
+from tests.support.pki import x509_svid_material
 from tests.unit.sdk.conftest import (
     PARTNER_DOMAIN,
     WEB_ID,
@@ -41,7 +42,7 @@ API_ID = "spiffe://example.org/api"
 
 
 def snapshot(ca: TestCA, spiffe_id: str = WEB_ID, *others: TestCA) -> X509Snapshot:
-    return X509Snapshot(ca.issue(spiffe_id), (ca.bundle(), *(o.bundle() for o in others)))
+    return X509Snapshot(ca.issue_x509_svid(spiffe_id), (ca.bundle(), *(o.bundle() for o in others)))
 
 
 def mode(path: Path) -> int:
@@ -52,7 +53,7 @@ def mode(path: Path) -> int:
 
 
 def test_the_files_hold_the_svid_its_key_and_the_own_bundle(tmp_path: Path, ca: TestCA) -> None:
-    intermediate = TestCA("example.org", parent=ca)
+    intermediate = ca.intermediate()
     state = snapshot(intermediate)
 
     written = write_svid_files(tmp_path / "svid", state)
@@ -63,7 +64,8 @@ def test_the_files_hold_the_svid_its_key_and_the_own_bundle(tmp_path: Path, ca: 
     key = serialization.load_pem_private_key((directory / "svid.key").read_bytes(), None)
     assert key.public_key() == state.svid.leaf.public_key()
     assert (directory / "svid.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    assert x509.load_pem_x509_certificates((directory / "bundle.pem").read_bytes()) == [ca.cert]
+    bundle = x509.load_pem_x509_certificates((directory / "bundle.pem").read_bytes())
+    assert bundle == [ca.certificate]
     assert (mode(directory / "svid.key"), mode(directory / "svid.pem"),
             mode(directory / "bundle.pem")) == (0o600, 0o644, 0o644)
     assert list((directory / "federated").iterdir()) == []
@@ -87,8 +89,9 @@ def test_federated_bundles_get_a_file_each_apart_from_bundle_pem(
     written = write_svid_files(tmp_path, snapshot(ca, WEB_ID, partner_ca))
 
     federated = tmp_path / "federated" / f"{PARTNER_DOMAIN}.pem"
-    assert x509.load_pem_x509_certificates(federated.read_bytes()) == [partner_ca.cert]
-    assert x509.load_pem_x509_certificates((tmp_path / "bundle.pem").read_bytes()) == [ca.cert]
+    assert x509.load_pem_x509_certificates(federated.read_bytes()) == [partner_ca.certificate]
+    bundle = x509.load_pem_x509_certificates((tmp_path / "bundle.pem").read_bytes())
+    assert bundle == [ca.certificate]
     assert written.as_json()["federated_trust_domains"] == [PARTNER_DOMAIN]
     with FileX509Source(tmp_path, federated_bundles={PARTNER_DOMAIN: federated},
                         poll_interval=None) as source:
@@ -160,7 +163,7 @@ def test_a_directory_in_the_way_is_refused(tmp_path: Path, ca: TestCA) -> None:
 def test_an_svid_without_its_own_bundle_is_refused(
     tmp_path: Path, ca: TestCA, partner_ca: TestCA
 ) -> None:
-    state = X509Snapshot(ca.issue(WEB_ID), (partner_ca.bundle(),))
+    state = X509Snapshot(ca.issue_x509_svid(WEB_ID), (partner_ca.bundle(),))
     with pytest.raises(SidecarError) as caught:
         write_svid_files(tmp_path, state)
     assert caught.value.message == (
@@ -298,7 +301,8 @@ def test_the_files_follow_rotations_and_reload_each_time(
         assert sidecar.ready_problem() is None
         first = x509.load_pem_x509_certificate((directory / "svid.pem").read_bytes())
 
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(X509Context(svids=(x509_svid_material(ca, WEB_ID),),
+                                         federated_bundles={}))  # fmt: skip
         wait_until(lambda: len(recorder.written) == 2, "the write after the rotation")
         second = x509.load_pem_x509_certificate((directory / "svid.pem").read_bytes())
         assert second.serial_number != first.serial_number
@@ -318,7 +322,7 @@ def test_the_files_follow_rotations_and_reload_each_time(
 def test_the_svid_named_is_the_one_written(
     tmp_path: Path, workload_api: RunningWorkloadApi, ca: TestCA
 ) -> None:
-    both = (ca.material(WEB_ID), ca.material(API_ID))
+    both = (x509_svid_material(ca, WEB_ID), x509_svid_material(ca, API_ID))
     workload_api.replace(X509Context(svids=both, federated_bundles={}))
     with connect_x509_source(workload_api.address, spiffe_id=SpiffeId(API_ID), timeout=5) as source:
         wait_until(lambda: source.x509_svid().spiffe_id == SpiffeId(API_ID), "the api SVID")

@@ -72,7 +72,7 @@ Svid = X509Svid
 
 def through_the_proxy(proxy: Running, ca: TestCA, forged: Fields) -> tuple[dict[str, str], Svid]:
     """GET /api with ``forged`` header fields sent as written; what the WSGI app saw."""
-    web = StaticX509Source(ca.issue(WEB_ID), [ca.bundle()])
+    web = StaticX509Source(ca.issue_x509_svid(WEB_ID), [ca.bundle()])
     fields = "".join(f"{name}: {value}\r\n" for name, value in forged)
     with tls_socket(web, proxy.port("in")) as tls:
         tls.sendall(f"GET /api HTTP/1.1\r\nHost: api\r\n{fields}Connection: close\r\n\r\n"

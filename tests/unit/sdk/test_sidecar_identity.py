@@ -28,6 +28,7 @@ from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.files import FilesSidecar
 from sdk.sidecar.proxy import Proxy
 from sdk.sources import StaticX509Source
+from tests.support.pki import x509_svid_material
 from tests.unit.sdk.conftest import WEB_ID, LoopThread, RunningWorkloadApi, TestCA, wait_until
 from tests.unit.sdk.test_sidecar_proxy import (
     App,
@@ -93,7 +94,8 @@ def test_the_source_drops_a_withdrawn_svid_and_takes_the_next_one(
         assert source.problem() is None  # not fatal: it keeps asking
         wait_until(lambda: caplog.text.count("PERMISSION_DENIED") >= 1, "the ERROR")
 
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(X509Context(svids=(x509_svid_material(ca, WEB_ID),),
+                                         federated_bundles={}))  # fmt: skip
         wait_until(lambda: source.no_identity() is None, "the SVID coming back")
         assert source.x509_svid().leaf.serial_number != first.leaf.serial_number
 
@@ -105,13 +107,14 @@ def test_the_source_drops_a_withdrawn_svid_and_takes_the_next_one(
 def test_an_svid_no_longer_offered_is_dropped_too(
     workload_api: RunningWorkloadApi, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    workload_api.replace(X509Context(svids=(ca.material(WEB_ID), ca.material(API_ID)),
-                                     federated_bundles={}))  # fmt: skip
+    both = (x509_svid_material(ca, WEB_ID), x509_svid_material(ca, API_ID))
+    workload_api.replace(X509Context(svids=both, federated_bundles={}))
     with caplog.at_level(logging.INFO, logger="tessera.sidecar"), connect_x509_source(
         workload_api.address, spiffe_id=SpiffeId(API_ID), timeout=5, retry_seconds=0.2
     ) as source:
         assert source.x509_svid().spiffe_id == SpiffeId(API_ID)
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(X509Context(svids=(x509_svid_material(ca, WEB_ID),),
+                                         federated_bundles={}))  # fmt: skip
         wait_until(lambda: source.no_identity() is not None, "the SVID being dropped")
 
     assert errors(caplog) == [
@@ -131,7 +134,7 @@ def test_the_proxy_refuses_new_connections_both_ways_without_an_identity(
     # web's sidecar: an inbound listener (web as a server) and an outbound one (web calling api)
     web_inbound = Running(loop_thread, Proxy(inbound(port_of(app), policy=ALLOW_WEB), web))
     web_outbound = Running(loop_thread, Proxy(outbound(server_side.port("in")), web))
-    caller = StaticX509Source(ca.issue(WEB_ID), [ca.bundle()])
+    caller = StaticX509Source(ca.issue_x509_svid(WEB_ID), [ca.bundle()])
     try:
         def call_out() -> int:
             return httpx.get(f"http://127.0.0.1:{web_outbound.port('out')}/api", timeout=5
@@ -154,7 +157,8 @@ def test_the_proxy_refuses_new_connections_both_ways_without_an_identity(
                 "tessera_sidecar_handshake_failures_total", listener=n, reason="no_identity") == 1,
                 "the refusal being counted")  # fmt: skip
 
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(X509Context(svids=(x509_svid_material(ca, WEB_ID),),
+                                         federated_bundles={}))  # fmt: skip
         wait_until(lambda: web.no_identity() is None, "the SVID coming back")
         assert (call_out(), call_in()) == (200, 200)
     finally:
@@ -184,7 +188,7 @@ def test_the_files_sidecar_is_not_ready_and_leaves_the_files_until_an_svid_comes
         assert sidecar.metrics.registry.get_sample_value(
             "tessera_sidecar_svid_write_failures_total") == 0  # fmt: skip
 
-        rotated = ca.material(WEB_ID)
+        rotated = x509_svid_material(ca, WEB_ID)
         workload_api.replace(X509Context(svids=(rotated,), federated_bundles={}))
         wait_until(lambda: sidecar.ready_problem() is None
                    and (directory / "svid.pem").read_bytes() != written, "the new SVID written")

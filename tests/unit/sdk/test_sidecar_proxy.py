@@ -195,7 +195,7 @@ def outbound(upstream: int, expected: str = API_ID) -> ProxyConfig:
 
 
 def source_for(ca: TestCA, spiffe_id: str) -> StaticX509Source:
-    return StaticX509Source(ca.issue(spiffe_id), [ca.bundle()])
+    return StaticX509Source(ca.issue_x509_svid(spiffe_id), [ca.bundle()])
 
 
 def tls_socket(source: StaticX509Source, port: int) -> ssl.SSLSocket:
@@ -429,7 +429,7 @@ def test_new_connections_present_the_rotated_svid(
         return x509.load_der_x509_certificate(der).serial_number
 
     before = served_serial()
-    rotated = ca.issue(API_ID)
+    rotated = ca.issue_x509_svid(API_ID)
     api_source.update(svid=rotated)
     assert served_serial() == rotated.leaf.serial_number != before
 

@@ -23,6 +23,7 @@ from sdk.sources import (
     workload_api_address,
 )
 from sdk.tls import mtls_client_context, mtls_server_context
+from tests.support.pki import x509_svid_material
 from tests.unit.sdk.conftest import (
     API_ID,
     DEADLINE_SECONDS,
@@ -42,7 +43,7 @@ from workload_api.identity import X509Context
 def test_a_static_source_notifies_its_subscribers(
     ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    source = StaticX509Source(ca.issue(WEB_ID), [ca.bundle()])
+    source = StaticX509Source(ca.issue_x509_svid(WEB_ID), [ca.bundle()])
     calls: list[str] = []
 
     def broken() -> None:
@@ -51,7 +52,7 @@ def test_a_static_source_notifies_its_subscribers(
     source.subscribe(broken)
     unsubscribe = source.subscribe(lambda: calls.append("first"))
     source.subscribe(lambda: calls.append("second"))
-    rotated = ca.issue(WEB_ID)
+    rotated = ca.issue_x509_svid(WEB_ID)
 
     source.update(svid=rotated)
     unsubscribe()
@@ -77,12 +78,12 @@ def write_svid(directory: Path, svid: X509Svid, bundle_ca: TestCA) -> None:
         )
     )
     (directory / "bundle.pem").write_bytes(
-        bundle_ca.root.cert.public_bytes(serialization.Encoding.PEM)
+        bundle_ca.root.certificate.public_bytes(serialization.Encoding.PEM)
     )
 
 
 def test_files_are_read_and_re_read_when_they_change(tmp_path: Path, ca: TestCA) -> None:
-    first = ca.issue(WEB_ID)
+    first = ca.issue_x509_svid(WEB_ID)
     write_svid(tmp_path, first, ca)
     with FileX509Source(tmp_path, poll_interval=None) as source:
         changes: list[int] = []
@@ -92,7 +93,7 @@ def test_files_are_read_and_re_read_when_they_change(tmp_path: Path, ca: TestCA)
         assert source.x509_bundle_for(TrustDomain(TRUST_DOMAIN)) == ca.bundle()
         assert source.refresh() is False  # nothing changed
 
-        second = ca.issue(WEB_ID)
+        second = ca.issue_x509_svid(WEB_ID)
         write_svid(tmp_path, second, ca)
         assert source.refresh() is True
 
@@ -102,12 +103,12 @@ def test_files_are_read_and_re_read_when_they_change(tmp_path: Path, ca: TestCA)
 def test_a_half_written_set_of_files_is_skipped(
     tmp_path: Path, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    first = ca.issue(WEB_ID)
+    first = ca.issue_x509_svid(WEB_ID)
     write_svid(tmp_path, first, ca)
     source = FileX509Source(tmp_path, poll_interval=None)
     key_before = (tmp_path / "svid.key").read_bytes()
 
-    write_svid(tmp_path, ca.issue(WEB_ID), ca)
+    write_svid(tmp_path, ca.issue_x509_svid(WEB_ID), ca)
     (tmp_path / "svid.key").write_bytes(key_before)  # new certificate, old key
 
     assert source.refresh() is False
@@ -120,9 +121,9 @@ def test_a_half_written_set_of_files_is_skipped(
 
 
 def test_federated_bundles_from_files(tmp_path: Path, ca: TestCA, partner_ca: TestCA) -> None:
-    write_svid(tmp_path, ca.issue(WEB_ID), ca)
+    write_svid(tmp_path, ca.issue_x509_svid(WEB_ID), ca)
     partner = tmp_path / "partner.pem"
-    partner.write_bytes(partner_ca.cert.public_bytes(serialization.Encoding.PEM))
+    partner.write_bytes(partner_ca.certificate.public_bytes(serialization.Encoding.PEM))
 
     source = FileX509Source(
         tmp_path, federated_bundles={PARTNER_DOMAIN: partner}, poll_interval=None
@@ -135,11 +136,11 @@ def test_federated_bundles_from_files(tmp_path: Path, ca: TestCA, partner_ca: Te
 
 
 def test_the_poller_picks_up_a_change(tmp_path: Path, ca: TestCA) -> None:
-    write_svid(tmp_path, ca.issue(WEB_ID), ca)
+    write_svid(tmp_path, ca.issue_x509_svid(WEB_ID), ca)
     changed = threading.Event()
     with FileX509Source(tmp_path, poll_interval=0.01) as source:
         source.subscribe(changed.set)
-        second = ca.issue(WEB_ID)
+        second = ca.issue_x509_svid(WEB_ID)
         write_svid(tmp_path, second, ca)
 
         assert changed.wait(DEADLINE_SECONDS)
@@ -147,7 +148,7 @@ def test_the_poller_picks_up_a_change(tmp_path: Path, ca: TestCA) -> None:
 
 
 def test_missing_files(tmp_path: Path, ca: TestCA) -> None:
-    write_svid(tmp_path, ca.issue(WEB_ID), ca)
+    write_svid(tmp_path, ca.issue_x509_svid(WEB_ID), ca)
     (tmp_path / "svid.key").unlink()
 
     with pytest.raises(SourceError) as refused:
@@ -157,7 +158,7 @@ def test_missing_files(tmp_path: Path, ca: TestCA) -> None:
 
 
 def test_a_bundle_file_without_certificates(tmp_path: Path, ca: TestCA) -> None:
-    write_svid(tmp_path, ca.issue(WEB_ID), ca)
+    write_svid(tmp_path, ca.issue_x509_svid(WEB_ID), ca)
     (tmp_path / "bundle.pem").write_text("")
 
     with pytest.raises(SourceError) as refused:
@@ -208,7 +209,7 @@ def test_the_workload_api_source_follows_the_agent(
         assert source.x509_bundle_for(TrustDomain(PARTNER_DOMAIN)) == partner_ca.bundle()
         assert len(source.x509_bundles()) == 2
 
-        rotated = ca.material(WEB_ID)
+        rotated = x509_svid_material(ca, WEB_ID)
         workload_api.replace(X509Context(svids=(rotated,), federated_bundles={}))
 
         assert updated.wait(DEADLINE_SECONDS)
@@ -221,8 +222,8 @@ def test_the_workload_api_source_follows_the_agent(
 def test_a_withdrawn_svid_is_kept_by_default_and_replaced_when_offered_again(
     workload_api: RunningWorkloadApi, ca: TestCA, caplog: pytest.LogCaptureFixture
 ) -> None:
-    workload_api.replace(X509Context(svids=(ca.material(WEB_ID), ca.material(API_ID)),
-                                     federated_bundles={}))  # fmt: skip
+    both = (x509_svid_material(ca, WEB_ID), x509_svid_material(ca, API_ID))
+    workload_api.replace(X509Context(svids=both, federated_bundles={}))
     updates: list[str] = []
     with caplog.at_level(logging.INFO, logger="sdk.sources"), WorkloadApiX509Source(
         workload_api.address, spiffe_id=API_ID, timeout=DEADLINE_SECONDS, retry_seconds=0.2
@@ -231,7 +232,9 @@ def test_a_withdrawn_svid_is_kept_by_default_and_replaced_when_offered_again(
         assert held.spiffe_id == SpiffeId(API_ID)
         source.subscribe(lambda: updates.append("changed"))
 
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(
+            X509Context(svids=(x509_svid_material(ca, WEB_ID),), federated_bundles={})
+        )
         wait_until(lambda: updates, "the update without the api SVID")
         assert source.x509_svid() is held
         assert len(source.x509_bundles()) == 1  # the update's bundles, with the SVID kept
@@ -250,7 +253,9 @@ def test_a_withdrawn_svid_is_kept_by_default_and_replaced_when_offered_again(
         )
         assert source.x509_svid() is held
 
-        workload_api.replace(X509Context(svids=(ca.material(API_ID),), federated_bundles={}))
+        workload_api.replace(
+            X509Context(svids=(x509_svid_material(ca, API_ID),), federated_bundles={})
+        )
         wait_until(lambda: serial_of(source.x509_svid()) != serial_of(held), "the api SVID")
         assert source.withdrawn() is None
 
@@ -288,7 +293,9 @@ def test_a_source_that_drops_withdrawn_svids_refuses_until_one_comes_back(
             assert refused.value.message == reason
         assert changes == []  # nothing new to build
 
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(
+            X509Context(svids=(x509_svid_material(ca, WEB_ID),), federated_bundles={})
+        )
         wait_until(lambda: source.no_identity() is None, "the SVID coming back")
         assert changes == ["changed"]
         assert serial_of(source.x509_svid()) != serial_of(first.svid)
@@ -347,7 +354,8 @@ def test_tls_follows_a_rotation_served_by_the_workload_api(
         client = mtls_client_context(source, authorize_id(API_ID))
         first = serial_of(source.x509_svid())
         _talk(client, tls_listener.getsockname()[1])
-        workload_api.replace(X509Context(svids=(ca.material(WEB_ID),), federated_bundles={}))
+        workload_api.replace(X509Context(svids=(x509_svid_material(ca, WEB_ID),),
+                                         federated_bundles={}))  # fmt: skip
         assert updated.wait(DEADLINE_SECONDS)
         second = serial_of(source.x509_svid())
         _talk(client, tls_listener.getsockname()[1])

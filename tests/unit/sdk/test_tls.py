@@ -213,8 +213,8 @@ def test_an_asyncio_client(
 def test_a_chain_through_an_intermediate(
     serve: Any, ca: TestCA, api_source: StaticX509Source
 ) -> None:
-    intermediate = TestCA(TRUST_DOMAIN, parent=ca)
-    source = StaticX509Source(intermediate.issue(WEB_ID), [ca.bundle()])
+    intermediate = ca.intermediate()
+    source = StaticX509Source(intermediate.issue_x509_svid(WEB_ID), [ca.bundle()])
     server = serve(api_source, authorize_id(WEB_ID))
 
     client = Client(mtls_client_context(source, authorize_id(API_ID)), server.port)
@@ -231,7 +231,7 @@ def test_a_refused_client_is_cut_off_before_the_app_sees_a_byte(
 ) -> None:
     caplog.set_level(logging.INFO, logger="sdk.tls")
     server = serve(api_source, authorize_id(WEB_ID))
-    intruder = StaticX509Source(ca.issue("spiffe://example.org/intruder"), [ca.bundle()])
+    intruder = StaticX509Source(ca.issue_x509_svid("spiffe://example.org/intruder"), [ca.bundle()])
 
     client = Client(mtls_client_context(intruder, authorize_id(API_ID)), server.port)
 
@@ -249,7 +249,7 @@ def test_a_blocking_server_fails_the_handshake_with_the_authorization_error(
     threaded: Any, ca: TestCA, api_source: StaticX509Source
 ) -> None:
     server = threaded(mtls_server_context(api_source, authorize_id(WEB_ID)))
-    intruder = StaticX509Source(ca.issue("spiffe://example.org/intruder"), [ca.bundle()])
+    intruder = StaticX509Source(ca.issue_x509_svid("spiffe://example.org/intruder"), [ca.bundle()])
 
     client = Client(mtls_client_context(intruder, authorize_id(API_ID)), server.port)
 
@@ -313,8 +313,10 @@ def test_a_federated_ca_cannot_vouch_for_another_trust_domain(
     threaded: Any, ca: TestCA, partner_ca: TestCA, api_source: StaticX509Source
 ) -> None:
     server = threaded(mtls_server_context(api_source, authorize_any()))
-    forged = StaticX509Source(partner_ca.issue(WEB_ID), [ca.bundle()])
-    partner = StaticX509Source(partner_ca.issue("spiffe://partner.test/web"), [ca.bundle()])
+    forged = StaticX509Source(partner_ca.issue_x509_svid(WEB_ID), [ca.bundle()])
+    partner = StaticX509Source(
+        partner_ca.issue_x509_svid("spiffe://partner.test/web"), [ca.bundle()]
+    )
 
     forger = Client(mtls_client_context(forged, authorize_any()), server.port)
     assert forger.is_cut_off()
@@ -354,7 +356,8 @@ def test_a_client_without_an_svid_of_its_own(
     _load(plain, api_source.x509_svid())
     server = loop_thread.run(asyncio.start_server(_answer, "127.0.0.1", 0, ssl=plain))
     port = server.sockets[0].getsockname()[1]
-    bundles = StaticX509Source(ca.issue(WEB_ID), [ca.bundle()])  # used only for its bundles
+    # used only for its bundles
+    bundles = StaticX509Source(ca.issue_x509_svid(WEB_ID), [ca.bundle()])
     try:
         client = Client(tls_client_context(bundles, authorize_id(API_ID)), port)
         assert client.say("hi") == "no client certificate"
@@ -394,7 +397,7 @@ def test_peer_spiffe_id_of_a_connection_without_one() -> None:
 
 def test_a_source_without_bundles(ca: TestCA) -> None:
     with pytest.raises(SourceError) as refused:
-        mtls_server_context(StaticX509Source(ca.issue(API_ID), []), authorize_any())
+        mtls_server_context(StaticX509Source(ca.issue_x509_svid(API_ID), []), authorize_any())
 
     assert str(refused.value) == "the source holds no X.509 bundle, so no peer can be verified"
 
@@ -411,8 +414,8 @@ def test_new_handshakes_use_the_rotated_svid_and_open_connections_keep_working(
     assert first.say("before") == f"{WEB_ID} says before"
     old_server, old_client = api_source.x509_svid(), web_source.x509_svid()
 
-    api_source.update(svid=ca.issue(API_ID))
-    web_source.update(svid=ca.issue(WEB_ID))
+    api_source.update(svid=ca.issue_x509_svid(API_ID))
+    web_source.update(svid=ca.issue_x509_svid(WEB_ID))
     second = Client(client_context, server.port)
 
     assert second.server_serial() == api_source.x509_svid().leaf.serial_number
@@ -434,11 +437,11 @@ def test_a_new_ca_is_trusted_and_a_removed_one_refused_without_restart(
     client_context = mtls_client_context(web_source, authorize_id(API_ID))
     opened_first = Client(client_context, server.port)
     new_ca = TestCA(TRUST_DOMAIN)
-    both = X509Bundle(ca.trust_domain, {ca.cert, new_ca.cert})
+    both = X509Bundle(ca.trust_domain, {ca.certificate, new_ca.certificate})
 
     # 1. the new CA is published to everyone, and the server moves to an SVID it signed
     web_source.update(bundles=[both])
-    api_source.update(svid=new_ca.issue(API_ID), bundles=[both])
+    api_source.update(svid=new_ca.issue_x509_svid(API_ID), bundles=[both])
     across = Client(client_context, server.port)  # the client's SVID is still from the old CA
     assert across.say("across") == f"{WEB_ID} says across"
 
@@ -448,7 +451,7 @@ def test_a_new_ca_is_trusted_and_a_removed_one_refused_without_restart(
     assert stale.is_cut_off()
 
     # 3. the client rotates onto the new CA too
-    web_source.update(svid=new_ca.issue(WEB_ID), bundles=[new_ca.bundle()])
+    web_source.update(svid=new_ca.issue_x509_svid(WEB_ID), bundles=[new_ca.bundle()])
     renewed = Client(client_context, server.port)
     assert renewed.say("renewed") == f"{WEB_ID} says renewed"
 
@@ -466,7 +469,7 @@ def test_material_openssl_refuses_keeps_the_previous_generation(
 ) -> None:
     server = serve(api_source, authorize_id(WEB_ID))
     serving = api_source.x509_svid()
-    other = ca.issue(API_ID)
+    other = ca.issue_x509_svid(API_ID)
     mismatched = X509Svid(other.spiffe_id, other.cert_chain, serving.private_key)
 
     api_source.update(svid=mismatched)
@@ -494,7 +497,7 @@ def test_a_servers_alpn_protocols_survive_rotation(
     client_context = mtls_client_context(web_source, authorize_any())
     client_context.set_alpn_protocols(["h2"])
     try:
-        api_source.update(svid=ca.issue(API_ID))
+        api_source.update(svid=ca.issue_x509_svid(API_ID))
         client = Client(client_context, server.port)
         assert client.server_serial() == api_source.x509_svid().leaf.serial_number
         assert client.tls.selected_alpn_protocol() == "h2"
@@ -604,7 +607,7 @@ def test_a_client_certificate_may_be_optional(
     port = who(server_context(owner.load, version=lambda: owner.version,
                               authorizer=authorize_id(WEB_ID), client_certificate="optional"))
     anonymous = tls_client_context(web_source, authorize_id(API_ID))
-    refused_source = StaticX509Source(ca.issue("spiffe://example.org/db"), [ca.bundle()])
+    refused_source = StaticX509Source(ca.issue_x509_svid("spiffe://example.org/db"), [ca.bundle()])
 
     without = Client(anonymous, port)
     with_svid = Client(mtls_client_context(web_source, authorize_id(API_ID)), port)
@@ -646,7 +649,7 @@ def test_the_owners_material_is_read_again_only_when_its_version_moves(
     client_context = mtls_client_context(web_source, authorize_id(API_ID))
     before = [Client(client_context, port) for _ in range(3)]
 
-    renewed = ca.issue(API_ID)
+    renewed = ca.issue_x509_svid(API_ID)
     owner.rotate(renewed)
     after = Client(client_context, port)
 

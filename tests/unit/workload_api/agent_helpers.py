@@ -1,6 +1,7 @@
-"""A small test CA and a fake node API for the agent's unit tests.
+"""The server's authorities and a fake node API for the agent's unit tests.
 
-Certificates are made here, in code, for each test run: nothing checked in expires.
+Certificates come from the test CA (``tests/support/pki.py``), made in code for each run:
+nothing checked in expires.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from attestor.node.x509pop import fingerprint
 from ca.csr import parse_csr
 from ca.jwtsvid import mint_jwt_svid
 from ca.keymanager import LocalSigner
-from ca.x509ca import build_ca_certificate, build_x509_svid
 from sdk.bundle import TrustBundle
 from sdk.errors import PermissionDenied, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
+from tests.support.pki import TestCA
 from workload_api.cache import AuthorizedEntry
 from workload_api.node_client import AgentBanned, EntriesUpdate, IssuedSvid
 
@@ -32,20 +33,12 @@ TOKEN = "0123456789abcdef0123"
 
 
 class AuthorityForTests:
-    """An X.509 and a JWT authority for one trust domain."""
+    """The X.509 authority (the test CA) and a JWT authority of one trust domain."""
 
     def __init__(self, trust_domain: str, now: datetime) -> None:
         self.trust_domain = TrustDomain(trust_domain)
-        self.key = generate_private_key(KeyType.EC_P256)
-        self.signer = LocalSigner("x509", self.key)
-        self.certificate = build_ca_certificate(
-            trust_domain=self.trust_domain,
-            public_key=self.key.public_key(),
-            signer=self.signer,
-            issuer=None,
-            not_before=now - timedelta(days=1),
-            not_after=now + timedelta(days=30),
-        )
+        self.ca = TestCA(trust_domain, not_before=now - timedelta(days=1), ttl=timedelta(days=31))
+        self.certificate = self.ca.certificate
         self.jwt_key = generate_private_key(KeyType.EC_P256)
         self.jwt_signer = LocalSigner(JWT_KID, self.jwt_key)
 
@@ -61,14 +54,8 @@ class AuthorityForTests:
     def svid(
         self, spiffe_id: str, public_key: Any, now: datetime, ttl: timedelta = timedelta(hours=1)
     ) -> x509.Certificate:
-        return build_x509_svid(
-            spiffe_id=SpiffeId(spiffe_id),
-            public_key=public_key,
-            ca_certificate=self.certificate,
-            signer=self.signer,
-            now=now,
-            ttl=ttl,
-        )
+        """An X509-SVID for ``public_key`` (a CSR's), valid from ``now`` for ``ttl``."""
+        return self.ca.sign_x509_svid(spiffe_id, public_key, not_before=now, ttl=ttl)
 
     def jwt(
         self, spiffe_id: str, audience: Sequence[str], now: datetime,
@@ -248,6 +235,6 @@ class FakeNodeApi:
 def agent_identity_files(
     authority: AuthorityForTests, now: datetime, token: str = "0123456789abcdef0123"
 ) -> tuple[x509.Certificate, PrivateKey]:
-    key = generate_private_key(KeyType.EC_P256)
     spiffe_id = f"spiffe://{authority.trust_domain.name}/tessera/agent/join_token/{token}"
-    return authority.svid(spiffe_id, key.public_key(), now), key
+    svid = authority.ca.issue_x509_svid(spiffe_id, not_before=now)
+    return svid.leaf, svid.private_key

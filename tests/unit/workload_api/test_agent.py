@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId
 
 from attestor.selector import parse_selectors
 from sdk.clock import ManualClock
 from sdk.errors import ConfigError, InvalidArgument, Unavailable
-from sdk.keys import KeyType, generate_private_key
+from tests.support.pki import write_key_pem, write_pem
 from tests.unit.workload_api.agent_helpers import (
     AuthorityForTests,
     FakeNodeApi,
@@ -366,15 +365,10 @@ def test_the_agent_renews_its_own_svid_at_half_life(
 
 def node_certificate(tmp_path: Path, authority: AuthorityForTests) -> tuple[Path, Path]:
     """A node certificate and its key on disk, for the x509pop agent half."""
-    key = generate_private_key(KeyType.EC_P256)
-    leaf = authority.svid("spiffe://example.org/node-cert", key.public_key(), NOW,
-                          timedelta(days=7))  # fmt: skip
-    cert_path, key_path = tmp_path / "node.pem", tmp_path / "node.key"
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
-    return cert_path, key_path
+    node = authority.ca.issue_x509_svid("spiffe://example.org/node-cert", not_before=NOW,
+                                        ttl=timedelta(days=7))  # fmt: skip
+    return (write_pem(tmp_path / "node.pem", node.leaf),
+            write_key_pem(tmp_path / "node.key", node.private_key))  # fmt: skip
 
 
 def test_an_x509pop_agent_whose_svid_lapsed_attests_again_by_itself(

@@ -2,7 +2,7 @@
 
 The server runs on its own event loop in a background thread (py-spiffe's
 clients are synchronous and block on grpcio). What it serves comes from
-``FakeIdentityProvider``, which holds SVIDs minted here by a small test CA.
+``FakeIdentityProvider``, which holds SVIDs minted by the test CA (``tests/support/pki.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,9 +29,7 @@ import h2.events
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -45,13 +42,13 @@ import workload_api.server as server_module
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
 from sdk.errors import ConfigError, InvalidArgument, Unavailable
+from tests.support.pki import TestCA, x509_svid_material
 from workload_api._proto import workload_grpc, workload_pb2
 from workload_api.grpc_limits import MAX_MESSAGE_BYTES, ServerLimits
 from workload_api.identity import (
     JwtSvidMaterial,
     ValidatedToken,
     X509Context,
-    X509SvidMaterial,
 )
 from workload_api.server import (
     SECURITY_HEADER,
@@ -72,91 +69,6 @@ SECOND_ID = "spiffe://example.org/second"
 JWT_KID = "tessera-test-key"
 HEADER = {"workload.spiffe.io": "true"}
 DEADLINE_SECONDS = 5.0
-
-
-# -- a small test CA ----------------------------------------------------------------------
-
-
-class TestCA:
-    """A self-signed CA for one trust domain that issues X509-SVIDs."""
-
-    __test__ = False  # not a pytest class
-
-    def __init__(self, trust_domain_id: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Tessera test")])
-        now = datetime.now(UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain_id)]),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-
-    @property
-    def bundle_der(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.DER)
-
-    def issue(self, spiffe_id: str, hint: str = "") -> X509SvidMaterial:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(seconds=10))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(cert_sign=False), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        return X509SvidMaterial(
-            spiffe_id=spiffe_id,
-            cert_chain_der=leaf.public_bytes(serialization.Encoding.DER),
-            private_key_der=key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            bundle_der=self.bundle_der,
-            hint=hint,
-        )
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _serial(svid_der: bytes) -> int:
@@ -195,7 +107,7 @@ class FakeIdentityProvider:
         return self.context
 
     def x509_bundles(self, selectors: frozenset[Selector]) -> Mapping[str, bytes]:
-        return {TRUST_DOMAIN: self.own_ca.bundle_der, FEDERATED: self.federated_ca.bundle_der}
+        return {TRUST_DOMAIN: self.own_ca.bundle_der(), FEDERATED: self.federated_ca.bundle_der()}
 
     def jwt_bundles(self, selectors: frozenset[Selector]) -> Mapping[str, bytes]:
         jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.jwt_key.public_key()))
@@ -313,18 +225,13 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.fixture
-def test_ca() -> TestCA:
-    return TestCA(TRUST_DOMAIN)
-
-
-@pytest.fixture
-def provider(test_ca: TestCA) -> FakeIdentityProvider:
-    federated = TestCA(FEDERATED)
+def provider(test_ca: TestCA, partner_test_ca: TestCA) -> FakeIdentityProvider:
     context = X509Context(
-        svids=(test_ca.issue(WORKLOAD_ID), test_ca.issue(SECOND_ID, hint="second")),
-        federated_bundles={FEDERATED: federated.bundle_der},
-    )
-    return FakeIdentityProvider(context=context, own_ca=test_ca, federated_ca=federated)
+        svids=(x509_svid_material(test_ca, WORKLOAD_ID),
+               x509_svid_material(test_ca, SECOND_ID, hint="second")),
+        federated_bundles={FEDERATED: partner_test_ca.bundle_der()},
+    )  # fmt: skip
+    return FakeIdentityProvider(context=context, own_ca=test_ca, federated_ca=partner_test_ca)
 
 
 def _start(
@@ -379,8 +286,9 @@ def test_fetch_x509_context_has_svids_and_every_bundle(running: RunningServer) -
     assert context.default_svid.spiffe_id == SpiffeId(WORKLOAD_ID)
     own = context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain("example.org"))
     partner = context.x509_bundle_set.get_bundle_for_trust_domain(TrustDomain("partner.test"))
-    assert own is not None and own.x509_authorities == {running.ca.cert}
-    assert partner is not None and partner.x509_authorities == {running.provider.federated_ca.cert}
+    assert own is not None and own.x509_authorities == {running.ca.certificate}
+    assert partner is not None
+    assert partner.x509_authorities == {running.provider.federated_ca.certificate}
 
 
 def test_fetch_x509_bundles(running: RunningServer) -> None:
@@ -460,7 +368,7 @@ def test_x509_source_follows_a_rotation(running: RunningServer) -> None:
     try:
         source.subscribe_for_updates(updated.set)
         first = source.get_x509_context().default_svid
-        rotated = running.ca.issue(WORKLOAD_ID)
+        rotated = x509_svid_material(running.ca, WORKLOAD_ID)
         running.replace(X509Context(svids=(rotated,), federated_bundles={}))
 
         def current_serial() -> int:
@@ -604,7 +512,8 @@ def test_a_stream_sends_only_changes_and_ends_when_the_identity_is_gone(
 ) -> None:
     provider = running.provider
     original = provider.context
-    rotated = X509Context(svids=(running.ca.issue(WORKLOAD_ID),), federated_bundles={})
+    rotated = X509Context(svids=(x509_svid_material(running.ca, WORKLOAD_ID),),
+                          federated_bundles={})  # fmt: skip
 
     async def watch(stub: workload_grpc.SpiffeWorkloadAPIStub) -> tuple[list[Any], GRPCError]:
         received: list[Any] = []
@@ -639,7 +548,7 @@ def test_bundle_streams_push_a_message_when_a_bundle_changes(running: RunningSer
     """A CA rotation or a revocation changes the bundles and nothing else: both bundle
     streams (and FetchX509SVID, whose SVIDs carry the bundle) send the new state."""
     provider = running.provider
-    rotated_ca, rotated_jwt_key = TestCA(TRUST_DOMAIN), ec.generate_private_key(ec.SECP256R1())
+    rotated_ca, rotated_jwt_key = TestCA("example.org"), ec.generate_private_key(ec.SECP256R1())
 
     async def watch(stub: workload_grpc.SpiffeWorkloadAPIStub) -> tuple[Any, Any, Any, Any]:
         async with stub.FetchX509Bundles.open(metadata=HEADER) as x509_stream, \
@@ -658,8 +567,8 @@ def test_bundle_streams_push_a_message_when_a_bundle_changes(running: RunningSer
 
     x509_first, x509_second, jwt_first, jwt_second = running.grpclib(watch)
 
-    assert x509_first.bundles[TRUST_DOMAIN] == running.ca.bundle_der
-    assert x509_second.bundles[TRUST_DOMAIN] == rotated_ca.bundle_der
+    assert x509_first.bundles[TRUST_DOMAIN] == running.ca.bundle_der()
+    assert x509_second.bundles[TRUST_DOMAIN] == rotated_ca.bundle_der()
     assert x509_second.bundles[FEDERATED] == x509_first.bundles[FEDERATED]
 
     def jwt_key(message: Any) -> Any:
@@ -807,7 +716,7 @@ def test_callers_with_the_same_identities_share_one_message(
         same = X509Context(
             svids=provider.context.svids, federated_bundles=dict(provider.context.federated_bundles)
         )
-        other = X509Context(svids=(test_ca.issue(WORKLOAD_ID),), federated_bundles={})
+        other = X509Context(svids=(x509_svid_material(test_ca, WORKLOAD_ID),), federated_bundles={})
 
         first = service._x509_svid_message(provider.context)
         again = service._x509_svid_message(same)
@@ -1164,7 +1073,8 @@ def test_idle_connections_are_closed_and_watches_are_not_idle(
         idle.wait_closed_by_server()  # polls, with the socket's timeout as the deadline
 
         assert idle.goaway().error_code == h2.errors.ErrorCodes.NO_ERROR
-        rotated = X509Context(svids=(test_ca.issue(WORKLOAD_ID),), federated_bundles={})
+        rotated = X509Context(svids=(x509_svid_material(test_ca, WORKLOAD_ID),),
+                              federated_bundles={})  # fmt: skip
         loop_thread.run(provider.replace(rotated))
         update = pb.X509SVIDResponse.FromString(watching.data(watch)[5:])
         assert _serial(update.svids[0].x509_svid) == _serial(rotated.svids[0].cert_chain_der)
