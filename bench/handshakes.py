@@ -11,7 +11,7 @@ each in its own process, are measured in turn:
 - the same server with ``sdk.tls.mtls_server_context`` over a static source
   (chain and trust-domain checks and the authorizer in the handshake), once on
   asyncio's default loop and once on uvloop, the loop Tessera's own processes
-  run on (``ca/eventloop.py``). The target is judged on uvloop;
+  run on (``sdk/eventloop.py``). The target is judged on uvloop;
 - the same server, on uvloop, with the context the Tessera server's node API
   and bundle endpoint serve with (client certificate optional, its SVID and
   bundle re-read before each handshake), over a fixed identity.

@@ -1,7 +1,6 @@
 """The server's command-line pieces: the admin socket options and client, and the root
 group's hints for SPIRE's flag spellings. What every command shares (option sources,
-output, errors) is :mod:`sdk.commandline`, re-exported here for code written against
-this module.
+output, errors) is :mod:`sdk.commandline`.
 """
 
 from __future__ import annotations
@@ -12,36 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sdk.commandline import (
-    ConfigFileUnreadable,
-    LazyGroup,
-    config_file_values,
-    config_option,
-    emit,
-    load_config_file,
-    option,
-    output_option,
-    progress,
-    run,
-)
+from sdk.commandline import LazyGroup, config_option, option
 
 __all__ = [
     "ARGUMENTS_KEY",
     "DEFAULT_DATA_DIR",
-    "ConfigFileUnreadable",
-    "LazyGroup",
     "RootGroup",
     "admin_client",
     "admin_options",
     "admin_socket_in",
-    "config_file_values",
-    "config_option",
-    "emit",
-    "load_config_file",
-    "option",
-    "output_option",
-    "progress",
-    "run",
     "spire_flag_hint",
 ]
 

@@ -7,38 +7,17 @@
                                   upstream that answered nonsense (500)
 
 Code that means "anything Tessera raised on purpose" catches ``TesseraError``;
-``CAError`` is only the server's own 500s. ``ConfigError``, ``InvalidArgument``,
-``NotFound``, ``AlreadyExists``, ``PermissionDenied``, ``Unauthenticated``,
-``FailedPrecondition``, ``Unavailable`` and ``TesseraError`` are re-exported from
-:mod:`sdk.errors` for code written against this module.
+``CAError`` is only the server's own 500s. The shared kinds (``InvalidArgument``,
+``NotFound``, ...) are imported from :mod:`sdk.errors`, never from here.
 """
 
 from __future__ import annotations
 
-from sdk.errors import (
-    AlreadyExists,
-    ConfigError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    TesseraError,
-    Unauthenticated,
-    Unavailable,
-)
+from sdk.errors import PermissionDenied, TesseraError
 
 __all__ = [
     "AgentBanned",
-    "AlreadyExists",
     "CAError",
-    "ConfigError",
-    "FailedPrecondition",
-    "InvalidArgument",
-    "NotFound",
-    "PermissionDenied",
-    "TesseraError",
-    "Unauthenticated",
-    "Unavailable",
 ]
 
 

@@ -34,10 +34,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.records import ServerLease
-from ca.errors import AlreadyExists, FailedPrecondition
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import AlreadyExists, FailedPrecondition
 
 log = logging.getLogger(__name__)
 

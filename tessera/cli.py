@@ -171,8 +171,8 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
     if log_level == "info":  # one line per request or migration step is noise
         for noisy in ("uvicorn.error", "alembic", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ca.spiffeid import parse_trust_domain
     from sdk import eventloop
+    from sdk.spiffeid import parse_trust_domain
     from tessera.up import LocalTrustDomain, UpSettings
 
     settings = UpSettings(parse_trust_domain(trust_domain), Path(data_dir), bind=bind,

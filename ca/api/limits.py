@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, cast
 import h11
 import uvicorn
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.config import ConnectionLimits
+from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.integrations.asgi import TLSIdentityProtocol
 
 if TYPE_CHECKING:

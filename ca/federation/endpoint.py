@@ -38,9 +38,9 @@ from fastapi import FastAPI, Response
 from ca.api.errors import install_error_handlers
 from ca.api.limits import ConnectionGuard, listener_config
 from ca.api.tls import ServerIdentity, server_tls_context
-from ca.bundle import TrustBundle
 from ca.config import BundleEndpointConfig, ConnectionLimits
-from ca.errors import ConfigError
+from sdk.bundle import TrustBundle
+from sdk.errors import ConfigError
 from sdk.tls import TlsMaterial, server_context
 
 log = logging.getLogger(__name__)

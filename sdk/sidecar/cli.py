@@ -215,7 +215,7 @@ def _run(source: WorkloadApiX509Source, serve: Callable[[asyncio.Event], Awaitab
         await serve(stop)
 
     try:
-        eventloop.run(main(), default="asyncio")  # see ca/eventloop.py
+        eventloop.run(main(), default="asyncio")  # see sdk/eventloop.py
     finally:
         source.close()
     progress("Sidecar stopped.")

@@ -12,7 +12,6 @@ become Tessera's. Opening migrates the schema (:mod:`ca.datastore.migrate`).
 
 from __future__ import annotations
 
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.interface import Datastore
 from ca.datastore.sql.agents import AgentsMixin
 from ca.datastore.sql.audit import AuditMixin
@@ -25,6 +24,7 @@ from ca.datastore.sql.issued_svids import IssuedSvidsMixin
 from ca.datastore.sql.join_tokens import JoinTokensMixin
 from ca.datastore.sql.server_leases import ServerLeasesMixin
 from ca.datastore.sql.shared_roots import SharedRootsMixin
+from sdk.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["SqlDatastore", "open_datastore"]
 

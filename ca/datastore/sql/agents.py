@@ -22,7 +22,7 @@ from ca.datastore.sql.base import (
     _table,
 )
 from ca.datastore.sql.join_tokens import _redeem_join_token
-from ca.errors import NotFound
+from sdk.errors import NotFound
 
 
 class AgentsMixin(SqlBase):

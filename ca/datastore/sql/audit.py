@@ -14,7 +14,7 @@ from ca.datastore.audit import GENESIS, event_digest
 from ca.datastore.records import AuditEvent, AuditVerification
 from ca.datastore.schema import AuditEventRow, AuditHeadRow
 from ca.datastore.sql.base import SqlBase, _stored_time
-from ca.errors import FailedPrecondition, InvalidArgument
+from sdk.errors import FailedPrecondition, InvalidArgument
 
 AUDIT_HEAD = "head"
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from ca.datastore.records import AUTHORITY_KINDS, AUTHORITY_STATUSES, Authority
 from ca.datastore.schema import AuthorityRow
 from ca.datastore.sql.base import SqlBase, _check_choice, _stored_time, _table
-from ca.errors import NotFound
+from sdk.errors import NotFound
 
 
 class AuthoritiesMixin(SqlBase):

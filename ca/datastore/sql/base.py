@@ -15,13 +15,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from attestor.selector import Selector
-from ca.clock import SYSTEM_CLOCK, Clock
 from ca.datastore.engine import Engines, create_engines
 from ca.datastore.interface import AgentChangeListener
 from ca.datastore.migrate import upgrade
 from ca.datastore.schema import AGENT_CHANGES, CounterRow
 from ca.datastore.translate import translate_errors
-from ca.errors import InvalidArgument, Unavailable
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.errors import InvalidArgument, Unavailable
 
 
 class SqlBase:

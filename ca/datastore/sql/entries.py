@@ -32,7 +32,7 @@ from ca.datastore.sql.base import (
     _stored_time,
     _table,
 )
-from ca.errors import AlreadyExists, InvalidArgument, NotFound
+from sdk.errors import AlreadyExists, InvalidArgument, NotFound
 
 # Parent IDs per query in entries_by_parent; keeps far below every driver's
 # limit on bound parameters.

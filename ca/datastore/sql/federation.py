@@ -23,7 +23,7 @@ from ca.datastore.sql.base import (
     _stored_time,
     _table,
 )
-from ca.errors import NotFound
+from sdk.errors import NotFound
 
 
 class FederatedBundlesMixin(SqlBase):

@@ -14,7 +14,7 @@ from ca.datastore.records import AUTHORITY_KINDS, AuditNote, IssuedSvid
 from ca.datastore.schema import IssuedSvidRow
 from ca.datastore.sql.audit import _append_audit, _audit_details
 from ca.datastore.sql.base import SqlBase, _check_choice, _table
-from ca.errors import InvalidArgument
+from sdk.errors import InvalidArgument
 
 
 class IssuedSvidsMixin(SqlBase):

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from ca.datastore.records import JoinToken
 from ca.datastore.schema import JoinTokenRow
 from ca.datastore.sql.base import SqlBase, _stored_time, _table
-from ca.errors import FailedPrecondition, NotFound
+from sdk.errors import FailedPrecondition, NotFound
 
 
 class JoinTokensMixin(SqlBase):

@@ -10,7 +10,7 @@ from sqlalchemy import delete
 from ca.datastore.records import ServerLease
 from ca.datastore.schema import ServerLeaseRow
 from ca.datastore.sql.base import SqlBase
-from ca.errors import FailedPrecondition
+from sdk.errors import FailedPrecondition
 
 
 class ServerLeasesMixin(SqlBase):

@@ -12,7 +12,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from attestor.plugin import Plugin, PluginConfig, Registry, parse_settings
 from attestor.settings import FilePath, NoSettings, Settings
-from ca.errors import ConfigError
+from sdk.errors import ConfigError
 
 WHERE = "[key_manager.example]"
 

@@ -20,8 +20,8 @@ from ca.api.limits import (
     connections_per_listener,
     listener_config,
 )
-from ca.clock import ManualClock
 from ca.config import ConnectionLimits
+from sdk.clock import ManualClock
 
 LIMITS = ConnectionLimits(
     request_timeout=timedelta(seconds=10), idle_timeout=timedelta(seconds=5),

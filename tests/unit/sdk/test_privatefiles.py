@@ -1,4 +1,4 @@
-"""Private directories and whole-file writes (ca/privatefiles.py), with the failures a
+"""Private directories and whole-file writes (sdk/privatefiles.py), with the failures a
 disk can give injected at the write."""
 
 from __future__ import annotations
