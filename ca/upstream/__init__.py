@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from spiffe import TrustDomain
 
 from attestor.plugin import PluginConfig, Registry
@@ -45,6 +46,7 @@ __all__ = [
     "MintedCA",
     "UpstreamAuthority",
     "UpstreamContext",
+    "is_self_signed",
     "load_upstream_authority",
 ]
 
@@ -107,3 +109,14 @@ def load_upstream_authority(
     """The upstream authority called ``name``, configured from ``config``; ConfigError if
     unknown. ``data_dir`` is kept for callers; no built-in needs it."""
     return UPSTREAM_AUTHORITIES.load(PluginConfig(name, config), context or UpstreamContext())
+
+
+def is_self_signed(certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` names itself as issuer and its own key signed it (a root)."""
+    if certificate.subject != certificate.issuer:
+        return False
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True

@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import TrustDomain
@@ -41,7 +41,7 @@ from spiffe import TrustDomain
 from attestor.plugin import Plugin
 from attestor.settings import FilePath, Settings
 from ca.keymanager import LocalSigner, Signer
-from ca.upstream import MintedCA, UpstreamContext
+from ca.upstream import MintedCA, UpstreamContext, is_self_signed
 from ca.x509ca import build_ca_certificate
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
@@ -137,7 +137,7 @@ class DiskUpstreamAuthority:
             raise ConfigError(f"the key in {self._key_file_path}: {err.message}") from None
         if self._bundle_file_path is not None:
             roots = tuple(_read_certificates(self._bundle_file_path, "bundle_file_path"))
-        elif _is_self_signed(certificate):
+        elif is_self_signed(certificate):
             roots = (certificate,)
         else:
             raise ConfigError(
@@ -208,13 +208,3 @@ def _require_ca(certificate: x509.Certificate, path: Path) -> None:
             f"the certificate in {path} is not a CA certificate (it needs basicConstraints "
             "cA=true and, if it has keyUsage, keyCertSign); point cert_file_path at a CA"
         )
-
-
-def _is_self_signed(certificate: x509.Certificate) -> bool:
-    if certificate.subject != certificate.issuer:
-        return False
-    try:
-        certificate.verify_directly_issued_by(certificate)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True

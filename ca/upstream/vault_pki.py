@@ -42,7 +42,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from spiffe import TrustDomain
@@ -51,7 +50,7 @@ from attestor.plugin import Plugin
 from attestor.settings import Duration
 from ca.errors import CAError
 from ca.keymanager import Signer
-from ca.upstream import MintedCA, UpstreamContext
+from ca.upstream import MintedCA, UpstreamContext, is_self_signed
 from ca.vault import VaultClient, VaultConnection, VaultRequestFailed, VaultSettings
 from ca.x509ca import ORGANIZATION, build_csr_with_signer
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
@@ -142,7 +141,7 @@ class VaultPkiUpstreamAuthority:
         not_after = min(not_after, issuer_expiry)
         if self._ttl_cap is not None:
             not_after = min(not_after, not_before + self._ttl_cap)
-        roots = tuple(cert for cert in issuer_chain if _is_self_signed(cert))
+        roots = tuple(cert for cert in issuer_chain if is_self_signed(cert))
         if not roots:
             raise ConfigError(
                 f"the chain of the issuer of PKI mount {self._mount} does not end in a "
@@ -263,13 +262,3 @@ def _unique(groups: Iterable[list[x509.Certificate]]) -> list[x509.Certificate]:
             if certificate not in seen:
                 seen.append(certificate)
     return seen
-
-
-def _is_self_signed(certificate: x509.Certificate) -> bool:
-    if certificate.subject != certificate.issuer:
-        return False
-    try:
-        certificate.verify_directly_issued_by(certificate)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
