@@ -23,9 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "tessera", "ca", "attestor",
-           "workload_api", "sdk")
+           "workload_api", "sdk", "mesh")
 NOT_IN_BASE = ("sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "hvac", "psycopg",
-               "grpclib", "pydantic", "httpx")
+               "grpclib", "pydantic", "httpx", "yaml", "re2")
 
 # Runs in the base venv: an mTLS echo between contexts sdk.tls builds over StaticX509Source,
 # each side printing the SPIFFE ID it saw. Its SVIDs and bundle are files the test CA wrote to
