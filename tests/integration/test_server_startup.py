@@ -259,7 +259,9 @@ def test_a_second_server_with_the_same_id_refuses_until_the_first_is_gone(
     else:
         db = f"sqlite:///{tmp_path}/shared.sqlite3"
     config = tmp_path / "server.toml"
-    config.write_text('server_lease_ttl = "3s"\n')
+    # A lease far longer than the test: the second server may only take over because the
+    # first's pid is gone, never because a slow start let the lease run out.
+    config.write_text('server_lease_ttl = "5m"\n')
     first = ServerProcess(data_dir=tmp_path / "first", port=free_port(), db=db,
                           extra=["--config", str(config)])
     second = ServerProcess(data_dir=tmp_path / "second", port=free_port(), db=db,
