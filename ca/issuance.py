@@ -227,6 +227,19 @@ class Issuer:
                 self._cache.popitem(last=False)
         return entries, by_id
 
+    def _cached_authorized(
+        self, agent: AttestedAgent, revision: int
+    ) -> dict[str, RegistrationEntry] | None:
+        """The agent's authorized entries at ``revision`` by ID if memory has them."""
+        key = (agent.spiffe_id, revision)
+        now = int(self._clock.now().timestamp())
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and (cached[2] is None or now < cached[2]):
+                self._cache.move_to_end(key)
+                return cached[1]
+        return None
+
     def _compute_authorized(self, agent: AttestedAgent) -> list[RegistrationEntry]:
         now = int(self._clock.now().timestamp())
         parents = {agent.spiffe_id, *self._store.agent_aliases(agent.spiffe_id)}
@@ -297,14 +310,43 @@ class Issuer:
             f"{SIGNING_ROUNDS} times over; ask again"
         )
 
+    async def sign_batch_async(
+        self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
+    ) -> list[IssuedX509] | None:
+        """:meth:`sign_batch` on the event loop, when all it needs is in memory (the
+        revision the last group was written at, the agent's authorized entries at it,
+        every entry asked for among them): the batch is signed here and its write
+        awaited in the group commit's thread. None, with nothing recorded, when the
+        datastore must be read first: then call :meth:`sign_batch` in a worker thread.
+        """
+        if len(requests) > MAX_BATCH:
+            raise InvalidArgument(f"a batch takes at most {MAX_BATCH} CSRs; split it")
+        for _ in range(SIGNING_ROUNDS):
+            revision = self._revision
+            if revision is None:
+                return None
+            authorized = self._cached_authorized(agent, revision)
+            if authorized is None or any(entry_id not in authorized for entry_id, _ in requests):
+                return None
+            batch = self._sign_authorized(agent, revision, authorized, requests)
+            try:
+                await self.recording.submit_async(batch)
+            except _EntriesChanged:
+                continue  # signed again at the revision the group read
+            return list(batch.issued)
+        raise Unavailable(
+            f"the registration entries changed while the batch was signed, "
+            f"{SIGNING_ROUNDS} times over; ask again"
+        )
+
     def _sign_checked(
         self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
     ) -> _SignedBatch:
         """Authorize every entry and check every CSR, then sign them all.
 
-        The entries are authorized at the revision the last group was checked at (the
-        group checks them again at the revision it reads), or at the store's current
-        revision when there was none, or when an entry is not authorized at that one.
+        The entries are authorized at the revision the last group was written at (the
+        next group checks it has not moved), or at the store's current revision when
+        there was none, or when an entry is not authorized at that one.
         """
         revision = self._revision
         if revision is not None:
@@ -314,6 +356,16 @@ class Issuer:
             authorized = self._authorized(agent, revision)[1]
             if self._revision is None or revision > self._revision:
                 self._revision = revision
+        return self._sign_authorized(agent, revision, authorized, requests)
+
+    def _sign_authorized(
+        self,
+        agent: AttestedAgent,
+        revision: int,
+        authorized: dict[str, RegistrationEntry],
+        requests: Sequence[tuple[str, bytes]],
+    ) -> _SignedBatch:
+        """Check every CSR against its entry (authorized at ``revision``), then sign."""
         checked = []
         for index, (entry_id, csr_der) in enumerate(requests):
             entry = self._authorized_entry(agent, entry_id, authorized)

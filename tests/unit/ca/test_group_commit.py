@@ -6,6 +6,7 @@ the others queue behind it (polled with a deadline), then released.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,17 +30,20 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 class HeldWrites:
-    """A commit function recording each group; the first write waits for release()."""
+    """A commit function recording each group and the thread that wrote it; the first
+    write waits for release()."""
 
     def __init__(self, outcome: Callable[[Sequence[str]], Sequence[BaseException | None]]
                  = lambda items: [None] * len(items)) -> None:  # fmt: skip
         self.groups: list[list[str]] = []
+        self.threads: list[str] = []
         self.entered = threading.Event()
         self._release = threading.Event()
         self._outcome = outcome
 
     def __call__(self, items: Sequence[str]) -> Sequence[BaseException | None]:
         self.groups.append(list(items))
+        self.threads.append(threading.current_thread().name)
         if len(self.groups) == 1:
             self.entered.set()
             assert self._release.wait(DEADLINE), "the test never released the first write"
@@ -185,3 +189,108 @@ def test_an_interrupted_write_hands_the_writing_on() -> None:
 
     group.submit("b")  # not stuck behind a write that will never end
     assert calls == [["a"], ["b"]]
+
+
+# -- coroutines -----------------------------------------------------------------------------
+
+
+class Writes:
+    """A commit function recording each group and the thread that wrote it."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.groups: list[list[str]] = []
+        self.threads: list[str] = []
+        self._fail = fail
+
+    def __call__(self, items: Sequence[str]) -> Sequence[BaseException | None]:
+        self.groups.append(list(items))
+        self.threads.append(threading.current_thread().name)
+        return [AlreadyExists(f"{item} exists") if item == self._fail else None
+                for item in items]  # fmt: skip
+
+
+def test_coroutines_submitting_in_one_turn_of_the_loop_are_written_together_off_the_loop(
+) -> None:  # fmt: skip
+    writes = Writes()
+    group = GroupCommit(writes, name="recording")
+
+    async def main() -> None:
+        await asyncio.gather(*(group.submit_async(item) for item in ("a", "b", "c")))
+        await group.submit_async("d")
+
+    asyncio.run(main())
+
+    assert writes.groups == [["a", "b", "c"], ["d"]]
+    assert all(name.startswith("recording") for name in writes.threads)
+    assert threading.current_thread().name not in writes.threads
+
+
+def test_a_coroutine_raises_its_own_item_s_error_only() -> None:
+    group = GroupCommit(Writes(fail="b"))
+
+    async def main() -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(group.submit_async(item) for item in ("a", "b", "c")), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(main())
+
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], AlreadyExists) and outcomes[1].message == "b exists"
+
+
+def test_coroutines_queued_behind_a_thread_s_write_are_written_by_the_group_commit_s_thread(
+) -> None:  # fmt: skip
+    writes = HeldWrites()
+    group = GroupCommit(writes, name="recording")
+    first = Submitter(group, "first")
+    first.start()
+    assert writes.entered.wait(DEADLINE)
+    outcomes: list[BaseException | None] = []
+
+    async def main() -> None:
+        pending = [asyncio.ensure_future(group.submit_async(item)) for item in ("b", "c")]
+        await asyncio.sleep(0)  # let both tasks queue their items
+        late = Submitter(group, "d")  # a thread queued behind them, in the same group
+        late.start()
+        wait_until(lambda: group.waiting == 3, "b, c and d to queue")
+        writes.release()
+        outcomes.extend(await asyncio.gather(*pending, return_exceptions=True))
+        late.join(DEADLINE)
+        assert late.returned
+
+    asyncio.run(main())
+    first.join(DEADLINE)
+
+    assert outcomes == [None, None]
+    assert writes.groups[0] == ["first"]
+    assert sorted(writes.groups[1]) == ["b", "c", "d"]
+    assert writes.threads[1].startswith("recording")  # not the loop's thread, nor d's
+
+
+def test_a_thread_queued_first_writes_the_next_group_itself_for_coroutines_too() -> None:
+    writes = HeldWrites()
+    group = GroupCommit(writes, name="recording")
+    first = Submitter(group, "first")
+    first.start()
+    assert writes.entered.wait(DEADLINE)
+    second = Submitter(group, "b")
+    second.start()
+    wait_until(lambda: group.waiting == 1, "b to queue")
+    outcomes: list[BaseException | None] = []
+
+    async def main() -> None:
+        pending = asyncio.ensure_future(group.submit_async("c"))
+        await asyncio.sleep(0)
+        wait_until(lambda: group.waiting == 2, "c to queue")
+        writes.release()
+        outcomes.append(await pending)
+
+    asyncio.run(main())
+    for submitter in (first, second):
+        submitter.join(DEADLINE)
+
+    assert outcomes == [None]
+    assert second.returned and first.returned
+    assert writes.groups == [["first"], ["b", "c"]]
+    assert writes.threads[1] == "submit-b"

@@ -6,6 +6,7 @@ made with ``ca.entries.new_entry`` as the admin API makes them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sqlite3
 import threading
@@ -866,3 +867,105 @@ def test_an_entry_that_changes_while_its_batch_waits_is_checked_again_before_rec
 
 def store_url(store: Datastore) -> str:
     return str(store._engines.engine.url)  # type: ignore[attr-defined]
+
+
+# -- small batches signed on the event loop ---------------------------------------------
+
+
+def sign_async(issuer: Issuer, agent: AttestedAgent, *entries: RegistrationEntry
+               ) -> list[IssuedX509] | None:  # fmt: skip
+    requests = [(entry.id, csr_for(entry.spiffe_id)[0]) for entry in entries]
+    return asyncio.run(issuer.sign_batch_async(agent, requests))
+
+
+def test_a_batch_is_not_signed_on_the_loop_until_the_revision_is_known(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+
+    assert sign_async(grouping_issuer, agent, web) is None
+
+    assert (held.revision_reads, held.writes, store.count_issued_svids()) == (0, [], 0)
+
+
+def test_a_batch_is_signed_on_the_loop_from_memory_and_recorded_before_it_returns(
+    store, held, grouping_issuer, agent
+):
+    web, db = (add_entry(store, f"spiffe://example.org/{name}", AGENT) for name in ("web", "db"))
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+
+    [issued] = sign_async(grouping_issuer, agent, db) or []
+
+    assert issued.entry_id == db.id
+    assert held.revision_reads == 1  # the first batch's; none since
+    assert held.writes[-1][2] == store.current_revision()  # the write checked it
+    [event, _] = x509_events(store)[::-1]
+    assert event.details["svids"][0]["serial"] == format(issued.serial_number, "x")
+    assert store.count_issued_svids() == 2
+    assert store.verify_audit().problem is None
+
+
+def test_batches_signed_on_the_loop_in_one_turn_share_a_transaction_and_an_event(
+    store, held, grouping_issuer, agent
+):
+    entries = [add_entry(store, f"spiffe://example.org/w{n}", AGENT) for n in range(4)]
+    grouping_issuer.sign_batch(agent, [(entries[0].id, csr_for(entries[0].spiffe_id)[0])])
+
+    async def together() -> list[list[IssuedX509] | None]:
+        return await asyncio.gather(*(
+            grouping_issuer.sign_batch_async(agent, [(e.id, csr_for(e.spiffe_id)[0])])
+            for e in entries[1:]))  # fmt: skip
+
+    answers = asyncio.run(together())
+
+    assert [len(answer or []) for answer in answers] == [1, 1, 1]
+    assert [len(records) for records, _, _ in held.writes] == [1, 3]
+    group_event = x509_events(store)[-1]
+    assert sorted(svid["entry_id"] for svid in group_event.details["svids"]) == sorted(
+        e.id for e in entries[1:])
+    assert store.verify_audit().problem is None
+
+
+def test_an_entry_memory_does_not_know_sends_the_batch_to_a_worker_thread(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    new = add_entry(store, "spiffe://example.org/new", AGENT)  # after the revision it knows
+    unknown = replace(new, id="no-such-entry")
+
+    assert sign_async(grouping_issuer, agent, new) is None
+    assert sign_async(grouping_issuer, agent, unknown) is None
+    assert len(held.writes) == 1
+    [issued] = grouping_issuer.sign_batch(agent, [(new.id, csr_for(new.spiffe_id)[0])])
+    assert issued.entry_id == new.id
+
+
+def test_a_bad_csr_is_refused_on_the_loop_with_nothing_recorded(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+
+    with pytest.raises(InvalidArgument, match=rf"^CSR 0 \(entry {web.id}\): "):
+        asyncio.run(grouping_issuer.sign_batch_async(agent, [(web.id, b"not a CSR")]))
+    assert len(held.writes) == 1
+
+
+def test_an_entry_deleted_before_its_loop_batch_is_written_is_not_recorded(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    held.hold_next()
+    held.release()  # nothing waits: the test only needs the change before the write
+    held.while_held = lambda: store.delete_entry(db.id)
+
+    assert sign_async(grouping_issuer, agent, db) is None  # signed, refused, not recorded
+
+    assert store.count_issued_svids() == 1
+    with pytest.raises(PermissionDenied):
+        grouping_issuer.sign_batch(agent, [(db.id, csr_for(db.spiffe_id)[0])])
+    assert store.count_issued_svids() == 1
+    assert store.verify_audit().problem is None
