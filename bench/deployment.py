@@ -321,8 +321,74 @@ class NodeSession:
     def async_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, verify=self._context(), timeout=60)
 
+    def keep_alive(self, connections: int) -> KeepAliveClient:
+        """``connections`` kept-alive HTTP/1.1 connections with the least client work per
+        request (see :class:`KeepAliveClient`), opened by ``async with``."""
+        return KeepAliveClient(self.server.port, self._context(), connections)
+
     def close(self) -> None:
         shutil.rmtree(self.files, ignore_errors=True)
+
+
+class KeepAliveClient:
+    """POSTs over kept-alive HTTP/1.1 connections, each request on a free connection.
+
+    httpx spends about 2 ms of the client's CPU per request; on a machine whose
+    other core runs the server, that, not the server, sets the pace of small
+    requests. This client writes the request in one piece and reads the answer by
+    its ``content-length`` (the node API always sends one), nothing more.
+
+        async with session.keep_alive(16) as client:
+            status, body = await client.post("/v1/agent/svids/x509", payload)
+    """
+
+    def __init__(self, port: int, context: ssl.SSLContext, connections: int) -> None:
+        self._port = port
+        self._context = context
+        self._count = connections
+        self._free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue())
+        self._all: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> KeepAliveClient:
+        opened = await asyncio.gather(*(
+            asyncio.open_connection("127.0.0.1", self._port, ssl=self._context)
+            for _ in range(self._count)))
+        for reader, writer in opened:
+            self._all.append(writer)
+            self._free.put_nowait((reader, writer))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for writer in self._all:
+            writer.close()
+        for writer in self._all:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """(status, body) of ``POST path`` with a JSON ``body``."""
+        reader, writer = await self._free.get()
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{self._port}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                .encode() + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status_line, _, headers = head.partition(b"\r\n")
+            length = None
+            for line in headers.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise RuntimeError(f"an answer without content-length: {head!r}")
+            answer = await reader.readexactly(length)
+        except BaseException:
+            writer.close()  # half a request or answer in flight: the connection is unusable
+            raise
+        self._free.put_nowait((reader, writer))
+        return int(status_line.split(b" ", 2)[1]), answer
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------

@@ -76,6 +76,15 @@ class AgentCache:
                 self._serials.setdefault(key[0], set()).add(serial)
         return agent
 
+    def cached(self, spiffe_id: SpiffeId, serial: int) -> AttestedAgent | None:
+        """What :meth:`agent_or_refuse` answers, if it can answer from memory; None when
+        it would read the datastore (for callers that must not wait on it)."""
+        if not self._watcher.following:
+            return None
+        with self._lock:
+            self._catch_up(self._watcher.agents)
+            return self._agents.get((str(spiffe_id), serial))
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._agents)

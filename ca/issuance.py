@@ -6,7 +6,17 @@ parent is the agent itself or one of its aliases (a join token's
 transitively, entries parented by those entries' IDs. Every CSR is checked
 (signature, key, exactly the entry's SPIFFE ID and DNS names, never a CA)
 before anything is signed, and every issued SVID is recorded and written to
-the audit log (one event per batch, in the transaction that records it).
+the audit log in the transaction that records it, before it is handed out.
+
+Batches signed at about the same time (by one agent or several) are recorded
+together (:mod:`ca.group_commit`): the batches that arrive while one write is in
+flight make one transaction, with one ``x509svid.issue`` event per agent naming
+every SVID of that agent's batches in the group. The entry revision is not
+read for each batch: the batches are authorized at the revision the last group
+was written at, and the group's transaction checks, before it writes, that the
+revision is still that one; when it moved, each batch is checked again at the
+new one, and signed again if one of its entries changed or is no longer
+authorized for the agent.
 
     issuer = Issuer(settings, store, authorities, clock)
     entries = issuer.authorized_entries(agent)
@@ -15,31 +25,43 @@ the audit log (one event per batch, in the transaction that records it).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import matches
+from ca import metrics
 from ca.authority import Authorities
 from ca.csr import checked_csr, parse_csr
-from ca.datastore.interface import Datastore
+from ca.datastore.interface import Datastore, RevisionMoved
 from ca.datastore.records import AttestedAgent, AuditNote, IssuedSvid, RegistrationEntry
 from ca.errors import AgentBanned
+from ca.group_commit import GroupCommit
 from ca.x509ca import SignedX509Svid
 from sdk.clock import Clock
-from sdk.errors import InvalidArgument, NotFound, PermissionDenied
+from sdk.errors import InvalidArgument, NotFound, PermissionDenied, TesseraError, Unavailable
 from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
 from sdk.spiffeid import parse_spiffe_id, require_member
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 500
 MAX_AUDIENCES = 32
+MAX_GROUP_SVIDS = 2000
+"""A group of batches recorded in one transaction stops growing at this many SVIDs."""
+SIGNING_ROUNDS = 3
+"""Times a batch is signed again when its entries change before it is recorded."""
+REVISION_CHECKS = 3
+"""Times a group is written on the condition that the entry revision has not moved."""
 
 # Audit actions of issuance; the admin API's mints are "x509.mint" and "jwt.mint".
 AGENT_SVID_ISSUED = "agent.svid.issue"
@@ -131,6 +153,23 @@ class IssuedX509:
         )
 
 
+@dataclass(frozen=True)
+class _SignedBatch:
+    """A batch signed for an agent, waiting to be recorded with its group."""
+
+    agent: AttestedAgent
+    revision: int
+    """The entry revision its entries were authorized at."""
+    entries: tuple[RegistrationEntry, ...]
+    """The entry of each SVID, as it was authorized and signed."""
+    issued: tuple[IssuedX509, ...]
+    records: tuple[IssuedSvid, ...]
+
+
+class _EntriesChanged(Exception):
+    """A batch's entries changed (or are no longer the agent's) before it was recorded."""
+
+
 class Issuer:
     def __init__(
         self,
@@ -144,9 +183,15 @@ class Issuer:
         self._authorities = authorities
         self._clock = clock
         self._cache: OrderedDict[
-            tuple[str, int], tuple[list[RegistrationEntry], int | None]
+            tuple[str, int],
+            tuple[list[RegistrationEntry], dict[str, RegistrationEntry], int | None],
         ] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self.recording: GroupCommit[_SignedBatch] = GroupCommit(
+            self._record_group, weight=lambda batch: len(batch.records),
+            max_weight=MAX_GROUP_SVIDS,
+        )  # fmt: skip
+        self._revision: int | None = None  # the entry revision the last group was checked at
 
     # -- authorization ------------------------------------------------------------
 
@@ -157,6 +202,12 @@ class Issuer:
 
         ``revision`` is the store's current revision when the caller has just read it.
         """
+        return self._authorized(agent, revision)[0]
+
+    def _authorized(
+        self, agent: AttestedAgent, revision: int | None
+    ) -> tuple[list[RegistrationEntry], dict[str, RegistrationEntry]]:
+        """The agent's authorized entries in revision order, and by ID."""
         if revision is None:
             revision = self._store.current_revision()
         key = (agent.spiffe_id, revision)
@@ -164,16 +215,30 @@ class Issuer:
         with self._cache_lock:
             cached = self._cache.get(key)
             # An entry expiring changes no revision: the list lasts until the first expiry.
-            if cached is not None and (cached[1] is None or now < cached[1]):
+            if cached is not None and (cached[2] is None or now < cached[2]):
                 self._cache.move_to_end(key)
-                return cached[0]
+                return cached[0], cached[1]
         entries = self._compute_authorized(agent)
+        by_id = {entry.id: entry for entry in entries}
         expiries = [e.expires_at for e in entries if e.expires_at is not None]
         with self._cache_lock:
-            self._cache[key] = (entries, min(expiries, default=None))
+            self._cache[key] = (entries, by_id, min(expiries, default=None))
             while len(self._cache) > 4096:
                 self._cache.popitem(last=False)
-        return entries
+        return entries, by_id
+
+    def _cached_authorized(
+        self, agent: AttestedAgent, revision: int
+    ) -> dict[str, RegistrationEntry] | None:
+        """The agent's authorized entries at ``revision`` by ID if memory has them."""
+        key = (agent.spiffe_id, revision)
+        now = int(self._clock.now().timestamp())
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None and (cached[2] is None or now < cached[2]):
+                self._cache.move_to_end(key)
+                return cached[1]
+        return None
 
     def _compute_authorized(self, agent: AttestedAgent) -> list[RegistrationEntry]:
         now = int(self._clock.now().timestamp())
@@ -208,7 +273,7 @@ class Issuer:
         """The entry if it is authorized for the agent; ``authorized`` (by ID) saves a batch
         from reading the revision once per CSR."""
         if authorized is None:
-            authorized = {entry.id: entry for entry in self.authorized_entries(agent)}
+            authorized = self._authorized(agent, None)[1]
         entry = authorized.get(entry_id)
         if entry is None:
             raise PermissionDenied(
@@ -229,11 +294,79 @@ class Issuer:
     def sign_batch(
         self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
     ) -> list[IssuedX509]:
-        """Sign one CSR per entry; every CSR is checked before any is signed."""
+        """Sign one CSR per entry; every CSR is checked before any is signed. Returns
+        once the SVIDs are recorded and audited (with the batches of the same moment)."""
         if len(requests) > MAX_BATCH:
             raise InvalidArgument(f"a batch takes at most {MAX_BATCH} CSRs; split it")
+        for _ in range(SIGNING_ROUNDS):
+            batch = self._sign_checked(agent, requests)
+            try:
+                self.recording.submit(batch)
+            except _EntriesChanged:
+                continue  # signed again at the revision the group read
+            return list(batch.issued)
+        raise Unavailable(
+            f"the registration entries changed while the batch was signed, "
+            f"{SIGNING_ROUNDS} times over; ask again"
+        )
+
+    async def sign_batch_async(
+        self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
+    ) -> list[IssuedX509] | None:
+        """:meth:`sign_batch` on the event loop, when all it needs is in memory (the
+        revision the last group was written at, the agent's authorized entries at it,
+        every entry asked for among them): the batch is signed here and its write
+        awaited in the group commit's thread. None, with nothing recorded, when the
+        datastore must be read first: then call :meth:`sign_batch` in a worker thread.
+        """
+        if len(requests) > MAX_BATCH:
+            raise InvalidArgument(f"a batch takes at most {MAX_BATCH} CSRs; split it")
+        for _ in range(SIGNING_ROUNDS):
+            revision = self._revision
+            if revision is None:
+                return None
+            authorized = self._cached_authorized(agent, revision)
+            if authorized is None or any(entry_id not in authorized for entry_id, _ in requests):
+                return None
+            batch = self._sign_authorized(agent, revision, authorized, requests)
+            try:
+                await self.recording.submit_async(batch)
+            except _EntriesChanged:
+                continue  # signed again at the revision the group read
+            return list(batch.issued)
+        raise Unavailable(
+            f"the registration entries changed while the batch was signed, "
+            f"{SIGNING_ROUNDS} times over; ask again"
+        )
+
+    def _sign_checked(
+        self, agent: AttestedAgent, requests: Sequence[tuple[str, bytes]]
+    ) -> _SignedBatch:
+        """Authorize every entry and check every CSR, then sign them all.
+
+        The entries are authorized at the revision the last group was written at (the
+        next group checks it has not moved), or at the store's current revision when
+        there was none, or when an entry is not authorized at that one.
+        """
+        revision = self._revision
+        if revision is not None:
+            authorized = self._authorized(agent, revision)[1]
+        if revision is None or any(entry_id not in authorized for entry_id, _ in requests):
+            revision = self._store.current_revision()
+            authorized = self._authorized(agent, revision)[1]
+            if self._revision is None or revision > self._revision:
+                self._revision = revision
+        return self._sign_authorized(agent, revision, authorized, requests)
+
+    def _sign_authorized(
+        self,
+        agent: AttestedAgent,
+        revision: int,
+        authorized: dict[str, RegistrationEntry],
+        requests: Sequence[tuple[str, bytes]],
+    ) -> _SignedBatch:
+        """Check every CSR against its entry (authorized at ``revision``), then sign."""
         checked = []
-        authorized = {entry.id: entry for entry in self.authorized_entries(agent)}
         for index, (entry_id, csr_der) in enumerate(requests):
             entry = self._authorized_entry(agent, entry_id, authorized)
             spiffe_id = SpiffeId(entry.spiffe_id)
@@ -260,25 +393,94 @@ class Issuer:
             )
             issued.append(svid)
             records.append(record)
-        audit = AuditNote(
-            actor=agent.spiffe_id,
-            action=X509_SVIDS_ISSUED,
-            target=agent.spiffe_id,
-            details={
-                "svids": [
-                    {
-                        "serial": record.serial,
-                        "spiffe_id": record.spiffe_id,
-                        "entry_id": svid.entry_id,
-                        "authority_id": record.authority_id,
-                        "expires_at": record.expires_at.isoformat(),
-                    }
-                    for svid, record in zip(issued, records, strict=True)
-                ]
-            },
+        return _SignedBatch(
+            agent, revision, tuple(e for e, _, _ in checked), tuple(issued), tuple(records)
         )
-        self._store.record_issued_svids(records, audit=audit)
-        return issued
+
+    def _record_group(self, batches: Sequence[_SignedBatch]) -> list[BaseException | None]:
+        """Record a group of signed batches in one transaction: the SVIDs, and one
+        ``x509svid.issue`` event per agent.
+
+        The transaction first checks that the entry revision is the one the batches
+        were checked at (the newest any of them was authorized at); when it moved,
+        each batch is checked again at the revision found, a batch whose entries
+        changed or are no longer the agent's is left out (its caller signs it again),
+        and the rest are written on that condition. After :data:`REVISION_CHECKS`
+        such rounds, they are written with no condition. When the write fails for a
+        reason one batch may cause, each batch is written alone; when the datastore
+        is unavailable, every batch fails.
+        """
+        metrics.ISSUANCE_GROUP_BATCHES.observe(len(batches))
+        outcomes: list[BaseException | None] = [None] * len(batches)
+        revision = max(batch.revision for batch in batches)
+        if self._revision is not None:
+            revision = max(revision, self._revision)
+        kept = list(range(len(batches)))
+        for round_ in range(REVISION_CHECKS):
+            for index in list(kept):
+                batch = batches[index]
+                if batch.revision != revision and not self._still_authorized(batch, revision):
+                    outcomes[index] = _EntriesChanged()
+                    kept.remove(index)
+            if not kept:
+                break
+            condition = revision if round_ < REVISION_CHECKS - 1 else None
+            try:
+                self._write([batches[i] for i in kept], revision=condition)
+            except RevisionMoved as moved:
+                revision = self._revision = moved.revision
+                continue
+            except Unavailable as error:
+                for index in kept:
+                    outcomes[index] = error
+            except TesseraError as error:
+                if len(kept) == 1:
+                    outcomes[kept[0]] = error
+                else:
+                    log.warning(
+                        "recording %d batches together failed (%s); recording them one by one",
+                        len(kept), error,
+                    )  # fmt: skip
+                    for index in kept:
+                        outcomes[index] = self._write_alone(batches[index], condition)
+            self._revision = revision
+            break
+        return outcomes
+
+    def _write_alone(self, batch: _SignedBatch, revision: int | None) -> BaseException | None:
+        try:
+            self._write([batch], revision=revision)
+        except RevisionMoved:
+            return _EntriesChanged()
+        except TesseraError as error:
+            return error
+        return None
+
+    def _still_authorized(self, batch: _SignedBatch, revision: int) -> bool:
+        """Every entry of the batch is authorized for its agent at ``revision``, unchanged."""
+        now = self._authorized(batch.agent, revision)[1]
+        return all(now.get(entry.id) == entry for entry in batch.entries)
+
+    def _write(self, batches: Sequence[_SignedBatch], *, revision: int | None) -> None:
+        events: dict[str, list[dict[str, Any]]] = {}
+        for batch in batches:
+            events.setdefault(batch.agent.spiffe_id, []).extend(
+                {
+                    "serial": record.serial,
+                    "spiffe_id": record.spiffe_id,
+                    "entry_id": svid.entry_id,
+                    "authority_id": record.authority_id,
+                    "expires_at": record.expires_at.isoformat(),
+                }
+                for svid, record in zip(batch.issued, batch.records, strict=True)
+            )
+        audits = [
+            AuditNote(actor=agent_id, action=X509_SVIDS_ISSUED, target=agent_id,
+                      details={"svids": svids})
+            for agent_id, svids in events.items()
+        ]  # fmt: skip
+        records = [record for batch in batches for record in batch.records]
+        self._store.record_issued_svids(records, audit=audits, revision=revision)
 
     def mint_x509(
         self,

@@ -12,6 +12,11 @@ ISSUANCE_SECONDS = Histogram(
     "Time to check and sign one batch of CSRs",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+ISSUANCE_GROUP_BATCHES = Histogram(
+    "tessera_server_issuance_group_batches",
+    "Batches of X509-SVIDs recorded together in one transaction (one group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 NODE_API_REQUESTS = Counter(
     "tessera_server_node_api_requests_total", "Node API requests", ["endpoint", "status"]
 )

@@ -47,6 +47,9 @@ from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
 from sdk.jwtsvid import check_audiences
 
 MAX_WAIT_SECONDS = 60.0
+INLINE_CSRS = 4
+"""A batch of at most this many CSRs is signed on the event loop when all it needs is in
+memory (about 0.3 ms of CPU per CSR, less than a trip to a worker thread and back)."""
 
 
 class AttestRequest(BaseModel):
@@ -72,6 +75,10 @@ class BatchRequest(BaseModel):
 class JwtRequest(BaseModel):
     entry_id: str = Field(max_length=64)
     audience: list[str] = Field(min_length=1)  # bounded by check_audiences, with a sentence
+
+
+def _csr_pairs(body: BatchRequest) -> list[tuple[str, bytes]]:
+    return [(r.entry_id, decode_b64(r.csr, f"csr of entry {r.entry_id}")) for r in body.requests]
 
 
 def decode_b64(value: str, what: str) -> bytes:
@@ -251,13 +258,24 @@ def create_node_app(
         }
 
     @router.post("/v1/agent/svids/x509")
-    def sign_x509(request: Request, body: BatchRequest) -> Response:
-        agent = caller(request)
+    async def sign_x509(request: Request, body: BatchRequest) -> Response:
         started = time.perf_counter()
-        pairs = [
-            (r.entry_id, decode_b64(r.csr, f"csr of entry {r.entry_id}")) for r in body.requests
-        ]
-        issued = issuer.sign_batch(agent, pairs)
+        if len(body.requests) <= INLINE_CSRS:
+            # A small batch whose agent and entries are in memory is signed here: that
+            # costs less than the trip to a worker thread and back.
+            spiffe_id, cert = peer_spiffe_id(request.scope)
+            agent = agents.cached(spiffe_id, cert.serial_number)
+            if agent is not None:
+                issued = await issuer.sign_batch_async(agent, _csr_pairs(body))
+                if issued is not None:
+                    return _issued(issued, started)
+        return await run_in_threadpool(_sign_x509, request, body, started)
+
+    def _sign_x509(request: Request, body: BatchRequest, started: float) -> Response:
+        agent = caller(request)
+        return _issued(issuer.sign_batch(agent, _csr_pairs(body)), started)
+
+    def _issued(issued: list[IssuedX509], started: float) -> Response:
         metrics.ISSUANCE_SECONDS.observe(time.perf_counter() - started)
         metrics.SVIDS_ISSUED.labels("x509").inc(len(issued))
         # Encoded here, as FastAPI would encode a dict answer, but without its validation

@@ -59,6 +59,7 @@ from ca.datastore.records import (
     ServerLease,
     SharedRoot,
 )
+from sdk.errors import FailedPrecondition
 
 AgentChangeListener = Callable[[str, int | None], None]
 """Called with an agent's SPIFFE ID after a transaction that changed it (or tried to)
@@ -284,12 +285,26 @@ class FederationRelationshipStore(Protocol):
     ) -> FederationRelationship: ...
 
 
+class RevisionMoved(FailedPrecondition):
+    """A write made on the condition that the entry revision was still the one its
+    caller read found another (``revision``); nothing was written."""
+
+    def __init__(self, expected: int, revision: int) -> None:
+        super().__init__(f"the entry revision is {revision}, no longer {expected}")
+        self.expected = expected
+        self.revision = revision
+
+
 @runtime_checkable
 class IssuedSvidStore(Protocol):
     """The record of issued SVIDs, kept until a while after they expire."""
 
     def record_issued_svids(
-        self, svids: Sequence[IssuedSvid], *, audit: AuditNote | None = None
+        self,
+        svids: Sequence[IssuedSvid],
+        *,
+        audit: AuditNote | Sequence[AuditNote] | None = None,
+        revision: int | None = None,
     ) -> None: ...
 
     def count_issued_svids(self) -> int: ...

@@ -457,6 +457,50 @@ def test_an_agent_gets_svids_only_for_its_entries(
     assert token.spiffe_id == SpiffeId("spiffe://example.org/web")
 
 
+def test_concurrent_one_csr_requests_are_each_answered_recorded_and_audited(
+    server: ServerProcess, agent: NodeApiAgent
+) -> None:
+    entries = [server.cli_json("entry", "create", "--parent-id", "spiffe://example.org/node/a",
+                               "--spiffe-id", f"spiffe://example.org/w{n}",
+                               "--selector", f"unix:uid:{n}") for n in range(8)]
+    key = ec.generate_private_key(ec.SECP256R1())
+    bodies = [{"requests": [{"entry_id": e["id"], "csr": agent.csr(key, str(e["spiffe_id"]))}]}
+              for e in entries]  # fmt: skip
+    answered: list[str] = []
+    clients = [agent.client() for _ in bodies]  # made here: each writes the agent's files
+
+    def renew_one_by_one(client: httpx.Client, body: dict[str, Any]) -> None:
+        with client:
+            for _ in range(5):
+                response = client.post("/v1/agent/svids/x509", json=body)
+                assert response.status_code == 200, response.text
+                [svid] = response.json()["svids"]
+                leaf = x509.load_der_x509_certificate(base64.b64decode(svid["cert_chain"][0]))
+                answered.append(format(leaf.serial_number, "x"))
+
+    threads = [threading.Thread(target=renew_one_by_one, args=pair)
+               for pair in zip(clients, bodies, strict=True)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(answered) == 40
+
+    events = server.cli_json("audit", "list", "--limit", "100")["events"]
+    named = [svid["serial"] for e in events if e["action"] == "x509svid.issue"  # type: ignore
+             for svid in e["details"]["svids"]]  # type: ignore[index]
+    assert sorted(named) == sorted(answered)
+    issue_events = [e for e in events if e["action"] == "x509svid.issue"]  # type: ignore
+    assert {e["actor"] for e in issue_events} == {agent.spiffe_id}  # type: ignore[index]
+    intact = server.cli("audit", "verify")
+    assert intact.stdout.strip() == f"Audit log intact: {len(events)} events verified."
+    with agent.client() as client:
+        metrics = client.get("/metrics").text
+    batches = next(line for line in metrics.splitlines()
+                   if line.startswith("tessera_server_issuance_group_batches_sum"))
+    assert float(batches.split()[1]) == 40
+
+
 def test_the_node_api_bounds_jwt_audiences(server: ServerProcess, agent: NodeApiAgent) -> None:
     entry = server.cli_json("entry", "create", "--parent-id", "spiffe://example.org/node/a",
                             "--spiffe-id", "spiffe://example.org/web", "--selector", "unix:uid:1")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from ca.datastore.audit import GENESIS, event_digest
@@ -34,7 +35,7 @@ class AuditMixin(SqlBase):
         recorded = _audit_details(details or {})
         at = self._clock.now()
         with self._writing() as session:
-            return _audit_record(_append_audit(session, at, actor, action, target, recorded))
+            return _append_audit(session, at, actor, action, target, recorded)
 
     def verify_audit(self, *, batch: int = 1000) -> AuditVerification:
         """Walk the hash chain from the first event; name the first one that breaks it."""
@@ -83,33 +84,73 @@ class AuditMixin(SqlBase):
 
 
 def _append_audit(
-    session: Session,
+    session: Session | Connection,
     at: datetime,
     actor: str,
     action: str,
     target: str,
     details: dict[str, Any],
-) -> AuditEventRow:
+) -> AuditEvent:
     """Chain an event to the audit log in the caller's transaction. The head row's lock
     (PostgreSQL) queues concurrent writers, so the chain has no forks."""
-    head = session.get(AuditHeadRow, AUDIT_HEAD, with_for_update=True)
+    [event] = _append_audit_events(session, at, [(actor, action, target, details)])
+    return event
+
+
+def _append_audit_events(
+    session: Session | Connection,
+    at: datetime,
+    events: Sequence[tuple[str, str, str, dict[str, Any]]],
+) -> list[AuditEvent]:
+    """Chain (actor, action, target, details) events to the audit log, in order, in the
+    caller's transaction, taking the head row's lock once. Core statements, not the
+    ORM: every issuance writes here."""
+    connection = session.connection() if isinstance(session, Session) else session
+    head = connection.execute(_HEAD_FOR_UPDATE).one_or_none()
     if head is None:
         raise FailedPrecondition("the audit log has no head row; run the migrations")
-    row = AuditEventRow(
-        at=at,
-        actor=actor,
-        action=action,
-        target=target,
-        details=details,
-        prev_hash=head.last_hash,
-        hash="",
-    )
-    session.add(row)
-    session.flush()
-    row.hash = event_digest(row.prev_hash, row.id, at, actor, action, target, details)
-    head.last_id = row.id
-    head.last_hash = row.hash
-    return row
+    previous = head.last_hash
+    written = []
+    for actor, action, target, details in events:
+        inserted = connection.execute(
+            _INSERT_EVENT,
+            {"at": at, "actor": actor, "action": action, "target": target,
+             "details": details, "prev_hash": previous, "hash": ""},
+        )  # fmt: skip
+        key = inserted.inserted_primary_key
+        assert key is not None
+        event_id = int(key[0])
+        digest = event_digest(previous, event_id, at, actor, action, target, details)
+        connection.execute(_SET_HASH, {"event_id": event_id, "digest": digest})
+        written.append(AuditEvent(event_id, _stored_time(at), actor, action, target,
+                                  dict(details), digest))  # fmt: skip
+        previous = digest
+    if written:
+        connection.execute(
+            _MOVE_HEAD, {"last_id": written[-1].id, "last_hash": written[-1].hash}
+        )
+    return written
+
+
+_EVENTS = AuditEventRow.__table__
+_HEADS = AuditHeadRow.__table__
+assert isinstance(_EVENTS, Table) and isinstance(_HEADS, Table)
+_HEAD_FOR_UPDATE = (
+    select(_HEADS.c.last_id, _HEADS.c.last_hash)
+    .where(_HEADS.c.name == AUDIT_HEAD)
+    .with_for_update()
+)
+_INSERT_EVENT = insert(_EVENTS)
+_SET_HASH = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .values(hash=bindparam("digest"))
+)
+_MOVE_HEAD = (
+    update(_HEADS)
+    .where(_HEADS.c.name == AUDIT_HEAD)
+    .values(last_id=bindparam("last_id"), last_hash=bindparam("last_hash"))
+)
 
 
 def _audit_details(details: Mapping[str, Any]) -> dict[str, Any]:

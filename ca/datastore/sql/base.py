@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import Insert, Table, select, text, update
+from sqlalchemy import Insert, Table, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from attestor.selector import Selector
@@ -95,6 +96,14 @@ class SqlBase:
             yield session
 
     @contextmanager
+    def _writing_core(self, *, conflict: str = "the record exists already") -> Iterator[Connection]:
+        """A write transaction on a bare connection, for Core statements only: no ORM
+        session to set up and tear down (what every issuance writes through)."""
+        self._check_open()
+        with translate_errors(conflict=conflict), self._engines.writes.begin() as connection:
+            yield connection
+
+    @contextmanager
     def _changing_agent(self, spiffe_id: str) -> Iterator[Session]:
         """A write transaction changing the agent: it bumps the agents counter when the
         body succeeds, and the listeners hear of it once the transaction has ended."""
@@ -134,10 +143,14 @@ def _bump(session: Session, name: str) -> int:
     return int(session.execute(statement).scalar_one())
 
 
-def _counter(session: Session, name: str) -> int:
-    return int(
-        session.execute(select(CounterRow.value).where(CounterRow.name == name)).scalar_one()
-    )
+def _counter(session: Session | Connection, name: str) -> int:
+    """A counter's value, read in the caller's transaction (a statement built once: the
+    entry revision is read for every issuance)."""
+    connection = session.connection() if isinstance(session, Session) else session
+    return int(connection.execute(_COUNTER, {"name": name}).scalar_one())
+
+
+_COUNTER = select(CounterRow.value).where(CounterRow.name == bindparam("name"))
 
 
 def _table(model: type[Any]) -> Table:

@@ -10,10 +10,11 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import Dialect
 
+from ca.datastore.interface import RevisionMoved
 from ca.datastore.records import AUTHORITY_KINDS, AuditNote, IssuedSvid
-from ca.datastore.schema import IssuedSvidRow
-from ca.datastore.sql.audit import _append_audit, _audit_details
-from ca.datastore.sql.base import SqlBase, _check_choice, _table
+from ca.datastore.schema import ENTRY_REVISION, IssuedSvidRow
+from ca.datastore.sql.audit import _append_audit_events, _audit_details
+from ca.datastore.sql.base import SqlBase, _check_choice, _counter, _table
 from sdk.errors import InvalidArgument
 
 
@@ -21,12 +22,22 @@ class IssuedSvidsMixin(SqlBase):
     """:class:`~ca.datastore.interface.IssuedSvidStore` on SQL."""
 
     def record_issued_svids(
-        self, svids: Sequence[IssuedSvid], *, audit: AuditNote | None = None
+        self,
+        svids: Sequence[IssuedSvid],
+        *,
+        audit: AuditNote | Sequence[AuditNote] | None = None,
+        revision: int | None = None,
     ) -> None:
         """Record issued SVIDs in one batch (one executemany); AlreadyExists (and
-        nothing recorded) if a serial repeats. ``audit``, the issuance's audit event,
-        is chained to the audit log in the same transaction: the record of SVIDs
+        nothing recorded) if a serial repeats. ``audit``, the issuance's audit event
+        (or events, chained in order: one per agent of a group of issuances), is
+        chained to the audit log in the same transaction: the record of SVIDs
         expires with them, the audit log keeps every issuance.
+
+        ``revision``, when given, is the entry revision the SVIDs' entries were
+        authorized at: the transaction reads the entry revision before it writes,
+        and raises :class:`~ca.datastore.interface.RevisionMoved` (nothing
+        written) when it is another.
 
         The rows go to the driver as they are, converted before the transaction
         opens: only ``expires_at`` needs converting, once per distinct value (a
@@ -62,13 +73,19 @@ class IssuedSvidsMixin(SqlBase):
         conflict = (
             "an SVID with one of these serial numbers is recorded already; serials must be unique"
         )
-        details = _audit_details(audit.details) if audit is not None else {}
-        with self._writing(conflict=conflict) as session:
-            session.connection().exec_driver_sql(statement.sql, parameters)
-            if audit is not None:
-                _append_audit(
-                    session, self._clock.now(), audit.actor, audit.action, audit.target, details
-                )
+        notes = [audit] if isinstance(audit, AuditNote) else list(audit or ())
+        events = [
+            (note.actor, note.action, note.target, _audit_details(note.details))
+            for note in notes
+        ]
+        with self._writing_core(conflict=conflict) as connection:
+            if revision is not None:
+                current = _counter(connection, ENTRY_REVISION)
+                if current != revision:
+                    raise RevisionMoved(revision, current)
+            connection.exec_driver_sql(statement.sql, parameters)
+            if events:
+                _append_audit_events(connection, self._clock.now(), events)
 
     def count_issued_svids(self) -> int:
         with self._reading() as session:

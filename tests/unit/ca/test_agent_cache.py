@@ -220,3 +220,21 @@ def test_refusals_are_not_remembered(store, reads):
     attest(store)
 
     assert cache.agent_or_refuse(SpiffeId(AGENT), 0x1F).serial == "1f"
+
+
+def test_cached_answers_only_from_memory_and_never_reads_the_database(store, reads):
+    attest(store)
+    cache, watcher = caught_up(store)
+
+    assert cache.cached(SpiffeId(AGENT), 0x1F) is None  # not asked for yet: no read
+    assert reads.reads == 0
+    agent = cache.agent_or_refuse(SpiffeId(AGENT), 0x1F)
+    assert cache.cached(SpiffeId(AGENT), 0x1F) == agent
+    assert cache.cached(SpiffeId(AGENT), 0x20) is None  # another SVID: not known
+    store.set_agent_banned(AGENT, True)
+    assert cache.cached(SpiffeId(AGENT), 0x1F) is None  # forgotten at once
+    store.set_agent_banned(AGENT, False)
+    cache.agent_or_refuse(SpiffeId(AGENT), 0x1F)
+    watcher.following = False
+    assert cache.cached(SpiffeId(AGENT), 0x1F) is None  # memory is not trusted then
+    assert reads.reads == 2

@@ -42,7 +42,7 @@ from ca.datastore import (
     as_new_entry,
     default_datastore_url,
 )
-from ca.datastore.interface import PROTOCOLS, Datastore, protocol_members
+from ca.datastore.interface import PROTOCOLS, Datastore, RevisionMoved, protocol_members
 from ca.datastore.migrate import (
     VERSION_TABLE,
     alembic_config,
@@ -65,6 +65,7 @@ from sdk.errors import (
 START = datetime(2030, 1, 1, tzinfo=UTC)
 TD = "spiffe://example.org"
 AGENT = f"{TD}/tessera/agent/x509pop/node-1"
+OTHER = f"{TD}/tessera/agent/x509pop/node-2"
 UNAVAILABLE_END = "; check that the database is running and the URL is right"
 
 
@@ -865,6 +866,46 @@ def test_issued_svids_and_their_audit_event_are_written_together(store: Datastor
     assert (event.actor, event.action, event.details) == (
         AGENT, "x509svid.issue", {"svids": [{"serial": "0a"}]})  # fmt: skip
     assert store.verify_audit() == AuditVerification(1)
+
+
+def test_issued_svids_of_a_group_are_written_with_an_audit_event_per_note(
+    store: Datastore,
+) -> None:
+    notes = [
+        AuditNote(actor=AGENT, action="x509svid.issue", target=AGENT,
+                  details={"svids": [{"serial": "0a"}, {"serial": "0b"}]}),
+        AuditNote(actor=OTHER, action="x509svid.issue", target=OTHER,
+                  details={"svids": [{"serial": "0c"}]}),
+    ]  # fmt: skip
+    store.record_issued_svids([svid("0a"), svid("0b"), svid("0c", agent_id=OTHER)], audit=notes)
+    with pytest.raises(AlreadyExists):
+        store.record_issued_svids([svid("0d"), svid("0c")], audit=notes)
+
+    assert store.count_issued_svids() == 3
+    assert [(e.actor, e.details) for e in reversed(store.list_audit())] == [
+        (note.actor, note.details) for note in notes]
+    assert store.verify_audit() == AuditVerification(2)
+
+
+def test_issued_svids_are_written_only_at_the_entry_revision_they_were_authorized_at(
+    store: Datastore,
+) -> None:
+    note = AuditNote(actor=AGENT, action="x509svid.issue", target=AGENT)
+    revision = store.current_revision()
+    store.record_issued_svids([svid("0a")], audit=note, revision=revision)
+    store.create_entry(new_entry())
+
+    with pytest.raises(RevisionMoved) as moved:
+        store.record_issued_svids([svid("0b")], audit=note, revision=revision)
+
+    assert (moved.value.expected, moved.value.revision) == (revision, revision + 1)
+    assert moved.value.message == f"the entry revision is {revision + 1}, no longer {revision}"
+    assert isinstance(moved.value, FailedPrecondition)
+    assert store.count_issued_svids() == 1
+    assert [e.action for e in store.list_audit()] == ["x509svid.issue"]
+    store.record_issued_svids([svid("0b")], audit=note, revision=revision + 1)
+    assert store.count_issued_svids() == 2
+    assert store.verify_audit().problem is None
 
 
 def test_issued_svids_are_stored_as_sqlalchemy_stores_them(

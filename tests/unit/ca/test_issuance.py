@@ -6,11 +6,16 @@ made with ``ca.entries.new_entry`` as the admin API makes them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sqlite3
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -22,13 +27,22 @@ from spiffe import SpiffeId
 from attestor.selector import Selector
 from ca.api.node import _compact_json, svid_json
 from ca.authority import X509, Authorities, AuthorityPolicy
-from ca.datastore import AttestedAgent, Datastore, RegistrationEntry
+from ca.datastore import (
+    AttestedAgent,
+    AuditEvent,
+    AuditNote,
+    AuditVerification,
+    Datastore,
+    IssuedSvid,
+    RegistrationEntry,
+    as_new_entry,
+)
 from ca.entries import new_entry
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer, agent_or_refuse
 from ca.keymanager import load_key_manager
 from sdk.clock import ManualClock
 from sdk.csr import build_csr
-from sdk.errors import InvalidArgument, PermissionDenied
+from sdk.errors import AlreadyExists, InvalidArgument, PermissionDenied, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
 from tests.unit.ca.conftest import START, TRUST_DOMAIN
 
@@ -561,3 +575,397 @@ def test_agent_or_refuse_refuses_a_stale_svid(store, agent):
     assert refused.value.message == (
         f"agent {AGENT} presented an SVID that is no longer its current one"
     )
+
+
+# -- batches signed at the same moment are recorded together -----------------------------
+#
+# The first batch's write is held inside the store until the others have queued behind it
+# (polled with a deadline; nothing sleeps for time), then released.
+
+DEADLINE = 10.0
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for something another thread does (not for time to pass)."""
+    deadline = time.monotonic() + DEADLINE
+    pause = threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        pause.wait(0.005)
+
+
+class HeldStore:
+    """The store, counting revision reads and recording each write of issued SVIDs; the
+    write after ``hold_next()`` waits for ``release()``, then does what ``fault`` says."""
+
+    def __init__(self, store: Datastore) -> None:
+        self._store = store
+        self.writes: list[tuple[list[IssuedSvid], list[AuditNote], int | None]] = []
+        self.revision_reads = 0
+        self.entered = threading.Event()
+        self.while_held: Callable[[], None] = lambda: None
+        self.fault: Callable[[list[IssuedSvid]], list[IssuedSvid]] = lambda svids: svids
+        self._next: threading.Event | None = None
+        self._held: threading.Event | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def current_revision(self) -> int:
+        self.revision_reads += 1
+        return self._store.current_revision()
+
+    def hold_next(self) -> None:
+        self._next = self._held = threading.Event()
+
+    def release(self) -> None:
+        assert self._held is not None
+        self._held.set()
+
+    def record_issued_svids(self, svids, *, audit=None, revision=None):
+        notes = [audit] if isinstance(audit, AuditNote) else list(audit or ())
+        self.writes.append((list(svids), notes, revision))
+        hold, self._next = self._next, None
+        if hold is not None:
+            self.entered.set()
+            assert hold.wait(DEADLINE), "the test never released the held write"
+            self.while_held()
+        self._store.record_issued_svids(self.fault(list(svids)), audit=audit, revision=revision)
+
+
+class Signing(threading.Thread):
+    """One request's sign_batch in a thread of its own, as the node API runs it."""
+
+    def __init__(self, issuer: Issuer, agent: AttestedAgent, *entries: RegistrationEntry,
+                 csrs: list[bytes] | None = None) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.issuer = issuer
+        self.agent = agent
+        self.requests = [
+            (entry.id, csr) for entry, csr in zip(
+                entries, csrs or [csr_for(e.spiffe_id)[0] for e in entries], strict=True)
+        ]  # fmt: skip
+        self.svids: list[IssuedX509] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.svids = self.issuer.sign_batch(self.agent, self.requests)
+        except BaseException as error:  # the test reads it
+            self.error = error
+
+
+@pytest.fixture
+def held(store: Datastore) -> HeldStore:
+    return HeldStore(store)
+
+
+@pytest.fixture
+def grouping_issuer(held: HeldStore, authorities: Authorities, clock: ManualClock) -> Issuer:
+    settings = IssuanceSettings(
+        trust_domain=TRUST_DOMAIN,
+        default_x509_svid_ttl=DEFAULT_X509_TTL,
+        default_jwt_svid_ttl=DEFAULT_JWT_TTL,
+    )
+    return Issuer(settings, held, authorities, clock)  # type: ignore[arg-type]
+
+
+def sign_together(issuer: Issuer, held: HeldStore, first: Signing, others: list[Signing],
+                  *, queued: int | None = None) -> None:  # fmt: skip
+    """Start ``first`` and hold its write; start the others, wait until ``queued`` of them
+    (all, unless told) wait behind it; release; join every one."""
+    held.hold_next()
+    first.start()
+    assert held.entered.wait(DEADLINE)
+    for signing in others:
+        signing.start()
+    expected = len(others) if queued is None else queued
+    wait_until(lambda: issuer.recording.waiting == expected, f"{expected} batches to queue")
+    held.release()
+    for signing in [first, *others]:
+        signing.join(DEADLINE)
+        assert not signing.is_alive()
+
+
+def x509_events(store: Datastore) -> list[AuditEvent]:
+    """The x509svid.issue events, oldest first."""
+    return [e for e in reversed(store.list_audit()) if e.action == "x509svid.issue"]
+
+
+def serials(svids: list[IssuedX509]) -> list[str]:
+    return [format(svid.serial_number, "x") for svid in svids]
+
+
+def test_batches_signed_during_a_write_share_the_next_transaction_and_audit_event(
+    store, held, grouping_issuer, agent
+):
+    web, db, cache, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                           for name in ("web", "db", "cache", "api"))  # fmt: skip
+    first = Signing(grouping_issuer, agent, web)
+    others = [Signing(grouping_issuer, agent, entry) for entry in (db, cache, api)]
+
+    sign_together(grouping_issuer, held, first, others)
+
+    assert [s.error for s in [first, *others]] == [None] * 4
+    assert [len(records) for records, _, _ in held.writes] == [1, 3]
+    assert grouping_issuer.recording.groups == 2
+    first_event, group_event = x509_events(store)
+    assert first_event.details["svids"][0]["serial"] == serials(first.svids)[0]
+    assert (group_event.actor, group_event.target) == (AGENT, AGENT)
+    named = group_event.details["svids"]
+    assert sorted(svid["serial"] for svid in named) == sorted(
+        serial for signing in others for serial in serials(signing.svids))
+    assert {svid["entry_id"] for svid in named} == {db.id, cache.id, api.id}
+    assert set(named[0]) == {"serial", "spiffe_id", "entry_id", "authority_id", "expires_at"}
+    assert store.count_issued_svids() == 4
+    assert store.verify_audit() == AuditVerification(checked=len(store.list_audit()))
+
+
+def test_the_revision_is_read_once_and_then_checked_in_each_group_s_transaction(
+    store, held, grouping_issuer, agent
+):
+    web, db, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                    for name in ("web", "db", "api"))  # fmt: skip
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    assert held.revision_reads == 1
+    first = Signing(grouping_issuer, agent, web)
+    others = [Signing(grouping_issuer, agent, entry) for entry in (db, api)]
+
+    sign_together(grouping_issuer, held, first, others)
+
+    assert [s.error for s in [first, *others]] == [None] * 3
+    assert held.revision_reads == 1  # no request read it again: each transaction checked it
+    revision = store.current_revision()
+    assert [condition for _, _, condition in held.writes] == [revision] * 3
+
+
+def test_two_agents_in_one_group_get_an_event_each_in_one_transaction(
+    store, held, grouping_issuer, agent, other_agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+    theirs = add_entry(store, "spiffe://example.org/theirs", OTHER_AGENT)
+    first = Signing(grouping_issuer, agent, web)
+    others = [Signing(grouping_issuer, agent, db), Signing(grouping_issuer, other_agent, theirs)]
+
+    sign_together(grouping_issuer, held, first, others)
+
+    assert [s.error for s in [first, *others]] == [None] * 3
+    records, notes, _ = held.writes[1]
+    assert len(records) == 2
+    assert sorted(note.actor for note in notes) == sorted([AGENT, OTHER_AGENT])
+    events = x509_events(store)[1:]
+    by_actor = {event.actor: event for event in events}
+    assert by_actor[AGENT].details["svids"][0]["entry_id"] == db.id
+    assert by_actor[OTHER_AGENT].details["svids"][0]["entry_id"] == theirs.id
+    assert by_actor[OTHER_AGENT].target == OTHER_AGENT
+    assert [records_of_event["spiffe_id"] for records_of_event in
+            by_actor[OTHER_AGENT].details["svids"]] == [theirs.spiffe_id]  # fmt: skip
+    assert store.verify_audit().problem is None
+
+
+def test_a_bad_csr_fails_its_own_request_and_not_the_others_of_its_group(
+    store, held, grouping_issuer, agent
+):
+    web, db, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                    for name in ("web", "db", "api"))  # fmt: skip
+    first = Signing(grouping_issuer, agent, web)
+    bad = Signing(grouping_issuer, agent, db, csrs=[b"not a CSR"])
+    good = Signing(grouping_issuer, agent, api)
+
+    sign_together(grouping_issuer, held, first, [bad, good], queued=1)
+
+    assert isinstance(bad.error, InvalidArgument)
+    assert bad.error.message.startswith(f"CSR 0 (entry {db.id}): ")
+    assert (first.error, good.error) == (None, None)
+    assert store.count_issued_svids() == 2
+    assert [e.details["svids"][0]["entry_id"] for e in x509_events(store)] == [web.id, api.id]
+
+
+def test_a_group_write_that_fails_leaves_nothing_and_each_batch_is_written_alone(
+    store, held, grouping_issuer, agent
+):
+    web, db, cache, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                           for name in ("web", "db", "cache", "api"))  # fmt: skip
+    first = Signing(grouping_issuer, agent, web)
+    others = [Signing(grouping_issuer, agent, entry) for entry in (db, cache, api)]
+
+    def repeat_a_serial(svids: list[IssuedSvid]) -> list[IssuedSvid]:
+        # cache's SVID gets the serial of web's: the database refuses the transaction.
+        taken = held.writes[0][0][0].serial
+        return [replace(s, serial=taken) if s.spiffe_id == cache.spiffe_id else s
+                for s in svids]  # fmt: skip
+
+    held.fault = repeat_a_serial
+    sign_together(grouping_issuer, held, first, others)
+
+    assert [len(records) for records, _, _ in held.writes] == [1, 3, 1, 1, 1]
+    assert isinstance(others[1].error, AlreadyExists)
+    assert [s.error for s in (first, others[0], others[2])] == [None] * 3
+    assert sorted(spiffe_id for _, spiffe_id, _, _ in issued_rows(store_url(store))) == sorted(
+        [web.spiffe_id, db.spiffe_id, api.spiffe_id])
+    assert [e.details["svids"][0]["entry_id"] for e in x509_events(store)] == [
+        web.id, *(s.requests[0][0] for s in (others[0], others[2]))]
+    assert store.verify_audit().problem is None
+
+
+def test_a_write_the_datastore_cannot_make_fails_every_request_of_the_group(
+    store, held, grouping_issuer, agent
+):
+    web, db, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                    for name in ("web", "db", "api"))  # fmt: skip
+    first = Signing(grouping_issuer, agent, web)
+    others = [Signing(grouping_issuer, agent, entry) for entry in (db, api)]
+
+    def unavailable(svids: list[IssuedSvid]) -> list[IssuedSvid]:
+        if len(held.writes) > 1:
+            raise Unavailable("the datastore is unavailable: connection refused")
+        return svids
+
+    held.fault = unavailable
+    sign_together(grouping_issuer, held, first, others)
+
+    assert first.error is None
+    assert [str(s.error) for s in others] == [
+        "the datastore is unavailable: connection refused"] * 2
+    assert len(held.writes) == 2  # not retried one by one: the store is down for all
+    assert store.count_issued_svids() == 1
+    assert len(x509_events(store)) == 1
+    assert store.verify_audit().problem is None
+
+
+def test_an_entry_that_changes_while_its_batch_waits_is_checked_again_before_recording(
+    store, held, grouping_issuer, agent, clock
+):
+    web, db, cache, api = (add_entry(store, f"spiffe://example.org/{name}", AGENT)
+                           for name in ("web", "db", "cache", "api"))  # fmt: skip
+    first = Signing(grouping_issuer, agent, web)
+    deleted = Signing(grouping_issuer, agent, db)
+    changed = Signing(grouping_issuer, agent, cache)
+    unchanged = Signing(grouping_issuer, agent, api)
+
+    def change_the_entries() -> None:  # after the three have signed, before anything is written
+        store.delete_entry(db.id)
+        store.update_entry(cache.id, replace(as_new_entry(cache), x509_svid_ttl=120))
+
+    held.while_held = change_the_entries
+    sign_together(grouping_issuer, held, first, [deleted, changed, unchanged])
+
+    assert isinstance(deleted.error, PermissionDenied)
+    assert deleted.error.message == f"entry {db.id} is not authorized for agent {AGENT}"
+    assert (first.error, changed.error, unchanged.error) == (None, None, None)
+    # signed again, at the entry's new TTL, once the group saw the revision had moved
+    assert changed.svids[0].expires_at == clock.now() + timedelta(seconds=120)
+    assert unchanged.svids[0].expires_at == clock.now() + DEFAULT_X509_TTL
+    recorded = {spiffe_id for _, spiffe_id, _, _ in issued_rows(store_url(store))}
+    assert recorded == {web.spiffe_id, cache.spiffe_id, api.spiffe_id}
+    named = [svid["serial"] for e in x509_events(store) for svid in e.details["svids"]]
+    assert sorted(named) == sorted(
+        serials(first.svids) + serials(changed.svids) + serials(unchanged.svids))
+    assert store.verify_audit().problem is None
+
+
+def store_url(store: Datastore) -> str:
+    return str(store._engines.engine.url)  # type: ignore[attr-defined]
+
+
+# -- small batches signed on the event loop ---------------------------------------------
+
+
+def sign_async(issuer: Issuer, agent: AttestedAgent, *entries: RegistrationEntry
+               ) -> list[IssuedX509] | None:  # fmt: skip
+    requests = [(entry.id, csr_for(entry.spiffe_id)[0]) for entry in entries]
+    return asyncio.run(issuer.sign_batch_async(agent, requests))
+
+
+def test_a_batch_is_not_signed_on_the_loop_until_the_revision_is_known(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+
+    assert sign_async(grouping_issuer, agent, web) is None
+
+    assert (held.revision_reads, held.writes, store.count_issued_svids()) == (0, [], 0)
+
+
+def test_a_batch_is_signed_on_the_loop_from_memory_and_recorded_before_it_returns(
+    store, held, grouping_issuer, agent
+):
+    web, db = (add_entry(store, f"spiffe://example.org/{name}", AGENT) for name in ("web", "db"))
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+
+    [issued] = sign_async(grouping_issuer, agent, db) or []
+
+    assert issued.entry_id == db.id
+    assert held.revision_reads == 1  # the first batch's; none since
+    assert held.writes[-1][2] == store.current_revision()  # the write checked it
+    [event, _] = x509_events(store)[::-1]
+    assert event.details["svids"][0]["serial"] == format(issued.serial_number, "x")
+    assert store.count_issued_svids() == 2
+    assert store.verify_audit().problem is None
+
+
+def test_batches_signed_on_the_loop_in_one_turn_share_a_transaction_and_an_event(
+    store, held, grouping_issuer, agent
+):
+    entries = [add_entry(store, f"spiffe://example.org/w{n}", AGENT) for n in range(4)]
+    grouping_issuer.sign_batch(agent, [(entries[0].id, csr_for(entries[0].spiffe_id)[0])])
+
+    async def together() -> list[list[IssuedX509] | None]:
+        return await asyncio.gather(*(
+            grouping_issuer.sign_batch_async(agent, [(e.id, csr_for(e.spiffe_id)[0])])
+            for e in entries[1:]))  # fmt: skip
+
+    answers = asyncio.run(together())
+
+    assert [len(answer or []) for answer in answers] == [1, 1, 1]
+    assert [len(records) for records, _, _ in held.writes] == [1, 3]
+    group_event = x509_events(store)[-1]
+    assert sorted(svid["entry_id"] for svid in group_event.details["svids"]) == sorted(
+        e.id for e in entries[1:])
+    assert store.verify_audit().problem is None
+
+
+def test_an_entry_memory_does_not_know_sends_the_batch_to_a_worker_thread(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    new = add_entry(store, "spiffe://example.org/new", AGENT)  # after the revision it knows
+    unknown = replace(new, id="no-such-entry")
+
+    assert sign_async(grouping_issuer, agent, new) is None
+    assert sign_async(grouping_issuer, agent, unknown) is None
+    assert len(held.writes) == 1
+    [issued] = grouping_issuer.sign_batch(agent, [(new.id, csr_for(new.spiffe_id)[0])])
+    assert issued.entry_id == new.id
+
+
+def test_a_bad_csr_is_refused_on_the_loop_with_nothing_recorded(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+
+    with pytest.raises(InvalidArgument, match=rf"^CSR 0 \(entry {web.id}\): "):
+        asyncio.run(grouping_issuer.sign_batch_async(agent, [(web.id, b"not a CSR")]))
+    assert len(held.writes) == 1
+
+
+def test_an_entry_deleted_before_its_loop_batch_is_written_is_not_recorded(
+    store, held, grouping_issuer, agent
+):
+    web = add_entry(store, "spiffe://example.org/web", AGENT)
+    db = add_entry(store, "spiffe://example.org/db", AGENT)
+    grouping_issuer.sign_batch(agent, [(web.id, csr_for(web.spiffe_id)[0])])
+    held.hold_next()
+    held.release()  # nothing waits: the test only needs the change before the write
+    held.while_held = lambda: store.delete_entry(db.id)
+
+    assert sign_async(grouping_issuer, agent, db) is None  # signed, refused, not recorded
+
+    assert store.count_issued_svids() == 1
+    with pytest.raises(PermissionDenied):
+        grouping_issuer.sign_batch(agent, [(db.id, csr_for(db.spiffe_id)[0])])
+    assert store.count_issued_svids() == 1
+    assert store.verify_audit().problem is None
