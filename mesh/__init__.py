@@ -24,14 +24,37 @@ The modules, one idea each:
 - :mod:`mesh.hosts`, :mod:`mesh.principals`, :mod:`mesh.durations`, :mod:`mesh.regex`,
   :mod:`mesh.httpsyntax`, :mod:`mesh.names` — the values fields hold, and their checks;
 - :mod:`mesh.errors` — :class:`ConfigError` and its :class:`FieldError`s.
+
+The compiler (pure too: configuration, catalog and a proxy's identity in, its view out)::
+
+    view = compile_view(config, catalog, SidecarProxy("orders", "spiffe://example.org/orders"))
+    explain(config, catalog, caller="spiffe://example.org/orders", service="users-service",
+            path="/api/v1/users").allowed
+    describe(config, catalog, "users-service").lines()
+
+- :mod:`mesh.catalog` — the instances of each Service (:class:`Catalog`, :class:`Instance`);
+- :mod:`mesh.proxy` — who a view is for (:class:`SidecarProxy`, :class:`GatewayProxy`);
+- :mod:`mesh.request` — a request as routes and policies see it (:class:`HttpRequest`);
+- :mod:`mesh.view` — the view and its parts, each naming its :class:`Source`;
+- :mod:`mesh.defaults` — every default the compiler applies, in one place;
+- :mod:`mesh.compile` — :func:`compile_view`;
+- :mod:`mesh.explain` — why a request goes where it goes (:func:`explain`,
+  :func:`explain_gateway`);
+- :mod:`mesh.describe` — what each proxy of a Service does, line by line (:func:`describe`).
 """
 
 from __future__ import annotations
 
+from mesh.catalog import Catalog, Instance
+from mesh.compile import compile_view
 from mesh.config import Change, Config
-from mesh.errors import ConfigError, FieldError, MeshError
+from mesh.describe import Description, describe, describe_view
+from mesh.errors import ConfigError, FieldError, MeshError, UnknownServiceError
+from mesh.explain import Explanation, explain, explain_gateway
 from mesh.parse import parse_documents
+from mesh.proxy import GatewayProxy, SidecarProxy
 from mesh.references import check_references
+from mesh.request import HttpRequest
 from mesh.resources import (
     KINDS,
     AnyResource,
@@ -47,6 +70,7 @@ from mesh.resources import (
     kind_named,
 )
 from mesh.validation import parse_resource
+from mesh.view import Source, View
 from mesh.yamlload import MAX_DOCUMENTS, MAX_INPUT_BYTES
 
 __all__ = [
@@ -55,20 +79,35 @@ __all__ = [
     "MAX_INPUT_BYTES",
     "AnyResource",
     "AuthorizationPolicy",
+    "Catalog",
     "Change",
     "Config",
     "ConfigError",
+    "Description",
     "DestinationRule",
+    "Explanation",
     "FieldError",
     "Gateway",
+    "GatewayProxy",
+    "HttpRequest",
+    "Instance",
     "MeshError",
     "RateLimit",
     "RequestAuthentication",
     "Resource",
     "ResourceKey",
     "Service",
+    "SidecarProxy",
+    "Source",
+    "UnknownServiceError",
+    "View",
     "VirtualService",
     "check_references",
+    "compile_view",
+    "describe",
+    "describe_view",
+    "explain",
+    "explain_gateway",
     "kind_named",
     "parse_documents",
     "parse_resource",

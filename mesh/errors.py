@@ -4,8 +4,11 @@
     ├── ConfigError (sdk.errors)      a flag, environment variable or config file is wrong
     │   └── mesh.ConfigError          mesh configuration that cannot be applied: every
     │                                 FieldError found, at once
+    ├── NotFound (sdk.errors)
+    │   └── mesh.UnknownServiceError  describe/explain of a Service that does not exist
     └── MeshError                     root of the mesh's own errors
-        └── mesh.ConfigError
+        ├── mesh.ConfigError
+        └── mesh.UnknownServiceError
 
 A :class:`FieldError` names the resource (kind and name), the path of the field in it
 and what is wrong, and reads as one line::
@@ -32,12 +35,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sdk.errors import ConfigError as _SdkConfigError
-from sdk.errors import TesseraError
+from sdk.errors import NotFound, TesseraError
 
 __all__ = [
     "ConfigError",
     "FieldError",
     "MeshError",
+    "UnknownServiceError",
     "describe",
 ]
 
@@ -101,6 +105,16 @@ class ConfigError(MeshError, _SdkConfigError):
         if not self.errors:
             raise ValueError("a ConfigError needs at least one FieldError")
         super().__init__("\n".join(str(error) for error in self.errors))
+
+
+class UnknownServiceError(MeshError, NotFound):
+    """A Service asked about (``mesh describe``, ``mesh explain``) is not configured."""
+
+    status = 404
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        super().__init__(f"Service {service} does not exist")
 
 
 _MAX_SHOWN = 40
