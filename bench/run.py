@@ -30,13 +30,15 @@ from bench import (
     machine,
     mtls_proxy,
     propagation,
+    startup,
     workload_api,
 )
 from bench.report import Figure, Outcome, Skipped, render_table, write_json
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, handshakes)
+    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, handshakes,
+                   startup)
 }
 
 

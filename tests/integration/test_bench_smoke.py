@@ -25,7 +25,7 @@ from tests.conftest import missing_service
 pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mtls_proxy",
-             "handshakes"]
+             "handshakes", "startup"]
 
 
 @pytest.mark.timeout(300)
