@@ -19,11 +19,16 @@ TIMEOUT_SECONDS = 30.0
 
 
 class AdminApiError(TesseraError):
-    """The server refused an admin request; carries the server's status and reason."""
+    """The server refused an admin request; carries the server's status and reason, and
+    for a mesh configuration that cannot be applied, each of its problems
+    (``field_errors``: ``{"kind", "name", "path", "message", "source", "document"}``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, field_errors: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.field_errors = field_errors or []
 
 
 class AdminClient:
@@ -37,6 +42,8 @@ class AdminClient:
         *,
         json: Any = None,
         params: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
         raw: bool = False,
     ) -> Any:
         transport = httpx.HTTPTransport(uds=str(self.socket_path))
@@ -44,11 +51,15 @@ class AdminClient:
             with httpx.Client(
                 transport=transport, base_url="http://tessera", timeout=TIMEOUT_SECONDS
             ) as client:
-                response = client.request(method, path, json=json, params=params)
+                response = client.request(
+                    method, path, json=json, params=params, content=content, headers=headers
+                )
         except httpx.TransportError as err:
             raise unreachable(self.socket_path, err) from err
         if response.status_code >= 400:
-            raise AdminApiError(response.status_code, _reason(response))
+            raise AdminApiError(
+                response.status_code, _reason(response), _field_errors(response)
+            )
         if raw:
             return response.content
         return response.json()
@@ -103,6 +114,14 @@ def _os_error(err: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _field_errors(response: httpx.Response) -> list[dict[str, Any]]:
+    try:
+        errors = response.json()["error"]["field_errors"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
 
 
 def _reason(response: httpx.Response) -> str:
