@@ -28,11 +28,16 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 class AdminApiError(TesseraError):
-    """The server refused an admin request; carries the server's status and reason."""
+    """The server refused an admin request; carries the server's status and reason, and
+    for a mesh configuration that cannot be applied, each of its problems
+    (``field_errors``: ``{"kind", "name", "path", "message", "source", "document"}``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, field_errors: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.field_errors = field_errors or []
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -87,7 +92,8 @@ class AdminClient:
             raise CAError(f"the server's answer to {method} {path} is over "
                           f"{MAX_RESPONSE_BYTES // (1024 * 1024)} MiB")  # fmt: skip
         if response.status >= 400:
-            raise AdminApiError(response.status, _reason(response.status, answer))
+            raise AdminApiError(response.status, _reason(response.status, answer),
+                                _field_errors(answer))  # fmt: skip
         if raw:
             return answer
         try:
@@ -145,6 +151,14 @@ def _os_error(err: BaseException) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _field_errors(answer: bytes) -> list[dict[str, Any]]:
+    try:
+        errors = jsonlib.loads(answer)["error"]["field_errors"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
 
 
 def _reason(status: int, answer: bytes) -> str:

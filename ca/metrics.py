@@ -35,3 +35,10 @@ TOMBSTONES_PURGED = Counter(
     "tessera_server_tombstones_purged",
     "Tombstones of deleted entries this server purged once older than the retention",
 )
+MESH_REVISION = Gauge(
+    "tessera_server_mesh_revision", "The datastore's mesh configuration revision"
+)
+MESH_TOMBSTONES_PURGED = Counter(
+    "tessera_server_mesh_tombstones_purged",
+    "Tombstones of deleted mesh resources this server purged once older than the retention",
+)

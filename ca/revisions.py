@@ -1,14 +1,15 @@
-"""Telling waiting agents that the entries or the bundle changed, without polling them.
+"""Telling waiting agents that the entries, the bundle or the mesh configuration changed,
+without polling them.
 
-The datastore's entry revision and bundle sequence are the clocks of every
-change an agent must hear of; its agents counter is the clock of changes to
+The datastore's entry revision, bundle sequence and mesh revision are the clocks of
+every change an agent must hear of; its agents counter is the clock of changes to
 attested agents (what the node API's agent cache follows). The watcher keeps the
-latest three in memory — learned at once from this server's own changes
+latest four in memory — learned at once from this server's own changes
 (:meth:`RevisionWatcher.poke`) and by a cheap periodic read for changes made by
 other servers on the same database — and wakes every agent long-polling for
 something past what it has::
 
-    watcher = RevisionWatcher(store.sync_counters)    # (revision, bundle, agents)
+    watcher = RevisionWatcher(store.sync_counters)    # (revision, bundle, agents, mesh)
     asyncio.create_task(watcher.run())
     if watcher.following: ...                          # its values are fresh
 
@@ -27,8 +28,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-Counters = tuple[int, int, int]
-"""(entry revision, bundle sequence, agents counter)."""
+Counters = tuple[int, int, int, int]
+"""(entry revision, bundle sequence, agents counter, mesh revision)."""
 
 
 class RevisionWatcher:
@@ -49,6 +50,7 @@ class RevisionWatcher:
         self.revision = 0
         self.bundle_sequence = 0
         self.agents = 0
+        self.mesh_revision = 0
         self._read_at: float | None = None  # when the last read that worked ended
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -96,25 +98,40 @@ class RevisionWatcher:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _set(self, revision: int, bundle_sequence: int = 0, agents: int = 0) -> None:
+    def _set(
+        self, revision: int, bundle_sequence: int = 0, agents: int = 0, mesh_revision: int = 0
+    ) -> None:
         self.agents = agents  # nothing waits on it: the agent cache compares it
-        if (revision, bundle_sequence) != (self.revision, self.bundle_sequence):
+        now = (revision, bundle_sequence, mesh_revision)
+        if now != (self.revision, self.bundle_sequence, self.mesh_revision):
             self.revision = revision
             self.bundle_sequence = bundle_sequence
+            self.mesh_revision = mesh_revision
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 
     async def wait_past(
-        self, seen: int, timeout: float, *, seen_bundle: int | None = None
+        self,
+        seen: int,
+        timeout: float,
+        *,
+        seen_bundle: int | None = None,
+        seen_mesh: int | None = None,
     ) -> int:
         """Return once the revision differs from ``seen`` (or the bundle sequence from
-        ``seen_bundle``, when given), or after ``timeout`` seconds."""
+        ``seen_bundle``, or the mesh revision goes past ``seen_mesh``, when given), or
+        after ``timeout`` seconds.
+
+        The mesh revision must go *past* the one seen: an agent that has just read a
+        newer one from the datastore than this watcher has yet is not woken by the
+        watcher catching up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while (
             not self.closed
             and self.revision == seen
             and seen_bundle in (None, self.bundle_sequence)
+            and (seen_mesh is None or self.mesh_revision <= seen_mesh)
         ):
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -170,6 +170,8 @@ class Server:
         self._next_count = 0.0
         self.tombstones = TombstoneHorizon(config.tombstone_retention)
         self._purged_below = 0
+        self.mesh_tombstones = TombstoneHorizon(config.tombstone_retention)
+        self._mesh_purged_below = 0
 
     def _close_store(self) -> None:
         """Give up the lease (so the server may start again at once) and close the store."""
@@ -367,6 +369,7 @@ class Server:
             expiry = self.authorities.active(kind).not_after.timestamp()
             metrics.AUTHORITY_EXPIRY.labels(kind).set(expiry)
         metrics.ENTRY_REVISION.set(self.watcher.revision)
+        metrics.MESH_REVISION.set(self.watcher.mesh_revision)
         if time.monotonic() >= self._next_count:  # counting is a query: every 15 s is plenty
             metrics.ENTRIES.set(self.store.count_entries())
             metrics.AGENTS.set(self.store.count_agents())
@@ -384,6 +387,13 @@ class Server:
         if horizon > self._purged_below:
             metrics.TOMBSTONES_PURGED.inc(self.store.purge_tombstones(horizon))
             self._purged_below = horizon
+        # The mesh's tombstones likewise; an agent synced below the horizon gets the
+        # whole configuration again (Datastore.mesh_changed_since).
+        self.mesh_tombstones.sample(now, self.store.mesh_revision())
+        mesh_horizon = self.mesh_tombstones.revision(now)
+        if mesh_horizon > self._mesh_purged_below:
+            metrics.MESH_TOMBSTONES_PURGED.inc(self.store.purge_mesh_tombstones(mesh_horizon))
+            self._mesh_purged_below = mesh_horizon
 
 
 def _check_listen_addresses(config: ServerConfig) -> None:

@@ -5,6 +5,7 @@ under the root group, each imported only when its name is used, so ``tessera
 server entry show`` loads neither the agent nor the sidecar:
 
     tessera server ...    ca.cli:server            (the server, the CA)
+    tessera mesh ...      ca.cli.mesh:mesh_group   (the mesh configuration, on the server)
     tessera agent ...     workload_api.cli:agent
     tessera sidecar ...   sdk.sidecar.cli:sidecar
 
@@ -32,11 +33,12 @@ CONTEXT: Final = {"help_option_names": ["-h", "--help"], "max_content_width": 10
 # The commands that need extras beyond the base install, and their names.
 EXTRAS: Final = {
     "server": ("server",),
+    "mesh": ("server",),
     "agent": ("agent",),
     "up": ("server", "agent"),
     "demo": ("server", "agent"),
 }
-OWN_PACKAGES: Final = frozenset({"tessera", "ca", "workload_api", "attestor", "sdk"})
+OWN_PACKAGES: Final = frozenset({"tessera", "ca", "workload_api", "attestor", "sdk", "mesh"})
 
 
 class MissingExtra(click.ClickException):
@@ -107,6 +109,7 @@ def _refusing_command(name: str, refusal: MissingExtra) -> click.Command:
     context_settings=CONTEXT,
     lazy={
         "server": "ca.cli:server",
+        "mesh": "ca.cli.mesh:mesh_group",
         "agent": "workload_api.cli:agent",
         "sidecar": "sdk.sidecar.cli:sidecar",
     },

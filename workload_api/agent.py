@@ -16,7 +16,11 @@ What it does, in order:
    fallback interval, and the next rotation's due time). Each round also
    fetches the bundles, generates an EC P-256 key per entry that needs an
    SVID (new, changed, or due for rotation), sends the CSRs in batches, and
-   renews the agent's own SVID when due.
+   renews the agent's own SVID when due. The same long poll wakes when the
+   mesh configuration changes; the agent then fetches the resources changed
+   since its mesh revision into :attr:`Agent.mesh`
+   (:class:`~workload_api.mesh_sync.MeshState`), what the proxies on the node
+   read.
 3. **Serving.** The agent is the :class:`~workload_api.identity.IdentityProvider`
    of the Workload API server: it attests callers with the workload
    attestors (in a worker thread) and answers from the cache. JWT-SVIDs are
@@ -75,6 +79,7 @@ from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_au
 from workload_api.config import AgentConfig
 from workload_api.grpc_limits import ServerLimits
 from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context
+from workload_api.mesh_sync import MeshState
 from workload_api.node_attestation import (
     NodeAttestorAgent,
     attest,
@@ -134,6 +139,7 @@ class Agent:
         self._progress = progress or (lambda message: _log.info("%s", message))
         self.cache = SvidCache(config.trust_domain, clock=clock, rng=self._rng)
         self.jwt_cache = JwtSvidCache(clock=clock)
+        self.mesh = MeshState()
         self._attestors: list[WorkloadAttestor] = (
             list(workload_attestors)
             if workload_attestors is not None
@@ -299,6 +305,7 @@ class Agent:
             self._revision,
             wait if self._revision else 0,
             bundle_sequence=self._bundle_sequence,
+            mesh_revision=self.mesh.revision,
         )
         try:
             changed = [AuthorizedEntry.from_json(e) for e in update.entries]
@@ -312,6 +319,9 @@ class Agent:
         if update.bundle_sequence is None or update.bundle_sequence != self._bundle_sequence:
             await self._refresh_bundles()
             self._bundle_sequence = update.bundle_sequence
+        # The mesh configuration: only what changed since the agent's revision.
+        if update.mesh_revision is not None and update.mesh_revision != self.mesh.revision:
+            self.mesh.apply(await self._client.mesh_changes(self.mesh.revision))
         tainted = update.tainted_authorities
         x509_tainted = self.cache.set_tainted(tainted)
         jwt_tainted = self.jwt_cache.forget_signed_by(tainted)

@@ -36,6 +36,8 @@ __all__ = [
     "CACHED_X509_SVIDS",
     "ENTRIES",
     "LAST_SYNC",
+    "MESH_RESOURCES",
+    "MESH_REVISION",
     "SVIDS_ROTATED",
     "SYNC_FAILURES",
     "SYNC_LAG",
@@ -63,6 +65,13 @@ SYNC_FAILURES: Final = Counter(
 )
 for _kind in ("agent", "x509", "jwt"):
     SVIDS_ROTATED.labels(_kind)
+MESH_REVISION: Final = Gauge(
+    "tessera_agent_mesh_revision",
+    "The server's mesh configuration revision this agent has (0: none received)",
+)
+MESH_RESOURCES: Final = Gauge(
+    "tessera_agent_mesh_resources", "Resources in the agent's mesh configuration"
+)
 AGENT_SVID_EXPIRY: Final = Gauge(
     "tessera_agent_svid_expiry_timestamp_seconds", "UNIX time the agent's own SVID expires"
 )

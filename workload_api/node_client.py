@@ -6,6 +6,7 @@
     client.configure(anchors=..., identity=(chain, key))   # from now on, present the SVID
     update = await client.entries(since=0, wait=0)
     svids = await client.sign_x509([(entry_id, csr_der)])
+    mesh = await client.mesh_changes(since=0)   # when update.mesh_revision moved
     await client.aclose()
 
 Every connection checks, during the TLS handshake and before a byte of the
@@ -71,6 +72,7 @@ __all__ = [
     "AgentBanned",
     "EntriesUpdate",
     "IssuedSvid",
+    "MeshUpdate",
     "NodeClient",
     "WrongTrustDomain",
     "retry_backoff",
@@ -134,6 +136,22 @@ class EntriesUpdate:
     """The server's bundle sequence; a change means the bundles must be fetched again."""
     tainted_authorities: frozenset[str] = frozenset()
     """Authorities (X.509 SKIs, JWT key IDs) whose SVIDs must be replaced now."""
+    mesh_revision: int | None = None
+    """The server's mesh revision; when it differs from the agent's, the agent fetches
+    the mesh configuration's changes. None from a server without a mesh."""
+
+
+@dataclass(frozen=True)
+class MeshUpdate:
+    """One answer of ``GET /v1/agent/mesh``: what changed since the revision asked for."""
+
+    revision: int
+    full: bool
+    """The resources are the whole configuration: drop everything else."""
+    resources: tuple[Mapping[str, Any], ...]
+    """Created or changed resources: ``{"kind", "name", "revision", "document"}``."""
+    deleted: tuple[tuple[str, str], ...]
+    """(kind, name) of each resource deleted."""
 
 
 @dataclass(frozen=True)
@@ -265,15 +283,23 @@ class NodeClient:
         return svid.chain_der, svid.expires_at
 
     async def entries(
-        self, since: int, wait: float, *, bundle_sequence: int | None = None
+        self,
+        since: int,
+        wait: float,
+        *,
+        bundle_sequence: int | None = None,
+        mesh_revision: int | None = None,
     ) -> EntriesUpdate:
-        """Entries changed since ``since``; with ``wait``, held until the entries or the
-        bundle (when ``bundle_sequence`` names the one the agent has) change."""
+        """Entries changed since ``since``; with ``wait``, held until the entries, the
+        bundle (when ``bundle_sequence`` names the one the agent has) or the mesh
+        configuration (when ``mesh_revision`` names the one it has) change."""
         params: dict[str, Any] = {"since": since}
         if wait > 0:
             params["wait"] = round(wait, 3)
         if bundle_sequence is not None:
             params["bundle"] = bundle_sequence
+        if mesh_revision is not None:
+            params["mesh"] = mesh_revision
         result = await self._call(
             "GET", "/v1/agent/entries", params=params, timeout=wait + LONG_POLL_MARGIN
         )
@@ -288,9 +314,31 @@ class NodeClient:
                 tainted_authorities=frozenset(
                     str(i) for i in result.get("tainted_authorities", ())
                 ),
+                mesh_revision=(
+                    int(result["mesh_revision"]) if "mesh_revision" in result else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise Unavailable(f"the server sent a malformed entries answer: {err}") from err
+
+    async def mesh_changes(self, since: int) -> MeshUpdate:
+        """The mesh configuration's changes since mesh revision ``since`` (all of it for 0)."""
+        result = await self._call("GET", "/v1/agent/mesh", params={"since": since})
+        try:
+            resources = tuple(result["resources"])
+            for resource in resources:
+                if not isinstance(resource, Mapping) or not isinstance(
+                    resource.get("document"), Mapping
+                ):
+                    raise TypeError("a resource without its document")
+            return MeshUpdate(
+                revision=int(result["revision"]),
+                full=bool(result["full"]),
+                resources=resources,
+                deleted=tuple((str(d["kind"]), str(d["name"])) for d in result["deleted"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise Unavailable(f"the server sent a malformed mesh answer: {err}") from err
 
     async def sign_x509(self, requests: Sequence[tuple[str, bytes]]) -> list[IssuedSvid]:
         """Sign CSRs, one per entry, in batches of at most 500."""

@@ -19,6 +19,7 @@ from pydantic import Field
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
 from ca.api.errors import BodySizeLimit, RequestBody, error_responses, install_error_handlers
+from ca.api.meshconfig import BODY_LIMITS, mesh_router
 from ca.authority import Authorities
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent, Authority, JoinToken
@@ -384,5 +385,6 @@ def create_admin_app(
     app.include_router(
         federation_router(store=store, trust_domain=trust_domain, changed=changed, audit=audit)
     )
-    app.add_middleware(BodySizeLimit)
+    app.include_router(mesh_router(store=store, changed=changed))
+    app.add_middleware(BodySizeLimit, paths=BODY_LIMITS)
     return app

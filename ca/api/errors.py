@@ -8,6 +8,14 @@ one shape, :class:`ErrorResponse`::
 
     {"error": {"code": "not_found", "message": "registration entry 7 not found; ..."}}
 
+A mesh configuration that cannot be applied (:class:`mesh.ConfigError`) adds every
+problem, one object each, as ``field_errors``::
+
+    {"error": {"code": "invalid_argument", "message": "<one line per problem>",
+               "field_errors": [{"kind": "VirtualService", "name": "reviews",
+                                 "path": "spec.http[0].route[0].weight",
+                                 "message": "...", "source": "mesh.yaml", "document": 2}]}}
+
 The OpenAPI schema says so: a route names the refusals it can answer with
 ``responses=error_responses(404, 409)``, and :func:`install_error_handlers`
 makes the schema document, on every operation, the 400 that validation gives
@@ -18,6 +26,7 @@ operation with a body, the 413 of :class:`BodySizeLimit`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -27,6 +36,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mesh import ConfigError as MeshConfigError
+from mesh import FieldError
 from sdk.errors import TesseraError
 
 log = logging.getLogger(__name__)
@@ -59,7 +70,8 @@ _DESCRIPTIONS = {
     404: "The named thing does not exist",
     409: "It exists already",
     412: "The state does not allow it now",
-    413: f"The request body is larger than {MAX_BODY_BYTES} bytes",
+    413: f"The request body is larger than {MAX_BODY_BYTES} bytes (the mesh configuration's "
+    "apply: 4 MiB)",
     503: "A dependency (the datastore) is not answering",
 }
 
@@ -71,9 +83,23 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FieldErrorDetail(BaseModel):
+    """One problem of a mesh configuration: the resource, the path of the field in it
+    and what is wrong. ``kind`` and ``name`` are empty where the document did not get
+    that far; then ``source`` and ``document`` (from 1) say where it is."""
+
+    kind: str
+    name: str
+    path: str
+    message: str
+    source: str = ""
+    document: int = 0
+
+
 class ErrorDetail(BaseModel):
     code: ErrorCode
     message: str
+    field_errors: list[FieldErrorDetail] | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -84,6 +110,17 @@ class ErrorResponse(BaseModel):
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"code": code or _CODES.get(status, "internal"), "message": message}}
+
+
+def field_error_json(error: FieldError) -> dict[str, Any]:
+    return {
+        "kind": error.kind,
+        "name": error.name,
+        "path": error.path,
+        "message": error.message,
+        "source": error.source,
+        "document": error.document,
+    }
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -104,6 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(exc.status, exc.message, exc.code), status_code=exc.status
         )
+
+    @app.exception_handler(MeshConfigError)
+    async def _mesh_config_error(request: Request, exc: MeshConfigError) -> JSONResponse:
+        body = error_body(exc.status, exc.message, exc.code)
+        body["error"]["field_errors"] = [field_error_json(e) for e in exc.errors]
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -173,19 +216,28 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``limit`` bytes with 413 before reading them whole."""
+    """Refuse request bodies over ``limit`` bytes with 413 before reading them whole;
+    ``paths`` gives some paths a limit of their own (the mesh configuration's apply
+    takes up to :data:`mesh.MAX_INPUT_BYTES`)."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = MAX_BODY_BYTES,
+        paths: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.paths = dict(paths or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope.get("path", ""), self.limit)
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _too_large(send, self.limit)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _too_large(send, limit)
                 return
         received = 0
         started = False
@@ -200,11 +252,11 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     refused = True
                     if not started:
                         started = True
-                        await _too_large(send, self.limit)
+                        await _too_large(send, limit)
                     return {"type": "http.disconnect"}
             return message
 

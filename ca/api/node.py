@@ -4,6 +4,7 @@
     POST /v1/agent/renew         renew the calling agent's SVID
     GET  /v1/agent/entries       entries authorized for the caller since a revision;
                                  ?wait=N holds the request until something changes
+    GET  /v1/agent/mesh          the mesh configuration's changes since a mesh revision
     POST /v1/agent/svids/x509    sign a batch of CSRs, one per authorized entry
     POST /v1/agent/svids/jwt     mint a JWT-SVID for an authorized entry
     GET  /v1/agent/bundles       the trust bundle and the federated bundles
@@ -37,7 +38,7 @@ from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
 from ca.csr import parse_csr
 from ca.datastore.interface import Datastore
-from ca.datastore.records import AttestedAgent, AuditNote
+from ca.datastore.records import AttestedAgent, AuditNote, MeshChanges
 from ca.entries import entry_json
 from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
@@ -95,6 +96,24 @@ def svid_json(issued: IssuedX509) -> dict[str, Any]:
         "spiffe_id": str(issued.spiffe_id),
         "cert_chain": [_base64(leaf), *map(_authority_base64, intermediates)],
         "expires_at": int(issued.expires_at.timestamp()),
+    }
+
+
+def mesh_changes_json(changes: MeshChanges) -> dict[str, Any]:
+    """The answer of ``GET /v1/agent/mesh``."""
+    return {
+        "revision": changes.revision,
+        "full": changes.full,
+        "resources": [
+            {"kind": r.kind, "name": r.name, "revision": r.revision, "document": r.document}
+            for r in changes.resources
+            if not r.deleted
+        ],
+        "deleted": [
+            {"kind": r.kind, "name": r.name, "revision": r.revision}
+            for r in changes.resources
+            if r.deleted
+        ],
     }
 
 
@@ -222,17 +241,24 @@ def create_node_app(
         request: Request,
         since: int = Query(0, ge=0),
         bundle: int | None = Query(None, ge=0),
+        mesh: int | None = Query(None, ge=0),
         wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_SECONDS),
     ) -> dict[str, Any]:
         """Entries changed since revision ``since``. With ``wait``, the request is held
-        until the entries or (when ``bundle`` names the sequence the agent has) the
-        bundle change."""
-        unchanged = since == watcher.revision and bundle in (None, watcher.bundle_sequence)
+        until the entries, or (when ``bundle`` names the sequence the agent has) the
+        bundle, or (when ``mesh`` names the mesh revision it has) the mesh configuration
+        change. The answer's ``mesh_revision`` tells the agent to fetch the mesh's
+        changes (``/v1/agent/mesh``) when it differs from its own."""
+        unchanged = (
+            since == watcher.revision
+            and bundle in (None, watcher.bundle_sequence)
+            and (mesh is None or mesh >= watcher.mesh_revision)
+        )
         if not (wait and since and unchanged):
             # One trip to the thread pool: this is what every idle agent sync costs.
             return await run_in_threadpool(_caller_entries_since, request, since)
         await run_in_threadpool(caller, request)
-        await watcher.wait_past(since, wait, seen_bundle=bundle)
+        await watcher.wait_past(since, wait, seen_bundle=bundle, seen_mesh=mesh)
         # Checked again after the wait: an agent evicted or banned meanwhile is refused,
         # not answered as if it no longer had any entry.
         return await run_in_threadpool(_caller_entries_since, request, since)
@@ -255,7 +281,21 @@ def create_node_app(
             "entry_ids": [e.id for e in authorized],
             "bundle_sequence": current_bundle().sequence,
             "tainted_authorities": authorities.tainted_ids(),
+            "mesh_revision": (
+                watcher.mesh_revision if watcher.following else store.mesh_revision()
+            ),
         }
+
+    @router.get("/v1/agent/mesh")
+    def mesh_changes(request: Request, since: int = Query(0, ge=0)) -> Response:
+        """The mesh configuration's resources changed (and deleted) since mesh revision
+        ``since``; ``full`` when the answer is the whole configuration, to replace what
+        the agent has (``since`` 0, or older than the tombstones kept)."""
+        caller(request)
+        return Response(
+            _compact_json(mesh_changes_json(store.mesh_changed_since(since))),
+            media_type="application/json",
+        )
 
     @router.post("/v1/agent/svids/x509")
     async def sign_x509(request: Request, body: BatchRequest) -> Response:

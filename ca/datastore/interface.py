@@ -53,12 +53,16 @@ from ca.datastore.records import (
     FederationRelationship,
     IssuedSvid,
     JoinToken,
+    MeshApplyResult,
+    MeshChanges,
+    MeshResource,
     NewEntry,
     NewFederationRelationship,
     RegistrationEntry,
     ServerLease,
     SharedRoot,
 )
+from mesh import Config, Resource
 from sdk.errors import FailedPrecondition
 
 AgentChangeListener = Callable[[str, int | None], None]
@@ -79,8 +83,9 @@ class Counters(Protocol):
         """The agents counter: 0 for a new store, then one more per agent change."""
         ...
 
-    def sync_counters(self) -> tuple[int, int, int]:
-        """(entry revision, bundle sequence, agents counter), read together."""
+    def sync_counters(self) -> tuple[int, int, int, int]:
+        """(entry revision, bundle sequence, agents counter, mesh revision), read
+        together."""
         ...
 
     def bundle_sequence(self) -> int:
@@ -313,6 +318,73 @@ class IssuedSvidStore(Protocol):
 
 
 @runtime_checkable
+class MeshConfigStore(Protocol):
+    """The mesh configuration (``tessera mesh apply``): its resources by kind and name,
+    the tombstones deleted ones leave, and its revision.
+
+    :meth:`apply_mesh` and :meth:`delete_mesh_resource` are all-or-nothing: each loads
+    the stored configuration, changes it with :meth:`mesh.Config.apply` or
+    :meth:`~mesh.Config.delete` (which refuse, with ``mesh.ConfigError``, anything that
+    would leave a reference to something missing), and writes the changed resources,
+    the next mesh revision and one audit event in one transaction. Applies and deletes
+    are serialized, also across servers sharing the database, so two of them cannot
+    each keep a reference the other removes.
+    """
+
+    def apply_mesh(
+        self,
+        resources: Sequence[Resource],
+        *,
+        dry_run: bool = False,
+        audited_by: str | None = None,
+    ) -> MeshApplyResult:
+        """Create or replace ``resources``; ``mesh.ConfigError`` (nothing stored) if the
+        input names one twice or the result refers to something missing. With
+        ``dry_run`` nothing is written; with ``audited_by``, a change writes the
+        ``mesh.apply`` audit event by that actor."""
+        ...
+
+    def delete_mesh_resource(
+        self, kind: str, name: str, *, audited_by: str | None = None
+    ) -> MeshResource:
+        """Delete a resource, leaving its tombstone (returned); NotFound when it does not
+        exist, ``mesh.ConfigError`` naming the referrers while something refers to it.
+        ``audited_by`` as for :meth:`apply_mesh` (event ``mesh.delete``)."""
+        ...
+
+    def get_mesh_resource(self, kind: str, name: str) -> MeshResource: ...
+
+    def list_mesh_resources(self, kind: str | None = None) -> list[MeshResource]:
+        """Live resources (of one kind), in Tessera's order: by kind, then name."""
+        ...
+
+    def mesh_config(self) -> tuple[Config, int]:
+        """The stored configuration, typed, and the mesh revision it is at."""
+        ...
+
+    def mesh_revision(self) -> int:
+        """The mesh revision: 0 for a new store, then one more per change."""
+        ...
+
+    def mesh_changed_since(self, revision: int) -> MeshChanges:
+        """What changed after mesh revision ``revision``: the resources and tombstones
+        whose revision is above it, in revision order, and the current revision, read
+        together. When ``revision`` is 0, below :meth:`mesh_purged_revision` (deletions
+        may have been forgotten) or above the current revision (another database), the
+        answer is ``full``: every live resource, to replace what the caller has."""
+        ...
+
+    def purge_mesh_tombstones(self, before_revision: int) -> int:
+        """Forget the tombstones older than ``before_revision``; returns how many."""
+        ...
+
+    def mesh_purged_revision(self) -> int:
+        """The highest ``before_revision`` purged so far: a client last synced below it
+        may have missed deletions and must take the whole configuration again."""
+        ...
+
+
+@runtime_checkable
 class AuditLog(Protocol):
     """The audit log: append-only, hash-chained."""
 
@@ -342,6 +414,7 @@ class Datastore(
     FederatedBundleStore,
     FederationRelationshipStore,
     IssuedSvidStore,
+    MeshConfigStore,
     AuditLog,
     Protocol,
 ):
@@ -388,6 +461,7 @@ PROTOCOLS: tuple[type[Any], ...] = (
     FederatedBundleStore,
     FederationRelationshipStore,
     IssuedSvidStore,
+    MeshConfigStore,
     AuditLog,
     Datastore,
 )

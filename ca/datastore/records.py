@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from attestor.selector import Selector
+from mesh import Change
 
 X509 = "x509"
 JWT = "jwt"
@@ -203,6 +204,53 @@ class ServerLease:
     started_at: datetime
     renewed_at: datetime
     expires_at: datetime
+
+
+@dataclass(frozen=True)
+class MeshResource:
+    """One stored resource of the mesh configuration, as applied; ``deleted`` ones
+    (tombstones) only come from :meth:`Datastore.mesh_changed_since`."""
+
+    kind: str
+    name: str
+    document: dict[str, Any]
+    """The resource in the Istio shape it was applied in (``apiVersion``, ``kind``,
+    ``metadata``, ``spec``)."""
+    revision: int
+    """The mesh revision of the apply (or delete) that last changed it."""
+    created_at: datetime
+    updated_at: datetime
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class MeshApplyResult:
+    """What :meth:`Datastore.apply_mesh` did: each resource of the input, in its order,
+    ``created``, ``configured`` or ``unchanged``; and the mesh revision the stored
+    configuration is at afterwards (unchanged by a dry run or an apply that changed
+    nothing)."""
+
+    revision: int
+    changes: tuple[Change, ...]
+    dry_run: bool = False
+
+    @property
+    def changed(self) -> tuple[Change, ...]:
+        """The changes that are not ``unchanged``."""
+        return tuple(change for change in self.changes if change.action != "unchanged")
+
+
+@dataclass(frozen=True)
+class MeshChanges:
+    """The answer of :meth:`Datastore.mesh_changed_since`."""
+
+    revision: int
+    """The mesh revision the configuration is at."""
+    resources: tuple[MeshResource, ...]
+    """Changed resources and tombstones, in revision order (every live resource when
+    ``full``)."""
+    full: bool = False
+    """The caller must replace its whole configuration with ``resources``."""
 
 
 @dataclass(frozen=True)

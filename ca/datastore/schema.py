@@ -38,13 +38,26 @@ NAMING_CONVENTION = {
     "ck": "ck_%(table_name)s_%(constraint_name)s",
 }
 
-# Rows of the ``counters`` table, created by the first migration (``agents`` by 0005).
+# Rows of the ``counters`` table, created by the first migration (``agents`` by 0005,
+# the mesh's two by 0008).
 ENTRY_REVISION = "entry_revision"
 BUNDLE_SEQUENCE = "bundle_sequence"
 TOMBSTONE_HORIZON = "tombstone_horizon"
 AGENT_CHANGES = "agents"
 """Bumped by every change to an attested agent, so servers can cache agent records."""
-COUNTERS = (ENTRY_REVISION, BUNDLE_SEQUENCE, TOMBSTONE_HORIZON, AGENT_CHANGES)
+MESH_REVISION = "mesh_revision"
+"""Bumped by every change to the mesh configuration; its row is also the lock that
+queues applies (see ca/datastore/sql/mesh.py)."""
+MESH_TOMBSTONE_HORIZON = "mesh_tombstone_horizon"
+"""The highest mesh revision below which the tombstones of deleted resources are gone."""
+COUNTERS = (
+    ENTRY_REVISION,
+    BUNDLE_SEQUENCE,
+    TOMBSTONE_HORIZON,
+    AGENT_CHANGES,
+    MESH_REVISION,
+    MESH_TOMBSTONE_HORIZON,
+)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -253,6 +266,26 @@ class IssuedSvidRow(Base):
     agent_id: Mapped[str | None] = mapped_column(Text)
     authority_id: Mapped[str] = mapped_column(Text)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class MeshResourceRow(Base):
+    """One resource of the mesh configuration (``tessera mesh apply``), by kind and name.
+
+    ``document`` is the resource as JSON text, in the Istio shape it was applied in
+    (:meth:`mesh.Resource.to_document`). A deleted resource's row stays as a tombstone
+    (``deleted``, the revision of the delete) so an agent syncing since an older
+    revision hears of it; applying the resource again revives the row.
+    """
+
+    __tablename__ = "mesh_resources"
+
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    document: Mapped[str] = mapped_column(Text)
+    revision: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deleted: Mapped[bool] = mapped_column(Boolean)
 
 
 class AuditEventRow(Base):

@@ -5,7 +5,7 @@ on one database), behaving the same.
 
 One mixin per kind of record (``entries``, ``agents``, ``join_tokens``,
 ``authorities``, ``shared_roots``, ``server_leases``, ``federation``,
-``issued_svids``, ``audit``, ``counters``) over :class:`~ca.datastore.sql.base.SqlBase`,
+``issued_svids``, ``mesh``, ``audit``, ``counters``) over :class:`~ca.datastore.sql.base.SqlBase`,
 which holds the engines and the one session boundary where SQLAlchemy errors
 become Tessera's. Opening migrates the schema (:mod:`ca.datastore.migrate`).
 """
@@ -22,6 +22,7 @@ from ca.datastore.sql.entries import EntriesMixin
 from ca.datastore.sql.federation import FederatedBundlesMixin, FederationRelationshipsMixin
 from ca.datastore.sql.issued_svids import IssuedSvidsMixin
 from ca.datastore.sql.join_tokens import JoinTokensMixin
+from ca.datastore.sql.mesh import MeshMixin
 from ca.datastore.sql.server_leases import ServerLeasesMixin
 from ca.datastore.sql.shared_roots import SharedRootsMixin
 from sdk.clock import SYSTEM_CLOCK, Clock
@@ -40,6 +41,7 @@ class SqlDatastore(
     FederatedBundlesMixin,
     FederationRelationshipsMixin,
     IssuedSvidsMixin,
+    MeshMixin,
     AuditMixin,
     SqlBase,
 ):

@@ -67,7 +67,7 @@ def test_aliases_entries_and_bundles_are_not_agent_changes(store: Datastore) -> 
     store.add_agent_alias(AGENT, f"{TD}/node/a")
     store.create_entry(NewEntry(f"{TD}/web", AGENT, selectors=(Selector.parse("unix:uid:1"),)))
     store.bump_bundle_sequence()
-    assert store.sync_counters() == (2, 1, 1)  # revision, bundle sequence, agents
+    assert store.sync_counters() == (2, 1, 1, 0)  # revision, bundle, agents, mesh
 
 
 def test_listeners_hear_each_change_after_its_transaction(store: Datastore) -> None:
@@ -97,9 +97,9 @@ def test_an_upgrade_from_0004_adds_the_agents_counter(datastore_url: str) -> Non
     finally:
         engine.dispose()
     with Datastore.open(datastore_url, clock=ManualClock(START)) as upgraded:
-        assert upgraded.sync_counters() == (41, 0, 0)
+        assert upgraded.sync_counters() == (41, 0, 0, 0)
         attest(upgraded)
-        assert upgraded.sync_counters() == (41, 0, 1)
+        assert upgraded.sync_counters() == (41, 0, 1, 0)
 
 
 # -- entry changes and their audit events, in one transaction -----------------------------

@@ -37,6 +37,9 @@ from ca.datastore import (
     AuditVerification,
     Authority,
     IssuedSvid,
+    MeshApplyResult,
+    MeshChanges,
+    MeshResource,
     NewEntry,
     RegistrationEntry,
     as_new_entry,
@@ -52,6 +55,8 @@ from ca.datastore.migrate import (
 )
 from ca.datastore.schema import Base, IssuedSvidRow
 from ca.datastore.sql import SqlDatastore, open_datastore
+from mesh import Change, Config, Resource, parse_documents
+from mesh import ConfigError as MeshConfigError
 from sdk.clock import ManualClock
 from sdk.errors import (
     AlreadyExists,
@@ -160,7 +165,7 @@ def test_the_datastore_protocol_is_every_kind_of_record_and_the_lifecycle() -> N
     kinds = set().union(*(protocol_members(p) for p in PROTOCOLS if p is not Datastore))
     lifecycle = {"dialect", "close", "ping", "on_agent_change", "__enter__", "__exit__"}
     assert protocol_members(Datastore) == kinds | lifecycle
-    assert len(kinds) == 58
+    assert len(kinds) == 67
 
 
 def test_the_first_name_of_the_store_still_opens_it(datastore_url: str) -> None:
@@ -180,11 +185,11 @@ def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore
 
     engine = sa.create_engine(datastore_url)
     try:
-        assert schema_revision(engine) == head_revision() == "0007"
+        assert schema_revision(engine) == head_revision() == "0008"
         upgrade(engine)  # applied again: a no-op
         with engine.connect() as conn:
             versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-        assert [tuple(v) for v in versions] == [("0007",)]
+        assert [tuple(v) for v in versions] == [("0008",)]
     finally:
         engine.dispose()
 
@@ -537,6 +542,311 @@ def test_concurrent_writers_get_distinct_revisions_in_order(datastore_url: str) 
     finally:
         first.close()
         second.close()
+
+
+# -- the mesh configuration ------------------------------------------------------
+
+USERS = """\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {name: users}
+spec:
+  spiffeIds: [spiffe://example.org/users]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"""
+USERS_ROUTE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: users}
+spec:
+  hosts: [users]
+  http:
+  - route: [{destination: {host: users}}]
+"""
+USERS_ROUTE_WITH_TIMEOUT = USERS_ROUTE + "    timeout: 2s\n"
+ORDERS_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: orders}
+spec:
+  host: orders
+  subsets: [{name: v1, labels: {version: v1}}]
+"""
+USERS_SUBSET_ROUTE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: users}
+spec:
+  hosts: [users]
+  http:
+  - route: [{destination: {host: users, subset: v2}}]
+"""
+
+
+def mesh_input(*texts: str) -> list[Resource]:
+    return parse_documents("---\n".join(texts), source="mesh.yaml")
+
+
+def actions(result: MeshApplyResult) -> list[str]:
+    return [str(change) for change in result.changes]
+
+
+def test_a_new_store_has_an_empty_mesh_configuration(store: Datastore) -> None:
+    assert store.mesh_config() == (Config(), 0)
+    assert store.mesh_revision() == 0
+    assert store.list_mesh_resources() == []
+    assert store.mesh_changed_since(0) == MeshChanges(0, (), full=True)
+    assert store.mesh_purged_revision() == 0
+
+
+def test_an_apply_creates_then_configures_or_leaves_each_resource_unchanged(
+    store: Datastore, clock: ManualClock
+) -> None:
+    first = store.apply_mesh(mesh_input(USERS, USERS_ROUTE))
+    assert actions(first) == ["Service users created", "VirtualService users created"]
+    assert first.revision == 1
+    service = store.get_mesh_resource("Service", "users")
+    assert service == MeshResource(
+        kind="Service", name="users", document=mesh_input(USERS)[0].to_document(),
+        revision=1, created_at=START, updated_at=START,
+    )
+    assert service.document["spec"]["ports"] == [{"number": 80, "protocol": "HTTP", "name": "http"}]
+
+    clock.advance(timedelta(minutes=5))
+    again = store.apply_mesh(mesh_input(USERS, USERS_ROUTE))
+    assert actions(again) == ["Service users unchanged", "VirtualService users unchanged"]
+    assert (again.revision, again.changed) == (1, ())
+    assert store.mesh_revision() == 1  # nothing changed: no revision, agents stay asleep
+
+    changed = store.apply_mesh(mesh_input(USERS, USERS_ROUTE_WITH_TIMEOUT))
+    assert actions(changed) == ["Service users unchanged", "VirtualService users configured"]
+    assert changed.revision == 2
+    route = store.get_mesh_resource("VirtualService", "users")
+    assert (route.revision, route.created_at, route.updated_at) == (
+        2, START, START + timedelta(minutes=5))
+    assert route.document["spec"]["http"][0]["timeout"] == "2s"
+    assert store.get_mesh_resource("Service", "users").revision == 1  # not rewritten
+    config, revision = store.mesh_config()
+    assert revision == 2
+    assert config.to_documents() == [r.to_document() for r in mesh_input(
+        USERS_ROUTE_WITH_TIMEOUT, USERS)]  # by kind in Tessera's order, then by name
+    assert [(r.kind, r.name) for r in store.list_mesh_resources()] == [
+        ("VirtualService", "users"), ("Service", "users")]  # Tessera's order of kinds
+    assert [r.name for r in store.list_mesh_resources("Service")] == ["users"]
+    assert store.sync_counters()[3] == 2
+
+
+def test_an_apply_is_one_audit_event_naming_each_change(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS), audited_by="admin")
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE), audited_by="admin")
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE), audited_by="admin")  # nothing changes
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE_WITH_TIMEOUT))  # not audited
+    events = store.list_audit()
+    assert [(e.actor, e.action, e.target, e.details) for e in reversed(events)] == [
+        ("admin", "mesh.apply", "Service users",
+         {"revision": 1, "changes": [
+             {"kind": "Service", "name": "users", "action": "created"}]}),
+        ("admin", "mesh.apply", "VirtualService users",
+         {"revision": 2, "changes": [
+             {"kind": "VirtualService", "name": "users", "action": "created"}]}),
+    ]
+    assert store.verify_audit().intact
+
+
+def test_an_apply_with_any_problem_stores_nothing(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS))
+    good_and_bad = mesh_input(USERS_ROUTE, ORDERS_RULE, USERS.replace("80", "8080"))
+    with pytest.raises(MeshConfigError) as caught:
+        store.apply_mesh(good_and_bad, audited_by="admin")
+    assert [str(e) for e in caught.value.errors] == [
+        "DestinationRule orders: spec.host: host orders names no Service"]
+    assert store.mesh_revision() == 1
+    assert [(r.kind, r.name, r.revision) for r in store.list_mesh_resources()] == [
+        ("Service", "users", 1)]
+    assert store.mesh_changed_since(1) == MeshChanges(1, ())
+    assert store.list_audit() == []
+
+
+def test_an_input_naming_a_resource_twice_is_refused(store: Datastore) -> None:
+    with pytest.raises(MeshConfigError) as caught:
+        store.apply_mesh([*mesh_input(USERS), *mesh_input(USERS)])
+    assert [str(e) for e in caught.value.errors] == [
+        "Service users is defined twice in this apply"]
+    assert store.mesh_revision() == 0
+
+
+def test_a_dry_run_says_what_would_change_and_stores_nothing(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS))
+    result = store.apply_mesh(mesh_input(USERS, USERS_ROUTE), dry_run=True, audited_by="admin")
+    assert result == MeshApplyResult(1, tuple(Change(*c) for c in (
+        ("Service", "users", "unchanged"), ("VirtualService", "users", "created"))),
+        dry_run=True)
+    assert store.mesh_revision() == 1
+    assert [r.kind for r in store.list_mesh_resources()] == ["Service"]
+    assert store.list_audit() == []
+    with pytest.raises(MeshConfigError):  # a dry run refuses what an apply would
+        store.apply_mesh(mesh_input(USERS_SUBSET_ROUTE), dry_run=True)
+
+
+def test_a_delete_leaves_a_tombstone_at_a_new_revision(
+    store: Datastore, clock: ManualClock
+) -> None:
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE))
+    clock.advance(timedelta(minutes=1))
+    tombstone = store.delete_mesh_resource("VirtualService", "users", audited_by="admin")
+    assert (tombstone.kind, tombstone.name, tombstone.revision, tombstone.deleted) == (
+        "VirtualService", "users", 2, True)
+    assert tombstone.updated_at == START + timedelta(minutes=1)
+    assert store.mesh_changed_since(1) == MeshChanges(2, (tombstone,))
+    assert store.mesh_changed_since(2) == MeshChanges(2, ())
+    everything = store.mesh_changed_since(0)  # a reader starting afresh needs no tombstone
+    assert (everything.full, [r.kind for r in everything.resources]) == (True, ["Service"])
+    with pytest.raises(NotFound) as caught:
+        store.get_mesh_resource("VirtualService", "users")
+    assert caught.value.message == (
+        "VirtualService users does not exist; 'tessera mesh get virtualservice' lists the "
+        "VirtualServices there are")
+    event = store.list_audit()[0]
+    assert (event.action, event.target, event.details) == (
+        "mesh.delete", "VirtualService users", {"revision": 2})
+    assert store.mesh_config()[0].to_documents() == [mesh_input(USERS)[0].to_document()]
+
+    clock.advance(timedelta(minutes=1))
+    again = store.apply_mesh(mesh_input(USERS_ROUTE))  # over its tombstone
+    assert actions(again) == ["VirtualService users created"]
+    revived = store.get_mesh_resource("VirtualService", "users")
+    assert (revived.revision, revived.created_at, revived.deleted) == (
+        3, START + timedelta(minutes=2), False)
+
+
+def test_a_delete_is_refused_while_something_refers_to_it(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE))
+    with pytest.raises(MeshConfigError) as caught:
+        store.delete_mesh_resource("Service", "users", audited_by="admin")
+    assert [str(e) for e in caught.value.errors] == [
+        "VirtualService users: spec.hosts[0]: host users names no Service; a VirtualService "
+        "for the mesh routes the calls made to a Service (to route a gateway's requests, name "
+        "the gateway in spec.gateways)",
+        "VirtualService users: spec.http[0].route[0].destination.host: host users names no "
+        "Service",
+    ]
+    assert store.mesh_revision() == 1
+    assert store.get_mesh_resource("Service", "users").deleted is False
+    assert store.list_audit() == []
+
+
+def test_deleting_what_does_not_exist_is_not_found(store: Datastore) -> None:
+    with pytest.raises(NotFound) as caught:
+        store.delete_mesh_resource("DestinationRule", "users")
+    assert caught.value.message == (
+        "DestinationRule users does not exist; 'tessera mesh get destinationrule' lists the "
+        "DestinationRules there are")
+    with pytest.raises(InvalidArgument) as unknown:
+        store.delete_mesh_resource("Pod", "users")
+    assert unknown.value.message == (
+        "'Pod' is not a mesh kind; one of Gateway, VirtualService, DestinationRule, "
+        "AuthorizationPolicy, RequestAuthentication, Service, RateLimit")
+    assert store.mesh_revision() == 0
+
+
+def test_changes_since_a_revision_are_what_changed_after_it_in_order(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS))                               # 1
+    store.apply_mesh(mesh_input(USERS_ROUTE))                         # 2
+    store.apply_mesh(mesh_input(USERS_ROUTE_WITH_TIMEOUT))            # 3
+    store.delete_mesh_resource("VirtualService", "users")             # 4
+    store.apply_mesh(mesh_input(USERS.replace("80", "8080")))         # 5
+
+    def seen(since: int) -> list[tuple[str, int, bool]]:
+        return [(r.kind, r.revision, r.deleted) for r in store.mesh_changed_since(since).resources]
+
+    assert seen(1) == [("VirtualService", 4, True), ("Service", 5, False)]
+    assert seen(3) == [("VirtualService", 4, True), ("Service", 5, False)]
+    assert seen(4) == [("Service", 5, False)]
+    assert seen(5) == []
+    assert store.mesh_changed_since(5).full is False
+    # A revision this store never reached (another database): everything, to replace.
+    assert store.mesh_changed_since(9) == MeshChanges(
+        5, (store.get_mesh_resource("Service", "users"),), full=True)
+
+
+def test_purged_tombstones_send_an_older_reader_everything(store: Datastore) -> None:
+    store.apply_mesh(mesh_input(USERS, USERS_ROUTE))                  # 1
+    store.delete_mesh_resource("VirtualService", "users")             # 2
+    store.apply_mesh(mesh_input(USERS.replace("80", "8080")))         # 3
+    assert store.purge_mesh_tombstones(before_revision=2) == 0        # the tombstone is at 2
+    assert store.purge_mesh_tombstones(before_revision=3) == 1
+    assert store.mesh_purged_revision() == 3
+    assert store.purge_mesh_tombstones(before_revision=1) == 0
+    assert store.mesh_purged_revision() == 3  # never goes back
+    behind = store.mesh_changed_since(1)  # may have missed the delete: gets everything
+    assert (behind.full, [(r.kind, r.revision) for r in behind.resources]) == (
+        True, [("Service", 3)])
+    assert store.mesh_changed_since(3) == MeshChanges(3, ())
+    assert store.mesh_revision() == 3  # purging is not a change
+    assert store.current_revision() == 0  # nor is any of it an entry change
+
+
+def test_servers_on_one_database_see_each_others_mesh_changes(datastore_url: str) -> None:
+    with open_datastore(datastore_url) as first, open_datastore(datastore_url) as second:
+        first.apply_mesh(mesh_input(USERS))
+        assert first.mesh_config()[1] == 1  # the first server now holds revision 1's config
+        second.apply_mesh(mesh_input(USERS_ROUTE))
+        config, revision = first.mesh_config()
+        assert revision == 2
+        assert [r.key for r in config] == [("VirtualService", "users"), ("Service", "users")]
+        assert actions(first.apply_mesh(mesh_input(USERS_ROUTE))) == [
+            "VirtualService users unchanged"]
+
+
+def test_a_concurrent_delete_waits_for_an_apply_and_sees_its_references(
+    datastore_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server A applies a VirtualService routing to Service users while server B deletes
+    that Service. B's delete must not read the configuration before A's apply ends, or
+    both would succeed and leave a route to nothing."""
+    with open_datastore(datastore_url) as first, open_datastore(datastore_url) as second:
+        first.apply_mesh(mesh_input(USERS))
+        loaded, release, second_loaded = threading.Event(), threading.Event(), threading.Event()
+        first_read = first._stored_config  # type: ignore[attr-defined]
+        second_read = second._stored_config  # type: ignore[attr-defined]
+
+        def first_holds(*args: Any) -> Any:
+            config = first_read(*args)
+            loaded.set()
+            release.wait(10)
+            return config
+
+        def second_reads(*args: Any) -> Any:
+            second_loaded.set()
+            return second_read(*args)
+
+        monkeypatch.setattr(first, "_stored_config", first_holds)
+        monkeypatch.setattr(second, "_stored_config", second_reads)
+        outcomes: dict[str, Any] = {}
+
+        def run(name: str, call: Any) -> None:
+            try:
+                outcomes[name] = call()
+            except BaseException as error:
+                outcomes[name] = error
+
+        applying = threading.Thread(target=run, args=(
+            "apply", lambda: first.apply_mesh(mesh_input(USERS_ROUTE))))
+        applying.start()
+        assert loaded.wait(10)
+        deleting = threading.Thread(target=run, args=(
+            "delete", lambda: second.delete_mesh_resource("Service", "users")))
+        deleting.start()
+        # B must be held before it reads the configuration while A's transaction is open.
+        # Waiting for something that must not happen can only be bounded by time.
+        assert not second_loaded.wait(0.5)
+        release.set()
+        applying.join(20)
+        deleting.join(20)
+
+    assert actions(outcomes["apply"]) == ["VirtualService users created"]
+    assert isinstance(outcomes["delete"], MeshConfigError)
+    assert str(outcomes["delete"].errors[0]).startswith("VirtualService users: spec.hosts[0]")
 
 
 # -- agents -----------------------------------------------------------------------

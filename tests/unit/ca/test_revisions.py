@@ -26,6 +26,7 @@ class FakeRevisions:
     def __init__(self, revision: int = 1) -> None:
         self.revision = revision
         self.agents = 0
+        self.mesh = 0
         self.reads = 0
         self.fail_reads: set[int] = set()
         self.hold_read: int | None = None
@@ -36,7 +37,7 @@ class FakeRevisions:
     def __call__(self) -> Counters:
         self.reads += 1
         number = self.reads
-        seen = (self.revision, 0, self.agents)  # what a database snapshot taken now shows
+        seen = (self.revision, 0, self.agents, self.mesh)  # what a snapshot taken now shows
         if number in self.fail_reads:
             self.read_done.set()
             raise ConnectionError("the database is not answering")
@@ -132,6 +133,36 @@ def test_a_poke_during_a_read_is_not_lost():
     asyncio.run(scenario())
 
 
+def test_a_mesh_change_wakes_an_agent_that_names_its_mesh_revision():
+    async def scenario() -> None:
+        revisions = FakeRevisions(1)
+        revisions.mesh = 3
+        async with watching(revisions) as watcher:
+            assert await asyncio.wait_for(watcher.wait_past(0, LONG), PATIENCE) == 1
+            naming = asyncio.ensure_future(watcher.wait_past(1, LONG, seen_mesh=3))
+            ahead = asyncio.ensure_future(watcher.wait_past(1, LONG, seen_mesh=5))
+            not_naming = asyncio.ensure_future(watcher.wait_past(1, LONG))
+            await asyncio.sleep(0)
+            assert not naming.done()
+
+            revisions.mesh = 4
+            watcher.poke()
+
+            assert await asyncio.wait_for(naming, PATIENCE) == 1
+            assert watcher.mesh_revision == 4
+            for _ in range(10):  # turns of the loop for the others to wake, were they to
+                await asyncio.sleep(0)
+            # An agent that read revision 5 from the database before this watcher did is
+            # not woken by the watcher catching up to 4; one not asking about the mesh
+            # is not woken by it at all.
+            assert not ahead.done() and not not_naming.done()
+            ahead.cancel()
+            not_naming.cancel()
+            await asyncio.gather(ahead, not_naming, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
 def test_wait_past_returns_the_same_revision_after_the_timeout():
     async def scenario() -> None:
         async with watching(FakeRevisions(4)) as watcher:
@@ -174,7 +205,7 @@ def test_a_failed_read_does_not_end_the_watcher(caplog):
 
 def test_close_releases_waiting_long_polls_at_once() -> None:
     async def scenario() -> float:
-        watcher = RevisionWatcher(lambda: (1, 0, 0))
+        watcher = RevisionWatcher(lambda: (1, 0, 0, 0))
         watcher._set(1)
         loop = asyncio.get_running_loop()
         began = loop.time()

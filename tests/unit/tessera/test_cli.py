@@ -43,6 +43,13 @@ def test_server_run_without_the_servers_dependencies_names_the_extra(tmp_path: P
     assert not data_dir.exists()
 
 
+def test_the_mesh_commands_without_the_servers_dependencies_name_the_extra() -> None:
+    result = tessera_without("pydantic", "mesh", "get", "virtualservice")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", "Error: tessera mesh needs the server extra: pip install 'tessera[server]'\n"
+    )
+
+
 def test_the_agent_without_its_dependencies_names_its_extra() -> None:
     result = tessera_without("grpclib", "agent", "run", "--help")
     assert (result.returncode, result.stdout, result.stderr) == (
@@ -69,8 +76,12 @@ def test_the_root_help_lists_a_room_that_cannot_be_imported_with_its_extra() -> 
                              "pip install 'tessera[server,agent]'"),
         ("demo", "pydantic", "tessera demo needs the server and agent extras: "
                              "pip install 'tessera[server,agent]'"),
+        # The mesh's commands are admin commands: the server extra has what they need.
+        ("mesh", "yaml", "tessera mesh needs the server extra: "
+                         "pip install 'tessera[server]'"),
         # A module of Tessera's own is a broken install or a bug, not a missing extra.
         ("server", "ca.server", None),
+        ("mesh", "mesh.config", None),
         ("agent", "workload_api.agent", None),
         ("server", "tessera.up", None),
         # Commands without an extra of their own.

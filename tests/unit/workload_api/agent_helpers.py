@@ -26,7 +26,7 @@ from sdk.errors import PermissionDenied, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
 from tests.support.pki import TestCA
 from workload_api.cache import AuthorizedEntry
-from workload_api.node_client import AgentBanned, EntriesUpdate, IssuedSvid
+from workload_api.node_client import AgentBanned, EntriesUpdate, IssuedSvid, MeshUpdate
 
 JWT_KID = "test-jwt-key"
 TOKEN = "0123456789abcdef0123"
@@ -127,6 +127,8 @@ class FakeNodeApi:
     used_tokens: set[str] = field(default_factory=set)
     bundle_sequence: int | None = None
     tainted: frozenset[str] = frozenset()
+    mesh: MeshUpdate | None = None  # what the server has: None, a server without a mesh
+    mesh_asked: list[tuple[str, int | None]] = field(default_factory=list)
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -170,9 +172,15 @@ class FakeNodeApi:
         }
 
     async def entries(
-        self, since: int, wait: float, *, bundle_sequence: int | None = None
+        self,
+        since: int,
+        wait: float,
+        *,
+        bundle_sequence: int | None = None,
+        mesh_revision: int | None = None,
     ) -> EntriesUpdate:
         self._call("entries")
+        self.mesh_asked.append(("entries", mesh_revision))
         if self.banned:
             raise AgentBanned(
                 f"agent spiffe://example.org/tessera/agent/join_token/{TOKEN} is banned"
@@ -188,7 +196,14 @@ class FakeNodeApi:
             entry_ids=frozenset(self.registered),
             bundle_sequence=self.bundle_sequence,
             tainted_authorities=self.tainted,
+            mesh_revision=self.mesh.revision if self.mesh is not None else None,
         )
+
+    async def mesh_changes(self, since: int) -> MeshUpdate:
+        self._call("mesh")
+        self.mesh_asked.append(("mesh", since))
+        assert self.mesh is not None
+        return self.mesh
 
     async def bundles(self) -> dict[str, Any]:
         self._call("bundles")

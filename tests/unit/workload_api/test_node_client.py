@@ -26,6 +26,7 @@ from tests.unit.workload_api.agent_helpers import AuthorityForTests
 from workload_api.config import Address
 from workload_api.node_client import (
     AgentBanned,
+    MeshUpdate,
     NodeClient,
     WrongTrustDomain,
     retry_backoff,
@@ -302,3 +303,45 @@ def test_the_server_of_another_trust_domain_is_a_configuration_error(tmp_path: P
         "check --trust-domain (and --server)"
     )
     assert fake.requests == [], "the join token must not reach another trust domain's server"
+
+
+def test_the_mesh_changes_and_the_mesh_revision_are_read_from_the_answers(
+    tmp_path: Path,
+) -> None:
+    authority = AuthorityForTests("example.org", NOW)
+    document = {"apiVersion": "tessera.io/v1alpha1", "kind": "Service",
+                "metadata": {"name": "users"}, "spec": {}}
+    fake = FakeServer(200, {"revision": 3, "entries": [], "entry_ids": [], "mesh_revision": 7},
+                      then=[
+        (200, {"revision": 7, "full": False,
+               "resources": [{"kind": "Service", "name": "users", "revision": 7,
+                              "document": document}],
+               "deleted": [{"kind": "VirtualService", "name": "users", "revision": 6}]}),
+        (200, {"revision": 7, "full": False, "resources": [{"kind": "Service"}],
+               "deleted": []}),
+    ])
+
+    async def scenario() -> tuple[Any, Any, str]:
+        server, port = await start_tls_server(tmp_path, authority, SERVER_ID, fake)
+        client = NodeClient([Address("127.0.0.1", port)], TD)
+        client.configure(anchors=(authority.certificate,), identity=None)
+        try:
+            entries = await client.entries(since=3, wait=0, mesh_revision=5)
+            changes = await client.mesh_changes(since=5)
+            with pytest.raises(Unavailable) as malformed:
+                await client.mesh_changes(since=5)
+            return entries, changes, malformed.value.message
+        finally:
+            await client.aclose()
+            server.close()
+
+    entries, changes, malformed = run(scenario())
+    assert entries.mesh_revision == 7
+    assert fake.requests[0].startswith(b"GET /v1/agent/entries?since=3&mesh=5 ")
+    assert fake.requests[1].startswith(b"GET /v1/agent/mesh?since=5 ")
+    assert changes == MeshUpdate(
+        revision=7, full=False,
+        resources=({"kind": "Service", "name": "users", "revision": 7, "document": document},),
+        deleted=(("VirtualService", "users"),))
+    assert malformed == (
+        "the server sent a malformed mesh answer: a resource without its document")

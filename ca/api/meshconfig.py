@@ -1,0 +1,147 @@
+"""The admin API's mesh configuration endpoints (``tessera mesh apply | get | delete``).
+
+    POST   /v1/mesh/apply?dry_run=false&source=NAME   body: the YAML text (at most 4 MiB)
+    GET    /v1/mesh                                  every resource, and the mesh revision
+    GET    /v1/mesh/{kind}                           the resources of one kind
+    GET    /v1/mesh/{kind}/{name}                    one resource
+    DELETE /v1/mesh/{kind}/{name}                    refused while something refers to it
+
+``kind`` is a kind's name in any case (``virtualservice``). A configuration that cannot
+be applied is answered 400 with every problem in ``error.field_errors``
+(:mod:`ca.api.errors`), and nothing is stored. Each change wakes the agents' long
+polls, which then fetch it (``GET /v1/agent/mesh`` on the node API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from ca.api.errors import error_responses
+from ca.datastore.interface import Datastore
+from ca.datastore.records import MeshApplyResult, MeshResource
+from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
+from sdk.errors import InvalidArgument
+
+__all__ = ["APPLY_PATH", "BODY_LIMITS", "mesh_resource_json", "mesh_router"]
+
+APPLY_PATH: Final = "/v1/mesh/apply"
+BODY_LIMITS: Final = {APPLY_PATH: MAX_INPUT_BYTES}
+"""For :class:`~ca.api.errors.BodySizeLimit`: the apply's body (the YAML) may be up to
+:data:`mesh.MAX_INPUT_BYTES`, not the admin API's 1 MiB."""
+
+_APPLY_BODY: Final = {
+    "requestBody": {
+        "required": True,
+        "description": "Resources as multi-document YAML (at most 4 MiB and 1,000 documents)",
+        "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def mesh_resource_json(resource: MeshResource) -> dict[str, Any]:
+    return {
+        "kind": resource.kind,
+        "name": resource.name,
+        "revision": resource.revision,
+        "created_at": int(resource.created_at.timestamp()),
+        "updated_at": int(resource.updated_at.timestamp()),
+        "document": resource.document,
+    }
+
+
+def apply_json(result: MeshApplyResult) -> dict[str, Any]:
+    return {
+        "revision": result.revision,
+        "dry_run": result.dry_run,
+        "changes": [
+            {"kind": c.kind, "name": c.name, "action": c.action} for c in result.changes
+        ],
+    }
+
+
+def mesh_router(*, store: Datastore, changed: Callable[[], None]) -> APIRouter:
+    """The mesh endpoints; ``changed`` is called after each change (it wakes agents)."""
+    router = APIRouter(prefix="/v1/mesh")
+
+    @router.post("/apply", responses=error_responses(400, 412), openapi_extra=_APPLY_BODY)
+    async def apply(
+        request: Request,
+        dry_run: bool = False,
+        source: str = Query("<stdin>", min_length=1, max_length=1024),
+    ) -> dict[str, Any]:
+        """Create or replace the resources of the YAML body, all or none: every problem
+        of the input and of the configuration it would leave is answered at once."""
+        body = await request.body()  # BodySizeLimit stops it at MAX_INPUT_BYTES
+        return await run_in_threadpool(_apply, body, dry_run, source)
+
+    def _apply(body: bytes, dry_run: bool, source: str) -> dict[str, Any]:
+        resources = parse_documents(body, source=source)
+        if not resources:
+            raise InvalidArgument(f"{source} holds no resources: nothing to apply")
+        result = store.apply_mesh(
+            resources, dry_run=dry_run, audited_by=None if dry_run else "admin"
+        )
+        if result.changed and not dry_run:
+            changed()
+        return apply_json(result)
+
+    @router.get("")
+    def list_all() -> dict[str, Any]:
+        """Every resource, by kind then name, and the mesh revision they are at."""
+        everything = store.mesh_changed_since(0)
+        return {
+            "revision": everything.revision,
+            "resources": [mesh_resource_json(r) for r in _ordered(everything.resources)],
+        }
+
+    @router.get("/{kind}")
+    def list_kind(kind: str) -> dict[str, Any]:
+        model = _kind(kind)
+        everything = store.mesh_changed_since(0)
+        of_kind = [r for r in everything.resources if r.kind == model.KIND]
+        return {
+            "revision": everything.revision,
+            "resources": [mesh_resource_json(r) for r in _ordered(of_kind)],
+        }
+
+    @router.get("/{kind}/{name}", responses=error_responses(404))
+    def get_one(kind: str, name: str) -> dict[str, Any]:
+        return mesh_resource_json(store.get_mesh_resource(_kind(kind).KIND, name))
+
+    @router.delete("/{kind}/{name}", responses=error_responses(404, 412))
+    def delete_one(kind: str, name: str) -> dict[str, Any]:
+        """Delete a resource; refused, naming each referrer, while something refers to it."""
+        tombstone = store.delete_mesh_resource(_kind(kind).KIND, name, audited_by="admin")
+        changed()
+        return {
+            "kind": tombstone.kind,
+            "name": tombstone.name,
+            "revision": tombstone.revision,
+            "deleted": True,
+        }
+
+    return router
+
+
+def _kind(text: str) -> type[Resource]:
+    model = kind_named(text)
+    if model is None:
+        raise InvalidArgument(
+            f"{text!r} is not a mesh kind; use one of {', '.join(k.lower() for k in KINDS)}"
+        )
+    return model
+
+
+_ORDER = {kind: position for position, kind in enumerate(KINDS)}
+
+
+def _ordered(resources: Iterable[MeshResource]) -> list[MeshResource]:
+    return sorted(resources, key=lambda r: (_ORDER.get(r.kind, len(KINDS)), r.name))
+

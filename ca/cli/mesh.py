@@ -1,0 +1,321 @@
+"""``tessera mesh ...``: the service mesh's configuration, stored by the server.
+
+    tessera mesh apply -f mesh.yaml [-f more.yaml ...] [--dry-run]
+    tessera mesh get virtualservice [reviews] [--output yaml|json]
+    tessera mesh delete virtualservice reviews
+
+Admin commands: they reach the server through its admin socket as ``tessera server``
+commands do (``--admin-socket``, ``TESSERA_ADMIN_SOCKET``, ``--data-dir``,
+``--config``). The root group (:mod:`tessera.cli`) mounts :data:`mesh_group` when its
+name is used.
+
+``apply`` reads every file and checks it here first, so each problem is named with its
+file and document; then it sends the resources of all the files as one apply, which the
+server checks again against the stored configuration, all or nothing. Kinds are named as
+kubectl names Istio's: in any case, singular or plural, or short (``vs``, ``dr``, ``gw``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Final
+from urllib.parse import quote
+
+import click
+
+from ca.admin_client import AdminApiError
+from ca.commandline import admin_client, admin_options
+from mesh import (
+    KINDS,
+    MAX_INPUT_BYTES,
+    ConfigError,
+    FieldError,
+    Resource,
+    ResourceKey,
+    parse_documents,
+)
+from sdk.clock import SYSTEM_CLOCK, Clock
+from sdk.commandline import emit, option, output_option, progress
+from sdk.errors import InvalidArgument, TesseraError
+
+__all__ = ["CLOCK", "kind_for", "mesh_group"]
+
+CLOCK: Clock = SYSTEM_CLOCK
+"""What ``get``'s AGE and UPDATED count from (tests set a ManualClock)."""
+
+STDIN: Final = "-"
+
+_PLURALS: Final = {"AuthorizationPolicy": "AuthorizationPolicies"}
+_SHORT: Final = {"Gateway": ("gw",), "VirtualService": ("vs",), "DestinationRule": ("dr",),
+                 "Service": ("svc",)}
+
+
+def plural(kind: str) -> str:
+    """``VirtualServices``, ``AuthorizationPolicies``."""
+    return _PLURALS.get(kind, f"{kind}s")
+
+
+def _kind_names() -> dict[str, str]:
+    names: dict[str, str] = {}
+    for kind in KINDS:
+        for name in (kind, plural(kind), *_SHORT.get(kind, ())):
+            names[name.lower()] = kind
+    return names
+
+
+_KIND_NAMES: Final = _kind_names()
+
+
+def kind_for(text: str) -> str | None:
+    """The kind ``text`` names, as kubectl reads it (``vs``, ``VirtualServices``), or None."""
+    return _KIND_NAMES.get(text.lower())
+
+
+def _kind_argument(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """KIND in any of the spellings :func:`kind_for` reads, as the kind's own name."""
+    kind = kind_for(value)
+    if kind is None:
+        raise click.BadParameter(
+            f"{value!r} is not a mesh kind; use one of {', '.join(k.lower() for k in KINDS)}",
+            ctx=ctx, param=param)
+    return kind
+
+
+class NotApplied(TesseraError):
+    """The configuration was refused; its problems were printed above this sentence."""
+
+    status = 400
+
+
+@click.group("mesh")
+def mesh_group() -> None:
+    """The service mesh's configuration: Istio's resources, Tessera's Service and RateLimit."""
+
+
+# -- apply ------------------------------------------------------------------------------
+
+
+@mesh_group.command("apply")
+@admin_options
+@option("-f", "--filename", "files", multiple=True, required=True,
+        help="A YAML file of resources ('-' for stdin); repeat for several, applied as one.")
+@option("--dry-run", is_flag=True, default=False,
+        help="Check everything and say what would change, but store nothing.")
+@output_option
+def mesh_apply(admin_socket: str | None, data_dir: str, files: tuple[str, ...], dry_run: bool,
+               output: str) -> None:
+    """Create or replace resources, all or none: nothing is stored on any error."""
+    texts = [(_source_name(name), _read_input(name)) for name in _once_each(files)]
+    resources: list[Resource] = []
+    problems: list[FieldError] = []
+    defined_in: dict[ResourceKey, str] = {}
+    for source, data in texts:
+        try:
+            parsed = parse_documents(data, source=source)
+        except ConfigError as err:
+            problems.extend(err.errors)
+            continue
+        for resource in parsed:
+            earlier = defined_in.setdefault(resource.key, source)
+            if earlier != source:
+                problems.append(FieldError(
+                    resource.KIND, resource.name, "",
+                    f"is defined in both {earlier} and {source}: one of the two would be lost"))
+        resources.extend(parsed)
+    if problems:
+        _refuse([str(problem) for problem in problems])
+    # Sent as the documents read, one JSON document (which is YAML) each: files are not
+    # pasted together, where a directive or a document marker of one could upset the next.
+    body = "\n---\n".join(
+        json.dumps(resource.to_document(), separators=(",", ":")) for resource in resources
+    ).encode()
+    if len(body) > MAX_INPUT_BYTES:
+        raise InvalidArgument(
+            f"the resources of these files take {len(body):,} bytes; at most "
+            f"{MAX_INPUT_BYTES:,} bytes (4 MiB) may be applied at once: apply them in "
+            "several steps"
+        )
+    params = {"dry_run": "true" if dry_run else "false",
+              "source": _source_label([source for source, _ in texts])}
+    try:
+        result = admin_client(admin_socket, data_dir).post(
+            "/v1/mesh/apply", params=params, content=body,
+            headers={"content-type": "application/yaml"})
+    except AdminApiError as err:
+        if not err.field_errors:
+            raise
+        _refuse(_field_lines(err.field_errors))
+    marker = " (dry run)" if result["dry_run"] else ""
+    emit(output, result, lambda: "\n".join(
+        f"{c['kind']} {c['name']} {c['action']}{marker}" for c in result["changes"]))
+
+
+def _once_each(files: Iterable[str]) -> list[str]:
+    names = list(files)
+    if names.count(STDIN) > 1:
+        raise InvalidArgument("'-f -' may be given once: standard input can be read only once")
+    for name in names:
+        if names.count(name) > 1:
+            raise InvalidArgument(f"{name} is given twice with -f; give each file once")
+    return names
+
+
+def _source_name(name: str) -> str:
+    return "<stdin>" if name == STDIN else name
+
+
+def _source_label(sources: list[str], limit: int = 200) -> str:
+    """What the server calls the input in its errors: the files, or the first and a count."""
+    joined = ", ".join(sources)
+    if len(joined) <= limit:
+        return joined
+    return f"{sources[0][:limit]} and {len(sources) - 1} more files"
+
+
+def _read_input(name: str) -> bytes:
+    """The file's bytes (stdin for ``-``), read no further than one byte past the limit."""
+    if name == STDIN:
+        return _read_bounded(sys.stdin.buffer, "standard input")
+    path = Path(name)
+    try:
+        with path.open("rb") as stream:
+            return _read_bounded(stream, name)
+    except FileNotFoundError:
+        raise InvalidArgument(f"cannot read {name}: no such file; check the path given "
+                              "with -f") from None
+    except IsADirectoryError:
+        raise InvalidArgument(f"cannot read {name}: it is a directory; give each file with "
+                              "its own -f") from None
+    except OSError as err:
+        raise InvalidArgument(f"cannot read {name}: {err.strerror or err}") from err
+
+
+def _read_bounded(stream: BinaryIO, name: str) -> bytes:
+    data = stream.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise InvalidArgument(
+            f"{name} is larger than {MAX_INPUT_BYTES:,} bytes (4 MiB), the most that may be "
+            "applied at once: split it into several files and apply each"
+        )
+    return data
+
+
+def _field_lines(errors: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The server's field errors, each as its one line."""
+    lines = []
+    for error in errors:
+        try:
+            lines.append(str(FieldError(
+                str(error["kind"]), str(error["name"]), str(error["path"]),
+                str(error["message"]), str(error.get("source", "")),
+                int(error.get("document", 0)))))
+        except (KeyError, TypeError, ValueError):
+            lines.append(str(error))
+    return lines
+
+
+def _refuse(lines: list[str]) -> None:
+    for line in lines:
+        progress(line)
+    count = "the problem" if len(lines) == 1 else f"the {len(lines)} problems"
+    raise NotApplied(f"nothing was applied: correct {count} above and apply again")
+
+
+# -- get --------------------------------------------------------------------------------
+
+
+@mesh_group.command("get")
+@admin_options
+@click.argument("kind", callback=_kind_argument)
+@click.argument("name", required=False)
+@option("--output", type=click.Choice(["text", "yaml", "json"]), default="text",
+        show_default=True,
+        help="'yaml' prints the resources as applied (multi-document); 'json' one JSON "
+             "document.")
+def mesh_get(admin_socket: str | None, data_dir: str, kind: str, name: str | None, output: str
+             ) -> None:
+    """Show the resources of KIND (gateway, virtualservice, destinationrule,
+    authorizationpolicy, requestauthentication, service, ratelimit), or the one named."""
+    client = admin_client(admin_socket, data_dir)
+    if name is not None:
+        resource = client.get(f"/v1/mesh/{kind}/{quote(name, safe='')}")
+        if output == "yaml":
+            click.echo(_yaml([resource["document"]]), nl=False)
+        else:
+            emit(output, resource, lambda: _table([resource]))
+        return
+    answer = client.get(f"/v1/mesh/{kind}")
+    resources = answer["resources"]
+    if output == "yaml":
+        click.echo(_yaml([r["document"] for r in resources]), nl=False)
+        return
+
+    def text() -> str:
+        return _table(resources) if resources else f"No {plural(kind)} found."
+
+    emit(output, answer, text)
+
+
+def _yaml(documents: list[Any]) -> str:
+    import yaml
+
+    return "".join(
+        ("---\n" if index else "") + yaml.safe_dump(document, sort_keys=False)
+        for index, document in enumerate(documents)
+    )
+
+
+def _table(resources: list[Mapping[str, Any]]) -> str:
+    now = CLOCK.now()
+    rows = [("NAME", "KIND", "REVISION", "AGE", "UPDATED")] + [
+        (str(r["name"]), str(r["kind"]), str(r["revision"]),
+         age(now, int(r["created_at"])), age(now, int(r["updated_at"])))
+        for r in resources
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def age(now: datetime, unix: int) -> str:
+    """How long ago ``unix`` was, as kubectl's AGE: ``45s``, ``12m``, ``5h``, ``3d``."""
+    seconds = max(0, int((now - datetime.fromtimestamp(unix, UTC)).total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 3 * 3600:
+        return f"{seconds // 60}m"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+# -- delete -----------------------------------------------------------------------------
+
+
+@mesh_group.command("delete")
+@admin_options
+@click.argument("kind", callback=_kind_argument)
+@click.argument("name")
+@output_option
+def mesh_delete(admin_socket: str | None, data_dir: str, kind: str, name: str, output: str
+                ) -> None:
+    """Delete the resource KIND NAME; refused while another resource refers to it."""
+    try:
+        result = admin_client(admin_socket, data_dir).delete(
+            f"/v1/mesh/{kind}/{quote(name, safe='')}")
+    except AdminApiError as err:
+        if not err.field_errors:
+            raise
+        for line in _field_lines(err.field_errors):
+            progress(line)
+        raise NotApplied(
+            f"{kind} {name} was not deleted: what is named above still refers to it; change "
+            "or delete that first"
+        ) from None
+    emit(output, result, f"{result['kind']} {result['name']} deleted")

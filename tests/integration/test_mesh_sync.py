@@ -1,0 +1,147 @@
+"""The mesh configuration from ``tessera mesh apply`` to the agents, with real processes.
+
+A real server and a real agent started from the CLI; the configuration is applied
+with ``tessera mesh apply`` and the agent is watched the way a user would: its
+``tessera_agent_mesh_revision`` and ``tessera_agent_mesh_resources`` metrics on
+``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures register by import)
+    AgentProcess,
+    socket_dir_fixture,
+    start_agent_fixture,
+)
+from tests.integration.conftest import ServerProcess, tessera
+from tests.support.processes import poll
+
+pytestmark = pytest.mark.integration
+
+StartAgent = Callable[..., AgentProcess]
+
+SERVICE = """\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {name: users-service}
+spec:
+  spiffeIds: [spiffe://example.org/users]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"""
+MISSION = """\
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: microservice-gateway}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: microservice-virtual-service}
+spec:
+  hosts: ["*"]
+  gateways: [microservice-gateway]
+  http:
+  - match:
+    - uri: {exact: /api/v1/users}
+    route:
+    - destination: {host: users-service, port: {number: 80}}
+"""
+LEARN_DEADLINE = 10.0
+
+
+def mesh(server: ServerProcess, *args: str, stdin: str | None = None, check: bool = True
+         ) -> str:
+    result = tessera("mesh", *args, "--data-dir", str(server.data_dir), input=stdin,
+                     check=check)
+    return result.stdout if check else result.stderr
+
+
+def agent_mesh(agent: AgentProcess) -> tuple[int, int]:
+    """(mesh revision, resources) as the agent's /metrics shows them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {
+        sample.name: int(sample.value)
+        for family in text_string_to_metric_families(
+            httpx.get(agent.health_url + "/metrics", timeout=5).text)
+        for sample in family.samples
+        if sample.name.startswith("tessera_agent_mesh_")
+    }
+    return values["tessera_agent_mesh_revision"], values["tessera_agent_mesh_resources"]
+
+
+def learns(agent: AgentProcess, expected: tuple[int, int]) -> float:
+    """Seconds until the agent shows ``expected``; fails after the deadline."""
+    began = time.monotonic()
+    poll(lambda: agent_mesh(agent) == expected or None, LEARN_DEADLINE,
+         f"the agent at mesh revision and resources {expected}")
+    return time.monotonic() - began
+
+
+def test_an_agent_learns_each_apply_and_delete_at_once(
+    server: ServerProcess, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    agent = start_agent(server)
+    assert agent_mesh(agent) == (0, 0)
+    config = tmp_path / "mesh.yaml"
+    config.write_text(SERVICE + "---\n" + MISSION)
+
+    assert mesh(server, "apply", "-f", str(config)) == (
+        "Service users-service created\n"
+        "Gateway microservice-gateway created\n"
+        "VirtualService microservice-virtual-service created\n")
+    took = [learns(agent, (1, 3))]
+
+    changed = MISSION.replace("/api/v1/users", "/api/v2/users")
+    assert mesh(server, "apply", "-f", "-", stdin=changed) == (
+        "Gateway microservice-gateway unchanged\n"
+        "VirtualService microservice-virtual-service configured\n")
+    took.append(learns(agent, (2, 3)))
+
+    assert mesh(server, "delete", "vs", "microservice-virtual-service") == (
+        "VirtualService microservice-virtual-service deleted\n")
+    took.append(learns(agent, (3, 2)))
+    print("the agent learned each change after " + ", ".join(f"{t:.2f}s" for t in took))
+    # The long poll wakes on a mesh change: far sooner than the 5 s fallback poll.
+    assert max(took) < 2.5, took
+
+    listed = json.loads(mesh(server, "get", "gateway", "--output", "json"))
+    assert [(r["name"], r["revision"]) for r in listed["resources"]] == [
+        ("microservice-gateway", 1)]
+
+
+def test_a_refused_apply_reaches_no_agent(
+    server: ServerProcess, start_agent: StartAgent, tmp_path: Path
+) -> None:
+    agent = start_agent(server)
+    config = tmp_path / "mesh.yaml"
+    config.write_text(MISSION)  # no Service users-service
+
+    assert mesh(server, "apply", "-f", str(config), check=False) == (
+        "VirtualService microservice-virtual-service: spec.http[0].route[0].destination.host: "
+        "host users-service names no Service\n"
+        "Error: nothing was applied: correct the problem above and apply again\n")
+    assert mesh(server, "get", "gateways") == "No Gateways found.\n"
+    mesh(server, "apply", "-f", "-", stdin=SERVICE)
+    learns(agent, (1, 1))  # the next change is revision 1: the refused one took none
+
+
+def test_an_agent_started_later_gets_the_whole_configuration(
+    server: ServerProcess, start_agent: StartAgent
+) -> None:
+    mesh(server, "apply", "-f", "-", stdin=SERVICE + "---\n" + MISSION)
+    mesh(server, "delete", "virtualservice", "microservice-virtual-service")
+    agent = start_agent(server)
+    learns(agent, (2, 2))

@@ -1,0 +1,447 @@
+"""``tessera mesh apply | get | delete`` as a user runs them, with exact output.
+
+The server's real admin app (a fresh :class:`ca.server.Server` on SQLite whose clock
+stands still) is served on a Unix socket by uvicorn in a thread; the commands run
+through ``tessera.cli.main`` as the console script runs them, so what is checked is
+what a user reads on stdout and stderr, and the exit status.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+import ca.cli.mesh
+from ca.api.admin import create_admin_app
+from ca.config import server_config
+from ca.server import Server
+from sdk.clock import ManualClock
+from tessera.cli import main
+from tests.unit.ca.conftest import START
+
+USERS = """\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {name: users}
+spec:
+  spiffeIds: [spiffe://example.org/users]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"""
+REVIEWS = """\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {name: reviews}
+spec:
+  spiffeIds: [spiffe://example.org/reviews]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+ROUTE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+"""
+NOTHING_APPLIED = "Error: nothing was applied: correct the problem above and apply again\n"
+
+
+@dataclass
+class Ran:
+    status: int
+    out: str
+    err: str
+
+
+class Mesh:
+    """A server's admin socket, and ``tessera mesh ...`` against it."""
+
+    def __init__(self, server: Server, socket: Path, files: Path,
+                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        self.server = server
+        self.store = server.store
+        self.socket = socket
+        self.files = files
+        self._monkeypatch = monkeypatch
+        self._capsys = capsys
+
+    def file(self, name: str, text: str | bytes) -> str:
+        path = self.files / name
+        if isinstance(text, str):
+            path.write_text(text)
+        else:
+            path.write_bytes(text)
+        return str(path)
+
+    def run(self, *args: str, stdin: bytes = b"", socket_flag: bool = True) -> Ran:
+        self._capsys.readouterr()
+        flag = ["--admin-socket", str(self.socket)] if socket_flag else []
+        self._monkeypatch.setattr(sys, "argv", ["tessera", "mesh", *args, *flag])
+        self._monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        status = 0
+        try:
+            main()
+        except SystemExit as exited:
+            status = int(exited.code or 0)
+        captured = self._capsys.readouterr()
+        return Ran(status, captured.out, captured.err)
+
+    def refused(self, *args: str, stdin: bytes = b"") -> str:
+        """stderr of a command that must exit 1 and print nothing on stdout."""
+        ran = self.run(*args, stdin=stdin)
+        assert (ran.status, ran.out) == (1, ""), ran
+        return ran.err
+
+    def nothing_stored(self) -> None:
+        assert self.store.list_mesh_resources() == []
+        assert self.store.mesh_revision() == 0
+        assert [e.action for e in self.store.list_audit()] == []
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+         capsys: pytest.CaptureFixture[str]) -> Iterator[Mesh]:
+    clock = ManualClock(START)
+    server = Server(server_config({"trust_domain": "example.org",
+                                   "data_dir": str(tmp_path / "server"),
+                                   "bind": "127.0.0.1:0", "key_manager": {"memory": {}}}),
+                    clock=clock)
+    app = create_admin_app(store=server.store, authorities=server.authorities,
+                           issuer=server.issuer, clock=clock, changed=lambda: None,
+                           health=server.health)
+    socket = tmp_path / "admin.sock"
+    listener = uvicorn.Server(uvicorn.Config(app, uds=str(socket), log_config=None,
+                                             access_log=False, lifespan="off"))
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    for _ in range(1000):  # poll the server's own flag, with a deadline of 1000 short joins
+        if listener.started:
+            break
+        thread.join(0.01)
+    assert listener.started
+    monkeypatch.setattr(ca.cli.mesh, "CLOCK", ManualClock(START + timedelta(seconds=90)))
+    files = tmp_path / "files"
+    files.mkdir()
+    try:
+        yield Mesh(server, socket, files, monkeypatch, capsys)
+    finally:
+        listener.should_exit = True
+        thread.join(10)
+        server.store.close()
+
+
+# -- apply --------------------------------------------------------------------------------
+
+
+def test_apply_prints_each_resource_and_what_it_did(mesh: Mesh) -> None:
+    services = mesh.file("services.yaml", USERS + "---\n" + REVIEWS)
+    route = mesh.file("route.yaml", ROUTE)
+
+    first = mesh.run("apply", "-f", services, "-f", route)
+    assert (first.status, first.err) == (0, "")
+    assert first.out == (
+        "Service users created\n"
+        "Service reviews created\n"
+        "DestinationRule reviews created\n"
+        "VirtualService reviews created\n"
+    )
+
+    changed = mesh.run("apply", "-f", route,
+                       "-f", mesh.file("users.yaml", USERS.replace("80,", "8080,")))
+    assert changed.out == "VirtualService reviews unchanged\nService users configured\n"
+    assert mesh.store.mesh_revision() == 2
+
+
+def test_a_dry_run_is_marked_and_stores_nothing(mesh: Mesh) -> None:
+    ran = mesh.run("apply", "-f", mesh.file("users.yaml", USERS), "--dry-run")
+    assert (ran.status, ran.out, ran.err) == (0, "Service users created (dry run)\n", "")
+    mesh.nothing_stored()
+
+
+def test_apply_reads_standard_input_and_answers_json(mesh: Mesh) -> None:
+    ran = mesh.run("apply", "-f", "-", "--output", "json", stdin=USERS.encode())
+    assert ran.status == 0
+    assert json.loads(ran.out) == {"revision": 1, "dry_run": False, "changes": [
+        {"kind": "Service", "name": "users", "action": "created"}]}
+
+
+# -- every bad input a new user might try: a sentence, exit 1, nothing stored ------------
+
+
+def test_yaml_that_does_not_parse(mesh: Mesh) -> None:
+    path = mesh.file("mesh.yaml", "kind: Service\nmetadata: {name: users\n")
+    assert mesh.refused("apply", "-f", path) == (
+        f"{path}: line 3, column 1: invalid YAML: did not find expected ',' or '}}' (while "
+        "parsing a flow mapping)\n" + NOTHING_APPLIED)
+    mesh.nothing_stored()
+
+
+def test_an_unknown_kind(mesh: Mesh) -> None:
+    path = mesh.file("pod.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: web}\nspec: {}\n")
+    assert mesh.refused("apply", "-f", path) == (
+        f"{path} document 1: kind must be one of Gateway, VirtualService, DestinationRule, "
+        "AuthorizationPolicy, RequestAuthentication, Service, RateLimit, not 'Pod'\n"
+        + NOTHING_APPLIED)
+    mesh.nothing_stored()
+
+
+def test_a_value_of_the_wrong_type(mesh: Mesh) -> None:
+    path = mesh.file("users.yaml", USERS.replace("number: 80", "number: '80'"))
+    assert mesh.refused("apply", "-f", path) == (
+        "Service users: spec.ports[0].number must be an integer, not a string ('80')\n"
+        + NOTHING_APPLIED)
+    mesh.nothing_stored()
+
+
+def test_a_regex_re2_does_not_take(mesh: Mesh) -> None:
+    route = ROUTE.replace("  - route:", "  - match: [{uri: {regex: '^/(?!admin)'}}]\n    route:")
+    path = mesh.file("route.yaml", REVIEWS + "---\n" + route)
+    assert mesh.refused("apply", "-f", path) == (
+        "VirtualService reviews: spec.http[0].match[0].uri.regex must be an RE2 regular "
+        "expression: invalid perl operator: (?! (RE2 has no lookahead)\n" + NOTHING_APPLIED)
+    mesh.nothing_stored()
+
+
+def test_weights_that_do_not_add_up_to_100(mesh: Mesh) -> None:
+    path = mesh.file("route.yaml", REVIEWS + "---\n" + ROUTE.replace("weight: 10", "weight: 5"))
+    assert mesh.refused("apply", "-f", path) == (
+        "VirtualService reviews: spec.http[0].route must have weights that add up to 100, not "
+        "95 (with several destinations, one without a weight counts as 0)\n" + NOTHING_APPLIED)
+    mesh.nothing_stored()
+
+
+def test_every_problem_of_every_file_at_once(mesh: Mesh) -> None:
+    first = mesh.file("a.yaml", USERS.replace("number: 80", "number: '80'"))
+    second = mesh.file("b.yaml", REVIEWS + "---\n" + ROUTE.replace("weight: 10", "weight: 5"))
+    assert mesh.refused("apply", "-f", first, "-f", second) == (
+        "Service users: spec.ports[0].number must be an integer, not a string ('80')\n"
+        "VirtualService reviews: spec.http[0].route must have weights that add up to 100, not "
+        "95 (with several destinations, one without a weight counts as 0)\n"
+        "Error: nothing was applied: correct the 2 problems above and apply again\n")
+    mesh.nothing_stored()
+
+
+def test_a_good_resource_next_to_a_reference_to_nothing(mesh: Mesh) -> None:
+    path = mesh.file("mesh.yaml", USERS + "---\n" + ROUTE)  # no Service reviews, no subsets
+    assert mesh.refused("apply", "-f", path) == (
+        "VirtualService reviews: spec.hosts[0]: host reviews names no Service; a "
+        "VirtualService for the mesh routes the calls made to a Service (to route a gateway's "
+        "requests, name the gateway in spec.gateways)\n"
+        "VirtualService reviews: spec.http[0].route[0].destination.host: host reviews names no "
+        "Service\n"
+        "VirtualService reviews: spec.http[0].route[1].destination.host: host reviews names no "
+        "Service\n"
+        "Error: nothing was applied: correct the 3 problems above and apply again\n")
+    mesh.nothing_stored()
+
+
+def test_a_10_mb_file(mesh: Mesh) -> None:
+    path = mesh.file("big.yaml", b"# padding\n" * 1_048_576)
+    assert mesh.refused("apply", "-f", path) == (
+        f"Error: {path} is larger than 4,194,304 bytes (4 MiB), the most that may be applied "
+        "at once: split it into several files and apply each\n")
+    mesh.nothing_stored()
+
+
+def test_files_over_4_mib_together(mesh: Mesh) -> None:
+    def services(prefix: str) -> str:  # 12 Services of 200 KiB each (the annotations)
+        note = "x" * (200 * 1024)
+        return "---\n".join(
+            USERS.replace("name: users}", f"name: {prefix}-{n}, annotations: {{note: {note}}}}}")
+            for n in range(12))
+
+    first = mesh.file("a.yaml", services("a"))
+    second = mesh.file("b.yaml", services("b"))
+    assert mesh.run("apply", "-f", first, "--dry-run").status == 0  # each alone is fine
+    err = mesh.refused("apply", "-f", first, "-f", second)
+    assert err.startswith("Error: the resources of these files take 4,9")
+    assert err.endswith(" bytes; at most 4,194,304 bytes (4 MiB) may be applied at once: "
+                        "apply them in several steps\n")
+    mesh.nothing_stored()
+
+
+def test_comments_and_document_markers_of_one_file_do_not_upset_the_next(mesh: Mesh) -> None:
+    first = mesh.file("a.yaml", "# services\n---\n" + USERS + "...\n")
+    second = mesh.file("b.yaml", "%YAML 1.1\n---\n" + REVIEWS + "---\n")
+    ran = mesh.run("apply", "-f", first, "-f", second)
+    assert (ran.status, ran.err) == (0, "")
+    assert ran.out == (
+        "Service users created\nService reviews created\nDestinationRule reviews created\n")
+
+
+def test_the_same_resource_in_two_files(mesh: Mesh) -> None:
+    first = mesh.file("a.yaml", USERS)
+    second = mesh.file("b.yaml", USERS.replace("80,", "8080,"))
+    assert mesh.refused("apply", "-f", first, "-f", second) == (
+        f"Service users is defined in both {first} and {second}: one of the two would be "
+        "lost\n" + NOTHING_APPLIED)
+    assert mesh.refused("apply", "-f", first, "-f", first) == (
+        f"Error: {first} is given twice with -f; give each file once\n")
+    mesh.nothing_stored()
+
+
+def test_a_file_that_is_not_there(mesh: Mesh) -> None:
+    missing = str(mesh.files / "missing.yaml")
+    assert mesh.refused("apply", "-f", missing) == (
+        f"Error: cannot read {missing}: no such file; check the path given with -f\n")
+
+
+def test_a_directory_in_place_of_a_file(mesh: Mesh) -> None:
+    assert mesh.refused("apply", "-f", str(mesh.files)) == (
+        f"Error: cannot read {mesh.files}: it is a directory; give each file with its own -f\n")
+
+
+def test_an_empty_file(mesh: Mesh) -> None:
+    path = mesh.file("empty.yaml", "# to do\n")
+    assert mesh.refused("apply", "-f", path) == (
+        f"Error: {path} holds no resources: nothing to apply\n")
+
+
+def test_standard_input_twice(mesh: Mesh) -> None:
+    assert mesh.refused("apply", "-f", "-", "-f", "-") == (
+        "Error: '-f -' may be given once: standard input can be read only once\n")
+
+
+def test_apply_without_a_file(mesh: Mesh) -> None:
+    ran = mesh.run("apply")
+    assert ran.status == 2
+    assert ran.err.endswith(
+        "Error: Missing option '-f' / '--filename' (env var: 'TESSERA_FILENAME').\n")
+
+
+def test_apply_without_a_running_server(mesh: Mesh, tmp_path: Path) -> None:
+    path = mesh.file("users.yaml", USERS)
+    mesh.socket = tmp_path / "absent.sock"
+    assert mesh.refused("apply", "-f", path) == (
+        f"Error: no admin socket at {mesh.socket} (not found): is the server running? "
+        "'tessera server run' listens on <data-dir>/admin.sock; pass --data-dir DIR or "
+        "--admin-socket PATH\n")
+
+
+def test_the_admin_socket_may_come_from_the_environment_or_a_config_file(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = mesh.file("users.yaml", USERS)
+    monkeypatch.setenv("TESSERA_ADMIN_SOCKET", str(mesh.socket))
+    assert mesh.run("apply", "-f", path, socket_flag=False).out == "Service users created\n"
+    monkeypatch.delenv("TESSERA_ADMIN_SOCKET")
+    config = mesh.file("server.toml", f'admin_socket = "{mesh.socket}"\n')
+    ran = mesh.run("get", "svc", "users", "--config", config, "--output", "json",
+                   socket_flag=False)
+    assert json.loads(ran.out)["name"] == "users"
+
+
+# -- get ----------------------------------------------------------------------------------
+
+
+def test_get_prints_a_table_of_a_kind_in_any_spelling(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS + "---\n" + REVIEWS))
+    table = (
+        "NAME      KIND      REVISION   AGE   UPDATED\n"
+        "reviews   Service   1          90s   90s\n"
+        "users     Service   1          90s   90s\n"
+    )
+    for spelling in ("service", "Services", "SVC"):
+        ran = mesh.run("get", spelling)
+        assert (ran.status, ran.out, ran.err) == (0, table, "")
+    assert mesh.run("get", "dr", "reviews").out == (
+        "NAME      KIND              REVISION   AGE   UPDATED\n"
+        "reviews   DestinationRule   1          90s   90s\n")
+    assert mesh.run("get", "virtualservices").out == "No VirtualServices found.\n"
+
+
+def test_get_as_yaml_gives_back_what_apply_takes(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS))
+    ran = mesh.run("get", "destinationrule", "reviews", "--output", "yaml")
+    assert ran.out == (
+        "apiVersion: networking.istio.io/v1\n"
+        "kind: DestinationRule\n"
+        "metadata:\n"
+        "  name: reviews\n"
+        "spec:\n"
+        "  host: reviews\n"
+        "  subsets:\n"
+        "  - name: v1\n"
+        "    labels:\n"
+        "      version: v1\n"
+        "  - name: v2\n"
+        "    labels:\n"
+        "      version: v2\n"
+    )
+    every = mesh.run("get", "service", "--output", "yaml").out
+    assert every.startswith("apiVersion: tessera.io/v1alpha1\nkind: Service\n")
+    assert "\n---\n" not in every  # one Service: one document
+    mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
+    both = mesh.run("get", "service", "--output", "yaml").out
+    applied_again = mesh.run("apply", "-f", "-", stdin=both.encode())
+    assert applied_again.out == "Service reviews unchanged\nService users unchanged\n"
+
+
+def test_get_as_json(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
+    listed = json.loads(mesh.run("get", "service", "--output", "json").out)
+    assert listed["revision"] == 1
+    assert [(r["kind"], r["name"], r["revision"]) for r in listed["resources"]] == [
+        ("Service", "users", 1)]
+    one = json.loads(mesh.run("get", "service", "users", "--output", "json").out)
+    assert one == listed["resources"][0]
+
+
+def test_get_of_what_is_not_there(mesh: Mesh) -> None:
+    assert mesh.refused("get", "vs", "reviews") == (
+        "Error: VirtualService reviews does not exist; 'tessera mesh get virtualservice' "
+        "lists the VirtualServices there are\n")
+    ran = mesh.run("get", "pods")
+    assert ran.status == 2
+    assert ran.err.endswith(
+        "Error: Invalid value for 'KIND': 'pods' is not a mesh kind; use one of gateway, "
+        "virtualservice, destinationrule, authorizationpolicy, requestauthentication, "
+        "service, ratelimit\n")
+
+
+# -- delete -------------------------------------------------------------------------------
+
+
+def test_delete_names_what_still_refers_to_the_resource(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE))
+
+    assert mesh.refused("delete", "destinationrule", "reviews") == (
+        "VirtualService reviews: spec.http[0].route[0].destination.subset: subset v1 is not "
+        "defined by any DestinationRule for host reviews\n"
+        "VirtualService reviews: spec.http[0].route[1].destination.subset: subset v2 is not "
+        "defined by any DestinationRule for host reviews\n"
+        "Error: DestinationRule reviews was not deleted: what is named above still refers to "
+        "it; change or delete that first\n")
+    assert mesh.store.get_mesh_resource("DestinationRule", "reviews").deleted is False
+
+    ran = mesh.run("delete", "vs", "reviews")
+    assert (ran.status, ran.out, ran.err) == (0, "VirtualService reviews deleted\n", "")
+    ran = mesh.run("delete", "DestinationRule", "reviews", "--output", "json")
+    assert json.loads(ran.out) == {"kind": "DestinationRule", "name": "reviews",
+                                   "revision": 3, "deleted": True}
+    assert mesh.refused("delete", "vs", "reviews") == (
+        "Error: VirtualService reviews does not exist; 'tessera mesh get virtualservice' "
+        "lists the VirtualServices there are\n")
