@@ -5,6 +5,11 @@
     GET    /v1/mesh/{kind}                           the resources of one kind
     GET    /v1/mesh/{kind}/{name}                    one resource
     DELETE /v1/mesh/{kind}/{name}                    refused while something refers to it
+    GET    /v1/mesh/describe/{service}               what each proxy of a Service does
+    POST   /v1/mesh/explain                          how one request is routed and judged
+
+``describe`` and ``explain`` compile the stored configuration with the catalog of
+instances (:mod:`mesh.compile`); each line names the resource and field it came from.
 
 ``kind`` is a kind's name in any case (``virtualservice``). A configuration that cannot
 be applied is answered 400 with every problem in ``error.field_errors``
@@ -18,13 +23,18 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from fastapi import APIRouter, Query, Request
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from ca.api.errors import error_responses
+from ca.api.errors import RequestBody, error_responses
 from ca.datastore.interface import Datastore
 from ca.datastore.records import MeshApplyResult, MeshResource
 from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
+from mesh.catalog import Catalog
+from mesh.describe import describe
+from mesh.explain import explain
 from sdk.errors import InvalidArgument
+from sdk.spiffeid import parse_spiffe_id
 
 __all__ = ["APPLY_PATH", "BODY_LIMITS", "mesh_resource_json", "mesh_router"]
 
@@ -66,9 +76,45 @@ def apply_json(result: MeshApplyResult) -> dict[str, Any]:
     }
 
 
-def mesh_router(*, store: Datastore, changed: Callable[[], None]) -> APIRouter:
-    """The mesh endpoints; ``changed`` is called after each change (it wakes agents)."""
+class ExplainRequest(RequestBody):
+    """One request to explain: from a caller's sidecar to a Service."""
+
+    caller: str = Field(min_length=1, max_length=2048, alias="from")
+    to: str = Field(min_length=1, max_length=253)
+    method: str = Field("GET", min_length=1, max_length=32)
+    path: str = Field("/", min_length=1, max_length=8192)
+    headers: dict[str, str] = Field(default_factory=dict, max_length=64)
+    port: int | None = Field(None, ge=1, le=65535)
+
+
+def mesh_router(
+    *,
+    store: Datastore,
+    changed: Callable[[], None],
+    catalog: Callable[[], Catalog] = Catalog,
+) -> APIRouter:
+    """The mesh endpoints; ``changed`` is called after each change (it wakes agents),
+    ``catalog`` gives the instances ``describe`` and ``explain`` route to."""
     router = APIRouter(prefix="/v1/mesh")
+
+    # Before /{kind}/{name}, which would read "describe" as a kind.
+    @router.get("/describe/{service}", responses=error_responses(404))
+    def describe_service(service: str) -> dict[str, Any]:
+        """What every proxy of ``service`` does, each line naming its source."""
+        config, revision = store.mesh_config()
+        description = describe(config, catalog(), service)
+        return {"revision": revision, "lines": description.lines(), **description.to_json()}
+
+    @router.post("/explain", responses=error_responses(400, 404))
+    def explain_request(body: ExplainRequest) -> dict[str, Any]:
+        """The route a request takes, its destination, and the rule that allows or
+        refuses it."""
+        caller = parse_spiffe_id(body.caller)  # a caller is a SPIFFE ID: 400 otherwise
+        config, revision = store.mesh_config()
+        explanation = explain(config, catalog(), caller=caller, service=body.to,
+                              method=body.method, path=body.path, headers=body.headers,
+                              port=body.port)  # fmt: skip
+        return {"revision": revision, "lines": explanation.lines(), **explanation.to_json()}
 
     @router.post("/apply", responses=error_responses(400, 412), openapi_extra=_APPLY_BODY)
     async def apply(

@@ -319,3 +319,48 @@ def mesh_delete(admin_socket: str | None, data_dir: str, kind: str, name: str, o
             "or delete that first"
         ) from None
     emit(output, result, f"{result['kind']} {result['name']} deleted")
+
+
+# -- describe and explain ---------------------------------------------------------------
+
+
+@mesh_group.command("describe")
+@admin_options
+@click.argument("service")
+@output_option
+def mesh_describe(admin_socket: str | None, data_dir: str, service: str, output: str) -> None:
+    """What each proxy of SERVICE will do: inbound policy, routes, clusters and endpoints,
+    each line naming the resource and field it came from."""
+    result = admin_client(admin_socket, data_dir).get(
+        f"/v1/mesh/describe/{quote(service, safe='')}")
+    emit(output, result, lambda: "\n".join(result["lines"]))
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise InvalidArgument(f"--header {text!r} is not NAME=VALUE, e.g. --header x-user=alice")
+    return name.strip().lower(), value
+
+
+@mesh_group.command("explain")
+@admin_options
+@option("--from", "caller", required=True, metavar="SPIFFE_ID",
+        help="The SPIFFE ID of the calling workload (its sidecar routes the request).")
+@option("--to", "service", required=True, metavar="SERVICE", help="The Service called.")
+@option("--method", default="GET", show_default=True, help="The request's method.")
+@option("--path", default="/", show_default=True, help="The request's path (and query).")
+@option("--header", "headers", multiple=True, metavar="NAME=VALUE",
+        help="A request header (repeatable).")
+@output_option
+def mesh_explain(admin_socket: str | None, data_dir: str, caller: str, service: str,
+                 method: str, path: str, headers: tuple[str, ...], output: str) -> None:
+    """How a request from --from to --to is routed, to which destination and subset and
+    why, and the rule that allows or refuses it. Exit status 0 when allowed, 1 when
+    refused."""
+    body = {"from": caller, "to": service, "method": method.upper(), "path": path,
+            "headers": dict(_header(h) for h in headers)}
+    result = admin_client(admin_socket, data_dir).post("/v1/mesh/explain", json=body)
+    emit(output, result, lambda: "\n".join(result["lines"]))
+    if not result["allowed"]:
+        sys.exit(1)

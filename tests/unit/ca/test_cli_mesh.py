@@ -445,3 +445,68 @@ def test_delete_names_what_still_refers_to_the_resource(mesh: Mesh) -> None:
     assert mesh.refused("delete", "vs", "reviews") == (
         "Error: VirtualService reviews does not exist; 'tessera mesh get virtualservice' "
         "lists the VirtualServices there are\n")
+
+
+# -- describe and explain -----------------------------------------------------------------
+
+ALLOW_ORDERS = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-allow-orders}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: [spiffe://example.org/orders]}
+"""
+
+
+def test_describe_names_the_source_of_every_line(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE))
+
+    ran = mesh.run("describe", "reviews")
+    assert (ran.status, ran.err) == (0, "")
+    lines = ran.out.splitlines()
+    assert all(line.endswith("]") and "  [" in line for line in lines), lines
+    assert any("90%" in line and "[VirtualService reviews spec.http[0].route[0]]" in line
+               for line in lines), lines
+    assert any("10%" in line and "[VirtualService reviews spec.http[0].route[1]]" in line
+               for line in lines), lines
+
+    as_json = json.loads(mesh.run("describe", "reviews", "--output", "json").out)
+    assert as_json["service"] == "reviews"
+    assert as_json["lines"] == lines
+
+
+def test_explain_exits_0_when_allowed_and_1_when_refused_naming_the_rule(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE + "---\n"
+                                      + ALLOW_ORDERS.replace("selector: {matchLabels: {app: "
+                                                             "reviews}}\n  ", "")))
+
+    allowed = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "reviews",
+                       "--path", "/reviews/1")
+    assert (allowed.status, allowed.err) == (0, "")
+    assert ("allowed by reviews: spiffe://example.org/orders is allowed by an ALLOW rule  "
+            "[AuthorizationPolicy reviews-allow-orders spec.rules[0]]") in allowed.out
+
+    refused = mesh.run("explain", "--from", "spiffe://example.org/evil", "--to", "reviews")
+    assert (refused.status, refused.err) == (1, "")
+    assert "refused by reviews: no ALLOW rule matches spiffe://example.org/evil" in refused.out
+    assert "[AuthorizationPolicy reviews-allow-orders]" in refused.out
+
+    as_json = json.loads(mesh.run("explain", "--from", "spiffe://example.org/evil", "--to",
+                                  "reviews", "--output", "json").out)
+    assert as_json["allowed"] is False
+
+
+def test_explain_and_describe_refuse_what_is_not_there_or_not_an_id(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
+
+    assert mesh.refused("describe", "nosuch") == "Error: Service nosuch does not exist\n"
+    assert mesh.refused("explain", "--from", "orders", "--to", "users") == (
+        "Error: SPIFFE ID 'orders' is not valid: does not start with 'spiffe://'; expected "
+        "spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web\n")
+    assert mesh.refused("explain", "--from", "spiffe://example.org/orders", "--to", "users",
+                        "--header", "x-user") == (
+        "Error: --header 'x-user' is not NAME=VALUE, e.g. --header x-user=alice\n")
