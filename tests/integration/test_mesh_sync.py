@@ -23,6 +23,7 @@ from tests.integration.agent_fixtures import (  # noqa: F401  (the fixtures regi
 )
 from tests.integration.conftest import ServerProcess, tessera
 from tests.support.processes import poll
+from tests.unit.mesh.documents import MISSION
 
 pytestmark = pytest.mark.integration
 
@@ -35,28 +36,6 @@ metadata: {name: users-service}
 spec:
   spiffeIds: [spiffe://example.org/users]
   ports: [{number: 80, name: http, protocol: HTTP}]
-"""
-MISSION = """\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: microservice-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: microservice-virtual-service}
-spec:
-  hosts: ["*"]
-  gateways: [microservice-gateway]
-  http:
-  - match:
-    - uri: {exact: /api/v1/users}
-    route:
-    - destination: {host: users-service, port: {number: 80}}
 """
 LEARN_DEADLINE = 10.0
 

@@ -19,6 +19,7 @@ from mesh import MAX_INPUT_BYTES
 from sdk.clock import ManualClock
 from tests.unit.ca.conftest import START
 from tests.unit.ca.federation_helpers import call
+from tests.unit.mesh.documents import MISSION
 
 USERS = """\
 apiVersion: tessera.io/v1alpha1
@@ -27,29 +28,6 @@ metadata: {name: users-service}
 spec:
   spiffeIds: [spiffe://example.org/users]
   ports: [{number: 80, name: http, protocol: HTTP}]
-"""
-# The mission's example, as written.
-MISSION = """\
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {name: microservice-gateway}
-spec:
-  selector: {istio: ingressgateway}
-  servers:
-  - port: {number: 80, name: http, protocol: HTTP}
-    hosts: ["*"]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: microservice-virtual-service}
-spec:
-  hosts: ["*"]
-  gateways: [microservice-gateway]
-  http:
-  - match:
-    - uri: {exact: /api/v1/users}
-    route:
-    - destination: {host: users-service, port: {number: 80}}
 """
 YAML = {"content-type": "application/yaml"}
 
