@@ -32,7 +32,7 @@ from ca.datastore.records import MeshApplyResult, MeshResource
 from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
 from mesh.catalog import Catalog
 from mesh.describe import describe
-from mesh.explain import explain
+from mesh.explain import explain, explain_gateway
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_spiffe_id
 
@@ -77,10 +77,13 @@ def apply_json(result: MeshApplyResult) -> dict[str, Any]:
 
 
 class ExplainRequest(RequestBody):
-    """One request to explain: from a caller's sidecar to a Service."""
+    """One request to explain: from a caller's sidecar to a Service (``from``, ``to``),
+    or entering a gateway with ``gateway`` labels on ``port`` for ``host``."""
 
-    caller: str = Field(min_length=1, max_length=2048, alias="from")
-    to: str = Field(min_length=1, max_length=253)
+    caller: str | None = Field(None, min_length=1, max_length=2048, alias="from")
+    to: str | None = Field(None, min_length=1, max_length=253)
+    gateway: dict[str, str] | None = Field(None, min_length=1, max_length=64)
+    host: str = Field("", max_length=253)
     method: str = Field("GET", min_length=1, max_length=32)
     path: str = Field("/", min_length=1, max_length=8192)
     headers: dict[str, str] = Field(default_factory=dict, max_length=64)
@@ -109,11 +112,24 @@ def mesh_router(
     def explain_request(body: ExplainRequest) -> dict[str, Any]:
         """The route a request takes, its destination, and the rule that allows or
         refuses it."""
-        caller = parse_spiffe_id(body.caller)  # a caller is a SPIFFE ID: 400 otherwise
-        config, revision = store.mesh_config()
-        explanation = explain(config, catalog(), caller=caller, service=body.to,
-                              method=body.method, path=body.path, headers=body.headers,
-                              port=body.port)  # fmt: skip
+        if body.gateway is not None:
+            if body.caller is not None or body.to is not None:
+                raise InvalidArgument("explain either a gateway's request (gateway) or a "
+                                      "call between services (from and to), not both")
+            config, revision = store.mesh_config()
+            explanation = explain_gateway(config, catalog(), labels=body.gateway,
+                                          port=body.port or 80, host=body.host,
+                                          method=body.method, path=body.path,
+                                          headers=body.headers)  # fmt: skip
+        else:
+            if body.caller is None or body.to is None:
+                raise InvalidArgument("explain needs from and to (a caller's SPIFFE ID and "
+                                      "a Service), or gateway (a gateway's labels)")
+            caller = parse_spiffe_id(body.caller)  # a caller is a SPIFFE ID: 400 otherwise
+            config, revision = store.mesh_config()
+            explanation = explain(config, catalog(), caller=caller, service=body.to,
+                                  method=body.method, path=body.path, headers=body.headers,
+                                  port=body.port)  # fmt: skip
         return {"revision": revision, "lines": explanation.lines(), **explanation.to_json()}
 
     @router.post("/apply", responses=error_responses(400, 412), openapi_extra=_APPLY_BODY)

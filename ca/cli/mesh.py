@@ -336,30 +336,54 @@ def mesh_describe(admin_socket: str | None, data_dir: str, service: str, output:
     emit(output, result, lambda: "\n".join(result["lines"]))
 
 
-def _header(text: str) -> tuple[str, str]:
+def _pair(text: str, flag: str, *, lower: bool = True) -> tuple[str, str]:
+    """NAME=VALUE of a --header (its name in lower case) or a --gateway label."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
-        raise InvalidArgument(f"--header {text!r} is not NAME=VALUE, e.g. --header x-user=alice")
-    return name.strip().lower(), value
+        example = "x-user=alice" if flag == "--header" else "istio=ingressgateway"
+        raise InvalidArgument(f"{flag} {text!r} is not NAME=VALUE, e.g. {flag} {example}")
+    return (name.strip().lower() if lower else name.strip()), value
 
 
 @mesh_group.command("explain")
 @admin_options
-@option("--from", "caller", required=True, metavar="SPIFFE_ID",
+@option("--from", "caller", metavar="SPIFFE_ID",
         help="The SPIFFE ID of the calling workload (its sidecar routes the request).")
-@option("--to", "service", required=True, metavar="SERVICE", help="The Service called.")
+@option("--to", "service", metavar="SERVICE", help="The Service called.")
+@option("--gateway", "gateway", multiple=True, metavar="NAME=VALUE",
+        help="Instead of --from/--to: a request entering the gateway with these labels "
+             "(repeatable), e.g. --gateway istio=ingressgateway.")
+@option("--port", type=click.IntRange(1, 65535), default=None,
+        help="With --gateway: the Gateway server's port the request enters on [80]; "
+             "otherwise the Service's port.")
+@option("--host", default="", help="With --gateway: the request's Host.")
 @option("--method", default="GET", show_default=True, help="The request's method.")
 @option("--path", default="/", show_default=True, help="The request's path (and query).")
 @option("--header", "headers", multiple=True, metavar="NAME=VALUE",
         help="A request header (repeatable).")
 @output_option
-def mesh_explain(admin_socket: str | None, data_dir: str, caller: str, service: str,
+def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
+                 service: str | None, gateway: tuple[str, ...], port: int | None, host: str,
                  method: str, path: str, headers: tuple[str, ...], output: str) -> None:
-    """How a request from --from to --to is routed, to which destination and subset and
-    why, and the rule that allows or refuses it. Exit status 0 when allowed, 1 when
-    refused."""
-    body = {"from": caller, "to": service, "method": method.upper(), "path": path,
-            "headers": dict(_header(h) for h in headers)}
+    """How a request from --from to --to (or entering a --gateway) is routed, to which
+    destination and subset and why, and the rule that allows or refuses it. Exit status
+    0 when allowed, 1 when refused or answered with an error status."""
+    body: dict[str, Any] = {"method": method.upper(), "path": path,
+                            "headers": dict(_pair(h, "--header") for h in headers)}
+    if gateway:
+        if caller or service:
+            raise InvalidArgument("give --gateway for a request entering a gateway, or "
+                                  "--from and --to for a call between services, not both")
+        body.update(gateway=dict(_pair(g, "--gateway", lower=False) for g in gateway),
+                    host=host)
+    else:
+        if not caller or not service:
+            raise InvalidArgument("explain needs --from SPIFFE_ID and --to SERVICE, or "
+                                  "--gateway NAME=VALUE; e.g. tessera mesh explain --from "
+                                  "spiffe://example.org/orders --to users-service")
+        body.update({"from": caller, "to": service})
+    if port is not None:
+        body["port"] = port
     result = admin_client(admin_socket, data_dir).post("/v1/mesh/explain", json=body)
     emit(output, result, lambda: "\n".join(result["lines"]))
     if not result["allowed"]:

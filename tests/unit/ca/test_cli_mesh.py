@@ -27,6 +27,7 @@ from ca.server import Server
 from sdk.clock import ManualClock
 from tessera.cli import main
 from tests.unit.ca.conftest import START
+from tests.unit.mesh.documents import MISSION
 
 USERS = """\
 apiVersion: tessera.io/v1alpha1
@@ -510,3 +511,29 @@ def test_explain_and_describe_refuse_what_is_not_there_or_not_an_id(mesh: Mesh) 
     assert mesh.refused("explain", "--from", "spiffe://example.org/orders", "--to", "users",
                         "--header", "x-user") == (
         "Error: --header 'x-user' is not NAME=VALUE, e.g. --header x-user=alice\n")
+
+
+def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS.replace("name: users}",
+                                                                 "name: users-service}")
+                                      + "---\n" + MISSION))
+
+    routed = mesh.run("explain", "--gateway", "istio=ingressgateway", "--path", "/api/v1/users")
+    assert (routed.status, routed.err) == (0, "")
+    assert "users-service port 80" in routed.out
+    assert "[VirtualService microservice-virtual-service spec.http[0]" in routed.out
+
+    other = mesh.run("explain", "--gateway", "istio=ingressgateway", "--path", "/api/v2/users")
+    assert (other.status, other.err) == (1, "")
+    assert "404" in other.out
+
+    assert json.loads(mesh.run("explain", "--gateway", "istio=ingressgateway", "--path",
+                               "/api/v1/users", "--output", "json").out)["allowed"] is True
+    assert mesh.refused("explain", "--gateway", "istio") == (
+        "Error: --gateway 'istio' is not NAME=VALUE, e.g. --gateway istio=ingressgateway\n")
+    assert mesh.refused("explain", "--gateway", "istio=ingressgateway", "--to", "users") == (
+        "Error: give --gateway for a request entering a gateway, or --from and --to for a "
+        "call between services, not both\n")
+    assert mesh.refused("explain", "--to", "users") == (
+        "Error: explain needs --from SPIFFE_ID and --to SERVICE, or --gateway NAME=VALUE; "
+        "e.g. tessera mesh explain --from spiffe://example.org/orders --to users-service\n")
