@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,8 +225,10 @@ class Agent:
 
 
 @contextlib.contextmanager
-def running_agent(server: Server, data_dir: Path, *, alias: str) -> Iterator[Agent]:
-    """``tessera agent run`` joined to ``server`` with a fresh join token for ``alias``."""
+def running_agent(server: Server, data_dir: Path, *, alias: str,
+                  settings: Mapping[str, int] | None = None) -> Iterator[Agent]:
+    """``tessera agent run`` joined to ``server`` with a fresh join token for ``alias``;
+    ``settings`` go into an agent.toml it is given with ``--config``."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     bundle = data_dir.parent / f"{data_dir.name}-bundle.pem"
     bundle.write_text(server.bundle_pem())
@@ -240,6 +242,10 @@ def running_agent(server: Server, data_dir: Path, *, alias: str) -> Iterator[Age
             "--data-dir", str(data_dir), "--socket", str(socket_path), "--join-token",
             server.join_token(alias), "--trust-bundle", str(bundle), "--health-bind",
             f"127.0.0.1:{health_port}", "--log-level", "warning"]
+    if settings:
+        config = data_dir.parent / f"{data_dir.name}-agent.toml"
+        config.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
+        args += ["--config", str(config)]
     with log_path.open("ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     agent = Agent(alias=alias, socket_path=socket_path, health_port=health_port,

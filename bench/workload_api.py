@@ -79,7 +79,10 @@ def run(quick: bool = False) -> list[Figure]:
     sizes = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp, \
             running_server(Path(tmp) / "server") as server, \
-            running_agent(server, Path(tmp) / "agent", alias=ALIAS) as agent:
+            running_agent(server, Path(tmp) / "agent", alias=ALIAS, settings={
+                # Every client is this process's uid: lift the agent's per-uid cap (128).
+                "workload_api_max_connections_per_uid": sizes.clients + sizes.probes + 16,
+            }) as agent:
         body = entry_body(f"spiffe://{TRUST_DOMAIN}/workload", ALIAS, [f"unix:uid:{os.getuid()}"])
         entry = server.create_entries([body])[0]
         agent.wait_for_svids(1, timeout=30)
