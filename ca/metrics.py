@@ -35,6 +35,10 @@ TOMBSTONES_PURGED = Counter(
     "tessera_server_tombstones_purged",
     "Tombstones of deleted entries this server purged once older than the retention",
 )
+LONG_POLLS = Gauge(
+    "tessera_server_agent_long_polls",
+    "Agents' entry syncs this server holds open, waiting for a change to answer with",
+)
 MESH_REVISION = Gauge(
     "tessera_server_mesh_revision", "The datastore's mesh configuration revision"
 )

@@ -258,7 +258,11 @@ def create_node_app(
             # One trip to the thread pool: this is what every idle agent sync costs.
             return await run_in_threadpool(_caller_entries_since, request, since)
         await run_in_threadpool(caller, request)
-        await watcher.wait_past(since, wait, seen_bundle=bundle, seen_mesh=mesh)
+        metrics.LONG_POLLS.inc()
+        try:
+            await watcher.wait_past(since, wait, seen_bundle=bundle, seen_mesh=mesh)
+        finally:
+            metrics.LONG_POLLS.dec()
         # Checked again after the wait: an agent evicted or banned meanwhile is refused,
         # not answered as if it no longer had any entry.
         return await run_in_threadpool(_caller_entries_since, request, since)

@@ -672,7 +672,7 @@ def test_taint_and_revoke_reach_waiting_agents(server: ServerProcess, agent: Nod
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.3)
+        wait_for_long_polls(server, 1)  # the change must wake a poll already waiting
         server.cli("localauthority", "x509", "taint", "--authority-id", old)
         waiter.join(timeout=25)
     assert result["body"]["tainted_authorities"] == [old]
@@ -698,9 +698,19 @@ def test_setting_a_federated_bundle_wakes_waiting_agents(
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.3)
+        wait_for_long_polls(server, 1)  # the change must wake a poll already waiting
         server.cli("bundle", "set", "--id", "spiffe://partner.org", "--path", str(partner))
         waiter.join(timeout=25)
         assert result["body"]["bundle_sequence"] > current["bundle_sequence"]
         bundles = client.get("/v1/agent/bundles").json()
     assert list(bundles["federated"]) == ["partner.org"]
+
+
+def wait_for_long_polls(server: ServerProcess, count: int) -> None:
+    """Poll the server's metrics until it holds ``count`` agent long polls open."""
+    line = f"\ntessera_server_agent_long_polls {float(count)}"
+    deadline = time.monotonic() + 10
+    with httpx.Client(verify=False, base_url=f"https://{server.address}") as client:
+        while line not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, f"the server never held {count} long poll(s)"
+            time.sleep(0.02)
