@@ -72,7 +72,12 @@ def parse_resource(document: object, *, source: str = "<stdin>", index: int = 0)
         resource = model.model_validate(dict(document))
     except ValidationError as err:
         errors.extend(
-            error(model.KIND, name, field_path(model, detail["loc"]), _message(detail))
+            error(
+                model.KIND,
+                name,
+                field_path(model, detail["loc"]),
+                _message(detail) + _field_hint(model, detail),
+            )
             for detail in err.errors()
             if detail["loc"][:1] not in (("apiVersion",), ("kind",))
         )
@@ -87,6 +92,11 @@ def field_path(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
     Walks the model's types along ``loc`` to tell a field (``.name``) from a list index
     or a mapping key (``[0]``, ``[x-user]``).
     """
+    return _walk(model, loc)[0]
+
+
+def _walk(model: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str, Any]:
+    """The path of ``loc`` in ``model``, and the type found at its end (None if unknown)."""
     path = ""
     annotation: Any = model
     for item in loc:
@@ -114,7 +124,7 @@ def field_path(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
         else:
             path += f"[{item}]" if isinstance(item, int) else f".{item}"
             annotation = None
-    return path.removeprefix(".")
+    return path.removeprefix("."), annotation
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -184,6 +194,19 @@ def _name_of(document: Mapping[Any, Any]) -> str:
     if isinstance(name, str) and 0 < len(name) <= MAX_SUBDOMAIN_LENGTH and name.isprintable():
         return name
     return ""
+
+
+def _field_hint(model: type[BaseModel], detail: ErrorDetails) -> str:
+    """For a field Tessera does not know, the supported one its name is a typo of."""
+    loc = detail["loc"]
+    if detail["type"] != "extra_forbidden" or not loc or not isinstance(loc[-1], str):
+        return ""
+    parent = _unwrap(_walk(model, loc[:-1])[1])
+    if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return ""
+    names = [info.alias or field_name for field_name, info in parent.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _kind_problem(kind: object) -> str:

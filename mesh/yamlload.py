@@ -220,7 +220,7 @@ def _decode(text: str | bytes, source: str) -> str:
         ) from None
 
 
-def _syntax_error(err: yaml.YAMLError, source: str) -> FieldError:
+def _syntax_error(err: yaml.YAMLError, source: str, text: str = "") -> FieldError:
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         problem = err.problem or err.context or "is not valid YAML"
@@ -230,14 +230,23 @@ def _syntax_error(err: yaml.YAMLError, source: str) -> FieldError:
             problem = f"invalid YAML: {problem}"
         if err.context == "while scanning an alias":  # hosts: [*]
             problem += f"; {_QUOTE_STARS}"
+        if mark is not None and _is_tab(text, mark.line, mark.column):
+            problem += "; a tab is not indentation in YAML: indent with spaces"
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         return FieldError("", "", "", f"{where}{problem}", source=source)
     return FieldError("", "", "", f"is not valid YAML: {err}", source=source)  # pragma: no cover
 
 
+def _is_tab(text: str, line: int, column: int) -> bool:
+    """Whether the character at (line, column), counted from 0, is a tab."""
+    lines = text.split("\n", line + 1)
+    return line < len(lines) and column < len(lines[line]) and lines[line][column] == "\t"
+
+
 def load_documents(text: str | bytes, *, source: str = "<stdin>") -> list[Document]:
     """Every non-empty document of ``text``; raise ConfigError naming the first problem."""
-    loader = _BoundedLoader(_decode(text, source))
+    decoded = _decode(text, source)
+    loader = _BoundedLoader(decoded)
     documents: list[Document] = []
     index = 0
     try:
@@ -261,7 +270,7 @@ def load_documents(text: str | bytes, *, source: str = "<stdin>") -> list[Docume
             if node is not None and content is not None:
                 documents.append(Document(index, node.start_mark.line + 1, content))
     except yaml.YAMLError as err:  # _Refused is one too
-        raise ConfigError([_syntax_error(err, source)]) from None
+        raise ConfigError([_syntax_error(err, source, decoded)]) from None
     except RecursionError:
         raise ConfigError(
             [FieldError("", "", "", f"nests deeper than {MAX_DEPTH} levels", source=source)]

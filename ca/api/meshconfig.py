@@ -32,6 +32,7 @@ from ca.datastore.records import MeshApplyResult, MeshResource
 from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
 from mesh.catalog import Catalog
 from mesh.describe import describe
+from mesh.errors import UnknownServiceError
 from mesh.explain import explain, explain_gateway
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_spiffe_id
@@ -130,6 +131,8 @@ def mesh_router(
             explanation = explain(config, catalog(), caller=caller, service=body.to,
                                   method=body.method, path=body.path, headers=body.headers,
                                   port=body.port)  # fmt: skip
+            if explanation.outcome == "unknown-service":
+                raise UnknownServiceError(body.to)
         return {"revision": revision, "lines": explanation.lines(), **explanation.to_json()}
 
     @router.post("/apply", responses=error_responses(400, 412), openapi_extra=_APPLY_BODY)

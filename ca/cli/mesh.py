@@ -367,7 +367,7 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
                  method: str, path: str, headers: tuple[str, ...], output: str) -> None:
     """How a request from --from to --to (or entering a --gateway) is routed, to which
     destination and subset and why, and the rule that allows or refuses it. Exit status
-    0 when allowed, 1 when refused or answered with an error status."""
+    0 when allowed, 1 when refused by a rule or not routed (a gateway's 404)."""
     body: dict[str, Any] = {"method": method.upper(), "path": path,
                             "headers": dict(_pair(h, "--header") for h in headers)}
     if gateway:

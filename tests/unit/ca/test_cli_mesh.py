@@ -505,6 +505,8 @@ def test_explain_and_describe_refuse_what_is_not_there_or_not_an_id(mesh: Mesh) 
     mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
 
     assert mesh.refused("describe", "nosuch") == "Error: Service nosuch does not exist\n"
+    assert mesh.refused("explain", "--from", "spiffe://example.org/orders", "--to",
+                        "nosuch") == "Error: Service nosuch does not exist\n"
     assert mesh.refused("explain", "--from", "orders", "--to", "users") == (
         "Error: SPIFFE ID 'orders' is not valid: does not start with 'spiffe://'; expected "
         "spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web\n")

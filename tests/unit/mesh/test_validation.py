@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mesh import Gateway, VirtualService, parse_resource
+from mesh import ConfigError, Gateway, VirtualService, parse_documents, parse_resource
 from mesh.resources.virtualservice import VirtualServiceSpec
 from mesh.validation import field_path
 from tests.unit.mesh.documents import REMOVE, VIRTUAL_SERVICE, errors, with_field
@@ -138,7 +138,8 @@ NETWORKING = "networking.istio.io/v1, networking.istio.io/v1beta1 or networking.
         ),
         pytest.param(
             with_field(VIRTUAL_SERVICE, "spec.http[0].match[0].headers", {"x-a": {"exakt": "b"}}),
-            f"{VS}: spec.http[0].match[0].headers[x-a].exakt is not supported",
+            f"{VS}: spec.http[0].match[0].headers[x-a].exakt is not supported "
+            "(did you mean exact?)",
             id="misspelt-field-in-a-map",
         ),
         pytest.param(
@@ -221,3 +222,17 @@ def test_a_name_that_cannot_be_shown_is_not() -> None:
 )
 def test_field_path(loc: tuple[int | str, ...], path: str) -> None:
     assert field_path(VirtualServiceSpec, loc) == path
+
+
+def test_a_typo_of_a_supported_field_is_named_with_the_field_it_is_a_typo_of() -> None:
+    text = (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n"
+        "spec:\n  hosts: [r]\n  gateway: [g]\n  http:\n  - corsPolicy: {}\n    rout: []\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        parse_documents(text)
+    assert sorted(str(error) for error in refused.value.errors) == [
+        "VirtualService r: spec.gateway is not supported (did you mean gateways?)",
+        "VirtualService r: spec.http[0].corsPolicy is not supported",
+        "VirtualService r: spec.http[0].rout is not supported (did you mean route?)",
+    ]

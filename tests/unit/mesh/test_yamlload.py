@@ -70,7 +70,8 @@ def refusal(text: str | bytes, source: str = "<stdin>") -> str:
         pytest.param(
             "spec:\n\t- a\n",
             "<stdin>: line 2, column 1: invalid YAML: found character that cannot start any "
-            "token (while scanning for the next token)",
+            "token (while scanning for the next token); a tab is not indentation in YAML: "
+            "indent with spaces",
             id="tab",
         ),
         pytest.param(

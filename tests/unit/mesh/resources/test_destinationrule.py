@@ -131,7 +131,8 @@ def test_full_example() -> None:
         (
             "spec.trafficPolicy.outlierDetection.consecutiveErrors",
             5,
-            "spec.trafficPolicy.outlierDetection.consecutiveErrors is not supported",
+            "spec.trafficPolicy.outlierDetection.consecutiveErrors is not supported (did you mean "
+            "consecutive5xxErrors?)",
         ),
         (
             "spec.trafficPolicy.outlierDetection.maxEjectionPercent",

@@ -267,7 +267,7 @@ def test_the_gateways_default_to_the_mesh() -> None:
         (
             "spec.http[1].fault.delay.percent",
             50,
-            "spec.http[1].fault.delay.percent is not supported",
+            "spec.http[1].fault.delay.percent is not supported (did you mean percentage?)",
         ),
         (
             "spec.http[1].fault.abort.grpcStatus",
