@@ -139,6 +139,11 @@ def test_tessera_server_run_on_the_base_install_names_the_server_extra(
     assert result.stderr == ("Error: tessera up needs the server and agent extras: "
                              "pip install 'tessera[server,agent]'\n")
 
+    result = run_in(base_venv, tessera, "mesh", "get", "vs")
+    assert result.returncode == 1
+    assert result.stderr == ("Error: tessera mesh needs the server extra: "
+                             "pip install 'tessera[server]'\n")
+
     result = run_in(base_venv, tessera, "--help")
     assert result.returncode == 0, result.stderr
     assert "agent    Needs the agent extra: pip install 'tessera[agent]'." in result.stdout
