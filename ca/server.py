@@ -167,6 +167,8 @@ class Server:
         self.started_at = time.monotonic()
         self._stop: Callable[[], None] | None = None
         self._stop_early = False
+        self.node_api_port: int = config.bind_port
+        """The node API's port: the one bound, once serving (``bind`` may ask for 0)."""
         self._next_count = 0.0
         self.tombstones = TombstoneHorizon(config.tombstone_retention)
         self._purged_below = 0
@@ -313,6 +315,7 @@ class Server:
                 await asyncio.sleep(0.01)
             if all(s.started for s in servers):
                 os.chmod(admin_path, 0o600)
+                self.node_api_port = _bound_port(servers[0], self.node_api_port)
                 if on_ready is not None:
                     on_ready(self)
             done, _ = await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
@@ -490,3 +493,13 @@ def _authority_of(issued: IssuedX509) -> str:
 
     aki = issued.leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     return (aki.key_identifier or b"").hex()
+
+
+def _bound_port(server: _Uvicorn, asked: int) -> int:
+    """The TCP port ``server`` listens on (``asked`` when it cannot tell)."""
+    for listening in getattr(server, "servers", ()):
+        for sock in listening.sockets:
+            address = sock.getsockname()
+            if isinstance(address, tuple) and len(address) >= 2:
+                return int(address[1])
+    return asked

@@ -69,7 +69,7 @@ def server_run(**flags: Any) -> None:
              f"{len(bundle.jwt_authorities)} JWT authorities in the bundle")
 
     def ready(s: Any) -> None:
-        progress(f"  node API:  https://{config.bind_host}:{config.bind_port}")
+        progress(f"  node API:  https://{config.bind_host}:{s.node_api_port}")
         progress(f"  admin API: {config.admin_socket_path.resolve()}")
         progress(f"Server is ready ({time.monotonic() - started:.1f}s). Ctrl-C stops it.")
 

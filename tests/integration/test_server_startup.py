@@ -311,6 +311,20 @@ def test_a_server_stopped_cleanly_starts_again_at_once(start_server: object,
     assert "waiting up to" not in server.log()
 
 
+def test_bind_port_0_shows_the_port_the_node_api_got(tmp_path: Path) -> None:
+    server = ServerProcess(data_dir=tmp_path / "server", port=0).start()
+    try:
+        assert server.process is not None
+        server.process.wait_for("Server is ready")
+        [line] = [line for line in server.log().splitlines() if "node API:" in line]
+        port = int(line.rsplit(":", 1)[1])
+        assert port > 0
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the port shown is the one listening
+    finally:
+        server.stop()
+
+
 # -- the JWT authority's key type ------------------------------------------------------------
 
 
