@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Select, column, select, table, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdk.errors import FailedPrecondition
@@ -91,7 +91,7 @@ def upgrade(engine: Engine) -> None:
 
 
 _REVISION = re.compile(r'^revision = "([^"]+)"$', re.M)
-_READ_VERSION = text("SELECT version_num FROM tessera_schema_version")
+_READ_VERSION: Select[tuple[Any]] = select(column("version_num")).select_from(table(VERSION_TABLE))
 _DOWN_REVISION = re.compile(r'^down_revision = (?:"([^"]+)"|None)$', re.M)
 
 
