@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,16 +58,19 @@ def _until_ready(args: Sequence[str], marker: str) -> float:
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     seen: list[str] = []
+    # A process that hangs without a word would block the read: kill it at the deadline,
+    # which ends its output and so the loop.
+    watchdog = threading.Timer(READY_DEADLINE, process.kill)
+    watchdog.start()
     try:
         assert process.stdout is not None
         for line in process.stdout:
             if marker in line:
                 return time.monotonic() - began
             seen.append(line)
-            if time.monotonic() - began > READY_DEADLINE:
-                break
         raise RuntimeError(f"{' '.join(args[:3])} never said {marker!r}:\n{''.join(seen[-30:])}")
     finally:
+        watchdog.cancel()
         process.terminate()
         try:
             process.wait(timeout=20)
