@@ -42,10 +42,10 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -69,6 +69,7 @@ __all__ = [
     "NO_IDENTITY",
     "SECURITY_HEADER",
     "SECURITY_HEADER_MISSING",
+    "ExtraService",
     "WorkloadApiServer",
 ]
 
@@ -119,8 +120,21 @@ _ContextKey = tuple[tuple[X509SvidMaterial, ...], tuple[tuple[str, bytes], ...]]
 _pb: Any = workload_pb2
 
 
+class ExtraService(Protocol):
+    """A grpclib service (``__mapping__``) the agent serves beside the Workload API."""
+
+    def __mapping__(self) -> dict[str, Any]: ...
+
+    async def shut_down(self, grace: float) -> None:
+        """End open calls, waiting at most ``grace`` seconds for them."""
+
+
 class WorkloadApiServer:
     """Serves one :class:`IdentityProvider` on a Unix socket.
+
+    ``services`` are more grpclib services served on the same socket, under the same
+    limits (the agent's mesh registration, Envoy's discovery services); each ends its
+    open calls in ``shut_down(grace)`` when the server closes, as the Workload API's do.
 
     ``allow_unauthenticated_verifiers`` lets callers without an identity fetch
     bundles and validate JWT-SVIDs (SPIRE's option of the same name); off by
@@ -136,8 +150,10 @@ class WorkloadApiServer:
         allow_unauthenticated_verifiers: bool = False,
         shutdown_grace: float = 5.0,
         limits: ServerLimits | None = None,
+        services: Sequence[ExtraService] = (),
     ) -> None:
         self._provider = provider
+        self._extra_services = tuple(services)
         self._allow_unauthenticated_verifiers = allow_unauthenticated_verifiers
         self._shutdown_grace = shutdown_grace
         self._limits = limits or ServerLimits()
@@ -165,7 +181,9 @@ class WorkloadApiServer:
         path = socket_path.absolute()
         await asyncio.to_thread(_prepare_socket_path, path)
         service = _WorkloadApiService(self._provider, self._allow_unauthenticated_verifiers)
-        server = LimitedServer([service], limits=self._limits, name="Workload API")
+        server = LimitedServer(
+            [service, *self._extra_services], limits=self._limits, name="Workload API"
+        )
         try:
             await server.start(path=str(path), backlog=_LISTEN_BACKLOG)
         except OSError as err:
@@ -192,7 +210,10 @@ class WorkloadApiServer:
         if server is None or service is None:
             return
         self._server = self._service = None
-        await service.shut_down(self._shutdown_grace)
+        await asyncio.gather(
+            service.shut_down(self._shutdown_grace),
+            *(extra.shut_down(self._shutdown_grace) for extra in self._extra_services),
+        )
         server.close()
         await server.wait_closed()
         server.close_connections()
