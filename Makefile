@@ -53,6 +53,8 @@ proto: $(STAMP)
 	sed -i 's/^import workload_pb2$$/from . import workload_pb2/' workload_api/_proto/workload_grpc.py
 	grep -q '^DESCRIPTOR = _POOL\.' workload_api/_proto/workload_pb2.py
 	grep -q '^from \. import workload_pb2$$' workload_api/_proto/workload_grpc.py
+	$(BIN)/python -m grpc_tools.protoc -I sdk/_proto --python_out=sdk/_proto --pyi_out=sdk/_proto \
+		sdk/_proto/mesh_agent.proto
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
