@@ -57,6 +57,8 @@ DEFAULT_JWT_SVID_TTL = timedelta(minutes=5)
 DEFAULT_JOIN_TOKEN_TTL = timedelta(seconds=600)
 DEFAULT_SERVER_LEASE_TTL = timedelta(seconds=15)
 MIN_SERVER_LEASE_TTL = timedelta(seconds=3)
+DEFAULT_MESH_INSTANCE_LEASE = timedelta(seconds=30)
+MIN_MESH_INSTANCE_LEASE = timedelta(seconds=3)
 DEFAULT_REQUEST_TIMEOUT = timedelta(seconds=10)
 DEFAULT_IDLE_TIMEOUT = timedelta(seconds=5)
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -78,6 +80,7 @@ SCALAR_KEYS = {
     "log_level",
     "server_lease_ttl",
     "tombstone_retention",
+    "mesh_instance_lease",
     "request_timeout",
     "idle_timeout",
     "max_connections",
@@ -150,6 +153,9 @@ class ServerConfig:
     server_lease_ttl: timedelta = DEFAULT_SERVER_LEASE_TTL
     tombstone_retention: timedelta = DEFAULT_TOMBSTONE_RETENTION
     """How long a deleted entry's tombstone is kept (see :mod:`ca.tombstones`)."""
+    mesh_instance_lease: timedelta = DEFAULT_MESH_INSTANCE_LEASE
+    """How long the instances an agent registered outlive its last report; agents
+    report at a third of it."""
 
     @property
     def jwt_authority_key_type(self) -> KeyType:
@@ -214,8 +220,17 @@ def _build(values: Mapping[str, Any]) -> ServerConfig:
         tombstone_retention=_duration(
             values, "tombstone_retention", DEFAULT_TOMBSTONE_RETENTION
         ),
+        mesh_instance_lease=_duration(
+            values, "mesh_instance_lease", DEFAULT_MESH_INSTANCE_LEASE
+        ),
         limits=_limits(values),
     )
+    if config.mesh_instance_lease < MIN_MESH_INSTANCE_LEASE:
+        raise ConfigError(
+            f"mesh_instance_lease ({format_duration(config.mesh_instance_lease)}) is shorter "
+            f"than {format_duration(MIN_MESH_INSTANCE_LEASE)}; agents report at a third of "
+            "it, so give them a few seconds"
+        )
     if config.server_lease_ttl < MIN_SERVER_LEASE_TTL:
         raise ConfigError(
             f"server-lease-ttl ({format_duration(config.server_lease_ttl)}) is shorter than "

@@ -238,6 +238,7 @@ class Server:
             attestors=self.attestors,
             watcher=self.watcher,
             ready=self.ready_problem,
+            instance_lease=self.config.mesh_instance_lease,
         )
         admin_app = create_admin_app(
             store=self.store,
@@ -367,6 +368,12 @@ class Server:
             self.lease.renew()  # first: a slow rotation must not let the lease lapse
         self.authorities.rotate()
         self.store.prune_join_tokens()
+        if expired := self.store.expire_mesh_instances():
+            for node in sorted({key.node for key in expired}):
+                gone = [f"{k.service} {k.address}" for k in expired if k.node == node]
+                log.info("agent %s stopped reporting: its mesh instances leave the catalog "
+                         "(%s)", node, ", ".join(gone))
+            self.watcher.poke()
         self._purge_tombstones()
         for kind in (X509, JWT):
             expiry = self.authorities.active(kind).not_after.timestamp()

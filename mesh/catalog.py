@@ -73,6 +73,31 @@ class Instance:
             "spiffeId": self.spiffe_id,
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Instance:
+        """The inverse of :meth:`to_json`; ValueError, TypeError or KeyError (an
+        ``sdk.errors.ConfigError`` for the address) when ``data`` is not one."""
+        labels = data["labels"]
+        if not isinstance(labels, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise TypeError("an instance's labels must map strings to strings")
+        health = data["health"]
+        if health not in ("healthy", "unhealthy", "unknown"):
+            raise ValueError(f"{health!r} is not a health")
+        since = datetime.fromisoformat(str(data["since"]))
+        if since.tzinfo is None:
+            raise ValueError("an instance's since has no time zone")
+        return cls(
+            service=str(data["service"]),
+            address=HostPort.parse(data["address"], what="instance address"),
+            node=str(data["node"]),
+            labels=labels,
+            health=health,
+            since=since,
+            spiffe_id=str(data["spiffeId"]),
+        )
+
 
 def is_routable(instance: Instance, *, has_health_check: bool) -> bool:
     """Whether requests may be sent to ``instance``.

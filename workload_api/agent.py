@@ -25,6 +25,9 @@ What it does, in order:
    of the Workload API server: it attests callers with the workload
    attestors (in a worker thread) and answers from the cache. JWT-SVIDs are
    minted on demand and cached per (SPIFFE ID, audience set).
+4. **Mesh instances.** Proxies on the node register the apps they front over the
+   agent's socket (:mod:`workload_api.mesh_service`); the agent checks their health
+   and reports the set to the server (:mod:`workload_api.instances`).
 
 When no server answers, the agent keeps serving what it has and retries with
 capped exponential backoff, moving between the ``--server`` addresses. An
@@ -79,6 +82,8 @@ from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_au
 from workload_api.config import AgentConfig
 from workload_api.grpc_limits import ServerLimits
 from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context
+from workload_api.instances import LocalInstances
+from workload_api.mesh_service import MeshService
 from workload_api.mesh_sync import MeshState
 from workload_api.node_attestation import (
     NodeAttestorAgent,
@@ -90,6 +95,7 @@ from workload_api.node_attestation import (
 from workload_api.node_client import (
     MAX_BATCH,
     AgentBanned,
+    InstancesAnswer,
     NodeClient,
     WrongTrustDomain,
     retry_backoff,
@@ -140,6 +146,7 @@ class Agent:
         self.cache = SvidCache(config.trust_domain, clock=clock, rng=self._rng)
         self.jwt_cache = JwtSvidCache(clock=clock)
         self.mesh = MeshState()
+        self.instances = LocalInstances(report=self._report_instances, mesh=self.mesh)
         self._attestors: list[WorkloadAttestor] = (
             list(workload_attestors)
             if workload_attestors is not None
@@ -167,6 +174,7 @@ class Agent:
         health.ENTRIES.set_function(lambda: len(self.cache.entries))
         health.CACHED_X509_SVIDS.set_function(lambda: self.cache.x509_svid_count)
         health.CACHED_JWT_SVIDS.set_function(lambda: len(self.jwt_cache))
+        health.MESH_LOCAL_INSTANCES.set_function(lambda: len(self.instances))
 
     @property
     def identity(self) -> AgentIdentity | None:
@@ -195,6 +203,7 @@ class Agent:
                 idle_timeout=self.config.workload_api_idle_timeout,
                 max_connections_per_uid=self.config.workload_api_max_connections_per_uid,
             ),
+            services=[MeshService(self, self.instances, self.mesh)],
         )
         health_server = (
             health.HealthServer(self.config.health_bind, self.ready_problem)
@@ -202,6 +211,7 @@ class Agent:
             else None
         )
         sync: asyncio.Task[None] | None = None
+        reporting: asyncio.Task[None] | None = None
         stop = asyncio.create_task(self._stop.wait())
         try:
             starting = asyncio.create_task(self.start())
@@ -221,6 +231,7 @@ class Agent:
                 )
             self._progress(f"export SPIFFE_ENDPOINT_SOCKET=unix://{self.config.socket_path}")
             sync = asyncio.create_task(self.sync_forever())
+            reporting = asyncio.create_task(self.instances.run())
             if on_ready is not None:
                 on_ready(self)
             await asyncio.wait({sync, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -228,9 +239,12 @@ class Agent:
                 sync.result()  # a crash of the loop ends the agent with its error
         finally:
             stop.cancel()
-            if sync is not None:
-                sync.cancel()
-                await asyncio.gather(sync, return_exceptions=True)
+            # Reporting stops before the proxies' calls end: their instances stay at the
+            # server until the lease runs out, as the apps go on serving.
+            for task in (sync, reporting):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await workload_api.close()
             if health_server is not None:
                 await health_server.stop()
@@ -239,6 +253,10 @@ class Agent:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(sig)
+
+    async def _report_instances(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+        await self._current_identity()
+        return await self._client.report_instances(instances)
 
     async def start(self) -> None:
         """Get the agent's identity and try a first sync, so it serves SVIDs right away."""

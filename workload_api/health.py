@@ -36,6 +36,7 @@ __all__ = [
     "CACHED_X509_SVIDS",
     "ENTRIES",
     "LAST_SYNC",
+    "MESH_LOCAL_INSTANCES",
     "MESH_RESOURCES",
     "MESH_REVISION",
     "SVIDS_ROTATED",
@@ -68,6 +69,10 @@ for _kind in ("agent", "x509", "jwt"):
 MESH_REVISION: Final = Gauge(
     "tessera_agent_mesh_revision",
     "The server's mesh configuration revision this agent has (0: none received)",
+)
+MESH_LOCAL_INSTANCES: Final = Gauge(
+    "tessera_agent_mesh_local_instances",
+    "Mesh instances registered through this agent (by the proxies on its node)",
 )
 MESH_RESOURCES: Final = Gauge(
     "tessera_agent_mesh_resources", "Resources in the agent's mesh configuration"

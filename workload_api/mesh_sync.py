@@ -1,4 +1,5 @@
-"""The mesh configuration as this agent knows it, kept current for the proxies on its node.
+"""The mesh configuration and catalog as this agent knows them, kept current for the
+proxies on its node.
 
 The agent's sync loop keeps it: every entries answer carries the server's mesh revision
 (the long poll also wakes when it moves), and when that differs from the agent's, the
@@ -8,6 +9,7 @@ revision is older than the deletions the server still remembers. What the proxie
 
     state = agent.mesh
     state.config, state.revision                     # a mesh.Config (immutable), its revision
+    state.catalog                                    # a mesh.Catalog: every instance, health
     state.add_listener(lambda config, revision: ...)  # called after each change
     revision = await state.wait_for_change(seen)      # for a task serving proxies
 
@@ -24,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mesh import Config, ConfigError, Resource, ResourceKey, parse_resource
+from mesh.catalog import Catalog, Instance
 from workload_api import health
 from workload_api.node_client import MeshUpdate
 
@@ -41,6 +44,8 @@ class MeshState:
 
     def __init__(self) -> None:
         self._config = Config()
+        self._instances: dict[tuple[str, str, str], Instance] = {}
+        self._catalog = Catalog()
         self._revision = 0
         self._listeners: list[MeshListener] = []
         self._changed = asyncio.Event()
@@ -50,6 +55,10 @@ class MeshState:
     @property
     def config(self) -> Config:
         return self._config
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
 
     @property
     def revision(self) -> int:
@@ -79,11 +88,18 @@ class MeshState:
             if resource is not None:
                 resources[resource.key] = resource
         self._config = Config(resources.values())
+        if update.full:
+            self._instances = {}
+        for gone in update.removed_instances:
+            self._instances.pop(gone, None)
+        for instance in update.instances:
+            self._instances[(instance.node, instance.service, str(instance.address))] = instance
+        self._catalog = Catalog(self._instances.values())
         previous, self._revision = self._revision, update.revision
         if previous != self._revision:
             _log.info(
-                "mesh configuration at revision %d: %d resource(s)",
-                self._revision, len(self._config),
+                "mesh at revision %d: %d resource(s), %d instance(s)",
+                self._revision, len(self._config), len(self._catalog),
             )
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -50,6 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
+from mesh.catalog import Instance
 from sdk.backoff import Backoff
 from sdk.errors import (
     AlreadyExists,
@@ -152,6 +153,21 @@ class MeshUpdate:
     """Created or changed resources: ``{"kind", "name", "revision", "document"}``."""
     deleted: tuple[tuple[str, str], ...]
     """(kind, name) of each resource deleted."""
+    instances: tuple[Instance, ...] = ()
+    """Instances registered or changed (the whole catalog when ``full``)."""
+    removed_instances: tuple[tuple[str, str, str], ...] = ()
+    """(node, service, address) of each instance gone."""
+
+
+@dataclass(frozen=True)
+class InstancesAnswer:
+    """The answer of ``PUT /v1/agent/instances``."""
+
+    revision: int
+    lease_seconds: float
+    """Report again well within this, or the instances leave the catalog."""
+    refused: tuple[tuple[str, str, str], ...]
+    """(service, address, reason) of each instance the server did not keep."""
 
 
 @dataclass(frozen=True)
@@ -336,9 +352,34 @@ class NodeClient:
                 full=bool(result["full"]),
                 resources=resources,
                 deleted=tuple((str(d["kind"]), str(d["name"])) for d in result["deleted"]),
+                instances=tuple(
+                    Instance.from_json(item) for item in result.get("instances", ())
+                ),
+                removed_instances=tuple(
+                    (str(r["node"]), str(r["service"]), str(r["address"]))
+                    for r in result.get("removed_instances", ())
+                ),
+            )
+        except (KeyError, TypeError, ValueError, ConfigError) as err:
+            raise Unavailable(f"the server sent a malformed mesh answer: {err}") from err
+
+    async def report_instances(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+        """Tell the server the whole set of mesh instances on this node (``service``,
+        ``address``, ``spiffe_id``, ``labels``, ``health`` each); renews their lease."""
+        result = await self._call(
+            "PUT", "/v1/agent/instances", json_body={"instances": list(instances)}
+        )
+        try:
+            return InstancesAnswer(
+                revision=int(result["revision"]),
+                lease_seconds=float(result["lease_seconds"]),
+                refused=tuple(
+                    (str(r["service"]), str(r["address"]), str(r["reason"]))
+                    for r in result["refused"]
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise Unavailable(f"the server sent a malformed mesh answer: {err}") from err
+            raise Unavailable(f"the server sent a malformed instances answer: {err}") from err
 
     async def sign_x509(self, requests: Sequence[tuple[str, bytes]]) -> list[IssuedSvid]:
         """Sign CSRs, one per entry, in batches of at most 500."""

@@ -71,6 +71,8 @@ __all__ = [
     "SECURITY_HEADER_MISSING",
     "ExtraService",
     "WorkloadApiServer",
+    "grpc_error",
+    "workload_caller",
 ]
 
 SECURITY_HEADER: Final = "workload.spiffe.io"
@@ -489,6 +491,18 @@ async def _receive_request(stream: _AnyStream) -> Any:
             Status.DEADLINE_EXCEEDED,
             f"no request message within {REQUEST_TIMEOUT_SECONDS:g}s of the call's headers",
         ) from None
+
+
+def grpc_error(err: TesseraError) -> GRPCError:
+    """The gRPC status a Tessera error is answered with on the agent's socket."""
+    return GRPCError(_GRPC_STATUS_BY_HTTP.get(err.status, Status.INTERNAL), err.message)
+
+
+def workload_caller(stream: _AnyStream) -> PeerCredentials:
+    """For the other services on the agent's socket: the security header checked (as the
+    Workload API checks it), then the caller's credentials as the kernel recorded them."""
+    _require_security_header(stream)
+    return _peer_credentials(_connection_transport(stream))
 
 
 def _require_security_header(stream: _AnyStream) -> None:

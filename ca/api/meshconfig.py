@@ -5,6 +5,7 @@
     GET    /v1/mesh/{kind}                           the resources of one kind
     GET    /v1/mesh/{kind}/{name}                    one resource
     DELETE /v1/mesh/{kind}/{name}                    refused while something refers to it
+    GET    /v1/mesh/services?service=NAME            the catalog: every instance, its health
     GET    /v1/mesh/describe/{service}               what each proxy of a Service does
     POST   /v1/mesh/explain                          how one request is routed and judged
 
@@ -95,11 +96,24 @@ def mesh_router(
     *,
     store: Datastore,
     changed: Callable[[], None],
-    catalog: Callable[[], Catalog] = Catalog,
+    catalog: Callable[[], Catalog] | None = None,
 ) -> APIRouter:
     """The mesh endpoints; ``changed`` is called after each change (it wakes agents),
-    ``catalog`` gives the instances ``describe`` and ``explain`` route to."""
+    ``catalog`` gives the instances ``describe`` and ``explain`` route to (the store's
+    catalog unless told otherwise)."""
     router = APIRouter(prefix="/v1/mesh")
+    catalog = catalog or store.mesh_catalog
+
+    # Before /{kind}, which would read "services" as a kind.
+    @router.get("/services")
+    def services(service: str | None = Query(None, max_length=63)) -> dict[str, Any]:
+        """Every registered instance (of ``service``), by Service then address."""
+        found = catalog()
+        instances = found.instances(service) if service is not None else tuple(found)
+        return {
+            "revision": store.mesh_revision(),
+            "instances": [instance.to_json() for instance in instances],
+        }
 
     # Before /{kind}/{name}, which would read "describe" as a kind.
     @router.get("/describe/{service}", responses=error_responses(404))

@@ -5,6 +5,7 @@
     GET  /v1/agent/entries       entries authorized for the caller since a revision;
                                  ?wait=N holds the request until something changes
     GET  /v1/agent/mesh          the mesh configuration's changes since a mesh revision
+    PUT  /v1/agent/instances     the mesh instances on the agent's node, with their health
     POST /v1/agent/svids/x509    sign a batch of CSRs, one per authorized entry
     POST /v1/agent/svids/jwt     mint a JWT-SVID for an authorized entry
     GET  /v1/agent/bundles       the trust bundle and the federated bundles
@@ -21,8 +22,9 @@ import binascii
 import json
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,16 +40,21 @@ from ca.api.tls import peer_spiffe_id
 from ca.authority import Authorities
 from ca.csr import parse_csr
 from ca.datastore.interface import Datastore
-from ca.datastore.records import AttestedAgent, AuditNote, MeshChanges
+from ca.datastore.records import AttestedAgent, AuditNote, MeshChanges, ReportedInstance
 from ca.entries import entry_json
 from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
 from ca.revisions import RevisionWatcher
+from mesh import Config
+from mesh.registration import MAX_LABELS, label_problem, registration_problem
+from sdk.address import HostPort
 from sdk.bundle import TrustBundle
-from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
+from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from sdk.jwtsvid import check_audiences
 
 MAX_WAIT_SECONDS = 60.0
+MAX_INSTANCES_PER_AGENT = 256
+"""Mesh instances one agent may register: a node's worth, with room to spare."""
 INLINE_CSRS = 4
 """A batch of at most this many CSRs is signed on the event loop when all it needs is in
 memory (about 0.3 ms of CPU per CSR, less than a trip to a worker thread and back)."""
@@ -71,6 +78,18 @@ class CsrRequest(BaseModel):
 
 class BatchRequest(BaseModel):
     requests: list[CsrRequest] = Field(max_length=500)
+
+
+class ReportedInstanceModel(BaseModel):
+    service: str = Field(max_length=63)
+    address: str = Field(max_length=300)
+    spiffe_id: str = Field(max_length=2048)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
+    health: Literal["healthy", "unhealthy", "unknown"]
+
+
+class InstancesReport(BaseModel):
+    instances: list[ReportedInstanceModel] = Field(max_length=MAX_INSTANCES_PER_AGENT)
 
 
 class JwtRequest(BaseModel):
@@ -104,6 +123,11 @@ def mesh_changes_json(changes: MeshChanges) -> dict[str, Any]:
     return {
         "revision": changes.revision,
         "full": changes.full,
+        "instances": [instance.to_json() for instance in changes.instances],
+        "removed_instances": [
+            {"node": key.node, "service": key.service, "address": key.address}
+            for key in changes.removed_instances
+        ],
         "resources": [
             {"kind": r.kind, "name": r.name, "revision": r.revision, "document": r.document}
             for r in changes.resources
@@ -115,6 +139,33 @@ def mesh_changes_json(changes: MeshChanges) -> dict[str, Any]:
             if r.deleted
         ],
     }
+
+
+def _judge_instance(
+    item: ReportedInstanceModel, config: Config, hosted: set[str], agent_id: str
+) -> tuple[str | None, ReportedInstance | None]:
+    """(why it is refused, None) or (None, the instance to keep)."""
+    problem = registration_problem(config, item.service, item.spiffe_id)
+    if problem is not None:
+        return problem.reason, None
+    if item.spiffe_id not in hosted:
+        return (
+            f"agent {agent_id} hosts no workload with SPIFFE ID {item.spiffe_id} (no "
+            "registration entry gives a workload on its node that ID)"
+        ), None
+    if (label_reason := label_problem(item.labels)) is not None:
+        return label_reason, None
+    try:
+        address = HostPort.parse(item.address, what="instance address")
+    except ConfigError as err:
+        return err.message, None
+    return None, ReportedInstance(
+        service=item.service,
+        address=address,
+        spiffe_id=item.spiffe_id,
+        labels=item.labels,
+        health=item.health,
+    )
 
 
 def _base64(data: bytes) -> str:
@@ -140,6 +191,7 @@ def create_node_app(
     attestors: Mapping[str, NodeAttestorServer],
     watcher: RevisionWatcher,
     ready: Any,
+    instance_lease: timedelta = timedelta(seconds=30),
 ) -> FastAPI:
     app = FastAPI(title="Tessera node API", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
@@ -300,6 +352,38 @@ def create_node_app(
             _compact_json(mesh_changes_json(store.mesh_changed_since(since))),
             media_type="application/json",
         )
+
+    @router.put("/v1/agent/instances")
+    def report_instances(request: Request, body: InstancesReport) -> dict[str, Any]:
+        """The whole set of mesh instances on the caller's node, with their health. Each
+        one is kept only when its Service allows its SPIFFE ID and the agent hosts a
+        workload with that ID; the others are named in ``refused`` with the reason. Also
+        renews the lease of what is kept (``lease_seconds``: report again well within it)."""
+        agent = caller(request)
+        config, _ = store.mesh_config()
+        hosted = {entry.spiffe_id for entry in issuer.authorized_entries(agent)}
+        accepted: list[ReportedInstance] = []
+        refused: list[dict[str, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for item in body.instances:
+            reason, instance = _judge_instance(item, config, hosted, agent.spiffe_id)
+            if instance is not None and (item.service, str(instance.address)) in seen:
+                reason, instance = f"{item.service} {instance.address} is reported twice", None
+            if instance is None:
+                refused.append({"service": item.service, "address": item.address,
+                                "reason": reason or "refused"})  # fmt: skip
+                continue
+            seen.add((instance.service, str(instance.address)))
+            accepted.append(instance)
+        before = watcher.mesh_revision
+        revision = store.report_mesh_instances(agent.spiffe_id, accepted, lease=instance_lease)
+        if revision != before:
+            watcher.poke()
+        return {
+            "revision": revision,
+            "lease_seconds": instance_lease.total_seconds(),
+            "refused": refused,
+        }
 
     @router.post("/v1/agent/svids/x509")
     async def sign_x509(request: Request, body: BatchRequest) -> Response:

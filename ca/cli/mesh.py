@@ -3,6 +3,7 @@
     tessera mesh apply -f mesh.yaml [-f more.yaml ...] [--dry-run]
     tessera mesh get virtualservice [reviews] [--output yaml|json]
     tessera mesh delete virtualservice reviews
+    tessera mesh services [--service users-service] [--output json]
 
 Admin commands: they reach the server through its admin socket as ``tessera server``
 commands do (``--admin-socket``, ``TESSERA_ADMIN_SOCKET``, ``--data-dir``,
@@ -388,3 +389,40 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
     emit(output, result, lambda: "\n".join(result["lines"]))
     if not result["allowed"]:
         sys.exit(1)
+
+
+# -- services -----------------------------------------------------------------------------
+
+
+@mesh_group.command("services")
+@admin_options
+@option("--service", default=None, metavar="NAME", help="Only the instances of this Service.")
+@output_option
+def mesh_services(admin_socket: str | None, data_dir: str, service: str | None, output: str
+                  ) -> None:
+    """Every instance in the catalog: its Service, address, node (the agent that registered
+    it), labels, health and since when. ``--output json`` prints a list of objects with
+    ``service``, ``address``, ``node``, ``labels``, ``health`` and ``since``."""
+    params = {"service": service} if service else None
+    instances = admin_client(admin_socket, data_dir).get("/v1/mesh/services",
+                                                         params=params)["instances"]
+
+    def text() -> str:
+        if not instances:
+            where = f"of {service} " if service else ""
+            return (f"No instances {where}registered. Instances join the catalog when "
+                    "'tessera sidecar run --service NAME' starts on a node with an agent.")
+        now = CLOCK.now()
+        rows = [("SERVICE", "ADDRESS", "NODE", "LABELS", "HEALTH", "SINCE")] + [
+            (i["service"], i["address"], i["node"],
+             ",".join(f"{k}={v}" for k, v in i["labels"].items()) or "-", i["health"],
+             age(now, int(datetime.fromisoformat(i["since"]).timestamp())))
+            for i in instances
+        ]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+        return "\n".join(
+            "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        )
+
+    emit(output, instances, text)

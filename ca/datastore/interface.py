@@ -51,6 +51,7 @@ from ca.datastore.records import (
     Authority,
     FederatedBundle,
     FederationRelationship,
+    InstanceKey,
     IssuedSvid,
     JoinToken,
     MeshApplyResult,
@@ -59,10 +60,12 @@ from ca.datastore.records import (
     NewEntry,
     NewFederationRelationship,
     RegistrationEntry,
+    ReportedInstance,
     ServerLease,
     SharedRoot,
 )
 from mesh import Config, Resource
+from mesh.catalog import Catalog
 from sdk.errors import FailedPrecondition
 
 AgentChangeListener = Callable[[str, int | None], None]
@@ -385,6 +388,30 @@ class MeshConfigStore(Protocol):
 
 
 @runtime_checkable
+class MeshCatalogStore(Protocol):
+    """The mesh's catalog: the instances each agent registered, with health and lease.
+
+    Catalog changes take the next mesh revision (the configuration's counter), so
+    :meth:`MeshConfigStore.mesh_changed_since` carries both.
+    """
+
+    def report_mesh_instances(
+        self, node: str, instances: Sequence[ReportedInstance], *, lease: timedelta
+    ) -> int:
+        """Make ``instances`` the whole set agent ``node`` registered (adding, changing
+        and removing rows), renew their lease to now + ``lease``; the mesh revision after."""
+        ...
+
+    def expire_mesh_instances(self) -> list[InstanceKey]:
+        """Drop the instances whose lease has passed; returns them."""
+        ...
+
+    def mesh_catalog(self) -> Catalog:
+        """Every live instance."""
+        ...
+
+
+@runtime_checkable
 class AuditLog(Protocol):
     """The audit log: append-only, hash-chained."""
 
@@ -415,6 +442,7 @@ class Datastore(
     FederationRelationshipStore,
     IssuedSvidStore,
     MeshConfigStore,
+    MeshCatalogStore,
     AuditLog,
     Protocol,
 ):
@@ -462,6 +490,7 @@ PROTOCOLS: tuple[type[Any], ...] = (
     FederationRelationshipStore,
     IssuedSvidStore,
     MeshConfigStore,
+    MeshCatalogStore,
     AuditLog,
     Datastore,
 )

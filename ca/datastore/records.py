@@ -9,12 +9,15 @@ freely; changing a record means asking the store for a new one::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from attestor.selector import Selector
 from mesh import Change
+from mesh.catalog import Health, Instance
+from sdk.address import HostPort
 
 X509 = "x509"
 JWT = "jwt"
@@ -241,6 +244,30 @@ class MeshApplyResult:
 
 
 @dataclass(frozen=True)
+class InstanceKey:
+    """What names an instance: the agent that registered it, its Service, its address."""
+
+    node: str
+    service: str
+    address: str  # HOST:PORT
+
+    @classmethod
+    def of(cls, instance: Instance) -> InstanceKey:
+        return cls(instance.node, instance.service, str(instance.address))
+
+
+@dataclass(frozen=True)
+class ReportedInstance:
+    """One instance as its agent reports it (the node is the reporting agent)."""
+
+    service: str
+    address: HostPort
+    spiffe_id: str
+    labels: Mapping[str, str]
+    health: Health
+
+
+@dataclass(frozen=True)
 class MeshChanges:
     """The answer of :meth:`Datastore.mesh_changed_since`."""
 
@@ -250,7 +277,12 @@ class MeshChanges:
     """Changed resources and tombstones, in revision order (every live resource when
     ``full``)."""
     full: bool = False
-    """The caller must replace its whole configuration with ``resources``."""
+    """The caller must replace its whole configuration with ``resources``, and its
+    catalog with ``instances``."""
+    instances: tuple[Instance, ...] = ()
+    """Instances registered or changed (every live one when ``full``)."""
+    removed_instances: tuple[InstanceKey, ...] = ()
+    """Instances gone (deregistered, refused, or their agent's lease ran out)."""
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,11 @@ TOMBSTONE_HORIZON = "tombstone_horizon"
 AGENT_CHANGES = "agents"
 """Bumped by every change to an attested agent, so servers can cache agent records."""
 MESH_REVISION = "mesh_revision"
-"""Bumped by every change to the mesh configuration; its row is also the lock that
-queues applies (see ca/datastore/sql/mesh.py)."""
+"""Bumped by every change to the mesh configuration or its catalog of instances; its
+row is also the lock that queues those changes (see ca/datastore/sql/mesh.py)."""
 MESH_TOMBSTONE_HORIZON = "mesh_tombstone_horizon"
-"""The highest mesh revision below which the tombstones of deleted resources are gone."""
+"""The highest mesh revision below which the tombstones of deleted resources and
+instances are gone."""
 COUNTERS = (
     ENTRY_REVISION,
     BUNDLE_SEQUENCE,
@@ -285,6 +286,31 @@ class MeshResourceRow(Base):
     revision: Mapped[int] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    deleted: Mapped[bool] = mapped_column(Boolean)
+
+
+class MeshInstanceRow(Base):
+    """One instance of a mesh Service, as the agent of its node registered it.
+
+    Keyed by the registering agent (``node``), the Service and the address callers
+    reach: an agent reports its whole set and only ever replaces its own rows.
+    ``expires_at`` is the lease: an agent renews it with every report, and the server
+    drops the rows of an agent that stopped reporting once it passes. A dropped or
+    deregistered instance stays as a tombstone (``deleted``, the revision of the
+    change), as resources do, so an agent syncing since an older revision hears of it.
+    """
+
+    __tablename__ = "mesh_instances"
+
+    node: Mapped[str] = mapped_column(Text, primary_key=True)
+    service: Mapped[str] = mapped_column(Text, primary_key=True)
+    address: Mapped[str] = mapped_column(Text, primary_key=True)
+    spiffe_id: Mapped[str] = mapped_column(Text)
+    labels: Mapped[str] = mapped_column(Text)  # JSON object
+    health: Mapped[str] = mapped_column(Text)
+    since: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    revision: Mapped[int] = mapped_column(BigInteger, index=True)
     deleted: Mapped[bool] = mapped_column(Boolean)
 
 

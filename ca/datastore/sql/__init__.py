@@ -5,7 +5,8 @@ on one database), behaving the same.
 
 One mixin per kind of record (``entries``, ``agents``, ``join_tokens``,
 ``authorities``, ``shared_roots``, ``server_leases``, ``federation``,
-``issued_svids``, ``mesh``, ``audit``, ``counters``) over :class:`~ca.datastore.sql.base.SqlBase`,
+``issued_svids``, ``mesh``, ``mesh_catalog``, ``audit``, ``counters``) over
+:class:`~ca.datastore.sql.base.SqlBase`,
 which holds the engines and the one session boundary where SQLAlchemy errors
 become Tessera's. Opening migrates the schema (:mod:`ca.datastore.migrate`).
 """
@@ -23,6 +24,7 @@ from ca.datastore.sql.federation import FederatedBundlesMixin, FederationRelatio
 from ca.datastore.sql.issued_svids import IssuedSvidsMixin
 from ca.datastore.sql.join_tokens import JoinTokensMixin
 from ca.datastore.sql.mesh import MeshMixin
+from ca.datastore.sql.mesh_catalog import MeshCatalogMixin
 from ca.datastore.sql.server_leases import ServerLeasesMixin
 from ca.datastore.sql.shared_roots import SharedRootsMixin
 from sdk.clock import SYSTEM_CLOCK, Clock
@@ -42,6 +44,7 @@ class SqlDatastore(
     FederationRelationshipsMixin,
     IssuedSvidsMixin,
     MeshMixin,
+    MeshCatalogMixin,
     AuditMixin,
     SqlBase,
 ):

@@ -22,11 +22,12 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from ca.datastore.records import MeshApplyResult, MeshChanges, MeshResource
+from ca.datastore.records import InstanceKey, MeshApplyResult, MeshChanges, MeshResource
 from ca.datastore.schema import (
     MESH_REVISION,
     MESH_TOMBSTONE_HORIZON,
     CounterRow,
+    MeshInstanceRow,
     MeshResourceRow,
 )
 from ca.datastore.sql.audit import _append_audit
@@ -39,9 +40,11 @@ from ca.datastore.sql.base import (
     _table,
 )
 from mesh import KINDS, Change, Config, ConfigError, Resource, ResourceKey, parse_resource
+from mesh.catalog import Health, Instance
+from sdk.address import HostPort
 from sdk.errors import FailedPrecondition, InvalidArgument, NotFound
 
-__all__ = ["MeshMixin"]
+__all__ = ["MeshMixin", "instance_from_row"]
 
 _KIND_ORDER = {kind: position for position, kind in enumerate(KINDS)}
 
@@ -181,16 +184,35 @@ class MeshMixin(SqlBase):
             else:
                 query = query.where(MeshResourceRow.revision > revision)
             resources = tuple(_record(row) for row in session.scalars(query))
-        return MeshChanges(current, resources, full=full)
+            instances = select(MeshInstanceRow).order_by(
+                MeshInstanceRow.revision, MeshInstanceRow.service, MeshInstanceRow.address
+            )
+            if full:
+                instances = instances.where(MeshInstanceRow.deleted.is_(False))
+            else:
+                instances = instances.where(MeshInstanceRow.revision > revision)
+            rows = list(session.scalars(instances))
+        return MeshChanges(
+            current,
+            resources,
+            full=full,
+            instances=tuple(instance_from_row(row) for row in rows if not row.deleted),
+            removed_instances=tuple(
+                InstanceKey(row.node, row.service, row.address) for row in rows if row.deleted
+            ),
+        )
 
     def purge_mesh_tombstones(self, before_revision: int) -> int:
-        """Forget the tombstones older than ``before_revision``; returns how many."""
+        """Forget the tombstones (of resources and instances) older than
+        ``before_revision``; returns how many."""
         with self._writing() as session:
-            removed = session.connection().execute(
-                delete(_table(MeshResourceRow)).where(
-                    MeshResourceRow.deleted.is_(True), MeshResourceRow.revision < before_revision
-                )
-            )
+            removed = 0
+            for table in (MeshResourceRow, MeshInstanceRow):
+                removed += session.connection().execute(
+                    delete(_table(table)).where(
+                        table.deleted.is_(True), table.revision < before_revision
+                    )
+                ).rowcount
             session.execute(
                 update(CounterRow)
                 .where(
@@ -199,7 +221,7 @@ class MeshMixin(SqlBase):
                 .values(value=before_revision)
                 .execution_options(synchronize_session=False)
             )
-            return removed.rowcount
+            return removed
 
     def mesh_purged_revision(self) -> int:
         with self._reading() as session:
@@ -307,3 +329,21 @@ def _record(row: MeshResourceRow) -> MeshResource:
         updated_at=_stored_time(row.updated_at),
         deleted=row.deleted,
     )
+
+
+def instance_from_row(row: MeshInstanceRow) -> Instance:
+    return Instance(
+        service=row.service,
+        address=HostPort.parse(row.address),
+        node=row.node,
+        labels=json.loads(row.labels),
+        health=_health(row.health),
+        since=_stored_time(row.since),
+        spiffe_id=row.spiffe_id,
+    )
+
+
+def _health(text: str) -> Health:
+    if text == "healthy":
+        return "healthy"
+    return "unhealthy" if text == "unhealthy" else "unknown"
