@@ -16,6 +16,13 @@ admin call to the agent's ``tessera_agent_mesh_revision`` showing the apply's re
 few milliseconds of the moment the agent learned it. The reference is the admin call
 alone.
 
+*Health propagation*: a real server and two agents. This process registers an instance
+of a Service through agent A (``Mesh.Register``) whose TCP health check (every 100 ms)
+reaches a socket it opens and closes in turn, and watches agent B's ``Mesh.WatchMesh``.
+Each health change is timed from A's Register update announcing it (the moment A's
+check decided, and A reports at once) to B's snapshot showing it (A's report, the
+server's write, B's long poll waking, B's fetch). ~50 changes each way.
+
 *Idle sync*: 100,000 entries under 1,000 node aliases are bulk-inserted with
 SQLAlchemy ``executemany`` before a fresh server starts; an agent session
 attested as one of those nodes (100 entries) then makes N idle round trips
@@ -29,7 +36,9 @@ of one idle sync; the reference is ``GET /live`` on the same connection.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +47,7 @@ from typing import Any
 
 import httpx
 from grpclib.client import Channel
+from grpclib.const import Cardinality
 
 from bench.deployment import (
     TRUST_DOMAIN,
@@ -51,6 +61,7 @@ from bench.deployment import (
 from bench.machine import ProcessMeter, percentile, profiled
 from bench.report import Figure
 from ca.datastore.store import Datastore
+from sdk._proto import mesh_agent_pb2
 from workload_api._proto import workload_grpc, workload_pb2
 
 NAME = "propagation"
@@ -61,6 +72,7 @@ METADATA = {"workload.spiffe.io": "true"}
 TARGET_P99 = 1.0
 TARGET_SYNC_CPU = 0.001
 _pb: Any = workload_pb2
+_mesh_pb: Any = mesh_agent_pb2
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class Sizes:
 
 FULL = Sizes(creations=50, stored_entries=100_000, nodes=1000, syncs=1000, applies=50)
 QUICK = Sizes(creations=3, stored_entries=200, nodes=10, syncs=20, applies=3)
+HEALTH_ALIASES = (f"spiffe://{TRUST_DOMAIN}/node/health-a", f"spiffe://{TRUST_DOMAIN}/node/health-b")
 
 
 def run(quick: bool = False) -> list[Figure]:
@@ -81,6 +94,7 @@ def run(quick: bool = False) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp:
         latencies, admin_calls = propagation(Path(tmp), sizes)
         mesh_latencies, mesh_calls = mesh_propagation(Path(tmp), sizes)
+        health_latencies = health_propagation(Path(tmp), sizes)
         sync_cpu, live_cpu, inserted = idle_sync_cost(Path(tmp), sizes)
     per_node = sizes.stored_entries // sizes.nodes
     return [
@@ -100,6 +114,14 @@ def run(quick: bool = False) -> list[Figure]:
                ceiling=f"{percentile(mesh_calls, 0.99) * 1000:.1f} ms the admin call alone",
                target=f"< {TARGET_P99 * 1000:,.0f} ms",
                met=percentile(mesh_latencies, 0.99) < TARGET_P99),
+        Figure(NAME, "instance health change at agent A -> agent B holds it: p50",
+               percentile(health_latencies, 0.5) * 1000, " ms",
+               ceiling=f"{percentile(mesh_latencies, 0.5) * 1000:.1f} ms mesh apply -> agent"),
+        Figure(NAME, "instance health change at agent A -> agent B holds it: p99",
+               percentile(health_latencies, 0.99) * 1000, " ms",
+               ceiling=f"{percentile(mesh_latencies, 0.99) * 1000:.1f} ms mesh apply -> agent",
+               target=f"< {TARGET_P99 * 1000:,.0f} ms",
+               met=percentile(health_latencies, 0.99) < TARGET_P99),
         Figure(NAME, f"server CPU per idle sync ({sizes.stored_entries:,} entries stored, "
                f"{per_node} for the agent)", sync_cpu * 1000, " ms",
                ceiling=f"{live_cpu * 1000:.2f} ms GET /live on the same connection",
@@ -208,6 +230,98 @@ def mesh_propagation(tmp: Path, sizes: Sizes) -> tuple[list[float], list[float]]
                 latencies.append(learned(revision, began))
                 admin_calls.append(call)
         return latencies, admin_calls
+
+
+# -- instance health to another agent -------------------------------------------------------
+
+HEALTH_SERVICE = """\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {{name: users}}
+spec:
+  spiffeIds: [spiffe://{trust_domain}/users]
+  ports: [{{number: 80, protocol: HTTP}}]
+  healthCheck: {{tcp: {{}}, interval: 100ms, timeout: 100ms}}
+"""
+
+
+def health_propagation(tmp: Path, sizes: Sizes) -> list[float]:
+    """Seconds from agent A announcing each health change to agent B holding it."""
+    uid_selector = f"unix:uid:{os.getuid()}"
+    alias_a, alias_b = HEALTH_ALIASES
+    with running_server(tmp / "health-server") as server, \
+            running_agent(server, tmp / "health-agent-a", alias=alias_a) as agent_a, \
+            running_agent(server, tmp / "health-agent-b", alias=alias_b) as agent_b:
+        server.admin.post("/v1/mesh/apply", content=HEALTH_SERVICE.format(
+            trust_domain=TRUST_DOMAIN).encode(), headers={"content-type": "application/yaml"})
+        server.create_entries([
+            entry_body(f"spiffe://{TRUST_DOMAIN}/users", alias_a, [uid_selector]),
+            entry_body(f"spiffe://{TRUST_DOMAIN}/orders", alias_b, [uid_selector]),
+        ])
+        agent_a.wait_for_svids(1, timeout=30)
+        agent_b.wait_for_svids(1, timeout=30)
+        return asyncio.run(_health_changes(agent_a, agent_b, sizes.applies))
+
+
+async def _health_changes(agent_a: Any, agent_b: Any, changes: int) -> list[float]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    announced: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+    seen: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+    channel_a = Channel(path=str(agent_a.socket_path))
+    channel_b = Channel(path=str(agent_b.socket_path))
+
+    async def follow_registration() -> None:
+        async with channel_a.request("/tessera.agent.v1.Mesh/Register",
+                                     Cardinality.UNARY_STREAM, _mesh_pb.RegisterRequest,
+                                     _mesh_pb.RegisterUpdate, metadata=METADATA) as stream:
+            await stream.send_message(_mesh_pb.RegisterRequest(
+                service="users", spiffe_id=f"spiffe://{TRUST_DOMAIN}/users",
+                address="127.0.0.1:18443", check_address=f"127.0.0.1:{port}"), end=True)
+            async for update in stream:
+                await announced.put((update.health, time.perf_counter()))
+
+    async def follow_agent_b() -> None:
+        async with channel_b.request("/tessera.agent.v1.Mesh/WatchMesh",
+                                     Cardinality.UNARY_STREAM, _mesh_pb.WatchMeshRequest,
+                                     _mesh_pb.MeshSnapshot, metadata=METADATA) as stream:
+            await stream.send_message(_mesh_pb.WatchMeshRequest(), end=True)
+            last = None
+            async for snapshot in stream:
+                instances = json.loads(snapshot.instances_json)
+                health = instances[0]["health"] if instances else None
+                if health != last and health is not None:
+                    await seen.put((health, time.perf_counter()))
+                last = health
+
+    async def next_health(queue: asyncio.Queue[tuple[str, float]], health: str) -> float:
+        while True:
+            found, at = await asyncio.wait_for(queue.get(), 30)
+            if found == health:
+                return at
+
+    tasks = [asyncio.create_task(follow_registration()), asyncio.create_task(follow_agent_b())]
+    latencies: list[float] = []
+    try:
+        await next_health(seen, "healthy")
+        await next_health(announced, "healthy")
+        for _ in range(changes):
+            for health in ("unhealthy", "healthy"):
+                if health == "unhealthy":
+                    listener.close()
+                else:
+                    listener = socket.create_server(("127.0.0.1", port))
+                at_a = await next_health(announced, health)
+                at_b = await next_health(seen, health)
+                latencies.append(at_b - at_a)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        channel_a.close()
+        channel_b.close()
+        listener.close()
+    return latencies
 
 
 # -- idle sync -----------------------------------------------------------------------------
