@@ -23,7 +23,9 @@ import uvicorn
 import ca.cli.mesh
 from ca.api.admin import create_admin_app
 from ca.config import server_config
+from ca.datastore.records import ReportedInstance
 from ca.server import Server
+from sdk.address import HostPort
 from sdk.clock import ManualClock
 from tessera.cli import main
 from tests.unit.ca.conftest import START
@@ -539,3 +541,38 @@ def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> No
     assert mesh.refused("explain", "--to", "users") == (
         "Error: explain needs --from SPIFFE_ID and --to SERVICE, or --gateway NAME=VALUE; "
         "e.g. tessera mesh explain --from spiffe://example.org/orders --to users-service\n")
+
+
+# -- services -----------------------------------------------------------------------------
+
+
+def test_services_lists_each_instance_with_its_node_and_health(mesh: Mesh) -> None:
+    assert mesh.run("services").out == (
+        "No instances registered. Instances join the catalog when 'tessera sidecar run "
+        "--service NAME' starts on a node with an agent.\n")
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS))
+    node = "spiffe://example.org/tessera/agent/join_token/abc"
+    mesh.store.report_mesh_instances(node, [
+        ReportedInstance("reviews", HostPort("10.0.0.6", 15006), "spiffe://example.org/reviews",
+                         {"version": "v2"}, "unhealthy"),
+        ReportedInstance("reviews", HostPort("10.0.0.5", 15006), "spiffe://example.org/reviews",
+                         {"version": "v1"}, "healthy"),
+    ], lease=timedelta(seconds=30))
+
+    assert mesh.run("services").out.splitlines() == [
+        f"SERVICE   ADDRESS          {'NODE'.ljust(len(node))}   LABELS       HEALTH      SINCE",
+        f"reviews   10.0.0.5:15006   {node}   version=v1   healthy     90s",
+        f"reviews   10.0.0.6:15006   {node}   version=v2   unhealthy   90s",
+    ]
+    as_json = json.loads(mesh.run("services", "--service", "reviews", "--output", "json").out)
+    assert as_json[0] == {
+        "service": "reviews", "address": "10.0.0.5:15006", "node": node,
+        "labels": {"version": "v1"}, "health": "healthy", "since": START.isoformat(),
+        "spiffeId": "spiffe://example.org/reviews"}
+    assert [i["health"] for i in as_json] == ["healthy", "unhealthy"]
+    assert json.loads(mesh.run("services", "--service", "users", "--output", "json").out) == []
+
+    # describe routes to the healthy one only.
+    described = mesh.run("describe", "reviews").out
+    assert "10.0.0.5:15006" in described
+    assert "10.0.0.6:15006" not in described
