@@ -572,7 +572,9 @@ def test_services_lists_each_instance_with_its_node_and_health(mesh: Mesh) -> No
     assert [i["health"] for i in as_json] == ["healthy", "unhealthy"]
     assert json.loads(mesh.run("services", "--service", "users", "--output", "json").out) == []
 
-    # describe routes to the healthy one only.
+    # describe routes to the healthy one only, and says why not to the other.
     described = mesh.run("describe", "reviews").out
-    assert "10.0.0.5:15006" in described
-    assert "10.0.0.6:15006" not in described
+    assert "no requests to 10.0.0.6:15006: unhealthy  [catalog reviews 10.0.0.6:15006]" \
+        in described
+    assert "sidecar of reviews (spiffe://example.org/reviews) {version=v1}: 10.0.0.5:15006" \
+        in described
