@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -154,7 +155,8 @@ class LocalInstances:
         self._instances[key] = instance
         self._dirty.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(instance.confirmed.wait(), FIRST_REPORT_WAIT)
+            async with asyncio.timeout(FIRST_REPORT_WAIT):
+                await instance.confirmed.wait()
         if instance.refused is not None:
             raise _refusal(instance.refused)
         self._checkers[instance] = asyncio.create_task(self._check_forever(instance))
@@ -187,7 +189,8 @@ class LocalInstances:
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), self._report_every)
+                    async with asyncio.timeout(self._report_every):
+                        await self._dirty.wait()
                 self._dirty.clear()
                 try:
                     await self.report_once()
@@ -257,13 +260,15 @@ class LocalInstances:
             ok = 200 <= response.status_code < 400
             return ok, f"GET {url}: {response.status_code}"
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(address.host, address.port), timeout
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives as the connection completes, and the checker would never stop.
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(address.host, address.port)
         except TimeoutError:
             return False, f"TCP {address}: no connection within {timeout:g} s"
         except OSError as err:
-            return False, f"TCP {address}: {err.strerror or err}"
+            reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+            return False, f"TCP {address}: {reason}"
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
