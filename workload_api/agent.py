@@ -146,7 +146,10 @@ class Agent:
         self.cache = SvidCache(config.trust_domain, clock=clock, rng=self._rng)
         self.jwt_cache = JwtSvidCache(clock=clock)
         self.mesh = MeshState()
-        self.instances = LocalInstances(report=self._report_instances, mesh=self.mesh)
+        self.instances = LocalInstances(
+            report=self._report_instances, mesh=self.mesh,
+            node=lambda: str(self._identity.spiffe_id) if self._identity is not None else None,
+        )
         self._attestors: list[WorkloadAttestor] = (
             list(workload_attestors)
             if workload_attestors is not None

@@ -65,6 +65,8 @@ UNHEALTHY_AFTER: Final = 2
 """Failed checks in a row that make a healthy instance unhealthy."""
 FIRST_REPORT_WAIT: Final = 10.0
 """How long a registration waits for the server's first word on it."""
+REJOIN_GRACE: Final = 5.0
+"""How long a restarted agent waits for its proxies to register again before reporting."""
 DEFAULT_REPORT_EVERY: Final = 10.0
 """Between reports before the server has named its lease."""
 MAX_LOCAL_INSTANCES: Final = 256
@@ -120,9 +122,18 @@ class LocalInstance:
 class LocalInstances:
     """The registered instances of this node; :meth:`run` checks and reports them."""
 
-    def __init__(self, *, report: Report, mesh: MeshState) -> None:
+    def __init__(
+        self,
+        *,
+        report: Report,
+        mesh: MeshState,
+        node: Callable[[], str | None] = lambda: None,
+        rejoin_grace: float = REJOIN_GRACE,
+    ) -> None:
         self._report = report
         self._mesh = mesh
+        self._node = node
+        self._rejoin_grace = rejoin_grace
         self._instances: dict[tuple[str, str], LocalInstance] = {}
         self._checkers: dict[LocalInstance, asyncio.Task[None]] = {}
         self._dirty = asyncio.Event()
@@ -187,6 +198,7 @@ class LocalInstances:
             headers={"user-agent": "tessera-health-check"},
         )  # fmt: skip
         try:
+            await self._await_rejoins()
             while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._report_every):
@@ -205,6 +217,27 @@ class LocalInstances:
                 checker.cancel()
             await asyncio.gather(*self._checkers.values(), return_exceptions=True)
             await self._http.aclose()
+
+    async def _await_rejoins(self) -> None:
+        """After a restart, hold the first report until the proxies that had registered
+        through this agent (the catalog says which: their node is this agent) have
+        registered again, for at most ``rejoin_grace`` seconds: a first report naming
+        only the quickest of them would take the others out of the catalog, and put them
+        back a moment later."""
+        node = self._node()
+        expected = {
+            (i.service, str(i.address)) for i in self._mesh.catalog if node and i.node == node
+        }
+        if not expected:
+            return
+        _log.info("waiting up to %g s for the %d mesh instance(s) registered through this "
+                  "agent before it started to register again", self._rejoin_grace, len(expected))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._rejoin_grace):
+                while not expected <= self._instances.keys():
+                    self._dirty.clear()
+                    await self._dirty.wait()
+        self._dirty.set()
 
     async def report_once(self) -> None:
         sent = list(self._instances.values())

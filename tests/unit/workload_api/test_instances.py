@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from mesh import parse_documents
+from mesh.catalog import Instance
 from sdk.address import HostPort
 from sdk.errors import NotFound, PermissionDenied
 from workload_api.instances import LocalInstance, LocalInstances, Registration
@@ -212,3 +213,39 @@ async def test_a_service_without_a_check_leaves_its_instances_unknown() -> None:
                 await asyncio.sleep(0)
             assert (instance.health, instance.detail) == ("unknown",
                                                          "its Service has no health check")
+
+
+def restarted_mesh(node: str) -> MeshState:
+    """A mesh whose catalog holds two instances this agent registered before a restart."""
+    state = mesh_with("{tcp: {}, interval: 1s}")
+    instances = tuple(
+        {"service": "users", "address": address, "node": node, "labels": {},
+         "health": "healthy", "since": "2030-01-01T00:00:00+00:00", "spiffeId": USERS_ID}
+        for address in ("10.0.0.1:8443", "10.0.0.2:8443")
+    )
+    state.apply(MeshUpdate(revision=2, full=False, deleted=(), resources=(),
+                           instances=tuple(Instance.from_json(i) for i in instances)))
+    return state
+
+
+@synchronously
+async def test_a_restarted_agent_reports_once_its_proxies_have_registered_again() -> None:
+    node = "spiffe://example.org/tessera/agent/a"
+    async with serving_app() as app:
+        api = FakeNodeApi()
+        instances = LocalInstances(report=api, mesh=restarted_mesh(node), node=lambda: node)
+        async with running(instances):
+            first = asyncio.create_task(instances.register(registration(app.address)))
+            await asyncio.sleep(0)
+            assert api.reports == []  # held: the other proxy has not come back yet
+            await instances.register(registration(app.address, "10.0.0.2:8443"))
+            await first
+            assert [i["address"] for i in api.reports[0]] == ["10.0.0.1:8443", "10.0.0.2:8443"]
+
+        # One that never comes back is dropped after the grace, not waited for.
+        api = FakeNodeApi()
+        instances = LocalInstances(report=api, mesh=restarted_mesh(node), node=lambda: node,
+                                   rejoin_grace=0.05)
+        async with running(instances):
+            await instances.register(registration(app.address))
+            assert [i["address"] for i in api.reports[0]] == ["10.0.0.1:8443"]
