@@ -7,7 +7,7 @@ server entry show`` loads neither the agent nor the sidecar:
     tessera server ...    ca.cli:server            (the server, the CA)
     tessera mesh ...      ca.cli.mesh:mesh_group   (the mesh configuration, on the server)
     tessera agent ...     workload_api.cli:agent
-    tessera sidecar ...   sdk.sidecar.cli:sidecar
+    tessera sidecar ...   dataplane.cli:sidecar    (the SDK's files and proxy, and run)
 
 A room whose third-party dependencies are not installed is answered with the
 extra to install (``tessera server needs the server extra: pip install
@@ -38,7 +38,9 @@ EXTRAS: Final = {
     "up": ("server", "agent"),
     "demo": ("server", "agent"),
 }
-OWN_PACKAGES: Final = frozenset({"tessera", "ca", "workload_api", "attestor", "sdk", "mesh"})
+OWN_PACKAGES: Final = frozenset(
+    {"tessera", "ca", "workload_api", "dataplane", "attestor", "sdk", "mesh"}
+)
 
 
 class MissingExtra(click.ClickException):
@@ -111,7 +113,7 @@ def _refusing_command(name: str, refusal: MissingExtra) -> click.Command:
         "server": "ca.cli:server",
         "mesh": "ca.cli.mesh:mesh_group",
         "agent": "workload_api.cli:agent",
-        "sidecar": "sdk.sidecar.cli:sidecar",
+        "sidecar": "dataplane.cli:sidecar",
     },
 )
 @click.version_option(package_name="tessera", prog_name="tessera")

@@ -15,7 +15,9 @@ For every request on the connection (keep-alive and pipelining included):
    connections) decides with the caller's SPIFFE ID, the method and the
    decoded path. A refusal is answered ``403`` with a text body naming the
    rule and the reason (the connection stays open when the refused request's
-   body could be skipped);
+   body could be skipped). The policy is a :class:`~sdk.policy.Policy` or
+   another :class:`Judge` (``tessera sidecar run`` judges by the mesh's
+   AuthorizationPolicies);
 3. an allowed request goes to the app with ``X-Forwarded-Client-Spiffe-Id``
    and ``X-Forwarded-Client-Cert`` set by the sidecar; every field the client
    sent under either name, in any case and with ``_`` for ``-``
@@ -37,7 +39,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from spiffe import SpiffeId
 
@@ -61,6 +63,7 @@ __all__ = [
     "SPIFFE_ID_HEADER",
     "ConnectionState",
     "HttpExchange",
+    "Judge",
     "reserved_identity_header",
 ]
 
@@ -90,6 +93,23 @@ def reserved_identity_header(name: str) -> bool:
     return name.lower().replace("_", "-") in IDENTITY_HEADERS
 
 
+class Judge(Protocol):
+    """Decides who may call through an inbound listener, as a :class:`~sdk.policy.Policy`
+    does, from rules kept elsewhere (the mesh's AuthorizationPolicies, say)."""
+
+    def decide(
+        self, peer_id: SpiffeId, method: str | None = None, path: str | None = None
+    ) -> Decision:
+        """Allow or refuse ``peer_id``'s request (``method`` and ``path`` given), or the
+        caller alone (neither given)."""
+        ...
+
+    def at_handshake(self) -> Judge:
+        """What an HTTP listener asks right after the TLS handshake, before any request
+        is known: it refuses only a caller that no request could be allowed for."""
+        ...
+
+
 @dataclass
 class ConnectionState:
     """What a listener needs to know about a connection to shut down gracefully."""
@@ -117,7 +137,7 @@ class HttpExchange:
         peer_id: SpiffeId,
         *,
         forward: HostPort,
-        policy: Callable[[], Policy],
+        policy: Callable[[], Policy | Judge],
         identity_headers: Sequence[tuple[str, str]],
         decided: Callable[[Decision], None],
         listener: str,

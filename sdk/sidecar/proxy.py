@@ -32,6 +32,11 @@ it), every new connection is closed at once, both ways. Policy files are
 read again when they change and on :meth:`Proxy.reload_policies` (SIGHUP); a
 file that does not load leaves the policy in effect.
 
+An inbound listener may be judged by another :class:`Judge` than its policy
+(``Proxy(config, source, judges={"inbound": judge})``, then
+:meth:`InboundListener.set_policy`): ``tessera sidecar run`` judges its
+callers by the mesh's AuthorizationPolicies, replaced on every change.
+
 Every decision and handshake is counted (:mod:`sdk.sidecar.metrics`), and
 refusals are logged at INFO on the ``tessera.sidecar`` logger.
 """
@@ -47,7 +52,7 @@ import hashlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -68,13 +73,14 @@ from sdk.sidecar.http_exchange import (
     SPIFFE_ID_HEADER,
     ConnectionState,
     HttpExchange,
+    Judge,
 )
 from sdk.sidecar.metrics import ProxyMetrics
 from sdk.sidecar.streams import STREAM_LIMIT, Stream, splice
 from sdk.sources import X509Source
 from sdk.tls import mtls_client_context, mtls_server_context, peer_spiffe_id
 
-__all__ = ["SHUTDOWN_GRACE_SECONDS", "Proxy", "handshake_policy"]
+__all__ = ["SHUTDOWN_GRACE_SECONDS", "Judge", "Proxy", "handshake_form", "handshake_policy"]
 
 _log = logging.getLogger("tessera.sidecar")
 
@@ -95,13 +101,18 @@ class Proxy:
         *,
         metrics: ProxyMetrics | None = None,
         policy_check_seconds: float = POLICY_CHECK_SECONDS,
+        judges: Mapping[str, Judge] | None = None,
     ) -> None:
+        """``judges``: by listener name, what judges an inbound listener instead of its
+        ``policy``."""
         self.config = config
         self._policy_check_seconds = policy_check_seconds
         self._policy_watch: asyncio.Task[None] | None = None
         self.metrics = metrics or ProxyMetrics()
+        judges = judges or {}
         self.listeners: list[_Listener] = [
-            *(InboundListener(c, source, self.metrics) for c in config.inbound),
+            *(InboundListener(c, source, self.metrics, judge=judges.get(c.name))
+              for c in config.inbound),
             *(OutboundListener(c, source, self.metrics) for c in config.outbound),
         ]
         # A source that can drop its identity (WorkloadApiX509Source) says so; others never do.
@@ -185,6 +196,14 @@ def handshake_policy(policy: Policy) -> Policy:
         allow=tuple(dataclasses.replace(r, methods=frozenset(), paths=()) for r in policy.allow),
         deny=tuple(r for r in policy.deny if not r.methods and not r.paths),
     )
+
+
+def handshake_form(judge: Policy | Judge) -> Policy | Judge:
+    """What an HTTP listener judged by ``judge`` checks at the handshake: a policy's
+    :func:`handshake_policy`, another judge's :meth:`~Judge.at_handshake`."""
+    if isinstance(judge, Policy):
+        return handshake_policy(judge)
+    return judge.at_handshake()
 
 
 # -- listeners ---------------------------------------------------------------------------
@@ -321,13 +340,21 @@ class _Listener:
 class InboundListener(_Listener):
     """mTLS in, policy in the handshake (and per request in HTTP mode), plaintext to the app."""
 
-    def __init__(self, config: InboundConfig, source: X509Source, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        config: InboundConfig,
+        source: X509Source,
+        metrics: ProxyMetrics,
+        *,
+        judge: Judge | None = None,
+    ) -> None:
         self.name = config.name
         self.listen = config.listen
         self.config = config
         super().__init__(metrics)
-        self.policy = config.policy
-        """The policy in effect (replaced by :meth:`set_policy`)."""
+        self.policy: Policy | Judge = config.policy if judge is None else judge
+        """The policy (or judge) in effect: ``config.policy`` unless a ``judge`` is given;
+        replaced by :meth:`set_policy`."""
         self._policy_stamp = _file_stamp(config.policy_file) if config.policy_file else None
         self._source = source
         self._http = config.protocol is ListenerProtocol.HTTP
@@ -336,7 +363,7 @@ class InboundListener(_Listener):
         authorizer = _authorize_any if self._http else self._authorize_connection
         self._context = mtls_server_context(source, authorizer)
 
-    def set_policy(self, policy: Policy) -> None:
+    def set_policy(self, policy: Policy | Judge) -> None:
         """Judge new connections, and the next requests of open HTTP ones, with ``policy``."""
         self.policy = policy
 
@@ -368,7 +395,7 @@ class InboundListener(_Listener):
 
     def _decide_connection(self, peer_id: SpiffeId) -> Decision:
         """The connection-level decision (for HTTP: without methods and paths), counted."""
-        policy = handshake_policy(self.policy) if self._http else self.policy
+        policy = handshake_form(self.policy) if self._http else self.policy
         decision = policy.decide(peer_id)
         self.metrics.decision(self.name, "handshake", decision.rule, decision.allowed)
         return decision

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "tessera", "ca", "attestor",
-           "workload_api", "sdk", "mesh")
+           "workload_api", "dataplane", "sdk", "mesh")
 NOT_IN_BASE = ("sqlalchemy", "alembic", "fastapi", "starlette", "uvicorn", "hvac", "psycopg",
                "grpclib", "pydantic", "httpx", "yaml", "re2")
 
@@ -147,4 +147,18 @@ def test_tessera_server_run_on_the_base_install_names_the_server_extra(
     result = run_in(base_venv, tessera, "--help")
     assert result.returncode == 0, result.stderr
     assert "agent    Needs the agent extra: pip install 'tessera[agent]'." in result.stdout
+
+
+def test_the_sidecars_run_on_the_base_install_and_run_names_the_extra_it_needs(
+    base_venv: Path, tmp_path: Path
+) -> None:
+    tessera = str(base_venv / "bin" / "tessera")
+    for command in ("files", "proxy", "run"):
+        result = run_in(base_venv, tessera, "sidecar", command, "--help")
+        assert result.returncode == 0, result.stderr
+    result = run_in(base_venv, tessera, "sidecar", "run", "--service", "users-service",
+                    "--spiffe-id", "spiffe://example.org/users", "--app", "127.0.0.1:8080",
+                    "--socket", str(tmp_path / "agent.sock"))
+    assert (result.returncode, result.stderr) == (
+        1, "Error: tessera sidecar run needs the agent extra: pip install 'tessera[agent]'\n")
 

@@ -21,7 +21,7 @@ from spiffe import X509Svid
 
 from sdk.authorize import authorize_id
 from sdk.integrations.httpx import httpx_client
-from sdk.policy import Policy
+from sdk.policy import Decision, Policy
 from sdk.sidecar.config import (
     HostPort,
     InboundConfig,
@@ -314,6 +314,52 @@ def test_the_handshake_policy_ignores_methods_and_paths_but_keeps_plain_denies()
     relaxed = handshake_policy(policy)
     assert [(r.name, r.paths) for r in relaxed.allow] == [("a", ())]
     assert [r.name for r in relaxed.deny] == ["d1"]
+
+
+class Judge:
+    """Another judge than a Policy: refuses OPS at the handshake, and DELETE requests."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decide(self, peer_id: Any, method: str | None = None, path: str | None = None
+               ) -> Decision:  # fmt: skip
+        allowed = str(peer_id) != OPS_ID if method is None else method != "DELETE"
+        return Decision(allowed, self.name, f"{self.name} judged {method or 'the caller'}")
+
+    def at_handshake(self) -> Judge:
+        return self
+
+
+def test_a_listener_may_be_judged_by_another_judge_replaced_while_connections_stay_open(
+    loop_thread: LoopThread, app: App, ca: TestCA, api_source: StaticX509Source
+) -> None:
+    proxy = Proxy(inbound(port_of(app)), api_source, judges={"in": Judge("first")})
+    running = Running(loop_thread, proxy)
+    try:
+        with tls_socket(source_for(ca, WEB_ID), running.port("in")) as tls:
+            stream = tls.makefile("rb")
+            tls.sendall(b"DELETE /api/items HTTP/1.1\r\nHost: api\r\n\r\n")
+            refused = read_response(stream)
+            proxy.listeners[0].set_policy(Judge("second"))  # type: ignore[attr-defined]
+            tls.sendall(b"GET /anything HTTP/1.1\r\nHost: api\r\n\r\n")
+            allowed = read_response(stream)
+            tls.sendall(b"DELETE /api/items HTTP/1.1\r\nHost: api\r\n\r\n")
+            refused_again = read_response(stream)
+        with httpx_client(source_for(ca, OPS_ID), authorize_id(API_ID)) as client:
+            ops = client.get(f"https://127.0.0.1:{running.port('in')}/api/items")
+    finally:
+        running.stop()
+
+    assert (refused[0], refused[2]) == (
+        403, f"{WEB_ID} refused by policy rule 'first': first judged DELETE\n".encode())
+    assert allowed[0] == 200  # not a path POLICY allows: the judge decides, not the config
+    assert refused_again[2] == (
+        f"{WEB_ID} refused by policy rule 'second': second judged DELETE\n".encode())
+    assert (ops.status_code, ops.text) == (
+        403, f"{OPS_ID} refused by policy rule 'second': second judged the caller\n")
+    assert running.sample("tessera_sidecar_decisions_total", listener="in", stage="handshake",
+                          rule="second", result="refused") == 1  # fmt: skip
 
 
 def test_bodies_chunked_and_with_100_continue_go_through(

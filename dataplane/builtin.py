@@ -1,0 +1,130 @@
+"""The built-in proxy as a sidecar's data plane (``tessera sidecar run --proxy builtin``).
+
+The inbound mTLS listener of :mod:`sdk.sidecar.proxy` in HTTP mode, in front of the app,
+judged by the mesh: every snapshot from the agent's ``WatchMesh``
+(:mod:`dataplane.mesh_watch`) compiles the AuthorizationPolicies that select the
+sidecar's labels into a new :class:`~dataplane.authorization.MeshJudge`, which judges
+new connections and the next request of every open one. Nothing is restarted and no
+connection dropped; until the first snapshot every caller is refused with 403
+(:data:`~dataplane.authorization.NOT_READY`)::
+
+    plane = BuiltinProxy(settings, source, metrics, socket="unix:///run/tessera/agent.sock")
+    await plane.start()
+    await plane.configured.wait()
+    ...
+    await plane.stop(grace=5.0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from dataplane.authorization import NOT_READY, MeshJudge
+from dataplane.mesh_watch import MeshSnapshot, MeshWatch
+from dataplane.metrics import SidecarMetrics
+from dataplane.planes import SidecarSettings
+from mesh.compile import compile_authorization
+from sdk.address import HostPort
+from sdk.policy import Policy
+from sdk.sidecar.config import InboundConfig, ListenerProtocol, ProxyConfig
+from sdk.sidecar.errors import SidecarConfigError
+from sdk.sidecar.proxy import InboundListener, Proxy
+from sdk.sources import WorkloadApiX509Source
+
+__all__ = ["INBOUND", "BuiltinProxy"]
+
+_log = logging.getLogger("tessera.sidecar")
+
+INBOUND = "inbound"
+"""The inbound listener's name, in logs and in the metrics' ``listener`` label."""
+
+
+class BuiltinProxy:
+    name = "builtin"
+
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        source: WorkloadApiX509Source,
+        metrics: SidecarMetrics,
+        *,
+        socket: str,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        inbound = InboundConfig(
+            name=INBOUND, listen=settings.inbound, forward=settings.app,
+            policy=Policy(source="unused: the mesh's AuthorizationPolicies judge"),
+            protocol=ListenerProtocol.HTTP,
+        )  # fmt: skip
+        config = ProxyConfig(source="tessera sidecar run", inbound=(inbound,))
+        self._proxy = Proxy(config, source, metrics=metrics, judges={INBOUND: NOT_READY})
+        listener = self._proxy.listeners[0]
+        assert isinstance(listener, InboundListener)
+        self._inbound = listener
+        self._watch = MeshWatch(socket=socket, on_snapshot=self._apply)
+        self._watching: asyncio.Task[None] | None = None
+        self._judge: MeshJudge | None = None
+        self.configured = asyncio.Event()
+
+    @property
+    def inbound_address(self) -> HostPort:
+        return self._proxy.bound(INBOUND)
+
+    async def start(self) -> None:
+        try:
+            await self._proxy.start()
+        except SidecarConfigError as err:
+            cause = err.__cause__
+            if not (isinstance(cause, OSError) and cause.errno):
+                raise
+            raise SidecarConfigError(
+                f"cannot listen on --inbound {self._settings.inbound}: "
+                f"{os.strerror(cause.errno)}; choose another --inbound"
+            ) from err
+        self._watching = asyncio.create_task(self._watch.run())
+
+    def ready_problem(self) -> str | None:
+        problem = self._proxy.ready_problem()
+        if problem is None and self._judge is None:
+            problem = ("no mesh configuration from the agent yet, so every caller is refused: "
+                       f"{self._watch.problem or 'waiting for its first snapshot'}")  # fmt: skip
+        return problem
+
+    def describe(self) -> list[str]:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(self._settings.labels.items()))
+        selecting = f"selecting {labels}" if labels else "without a selector (no --label)"
+        return [
+            f"inbound: mTLS {self.inbound_address} -> {self._settings.app} (HTTP; callers "
+            f"judged by the AuthorizationPolicies {selecting})",
+        ]
+
+    def stop_accepting(self) -> None:
+        for listener in self._proxy.listeners:
+            listener.stop_accepting()
+
+    async def stop(self, grace: float) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+            self._watching = None
+        await self._proxy.stop(grace)
+
+    def _apply(self, snapshot: MeshSnapshot) -> None:
+        authorization = compile_authorization(snapshot.config, self._settings.labels)
+        changed = self._judge is None or self._judge.authorization != authorization
+        self._judge = MeshJudge(authorization, revision=snapshot.revision)
+        self._inbound.set_policy(self._judge)
+        self._metrics.mesh_revision.set(snapshot.revision)
+        if changed:
+            policies = sorted({rule.policy for rule in authorization.rules}
+                              | {source.name for source in authorization.allow_policies})
+            _log.info("mesh revision %d: callers judged by %s", snapshot.revision,
+                      ", ".join(f"AuthorizationPolicy {name}" for name in policies)
+                      or "no AuthorizationPolicy: every caller with a trusted SVID is "
+                      "allowed")  # fmt: skip
+        self.configured.set()

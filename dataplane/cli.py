@@ -1,0 +1,189 @@
+"""``tessera sidecar ...``: the SDK's ``files`` and ``proxy``, and ``run``, the mesh's sidecar.
+
+    tessera sidecar run --service users-service --spiffe-id spiffe://example.org/users \\
+        --app 127.0.0.1:8080 --label app=users
+
+``run`` serves the app as an instance of its Service (:mod:`dataplane.sidecar`): callers
+through ``--inbound`` (mTLS, each request judged by the mesh's AuthorizationPolicies),
+registered through the agent. Progress lines go to stderr; it stops on SIGTERM or SIGINT.
+
+``files`` and ``proxy`` are :mod:`sdk.sidecar.cli`'s, and work on the base install. ``run``
+needs the mesh's configuration model (pydantic, PyYAML, RE2: the agent extra carries
+them); it imports it only when it runs, and says which extra to install when it is
+missing. Usage errors (a malformed flag, a data plane or flag not supported yet) exit 2
+before anything starts; the rest exit 1 with a sentence, as the other sidecars do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from typing import Final, TypeVar
+
+import click
+
+from dataplane.planes import PLANES, SidecarSettings
+from sdk import eventloop
+from sdk.address import HostPort
+from sdk.commandline import config_option, option, progress
+from sdk.errors import ConfigError
+from sdk.sidecar import cli as sdk_cli
+from sdk.sidecar.config import parse_health_bind, parse_svid_id
+from sdk.sidecar.connect import connect_x509_source
+from sdk.sidecar.errors import SidecarConfigError
+
+__all__ = ["sidecar"]
+
+T = TypeVar("T")
+
+DEFAULT_INBOUND: Final = "0.0.0.0:15006"
+"""Istio's inbound port."""
+DEFAULT_HEALTH_BIND: Final = "127.0.0.1:15020"
+"""Istio's port for the sidecar's health and merged metrics."""
+MESH_EXTRA: Final = "agent"
+_OWN_PACKAGES: Final = frozenset({"mesh", "sdk", "dataplane"})
+
+
+sidecar = click.Group(
+    "sidecar",
+    commands=dict(sdk_cli.sidecar.commands),
+    context_settings=sdk_cli.CONTEXT,
+    help="Run next to a workload: keep its SVID files fresh, proxy its traffic over mTLS, "
+    "or serve it as an instance of a mesh Service.",
+)
+
+
+@sidecar.command("run")
+@config_option
+@option("--service", required=True,
+        help="The Service the app is an instance of (its metadata.name).")
+@option("--spiffe-id", required=True,
+        help="Which of the workload's SVIDs to serve with; the Service must name it in "
+        "spec.spiffeIds.")
+@option("--app", required=True, metavar="HOST:PORT",
+        help="Where the app listens, plain HTTP; the agent checks its health there too.")
+@option("--inbound", default=DEFAULT_INBOUND, show_default=True, metavar="HOST:PORT",
+        help="The mTLS listener callers reach; registered as the instance's address "
+        "(this host's, when it listens on every address).")
+@option("--outbound", metavar="HOST:PORT",
+        help="An HTTP listener for the app's calls to other Services, routed by Host "
+        "(not supported yet).")
+@option("--label", "labels", multiple=True, metavar="K=V",
+        help="A label of the instance, which AuthorizationPolicies select by; repeat it.")
+@option("--proxy", "plane", type=click.Choice(list(PLANES)), default=next(iter(PLANES)),
+        show_default=True, help="The data plane.")
+@option("--socket", help="The agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET].")
+@option("--health-bind", default=DEFAULT_HEALTH_BIND, show_default=True,
+        help="HOST:PORT for /live, /ready and /metrics; 0 turns them off.")
+@option("--timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+        help="Seconds to wait at start for the agent and the first SVID.")
+@option("--log-level", type=click.Choice(sdk_cli.LOG_LEVELS), default="info", show_default=True)
+def run_command(
+    service: str, spiffe_id: str, app: str, inbound: str, outbound: str | None,
+    labels: tuple[str, ...], plane: str, socket: str | None, health_bind: str,
+    timeout: float, log_level: str,
+) -> None:  # fmt: skip
+    """Serve an app as an instance of a mesh Service: mTLS in, judged by the mesh."""
+    settings = SidecarSettings(
+        service=service,
+        spiffe_id=_usage(lambda: parse_svid_id(spiffe_id, what="--spiffe-id")),
+        app=_address(app, "--app", "127.0.0.1:8080"),
+        inbound=_address(inbound, "--inbound", DEFAULT_INBOUND, any_port=True),
+        outbound=_address(outbound, "--outbound", "127.0.0.1:15001") if outbound else None,
+        labels=_labels(labels),
+    )
+    kind = PLANES[plane]
+    refusal = kind.refusal(settings)
+    if refusal is not None:
+        raise click.UsageError(refusal)
+    _require_mesh()
+    _check_names(settings)
+    health = _usage(lambda: parse_health_bind(health_bind))
+    _configure_logging(log_level)
+
+    source = connect_x509_source(
+        socket, spiffe_id=settings.spiffe_id, timeout=timeout,
+        consequence="new connections are refused until an SVID is issued again",
+    )  # fmt: skip
+    from dataplane.sidecar import Sidecar
+
+    progress(f"Sidecar for {settings.service} presenting {source.x509_svid().spiffe_id} "
+             f"(Workload API {source.address}; the {plane} proxy)")  # fmt: skip
+    runner = Sidecar(settings, source, kind, socket=source.address, health_bind=health,
+                     progress=progress)  # fmt: skip
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await runner.run(stop)
+
+    try:
+        eventloop.run(main(), default="asyncio")  # grpc.aio runs on asyncio's loop
+    finally:
+        source.close()
+    progress("Sidecar stopped.")
+
+
+def _usage(parse: Callable[[], T]) -> T:
+    """``parse()``, its error a usage error (exit 2)."""
+    try:
+        return parse()
+    except (ConfigError, SidecarConfigError) as err:
+        raise click.UsageError(err.message) from err
+
+
+def _address(text: str, flag: str, example: str, *, any_port: bool = False) -> HostPort:
+    return _usage(lambda: HostPort.parse(text, what=flag, example=example, any_port=any_port))
+
+
+def _labels(values: tuple[str, ...]) -> Mapping[str, str]:
+    labels: dict[str, str] = {}
+    for value in values:
+        key, equals, label = value.partition("=")
+        if not equals or not key:
+            raise click.UsageError(f"--label {value!r} is not K=V, e.g. --label app=users")
+        if key in labels:
+            raise click.UsageError(f"--label {key} is given twice; give each label once")
+        labels[key] = label
+    return labels
+
+
+def _require_mesh() -> None:
+    """Import the mesh's model now; without its third-party modules, name the extra."""
+    try:
+        importlib.import_module("mesh")
+    except ModuleNotFoundError as err:
+        top_level = (err.name or "").partition(".")[0]
+        if not top_level or top_level in _OWN_PACKAGES:
+            raise
+        raise click.ClickException(
+            f"tessera sidecar run needs the {MESH_EXTRA} extra: "
+            f"pip install 'tessera[{MESH_EXTRA}]'"
+        ) from None
+
+
+def _check_names(settings: SidecarSettings) -> None:
+    from mesh.names import check_dns_label
+    from mesh.registration import label_problem
+
+    try:
+        check_dns_label(settings.service)
+    except ValueError as err:
+        raise click.UsageError(f"--service {settings.service!r} {err}") from err
+    problem = label_problem(settings.labels)
+    if problem is not None:
+        raise click.UsageError(f"--label: {problem}")
+
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":  # py-spiffe says "Closing X.509 Source" at INFO
+        logging.getLogger("spiffe").setLevel(logging.WARNING)

@@ -1,0 +1,138 @@
+"""The data planes ``tessera sidecar run --proxy NAME`` chooses between.
+
+A data plane carries the traffic of one sidecar: callers through the inbound mTLS
+listener to the app, each request judged by the mesh (and, later, the app's calls out
+through ``--outbound``). The sidecar around it gets the SVID, registers the app, serves
+``/ready`` and stops it; everything that differs between planes is behind
+:class:`DataPlane`::
+
+    kind = PLANES["builtin"]
+    kind.refusal(settings)                 # what of the settings this plane cannot do, or None
+    plane = kind.build(settings, source, metrics, socket="unix:///run/tessera/agent.sock")
+    await plane.start()                    # bind: SidecarConfigError if the port is taken
+    plane.inbound_address                  # where it listens (the port filled in)
+    await plane.configured.wait()          # the mesh configuration is in effect
+    plane.ready_problem()                  # why it would not serve now, or None
+    plane.stop_accepting(); await plane.stop(grace=5.0)
+
+``builtin`` is the Python proxy of :mod:`dataplane.builtin`. ``envoy`` (an Envoy the
+sidecar supervises, configured by the agent over xDS) and ``--outbound`` come later;
+until then they are refused in one sentence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from spiffe import SpiffeId
+
+from dataplane.metrics import SidecarMetrics
+from sdk.address import HostPort
+from sdk.sources import WorkloadApiX509Source
+
+__all__ = ["PLANES", "DataPlane", "DataPlaneKind", "SidecarSettings"]
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """What ``tessera sidecar run`` was asked to do, checked."""
+
+    service: str
+    spiffe_id: SpiffeId
+    app: HostPort
+    """Where the app listens, in plain HTTP (and where the agent checks its health)."""
+    inbound: HostPort
+    outbound: HostPort | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class DataPlane(Protocol):
+    """One sidecar's traffic, as a plane carries it."""
+
+    name: str
+    configured: asyncio.Event
+    """Set once the mesh configuration is in effect (nothing is let through before)."""
+
+    @property
+    def inbound_address(self) -> HostPort:
+        """Where the inbound listener listens (after :meth:`start`: its port as bound)."""
+        ...
+
+    async def start(self) -> None:
+        """Listen, and start following the mesh; SidecarConfigError if it cannot listen."""
+        ...
+
+    def ready_problem(self) -> str | None:
+        """Why it would not carry a request now, or None."""
+        ...
+
+    def describe(self) -> list[str]:
+        """What it does, a line each, for the sidecar's progress lines."""
+        ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, and give open connections ``grace`` seconds to finish."""
+        ...
+
+
+class DataPlaneKind(Protocol):
+    def refusal(self, settings: SidecarSettings) -> str | None:
+        """What of ``settings`` this plane does not do (one sentence), or None."""
+        ...
+
+    def build(
+        self,
+        settings: SidecarSettings,
+        source: WorkloadApiX509Source,
+        metrics: SidecarMetrics,
+        *,
+        socket: str,
+    ) -> DataPlane:
+        """The plane for ``settings``, presenting ``source``'s SVID, following the mesh
+        through the agent on ``socket``. Imports what it needs (the mesh) only now."""
+        ...
+
+
+class _Builtin:
+    def refusal(self, settings: SidecarSettings) -> str | None:
+        if settings.outbound is not None:
+            return ("--outbound is not supported yet: the built-in proxy serves callers through "
+                    "--inbound only, so leave --outbound out for now")  # fmt: skip
+        return None
+
+    def build(
+        self,
+        settings: SidecarSettings,
+        source: WorkloadApiX509Source,
+        metrics: SidecarMetrics,
+        *,
+        socket: str,
+    ) -> DataPlane:
+        from dataplane.builtin import BuiltinProxy
+
+        return BuiltinProxy(settings, source, metrics, socket=socket)
+
+
+class _Envoy:
+    def refusal(self, settings: SidecarSettings) -> str | None:
+        return ("--proxy envoy is not available yet: run the built-in proxy (--proxy builtin, "
+                "the default) for now")  # fmt: skip
+
+    def build(
+        self,
+        settings: SidecarSettings,
+        source: WorkloadApiX509Source,
+        metrics: SidecarMetrics,
+        *,
+        socket: str,
+    ) -> DataPlane:
+        raise NotImplementedError(self.refusal(settings))
+
+
+PLANES: Final[Mapping[str, DataPlaneKind]] = {"builtin": _Builtin(), "envoy": _Envoy()}
+"""By ``--proxy`` name; the first is the default."""
