@@ -44,7 +44,7 @@ DEFAULT_INBOUND: Final = "0.0.0.0:15006"
 """Istio's inbound port."""
 DEFAULT_HEALTH_BIND: Final = "127.0.0.1:15020"
 """Istio's port for the sidecar's health and merged metrics."""
-MESH_EXTRA: Final = "agent"
+MESH_EXTRA: Final = "mesh"
 _OWN_PACKAGES: Final = frozenset({"mesh", "sdk", "dataplane"})
 
 

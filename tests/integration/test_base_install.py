@@ -160,5 +160,5 @@ def test_the_sidecars_run_on_the_base_install_and_run_names_the_extra_it_needs(
                     "--spiffe-id", "spiffe://example.org/users", "--app", "127.0.0.1:8080",
                     "--socket", str(tmp_path / "agent.sock"))
     assert (result.returncode, result.stderr) == (
-        1, "Error: tessera sidecar run needs the agent extra: pip install 'tessera[agent]'\n")
+        1, "Error: tessera sidecar run needs the mesh extra: pip install 'tessera[mesh]'\n")
 

@@ -34,7 +34,7 @@ def tessera_without(modules: str, *args: str) -> subprocess.CompletedProcess[str
 def test_run_without_the_mesh_s_packages_names_the_extra(module: str) -> None:
     result = tessera_without(module, *RUN)
     assert (result.returncode, result.stdout, result.stderr) == (
-        1, "", "Error: tessera sidecar run needs the agent extra: pip install 'tessera[agent]'\n")
+        1, "", "Error: tessera sidecar run needs the mesh extra: pip install 'tessera[mesh]'\n")
 
 
 def test_files_and_proxy_need_none_of_them() -> None:
