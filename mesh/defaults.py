@@ -30,9 +30,12 @@ Clusters (per Service, port and subset):
 - load balancing: **LEAST_REQUEST** (Istio's default since 1.14);
 - a subset's ``trafficPolicy`` replaces the DestinationRule's section by section
   (``loadBalancer``, ``connectionPool``, ``outlierDetection``), as Istio merges them;
-- connection pool: no limit on connections, pending requests, requests or retries
-  (Istio's 2^32-1), ``connectTimeout`` **10s**, ``idleTimeout`` **1h**,
-  ``maxRequestsPerConnection`` unlimited;
+- connection pool: no limit on connections, pending requests or requests (Istio's
+  2^32-1), ``connectTimeout`` **10s**, ``idleTimeout`` **1h**,
+  ``maxRequestsPerConnection`` unlimited; retries within a **budget**: at most **20%**
+  of the requests in flight to the cluster are retries (and at least **3** at once),
+  unless ``maxRetries`` sets a fixed limit — so retries cannot multiply an outage's
+  load, as a fixed count may;
 - outlier detection: **off** unless a DestinationRule sets ``outlierDetection``; then
   each field left out takes Istio's default: ``consecutive5xxErrors`` **5**,
   ``consecutiveGatewayErrors`` off, ``interval`` **10s**, ``baseEjectionTime`` **30s**,
@@ -126,6 +129,10 @@ LOAD_BALANCING: Final = "LEAST_REQUEST"
 
 CONNECTION_POOL: Final = _default("connection-pool")
 CONNECT_TIMEOUT: Final = timedelta(seconds=10)
+RETRY_BUDGET_PERCENT: Final = 20.0
+"""Retries in flight, as a share of the requests in flight to a cluster (no maxRetries)."""
+RETRY_BUDGET_MIN_RETRIES: Final = 3
+"""Retries a cluster may have in flight whatever its traffic (no maxRetries)."""
 IDLE_TIMEOUT: Final = timedelta(hours=1)
 
 OUTLIER_DETECTION: Final = _default("outlier-detection")

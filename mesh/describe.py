@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mesh import defaults
 from mesh.catalog import Catalog
 from mesh.compile import compile_view
 from mesh.config import Config
@@ -406,6 +407,13 @@ def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
+def _retries(limit: int | None) -> str:
+    if limit is not None:
+        return f"{limit} retries"
+    return (f"retries within a budget of {defaults.RETRY_BUDGET_PERCENT:g}% of requests "
+            f"(at least {defaults.RETRY_BUDGET_MIN_RETRIES})")
+
+
 def _cluster(lines: _Lines, cluster: Cluster, endpoints: ClusterEndpoints) -> None:
     lines.add("clusters", 0, f"cluster {cluster.name} ({cluster.protocol})", cluster.source)
     balancer = cluster.load_balancer
@@ -422,7 +430,7 @@ def _cluster(lines: _Lines, cluster: Cluster, endpoints: ClusterEndpoints) -> No
         f"connection pool: {_limit(pool.max_connections)} connections, "
         f"{_limit(pool.http1_max_pending_requests)} pending, "
         f"{_limit(pool.http2_max_requests)} requests, "
-        f"{_limit(pool.max_retries)} retries, "
+        f"{_retries(pool.max_retries)}, "
         f"{_limit(pool.max_requests_per_connection)} requests per connection, "
         f"connect timeout {format_duration(pool.connect_timeout)}, "
         f"idle timeout {format_duration(pool.idle_timeout)}",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from mesh import defaults
 from mesh.envoy.resources import ALL_SECRET, identity_secret
 from mesh.envoy.values import ADS, duration, metadata, socket_address, typed
 from mesh.view import Cluster, ClusterEndpoints, ConnectionPool, OutlierDetection, Source
@@ -104,13 +105,20 @@ def _thresholds(pool: ConnectionPool) -> dict[str, Any]:
     def limit(value: int | None) -> int:
         return value if value is not None else UNLIMITED
 
-    return {
+    thresholds: dict[str, Any] = {
         "priority": "DEFAULT",
         "max_connections": limit(pool.max_connections),
         "max_pending_requests": limit(pool.http1_max_pending_requests),
         "max_requests": limit(pool.http2_max_requests),
-        "max_retries": limit(pool.max_retries),
     }
+    if pool.max_retries is not None:
+        thresholds["max_retries"] = pool.max_retries
+    else:  # a budget, which Envoy then uses in place of a fixed count
+        thresholds["retry_budget"] = {
+            "budget_percent": {"value": defaults.RETRY_BUDGET_PERCENT},
+            "min_retry_concurrency": defaults.RETRY_BUDGET_MIN_RETRIES,
+        }
+    return thresholds
 
 
 def _common_http_options(pool: ConnectionPool) -> dict[str, Any]:

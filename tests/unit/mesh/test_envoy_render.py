@@ -375,7 +375,7 @@ MISSION_CASES: list[tuple[str, Any]] = [
                 "max_connections": UNLIMITED,
                 "max_pending_requests": UNLIMITED,
                 "max_requests": UNLIMITED,
-                "max_retries": UNLIMITED,
+                "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3},
             }
         ],
     ),
@@ -414,7 +414,7 @@ USERS_CASES: list[tuple[str, Any]] = [
             "max_connections": 100,
             "max_pending_requests": 10,
             "max_requests": UNLIMITED,
-            "max_retries": UNLIMITED,
+            "retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3},
         },
     ),
     (
