@@ -19,8 +19,10 @@ from dataplane.envoy.binary import find_envoy
 from dataplane.envoy.errors import EnvoyAdminError, EnvoyError, EnvoyMissing, EnvoyRefused
 from dataplane.envoy.metrics import EnvoyMetrics
 from dataplane.envoy.output import EnvoyOutput
+from dataplane.envoy.supervisor import LOG_LEVELS, EnvoySupervisor
 
 __all__ = [
+    "LOG_LEVELS",
     "AdminResponse",
     "EnvoyAdmin",
     "EnvoyAdminError",
@@ -29,5 +31,6 @@ __all__ = [
     "EnvoyMissing",
     "EnvoyOutput",
     "EnvoyRefused",
+    "EnvoySupervisor",
     "find_envoy",
 ]
