@@ -322,55 +322,21 @@ class EnvoySupervisor:
     # -- supervision ---------------------------------------------------------------------
 
     async def _supervise(self, binary: Path, first: asyncio.Future[None]) -> None:
+        """Run Envoy again each time it exits, until stop() or too many quick failures."""
         quick_failures = 0
         try:
             while True:
                 began = time.monotonic()
-                try:
-                    process, output = await self._spawn(binary)
-                except OSError as err:
-                    self._fail(f"cannot start Envoy ({binary}): {err.strerror or err}", first,
-                               reason=str(err), exit_code=None)  # fmt: skip
-                    return
-                _log.info("%s: Envoy started (pid %d)", self._prefix, process.pid)
-                exited = asyncio.create_task(process.wait())
-                try:
-                    served = await self._wait_for_admin(process, exited)
-                except TimeoutError:
-                    await self._terminate(process, exited)
-                    served = False
-                    timed_out = True
-                else:
-                    timed_out = False
-                if served:
-                    self._set_state(_State.RUNNING, "Envoy is starting")
-                    self.metrics.up.set(1)
-                    if not first.done():
-                        first.set_result(None)
-                    # until it exits; or stop() ends it, then this loop
-                    await self._stopped_during(asyncio.shield(exited))
-                    await exited
-                if not served and process.returncode is None:  # stop() came while it started
-                    await self._terminate(process, exited)
-                if self._output_task is not None:
-                    await self._output_task
-                self.metrics.up.set(0)
-                self._admin = None
-                if self._stop_requested.is_set():
+                ended = await self._run_once(binary, first)
+                if ended is None:  # stopped
                     if not first.done():
                         first.set_exception(EnvoyError("Envoy was stopped before it served"))
                     return
-                code = process.returncode
-                said = output.last_words()
+                event, said = ended
                 why = f": {said}" if said else ""
-                if timed_out:
-                    event = (f"did not answer on its admin interface within "
-                             f"{self._start_timeout:g} s of starting")  # fmt: skip
-                else:
-                    event = f"exited ({_exit(code)})"
                 if not first.done():
-                    before = "" if timed_out else " before it served"
-                    self._fail(f"Envoy {event}{before}{why}", first, reason=said, exit_code=code)
+                    self._fail(f"Envoy {event}{why}", first, reason=said,
+                               exit_code=self._exit_code())  # fmt: skip
                     return
                 if time.monotonic() - began < self._stable_after:
                     quick_failures += 1
@@ -382,7 +348,7 @@ class EnvoySupervisor:
                         f"Envoy failed {quick_failures} times in a row within "
                         f"{self._stable_after:g} s of starting; the last time it {event}{why}; "
                         "Tessera stopped restarting it",
-                        first, reason=said, exit_code=code,
+                        first, reason=said, exit_code=self._exit_code(),
                     )
                     return
                 delay = self._backoff.next()
@@ -399,9 +365,45 @@ class EnvoySupervisor:
             self._fail(f"supervising Envoy failed: {err!r}", first, reason=repr(err),
                        exit_code=None)  # fmt: skip
 
-    async def _wait_for_admin(
-        self, process: asyncio.subprocess.Process, exited: asyncio.Task[int]
-    ) -> bool:
+    async def _run_once(
+        self, binary: Path, first: asyncio.Future[None]
+    ) -> tuple[str, str] | None:
+        """One run of Envoy, to its end: what happened ("exited (code 1)") and what Envoy
+        said last; None when stop() ended it."""
+        try:
+            process, output = await self._spawn(binary)
+        except OSError as err:
+            return f"could not be started ({binary}: {err.strerror or err})", ""
+        _log.info("%s: Envoy started (pid %d)", self._prefix, process.pid)
+        exited = asyncio.create_task(process.wait())
+        try:
+            served = await self._wait_for_admin(exited)
+        except TimeoutError:
+            await self._terminate(process, exited)
+            return (f"did not answer on its admin interface within {self._start_timeout:g} s "
+                    f"of starting", output.last_words())  # fmt: skip
+        if served:
+            self._set_state(_State.RUNNING, "Envoy is starting")
+            self.metrics.up.set(1)
+            if not first.done():
+                first.set_result(None)
+            await self._stopped_during(asyncio.shield(exited))
+            await exited  # when stop() came, it drains Envoy and ends it
+        elif not exited.done():  # stop() came while it started
+            await self._terminate(process, exited)
+        if self._output_task is not None:
+            await self._output_task
+        self.metrics.up.set(0)
+        self._admin = None
+        if self._stop_requested.is_set():
+            return None
+        before = "" if served else " before it served"
+        return f"exited ({_exit(process.returncode)}){before}", output.last_words()
+
+    def _exit_code(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    async def _wait_for_admin(self, exited: asyncio.Task[int]) -> bool:
         """True once Envoy's admin answers; False if Envoy exits or stop() is called first;
         TimeoutError after ``start_timeout_seconds``."""
         deadline = time.monotonic() + self._start_timeout

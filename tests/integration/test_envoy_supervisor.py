@@ -377,8 +377,8 @@ def test_an_envoy_failing_at_each_restart_is_given_up_with_its_reason(
 
         assert failure == (
             "Envoy failed 3 times in a row within 10 s of starting; the last time it exited "
-            f"(code 1): cannot bind '127.0.0.1:{listener_port}': Address already in use; "
-            "Tessera stopped restarting it"
+            f"(code 1) before it served: cannot bind '127.0.0.1:{listener_port}': Address "
+            "already in use; Tessera stopped restarting it"
         )
         assert envoy.ready_problem() == failure
         assert gate.delays == [0.05, 0.1]  # the backoff, doubling
