@@ -261,10 +261,14 @@ def mesh_get(admin_socket: str | None, data_dir: str, kind: str, name: str | Non
 
 
 def _yaml(documents: list[Any]) -> str:
+    """The documents as applied: their keys in the order written, block style, a long
+    value on one line."""
     import yaml
 
     return "".join(
-        ("---\n" if index else "") + yaml.safe_dump(document, sort_keys=False)
+        ("---\n" if index else "")
+        + yaml.safe_dump(document, sort_keys=False, default_flow_style=False,
+                         width=float("inf"))
         for index, document in enumerate(documents)
     )
 

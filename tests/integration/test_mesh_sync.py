@@ -3,12 +3,14 @@
 A real server and a real agent started from the CLI; the configuration is applied
 with ``tessera mesh apply`` and the agent is watched the way a user would: its
 ``tessera_agent_mesh_revision`` and ``tessera_agent_mesh_resources`` metrics on
-``/metrics``.
+``/metrics``. And what ``tessera mesh`` prints back to the user who applied it (its
+``get``, ``delete``, ``explain`` and a refused ``apply``), from the server's own store.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,11 @@ def mesh(server: ServerProcess, *args: str, stdin: str | None = None, check: boo
     result = tessera("mesh", *args, "--data-dir", str(server.data_dir), input=stdin,
                      check=check)
     return result.stdout if check else result.stderr
+
+
+def mesh_run(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``tessera mesh ARGS`` whatever its exit status: status, stdout and stderr."""
+    return tessera("mesh", *args, "--data-dir", str(server.data_dir), check=False)
 
 
 def agent_mesh(agent: AgentProcess) -> tuple[int, int]:
@@ -124,3 +131,29 @@ def test_an_agent_started_later_gets_the_whole_configuration(
     mesh(server, "delete", "virtualservice", "microservice-virtual-service")
     agent = start_agent(server)
     learns(agent, (2, 2))
+
+
+# -- what tessera mesh prints back --------------------------------------------------------
+
+
+def test_get_gives_back_the_file_applied_in_its_order_without_its_comments(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    written = (
+        "kind: Service\n"
+        "apiVersion: tessera.io/v1alpha1\n"
+        "metadata:\n"
+        "  name: users-service\n"
+        "spec:\n"
+        "  ports:\n"
+        "  - protocol: HTTP\n"
+        "    number: 80\n"
+        "    name: http\n"
+        "  spiffeIds:\n"
+        "  - spiffe://example.org/users\n"
+    )
+    config = tmp_path / "users.yaml"
+    config.write_text("# the users' API\n" + written.replace(
+        "  spiffeIds:\n", "  spiffeIds:   # who may register instances\n"))
+    mesh(server, "apply", "-f", str(config))
+    assert mesh(server, "get", "service", "users-service", "--output", "yaml") == written

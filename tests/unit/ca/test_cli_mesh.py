@@ -401,6 +401,31 @@ def test_get_as_yaml_gives_back_what_apply_takes(mesh: Mesh) -> None:
     assert applied_again.out == "Service reviews unchanged\nService users unchanged\n"
 
 
+def test_get_as_yaml_keeps_the_order_the_keys_were_applied_in(mesh: Mesh) -> None:
+    applied = (
+        "kind: DestinationRule\n"
+        "apiVersion: networking.istio.io/v1\n"
+        "metadata:\n"
+        "  name: reviews\n"
+        "  annotations:\n"
+        f"    note: {'subsets by the version label of the sidecars, ' * 3}and a host\n"
+        "spec:\n"
+        "  subsets:\n"
+        "  - labels:\n"
+        "      version: v1\n"
+        "    name: v1\n"
+        "  - labels:\n"
+        "      version: v2\n"
+        "    name: v2\n"
+        "  host: reviews\n"
+    )
+    mesh.run("apply", "-f", mesh.file("services.yaml", REVIEWS.partition("---\n")[0]))
+    mesh.run("apply", "-f", mesh.file("reviews.yaml", applied))
+    ran = mesh.run("get", "dr", "reviews", "--output", "yaml")
+    assert (ran.status, ran.out, ran.err) == (0, applied, "")
+    assert mesh.run("get", "dr", "--output", "yaml").out == applied
+
+
 def test_get_as_json(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
     listed = json.loads(mesh.run("get", "service", "--output", "json").out)
