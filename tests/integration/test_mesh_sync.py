@@ -157,3 +157,29 @@ def test_get_gives_back_the_file_applied_in_its_order_without_its_comments(
         "  spiffeIds:\n", "  spiffeIds:   # who may register instances\n"))
     mesh(server, "apply", "-f", str(config))
     assert mesh(server, "get", "service", "users-service", "--output", "yaml") == written
+
+
+def test_a_refused_apply_answers_json_on_stdout(server: ServerProcess, tmp_path: Path) -> None:
+    config = tmp_path / "mesh.yaml"
+    config.write_text(MISSION)  # no Service users-service: the server finds it
+    refused = mesh_run(server, "apply", "-f", str(config), "--output", "json")
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "VirtualService", "name": "microservice-virtual-service",
+         "path": "spec.http[0].route[0].destination.host",
+         "message": "host users-service names no Service", "source": "", "document": 0}]}
+    assert refused.stderr == (
+        "VirtualService microservice-virtual-service: spec.http[0].route[0].destination.host: "
+        "host users-service names no Service\n"
+        "Error: nothing was applied: correct the problem above and apply again\n")
+
+    config.write_text("kind: Service\nmetadata: {name: users\n")
+    broken = mesh_run(server, "apply", "-f", str(config), "--output", "json")
+    assert broken.returncode == 1
+    assert json.loads(broken.stdout) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "", "name": "", "path": "", "source": str(config), "document": 0,
+         "message": "line 3, column 1: invalid YAML: did not find expected ',' or '}' (while "
+                    "parsing a flow mapping)"}]}
+    assert broken.stderr.endswith(
+        "Error: nothing was applied: correct the problem above and apply again\n")
+    assert mesh(server, "get", "gateways") == "No Gateways found.\n"

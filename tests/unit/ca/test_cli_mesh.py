@@ -259,6 +259,64 @@ def test_a_good_resource_next_to_a_reference_to_nothing(mesh: Mesh) -> None:
     mesh.nothing_stored()
 
 
+def test_a_refused_apply_answers_json_on_stdout_too(mesh: Mesh) -> None:
+    first = mesh.file("a.yaml", USERS.replace("number: 80", "number: '80'"))
+    second = mesh.file("b.yaml", REVIEWS + "---\n" + ROUTE.replace("weight: 10", "weight: 5"))
+    ran = mesh.run("apply", "-f", first, "-f", second, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "Service", "name": "users", "path": "spec.ports[0].number",
+         "message": "must be an integer, not a string ('80')", "source": first, "document": 1},
+        {"kind": "VirtualService", "name": "reviews", "path": "spec.http[0].route",
+         "message": "must have weights that add up to 100, not 95 (with several destinations, "
+                    "one without a weight counts as 0)", "source": second, "document": 3},
+    ]}
+    assert ran.err == (
+        "Service users: spec.ports[0].number must be an integer, not a string ('80')\n"
+        "VirtualService reviews: spec.http[0].route must have weights that add up to 100, not "
+        "95 (with several destinations, one without a weight counts as 0)\n"
+        "Error: nothing was applied: correct the 2 problems above and apply again\n")
+    mesh.nothing_stored()
+
+
+def test_a_refusal_of_the_server_answers_json_too(mesh: Mesh) -> None:
+    path = mesh.file("route.yaml", ROUTE)  # no Service reviews: the server finds it
+    ran = mesh.run("apply", "-f", path, "--dry-run", "--output", "json")
+    assert ran.status == 1
+    answer = json.loads(ran.out)
+    assert (answer["applied"], answer["dry_run"]) == (False, True)
+    assert [(e["kind"], e["name"], e["path"]) for e in answer["errors"]] == [
+        ("VirtualService", "reviews", "spec.hosts[0]"),
+        ("VirtualService", "reviews", "spec.http[0].route[0].destination.host"),
+        ("VirtualService", "reviews", "spec.http[0].route[1].destination.host")]
+    assert answer["errors"][1]["message"] == "host reviews names no Service"
+    assert ran.err.endswith("Error: nothing was applied: correct the 3 problems above and "
+                            "apply again\n")
+    mesh.nothing_stored()
+
+
+def test_yaml_that_does_not_parse_answers_json_too(mesh: Mesh) -> None:
+    path = mesh.file("mesh.yaml", "kind: Service\nmetadata: {name: users\n")
+    ran = mesh.run("apply", "-f", path, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "", "name": "", "path": "", "source": path, "document": 0,
+         "message": "line 3, column 1: invalid YAML: did not find expected ',' or '}' (while "
+                    "parsing a flow mapping)"}]}
+    assert ran.err == (
+        f"{path}: line 3, column 1: invalid YAML: did not find expected ',' or '}}' (while "
+        "parsing a flow mapping)\n" + NOTHING_APPLIED)
+    missing = str(mesh.files / "missing.yaml")
+    ran = mesh.run("apply", "-f", missing, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "", "name": "", "path": "", "source": "", "document": 0,
+         "message": f"cannot read {missing}: no such file; check the path given with -f"}]}
+    assert ran.err == (
+        f"Error: cannot read {missing}: no such file; check the path given with -f\n")
+    mesh.nothing_stored()
+
+
 def test_a_10_mb_file(mesh: Mesh) -> None:
     path = mesh.file("big.yaml", b"# padding\n" * 1_048_576)
     assert mesh.refused("apply", "-f", path) == (
