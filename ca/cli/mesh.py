@@ -337,13 +337,37 @@ def mesh_delete(admin_socket: str | None, data_dir: str, kind: str, name: str, o
     except AdminApiError as err:
         if not err.field_errors:
             raise
-        for problem in _field_errors(err.field_errors):
-            progress(str(problem))
-        raise NotApplied(
-            f"{kind} {name} was not deleted: what is named above still refers to it; change "
-            "or delete that first"
-        ) from None
+        referrers = _referrers(f"{kind} {name}", _field_errors(err.field_errors))
+        for sentence in referrers:
+            progress(sentence)
+        those = ("the resource above still refers" if len(referrers) == 1
+                 else f"the {len(referrers)} resources above still refer")
+        raise NotApplied(f"{kind} {name} was not deleted: {those} to it") from None
     emit(output, result, f"{result['kind']} {result['name']} deleted")
+
+
+def _referrers(target: str, problems: Iterable[FieldError]) -> list[str]:
+    """One sentence per resource that refers to ``target``: by which fields, and what to
+    do. (The server names each field that would refer to nothing once ``target`` is
+    gone; one it could not name a resource for is shown as it came.)"""
+    fields: dict[str, list[str]] = {}
+    unnamed: list[str] = []
+    for problem in problems:
+        if problem.kind and problem.name:
+            fields.setdefault(f"{problem.kind} {problem.name}", []).append(problem.path)
+        else:
+            unnamed.append(str(problem))
+    sentences = []
+    for referrer, paths in fields.items():
+        named = [path for path in paths if path]
+        if not named:
+            sentences.append(f"{referrer} refers to {target}: change or delete {referrer} first")
+            continue
+        listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+        those = "that field" if len(named) == 1 else "those fields"
+        sentences.append(f"{referrer} refers to {target} in {listed}: change {those} or "
+                         f"delete {referrer} first")
+    return sentences + unnamed
 
 
 # -- describe and explain ---------------------------------------------------------------

@@ -183,3 +183,17 @@ def test_a_refused_apply_answers_json_on_stdout(server: ServerProcess, tmp_path:
     assert broken.stderr.endswith(
         "Error: nothing was applied: correct the problem above and apply again\n")
     assert mesh(server, "get", "gateways") == "No Gateways found.\n"
+
+
+def test_a_refused_delete_names_each_resource_that_refers_to_it(server: ServerProcess) -> None:
+    mesh(server, "apply", "-f", "-", stdin=SERVICE + "---\n" + MISSION)
+    refused = mesh_run(server, "delete", "service", "users-service")
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (
+        "VirtualService microservice-virtual-service refers to Service users-service in "
+        "spec.http[0].route[0].destination.host: change that field or delete VirtualService "
+        "microservice-virtual-service first\n"
+        "Error: Service users-service was not deleted: the resource above still refers to it\n")
+    mesh(server, "delete", "virtualservice", "microservice-virtual-service")
+    assert mesh(server, "delete", "service", "users-service") == (
+        "Service users-service deleted\n")

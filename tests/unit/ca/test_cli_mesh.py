@@ -513,13 +513,19 @@ def test_delete_names_what_still_refers_to_the_resource(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE))
 
     assert mesh.refused("delete", "destinationrule", "reviews") == (
-        "VirtualService reviews: spec.http[0].route[0].destination.subset: subset v1 is not "
-        "defined by any DestinationRule for host reviews\n"
-        "VirtualService reviews: spec.http[0].route[1].destination.subset: subset v2 is not "
-        "defined by any DestinationRule for host reviews\n"
-        "Error: DestinationRule reviews was not deleted: what is named above still refers to "
-        "it; change or delete that first\n")
+        "VirtualService reviews refers to DestinationRule reviews in "
+        "spec.http[0].route[0].destination.subset and spec.http[0].route[1].destination.subset: "
+        "change those fields or delete VirtualService reviews first\n"
+        "Error: DestinationRule reviews was not deleted: the resource above still refers to "
+        "it\n")
     assert mesh.store.get_mesh_resource("DestinationRule", "reviews").deleted is False
+    assert mesh.refused("delete", "service", "reviews") == (
+        "VirtualService reviews refers to Service reviews in spec.hosts[0], "
+        "spec.http[0].route[0].destination.host and spec.http[0].route[1].destination.host: "
+        "change those fields or delete VirtualService reviews first\n"
+        "DestinationRule reviews refers to Service reviews in spec.host: change that field or "
+        "delete DestinationRule reviews first\n"
+        "Error: Service reviews was not deleted: the 2 resources above still refer to it\n")
 
     ran = mesh.run("delete", "vs", "reviews")
     assert (ran.status, ran.out, ran.err) == (0, "VirtualService reviews deleted\n", "")
