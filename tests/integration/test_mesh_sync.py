@@ -197,3 +197,44 @@ def test_a_refused_delete_names_each_resource_that_refers_to_it(server: ServerPr
     mesh(server, "delete", "virtualservice", "microservice-virtual-service")
     assert mesh(server, "delete", "service", "users-service") == (
         "Service users-service deleted\n")
+
+
+READERS = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: users-readers}
+spec:
+  selector: {matchLabels: {app: users}}
+  rules:
+  - from: [{source: {principals: [spiffe://example.org/orders]}}]
+"""
+
+
+def test_explain_before_any_instance_says_what_the_labels_decide(server: ServerProcess
+                                                                  ) -> None:
+    mesh(server, "apply", "-f", "-", stdin=SERVICE + "---\n" + READERS)
+
+    orders = mesh_run(server, "explain", "--from", "spiffe://example.org/orders",
+                      "--to", "users-service")
+    assert (orders.returncode, orders.stderr) == (0, "")
+    assert orders.stdout.splitlines()[-1] == (
+        "allowed by users-service whatever labels its sidecars run with  "
+        "[Service users-service]")
+
+    billing = mesh_run(server, "explain", "--from", "spiffe://example.org/billing",
+                       "--to", "users-service")
+    assert (billing.returncode, billing.stderr) == (1, "")
+    assert billing.stdout.splitlines()[-4:] == [
+        "no instance of users-service is registered yet: AuthorizationPolicy users-readers "
+        "selects workloads by labels, so whether it applies depends on the labels its "
+        "sidecars will run with  [Service users-service]",
+        "with app=users: refused by users-service: no ALLOW rule matches "
+        "spiffe://example.org/billing, and AuthorizationPolicy users-readers (ALLOW) selects "
+        "this workload: refused by default  [AuthorizationPolicy users-readers]",
+        "with labels it does not select: allowed by users-service: no ALLOW policy selects "
+        "this workload and no DENY rule matches spiffe://example.org/billing  "
+        "[default authorization]",
+        "undecided: users-service allows it with some of these labels and refuses it with "
+        "others; explain again once an instance of users-service is registered  "
+        "[Service users-service]",
+    ]

@@ -628,3 +628,33 @@ def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> No
     assert mesh.refused("explain", "--to", "users") == (
         "Error: explain needs --from SPIFFE_ID and --to SERVICE, or --gateway NAME=VALUE; "
         "e.g. tessera mesh explain --from spiffe://example.org/orders --to users-service\n")
+
+
+def test_explain_before_any_instance_says_what_the_labels_decide(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE + "---\n"
+                                      + ALLOW_ORDERS))
+
+    allowed = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "reviews")
+    assert (allowed.status, allowed.err) == (0, "")
+    assert allowed.out.splitlines()[-4:] == [
+        "no instance of reviews subset v2 is registered yet: AuthorizationPolicy "
+        "reviews-allow-orders selects workloads by labels, so whether it applies depends on the "
+        "labels its sidecars will run with  [DestinationRule reviews spec.subsets[1]]",
+        "with app=reviews: allowed by reviews: spiffe://example.org/orders is allowed by an "
+        "ALLOW rule  [AuthorizationPolicy reviews-allow-orders spec.rules[0]]",
+        "with labels it does not select: allowed by reviews: no ALLOW policy selects this "
+        "workload and no DENY rule matches spiffe://example.org/orders  [default authorization]",
+        "allowed by reviews whatever labels its sidecars run with  "
+        "[DestinationRule reviews spec.subsets[1]]",
+    ]
+
+    undecided = mesh.run("explain", "--from", "spiffe://example.org/evil", "--to", "reviews")
+    assert (undecided.status, undecided.err) == (1, "")
+    assert undecided.out.splitlines()[-1] == (
+        "undecided: reviews allows it with some of these labels and refuses it with others; "
+        "explain again once an instance of reviews is registered  "
+        "[DestinationRule reviews spec.subsets[1]]")
+    as_json = json.loads(mesh.run("explain", "--from", "spiffe://example.org/evil", "--to",
+                                  "reviews", "--output", "json").out)
+    assert (as_json["allowed"], as_json["outcome"], as_json["status"]) == (
+        False, "undecided", None)
