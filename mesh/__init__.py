@@ -21,6 +21,7 @@ The modules, one idea each:
 - :mod:`mesh.resources` — the seven kinds, one module each;
 - :mod:`mesh.references` — what must exist for a configuration to hold together;
 - :mod:`mesh.config` — the immutable configuration and what an apply changes;
+- :mod:`mesh.keyorder` — the order a document's keys were written in, kept for ``get``;
 - :mod:`mesh.hosts`, :mod:`mesh.principals`, :mod:`mesh.durations`, :mod:`mesh.regex`,
   :mod:`mesh.httpsyntax`, :mod:`mesh.names` — the values fields hold, and their checks;
 - :mod:`mesh.errors` — :class:`ConfigError` and its :class:`FieldError`s.

@@ -17,9 +17,20 @@ authorization and counts the request against its RateLimits::
 
 How the destination's authorization is judged: AuthorizationPolicies select workloads by
 labels, and a subset's instances may differ in theirs, so the labels are those every
-instance of the chosen cluster has, with the subset's (only the subset's when the
-cluster has no instance). A weighted split is judged for each share that gets requests;
-the request is allowed when every such share allows it.
+instance of the chosen cluster has (the routable ones, else those registered), with the
+subset's. A weighted split is judged for each share that gets requests; the request is
+allowed when every such share allows it.
+
+Before any instance of the cluster is registered its labels are unknown beyond the
+subset's: a policy whose ``selector.matchLabels`` those do not decide may or may not
+apply, and explain cannot decide as the proxies will. It judges the request with the
+least labels that select each such policy, and with labels that select none of them.
+These give every outcome any labels can: whatever refuses a request under some labels
+(a DENY rule, or an ALLOW policy none of whose rules match) refuses it under the least
+labels that select its policy, and whatever allows it (an ALLOW rule, or no ALLOW
+policy at all) allows it there too, or with no such policy selected. When they agree,
+that is the answer, whatever labels the sidecars run with; when they differ, the
+outcome is ``undecided`` and the request is not counted as allowed.
 
 A request with a token is judged as if the token were valid: ``claims`` are what the
 ``when`` conditions read (JWT validation itself is the proxy's, not explain's).
@@ -36,9 +47,9 @@ from mesh import defaults
 from mesh.catalog import Catalog
 from mesh.compile import compile_authorization, compile_rate_limits, compile_view
 from mesh.config import Config
-from mesh.proxy import GatewayProxy, SidecarProxy
+from mesh.proxy import GatewayProxy, SidecarProxy, labels_match
 from mesh.request import HttpRequest, split_host
-from mesh.resources import Service
+from mesh.resources import AuthorizationPolicy, Service
 from mesh.view import (
     ClusterEndpoints,
     Decision,
@@ -60,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DestinationOutcome",
     "Explanation",
+    "LabelCase",
     "Outcome",
     "Step",
     "explain",
@@ -67,7 +79,14 @@ __all__ = [
 ]
 
 Outcome = Literal[
-    "forwarded", "redirected", "not-found", "refused", "aborted", "unknown-service", "no-listener"
+    "forwarded",
+    "redirected",
+    "not-found",
+    "refused",
+    "undecided",
+    "aborted",
+    "unknown-service",
+    "no-listener",
 ]
 
 
@@ -83,18 +102,43 @@ class Step:
 
 
 @dataclass(frozen=True)
+class LabelCase:
+    """What the destination's sidecar would decide if its instances ran with ``labels``
+    (the subset's and those that bring ``selected`` in), while none is registered."""
+
+    labels: Mapping[str, str] = field(hash=False)
+    selected: tuple[Source, ...]
+    decision: Decision
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+
+
+@dataclass(frozen=True)
 class DestinationOutcome:
     """One share of a route: where it goes, how many endpoints serve it, and what the
-    destination's sidecar decides for the caller."""
+    destination's sidecar decides for the caller.
+
+    ``workload_labels`` are those its instances are known to have. ``label_cases`` is
+    empty when they decide which AuthorizationPolicies apply; else (no instance is
+    registered yet) the decision for each label set that matters, and ``decision`` says
+    whether they agree (``undecided`` when they do not).
+    """
 
     destination: WeightedDestination
     endpoints: int
     workload_labels: Mapping[str, str] = field(hash=False)
     decision: Decision
     rate_limits: tuple[RateLimitRule, ...]
+    label_cases: tuple[LabelCase, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workload_labels", MappingProxyType(dict(self.workload_labels)))
+
+    @property
+    def undecided(self) -> bool:
+        """Whether the outcome depends on the labels of instances not registered yet."""
+        return len({case.decision.allowed for case in self.label_cases}) > 1
 
 
 @dataclass(frozen=True)
@@ -188,7 +232,7 @@ def explain(
         return _explanation(proxy, request, "unknown-service", False, None, steps)
     steps.add(f"{proxy} calls {service}: {request.method} {request.path}", outbound.source)
     route = outbound.route_for(request)
-    return _follow(config, view, route, request, caller_id, proxy, steps, None, claims)
+    return _follow(config, catalog, view, route, request, caller_id, proxy, steps, None, claims)
 
 
 def explain_gateway(
@@ -248,11 +292,14 @@ def explain_gateway(
                 gateway_decision=gateway_decision,
             )  # fmt: skip
     route = virtual_host.route_for(request)
-    return _follow(config, view, route, request, gateway_id, proxy, steps, gateway_decision, claims)
+    return _follow(
+        config, catalog, view, route, request, gateway_id, proxy, steps, gateway_decision, claims
+    )
 
 
 def _follow(
     config: Config,
+    catalog: Catalog,
     view: View,
     route: Route | None,
     request: HttpRequest,
@@ -301,13 +348,15 @@ def _follow(
             route=route, matched=matched, gateway_decision=gateway_decision,
         )  # fmt: skip
     outcomes = tuple(
-        _destination(config, view, item, upstream, caller, claims, steps)
+        _destination(config, catalog, view, item, upstream, caller, claims, steps)
         for item in action.destinations
     )
-    allowed = all(item.decision.allowed for item in outcomes if item.destination.weight > 0)
+    shares = [item for item in outcomes if item.destination.weight > 0]
+    allowed = all(item.decision.allowed for item in shares)
+    refused = any(not item.decision.allowed and not item.undecided for item in shares)
+    outcome: Outcome = "forwarded" if allowed else "refused" if refused else "undecided"
     return _explanation(
-        proxy, request, "forwarded" if allowed else "refused", allowed,
-        None if allowed else 403, steps, caller,
+        proxy, request, outcome, allowed, 403 if refused else None, steps, caller,
         route=route, matched=matched, destinations=outcomes, gateway_decision=gateway_decision,
     )  # fmt: skip
 
@@ -343,6 +392,7 @@ def _route_settings(route: Route, steps: _Steps) -> None:
 
 def _destination(
     config: Config,
+    catalog: Catalog,
     view: View,
     destination: WeightedDestination,
     request: HttpRequest,
@@ -351,51 +401,180 @@ def _destination(
     steps: _Steps,
 ) -> DestinationOutcome:
     endpoints = view.cluster_endpoints(destination.cluster)
-    labels = _workload_labels(endpoints)
-    decision = compile_authorization(config, labels).decide(caller, request, claims)
+    subset = dict(endpoints.labels) if endpoints is not None else {}
+    where = endpoints.source if endpoints is not None else Source(Service.KIND, destination.service)
+    labels = _workload_labels(catalog, destination.service, endpoints)
+    known = subset if labels is None else labels
+    unknown = _undetermined(config, known) if labels is None else ()
+    cases = _label_cases(config, known, unknown, caller, request, claims)
+    if cases:
+        decision = _agreement(destination.service, cases, where)
+    else:
+        decision = compile_authorization(config, known).decide(caller, request, claims)
     rate_limits = tuple(
         rule for rule in compile_rate_limits(config, destination.service) if rule.applies_to(caller)
     )
     count = len(endpoints.endpoints) if endpoints is not None else 0
+    outcome = DestinationOutcome(destination, count, known, decision, rate_limits, cases)
     steps.add(
         f"{destination.weight}% to {destination} (cluster {destination.cluster}, "
         f"{count} endpoint{'s' if count != 1 else ''})",
         destination.source,
     )
     if destination.weight == 0:
-        return DestinationOutcome(destination, count, labels, decision, rate_limits)
+        return outcome
     if count == 0 and endpoints is not None:
         steps.add(
             "no endpoint serves it: the caller gets 503 (no healthy upstream)", endpoints.source
         )
-    steps.add(
-        f"{'allowed' if decision.allowed else 'refused'} by {destination.service}: "
-        f"{decision.reason}",
-        decision.rule,
-    )
-    for audited in decision.audited:
-        steps.add("audited", audited)
+    if cases:
+        _say_cases(destination, known, unknown, cases, decision, steps, where)
+    else:
+        steps.add(
+            f"{'allowed' if decision.allowed else 'refused'} by {destination.service}: "
+            f"{decision.reason}",
+            decision.rule,
+        )
+        for audited in decision.audited:
+            steps.add("audited", audited)
     for rule in rate_limits:
         bucket = "shared bucket" if rule.keyed_on == "shared" else "its own bucket"
         steps.add(
             f"rate limit {rule.requests_per_second}/s, burst {rule.burst}, {bucket}",
             rule.source,
         )
-    return DestinationOutcome(destination, count, labels, decision, rate_limits)
+    return outcome
 
 
-def _workload_labels(endpoints: ClusterEndpoints | None) -> dict[str, str]:
-    """The labels every instance of the cluster has, with the subset's."""
-    if endpoints is None:
+def _workload_labels(
+    catalog: Catalog, service: str, endpoints: ClusterEndpoints | None
+) -> dict[str, str] | None:
+    """The labels every instance of the cluster has (the routable ones, else every one
+    registered), with the subset's; None when no instance of it is registered."""
+    subset = dict(endpoints.labels) if endpoints is not None else {}
+    instances = [item.labels for item in endpoints.endpoints] if endpoints is not None else []
+    if not instances:
+        instances = [
+            instance.labels
+            for instance in catalog.instances(service)
+            if labels_match(subset, instance.labels)
+        ]
+    if not instances:
+        return None
+    return {**subset, **_shared(instances)}
+
+
+def _undetermined(config: Config, known: Mapping[str, str]) -> tuple[AuthorizationPolicy, ...]:
+    """The AuthorizationPolicies that select workloads by labels ``known`` do not decide:
+    they may select the workload or not, as the labels it runs with have them or not."""
+    return tuple(
+        policy
+        for policy in config.of_kind(AuthorizationPolicy)
+        if policy.spec.selector is not None
+        and not labels_match(policy.spec.selector.match_labels, known)
+        and all(known.get(key, value) == value for key, value in _selector(policy).items())
+    )
+
+
+def _label_cases(
+    config: Config,
+    known: Mapping[str, str],
+    undetermined: tuple[AuthorizationPolicy, ...],
+    caller: str | None,
+    request: HttpRequest,
+    claims: Mapping[str, Any] | None,
+) -> tuple[LabelCase, ...]:
+    """The decision with the least labels that select each undetermined policy, then
+    with labels that select none of them (see the module's docstring)."""
+    if not undetermined:
+        return ()
+    label_sets: list[dict[str, str]] = []
+    for policy in undetermined:
+        labels = {**known, **_selector(policy)}
+        if labels not in label_sets:
+            label_sets.append(labels)
+    label_sets.append(dict(known))
+    cases = []
+    for labels in label_sets:
+        selected = tuple(
+            Source(AuthorizationPolicy.KIND, policy.name)
+            for policy in undetermined
+            if labels_match(_selector(policy), labels)
+        )
+        decision = compile_authorization(config, labels).decide(caller, request, claims)
+        cases.append(LabelCase(labels, selected, decision))
+    return tuple(cases)
+
+
+def _agreement(service: str, cases: tuple[LabelCase, ...], source: Source) -> Decision:
+    """What the cases decide together: their answer when they agree, else not allowed."""
+    outcomes = {case.decision.allowed for case in cases}
+    if len(outcomes) > 1:
+        reason = (
+            f"undecided: {service} allows it with some of these labels and refuses it with "
+            f"others; explain again once an instance of {service} is registered"
+        )
+        return Decision(False, source, reason)
+    allowed = outcomes.pop()
+    verdict = "allowed" if allowed else "refused"
+    reason = f"{verdict} by {service} whatever labels its sidecars run with"
+    return Decision(allowed, source, reason)
+
+
+def _say_cases(
+    destination: WeightedDestination,
+    known: Mapping[str, str],
+    undetermined: tuple[AuthorizationPolicy, ...],
+    cases: tuple[LabelCase, ...],
+    decision: Decision,
+    steps: _Steps,
+    source: Source,
+) -> None:
+    service = destination.service
+    subset = f" subset {destination.subset}" if destination.subset else ""
+    names = [f"AuthorizationPolicy {policy.name}" for policy in undetermined]
+    if len(names) == 1:
+        which = f"{names[0]} selects workloads by labels, so whether it applies"
+        none = "labels it does not select"
+    else:
+        policies = ", ".join(policy.name for policy in undetermined[:-1])
+        which = (
+            f"AuthorizationPolicies {policies} and {undetermined[-1].name} select workloads by "
+            "labels, so which of them apply"
+        )
+        none = "labels none of them selects"
+    steps.add(
+        f"no instance of {service}{subset} is registered yet: {which} depends on the labels "
+        "its sidecars will run with",
+        source,
+    )
+    for case in cases:
+        added = [f"{key}={value}" for key, value in case.labels.items() if key not in known]
+        verdict = "allowed" if case.decision.allowed else "refused"
+        steps.add(
+            f"with {', '.join(added) or none}: {verdict} by {service}: {case.decision.reason}",
+            case.decision.rule,
+        )
+        for audited in case.decision.audited:
+            steps.add("audited", audited)
+    steps.add(decision.reason, decision.rule)
+
+
+def _selector(policy: AuthorizationPolicy) -> Mapping[str, str]:
+    selector = policy.spec.selector
+    return selector.match_labels if selector is not None else {}
+
+
+def _shared(label_sets: list[Mapping[str, str]]) -> dict[str, str]:
+    """The labels every one of ``label_sets`` has, with the same value."""
+    if not label_sets:
         return {}
-    labels = dict(endpoints.labels)
-    instances = [dict(item.labels) for item in endpoints.endpoints]
-    if instances:
-        common = {key: value for key, value in instances[0].items() if all(
-            other.get(key) == value for other in instances[1:]
-        )}  # fmt: skip
-        labels.update(common)
-    return labels
+    first, *others = label_sets
+    return {
+        key: value
+        for key, value in first.items()
+        if all(other.get(key) == value for other in others)
+    }
 
 
 def _answered(
@@ -441,14 +620,7 @@ def _explanation(
 
 
 def _common_labels(catalog: Catalog, spiffe_id: str) -> dict[str, str]:
-    instances = [dict(instance.labels) for instance in catalog.of_workload(spiffe_id)]
-    if not instances:
-        return {}
-    return {
-        key: value
-        for key, value in instances[0].items()
-        if all(other.get(key) == value for other in instances[1:])
-    }
+    return _shared([instance.labels for instance in catalog.of_workload(spiffe_id)])
 
 
 def _service_of(config: Config, catalog: Catalog, spiffe_id: str) -> str:

@@ -18,12 +18,13 @@ kubectl names Istio's: in any case, singular or plural, or short (``vs``, ``dr``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final
+from typing import Any, BinaryIO, Final, NoReturn
 from urllib.parse import quote
 
 import click
@@ -87,9 +88,14 @@ def _kind_argument(ctx: click.Context, param: click.Parameter, value: str) -> st
 
 
 class NotApplied(TesseraError):
-    """The configuration was refused; its problems were printed above this sentence."""
+    """The configuration was refused; its problems (``errors``) were printed above this
+    sentence."""
 
     status = 400
+
+    def __init__(self, message: str, errors: Iterable[FieldError] = ()) -> None:
+        super().__init__(message)
+        self.errors = tuple(errors)
 
 
 @click.group("mesh")
@@ -110,6 +116,23 @@ def mesh_group() -> None:
 def mesh_apply(admin_socket: str | None, data_dir: str, files: tuple[str, ...], dry_run: bool,
                output: str) -> None:
     """Create or replace resources, all or none: nothing is stored on any error."""
+    try:
+        result = _apply(admin_socket, data_dir, files, dry_run)
+    except TesseraError as err:
+        if output == "json":  # a script reads why on stdout; the person, on stderr
+            errors = err.errors if isinstance(err, NotApplied) else [
+                FieldError("", "", "", err.message)]
+            emit(output, {"applied": False, "dry_run": dry_run,
+                          "errors": [dataclasses.asdict(error) for error in errors]}, "")
+        raise
+    marker = " (dry run)" if result["dry_run"] else ""
+    emit(output, result, lambda: "\n".join(
+        f"{c['kind']} {c['name']} {c['action']}{marker}" for c in result["changes"]))
+
+
+def _apply(admin_socket: str | None, data_dir: str, files: tuple[str, ...], dry_run: bool
+           ) -> dict[str, Any]:
+    """The server's answer to the apply; NotApplied with every problem found."""
     texts = [(_source_name(name), _read_input(name)) for name in _once_each(files)]
     resources: list[Resource] = []
     problems: list[FieldError] = []
@@ -128,7 +151,7 @@ def mesh_apply(admin_socket: str | None, data_dir: str, files: tuple[str, ...], 
                     f"is defined in both {earlier} and {source}: one of the two would be lost"))
         resources.extend(parsed)
     if problems:
-        _refuse([str(problem) for problem in problems])
+        _refuse(problems)
     # Sent as the documents read, one JSON document (which is YAML) each: files are not
     # pasted together, where a directive or a document marker of one could upset the next.
     body = "\n---\n".join(
@@ -143,16 +166,14 @@ def mesh_apply(admin_socket: str | None, data_dir: str, files: tuple[str, ...], 
     params = {"dry_run": "true" if dry_run else "false",
               "source": _source_label([source for source, _ in texts])}
     try:
-        result = admin_client(admin_socket, data_dir).post(
+        result: dict[str, Any] = admin_client(admin_socket, data_dir).post(
             "/v1/mesh/apply", params=params, content=body,
             headers={"content-type": "application/yaml"})
     except AdminApiError as err:
         if not err.field_errors:
             raise
-        _refuse(_field_lines(err.field_errors))
-    marker = " (dry run)" if result["dry_run"] else ""
-    emit(output, result, lambda: "\n".join(
-        f"{c['kind']} {c['name']} {c['action']}{marker}" for c in result["changes"]))
+        _refuse(_field_errors(err.field_errors))
+    return result
 
 
 def _once_each(files: Iterable[str]) -> list[str]:
@@ -205,25 +226,25 @@ def _read_bounded(stream: BinaryIO, name: str) -> bytes:
     return data
 
 
-def _field_lines(errors: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The server's field errors, each as its one line."""
-    lines = []
+def _field_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """The server's field errors (a malformed one: its text as the message)."""
+    found = []
     for error in errors:
         try:
-            lines.append(str(FieldError(
+            found.append(FieldError(
                 str(error["kind"]), str(error["name"]), str(error["path"]),
                 str(error["message"]), str(error.get("source", "")),
-                int(error.get("document", 0)))))
+                int(error.get("document", 0))))
         except (KeyError, TypeError, ValueError):
-            lines.append(str(error))
-    return lines
+            found.append(FieldError("", "", "", str(error)))
+    return found
 
 
-def _refuse(lines: list[str]) -> None:
-    for line in lines:
-        progress(line)
-    count = "the problem" if len(lines) == 1 else f"the {len(lines)} problems"
-    raise NotApplied(f"nothing was applied: correct {count} above and apply again")
+def _refuse(problems: list[FieldError]) -> NoReturn:
+    for problem in problems:
+        progress(str(problem))
+    count = "the problem" if len(problems) == 1 else f"the {len(problems)} problems"
+    raise NotApplied(f"nothing was applied: correct {count} above and apply again", problems)
 
 
 # -- get --------------------------------------------------------------------------------
@@ -262,10 +283,14 @@ def mesh_get(admin_socket: str | None, data_dir: str, kind: str, name: str | Non
 
 
 def _yaml(documents: list[Any]) -> str:
+    """The documents as applied: their keys in the order written, block style, a long
+    value on one line."""
     import yaml
 
     return "".join(
-        ("---\n" if index else "") + yaml.safe_dump(document, sort_keys=False)
+        ("---\n" if index else "")
+        + yaml.safe_dump(document, sort_keys=False, default_flow_style=False,
+                         width=float("inf"))
         for index, document in enumerate(documents)
     )
 
@@ -313,13 +338,37 @@ def mesh_delete(admin_socket: str | None, data_dir: str, kind: str, name: str, o
     except AdminApiError as err:
         if not err.field_errors:
             raise
-        for line in _field_lines(err.field_errors):
-            progress(line)
-        raise NotApplied(
-            f"{kind} {name} was not deleted: what is named above still refers to it; change "
-            "or delete that first"
-        ) from None
+        referrers = _referrers(f"{kind} {name}", _field_errors(err.field_errors))
+        for sentence in referrers:
+            progress(sentence)
+        those = ("the resource above still refers" if len(referrers) == 1
+                 else f"the {len(referrers)} resources above still refer")
+        raise NotApplied(f"{kind} {name} was not deleted: {those} to it") from None
     emit(output, result, f"{result['kind']} {result['name']} deleted")
+
+
+def _referrers(target: str, problems: Iterable[FieldError]) -> list[str]:
+    """One sentence per resource that refers to ``target``: by which fields, and what to
+    do. (The server names each field that would refer to nothing once ``target`` is
+    gone; one it could not name a resource for is shown as it came.)"""
+    fields: dict[str, list[str]] = {}
+    unnamed: list[str] = []
+    for problem in problems:
+        if problem.kind and problem.name:
+            fields.setdefault(f"{problem.kind} {problem.name}", []).append(problem.path)
+        else:
+            unnamed.append(str(problem))
+    sentences = []
+    for referrer, paths in fields.items():
+        named = [path for path in paths if path]
+        if not named:
+            sentences.append(f"{referrer} refers to {target}: change or delete {referrer} first")
+            continue
+        listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+        those = "that field" if len(named) == 1 else "those fields"
+        sentences.append(f"{referrer} refers to {target} in {listed}: change {those} or "
+                         f"delete {referrer} first")
+    return sentences + unnamed
 
 
 # -- describe and explain ---------------------------------------------------------------
@@ -368,7 +417,8 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
                  method: str, path: str, headers: tuple[str, ...], output: str) -> None:
     """How a request from --from to --to (or entering a --gateway) is routed, to which
     destination and subset and why, and the rule that allows or refuses it. Exit status
-    0 when allowed, 1 when refused by a rule or not routed (a gateway's 404)."""
+    0 when allowed, 1 when refused by a rule, not routed (a gateway's 404), or undecided
+    (no instance registered yet, and the labels its sidecars run with decide)."""
     body: dict[str, Any] = {"method": method.upper(), "path": path,
                             "headers": dict(_pair(h, "--header") for h in headers)}
     if gateway:

@@ -15,16 +15,27 @@ Usage::
 
     resource.key                  # ResourceKey(kind="VirtualService", name="reviews")
     resource.to_document()        # the Istio-shaped mapping, as applied
+
+A resource remembers the order its document's keys were written in
+(:class:`mesh.keyorder.KeyOrder`), so ``to_document`` gives them back in that order:
+what ``tessera mesh get -o yaml`` prints diffs cleanly against the file applied.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple, Self
 
 from annotated_types import MaxLen
-from pydantic import AfterValidator, Strict
+from pydantic import (
+    AfterValidator,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    Strict,
+    model_validator,
+)
 
 from mesh.fields import DnsLabel, DnsSubdomain, LabelKey, Labels, Model
+from mesh.keyorder import KeyOrder
 
 __all__ = [
     "MAX_ANNOTATIONS_BYTES",
@@ -86,6 +97,15 @@ class Resource(Model):
     metadata: ObjectMeta
     spec: Model
 
+    _key_order: KeyOrder = PrivateAttr(default_factory=KeyOrder)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_key_order(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        resource = handler(data)
+        resource._key_order = KeyOrder.of(data)
+        return resource
+
     @classmethod
     def api_versions(cls) -> tuple[str, ...]:
         """Every ``apiVersion`` this kind is accepted with, the newest first."""
@@ -100,9 +120,10 @@ class Resource(Model):
         return ResourceKey(self.KIND, self.metadata.name)
 
     def to_document(self) -> dict[str, Any]:
-        """The resource as an Istio-shaped mapping (what ``mesh get`` prints).
+        """The resource as an Istio-shaped mapping (what ``mesh get`` prints), its keys in
+        the order they were written.
 
         Fields left out stay out, so two applies of one document compare equal.
         """
         document: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return document
+        return self._key_order.arrange(document)

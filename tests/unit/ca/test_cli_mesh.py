@@ -261,6 +261,64 @@ def test_a_good_resource_next_to_a_reference_to_nothing(mesh: Mesh) -> None:
     mesh.nothing_stored()
 
 
+def test_a_refused_apply_answers_json_on_stdout_too(mesh: Mesh) -> None:
+    first = mesh.file("a.yaml", USERS.replace("number: 80", "number: '80'"))
+    second = mesh.file("b.yaml", REVIEWS + "---\n" + ROUTE.replace("weight: 10", "weight: 5"))
+    ran = mesh.run("apply", "-f", first, "-f", second, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "Service", "name": "users", "path": "spec.ports[0].number",
+         "message": "must be an integer, not a string ('80')", "source": first, "document": 1},
+        {"kind": "VirtualService", "name": "reviews", "path": "spec.http[0].route",
+         "message": "must have weights that add up to 100, not 95 (with several destinations, "
+                    "one without a weight counts as 0)", "source": second, "document": 3},
+    ]}
+    assert ran.err == (
+        "Service users: spec.ports[0].number must be an integer, not a string ('80')\n"
+        "VirtualService reviews: spec.http[0].route must have weights that add up to 100, not "
+        "95 (with several destinations, one without a weight counts as 0)\n"
+        "Error: nothing was applied: correct the 2 problems above and apply again\n")
+    mesh.nothing_stored()
+
+
+def test_a_refusal_of_the_server_answers_json_too(mesh: Mesh) -> None:
+    path = mesh.file("route.yaml", ROUTE)  # no Service reviews: the server finds it
+    ran = mesh.run("apply", "-f", path, "--dry-run", "--output", "json")
+    assert ran.status == 1
+    answer = json.loads(ran.out)
+    assert (answer["applied"], answer["dry_run"]) == (False, True)
+    assert [(e["kind"], e["name"], e["path"]) for e in answer["errors"]] == [
+        ("VirtualService", "reviews", "spec.hosts[0]"),
+        ("VirtualService", "reviews", "spec.http[0].route[0].destination.host"),
+        ("VirtualService", "reviews", "spec.http[0].route[1].destination.host")]
+    assert answer["errors"][1]["message"] == "host reviews names no Service"
+    assert ran.err.endswith("Error: nothing was applied: correct the 3 problems above and "
+                            "apply again\n")
+    mesh.nothing_stored()
+
+
+def test_yaml_that_does_not_parse_answers_json_too(mesh: Mesh) -> None:
+    path = mesh.file("mesh.yaml", "kind: Service\nmetadata: {name: users\n")
+    ran = mesh.run("apply", "-f", path, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "", "name": "", "path": "", "source": path, "document": 0,
+         "message": "line 3, column 1: invalid YAML: did not find expected ',' or '}' (while "
+                    "parsing a flow mapping)"}]}
+    assert ran.err == (
+        f"{path}: line 3, column 1: invalid YAML: did not find expected ',' or '}}' (while "
+        "parsing a flow mapping)\n" + NOTHING_APPLIED)
+    missing = str(mesh.files / "missing.yaml")
+    ran = mesh.run("apply", "-f", missing, "--output", "json")
+    assert ran.status == 1
+    assert json.loads(ran.out) == {"applied": False, "dry_run": False, "errors": [
+        {"kind": "", "name": "", "path": "", "source": "", "document": 0,
+         "message": f"cannot read {missing}: no such file; check the path given with -f"}]}
+    assert ran.err == (
+        f"Error: cannot read {missing}: no such file; check the path given with -f\n")
+    mesh.nothing_stored()
+
+
 def test_a_10_mb_file(mesh: Mesh) -> None:
     path = mesh.file("big.yaml", b"# padding\n" * 1_048_576)
     assert mesh.refused("apply", "-f", path) == (
@@ -403,6 +461,31 @@ def test_get_as_yaml_gives_back_what_apply_takes(mesh: Mesh) -> None:
     assert applied_again.out == "Service reviews unchanged\nService users unchanged\n"
 
 
+def test_get_as_yaml_keeps_the_order_the_keys_were_applied_in(mesh: Mesh) -> None:
+    applied = (
+        "kind: DestinationRule\n"
+        "apiVersion: networking.istio.io/v1\n"
+        "metadata:\n"
+        "  name: reviews\n"
+        "  annotations:\n"
+        f"    note: {'subsets by the version label of the sidecars, ' * 3}and a host\n"
+        "spec:\n"
+        "  subsets:\n"
+        "  - labels:\n"
+        "      version: v1\n"
+        "    name: v1\n"
+        "  - labels:\n"
+        "      version: v2\n"
+        "    name: v2\n"
+        "  host: reviews\n"
+    )
+    mesh.run("apply", "-f", mesh.file("services.yaml", REVIEWS.partition("---\n")[0]))
+    mesh.run("apply", "-f", mesh.file("reviews.yaml", applied))
+    ran = mesh.run("get", "dr", "reviews", "--output", "yaml")
+    assert (ran.status, ran.out, ran.err) == (0, applied, "")
+    assert mesh.run("get", "dr", "--output", "yaml").out == applied
+
+
 def test_get_as_json(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("users.yaml", USERS))
     listed = json.loads(mesh.run("get", "service", "--output", "json").out)
@@ -432,13 +515,19 @@ def test_delete_names_what_still_refers_to_the_resource(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE))
 
     assert mesh.refused("delete", "destinationrule", "reviews") == (
-        "VirtualService reviews: spec.http[0].route[0].destination.subset: subset v1 is not "
-        "defined by any DestinationRule for host reviews\n"
-        "VirtualService reviews: spec.http[0].route[1].destination.subset: subset v2 is not "
-        "defined by any DestinationRule for host reviews\n"
-        "Error: DestinationRule reviews was not deleted: what is named above still refers to "
-        "it; change or delete that first\n")
+        "VirtualService reviews refers to DestinationRule reviews in "
+        "spec.http[0].route[0].destination.subset and spec.http[0].route[1].destination.subset: "
+        "change those fields or delete VirtualService reviews first\n"
+        "Error: DestinationRule reviews was not deleted: the resource above still refers to "
+        "it\n")
     assert mesh.store.get_mesh_resource("DestinationRule", "reviews").deleted is False
+    assert mesh.refused("delete", "service", "reviews") == (
+        "VirtualService reviews refers to Service reviews in spec.hosts[0], "
+        "spec.http[0].route[0].destination.host and spec.http[0].route[1].destination.host: "
+        "change those fields or delete VirtualService reviews first\n"
+        "DestinationRule reviews refers to Service reviews in spec.host: change that field or "
+        "delete DestinationRule reviews first\n"
+        "Error: Service reviews was not deleted: the 2 resources above still refer to it\n")
 
     ran = mesh.run("delete", "vs", "reviews")
     assert (ran.status, ran.out, ran.err) == (0, "VirtualService reviews deleted\n", "")
@@ -541,6 +630,36 @@ def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> No
     assert mesh.refused("explain", "--to", "users") == (
         "Error: explain needs --from SPIFFE_ID and --to SERVICE, or --gateway NAME=VALUE; "
         "e.g. tessera mesh explain --from spiffe://example.org/orders --to users-service\n")
+
+
+def test_explain_before_any_instance_says_what_the_labels_decide(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE + "---\n"
+                                      + ALLOW_ORDERS))
+
+    allowed = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "reviews")
+    assert (allowed.status, allowed.err) == (0, "")
+    assert allowed.out.splitlines()[-4:] == [
+        "no instance of reviews subset v2 is registered yet: AuthorizationPolicy "
+        "reviews-allow-orders selects workloads by labels, so whether it applies depends on the "
+        "labels its sidecars will run with  [DestinationRule reviews spec.subsets[1]]",
+        "with app=reviews: allowed by reviews: spiffe://example.org/orders is allowed by an "
+        "ALLOW rule  [AuthorizationPolicy reviews-allow-orders spec.rules[0]]",
+        "with labels it does not select: allowed by reviews: no ALLOW policy selects this "
+        "workload and no DENY rule matches spiffe://example.org/orders  [default authorization]",
+        "allowed by reviews whatever labels its sidecars run with  "
+        "[DestinationRule reviews spec.subsets[1]]",
+    ]
+
+    undecided = mesh.run("explain", "--from", "spiffe://example.org/evil", "--to", "reviews")
+    assert (undecided.status, undecided.err) == (1, "")
+    assert undecided.out.splitlines()[-1] == (
+        "undecided: reviews allows it with some of these labels and refuses it with others; "
+        "explain again once an instance of reviews is registered  "
+        "[DestinationRule reviews spec.subsets[1]]")
+    as_json = json.loads(mesh.run("explain", "--from", "spiffe://example.org/evil", "--to",
+                                  "reviews", "--output", "json").out)
+    assert (as_json["allowed"], as_json["outcome"], as_json["status"]) == (
+        False, "undecided", None)
 
 
 # -- services -----------------------------------------------------------------------------

@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mesh import Catalog, defaults, explain_gateway
+from mesh import Catalog, defaults, explain, explain_gateway
 from mesh.view import format_duration
 from tests.unit.mesh.documents import MISSION, USERS_SERVICE
-from tests.unit.mesh.meshes import GATEWAY, INGRESS, USERS_INSTANCES, configured
+from tests.unit.mesh.meshes import BILLING, GATEWAY, INGRESS, USERS_INSTANCES, configured
 
 PAGE = (Path(__file__).resolve().parents[3] / "docs" / "mesh.md").read_text()
 SECTION = PAGE.split("## How a request is routed", 1)[1].split("\n## ", 1)[0]
 SHOWN = re.findall(r"^```text\n(.*?)^```$", SECTION, re.DOTALL | re.MULTILINE)
+
+
+EXAMPLES = re.findall(r"^```yaml\n(.*?)^```$", PAGE, re.DOTALL | re.MULTILINE)
 
 
 def test_the_explanations_shown_are_the_ones_tessera_gives() -> None:
@@ -26,6 +29,13 @@ def test_the_explanations_shown_are_the_ones_tessera_gives() -> None:
         ) + "\n"
         for path in ("/api/v1/users", "/api/v1/orders")
     ]  # fmt: skip
+    # The page's AuthorizationPolicies, before any instance of users-service registers.
+    [policies] = [example for example in EXAMPLES if "name: users-readers" in example]
+    before_instances = explain(
+        configured(USERS_SERVICE, policies), Catalog(), caller=BILLING, service="users-service",
+        path="/api/v1/users",
+    )  # fmt: skip
+    outputs.append("\n".join(before_instances.lines()) + "\n")
     assert outputs == SHOWN
 
 

@@ -15,11 +15,15 @@ from tests.unit.mesh.meshes import (
     INGRESS,
     LEGACY,
     ORDERS,
+    ORDERS_INSTANCES,
     ORDERS_SERVICE,
+    REVIEWS_INSTANCES,
+    SPLIT,
     USERS,
     USERS_INSTANCES,
     configured,
     everything,
+    instance,
 )
 
 MISSION_CONFIG = configured(MISSION, USERS_SERVICE)
@@ -334,3 +338,143 @@ spec:
     assert explanation.lines()[-1] == (
         "no route takes the request: the Service has no HTTP port  [Service db]"
     )
+
+
+# -- before any instance is registered: the labels its sidecars will run with are unknown --
+
+NO_USERS_YET = Catalog([*REVIEWS_INSTANCES, *ORDERS_INSTANCES])
+UNKNOWN_LABELS = (
+    "no instance of users-service is registered yet: AuthorizationPolicy users-readers "
+    "selects workloads by labels, so whether it applies depends on the labels its sidecars "
+    "will run with  [Service users-service]"
+)
+
+
+def test_before_any_instance_the_labels_may_decide() -> None:
+    config, _ = everything()
+    explanation = explain(config, NO_USERS_YET, caller=BILLING, service="users-service",
+                          path="/api/v1/users")  # fmt: skip
+    assert (explanation.outcome, explanation.allowed, explanation.status) == (
+        "undecided",
+        False,
+        None,
+    )
+    assert explanation.lines()[-6:] == [
+        "no endpoint serves it: the caller gets 503 (no healthy upstream)  [Service users-service]",
+        UNKNOWN_LABELS,
+        f"with app=users: refused by users-service: no ALLOW rule matches {BILLING}, and "
+        "AuthorizationPolicy users-readers (ALLOW) selects this workload: refused by default  "
+        "[AuthorizationPolicy users-readers]",
+        "with labels it does not select: allowed by users-service: no ALLOW policy selects "
+        f"this workload and no DENY rule matches {BILLING}  [default authorization]",
+        "undecided: users-service allows it with some of these labels and refuses it with "
+        "others; explain again once an instance of users-service is registered  "
+        "[Service users-service]",
+        "rate limit 5/s, burst 5, its own bucket  [RateLimit everyone-to-users spec]",
+    ]
+    [share] = explanation.destinations
+    assert share.undecided
+    assert [(dict(case.labels), case.decision.allowed) for case in share.label_cases] == [
+        ({"app": "users"}, False),
+        ({}, True),
+    ]
+    document = explanation.to_json()
+    assert document["outcome"] == "undecided"
+    assert document["destinations"][0]["labelCases"][0]["selected"] == [
+        {"kind": "AuthorizationPolicy", "name": "users-readers", "path": ""}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("caller", "method", "allowed", "verdict", "cases"),
+    [
+        (ORDERS, "GET", True, "allowed by users-service whatever labels its sidecars run with",
+         [f"with app=users: allowed by users-service: {ORDERS} is allowed by an ALLOW rule  "
+          "[AuthorizationPolicy users-readers spec.rules[0]]",
+          "with labels it does not select: allowed by users-service: no ALLOW policy selects "
+          f"this workload and no DENY rule matches {ORDERS}  [default authorization]"]),
+        (LEGACY, "GET", False, "refused by users-service whatever labels its sidecars run with",
+         [f"with app=users: refused by users-service: {LEGACY} is refused by a DENY rule  "
+          "[AuthorizationPolicy no-legacy spec.rules[0]]",
+          f"with labels it does not select: refused by users-service: {LEGACY} is refused by "
+          "a DENY rule  [AuthorizationPolicy no-legacy spec.rules[0]]"]),
+    ],
+)  # fmt: skip
+def test_before_any_instance_what_every_label_set_gives_is_the_answer(
+    caller: str, method: str, allowed: bool, verdict: str, cases: list[str]
+) -> None:
+    config, _ = everything()
+    explanation = explain(config, NO_USERS_YET, caller=caller, service="users-service",
+                          method=method, path="/api/v1/users")  # fmt: skip
+    assert (explanation.allowed, explanation.outcome, explanation.status) == (
+        (True, "forwarded", None) if allowed else (False, "refused", 403)
+    )
+    lines = explanation.lines()
+    start = lines.index(UNKNOWN_LABELS)
+    assert lines[start + 1 : start + 4] == [*cases, f"{verdict}  [Service users-service]"]
+
+
+REVIEWS_POLICIES = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: v1-no-legacy}
+spec:
+  selector: {matchLabels: {version: v1}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["spiffe://example.org/legacy/*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: v2-orders-only}
+spec:
+  selector: {matchLabels: {app: reviews, version: v2}}
+  rules:
+  - from: [{source: {principals: [spiffe://example.org/orders]}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("caller", "outcome", "v1", "v2"),
+    [
+        (ORDERS, "forwarded", "allowed by reviews: no ALLOW policy",
+         "allowed by reviews whatever labels its sidecars run with"),
+        (BILLING, "undecided", "allowed by reviews: no ALLOW policy",
+         "undecided: reviews allows it with some of these labels and refuses it with others"),
+        (LEGACY, "refused", "refused by reviews: spiffe://example.org/legacy/batch is refused "
+         "by a DENY rule", "undecided: reviews allows it"),
+    ],
+)  # fmt: skip
+def test_a_subset_s_labels_are_known_before_its_instances(
+    caller: str, outcome: str, v1: str, v2: str
+) -> None:
+    config = configured(SPLIT, REVIEWS_POLICIES)
+    explanation = explain(config, Catalog(), caller=caller, service="reviews", path="/reviews/1")
+    assert explanation.outcome == outcome
+    lines = explanation.lines()
+    # v1: version=v1 decides both policies (one selects it, one cannot): no case to tell.
+    first = lines.index(
+        "90% to reviews port 9080 subset v1 (cluster outbound|9080|v1|reviews, 0 endpoints)  "
+        "[VirtualService reviews spec.http[0].route[0]]"
+    )
+    assert lines[first + 2].startswith(v1)
+    # v2: version=v2 is known, app=reviews is not.
+    second = lines.index(
+        "no instance of reviews subset v2 is registered yet: AuthorizationPolicy "
+        "v2-orders-only selects workloads by labels, so whether it applies depends on the "
+        "labels its sidecars will run with  [DestinationRule reviews spec.subsets[1]]"
+    )
+    assert lines[second + 1].startswith("with app=reviews: ")
+    assert lines[second + 3].startswith(v2)
+
+
+def test_instances_not_serving_yet_tell_their_labels() -> None:
+    config, _ = everything()
+    waiting = Catalog([
+        instance("users-service", "10.0.0.5:8443", {"app": "users"}, "unhealthy"),
+    ])  # fmt: skip
+    explanation = explain(config, waiting, caller=BILLING, service="users-service")
+    assert (explanation.outcome, explanation.status) == ("refused", 403)
+    assert UNKNOWN_LABELS not in explanation.lines()
+    assert explanation.decision is not None
+    assert str(explanation.decision.rule) == "AuthorizationPolicy users-readers"

@@ -29,6 +29,38 @@ def test_bytes_and_json_are_read_too() -> None:
     assert parse_documents(json.dumps(VIRTUAL_SERVICE))[0].name == "microservice-virtual-service"
 
 
+WRITTEN_IN_ITS_OWN_ORDER = """\
+kind: DestinationRule
+metadata: {labels: {tier: web, app: reviews}, name: reviews}
+apiVersion: networking.istio.io/v1
+spec:
+  subsets:
+  - labels: {version: v1}
+    name: v1
+  host: reviews
+"""
+
+
+def test_a_resource_gives_its_keys_back_in_the_order_they_were_written() -> None:
+    [resource] = parse_documents(WRITTEN_IN_ITS_OWN_ORDER)
+    document = resource.to_document()
+    assert list(document) == ["kind", "metadata", "apiVersion", "spec"]
+    assert list(document["metadata"]) == ["labels", "name"]
+    assert list(document["metadata"]["labels"]) == ["tier", "app"]
+    assert list(document["spec"]) == ["subsets", "host"]
+    assert list(document["spec"]["subsets"][0]) == ["labels", "name"]
+    # Stored as JSON text and read back, as the server does: the same order again.
+    [stored] = parse_documents(json.dumps(document))
+    assert json.dumps(stored.to_document()) == json.dumps(document)
+
+
+def test_the_order_of_keys_is_not_content() -> None:
+    [resource] = parse_documents(WRITTEN_IN_ITS_OWN_ORDER)
+    [sorted_keys] = parse_documents(json.dumps(resource.to_document(), sort_keys=True))
+    assert sorted_keys == resource
+    assert list(sorted_keys.to_document()) == ["apiVersion", "kind", "metadata", "spec"]
+
+
 def test_nothing_to_parse() -> None:
     assert parse_documents("") == []
     assert parse_documents("---\n# nothing yet\n") == []
