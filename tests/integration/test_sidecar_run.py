@@ -334,7 +334,8 @@ def test_a_service_applied_later_takes_the_sidecar_waiting_for_it(
     def not_ready() -> str | None:
         answer = sidecar.get("/ready")
         reason: str = answer.json().get("reason", "")
-        return reason if answer.status_code == 503 and "registered" in reason else None
+        # Not "registering" (the first call on its way): the agent's answer to it.
+        return reason if answer.status_code == 503 and "there is no" in reason else None
 
     reason = sidecar.process.wait_until(not_ready, "/ready saying why it is not registered",
                                         DEADLINE)  # fmt: skip
