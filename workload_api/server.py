@@ -71,6 +71,8 @@ __all__ = [
     "SECURITY_HEADER_MISSING",
     "ExtraService",
     "WorkloadApiServer",
+    "caller_credentials",
+    "grpc_status",
 ]
 
 SECURITY_HEADER: Final = "workload.spiffe.io"
@@ -524,6 +526,17 @@ def _peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials:
         raise RuntimeError("the Workload API connection has no socket to read credentials from")
     # asyncio hands out a TransportSocket, which forwards getsockopt to the real socket.
     return peer_credentials(sock)
+
+
+def caller_credentials(stream: _AnyStream) -> PeerCredentials:
+    """The pid/uid/gid of the process on the other end of ``stream``'s connection, as the
+    kernel recorded them (for the other services on the agent's socket)."""
+    return _peer_credentials(_connection_transport(stream))
+
+
+def grpc_status(err: TesseraError) -> Status:
+    """The gRPC status a Tessera error is answered with on the agent's socket."""
+    return _GRPC_STATUS_BY_HTTP.get(err.status, Status.INTERNAL)
 
 
 def _count_call(method: str, status: Status) -> None:

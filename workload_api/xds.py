@@ -41,10 +41,16 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from attestor.selector import Selector
 from attestor.workload import PeerCredentials
+
+if TYPE_CHECKING:
+    from spiffe import TrustDomain
+
+    from workload_api.identity import IdentityProvider
+    from workload_api.server import ExtraService
 
 __all__ = [
     "CLUSTER_TYPE",
@@ -62,6 +68,7 @@ __all__ = [
     "ResourceSource",
     "Resources",
     "TypeStatus",
+    "discovery_services",
 ]
 
 LISTENER_TYPE: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -240,3 +247,39 @@ class DiscoveryStatus:
                 self._nodes.popitem(last=False)
         self._nodes.move_to_end(node_id)
         return types
+
+
+# The top-level packages xds-protos installs; a missing one means the extra is absent.
+_XDS_PROTOS_PACKAGES: Final = frozenset({"envoy", "xds", "udpa", "validate"})
+
+
+def discovery_services(
+    provider: IdentityProvider,
+    trust_domain: TrustDomain | str,
+    *,
+    resources: ResourceSource | None = None,
+    status: DiscoveryStatus | None = None,
+) -> list[ExtraService]:
+    """SDS and ADS for :class:`~workload_api.server.WorkloadApiServer`'s ``services``.
+
+    ``trust_domain`` is the agent's (``ROOTCA`` is its bundle); ``resources`` says what
+    proxies get over ADS besides secrets (none by default); ``status`` collects ACKs and
+    NACKs. Without ``xds-protos`` this logs that the services are off and returns none.
+    """
+    try:
+        from workload_api import xds_server
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in _XDS_PROTOS_PACKAGES:
+            raise
+        _log.info(
+            "Envoy's discovery services (SDS, ADS) are off: the xds-protos package is not "
+            "installed; install the envoy extra to serve Envoy: pip install 'tessera[envoy]'"
+        )
+        return []
+    name = trust_domain if isinstance(trust_domain, str) else trust_domain.name
+    return xds_server.discovery_services(
+        provider,
+        name,
+        resources=resources if resources is not None else NoResources(),
+        status=status if status is not None else DiscoveryStatus(),
+    )
