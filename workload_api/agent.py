@@ -102,6 +102,7 @@ from workload_api.node_client import (
 )
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
+from workload_api.xds import discovery_services
 
 __all__ = ["SYNC_INTERVAL", "Agent", "AgentSvidExpired"]
 
@@ -206,7 +207,10 @@ class Agent:
                 idle_timeout=self.config.workload_api_idle_timeout,
                 max_connections_per_uid=self.config.workload_api_max_connections_per_uid,
             ),
-            services=[MeshService(self, self.instances, self.mesh)],
+            services=[
+                MeshService(self, self.instances, self.mesh),
+                *discovery_services(self, self.config.trust_domain),  # Envoy's SDS, ADS
+            ],
         )
         health_server = (
             health.HealthServer(self.config.health_bind, self.ready_problem)

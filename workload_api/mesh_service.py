@@ -29,7 +29,7 @@ from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraEr
 from workload_api.identity import IdentityProvider
 from workload_api.instances import LocalInstances, Registration
 from workload_api.mesh_sync import MeshState
-from workload_api.server import NO_IDENTITY, grpc_error, workload_caller
+from workload_api.server import NO_IDENTITY, grpc_status, workload_caller
 
 __all__ = ["MeshService"]
 
@@ -92,7 +92,7 @@ class MeshService:
                 raise PermissionDenied(NO_IDENTITY)
             await body(stream, request, held)
         except TesseraError as err:
-            raise grpc_error(err) from err
+            raise GRPCError(grpc_status(err), err.message) from err
         except asyncio.CancelledError:
             if task is not None and task.cancelling():  # the agent is stopping
                 raise GRPCError(

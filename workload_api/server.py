@@ -71,7 +71,8 @@ __all__ = [
     "SECURITY_HEADER_MISSING",
     "ExtraService",
     "WorkloadApiServer",
-    "grpc_error",
+    "caller_credentials",
+    "grpc_status",
     "workload_caller",
 ]
 
@@ -493,16 +494,11 @@ async def _receive_request(stream: _AnyStream) -> Any:
         ) from None
 
 
-def grpc_error(err: TesseraError) -> GRPCError:
-    """The gRPC status a Tessera error is answered with on the agent's socket."""
-    return GRPCError(_GRPC_STATUS_BY_HTTP.get(err.status, Status.INTERNAL), err.message)
-
-
 def workload_caller(stream: _AnyStream) -> PeerCredentials:
     """For the other services on the agent's socket: the security header checked (as the
     Workload API checks it), then the caller's credentials as the kernel recorded them."""
     _require_security_header(stream)
-    return _peer_credentials(_connection_transport(stream))
+    return caller_credentials(stream)
 
 
 def _require_security_header(stream: _AnyStream) -> None:
@@ -538,6 +534,17 @@ def _peer_credentials(transport: asyncio.BaseTransport) -> PeerCredentials:
         raise RuntimeError("the Workload API connection has no socket to read credentials from")
     # asyncio hands out a TransportSocket, which forwards getsockopt to the real socket.
     return peer_credentials(sock)
+
+
+def caller_credentials(stream: _AnyStream) -> PeerCredentials:
+    """The pid/uid/gid of the process on the other end of ``stream``'s connection, as the
+    kernel recorded them (for the other services on the agent's socket)."""
+    return _peer_credentials(_connection_transport(stream))
+
+
+def grpc_status(err: TesseraError) -> Status:
+    """The gRPC status a Tessera error is answered with on the agent's socket."""
+    return _GRPC_STATUS_BY_HTTP.get(err.status, Status.INTERNAL)
 
 
 def _count_call(method: str, status: Status) -> None:
