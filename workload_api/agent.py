@@ -83,6 +83,7 @@ from workload_api.config import AgentConfig
 from workload_api.grpc_limits import ServerLimits
 from workload_api.identity import JwtSvidMaterial, ValidatedToken, X509Context
 from workload_api.instances import LocalInstances
+from workload_api.mesh_resources import MeshResourceSource
 from workload_api.mesh_service import MeshService
 from workload_api.mesh_sync import MeshState
 from workload_api.node_attestation import (
@@ -102,7 +103,7 @@ from workload_api.node_client import (
 )
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
-from workload_api.xds import discovery_services
+from workload_api.xds import DiscoveryStatus, discovery_services
 
 __all__ = ["SYNC_INTERVAL", "Agent", "AgentSvidExpired"]
 
@@ -147,6 +148,8 @@ class Agent:
         self.cache = SvidCache(config.trust_domain, clock=clock, rng=self._rng)
         self.jwt_cache = JwtSvidCache(clock=clock)
         self.mesh = MeshState()
+        self.discovery_status = DiscoveryStatus()
+        """What each Envoy on the node accepted and refused (NACKs with Envoy's reason)."""
         self.instances = LocalInstances(
             report=self._report_instances, mesh=self.mesh,
             node=lambda: str(self._identity.spiffe_id) if self._identity is not None else None,
@@ -209,7 +212,11 @@ class Agent:
             ),
             services=[
                 MeshService(self, self.instances, self.mesh),
-                *discovery_services(self, self.config.trust_domain),  # Envoy's SDS, ADS
+                # Envoy's SDS and ADS: each Envoy's view of the mesh, rendered.
+                *discovery_services(
+                    self, self.config.trust_domain,
+                    resources=MeshResourceSource(self.mesh), status=self.discovery_status,
+                ),
             ],
         )
         health_server = (

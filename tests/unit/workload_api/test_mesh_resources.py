@@ -1,0 +1,99 @@
+"""Each Envoy's view of the mesh, as the agent renders it for ADS: chosen by the Envoy's
+node metadata, allowed only for an identity the Envoy process holds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+
+from attestor.workload import PeerCredentials
+from mesh import parse_documents
+from mesh.catalog import Instance
+from mesh.envoy import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER
+from sdk.address import HostPort
+from tests.unit.mesh.documents import MISSION, USERS_SERVICE
+from workload_api.mesh_resources import MeshResourceSource
+from workload_api.mesh_sync import MeshState
+from workload_api.node_client import MeshUpdate
+from workload_api.xds import AttestedProxy, NodeInfo
+
+GATEWAY_ID = "spiffe://example.org/gateway"
+USERS_ID = "spiffe://example.org/users"
+CALLER = PeerCredentials(pid=4242, uid=1000, gid=1000)
+
+
+def mesh() -> MeshState:
+    state = MeshState()
+    resources = tuple(
+        {"kind": r.KIND, "name": r.name, "document": r.to_document()}
+        for r in parse_documents(USERS_SERVICE + "---\n" + MISSION, source="mesh.yaml")
+    )
+    users = Instance("users-service", HostPort("10.0.0.5", 15006), "spiffe://example.org/a",
+                     {}, "healthy", datetime(2030, 1, 1, tzinfo=UTC), USERS_ID)
+    state.apply(MeshUpdate(revision=3, full=True, deleted=(), resources=resources,
+                           instances=(users,)))
+    return state
+
+
+def attested(*spiffe_ids: str) -> AttestedProxy:
+    return AttestedProxy(CALLER, frozenset(), spiffe_ids)
+
+
+def names(resources: dict[str, list[dict[str, object]]], type_url: str) -> list[object]:
+    key = "cluster_name" if type_url == CLUSTER_LOAD_ASSIGNMENT else "name"
+    return [resource[key] for resource in resources.get(type_url, [])]
+
+
+def test_a_gateway_gets_the_missions_listener_and_the_users_service_endpoints() -> None:
+    source = MeshResourceSource(mesh())
+    node = NodeInfo("gw-1", "ingress", {"tessera.proxy": "gateway",
+                                        "tessera.labels": json.dumps({"istio": "ingressgateway"}),
+                                        "tessera.host": "127.0.0.1",
+                                        "tessera.port_offset": "18000"})
+    resources = dict(source.resources(node, attested(GATEWAY_ID)))
+    [listener] = resources[LISTENER]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18080}
+    assert names(resources, CLUSTER) == ["outbound|80||users-service"]
+    [assignment] = resources[CLUSTER_LOAD_ASSIGNMENT]
+    endpoint = assignment["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    assert endpoint["socket_address"] == {"address": "10.0.0.5", "port_value": 15006}
+    assert source.resources(node, attested(GATEWAY_ID)) is source.resources(
+        node, attested(GATEWAY_ID))  # rendered once per revision
+
+
+def test_a_sidecar_gets_its_inbound_and_outbound_listeners() -> None:
+    source = MeshResourceSource(mesh())
+    node = NodeInfo("users-1", "users-service", {
+        "tessera.proxy": "sidecar", "tessera.service": "users-service",
+        "tessera.inbound": "0.0.0.0:15006", "tessera.app": "127.0.0.1:8080",
+        "tessera.outbound": "127.0.0.1:15001"})
+    resources = dict(source.resources(node, attested(USERS_ID)))
+    assert sorted(names(resources, LISTENER)) == ["inbound", "outbound"]
+
+
+@pytest.mark.parametrize(("metadata", "spiffe_ids", "reason"), [
+    ({"tessera.proxy": "gateway", "tessera.spiffe_id": USERS_ID}, (GATEWAY_ID,),
+     f"its bootstrap names {USERS_ID}, an SVID the Envoy process does not hold"),
+    ({"tessera.proxy": "gateway"}, (),
+     "the Envoy process holds no SVID"),
+    ({"tessera.proxy": "router"}, (GATEWAY_ID,),
+     "its bootstrap's node.metadata says tessera.proxy = 'router'"),
+    ({"tessera.proxy": "sidecar", "tessera.service": "users-service"}, (USERS_ID,),
+     "its bootstrap's node.metadata has no tessera.inbound"),
+    ({"tessera.proxy": "gateway", "tessera.labels": "[1]"}, (GATEWAY_ID,),
+     "tessera.labels must be a JSON object of strings"),
+])
+def test_an_envoy_that_is_not_what_it_says_gets_nothing_and_the_log_says_why(
+    metadata: dict[str, str], spiffe_ids: tuple[str, ...], reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = MeshResourceSource(mesh())
+    node = NodeInfo("envoy-1", "x", metadata)
+    with caplog.at_level(logging.WARNING, logger="workload_api.mesh_resources"):
+        assert source.resources(node, attested(*spiffe_ids)) == {}
+        assert source.resources(node, attested(*spiffe_ids)) == {}
+    [record] = caplog.records  # once per node and reason
+    assert record.getMessage().startswith(f"Envoy envoy-1 gets no mesh configuration: {reason}")

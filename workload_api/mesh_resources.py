@@ -1,0 +1,150 @@
+"""What each Envoy on the node gets over ADS: its compiled view of the mesh, rendered.
+
+The agent holds the mesh's configuration and catalog (:class:`MeshState`); an Envoy
+says in its bootstrap's ``node.metadata`` what it is (:func:`mesh.envoy.build_bootstrap`
+writes these keys), and proves who it is by its peer credentials::
+
+    tessera.proxy     "sidecar" or "gateway"
+    tessera.service   the Service a sidecar fronts
+    tessera.labels    its labels, as a JSON object
+    tessera.spiffe_id the SVID it serves with (one it holds; its default one if left out)
+    tessera.inbound, tessera.app, tessera.outbound   a sidecar's HOST:PORTs
+    tessera.host, tessera.port_offset                where a gateway listens
+
+The metadata chooses only which view; the identity in it must be one of the caller's
+SVIDs, or the proxy gets nothing (and the log says why, once per node). Views are
+rendered once per (mesh revision, node, identity) and kept for the streams of the same
+proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from mesh.compile import compile_view
+from mesh.envoy import RenderOptions, SidecarAddresses, render_gateway, render_sidecar
+from mesh.proxy import GatewayProxy, Proxy, SidecarProxy
+from mesh.registration import label_problem
+from sdk.address import HostPort
+from sdk.errors import ConfigError
+from workload_api.mesh_sync import MeshState
+from workload_api.xds import AttestedProxy, NodeInfo, Resources
+
+__all__ = ["MeshResourceSource", "proxy_of"]
+
+_log = logging.getLogger(__name__)
+_CACHED: Final = 256
+
+
+class MeshResourceSource:
+    """A :class:`workload_api.xds.ResourceSource` over the agent's mesh state."""
+
+    def __init__(self, mesh: MeshState, options: RenderOptions | None = None) -> None:
+        self._mesh = mesh
+        self._options = options or RenderOptions()
+        self._cache: dict[tuple[Any, ...], Resources] = {}
+        self._refused: dict[str, str] = {}
+
+    def version(self) -> int:
+        return self._mesh.revision
+
+    async def wait_for_change(self, seen_version: int) -> int:
+        return await self._mesh.wait_for_change(seen_version)
+
+    def resources(self, node: NodeInfo, proxy: AttestedProxy) -> Resources:
+        try:
+            chosen, render = proxy_of(node, proxy)
+        except ConfigError as err:
+            if self._refused.get(node.id) != err.message:
+                self._refused[node.id] = err.message
+                _log.warning("Envoy %s gets no mesh configuration: %s", node.id, err.message)
+            return {}
+        self._refused.pop(node.id, None)
+        key = (self._mesh.revision, node.id, json.dumps(dict(node.metadata), sort_keys=True),
+               chosen.spiffe_id)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        view = compile_view(self._mesh.config, self._mesh.catalog, chosen)
+        rendered = render(view, self._options)
+        for problem in rendered.problems:
+            _log.info("Envoy %s: %s", node.id, problem)
+        resources: Resources = rendered.by_type()
+        if len(self._cache) >= _CACHED:
+            self._cache.clear()
+        self._cache[key] = resources
+        return resources
+
+
+def proxy_of(node: NodeInfo, proxy: AttestedProxy) -> tuple[Proxy, Any]:
+    """The proxy an Envoy's metadata describes and the function rendering its view;
+    ConfigError saying what is missing or not allowed."""
+    metadata = node.metadata
+    if not proxy.spiffe_ids:
+        raise ConfigError("the Envoy process holds no SVID (no registration entry matches it)")
+    spiffe_id = _text(metadata, "tessera.spiffe_id") or proxy.spiffe_ids[0]
+    if spiffe_id not in proxy.spiffe_ids:
+        raise ConfigError(f"its bootstrap names {spiffe_id}, an SVID the Envoy process does "
+                          f"not hold (it holds {', '.join(proxy.spiffe_ids)})")
+    labels = _labels(metadata)
+    kind = _text(metadata, "tessera.proxy")
+    if kind == "sidecar":
+        service = _text(metadata, "tessera.service")
+        if not service:
+            raise ConfigError("its bootstrap's node.metadata has no tessera.service")
+        addresses = SidecarAddresses(
+            inbound=_address(metadata, "tessera.inbound"),
+            app=_address(metadata, "tessera.app"),
+            outbound=_address(metadata, "tessera.outbound"),
+        )
+
+        def sidecar(view: Any, options: RenderOptions) -> Any:
+            return render_sidecar(view, addresses, options)
+
+        return SidecarProxy(service, spiffe_id, labels), sidecar
+    if kind == "gateway":
+        # An ingress listens for the outside unless its bootstrap says otherwise.
+        host = _text(metadata, "tessera.host") or "0.0.0.0"  # noqa: S104
+        try:
+            offset = int(_text(metadata, "tessera.port_offset") or 0)
+        except ValueError:
+            raise ConfigError("tessera.port_offset must be a whole number") from None
+
+        def gateway(view: Any, options: RenderOptions) -> Any:
+            return render_gateway(view, host=host, port_offset=offset, options=options)
+
+        return GatewayProxy(spiffe_id, labels), gateway
+    raise ConfigError(
+        f"its bootstrap's node.metadata says tessera.proxy = {kind!r}; write the bootstrap "
+        "with tessera sidecar run or tessera gateway run (sidecar or gateway)"
+    )
+
+
+def _text(metadata: Mapping[str, Any], key: str) -> str:
+    value = metadata.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _labels(metadata: Mapping[str, Any]) -> dict[str, str]:
+    text = _text(metadata, "tessera.labels") or "{}"
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        raise ConfigError("tessera.labels must be a JSON object of strings") from None
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ConfigError("tessera.labels must be a JSON object of strings")
+    if (problem := label_problem(labels)) is not None:
+        raise ConfigError(problem)
+    return labels
+
+
+def _address(metadata: Mapping[str, Any], key: str) -> HostPort:
+    text = _text(metadata, key)
+    if not text:
+        raise ConfigError(f"its bootstrap's node.metadata has no {key}")
+    return HostPort.parse(text, what=key)
