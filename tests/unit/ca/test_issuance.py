@@ -804,8 +804,11 @@ def test_a_group_write_that_fails_leaves_nothing_and_each_batch_is_written_alone
     assert [s.error for s in (first, others[0], others[2])] == [None] * 3
     assert sorted(spiffe_id for _, spiffe_id, _, _ in issued_rows(store_url(store))) == sorted(
         [web.spiffe_id, db.spiffe_id, api.spiffe_id])
-    assert [e.details["svids"][0]["entry_id"] for e in x509_events(store)] == [
-        web.id, *(s.requests[0][0] for s in (others[0], others[2]))]
+    # web's group first; then db's and api's, each alone, in the order their threads
+    # queued them (which the test does not fix).
+    recorded = [e.details["svids"][0]["entry_id"] for e in x509_events(store)]
+    assert recorded[0] == web.id
+    assert sorted(recorded[1:]) == sorted(s.requests[0][0] for s in (others[0], others[2]))
     assert store.verify_audit().problem is None
 
 
