@@ -49,6 +49,7 @@ class MeshService:
         self._instances = instances
         self._mesh = mesh
         self._active: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     def __mapping__(self) -> dict[str, Handler]:
         return {
@@ -65,6 +66,7 @@ class MeshService:
     async def shut_down(self, grace: float) -> None:
         """End open calls with UNAVAILABLE. Their instances stay registered at the server
         until the lease runs out (the agent is going, not the apps)."""
+        self._closing = True
         for task in list(self._active):
             task.cancel()
         if self._active:
@@ -94,7 +96,9 @@ class MeshService:
         except TesseraError as err:
             raise GRPCError(grpc_status(err), err.message) from err
         except asyncio.CancelledError:
-            if task is not None and task.cancelling():  # the agent is stopping
+            # Only when the agent is stopping: grpclib also cancels a call whose proxy
+            # left, and that is no error at all.
+            if self._closing:
                 raise GRPCError(
                     Status.UNAVAILABLE, "the Tessera agent is shutting down; register again "
                     "with its replacement"
