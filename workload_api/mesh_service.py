@@ -29,7 +29,7 @@ from sdk.errors import ConfigError, InvalidArgument, PermissionDenied, TesseraEr
 from workload_api.identity import IdentityProvider
 from workload_api.instances import LocalInstances, Registration
 from workload_api.mesh_sync import MeshState
-from workload_api.server import NO_IDENTITY, grpc_status, workload_caller
+from workload_api.server import NO_IDENTITY, grpc_status, receive_request, workload_caller
 
 __all__ = ["MeshService"]
 
@@ -85,7 +85,7 @@ class MeshService:
             task.add_done_callback(self._active.discard)
         try:
             peer = workload_caller(stream)
-            request = await stream.recv_message()
+            request = await receive_request(stream)
             if request is None:
                 raise InvalidArgument("the call carried no request")
             selectors = await self._provider.attest(peer)

@@ -73,6 +73,7 @@ __all__ = [
     "WorkloadApiServer",
     "caller_credentials",
     "grpc_status",
+    "receive_request",
     "workload_caller",
 ]
 
@@ -278,7 +279,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._call("ValidateJWTSVID", stream, self._validate_jwt_svid)
 
     async def _fetch_x509_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await _receive_request(stream)
+        await receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -287,7 +288,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_x509_bundles(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await _receive_request(stream)
+        await receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -299,7 +300,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_jwt_bundles(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        await _receive_request(stream)
+        await receive_request(stream)
         selectors = await self._provider.attest(peer)
 
         def current() -> Message:
@@ -311,7 +312,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         await self._stream_updates(stream, current)
 
     async def _fetch_jwt_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        request = await _receive_request(stream)
+        request = await receive_request(stream)
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
         audience = list(request.audience)
@@ -336,7 +337,7 @@ class _WorkloadApiService(workload_grpc.SpiffeWorkloadAPIBase):
         )
 
     async def _validate_jwt_svid(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        request = await _receive_request(stream)
+        request = await receive_request(stream)
         if request is None or not request.audience:
             raise InvalidArgument("audience must be specified")
         check_audience(request.audience)
@@ -482,9 +483,9 @@ REQUEST_TIMEOUT_SECONDS: Final = 10.0
 """How long a call may take to send its one request message after its headers."""
 
 
-async def _receive_request(stream: _AnyStream) -> Any:
+async def receive_request(stream: _AnyStream) -> Any:
     """The call's request message; a caller that opens a call and never sends it does
-    not hold the stream for ever."""
+    not hold the stream for ever (every service on the agent's socket reads it so)."""
     try:
         return await asyncio.wait_for(stream.recv_message(), REQUEST_TIMEOUT_SECONDS)
     except TimeoutError:

@@ -43,11 +43,11 @@ from workload_api.grpc_limits import RefusalLog, describe_peer
 from workload_api.identity import IdentityProvider, X509Context
 from workload_api.sds import IdentitySecrets
 from workload_api.server import (
-    REQUEST_TIMEOUT_SECONDS,
     SHUTTING_DOWN,
     ExtraService,
     caller_credentials,
     grpc_status,
+    receive_request,
 )
 from workload_api.xds import (
     MAX_REASON_CHARS,
@@ -198,7 +198,7 @@ class _DiscoveryService:
     async def _stream(
         self, stream: _AnyStream, peer: PeerCredentials, state: DiscoveryState
     ) -> None:
-        first = await _first_request(stream)
+        first = await receive_request(stream)
         if first is None:
             return
         node = node_info(first)
@@ -263,7 +263,7 @@ class SecretDiscoveryService(_DiscoveryService):
         )
 
     async def _fetch(self, stream: _AnyStream, peer: PeerCredentials) -> None:
-        request = await _first_request(stream)
+        request = await receive_request(stream)
         if request is None:
             raise InvalidArgument("FetchSecrets needs a request message")
         node = node_info(request)
@@ -657,17 +657,6 @@ def _import_package_of(full_name: str) -> None:
     for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
         if info.name.endswith("_pb2"):
             importlib.import_module(f"{package}.{info.name}")
-
-
-async def _first_request(stream: _AnyStream) -> Any:
-    """The stream's first request; a caller that never sends it does not hold the stream."""
-    try:
-        return await asyncio.wait_for(stream.recv_message(), REQUEST_TIMEOUT_SECONDS)
-    except TimeoutError:
-        raise GRPCError(
-            Status.DEADLINE_EXCEEDED,
-            f"no request message within {REQUEST_TIMEOUT_SECONDS:g}s of the call's headers",
-        ) from None
 
 
 def _pack(message: Any) -> Any:
