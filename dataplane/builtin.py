@@ -94,6 +94,12 @@ class BuiltinProxy:
                        f"{self._watch.problem or 'waiting for its first snapshot'}")  # fmt: skip
         return problem
 
+    def failure(self) -> str | None:
+        return None
+
+    async def more_metrics(self) -> bytes:
+        return b""
+
     def describe(self) -> list[str]:
         labels = ",".join(f"{k}={v}" for k, v in sorted(self._settings.labels.items()))
         selecting = f"selecting {labels}" if labels else "without a selector (no --label)"
@@ -121,8 +127,10 @@ class BuiltinProxy:
         self._inbound.set_policy(self._judge)
         self._metrics.mesh_revision.set(snapshot.revision)
         if changed:
-            policies = sorted({rule.policy for rule in authorization.rules}
-                              | {source.name for source in authorization.allow_policies})
+            policies = sorted(
+                {rule.policy for rule in authorization.rules}
+                | {source.name for source in authorization.allow_policies}
+            )
             _log.info("mesh revision %d: callers judged by %s", snapshot.revision,
                       ", ".join(f"AuthorizationPolicy {name}" for name in policies)
                       or "no AuthorizationPolicy: every caller with a trusted SVID is "

@@ -15,13 +15,17 @@ The built-in proxy's (:mod:`sdk.sidecar.metrics`, its listener named ``inbound``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Final
 
 from prometheus_client import Gauge
 
-from sdk.sidecar.metrics import ProxyMetrics
+from sdk.errors import SourceError
+from sdk.sidecar.metrics import ProxyMetrics, SvidMetrics
+from sdk.sources import WorkloadApiX509Source
 
-__all__ = ["HEALTHS", "SidecarMetrics"]
+__all__ = ["HEALTHS", "SidecarMetrics", "follow_svid_expiry"]
 
 HEALTHS: Final = ("healthy", "unhealthy", "unknown")
 
@@ -51,3 +55,16 @@ class SidecarMetrics(ProxyMetrics):
         self.registered.set(1 if registered else 0)
         for name in HEALTHS:
             self.instance_health.labels(name).set(1 if name == health else 0)
+
+
+def follow_svid_expiry(source: WorkloadApiX509Source, metrics: SvidMetrics) -> Callable[[], None]:
+    """Keep ``svid_expiry`` at the expiry of the SVID ``source`` holds, from now on each
+    rotation; returns the function that stops it."""
+
+    def update() -> None:
+        with contextlib.suppress(SourceError):
+            expiry = source.x509_svid().leaf.not_valid_after_utc.timestamp()
+            metrics.svid_expiry.set(expiry)
+
+    update()
+    return source.subscribe(update)

@@ -13,11 +13,14 @@ through ``--outbound``). The sidecar around it gets the SVID, registers the app,
     plane.inbound_address                  # where it listens (the port filled in)
     await plane.configured.wait()          # the mesh configuration is in effect
     plane.ready_problem()                  # why it would not serve now, or None
+    plane.failure()                        # why it cannot go on (the sidecar exits), or None
+    await plane.more_metrics()             # its own Prometheus text for /metrics
     plane.stop_accepting(); await plane.stop(grace=5.0)
 
-``builtin`` is the Python proxy of :mod:`dataplane.builtin`. ``envoy`` (an Envoy the
-sidecar supervises, configured by the agent over xDS) and ``--outbound`` come later;
-until then they are refused in one sentence.
+``builtin`` is the Python proxy of :mod:`dataplane.builtin` (``--outbound`` comes
+later; until then it is refused in one sentence). ``envoy`` is an Envoy the sidecar
+supervises, configured by the agent over xDS (:mod:`dataplane.envoy_sidecar`); without
+the ``envoy`` extra installed, :meth:`DataPlaneKind.unavailable` says how to get it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ class DataPlane(Protocol):
         """Why it would not carry a request now, or None."""
         ...
 
+    def failure(self) -> str | None:
+        """Why it gave up carrying traffic for good (the sidecar then exits), or None."""
+        ...
+
+    async def more_metrics(self) -> bytes:
+        """More Prometheus text for the sidecar's ``/metrics`` (b"" for none)."""
+        ...
+
     def describe(self) -> list[str]:
         """What it does, a line each, for the sidecar's progress lines."""
         ...
@@ -85,6 +96,10 @@ class DataPlaneKind(Protocol):
         """What of ``settings`` this plane does not do (one sentence), or None."""
         ...
 
+    def unavailable(self) -> str | None:
+        """Why this plane cannot run on this machine (what to install), or None."""
+        ...
+
     def build(
         self,
         settings: SidecarSettings,
@@ -92,6 +107,7 @@ class DataPlaneKind(Protocol):
         metrics: SidecarMetrics,
         *,
         socket: str,
+        log_level: str = "info",
     ) -> DataPlane:
         """The plane for ``settings``, presenting ``source``'s SVID, following the mesh
         through the agent on ``socket``. Imports what it needs (the mesh) only now."""
@@ -101,8 +117,12 @@ class DataPlaneKind(Protocol):
 class _Builtin:
     def refusal(self, settings: SidecarSettings) -> str | None:
         if settings.outbound is not None:
-            return ("--outbound is not supported yet: the built-in proxy serves callers through "
-                    "--inbound only, so leave --outbound out for now")  # fmt: skip
+            return ("--outbound is not supported by the built-in proxy yet: it serves "
+                    "callers through --inbound only; leave --outbound out, or run "
+                    "--proxy envoy")  # fmt: skip
+        return None
+
+    def unavailable(self) -> str | None:
         return None
 
     def build(
@@ -112,6 +132,7 @@ class _Builtin:
         metrics: SidecarMetrics,
         *,
         socket: str,
+        log_level: str = "info",
     ) -> DataPlane:
         from dataplane.builtin import BuiltinProxy
 
@@ -120,8 +141,16 @@ class _Builtin:
 
 class _Envoy:
     def refusal(self, settings: SidecarSettings) -> str | None:
-        return ("--proxy envoy is not available yet: run the built-in proxy (--proxy builtin, "
-                "the default) for now")  # fmt: skip
+        return None
+
+    def unavailable(self) -> str | None:
+        from dataplane.envoy import EnvoyMissing, find_envoy
+
+        try:
+            find_envoy()
+        except EnvoyMissing as err:
+            return f"--proxy envoy needs Envoy: {err.message}"
+        return None
 
     def build(
         self,
@@ -130,8 +159,11 @@ class _Envoy:
         metrics: SidecarMetrics,
         *,
         socket: str,
+        log_level: str = "info",
     ) -> DataPlane:
-        raise NotImplementedError(self.refusal(settings))
+        from dataplane.envoy_sidecar import EnvoySidecar
+
+        return EnvoySidecar(settings, source, metrics, socket=socket, log_level=log_level)
 
 
 PLANES: Final[Mapping[str, DataPlaneKind]] = {"builtin": _Builtin(), "envoy": _Envoy()}

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from dataplane.advertise import advertised_address
-from dataplane.metrics import SidecarMetrics
+from dataplane.metrics import SidecarMetrics, follow_svid_expiry
 from dataplane.planes import DataPlane, DataPlaneKind, SidecarSettings
 from dataplane.registration import InstanceRegistration
 from sdk.address import HostPort
@@ -43,7 +43,7 @@ from sdk.sidecar.health import HealthServer
 from sdk.sidecar.proxy import SHUTDOWN_GRACE_SECONDS
 from sdk.sources import WorkloadApiX509Source
 
-__all__ = ["RegistrationRefused", "Sidecar"]
+__all__ = ["PlaneFailed", "RegistrationRefused", "Sidecar"]
 
 _log = logging.getLogger("tessera.sidecar")
 
@@ -57,6 +57,10 @@ class RegistrationRefused(TesseraError):
     """The agent refuses the registration for good (a malformed request)."""
 
 
+class PlaneFailed(TesseraError):
+    """The data plane gave up carrying traffic (Envoy kept exiting at once)."""
+
+
 class Sidecar:
     def __init__(
         self,
@@ -68,6 +72,7 @@ class Sidecar:
         health_bind: HostPort | None,
         progress: Callable[[str], None],
         grace: float = SHUTDOWN_GRACE_SECONDS,
+        log_level: str = "info",
     ) -> None:
         self.settings = settings
         self.metrics = SidecarMetrics()
@@ -75,10 +80,13 @@ class Sidecar:
         self._socket = socket
         self._progress = progress
         self._grace = grace
-        self.plane: DataPlane = kind.build(settings, source, self.metrics, socket=socket)
+        self.plane: DataPlane = kind.build(
+            settings, source, self.metrics, socket=socket, log_level=log_level
+        )
         self.registration: InstanceRegistration | None = None
         self._health = (
-            HealthServer(health_bind, self.metrics, ready=self.ready_problem)
+            HealthServer(health_bind, self.metrics, ready=self.ready_problem,
+                         more_metrics=self.plane.more_metrics)
             if health_bind is not None else None
         )  # fmt: skip
         self._announced = False
@@ -107,7 +115,7 @@ class Sidecar:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then stop as the module says."""
-        unsubscribe = self._follow_expiry()
+        unsubscribe = follow_svid_expiry(self._source, self.metrics)
         registering: asyncio.Task[None] | None = None
         try:
             await self.plane.start()
@@ -143,8 +151,10 @@ class Sidecar:
         self._stopping = True
         self.plane.stop_accepting()
         if registering is not None and not registering.done():
-            self._progress(f"Stopping: deregistering the instance of {self.settings.service}, "
-                           f"letting open connections finish (up to {self._grace:g} s)")
+            self._progress(
+                f"Stopping: deregistering the instance of {self.settings.service}, "
+                f"letting open connections finish (up to {self._grace:g} s)"
+            )
             registering.cancel()  # closes the Register call: the agent deregisters at once
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(registering, DEREGISTER_SECONDS)
@@ -155,7 +165,8 @@ class Sidecar:
 
     async def _until(self, stop: asyncio.Event, work: Awaitable[Any]) -> bool:
         """Wait for ``work``: True once it is done, False if ``stop`` came first;
-        SourceError if the Workload API stream fails for good meanwhile."""
+        SourceError if the Workload API stream fails for good meanwhile, PlaneFailed if
+        the data plane gives up."""
         working = asyncio.ensure_future(work)
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -172,6 +183,9 @@ class Sidecar:
                 problem = self._source.problem()
                 if problem:
                     raise SourceError(problem)
+                failure = self.plane.failure()
+                if failure:
+                    raise PlaneFailed(failure)
         finally:
             stopping.cancel()
             if not isinstance(work, asyncio.Task):  # a task is the caller's to stop
@@ -181,14 +195,7 @@ class Sidecar:
         self.metrics.set_instance(registered=registration.registered, health=registration.health)
         if registration.registered and not self._announced and self.ready_problem() is None:
             self._announced = True
-            self._progress(f"Sidecar is ready: an instance of {self.settings.service}, health "
-                           "checked by the agent. Ctrl-C stops it.")
-
-    def _follow_expiry(self) -> Callable[[], None]:
-        def update() -> None:
-            with contextlib.suppress(SourceError):
-                expiry = self._source.x509_svid().leaf.not_valid_after_utc.timestamp()
-                self.metrics.svid_expiry.set(expiry)
-
-        update()
-        return self._source.subscribe(update)
+            self._progress(
+                f"Sidecar is ready: an instance of {self.settings.service}, health "
+                "checked by the agent. Ctrl-C stops it."
+            )

@@ -8,6 +8,7 @@ server entry show`` loads neither the agent nor the sidecar:
     tessera mesh ...      ca.cli.mesh:mesh_group   (the mesh configuration, on the server)
     tessera agent ...     workload_api.cli:agent
     tessera sidecar ...   dataplane.cli:sidecar    (the SDK's files and proxy, and run)
+    tessera gateway ...   dataplane.cli:gateway    (run: the mesh's ingress, an Envoy)
 
 A room whose third-party dependencies are not installed is answered with the
 extra to install (``tessera server needs the server extra: pip install
@@ -37,6 +38,7 @@ EXTRAS: Final = {
     "agent": ("agent",),
     "up": ("server", "agent"),
     "demo": ("server", "agent"),
+    "gateway": ("mesh", "envoy"),
 }
 OWN_PACKAGES: Final = frozenset(
     {"tessera", "ca", "workload_api", "dataplane", "attestor", "sdk", "mesh"}
@@ -114,6 +116,7 @@ def _refusing_command(name: str, refusal: MissingExtra) -> click.Command:
         "mesh": "ca.cli.mesh:mesh_group",
         "agent": "workload_api.cli:agent",
         "sidecar": "dataplane.cli:sidecar",
+        "gateway": "dataplane.cli:gateway",
     },
 )
 @click.version_option(package_name="tessera", prog_name="tessera")

@@ -8,7 +8,8 @@ writes these keys), and proves who it is by its peer credentials::
     tessera.service   the Service a sidecar fronts
     tessera.labels    its labels, as a JSON object
     tessera.spiffe_id the SVID it serves with (one it holds; its default one if left out)
-    tessera.inbound, tessera.app, tessera.outbound   a sidecar's HOST:PORTs
+    tessera.inbound, tessera.app, tessera.outbound   a sidecar's HOST:PORTs (without
+                      tessera.outbound, the sidecar only serves callers)
     tessera.host, tessera.port_offset                where a gateway listens
 
 The metadata chooses only which view; the identity in it must be one of the caller's
@@ -98,7 +99,11 @@ def proxy_of(node: NodeInfo, proxy: AttestedProxy) -> tuple[Proxy, Any]:
         addresses = SidecarAddresses(
             inbound=_address(metadata, "tessera.inbound"),
             app=_address(metadata, "tessera.app"),
-            outbound=_address(metadata, "tessera.outbound"),
+            outbound=(
+                _address(metadata, "tessera.outbound")
+                if _text(metadata, "tessera.outbound")
+                else None
+            ),
         )
 
         def sidecar(view: Any, options: RenderOptions) -> Any:

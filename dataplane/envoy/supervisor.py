@@ -36,7 +36,9 @@ Readiness is followed in the background (every ``readiness_interval_seconds``, a
 once on every change), so :meth:`~EnvoySupervisor.ready_problem` answers without waiting:
 Envoy is ready when ``/ready`` says LIVE, every listener named in ``listeners`` (by
 default, the bootstrap's static ones) is active, and, with listeners from the agent
-(LDS), Envoy has received them and none is still warming.
+(LDS), Envoy has received them and none is still warming. ``on_readiness`` is called
+after each change of what :meth:`~EnvoySupervisor.ready_problem` says or of the active
+:attr:`~EnvoySupervisor.listeners`.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ BOOTSTRAP_FILE: Final = "bootstrap.json"
 ADMIN_SOCKET: Final = "admin.sock"
 ADMIN_ADDRESS_FILE: Final = "admin-address"
 PID_FILE: Final = "envoy.pid"
+FLUSH_MILLISECONDS: Final = 1000
+"""How often Envoy writes out its access log (its own default, 10 s, hides a request's line
+from whoever follows the log)."""
 POLL_SECONDS: Final = 0.05
 """How often starting and draining look at Envoy again."""
 PROMETHEUS_TIMEOUT_SECONDS: Final = 2.0
@@ -116,6 +121,7 @@ class EnvoySupervisor:
         metrics: EnvoyMetrics | None = None,
         log_prefix: str = "envoy",
         sleep: Sleep = asyncio.sleep,
+        on_readiness: Callable[[], None] | None = None,
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ConfigError(
@@ -170,6 +176,9 @@ class EnvoySupervisor:
         self._readiness_task: asyncio.Task[None] | None = None
         self.restarts = 0
         """Times Envoy was started again after it exited on its own."""
+        self.listeners: Mapping[str, str] = {}
+        """Envoy's active listeners, name -> address, as of the last readiness check."""
+        self._on_readiness = on_readiness
         self.metrics.up.set(0)
 
     # -- what callers read --------------------------------------------------------------
@@ -200,9 +209,12 @@ class EnvoySupervisor:
     async def check_ready(self) -> str | None:
         """Ask Envoy now; what :meth:`ready_problem` says from then on."""
         generation = self._generation
+        before = (self._problem, self.listeners)
         problem = await self._readiness()
         if generation == self._generation:
             self._problem = problem
+        if self._on_readiness is not None and (self._problem, self.listeners) != before:
+            self._on_readiness()
         return self._problem
 
     async def wait_failure(self) -> str:
@@ -272,6 +284,7 @@ class EnvoySupervisor:
             "--log-format", LOG_FORMAT,
             "--drain-time-s", str(self._drain_seconds),
             "--drain-strategy", "immediate",
+            "--file-flush-interval-msec", str(FLUSH_MILLISECONDS),
         ]  # fmt: skip
         if self._admin_port is not None:
             command += ["--admin-address-path", str(self.work_dir / ADMIN_ADDRESS_FILE)]
@@ -348,7 +361,9 @@ class EnvoySupervisor:
                         f"Envoy failed {quick_failures} times in a row within "
                         f"{self._stable_after:g} s of starting; the last time it {event}{why}; "
                         "Tessera stopped restarting it",
-                        first, reason=said, exit_code=self._exit_code(),
+                        first,
+                        reason=said,
+                        exit_code=self._exit_code(),
                     )
                     return
                 delay = self._backoff.next()
@@ -365,9 +380,7 @@ class EnvoySupervisor:
             self._fail(f"supervising Envoy failed: {err!r}", first, reason=repr(err),
                        exit_code=None)  # fmt: skip
 
-    async def _run_once(
-        self, binary: Path, first: asyncio.Future[None]
-    ) -> tuple[str, str] | None:
+    async def _run_once(self, binary: Path, first: asyncio.Future[None]) -> tuple[str, str] | None:
         """One run of Envoy, to its end: what happened ("exited (code 1)") and what Envoy
         said last; None when stop() ended it."""
         try:
@@ -460,7 +473,11 @@ class EnvoySupervisor:
         self._state = state
         self._generation += 1
         self._problem = problem
+        if state is not _State.RUNNING:
+            self.listeners = {}
         self._wake.set()
+        if self._on_readiness is not None:
+            self._on_readiness()
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -497,6 +514,7 @@ class EnvoySupervisor:
             active = await admin.listeners()
         except EnvoyAdminError as err:
             return f"Envoy does not answer on its admin interface: {err}"
+        self.listeners = active
         missing = [name for name in self._listeners if name not in active]
         if missing:
             names = ", ".join(missing)

@@ -73,12 +73,13 @@ class SidecarAddresses:
     ``inbound`` is the instance's address in the catalog (what other sidecars call,
     over mTLS); ``app`` the app behind the sidecar (plain HTTP, usually loopback);
     ``outbound`` where the app sends its calls to other Services (plain HTTP; keep it
-    on loopback: whoever reaches it calls with the sidecar's identity).
+    on loopback: whoever reaches it calls with the sidecar's identity), or None for a
+    sidecar that only serves callers (no outbound listener, no upstream clusters).
     """
 
     inbound: HostPort
     app: HostPort
-    outbound: HostPort
+    outbound: HostPort | None = None
 
 
 @dataclass(frozen=True)
@@ -173,24 +174,32 @@ def render_sidecar(
             f"Service {inbound.service} has no HTTP port: its sidecar has no inbound listener"
         )
 
-    routes = [route for service in view.outbound for route in service.routes]
-    outbound_source = Source("sidecar", inbound.service, "outbound")
-    listeners.append(
-        outbound_listener(
-            addresses.outbound,
-            [fault_filter()] if has_fault(routes) else [],
-            outbound_source,
-            access_log=options.access_log,
+    if addresses.outbound is not None:
+        routes = [route for service in view.outbound for route in service.routes]
+        outbound_source = Source("sidecar", inbound.service, "outbound")
+        listeners.append(
+            outbound_listener(
+                addresses.outbound,
+                [fault_filter()] if has_fault(routes) else [],
+                outbound_source,
+                access_log=options.access_log,
+            )
         )
-    )
-    route_configurations.append(
-        route_configuration(
-            OUTBOUND, outbound_virtual_hosts(view.outbound, clusters), outbound_source
+        route_configurations.append(
+            route_configuration(
+                OUTBOUND, outbound_virtual_hosts(view.outbound, clusters), outbound_source
+            )
         )
-    )
-    envoy_clusters.extend(upstream_cluster(cluster, spiffe_id) for cluster in view.clusters)
+        envoy_clusters.extend(upstream_cluster(cluster, spiffe_id) for cluster in view.clusters)
     envoy_clusters.extend(jwks_clusters)
-    return _resources(view, listeners, route_configurations, envoy_clusters, problems)
+    return _resources(
+        view,
+        listeners,
+        route_configurations,
+        envoy_clusters,
+        problems,
+        with_endpoints=addresses.outbound is not None,
+    )
 
 
 def render_gateway(
@@ -254,8 +263,14 @@ def _resources(
     route_configurations: list[dict[str, Any]],
     clusters: list[dict[str, Any]],
     problems: list[str],
+    *,
+    with_endpoints: bool = True,
 ) -> Resources:
-    assignments = [load_assignment(endpoints, problems) for endpoints in view.endpoints]
+    assignments = (
+        [load_assignment(endpoints, problems) for endpoints in view.endpoints]
+        if with_endpoints
+        else []
+    )
     return Resources(
         listeners=tuple(listeners),
         route_configurations=tuple(route_configurations),

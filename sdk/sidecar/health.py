@@ -2,7 +2,7 @@
 
     GET /live      200 {"status": "live"} while the sidecar runs
     GET /ready     200 {"status": "ready"}, or 503 {"status": "not ready", "reason": ...}
-    GET /metrics   Prometheus text (sdk.sidecar.metrics)
+    GET /metrics   Prometheus text (sdk.sidecar.metrics), then ``more_metrics()``'s
 
     server = HealthServer(HostPort("127.0.0.1", 8090), metrics, ready=lambda: None)
     await server.start()          # SidecarConfigError if the port is taken
@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sdk.address import HostPort
 from sdk.sidecar.errors import HttpError, SidecarConfigError
 from sdk.sidecar.http import read_request_head, simple_response
-from sdk.sidecar.metrics import FilesMetrics, ProxyMetrics
+from sdk.sidecar.metrics import SvidMetrics
 from sdk.sidecar.streams import Stream
 
 __all__ = ["HealthServer"]
@@ -42,13 +42,17 @@ class HealthServer:
     def __init__(
         self,
         bind: HostPort,
-        metrics: ProxyMetrics | FilesMetrics,
+        metrics: SvidMetrics,
         *,
         ready: Callable[[], str | None],
+        more_metrics: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        """``more_metrics``: more Prometheus text for ``/metrics`` (a proxy's own stats,
+        bounded in time and size by the callee), served after the sidecar's."""
         self.bind = bind
         self._metrics = metrics
         self._ready = ready
+        self._more_metrics = more_metrics
         self._server: asyncio.Server | None = None
 
     @property
@@ -84,7 +88,7 @@ class HealthServer:
         try:
             head = await asyncio.wait_for(read_request_head(stream), REQUEST_TIMEOUT_SECONDS)
             if head is not None:
-                stream.write(self._respond(head.method, head.path))
+                stream.write(await self._respond(head.method, head.path))
                 await stream.drain()
         except HttpError as err:
             with contextlib.suppress(OSError):
@@ -94,7 +98,7 @@ class HealthServer:
         finally:
             await stream.close()
 
-    def _respond(self, method: str, path: str) -> bytes:
+    async def _respond(self, method: str, path: str) -> bytes:
         if method not in ("GET", "HEAD"):
             return simple_response(405, "use GET\n", keep_alive=False)
         if path == "/live":
@@ -106,6 +110,8 @@ class HealthServer:
             return _json(200, {"status": "ready"})
         if path == "/metrics":
             body = self._metrics.exposition()
+            if self._more_metrics is not None:
+                body += await self._more_metrics()
             head = (
                 "HTTP/1.1 200 OK\r\n"
                 f"Content-Type: {CONTENT_TYPE_LATEST}\r\n"

@@ -34,12 +34,14 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["FilesMetrics", "ProxyMetrics"]
+__all__ = ["FilesMetrics", "ProxyMetrics", "SvidMetrics"]
 
 HANDSHAKE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class _Metrics:
+class SvidMetrics:
+    """The SVID's expiry, in a registry of the process's own: what every sidecar serves."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.svid_expiry = Gauge(
@@ -53,7 +55,7 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
-class ProxyMetrics(_Metrics):
+class ProxyMetrics(SvidMetrics):
     def __init__(self) -> None:
         super().__init__()
         registry = self.registry
@@ -109,7 +111,7 @@ class ProxyMetrics(_Metrics):
         self.decisions.labels(listener, stage, rule, result).inc()
 
 
-class FilesMetrics(_Metrics):
+class FilesMetrics(SvidMetrics):
     def __init__(self) -> None:
         super().__init__()
         self.writes = Counter(

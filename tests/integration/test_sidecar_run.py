@@ -369,11 +369,9 @@ def test_an_inbound_address_in_use_is_refused_before_anything_is_registered(
 
 
 @pytest.mark.parametrize(("flags", "sentence"), [
-    (["--proxy", "envoy"], "Error: --proxy envoy is not available yet: run the built-in proxy "
-                           "(--proxy builtin, the default) for now\n"),
     (["--outbound", "127.0.0.1:15001"],
-     "Error: --outbound is not supported yet: the built-in proxy serves callers through "
-     "--inbound only, so leave --outbound out for now\n"),
+     "Error: --outbound is not supported by the built-in proxy yet: it serves callers "
+     "through --inbound only; leave --outbound out, or run --proxy envoy\n"),
 ])  # fmt: skip
 def test_what_is_not_built_yet_is_refused_in_one_sentence(
     flags: list[str], sentence: str, tmp_path: Path

@@ -1399,3 +1399,14 @@ def _http_get(port: int, host: str, path: str) -> tuple[int, Any]:
     finally:
         connection.close()
     return response.status, json.loads(body) if response.status == 200 else body
+
+
+def test_a_sidecar_without_an_outbound_address_only_serves_callers() -> None:
+    config, catalog = everything()
+    view = compile_view(config, catalog, SidecarProxy("users-service", USERS, {"app": "users"}))
+    inbound_only = SidecarAddresses(inbound=ADDRESSES.inbound, app=ADDRESSES.app)
+    resources = render_sidecar(view, inbound_only)
+    assert [listener["name"] for listener in resources.listeners] == ["inbound"]
+    assert [routes["name"] for routes in resources.route_configurations] == ["inbound"]
+    assert [cluster["name"] for cluster in resources.clusters] == ["inbound|80||users-service"]
+    assert resources.cluster_load_assignments == ()

@@ -1,0 +1,298 @@
+"""``tessera sidecar run --proxy envoy`` and ``tessera gateway run`` as users run them: a real
+server and agent, real Envoys configured by the agent over xDS, small HTTP apps behind them.
+
+One trust domain for the module; every entry selects this test's uid, so each sidecar and
+gateway (and the Envoy it runs, attested on its own) holds every SVID and picks its own:
+
+    users      users-service's instances (the docs' Service and AuthorizationPolicy)
+    web        web-service: the caller the policy allows, through its own Envoy sidecar
+    intruder   a caller no policy names
+    gateway    the ingress gateway (allowed in by a policy of its own)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from spiffe import SpiffeId
+
+from sdk import WorkloadApiX509Source, authorize_id
+from sdk.integrations.httpx import httpx_client
+from sdk.sidecar.connect import connect_x509_source
+from tests.integration.conftest import TESSERA, free_port, tessera
+from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
+from tests.support.processes import Process, poll
+from tests.unit.mesh.documents import MISSION
+
+pytestmark = [pytest.mark.integration, pytest.mark.envoy]
+
+USERS = "spiffe://example.org/users"
+WEB = "spiffe://example.org/web"
+INTRUDER = "spiffe://example.org/intruder"
+GATEWAY = "spiffe://example.org/gateway"
+DEADLINE = 20.0
+
+MESH = f"""\
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {{name: users-service}}
+spec:
+  spiffeIds: [{USERS}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  healthCheck: {{http: {{path: /healthz}}, interval: 1s}}
+---
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {{name: web-service}}
+spec:
+  spiffeIds: [{WEB}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: users-round-robin}}
+spec:
+  host: users-service
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}   # the default is LEAST_REQUEST
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: users-allow-web}}
+spec:
+  selector: {{matchLabels: {{app: users}}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{principals: ["{WEB}", "{GATEWAY}"]}}
+"""
+
+
+class App(ThreadingHTTPServer):
+    """An app: answers with its name and who the sidecar said called."""
+
+    daemon_threads = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(("127.0.0.1", 0), AppHandler)
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class AppHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: App
+
+    def do_GET(self) -> None:
+        body = json.dumps({
+            "app": self.server.name, "path": self.path,
+            "caller": self.headers.get_all("X-Forwarded-Client-Spiffe-Id"),
+        }).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustDomain]:
+    entries = [Entry(USERS), Entry(WEB), Entry(INTRUDER), Entry(GATEWAY)]
+    with trust_domain(tmp_path_factory.mktemp("envoy-sidecar"), entries) as running:
+        tessera("mesh", "apply", "-f", "-", "--data-dir", str(running.server.data_dir),
+                input=MESH + "---\n" + MISSION)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def apps() -> Iterator[dict[str, App]]:
+    started = {name: App(name) for name in ("users-1", "users-2", "web")}
+    for app in started.values():
+        threading.Thread(target=app.serve_forever, args=(0.05,), daemon=True).start()
+    yield started
+    for app in started.values():
+        app.shutdown()
+        app.server_close()
+
+
+@dataclass
+class Proxy:
+    process: Process
+    health: int
+    ports: dict[str, int]
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.health}{path}", timeout=5)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of its /metrics, by name (the first of each name)."""
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                found.setdefault(sample.name, float(sample.value))
+        return found
+
+    def wait_ready(self) -> None:
+        self.process.wait_until(lambda: self.get("/ready").status_code == 200 or None,
+                                "answering /ready with 200", DEADLINE)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def start(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    directory = tmp_path_factory.mktemp("envoy-proxies")
+    with processes() as begin:
+
+        def sidecar(name: str, service: str, spiffe_id: str, app: App, label: str,
+                    *, outbound: bool = False) -> Proxy:  # fmt: skip
+            ports = {"inbound": free_port(), "health": free_port()}
+            args = [TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", service,
+                    "--spiffe-id", spiffe_id, "--app", app.address, "--label", label,
+                    "--inbound", f"127.0.0.1:{ports['inbound']}",
+                    "--health-bind", f"127.0.0.1:{ports['health']}"]  # fmt: skip
+            if outbound:
+                ports["outbound"] = free_port()
+                args += ["--outbound", f"127.0.0.1:{ports['outbound']}"]
+            process = begin(name, args, directory=directory, env=domain.env())
+            return Proxy(process, ports["health"], ports)
+
+        def gateway(name: str, offset: int) -> Proxy:
+            health = free_port()
+            args = [TESSERA, "gateway", "run", "--label", "istio=ingressgateway",
+                    "--spiffe-id", GATEWAY, "--port-offset", str(offset),
+                    "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
+            process = begin(name, args, directory=directory, env=domain.env())
+            return Proxy(process, health, {"http": 80 + offset})
+
+        yield sidecar, gateway
+
+
+def instances(domain: TrustDomain) -> list[dict[str, Any]]:
+    listed = tessera("mesh", "services", "--output", "json",
+                     "--data-dir", str(domain.server.data_dir)).stdout  # fmt: skip
+    found: list[dict[str, Any]] = json.loads(listed)
+    return found
+
+
+def healthy(domain: TrustDomain, address: str) -> None:
+    poll(lambda: any(i["address"] == address and i["health"] == "healthy"
+                     for i in instances(domain)) or None,
+         DEADLINE, f"{address} healthy in tessera mesh services")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def users(domain: TrustDomain, apps: dict[str, App], start: Any) -> list[Proxy]:
+    sidecar, _ = start
+    running = [sidecar(f"users-{n}", "users-service", USERS, apps[f"users-{n}"], "app=users")
+               for n in (1, 2)]  # fmt: skip
+    for proxy in running:
+        proxy.wait_ready()
+        healthy(domain, f"127.0.0.1:{proxy.ports['inbound']}")
+    return running
+
+
+@pytest.fixture(scope="module")
+def callers(domain: TrustDomain) -> Iterator[dict[str, WorkloadApiX509Source]]:
+    sources = {spiffe_id: connect_x509_source(domain.endpoint, spiffe_id=SpiffeId(spiffe_id))
+               for spiffe_id in (WEB, INTRUDER)}  # fmt: skip
+    yield sources
+    for source in sources.values():
+        source.close()
+
+
+def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refuses_others(
+    users: list[Proxy], callers: dict[str, WorkloadApiX509Source]
+) -> None:
+    url = f"https://127.0.0.1:{users[0].ports['inbound']}/api/users"
+    with httpx_client(callers[WEB], authorize_id(USERS), timeout=10) as client:
+        allowed = client.get(url, headers={"X-Forwarded-Client-Spiffe-Id": INTRUDER,
+                                           "x_forwarded_client_spiffe_id": INTRUDER})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json() == {"app": "users-1", "path": "/api/users", "caller": [WEB]}
+
+    with httpx_client(callers[INTRUDER], authorize_id(USERS), timeout=10) as client:
+        refused = client.get(url)
+    assert refused.status_code == 403, refused.text
+
+    metrics = users[0].metrics()
+    assert metrics["tessera_envoy_up"] == 1
+    assert metrics["tessera_sidecar_registered"] == 1
+    assert any(name.startswith("envoy_") for name in metrics), sorted(metrics)[:20]
+
+
+def test_two_envoy_sidecars_talk_mtls_and_the_server_side_sees_the_callers_id(
+    domain: TrustDomain, users: list[Proxy], apps: dict[str, App], start: Any
+) -> None:
+    sidecar, _ = start
+    web = sidecar("web", "web-service", WEB, apps["web"], "app=web", outbound=True)
+    web.wait_ready()
+    answers = set()
+    for _ in range(4):
+        answer = httpx.get(f"http://127.0.0.1:{web.ports['outbound']}/api/users",
+                           headers={"Host": "users-service"}, timeout=10)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["caller"] == [WEB]
+        answers.add(answer.json()["app"])
+    assert answers == {"users-1", "users-2"}  # balanced over both instances
+
+    web.process.send_signal(signal.SIGTERM)
+    assert web.process.wait(timeout=DEADLINE) == 0
+    assert "Sidecar stopped." in web.process.log()
+    address = f"127.0.0.1:{web.ports['inbound']}"
+    assert all(i["address"] != address for i in instances(domain))
+
+
+def test_the_missions_gateway_routes_by_uri_to_both_instances(
+    users: list[Proxy], start: Any
+) -> None:
+    _, gateway = start
+    proxy = gateway("gateway", free_port() - 80)
+    proxy.wait_ready()
+    url = f"http://127.0.0.1:{proxy.ports['http']}"
+    with httpx.Client(timeout=10) as client:  # one connection: one Envoy worker's round robin
+        reached = [client.get(url + "/api/v1/users") for _ in range(4)]
+    assert [answer.status_code for answer in reached] == [200] * 4, reached[-1].text
+    assert {answer.json()["caller"][0] for answer in reached} == {GATEWAY}
+    apps = [answer.json()["app"] for answer in reached]
+    assert apps[0] != apps[1] and apps[:2] == apps[2:], apps  # round robin: alternating
+    assert httpx.get(url + "/api/v2/orders", timeout=10).status_code == 404
+    assert f"listening on 0.0.0.0:{proxy.ports['http']}" in proxy.process.log()
+    assert proxy.metrics()["tessera_envoy_up"] == 1
+
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=DEADLINE) == 0
+    assert "Gateway stopped." in proxy.process.log()
+
+
+def test_a_gateway_no_gateway_selects_says_so_on_ready(start: Any, domain: TrustDomain) -> None:
+    directory = Path(domain.server.data_dir).parent
+    health = free_port()
+    with processes() as begin:
+        process = begin("lonely-gateway", [
+            TESSERA, "gateway", "run", "--label", "istio=nobody", "--spiffe-id", GATEWAY,
+            "--health-bind", f"127.0.0.1:{health}",
+        ], directory=directory, env=domain.env())  # fmt: skip
+        proxy = Proxy(process, health, {})
+
+        def reason() -> str | None:
+            answer = proxy.get("/ready")
+            text: str = answer.json().get("reason", "")
+            return text if "no Gateway" in text else None
+
+        assert process.wait_until(reason, "/ready saying no Gateway selects it", DEADLINE) == (
+            "no Gateway selects this gateway's labels (istio=nobody): apply one whose "
+            "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
