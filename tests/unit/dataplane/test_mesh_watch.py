@@ -56,7 +56,8 @@ def test_a_snapshot_that_does_not_read_says_why(
 
 
 class Agent:
-    """Serves WatchMesh: each call sends ``script``'s snapshots, then ends."""
+    """Serves WatchMesh: the first call sends ``script``'s snapshots, then ends; the next
+    ones send nothing and stay open (so what the first one left is what the test reads)."""
 
     def __init__(self, script: list[Any]) -> None:
         self.script = script
@@ -64,6 +65,8 @@ class Agent:
 
     async def watch_mesh(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.calls += 1
+        if self.calls > 1:
+            await asyncio.Event().wait()
         for message in self.script:
             yield message
 
