@@ -12,26 +12,26 @@ gateway (and the Envoy it runs, attested on its own) holds every SVID and picks 
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from spiffe import SpiffeId
 
 from sdk import WorkloadApiX509Source, authorize_id
 from sdk.integrations.httpx import httpx_client
 from sdk.sidecar.connect import connect_x509_source
-from tests.integration.conftest import TESSERA, free_port, tessera
+from tests.integration.conftest import free_port, tessera
+from tests.integration.mesh_fixtures import (
+    DEADLINE,
+    App,
+    Proxy,
+    ProxyStarter,
+    healthy,
+    instances,
+)
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
-from tests.support.processes import Process, poll
 from tests.unit.mesh.documents import MISSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.envoy]
@@ -40,7 +40,6 @@ USERS = "spiffe://example.org/users"
 WEB = "spiffe://example.org/web"
 INTRUDER = "spiffe://example.org/intruder"
 GATEWAY = "spiffe://example.org/gateway"
-DEADLINE = 20.0
 
 MESH = f"""\
 apiVersion: tessera.io/v1alpha1
@@ -77,39 +76,6 @@ spec:
 """
 
 
-class App(ThreadingHTTPServer):
-    """An app: answers with its name and who the sidecar said called."""
-
-    daemon_threads = True
-
-    def __init__(self, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), AppHandler)
-        self.name = name
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server_address[1]}"
-
-
-class AppHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: App
-
-    def do_GET(self) -> None:
-        body = json.dumps({
-            "app": self.server.name, "path": self.path,
-            "caller": self.headers.get_all("X-Forwarded-Client-Spiffe-Id"),
-        }).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        return None
-
-
 @pytest.fixture(scope="module")
 def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustDomain]:
     entries = [Entry(USERS), Entry(WEB), Entry(INTRUDER), Entry(GATEWAY)]
@@ -121,87 +87,27 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustDomain]:
 
 @pytest.fixture(scope="module")
 def apps() -> Iterator[dict[str, App]]:
-    started = {name: App(name) for name in ("users-1", "users-2", "web")}
-    for app in started.values():
-        threading.Thread(target=app.serve_forever, args=(0.05,), daemon=True).start()
+    started = {name: App.serving(name) for name in ("users-1", "users-2", "web")}
     yield started
     for app in started.values():
-        app.shutdown()
-        app.server_close()
-
-
-@dataclass
-class Proxy:
-    process: Process
-    health: int
-    ports: dict[str, int]
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://127.0.0.1:{self.health}{path}", timeout=5)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of its /metrics, by name (the first of each name)."""
-        found: dict[str, float] = {}
-        for family in text_string_to_metric_families(self.get("/metrics").text):
-            for sample in family.samples:
-                found.setdefault(sample.name, float(sample.value))
-        return found
-
-    def wait_ready(self) -> None:
-        self.process.wait_until(lambda: self.get("/ready").status_code == 200 or None,
-                                "answering /ready with 200", DEADLINE)  # fmt: skip
+        app.stop()
 
 
 @pytest.fixture(scope="module")
-def start(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    directory = tmp_path_factory.mktemp("envoy-proxies")
+def start(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStarter]:
     with processes() as begin:
-
-        def sidecar(name: str, service: str, spiffe_id: str, app: App, label: str,
-                    *, outbound: bool = False) -> Proxy:  # fmt: skip
-            ports = {"inbound": free_port(), "health": free_port()}
-            args = [TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", service,
-                    "--spiffe-id", spiffe_id, "--app", app.address, "--label", label,
-                    "--inbound", f"127.0.0.1:{ports['inbound']}",
-                    "--health-bind", f"127.0.0.1:{ports['health']}"]  # fmt: skip
-            if outbound:
-                ports["outbound"] = free_port()
-                args += ["--outbound", f"127.0.0.1:{ports['outbound']}"]
-            process = begin(name, args, directory=directory, env=domain.env())
-            return Proxy(process, ports["health"], ports)
-
-        def gateway(name: str, offset: int) -> Proxy:
-            health = free_port()
-            args = [TESSERA, "gateway", "run", "--label", "istio=ingressgateway",
-                    "--spiffe-id", GATEWAY, "--port-offset", str(offset),
-                    "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
-            process = begin(name, args, directory=directory, env=domain.env())
-            return Proxy(process, health, {"http": 80 + offset})
-
-        yield sidecar, gateway
-
-
-def instances(domain: TrustDomain) -> list[dict[str, Any]]:
-    listed = tessera("mesh", "services", "--output", "json",
-                     "--data-dir", str(domain.server.data_dir)).stdout  # fmt: skip
-    found: list[dict[str, Any]] = json.loads(listed)
-    return found
-
-
-def healthy(domain: TrustDomain, address: str) -> None:
-    poll(lambda: any(i["address"] == address and i["health"] == "healthy"
-                     for i in instances(domain)) or None,
-         DEADLINE, f"{address} healthy in tessera mesh services")  # fmt: skip
+        yield ProxyStarter(domain, begin, tmp_path_factory.mktemp("envoy-proxies"))
 
 
 @pytest.fixture(scope="module")
-def users(domain: TrustDomain, apps: dict[str, App], start: Any) -> list[Proxy]:
-    sidecar, _ = start
-    running = [sidecar(f"users-{n}", "users-service", USERS, apps[f"users-{n}"], "app=users")
-               for n in (1, 2)]  # fmt: skip
+def users(domain: TrustDomain, apps: dict[str, App], start: ProxyStarter) -> list[Proxy]:
+    running = [
+        start.sidecar(f"users-{n}", "users-service", USERS, apps[f"users-{n}"], "app=users")
+        for n in (1, 2)
+    ]
     for proxy in running:
         proxy.wait_ready()
-        healthy(domain, f"127.0.0.1:{proxy.ports['inbound']}")
+        healthy(domain, proxy.address)
     return running
 
 
@@ -222,7 +128,8 @@ def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refus
         allowed = client.get(url, headers={"X-Forwarded-Client-Spiffe-Id": INTRUDER,
                                            "x_forwarded_client_spiffe_id": INTRUDER})
     assert allowed.status_code == 200, allowed.text
-    assert allowed.json() == {"app": "users-1", "path": "/api/users", "caller": [WEB]}
+    assert allowed.json() | {"number": 0} == {"app": "users-1", "path": "/api/users", "number": 0,
+                                              "caller": [WEB]}
 
     with httpx_client(callers[INTRUDER], authorize_id(USERS), timeout=10) as client:
         refused = client.get(url)
@@ -235,10 +142,9 @@ def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refus
 
 
 def test_two_envoy_sidecars_talk_mtls_and_the_server_side_sees_the_callers_id(
-    domain: TrustDomain, users: list[Proxy], apps: dict[str, App], start: Any
+    domain: TrustDomain, users: list[Proxy], apps: dict[str, App], start: ProxyStarter
 ) -> None:
-    sidecar, _ = start
-    web = sidecar("web", "web-service", WEB, apps["web"], "app=web", outbound=True)
+    web = start.sidecar("web", "web-service", WEB, apps["web"], "app=web", outbound=True)
     web.wait_ready()
     answers = set()
     for _ in range(4):
@@ -252,15 +158,13 @@ def test_two_envoy_sidecars_talk_mtls_and_the_server_side_sees_the_callers_id(
     web.process.send_signal(signal.SIGTERM)
     assert web.process.wait(timeout=DEADLINE) == 0
     assert "Sidecar stopped." in web.process.log()
-    address = f"127.0.0.1:{web.ports['inbound']}"
-    assert all(i["address"] != address for i in instances(domain))
+    assert all(i["address"] != web.address for i in instances(domain))
 
 
 def test_the_missions_gateway_routes_by_uri_to_both_instances(
-    users: list[Proxy], start: Any
+    users: list[Proxy], start: ProxyStarter
 ) -> None:
-    _, gateway = start
-    proxy = gateway("gateway", free_port() - 80)
+    proxy = start.gateway("gateway", GATEWAY, offset=free_port() - 80)
     proxy.wait_ready()
     url = f"http://127.0.0.1:{proxy.ports['http']}"
     with httpx.Client(timeout=10) as client:  # one connection: one Envoy worker's round robin
@@ -278,21 +182,15 @@ def test_the_missions_gateway_routes_by_uri_to_both_instances(
     assert "Gateway stopped." in proxy.process.log()
 
 
-def test_a_gateway_no_gateway_selects_says_so_on_ready(start: Any, domain: TrustDomain) -> None:
-    directory = Path(domain.server.data_dir).parent
-    health = free_port()
-    with processes() as begin:
-        process = begin("lonely-gateway", [
-            TESSERA, "gateway", "run", "--label", "istio=nobody", "--spiffe-id", GATEWAY,
-            "--health-bind", f"127.0.0.1:{health}",
-        ], directory=directory, env=domain.env())  # fmt: skip
-        proxy = Proxy(process, health, {})
+def test_a_gateway_no_gateway_selects_says_so_on_ready(start: ProxyStarter) -> None:
+    proxy = start.gateway("lonely-gateway", GATEWAY, offset=0, labels=("istio=nobody",))
 
-        def reason() -> str | None:
-            answer = proxy.get("/ready")
-            text: str = answer.json().get("reason", "")
-            return text if "no Gateway" in text else None
+    def reason() -> str | None:
+        answer = proxy.get("/ready")
+        text: str = answer.json().get("reason", "")
+        return text if "no Gateway" in text else None
 
-        assert process.wait_until(reason, "/ready saying no Gateway selects it", DEADLINE) == (
-            "no Gateway selects this gateway's labels (istio=nobody): apply one whose "
-            "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
+    assert proxy.process.wait_until(reason, "/ready saying no Gateway selects it", DEADLINE) == (
+        "no Gateway selects this gateway's labels (istio=nobody): apply one whose "
+        "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
+    proxy.process.stop()

@@ -1,0 +1,191 @@
+"""Apps, Envoy sidecars and gateways for the mesh's scenario tests, started as users start
+them (``tessera sidecar run --proxy envoy``, ``tessera gateway run``).
+
+    with trust_domain(tmp_path, entries) as domain, processes() as begin:
+        start = ProxyStarter(domain, begin, tmp_path)
+        users = App.serving("users-1")                       # a small real HTTP app
+        sidecar = start.sidecar("users-1", "users-service", USERS, users, "app=users")
+        sidecar.wait_ready()
+        healthy(domain, sidecar.address)                     # in tessera mesh services
+        gateway = start.gateway("gateway", GATEWAY, offset=free_port() - 80)
+
+An :class:`App` answers every request with JSON naming the app, the path and the caller's
+SPIFFE ID as its sidecar wrote it; a test changes its behaviour between requests with
+:attr:`App.behaviour` (fail every other request, answer slowly, a status) and reads what
+it served from :attr:`App.served`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import TESSERA, free_port, tessera
+from tests.integration.sidecar_fixtures import TrustDomain
+from tests.support.processes import Process, poll
+
+DEADLINE = 20.0
+
+
+@dataclass
+class Behaviour:
+    """What an app answers: ``fail_every`` N: every Nth request gets ``failure_status``;
+    ``delay``: seconds to wait before answering (a slow app, for timeouts)."""
+
+    fail_every: int = 0
+    failure_status: int = 503
+    delay: float = 0.0
+
+
+class App(ThreadingHTTPServer):
+    """An app on loopback: answers with its name, the path, and who its sidecar said called."""
+
+    daemon_threads = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(("127.0.0.1", 0), AppHandler)
+        self.name = name
+        self.behaviour = Behaviour()
+        self.served = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def serving(cls, name: str) -> App:
+        app = cls(name)
+        threading.Thread(target=app.serve_forever, args=(0.05,), daemon=True).start()
+        return app
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def count(self) -> int:
+        """This request's number (1 for the first), counted by the app."""
+        with self._lock:
+            self.served += 1
+            return self.served
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class AppHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: App
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            self._answer(200, {"app": self.server.name, "healthy": True})
+            return
+        behaviour = self.server.behaviour
+        number = self.server.count()
+        if behaviour.delay:
+            time.sleep(behaviour.delay)  # the app under test is slow on purpose
+        failing = behaviour.fail_every and number % behaviour.fail_every == 0
+        self._answer(behaviour.failure_status if failing else 200, {
+            "app": self.server.name, "path": self.path, "number": number,
+            "caller": self.headers.get_all("X-Forwarded-Client-Spiffe-Id"),
+        })  # fmt: skip
+
+    do_POST = do_DELETE = do_PUT = do_GET
+
+    def _answer(self, status: int, document: dict[str, Any]) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@dataclass
+class Proxy:
+    """A running ``tessera sidecar run --proxy envoy`` or ``tessera gateway run``."""
+
+    process: Process
+    health: int
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        """A sidecar's inbound address, as the catalog has it."""
+        return f"127.0.0.1:{self.ports['inbound']}"
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.health}{path}", timeout=5)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of its /metrics, by name (the first of each name)."""
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                found.setdefault(sample.name, float(sample.value))
+        return found
+
+    def wait_ready(self) -> None:
+        self.process.wait_until(lambda: self.get("/ready").status_code == 200 or None,
+                                "answering /ready with 200", DEADLINE)  # fmt: skip
+
+
+@dataclass
+class ProxyStarter:
+    """Starts sidecars and gateways in ``directory`` with ``begin`` (``processes()``)."""
+
+    domain: TrustDomain
+    begin: Callable[..., Process]
+    directory: Path
+
+    def sidecar(self, name: str, service: str, spiffe_id: str, app: App, *labels: str,
+                outbound: bool = False, extra: tuple[str, ...] = ()) -> Proxy:  # fmt: skip
+        ports = {"inbound": free_port(), "health": free_port()}
+        args = [TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", service,
+                "--spiffe-id", spiffe_id, "--app", app.address,
+                "--inbound", f"127.0.0.1:{ports['inbound']}",
+                "--health-bind", f"127.0.0.1:{ports['health']}", *extra]  # fmt: skip
+        for label in labels:
+            args += ["--label", label]
+        if outbound:
+            ports["outbound"] = free_port()
+            args += ["--outbound", f"127.0.0.1:{ports['outbound']}"]
+        process = self.begin(name, args, directory=self.directory, env=self.domain.env())
+        return Proxy(process, ports["health"], ports)
+
+    def gateway(self, name: str, spiffe_id: str, *, offset: int,
+                labels: tuple[str, ...] = ("istio=ingressgateway",)) -> Proxy:  # fmt: skip
+        health = free_port()
+        args = [TESSERA, "gateway", "run", "--spiffe-id", spiffe_id,
+                "--port-offset", str(offset), "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
+        for label in labels:
+            args += ["--label", label]
+        process = self.begin(name, args, directory=self.directory, env=self.domain.env())
+        return Proxy(process, health, {"http": 80 + offset})
+
+
+def mesh(domain: TrustDomain, *args: str, stdin: str | None = None) -> str:
+    """``tessera mesh ARGS`` against the domain's server; its stdout."""
+    return tessera("mesh", *args, "--data-dir", str(domain.server.data_dir), input=stdin).stdout
+
+
+def instances(domain: TrustDomain) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = json.loads(mesh(domain, "services", "--output", "json"))
+    return found
+
+
+def healthy(domain: TrustDomain, address: str) -> None:
+    """Wait until ``address`` is a healthy instance in ``tessera mesh services``."""
+    poll(lambda: any(i["address"] == address and i["health"] == "healthy"
+                     for i in instances(domain)) or None,
+         DEADLINE, f"{address} healthy in tessera mesh services")  # fmt: skip
