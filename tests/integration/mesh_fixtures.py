@@ -13,6 +13,10 @@ An :class:`App` answers every request with JSON naming the app, the path and the
 SPIFFE ID as its sidecar wrote it; a test changes its behaviour between requests with
 :attr:`App.behaviour` (fail every other request, answer slowly, a status) and reads what
 it served from :attr:`App.served`.
+
+The scenario suite runs each case against each data plane: mark a case
+:func:`supported_by` the planes that do it, take ``plane`` as an argument, and start its
+sidecars with ``plane=plane``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import TESSERA, free_port, tessera
@@ -34,6 +39,23 @@ from tests.integration.sidecar_fixtures import TrustDomain
 from tests.support.processes import Process, poll
 
 DEADLINE = 20.0
+PLANES = ("envoy", "builtin")
+"""The data planes the scenario suite runs each case against (``--proxy``)."""
+
+
+def supported_by(*planes: str) -> pytest.MarkDecorator:
+    """Run a scenario against every plane (its ``plane`` argument), the ones not in
+    ``planes`` expected to fail (strictly: a pass there fails, so the docs' table of
+    what each plane does, generated from these marks, stays true)::
+
+        @supported_by("envoy")
+        def test_a_split(plane: str, ...) -> None: ...
+    """
+    return pytest.mark.parametrize("plane", [
+        name if name in planes else pytest.param(name, marks=pytest.mark.xfail(
+            strict=True, reason=f"the {name} data plane does not do this yet"))
+        for name in PLANES
+    ])  # fmt: skip
 
 
 @dataclass
@@ -149,9 +171,10 @@ class ProxyStarter:
     directory: Path
 
     def sidecar(self, name: str, service: str, spiffe_id: str, app: App, *labels: str,
-                outbound: bool = False, extra: tuple[str, ...] = ()) -> Proxy:  # fmt: skip
+                outbound: bool = False, extra: tuple[str, ...] = (),
+                plane: str = "envoy") -> Proxy:  # fmt: skip
         ports = {"inbound": free_port(), "health": free_port()}
-        args = [TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", service,
+        args = [TESSERA, "sidecar", "run", "--proxy", plane, "--service", service,
                 "--spiffe-id", spiffe_id, "--app", app.address,
                 "--inbound", f"127.0.0.1:{ports['inbound']}",
                 "--health-bind", f"127.0.0.1:{ports['health']}", *extra]  # fmt: skip
