@@ -186,11 +186,16 @@ class ProxyStarter:
         process = self.begin(name, args, directory=self.directory, env=self.domain.env())
         return Proxy(process, ports["health"], ports)
 
-    def gateway(self, name: str, spiffe_id: str, *, offset: int,
-                labels: tuple[str, ...] = ("istio=ingressgateway",)) -> Proxy:  # fmt: skip
+    def gateway(self, name: str, spiffe_id: str | None, *, offset: int,
+                labels: tuple[str, ...] = ("istio=ingressgateway",),
+                args: list[str] | None = None) -> Proxy:  # fmt: skip
+        """``tessera gateway run`` with ``args`` (the docs' own, say), or with these
+        labels, SPIFFE ID and port offset; its health endpoints on a free port."""
         health = free_port()
-        args = [TESSERA, "gateway", "run", "--spiffe-id", spiffe_id,
-                "--port-offset", str(offset), "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
+        args = [TESSERA, "gateway", "run", *(args or ["--port-offset", str(offset)]),
+                "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
+        if spiffe_id is not None:
+            args += ["--spiffe-id", spiffe_id]
         for label in labels:
             args += ["--label", label]
         process = self.begin(name, args, directory=self.directory, env=self.domain.env())

@@ -12,8 +12,11 @@ gateway (and the Envoy it runs, attested on its own) holds every SVID and picks 
 
 from __future__ import annotations
 
+import re
+import shlex
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +35,17 @@ from tests.integration.mesh_fixtures import (
     instances,
 )
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
-from tests.unit.mesh.documents import MISSION
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
+
+
+def page_example() -> tuple[str, list[str]]:
+    """The YAML and the ``tessera gateway run`` arguments of docs/gateway.md's example."""
+    text = PAGE.read_text()
+    yaml = re.search(r"^```yaml\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
+    command = re.search(r"^tessera gateway run (.*)$", text, re.MULTILINE)
+    assert yaml is not None and command is not None
+    return yaml.group(1), shlex.split(command.group(1))
 
 pytestmark = [pytest.mark.integration, pytest.mark.envoy]
 
@@ -81,7 +94,7 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustDomain]:
     entries = [Entry(USERS), Entry(WEB), Entry(INTRUDER), Entry(GATEWAY)]
     with trust_domain(tmp_path_factory.mktemp("envoy-sidecar"), entries) as running:
         tessera("mesh", "apply", "-f", "-", "--data-dir", str(running.server.data_dir),
-                input=MESH + "---\n" + MISSION)
+                input=MESH + "---\n" + page_example()[0])
         yield running
 
 
@@ -164,7 +177,10 @@ def test_two_envoy_sidecars_talk_mtls_and_the_server_side_sees_the_callers_id(
 def test_the_missions_gateway_routes_by_uri_to_both_instances(
     users: list[Proxy], start: ProxyStarter
 ) -> None:
-    proxy = start.gateway("gateway", GATEWAY, offset=free_port() - 80)
+    _, args = page_example()
+    offset = free_port() - 80
+    args[args.index("--port-offset") + 1] = str(offset)
+    proxy = start.gateway("gateway", None, offset=offset, labels=(), args=args)
     proxy.wait_ready()
     url = f"http://127.0.0.1:{proxy.ports['http']}"
     with httpx.Client(timeout=10) as client:  # one connection: one Envoy worker's round robin
