@@ -173,17 +173,29 @@ class ProxyStarter:
     def sidecar(self, name: str, service: str, spiffe_id: str, app: App, *labels: str,
                 outbound: bool = False, extra: tuple[str, ...] = (),
                 plane: str = "envoy") -> Proxy:  # fmt: skip
-        ports = {"inbound": free_port(), "health": free_port()}
-        args = [TESSERA, "sidecar", "run", "--proxy", plane, "--service", service,
-                "--spiffe-id", spiffe_id, "--app", app.address,
-                "--inbound", f"127.0.0.1:{ports['inbound']}",
-                "--health-bind", f"127.0.0.1:{ports['health']}", *extra]  # fmt: skip
+        args = ["--proxy", plane, "--service", service, "--spiffe-id", spiffe_id, *extra]
         for label in labels:
             args += ["--label", label]
-        if outbound:
+        return self.sidecar_with(name, args, app, outbound=outbound)
+
+    def sidecar_with(self, name: str, args: list[str], app: App, *,
+                     outbound: bool = False) -> Proxy:  # fmt: skip
+        """``tessera sidecar run ARGS`` (the docs' own, say) in front of ``app``, its
+        ``--inbound``, ``--outbound`` (when ``outbound``) and health on free ports."""
+        ports = {"inbound": free_port(), "health": free_port()}
+        given = {"--app": app.address, "--inbound": f"127.0.0.1:{ports['inbound']}",
+                 "--health-bind": f"127.0.0.1:{ports['health']}"}  # fmt: skip
+        if outbound or "--outbound" in args:
             ports["outbound"] = free_port()
-            args += ["--outbound", f"127.0.0.1:{ports['outbound']}"]
-        process = self.begin(name, args, directory=self.directory, env=self.domain.env())
+            given["--outbound"] = f"127.0.0.1:{ports['outbound']}"
+        args = list(args)
+        for flag, value in given.items():
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        command = [TESSERA, "sidecar", "run", *args]
+        process = self.begin(name, command, directory=self.directory, env=self.domain.env())
         return Proxy(process, ports["health"], ports)
 
     def gateway(self, name: str, spiffe_id: str | None, *, offset: int,

@@ -36,12 +36,23 @@ from tests.integration.mesh_fixtures import (
 )
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "gateway.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def envoy_page() -> tuple[list[list[str]], list[str]]:
+    """docs/envoy.md's example: each ``tessera sidecar run`` command's arguments, and
+    the curl's."""
+    text = (DOCS / "envoy.md").read_text()
+    sidecars = [shlex.split(line)[3:] for line in
+                re.findall(r"^tessera sidecar run --proxy envoy .*$", text, re.MULTILINE)]
+    curl = re.search(r"^curl -H .*$", text, re.MULTILINE)
+    assert len(sidecars) == 2 and curl is not None
+    return sidecars, shlex.split(curl.group(0))
 
 
 def page_example() -> tuple[str, list[str]]:
     """The YAML and the ``tessera gateway run`` arguments of docs/gateway.md's example."""
-    text = PAGE.read_text()
+    text = (DOCS / "gateway.md").read_text()
     yaml = re.search(r"^```yaml\n(.*?)^```$", text, re.DOTALL | re.MULTILINE)
     command = re.search(r"^tessera gateway run (.*)$", text, re.MULTILINE)
     assert yaml is not None and command is not None
@@ -114,10 +125,8 @@ def start(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def users(domain: TrustDomain, apps: dict[str, App], start: ProxyStarter) -> list[Proxy]:
-    running = [
-        start.sidecar(f"users-{n}", "users-service", USERS, apps[f"users-{n}"], "app=users")
-        for n in (1, 2)
-    ]
+    command = envoy_page()[0][0]
+    running = [start.sidecar_with(f"users-{n}", command, apps[f"users-{n}"]) for n in (1, 2)]
     for proxy in running:
         proxy.wait_ready()
         healthy(domain, proxy.address)
@@ -157,12 +166,15 @@ def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refus
 def test_two_envoy_sidecars_talk_mtls_and_the_server_side_sees_the_callers_id(
     domain: TrustDomain, users: list[Proxy], apps: dict[str, App], start: ProxyStarter
 ) -> None:
-    web = start.sidecar("web", "web-service", WEB, apps["web"], "app=web", outbound=True)
+    commands, curl = envoy_page()
+    web = start.sidecar_with("web", commands[1], apps["web"])
     web.wait_ready()
+    host = curl[curl.index("-H") + 1].partition(": ")[2]
+    path = "/" + curl[-1].split("/", 3)[3]
     answers = set()
     for _ in range(4):
-        answer = httpx.get(f"http://127.0.0.1:{web.ports['outbound']}/api/users",
-                           headers={"Host": "users-service"}, timeout=10)  # fmt: skip
+        answer = httpx.get(f"http://127.0.0.1:{web.ports['outbound']}{path}",
+                           headers={"Host": host}, timeout=10)  # fmt: skip
         assert answer.status_code == 200, answer.text
         assert answer.json()["caller"] == [WEB]
         answers.add(answer.json()["app"])
