@@ -5,7 +5,9 @@ level and logger (``warning|config|...``); :class:`EnvoyOutput` logs each line t
 ``tessera.envoy`` logger at the matching level, after a prefix (``envoy: [config] ...``).
 A line without that start continues the entry before it (Envoy's messages may span
 lines; at exit it also prints the error that stopped it, bare), or is something else
-Envoy was told to write to its standard output (an access log), logged at INFO::
+Envoy was told to write to its standard output (an access log), logged at INFO. Once
+:attr:`EnvoyOutput.stopping` is set, warnings are logged at INFO (a caught SIGTERM,
+a closed xDS stream: stopping, not trouble)::
 
     output = EnvoyOutput(prefix="envoy")
     await output.follow(process.stdout)         # until Envoy closes it
@@ -73,6 +75,9 @@ class EnvoyOutput:
         self._max_line = max_line
         self._tail = tail
         self._entries: deque[_Entry] = deque(maxlen=tail)
+        self.stopping = False
+        """Set when Envoy is being stopped: its warnings then (the signal caught, the xDS
+        stream closed) are what stopping looks like, logged at INFO."""
 
     async def follow(self, stream: asyncio.StreamReader) -> None:
         """Read ``stream`` to its end, a line at a time (its reader's ``limit`` should be at
@@ -118,7 +123,10 @@ class EnvoyOutput:
             self._entries.append(current)
             message, logger = text, ""
         where = f" [{logger}]" if logger else ""
-        self._logger.log(current.level, "%s:%s %s", self._prefix, where, message)
+        level = current.level
+        if self.stopping and level == logging.WARNING:
+            level = logging.INFO
+        self._logger.log(level, "%s:%s %s", self._prefix, where, message)
 
     def last_words(self) -> str:
         """Why Envoy stopped, as well as its output tells: the error it reported last (only

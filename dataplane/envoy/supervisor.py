@@ -172,6 +172,7 @@ class EnvoySupervisor:
         self._process: asyncio.subprocess.Process | None = None
         self._admin: EnvoyAdmin | None = None
         self._output_task: asyncio.Task[None] | None = None
+        self._output: EnvoyOutput | None = None
         self._supervise_task: asyncio.Task[None] | None = None
         self._readiness_task: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -305,6 +306,7 @@ class EnvoySupervisor:
         )
         self._process = process
         output = EnvoyOutput(prefix=self._prefix)
+        self._output = output
         assert process.stdout is not None
         self._output_task = asyncio.create_task(output.follow(process.stdout))
         with contextlib.suppress(OSError):  # only to stop it if this supervisor dies
@@ -548,6 +550,8 @@ class EnvoySupervisor:
         self._set_state(_State.STOPPING, "Envoy is draining: Tessera is stopping it")
         self._stop_requested.set()
         process, admin = self._process, self._admin
+        if self._output is not None:
+            self._output.stopping = True
         if process is not None and process.returncode is None:
             exited = asyncio.ensure_future(process.wait())
             if was is _State.RUNNING and admin is not None:

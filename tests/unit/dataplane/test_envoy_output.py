@@ -85,3 +85,18 @@ def test_a_line_too_long_is_cut_and_the_next_one_read(caplog: pytest.LogCaptureF
         "envoy: [main] next",
         "envoy: last without newline",
     ]
+
+
+def test_warnings_while_envoy_is_stopped_are_what_stopping_looks_like(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tessera.envoy")
+    output = EnvoyOutput()
+    output.stopping = True
+
+    feed(output, ["warning|main|caught ENVOY_SIGTERM", "error|config|cannot write"])
+
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "envoy: [main] caught ENVOY_SIGTERM"),
+        (logging.ERROR, "envoy: [config] cannot write"),
+    ]
