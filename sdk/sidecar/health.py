@@ -45,8 +45,12 @@ class HealthServer:
         metrics: ProxyMetrics | FilesMetrics,
         *,
         ready: Callable[[], str | None],
+        setting: str = "--health-bind",
     ) -> None:
+        """``setting`` is what the user gave ``bind`` with (a flag, or a config file's
+        key): the error when the address is taken names it."""
         self.bind = bind
+        self._setting = setting
         self._metrics = metrics
         self._ready = ready
         self._server: asyncio.Server | None = None
@@ -70,7 +74,7 @@ class HealthServer:
         except OSError as err:
             raise SidecarConfigError(
                 f"cannot serve the health endpoints on {self.bind}: {err.strerror or err}; "
-                "choose another health address, or 0 to turn them off"
+                f"choose another {self._setting} (or 0 to turn it off)"
             ) from err
 
     async def stop(self) -> None:
