@@ -19,7 +19,10 @@ How the destination's authorization is judged: AuthorizationPolicies select work
 labels, and a subset's instances may differ in theirs, so the labels are those every
 instance of the chosen cluster has (the routable ones, else those registered), with the
 subset's. A weighted split is judged for each share that gets requests; the request is
-allowed when every such share allows it.
+allowed when every such share allows it and has an endpoint to serve it. A share with none
+(no instance registered, or none healthy) answers 503: when authorization would allow the
+request, the outcome is ``unavailable`` and the last lines say which instances are not
+serving and why; a refusal is named first, as it outlasts the missing instances.
 
 Before any instance of the cluster is registered its labels are unknown beyond the
 subset's: a policy whose ``selector.matchLabels`` those do not decide may or may not
@@ -87,6 +90,7 @@ Outcome = Literal[
     "aborted",
     "unknown-service",
     "no-listener",
+    "unavailable",
 ]
 
 
@@ -119,10 +123,11 @@ class DestinationOutcome:
     """One share of a route: where it goes, how many endpoints serve it, and what the
     destination's sidecar decides for the caller.
 
-    ``workload_labels`` are those its instances are known to have. ``label_cases`` is
-    empty when they decide which AuthorizationPolicies apply; else (no instance is
-    registered yet) the decision for each label set that matters, and ``decision`` says
-    whether they agree (``undecided`` when they do not).
+    ``unavailable`` says why no endpoint serves the share (every request sent to it gets
+    503), None when one does. ``workload_labels`` are those its instances are known to
+    have. ``label_cases`` is empty when they decide which AuthorizationPolicies apply;
+    else (no instance is registered yet) the decision for each label set that matters,
+    and ``decision`` says whether they agree (``undecided`` when they do not).
     """
 
     destination: WeightedDestination
@@ -131,6 +136,7 @@ class DestinationOutcome:
     decision: Decision
     rate_limits: tuple[RateLimitRule, ...]
     label_cases: tuple[LabelCase, ...] = ()
+    unavailable: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workload_labels", MappingProxyType(dict(self.workload_labels)))
@@ -355,8 +361,17 @@ def _follow(
     allowed = all(item.decision.allowed for item in shares)
     refused = any(not item.decision.allowed and not item.undecided for item in shares)
     outcome: Outcome = "forwarded" if allowed else "refused" if refused else "undecided"
+    status = 403 if refused else None
+    unserved = [item for item in shares if item.unavailable is not None]
+    if allowed and unserved:
+        # Allowed, but not served: the caller's sidecar has nowhere to send it.
+        outcome, allowed, status = "unavailable", False, 503
+        for item in unserved:
+            share = "" if item.destination.weight >= 100 else f"{item.destination.weight}% of "
+            steps.add(f"not served: {share}requests get {item.unavailable}",
+                      item.destination.source)  # fmt: skip
     return _explanation(
-        proxy, request, outcome, allowed, 403 if refused else None, steps, caller,
+        proxy, request, outcome, allowed, status, steps, caller,
         route=route, matched=matched, destinations=outcomes, gateway_decision=gateway_decision,
     )  # fmt: skip
 
@@ -415,7 +430,10 @@ def _destination(
         rule for rule in compile_rate_limits(config, destination.service) if rule.applies_to(caller)
     )
     count = len(endpoints.endpoints) if endpoints is not None else 0
-    outcome = DestinationOutcome(destination, count, known, decision, rate_limits, cases)
+    unavailable = _unavailable(destination, endpoints) if count == 0 else None
+    outcome = DestinationOutcome(
+        destination, count, known, decision, rate_limits, cases, unavailable
+    )
     steps.add(
         f"{destination.weight}% to {destination} (cluster {destination.cluster}, "
         f"{count} endpoint{'s' if count != 1 else ''})",
@@ -423,10 +441,8 @@ def _destination(
     )
     if destination.weight == 0:
         return outcome
-    if count == 0 and endpoints is not None:
-        steps.add(
-            "no endpoint serves it: the caller gets 503 (no healthy upstream)", endpoints.source
-        )
+    if unavailable is not None:
+        steps.add(unavailable, where)
     if cases:
         _say_cases(destination, known, unknown, cases, decision, steps, where)
     else:
@@ -444,6 +460,26 @@ def _destination(
             rule.source,
         )
     return outcome
+
+
+_LISTED = 3  # instances named in a 503's reason; the rest are counted
+
+
+def _unavailable(destination: WeightedDestination, endpoints: ClusterEndpoints | None) -> str:
+    """Why no endpoint serves ``destination``: none registered, or which instances are
+    not routable (``unhealthy``, or not checked yet while the Service has a health check)."""
+    subset = f" subset {destination.subset}" if destination.subset else ""
+    excluded = endpoints.excluded if endpoints is not None else ()
+    if not excluded:
+        return f"503: no instance of {destination.service}{subset} is registered"
+    groups: list[str] = []
+    for health, name in (("unhealthy", "unhealthy"), ("unknown", "not checked yet")):
+        addresses = [str(item.address) for item in excluded if item.health == health]
+        if addresses:
+            shown = ", ".join(addresses[:_LISTED])
+            more = f" and {len(addresses) - _LISTED} more" if len(addresses) > _LISTED else ""
+            groups.append(f"{len(addresses)} {name}: {shown}{more}")
+    return f"503: no healthy instance of {destination.service}{subset} ({'; '.join(groups)})"
 
 
 def _workload_labels(

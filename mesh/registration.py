@@ -14,7 +14,8 @@ workload behind it: another team's Service stays theirs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +23,13 @@ from mesh.config import Config
 from mesh.names import check_dns_label, check_label_key, check_label_value
 from mesh.resources import Service
 
-__all__ = ["MAX_LABELS", "RegistrationProblem", "label_problem", "registration_problem"]
+__all__ = [
+    "MAX_LABELS",
+    "RegistrationProblem",
+    "label_problem",
+    "registration_problem",
+    "similar_names",
+]
 
 MAX_LABELS = 64
 
@@ -43,10 +50,12 @@ def registration_problem(
         return RegistrationProblem("invalid", f"service {service!r} {err}")
     found = config.get(Service, service)
     if found is None:
+        close = similar_names(service, [item.name for item in config.of_kind(Service)])
+        guess = f"did you mean {' or '.join(close)}? If not, " if close else ""
         return RegistrationProblem(
             "not-found",
-            f"there is no Service {service}; apply one (kind: Service, tessera.io/v1alpha1) "
-            "naming the SPIFFE IDs that may serve it",
+            f"there is no Service {service}; {guess}apply one (kind: Service, "
+            "tessera.io/v1alpha1) naming the SPIFFE IDs that may serve it",
         )
     if spiffe_id not in found.spec.spiffe_ids:
         allowed = ", ".join(found.spec.spiffe_ids)
@@ -56,6 +65,21 @@ def registration_problem(
             f"(its spec.spiffeIds)",
         )
     return None
+
+
+def similar_names(name: str, names: Iterable[str], *, most: int = 3) -> list[str]:
+    """The ``names`` a user who typed ``name`` may have meant: a close spelling
+    (``user-service`` for ``users-service``), or one that begins with the other
+    (``users`` for ``users-service``); at most ``most``, the closest first."""
+    candidates = sorted(set(names) - {name})
+    found = difflib.get_close_matches(name, candidates, n=most, cutoff=0.8)
+    if len(name) >= 3:
+        found += [
+            other
+            for other in candidates
+            if other not in found and (other.startswith(name) or name.startswith(other))
+        ]
+    return found[:most]
 
 
 def label_problem(labels: Mapping[str, str]) -> str | None:

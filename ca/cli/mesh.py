@@ -417,8 +417,9 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
                  method: str, path: str, headers: tuple[str, ...], output: str) -> None:
     """How a request from --from to --to (or entering a --gateway) is routed, to which
     destination and subset and why, and the rule that allows or refuses it. Exit status
-    0 when allowed, 1 when refused by a rule, not routed (a gateway's 404), or undecided
-    (no instance registered yet, and the labels its sidecars run with decide)."""
+    0 when allowed, 1 when refused by a rule, not routed (a gateway's 404), not served
+    (no healthy instance: a 503), or undecided (no instance registered yet, and the labels
+    its sidecars run with decide)."""
     body: dict[str, Any] = {"method": method.upper(), "path": path,
                             "headers": dict(_pair(h, "--header") for h in headers)}
     if gateway:

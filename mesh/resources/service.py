@@ -63,8 +63,10 @@ class HealthCheck(Model):
 
     @model_validator(mode="after")
     def _check_one(self) -> Self:
-        if (self.http is None) == (self.tcp is None):
-            raise ValueError("must set one of http or tcp")
+        if self.http is None and self.tcp is None:
+            raise ValueError("must set http or tcp")
+        if self.http is not None and self.tcp is not None:
+            raise ValueError("must set http or tcp, not both")
         return self
 
 

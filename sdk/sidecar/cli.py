@@ -175,7 +175,8 @@ def proxy_command(
         if config.health_bind is not None:
             server = HealthServer(config.health_bind, metrics,
                                   ready=lambda: (source.problem() or source.no_identity()
-                                                 or proxy.ready_problem()))
+                                                 or proxy.ready_problem()),
+                                  setting="health_bind")
         try:
             await proxy.start()
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, proxy.reload_policies)

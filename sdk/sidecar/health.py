@@ -46,10 +46,14 @@ class HealthServer:
         *,
         ready: Callable[[], str | None],
         more_metrics: Callable[[], Awaitable[bytes]] | None = None,
+        setting: str = "--health-bind",
     ) -> None:
         """``more_metrics``: more Prometheus text for ``/metrics`` (a proxy's own stats,
-        bounded in time and size by the callee), served after the sidecar's."""
+        bounded in time and size by the callee), served after the sidecar's. ``setting``
+        is what the user gave ``bind`` with (a flag, or a config file's key): the error
+        when the address is taken names it."""
         self.bind = bind
+        self._setting = setting
         self._metrics = metrics
         self._ready = ready
         self._more_metrics = more_metrics
@@ -74,7 +78,7 @@ class HealthServer:
         except OSError as err:
             raise SidecarConfigError(
                 f"cannot serve the health endpoints on {self.bind}: {err.strerror or err}; "
-                "choose another health address, or 0 to turn them off"
+                f"choose another {self._setting} (or 0 to turn it off)"
             ) from err
 
     async def stop(self) -> None:

@@ -216,10 +216,14 @@ def test_explain_before_any_instance_says_what_the_labels_decide(server: ServerP
 
     orders = mesh_run(server, "explain", "--from", "spiffe://example.org/orders",
                       "--to", "users-service")
-    assert (orders.returncode, orders.stderr) == (0, "")
-    assert orders.stdout.splitlines()[-1] == (
+    # Allowed whatever the labels, and not served until an instance registers (exit 1).
+    assert (orders.returncode, orders.stderr) == (1, "")
+    assert orders.stdout.splitlines()[-2:] == [
         "allowed by users-service whatever labels its sidecars run with  "
-        "[Service users-service]")
+        "[Service users-service]",
+        "not served: requests get 503: no instance of users-service is registered  "
+        "[Service users-service spec.ports[0]]",
+    ]
 
     billing = mesh_run(server, "explain", "--from", "spiffe://example.org/billing",
                        "--to", "users-service")

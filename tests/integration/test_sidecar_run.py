@@ -12,8 +12,10 @@ this test's uid, and each process picks its SVID by SPIFFE ID:
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import logging
 import re
 import shlex
 import signal
@@ -30,7 +32,10 @@ import httpx
 import pytest
 from spiffe import SpiffeId
 
+from dataplane.registration import InstanceRegistration
 from sdk import WorkloadApiX509Source, authorize_id, mtls_client_context
+from sdk.address import HostPort
+from sdk.backoff import Backoff
 from sdk.integrations.httpx import httpx_client
 from sdk.sidecar.connect import connect_x509_source
 from tests.integration.conftest import TESSERA, free_port, tessera
@@ -354,6 +359,59 @@ def test_a_service_applied_later_takes_the_sidecar_waiting_for_it(
     finally:
         sidecar.process.stop()
         mesh(domain, "delete", "service", "later-service")
+
+
+def test_a_refused_registration_warns_once_and_tries_again_when_the_mesh_changes(
+    applied: TrustDomain, healthy_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sidecar started with a Service name that is not there: one WARNING saying which
+    Service the user may have meant, DEBUG for the retries, and registered as soon as the
+    Service is applied, though its backoff would wait an hour."""
+    caplog.set_level(logging.DEBUG, logger="tessera.sidecar")
+    yaml, _ = page_example()
+    typo = yaml.split("---\n")[0].replace("name: users-service", "name: user-service")
+    refusal = (
+        "user-service is not registered: there is no Service user-service; did you mean "
+        "users-service? If not, apply one (kind: Service, tessera.io/v1alpha1) naming the "
+        "SPIFFE IDs that may serve it; trying again when the mesh changes"
+    )
+
+    def said(level: int) -> list[str]:
+        return [record.getMessage() for record in caplog.records
+                if record.levelno == level and record.name == "tessera.sidecar"
+                and "user-service is not registered" in record.getMessage()]  # fmt: skip
+
+    async def until(condition: Any, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        registration = InstanceRegistration(
+            socket=applied.endpoint, service="user-service", spiffe_id=USERS,
+            address=HostPort("127.0.0.1", free_port()),
+            check_address=HostPort("127.0.0.1", healthy_app.server_address[1]),
+            labels={"app": "users"}, backoff=Backoff(initial=3600.0, maximum=3600.0),
+        )  # fmt: skip
+        task = asyncio.create_task(registration.run())
+        try:
+            # Refused, then again at once as the watch of the mesh starts: logged once.
+            await until(lambda: said(logging.DEBUG), "the refusal met a second time")
+            assert said(logging.WARNING) == [refusal]
+            assert said(logging.DEBUG) == [refusal]
+            assert not registration.registered
+            await asyncio.to_thread(mesh, applied, "apply", "-f", "-", stdin=typo)
+            await until(lambda: registration.registered, "registered once the Service exists")
+            assert said(logging.WARNING) == [refusal]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        mesh(applied, "delete", "service", "user-service")
 
 
 def test_an_inbound_address_in_use_is_refused_before_anything_is_registered(

@@ -571,10 +571,21 @@ def test_describe_names_the_source_of_every_line(mesh: Mesh) -> None:
     assert as_json["lines"] == lines
 
 
+def register(mesh: Mesh, service: str, *instances: tuple[str, dict[str, str], str]) -> None:
+    """Instances of ``service`` as an agent reports them: (address, labels, health)."""
+    mesh.store.report_mesh_instances("spiffe://example.org/tessera/agent/join_token/abc", [
+        ReportedInstance(service, HostPort.parse(address), f"spiffe://example.org/{service}",
+                         labels, health)  # type: ignore[arg-type]
+        for address, labels, health in instances
+    ], lease=timedelta(seconds=30))
+
+
 def test_explain_exits_0_when_allowed_and_1_when_refused_naming_the_rule(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE + "---\n"
                                       + ALLOW_ORDERS.replace("selector: {matchLabels: {app: "
                                                              "reviews}}\n  ", "")))
+    register(mesh, "reviews", ("10.0.0.5:15006", {"version": "v1"}, "healthy"),
+             ("10.0.0.6:15006", {"version": "v2"}, "healthy"))
 
     allowed = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "reviews",
                        "--path", "/reviews/1")
@@ -590,6 +601,26 @@ def test_explain_exits_0_when_allowed_and_1_when_refused_naming_the_rule(mesh: M
     as_json = json.loads(mesh.run("explain", "--from", "spiffe://example.org/evil", "--to",
                                   "reviews", "--output", "json").out)
     assert as_json["allowed"] is False
+
+
+def test_explain_exits_1_when_no_healthy_instance_serves_the_request(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS))
+    register(mesh, "users", ("10.0.0.5:15006", {}, "unhealthy"),
+             ("10.0.0.6:15006", {}, "unhealthy"))
+
+    ran = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "users")
+    assert (ran.status, ran.err) == (1, "")
+    reason = ("503: no healthy instance of users (2 unhealthy: 10.0.0.5:15006, "
+              "10.0.0.6:15006)")
+    lines = ran.out.splitlines()
+    assert f"{reason}  [Service users]" in lines
+    assert lines[-1] == f"not served: requests get {reason}  [Service users spec.ports[0]]"
+
+    as_json = json.loads(mesh.run("explain", "--from", "spiffe://example.org/orders", "--to",
+                                  "users", "--output", "json").out)
+    assert (as_json["allowed"], as_json["outcome"], as_json["status"]) == (
+        False, "unavailable", 503)
+    assert as_json["destinations"][0]["unavailable"] == reason
 
 
 def test_explain_and_describe_refuse_what_is_not_there_or_not_an_id(mesh: Mesh) -> None:
@@ -610,6 +641,7 @@ def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> No
     mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS.replace("name: users}",
                                                                  "name: users-service}")
                                       + "---\n" + MISSION))
+    register(mesh, "users-service", ("10.0.0.5:15006", {}, "healthy"))
 
     routed = mesh.run("explain", "--gateway", "istio=ingressgateway", "--path", "/api/v1/users")
     assert (routed.status, routed.err) == (0, "")
@@ -637,8 +669,9 @@ def test_explain_before_any_instance_says_what_the_labels_decide(mesh: Mesh) -> 
                                       + ALLOW_ORDERS))
 
     allowed = mesh.run("explain", "--from", "spiffe://example.org/orders", "--to", "reviews")
-    assert (allowed.status, allowed.err) == (0, "")
-    assert allowed.out.splitlines()[-4:] == [
+    # Allowed whatever the labels, and not served yet: no instance is there to serve it.
+    assert (allowed.status, allowed.err) == (1, "")
+    assert allowed.out.splitlines()[-6:-2] == [
         "no instance of reviews subset v2 is registered yet: AuthorizationPolicy "
         "reviews-allow-orders selects workloads by labels, so whether it applies depends on the "
         "labels its sidecars will run with  [DestinationRule reviews spec.subsets[1]]",
@@ -648,6 +681,12 @@ def test_explain_before_any_instance_says_what_the_labels_decide(mesh: Mesh) -> 
         "workload and no DENY rule matches spiffe://example.org/orders  [default authorization]",
         "allowed by reviews whatever labels its sidecars run with  "
         "[DestinationRule reviews spec.subsets[1]]",
+    ]
+    assert allowed.out.splitlines()[-2:] == [
+        "not served: 90% of requests get 503: no instance of reviews subset v1 is registered  "
+        "[VirtualService reviews spec.http[0].route[0]]",
+        "not served: 10% of requests get 503: no instance of reviews subset v2 is registered  "
+        "[VirtualService reviews spec.http[0].route[1]]",
     ]
 
     undecided = mesh.run("explain", "--from", "spiffe://example.org/evil", "--to", "reviews")

@@ -17,6 +17,7 @@ from tests.unit.mesh.meshes import (
     ORDERS,
     ORDERS_INSTANCES,
     ORDERS_SERVICE,
+    REVIEWS,
     REVIEWS_INSTANCES,
     SPLIT,
     USERS,
@@ -229,7 +230,11 @@ spec:
 
     def allowed(claims: dict[str, object] | None) -> bool:
         return explain(
-            config, Catalog(), caller=ORDERS, service="users-service", claims=claims
+            config,
+            Catalog(USERS_INSTANCES),
+            caller=ORDERS,
+            service="users-service",
+            claims=claims,
         ).allowed
 
     assert allowed({"groups": ["dev", "admins"], "org": {"tier": "gold"}})
@@ -360,7 +365,7 @@ def test_before_any_instance_the_labels_may_decide() -> None:
         None,
     )
     assert explanation.lines()[-6:] == [
-        "no endpoint serves it: the caller gets 503 (no healthy upstream)  [Service users-service]",
+        "503: no instance of users-service is registered  [Service users-service]",
         UNKNOWN_LABELS,
         f"with app=users: refused by users-service: no ALLOW rule matches {BILLING}, and "
         "AuthorizationPolicy users-readers (ALLOW) selects this workload: refused by default  "
@@ -406,12 +411,19 @@ def test_before_any_instance_what_every_label_set_gives_is_the_answer(
     config, _ = everything()
     explanation = explain(config, NO_USERS_YET, caller=caller, service="users-service",
                           method=method, path="/api/v1/users")  # fmt: skip
+    # Allowed by every label set, it is still not served: no instance is there to serve it.
     assert (explanation.allowed, explanation.outcome, explanation.status) == (
-        (True, "forwarded", None) if allowed else (False, "refused", 403)
+        (False, "unavailable", 503) if allowed else (False, "refused", 403)
     )
     lines = explanation.lines()
     start = lines.index(UNKNOWN_LABELS)
     assert lines[start + 1 : start + 4] == [*cases, f"{verdict}  [Service users-service]"]
+    assert explanation.decision is not None and explanation.decision.allowed is allowed
+    if allowed:
+        assert lines[-1] == (
+            "not served: requests get 503: no instance of users-service is registered  "
+            "[Service users-service spec.ports[0]]"
+        )
 
 
 REVIEWS_POLICIES = """\
@@ -437,7 +449,7 @@ spec:
 @pytest.mark.parametrize(
     ("caller", "outcome", "v1", "v2"),
     [
-        (ORDERS, "forwarded", "allowed by reviews: no ALLOW policy",
+        (ORDERS, "unavailable", "allowed by reviews: no ALLOW policy",
          "allowed by reviews whatever labels its sidecars run with"),
         (BILLING, "undecided", "allowed by reviews: no ALLOW policy",
          "undecided: reviews allows it with some of these labels and refuses it with others"),
@@ -478,3 +490,40 @@ def test_instances_not_serving_yet_tell_their_labels() -> None:
     assert UNKNOWN_LABELS not in explanation.lines()
     assert explanation.decision is not None
     assert str(explanation.decision.rule) == "AuthorizationPolicy users-readers"
+
+
+def test_a_request_no_healthy_instance_serves_is_not_allowed() -> None:
+    config, _ = everything()
+    down = Catalog([
+        *ORDERS_INSTANCES,
+        instance("users-service", "10.0.0.5:8443", {"app": "users"}, "unhealthy"),
+        instance("users-service", "10.0.0.6:8443", {"app": "users"}, "unhealthy"),
+    ])  # fmt: skip
+    explanation = explain(config, down, caller=ORDERS, service="users-service",
+                          path="/api/v1/users")  # fmt: skip
+    assert (explanation.outcome, explanation.allowed, explanation.status) == (
+        "unavailable", False, 503
+    )  # fmt: skip
+    reason = "503: no healthy instance of users-service (2 unhealthy: 10.0.0.5:8443, 10.0.0.6:8443)"
+    assert f"{reason}  [Service users-service]" in explanation.lines()
+    assert explanation.lines()[-1] == (
+        f"not served: requests get {reason}  [Service users-service spec.ports[0]]"
+    )
+    document = explanation.to_json()
+    assert (document["outcome"], document["status"]) == ("unavailable", 503)
+    assert document["destinations"][0]["unavailable"] == reason
+
+
+def test_a_split_share_no_instance_serves_names_its_share_and_instances() -> None:
+    config = configured(SPLIT)
+    waiting = Catalog([
+        instance("reviews", "10.0.1.1:8443", {"version": "v1"}, spiffe_id=REVIEWS),
+        *(instance("reviews", f"10.0.2.{n}:8443", {"version": "v2"}, "unknown", REVIEWS)
+          for n in range(1, 6)),
+    ])  # fmt: skip
+    explanation = explain(config, waiting, caller=ORDERS, service="reviews", path="/reviews/1")
+    assert (explanation.outcome, explanation.status) == ("unavailable", 503)
+    assert explanation.lines()[-1].startswith(
+        "not served: 10% of requests get 503: no healthy instance of reviews subset v2 "
+        "(5 not checked yet: 10.0.2.1:8443, 10.0.2.2:8443, 10.0.2.3:8443 and 2 more)  ["
+    )

@@ -29,7 +29,9 @@ from sdk.sidecar.config import (
     OutboundConfig,
     ProxyConfig,
 )
+from sdk.sidecar.errors import SidecarConfigError
 from sdk.sidecar.health import HealthServer
+from sdk.sidecar.metrics import ProxyMetrics
 from sdk.sidecar.proxy import Proxy, handshake_policy
 from sdk.sources import StaticX509Source
 from sdk.tls import mtls_client_context
@@ -622,6 +624,25 @@ def test_health_endpoints(loop_thread: LoopThread, start: Any, app: App,
         assert httpx.post(f"{base}/ready").status_code == 405
     finally:
         loop_thread.run(health.stop())
+
+
+@pytest.mark.parametrize(("setting", "named"), [
+    ({}, "--health-bind"), ({"setting": "health_bind"}, "health_bind"),
+])  # fmt: skip
+def test_a_taken_health_address_names_the_setting_to_change(
+    loop_thread: LoopThread, setting: dict[str, str], named: str
+) -> None:
+    first = HealthServer(HostPort("127.0.0.1", 0), ProxyMetrics(), ready=lambda: None)
+    loop_thread.run(first.start())
+    try:
+        taken = first.bound
+        second = HealthServer(taken, ProxyMetrics(), ready=lambda: None, **setting)
+        with pytest.raises(SidecarConfigError) as raised:
+            loop_thread.run(second.start())
+        assert str(raised.value).startswith(f"cannot serve the health endpoints on {taken}: ")
+        assert str(raised.value).endswith(f"; choose another {named} (or 0 to turn it off)")
+    finally:
+        loop_thread.run(first.stop())
 
 
 def test_stop_closes_idle_connections_at_once(

@@ -93,12 +93,12 @@ def test_full_example() -> None:
         (
             "spec.healthCheck",
             {"interval": "2s"},
-            "spec.healthCheck must set one of http or tcp",
+            "spec.healthCheck must set http or tcp",
         ),
         (
             "spec.healthCheck.tcp",
             {},
-            "spec.healthCheck must set one of http or tcp",
+            "spec.healthCheck must set http or tcp, not both",
         ),
         (
             "spec.healthCheck.http.path",
