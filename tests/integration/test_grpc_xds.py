@@ -47,6 +47,8 @@ from tests.integration.conftest import TESSERA, ServerProcess, free_port, tesser
 from tests.integration.test_agent import NODE, create_entry
 from tests.support.envoy import EnvoyProcess
 from tests.support.processes import Process, poll
+from tests.unit.mesh.meshes import EVERYTHING
+from tests.unit.mesh.test_envoy_render import ORDERS_ROUTES
 from tests.unit.workload_api.test_server import LoopThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.envoy]
@@ -93,6 +95,32 @@ CALLER = textwrap.dedent("""
             print(json.dumps({"error": err.code().name, "details": err.details()}))
         else:
             print(json.dumps({"caller": answer.decode()}))
+""")
+
+RESOLVER = textwrap.dedent("""
+    import json, sys, threading
+    import grpc
+    import grpc.experimental
+
+    deadline, targets = float(sys.argv[1]), sys.argv[2:]
+    credentials = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+    settled, lock, done = {}, threading.Lock(), threading.Event()
+    final = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+
+    def watch(target):
+        def seen(state):
+            with lock:
+                if state in final:
+                    settled.setdefault(target, state.name)
+                if len(settled) == len(targets):
+                    done.set()
+        return seen
+
+    channels = [grpc.secure_channel(target, credentials) for target in targets]
+    for target, channel in zip(targets, channels):
+        channel.subscribe(watch(target), try_to_connect=True)
+    done.wait(deadline)
+    print(json.dumps(settled))
 """)
 
 
@@ -198,10 +226,21 @@ def grpc_bootstrap(agent: AgentProcess, files: Path, spiffe_id: str) -> dict[str
 
 
 def call(directory: Path, bootstrap: dict[str, Any], target: str) -> dict[str, Any]:
+    """Call ``target`` from a new process with this gRPC bootstrap; what it got."""
+    return _run(directory, bootstrap, CALLER, target, str(DEADLINE))
+
+
+def resolve(directory: Path, bootstrap: dict[str, Any], *targets: str) -> dict[str, Any]:
+    """Open a channel to each target in a new process, until each has resolved (READY, or
+    TRANSIENT_FAILURE: no instance to connect to); target -> that state."""
+    return _run(directory, bootstrap, RESOLVER, str(DEADLINE), *targets)
+
+
+def _run(directory: Path, bootstrap: dict[str, Any], script: str, *args: str) -> dict[str, Any]:
     path = directory / "grpc-bootstrap.json"
     path.write_text(json.dumps(bootstrap))
     result = subprocess.run(
-        [sys.executable, "-c", CALLER, target, str(DEADLINE)],
+        [sys.executable, "-c", script, *args],
         capture_output=True, text=True, timeout=DEADLINE + 30, cwd="/",
         env={**os.environ, "GRPC_XDS_BOOTSTRAP": str(path)},
     )  # fmt: skip
@@ -261,12 +300,51 @@ def test_a_proxyless_grpc_client_resolves_an_xds_target_and_calls_over_mtls(
     assert (seen_refused["source"], seen_refused["upstream_host"]) == (INTRUDER, None)
     assert seen_refused["response_code_details"].startswith("rbac_access_denied")
     for node in ("web-1", "intruder-1"):
-        said = [line for line in log.splitlines() if f"Envoy node {node} (cluster " in line]
-        assert not [line for line in said if " refused " in line]
-        for kind in (
-            "listener.v3.Listener",
-            "cluster.v3.Cluster",
-            "endpoint.v3.ClusterLoadAssignment",
-        ):
-            assert [line for line in said if f" accepted type.googleapis.com/envoy.config.{kind} "
-                    in line], f"{node} accepted no {kind}"  # fmt: skip
+        assert accepted_every_type(agent, node)
+        assert refusals(agent, node) == []
+
+
+XDS_TYPES = ("listener.v3.Listener", "cluster.v3.Cluster", "endpoint.v3.ClusterLoadAssignment")
+
+
+def said_to(agent: AgentProcess, node: str) -> list[str]:
+    """The agent's log lines about the discovery stream of ``node``."""
+    return [line for line in agent.log().splitlines() if f"Envoy node {node} (cluster " in line]
+
+
+def accepted_every_type(agent: AgentProcess, node: str) -> bool:
+    said = said_to(agent, node)
+    return all(
+        any(f" accepted type.googleapis.com/envoy.config.{kind} " in line for line in said)
+        for kind in XDS_TYPES
+    )
+
+
+def refusals(agent: AgentProcess, node: str) -> list[str]:
+    """What ``node`` refused (NACK), with gRPC's reason."""
+    return [line for line in said_to(agent, node) if " refused " in line]
+
+
+def test_grpc_accepts_every_route_and_cluster_the_mesh_renders_for_it(
+    server: ServerProcess, start_agent: StartAgent, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Weighted subsets, header, method and query matches, redirects, rewrites, header
+    changes, timeouts, retries, faults, mirrors, consistent hashing, circuit breakers and
+    outlier detection: gRPC takes what it supports and ignores the rest; it refuses none."""
+    documents = "---\n".join([*EVERYTHING, ORDERS_ROUTES])
+    tessera("mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir), input=documents)
+    create_entry(server, WEB, f"unix:uid:{os.getuid()}", parent=NODE)
+    monkeypatch.setenv("TESSERA_LOG_LEVEL", "debug")  # the agent logs each ACK
+    agent = start_agent(server)
+    files = svid_files(agent, tmp_path, WEB)
+    try:
+        targets = ["xds:///orders", "xds:///reviews:9080", "xds:///users-service"]
+        settled = resolve(tmp_path, grpc_bootstrap(agent, tmp_path / "svid", WEB), *targets)
+    finally:
+        files.stop()
+    # No instance is registered: each channel resolves and finds none to connect to.
+    assert settled == dict.fromkeys(targets, "TRANSIENT_FAILURE"), agent.log()
+    poll(lambda: accepted_every_type(agent, "web-1") or None, DEADLINE,
+         "web-1 accepting listeners, clusters and endpoints")  # fmt: skip
+    assert refusals(agent, "web-1") == []
