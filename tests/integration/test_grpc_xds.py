@@ -56,6 +56,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.envoy]
 USERS = "spiffe://example.org/users"
 WEB = "spiffe://example.org/web"
 INTRUDER = "spiffe://example.org/intruder"
+IMPOSTOR = "spiffe://example.org/impostor"
 PORT = 50051
 DEADLINE = 20.0
 StartAgent = Callable[..., AgentProcess]
@@ -85,12 +86,12 @@ CALLER = textwrap.dedent("""
     import grpc
     import grpc.experimental
 
-    target = sys.argv[1]
+    target, deadline, wait_for_ready = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "wait"
     credentials = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
     with grpc.secure_channel(target, credentials) as channel:
         who = channel.unary_unary("/tessera.test.Users/Who")
         try:
-            answer = who(b"", timeout=float(sys.argv[2]), wait_for_ready=True)
+            answer = who(b"", timeout=deadline, wait_for_ready=wait_for_ready)
         except grpc.RpcError as err:
             print(json.dumps({"error": err.code().name, "details": err.details()}))
         else:
@@ -147,13 +148,15 @@ def app() -> Iterator[int]:
     server.stop(grace=None)
 
 
-def envoy_sidecar(agent: AgentProcess, directory: Path, inbound: int, app: int) -> EnvoyProcess:
+def envoy_sidecar(
+    agent: AgentProcess, directory: Path, inbound: int, app: int, spiffe_id: str = USERS
+) -> EnvoyProcess:
     document = build_bootstrap(
         node_id="users-1", node_cluster="users-service", agent_socket=str(agent.socket),
         admin_port=0, metadata={
             "tessera.proxy": "sidecar",
             "tessera.service": "users-service",
-            "tessera.spiffe_id": USERS,
+            "tessera.spiffe_id": spiffe_id,
             "tessera.labels": json.dumps({"app": "users"}),
             "tessera.inbound": f"127.0.0.1:{inbound}",
             "tessera.app": f"127.0.0.1:{app}",
@@ -225,9 +228,13 @@ def grpc_bootstrap(agent: AgentProcess, files: Path, spiffe_id: str) -> dict[str
     }  # fmt: skip
 
 
-def call(directory: Path, bootstrap: dict[str, Any], target: str) -> dict[str, Any]:
-    """Call ``target`` from a new process with this gRPC bootstrap; what it got."""
-    return _run(directory, bootstrap, CALLER, target, str(DEADLINE))
+def call(
+    directory: Path, bootstrap: dict[str, Any], target: str, *, wait_for_ready: bool = True
+) -> dict[str, Any]:
+    """Call ``target`` from a new process with this gRPC bootstrap; what it got. Without
+    ``wait_for_ready`` the call fails as soon as the channel cannot connect."""
+    wait = "wait" if wait_for_ready else "fail"
+    return _run(directory, bootstrap, CALLER, target, str(DEADLINE), wait)
 
 
 def resolve(directory: Path, bootstrap: dict[str, Any], *targets: str) -> dict[str, Any]:
@@ -302,6 +309,34 @@ def test_a_proxyless_grpc_client_resolves_an_xds_target_and_calls_over_mtls(
     for node in ("web-1", "intruder-1"):
         assert accepted_every_type(agent, node)
         assert refusals(agent, node) == []
+
+
+def test_the_client_refuses_an_instance_that_presents_another_spiffe_id(
+    server: ServerProcess, start_agent: StartAgent, app: int, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The cluster's SAN match: an instance registered under the Service's SPIFFE ID
+    whose sidecar presents another SVID is not called (gRFC A29, checked by the client)."""
+    tessera("mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir), input=MESH)
+    for spiffe_id in (USERS, WEB, IMPOSTOR):
+        create_entry(server, spiffe_id, f"unix:uid:{os.getuid()}", parent=NODE)
+    agent = start_agent(server)
+    inbound = free_port()
+    loop = LoopThread()
+    files = svid_files(agent, tmp_path, WEB)
+    try:
+        with envoy_sidecar(agent, tmp_path, inbound, app, spiffe_id=IMPOSTOR) as envoy:
+            register(loop, agent, inbound, app)
+            healthy_instance(server, f"127.0.0.1:{inbound}")
+            answer = call(tmp_path, grpc_bootstrap(agent, tmp_path / "svid", WEB),
+                          "xds:///users-service", wait_for_ready=False)  # fmt: skip
+            log = envoy.log()
+    finally:
+        files.stop()
+        loop.stop()
+    assert answer.get("error") == "UNAVAILABLE", answer
+    assert "SANs from certificate did not match SANs from xDS control plane" in answer["details"]
+    assert "/tessera.test.Users/Who" not in log  # no request reached the sidecar
+    assert refusals(agent, "web-1") == []
 
 
 XDS_TYPES = ("listener.v3.Listener", "cluster.v3.Cluster", "endpoint.v3.ClusterLoadAssignment")
