@@ -4,13 +4,15 @@ The agent holds the mesh's configuration and catalog (:class:`MeshState`); an En
 says in its bootstrap's ``node.metadata`` what it is (:func:`mesh.envoy.build_bootstrap`
 writes these keys), and proves who it is by its peer credentials::
 
-    tessera.proxy     "sidecar" or "gateway"
+    tessera.proxy     "sidecar", "gateway" or "grpc" (gRPC's own xDS client, proxyless)
     tessera.service   the Service a sidecar fronts
     tessera.labels    its labels, as a JSON object
     tessera.spiffe_id the SVID it serves with (one it holds; its default one if left out)
     tessera.inbound, tessera.app, tessera.outbound   a sidecar's HOST:PORTs (without
                       tessera.outbound, the sidecar only serves callers)
     tessera.host, tessera.port_offset                where a gateway listens
+    tessera.certificate_provider   a grpc client's bootstrap certificate provider
+                                   (mesh.envoy.proxyless; "none": no upstream mTLS)
 
 The metadata chooses only which view; the identity in it must be one of the caller's
 SVIDs, or the proxy gets nothing (and the log says why, once per node). Views are
@@ -27,6 +29,7 @@ from typing import Any, Final
 
 from mesh.compile import compile_view
 from mesh.envoy import RenderOptions, SidecarAddresses, render_gateway, render_sidecar
+from mesh.envoy.proxyless import DEFAULT_CERTIFICATE_PROVIDER, render_proxyless
 from mesh.proxy import GatewayProxy, Proxy, SidecarProxy
 from mesh.registration import label_problem
 from sdk.address import HostPort
@@ -122,9 +125,20 @@ def proxy_of(node: NodeInfo, proxy: AttestedProxy) -> tuple[Proxy, Any]:
             return render_gateway(view, host=host, port_offset=offset, options=options)
 
         return GatewayProxy(spiffe_id, labels), gateway
+    if kind == "grpc":
+        # A proxyless client sees what a sidecar's app may call; its Service is optional.
+        provider = _text(metadata, "tessera.certificate_provider") or DEFAULT_CERTIFICATE_PROVIDER
+
+        def grpc(view: Any, options: RenderOptions) -> Any:
+            return render_proxyless(
+                view, certificate_provider=None if provider == "none" else provider
+            )
+
+        return SidecarProxy(_text(metadata, "tessera.service"), spiffe_id, labels), grpc
     raise ConfigError(
         f"its bootstrap's node.metadata says tessera.proxy = {kind!r}; write the bootstrap "
-        "with tessera sidecar run or tessera gateway run (sidecar or gateway)"
+        "with tessera sidecar run or tessera gateway run (sidecar or gateway), or set grpc "
+        "for gRPC's own xDS client"
     )
 
 

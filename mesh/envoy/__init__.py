@@ -19,6 +19,8 @@ spec.http[0]``), so ``tessera mesh describe`` can relate Envoy's objects to reso
 The modules:
 
 - :mod:`mesh.envoy.render` — :func:`render_sidecar`, :func:`render_gateway`;
+- :mod:`mesh.envoy.proxyless` — ``render_proxyless``: a sidecar's view for gRPC's own
+  xDS client (``xds:///`` targets, no proxy);
 - :mod:`mesh.envoy.resources` — :class:`Resources`, the type URLs, the SDS names;
 - :mod:`mesh.envoy.listeners` — listeners and connection managers, the access log;
 - :mod:`mesh.envoy.routes` — virtual hosts and routes;

@@ -22,6 +22,7 @@ from workload_api.xds import AttestedProxy, NodeInfo
 
 GATEWAY_ID = "spiffe://example.org/gateway"
 USERS_ID = "spiffe://example.org/users"
+WEB_ID = "spiffe://example.org/web"
 CALLER = PeerCredentials(pid=4242, uid=1000, gid=1000)
 
 
@@ -74,11 +75,28 @@ def test_a_sidecar_gets_its_inbound_and_outbound_listeners() -> None:
     assert sorted(names(resources, LISTENER)) == ["inbound", "outbound"]
 
 
+def test_a_proxyless_grpc_client_gets_a_listener_per_target_and_mtls_by_its_provider() -> None:
+    source = MeshResourceSource(mesh())
+    node = NodeInfo("web-1", "web", {"tessera.proxy": "grpc",
+                                     "tessera.certificate_provider": "svid"})
+    resources = dict(source.resources(node, attested(WEB_ID)))
+    assert names(resources, LISTENER) == ["users-service", "users-service:80"]
+    [cluster] = resources[CLUSTER]
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["tls_certificate_provider_instance"] == {"instance_name": "svid"}
+    plain = NodeInfo("web-2", "web", {"tessera.proxy": "grpc",
+                                      "tessera.certificate_provider": "none"})
+    [cluster] = dict(source.resources(plain, attested(WEB_ID)))[CLUSTER]
+    assert "transport_socket" not in cluster
+
+
 @pytest.mark.parametrize(("metadata", "spiffe_ids", "reason"), [
     ({"tessera.proxy": "gateway", "tessera.spiffe_id": USERS_ID}, (GATEWAY_ID,),
      f"its bootstrap names {USERS_ID}, an SVID the Envoy process does not hold"),
     ({"tessera.proxy": "gateway"}, (),
      "the Envoy process holds no SVID"),
+    ({"tessera.proxy": "grpc", "tessera.spiffe_id": USERS_ID}, (WEB_ID,),
+     f"its bootstrap names {USERS_ID}, an SVID the Envoy process does not hold"),
     ({"tessera.proxy": "router"}, (GATEWAY_ID,),
      "its bootstrap's node.metadata says tessera.proxy = 'router'"),
     ({"tessera.proxy": "sidecar", "tessera.service": "users-service"}, (USERS_ID,),
