@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -39,23 +39,44 @@ from tests.integration.sidecar_fixtures import TrustDomain
 from tests.support.processes import Process, poll
 
 DEADLINE = 20.0
+Test = TypeVar("Test", bound=Callable[..., Any])
 PLANES = ("envoy", "builtin")
 """The data planes the scenario suite runs each case against (``--proxy``)."""
 
 
-def supported_by(*planes: str) -> pytest.MarkDecorator:
+def supported_by(*planes: str, case: str = "") -> Callable[[Test], Test]:
     """Run a scenario against every plane (its ``plane`` argument), the ones not in
-    ``planes`` expected to fail (strictly: a pass there fails, so the docs' table of
-    what each plane does, generated from these marks, stays true)::
+    ``planes`` expected to fail (strictly: a pass there fails), and say so in the docs'
+    table of what each plane does (docs/dataplanes.md, checked against these marks), on
+    a row reading ``case`` (else the test's name in words)::
 
-        @supported_by("envoy")
+        @supported_by("envoy", case="a 90/10 split")
         def test_a_split(plane: str, ...) -> None: ...
     """
-    return pytest.mark.parametrize("plane", [
+    parametrize = pytest.mark.parametrize("plane", [
         name if name in planes else pytest.param(name, marks=pytest.mark.xfail(
             strict=True, reason=f"the {name} data plane does not do this yet"))
         for name in PLANES
     ])  # fmt: skip
+
+    def mark(test: Test) -> Test:
+        words = test.__name__.removeprefix("test_").replace("_", " ")
+        setattr(test, SCENARIO, ScenarioCase(case or words, frozenset(planes)))
+        return parametrize(test)
+
+    return mark
+
+
+@dataclass(frozen=True)
+class ScenarioCase:
+    """A case of the scenario suite, and the planes that do it."""
+
+    case: str
+    planes: frozenset[str]
+
+
+SCENARIO = "tessera_scenario"
+"""The attribute :func:`supported_by` sets on a scenario test: its :class:`ScenarioCase`."""
 
 
 @dataclass

@@ -203,7 +203,7 @@ spec:
 """)  # fmt: skip
 
 
-@supported_by("envoy")
+@supported_by("envoy", case="a 90/10 split within ±4% over 1,000 requests")
 def test_a_90_10_split_sends_nine_requests_in_ten_to_v1(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
     scenario.instances(SPLIT, ("split-v1", "app=split", "version=v1"),
@@ -228,7 +228,7 @@ def _flaky_rules(marker: str, retries: str) -> str:
 """)  # fmt: skip
 
 
-@supported_by("envoy")
+@supported_by("envoy", case="retries: a flaky instance answers every request")
 def test_retries_make_an_instance_failing_every_other_request_always_answer(
     plane: str, scenario: Scenario
 ) -> None:
@@ -259,7 +259,7 @@ SLOW_RULES = _virtual_service("slow-timeout", "slow-service", "timeout", """\
 """)  # fmt: skip
 
 
-@supported_by("envoy")
+@supported_by("envoy", case="a route timeout answers 504 before a slow app does")
 def test_a_route_timeout_answers_504_before_a_slow_app_does(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
     slow = scenario.instances(SLOW, ("slow-1", "app=slow"))["slow-1"]
@@ -284,7 +284,7 @@ spec:
 """
 
 
-@supported_by("envoy")
+@supported_by("envoy", case="a RateLimit answers 429 to the caller it names, only")
 def test_a_rate_limit_answers_429_to_the_caller_it_names_only(
     plane: str, scenario: Scenario
 ) -> None:
