@@ -215,7 +215,8 @@ class Agent:
                 # Envoy's SDS and ADS: each Envoy's view of the mesh, rendered.
                 *discovery_services(
                     self, self.config.trust_domain,
-                    resources=MeshResourceSource(self.mesh), status=self.discovery_status,
+                    resources=MeshResourceSource(self.mesh, bundles=self),
+                    status=self.discovery_status,
                 ),
             ],
         )
