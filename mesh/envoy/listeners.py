@@ -69,11 +69,13 @@ ACCESS_LOG_FIELDS: Final[Mapping[str, str]] = {
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
     "request_id": "%REQ(X-REQUEST-ID)%",
+    "trace_id": "%TRACE_ID%",
     "audit": f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{RBAC_AUDIT_PREFIX}"
     "shadow_effective_policy_id)%",
 }
 """One JSON object per request. The path is logged without its query string, which may
-carry a token (``access_token``)."""
+carry a token (``access_token``). ``trace_id`` is the request's trace (with tracing on),
+so a line leads to its spans."""
 
 
 def gateway_name(port: int) -> str:

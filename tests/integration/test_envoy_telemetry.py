@@ -211,8 +211,9 @@ def test_spans_reach_the_collector_with_the_callers_trace_and_requests_are_logge
         and span.parent_span_id == "", "a span of a trace the gateway began")  # fmt: skip
 
     at_edge = poll(lambda: [entry for entry in _access_log(edge, "gateway_80")
-                            if entry["response_code"] == 200] or None,
-                   DEADLINE, "the gateway's access log line")  # fmt: skip
+                            if entry["trace_id"] == trace_id] or None,
+                   DEADLINE, "the gateway's access log line of the traced request")  # fmt: skip
+    assert at_edge[0]["response_code"] == 200
     assert (
         at_edge[0]["route"] == "VirtualService microservice-virtual-service spec.http[0].match[0]"
     )
@@ -221,8 +222,9 @@ def test_spans_reach_the_collector_with_the_callers_trace_and_requests_are_logge
     assert at_edge[0]["upstream_host"] == users.address
     assert isinstance(at_edge[0]["duration_ms"], int)
     inbound = poll(lambda: [entry for entry in _access_log(users, "inbound")
-                            if entry["response_code"] == 200] or None,
-                   DEADLINE, "the users sidecar's access log line")  # fmt: skip
+                            if entry["trace_id"] == trace_id] or None,
+                   DEADLINE, "the sidecar's access log line of the traced request")  # fmt: skip
+    assert inbound[0]["response_code"] == 200
     assert inbound[0]["source"] == GATEWAY
     assert inbound[0]["path"] == "/api/v1/users"
     assert isinstance(inbound[0]["duration_ms"], int)
