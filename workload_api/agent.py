@@ -62,6 +62,7 @@ from attestor.workload import (
     attest_with_pid_guard,
     load_workload_attestor,
 )
+from mesh.envoy import RenderOptions
 from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.csr import build_csr
@@ -215,7 +216,11 @@ class Agent:
                 # Envoy's SDS and ADS: each Envoy's view of the mesh, rendered.
                 *discovery_services(
                     self, self.config.trust_domain,
-                    resources=MeshResourceSource(self.mesh), status=self.discovery_status,
+                    resources=MeshResourceSource(
+                        self.mesh, RenderOptions(otlp_endpoint=self.config.otlp_endpoint),
+                        bundles=self,
+                    ),
+                    status=self.discovery_status,
                 ),
             ],
         )

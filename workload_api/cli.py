@@ -86,6 +86,8 @@ def agent() -> None:
         help="Trust the server on first contact without verifying it (then pin its bundle).")
 @option("--health-bind", default=DEFAULT_HEALTH_BIND, show_default=True,
         help="HOST:PORT for /live, /ready and /metrics; 0 turns them off.")
+@option("--otlp-endpoint",
+        help="HOST:PORT of an OTLP/gRPC collector the node's Envoy proxies send spans to.")
 @option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 def agent_run(**flags: Any) -> None:
     """Run the agent: attest the node, sync SVIDs, serve the Workload API."""

@@ -14,6 +14,7 @@ are set in the file only::
     health_bind = "127.0.0.1:8088"
     workload_api_idle_timeout = "5m"
     workload_api_max_connections_per_uid = 128
+    otlp_endpoint = "127.0.0.1:4317"      # Envoy proxies send their spans here (OTLP/gRPC)
 
     [workload_attestors.unix]
     hash_binary = true
@@ -74,6 +75,7 @@ SCALAR_KEYS: Final = frozenset({
     "log_level",
     "workload_api_idle_timeout",
     "workload_api_max_connections_per_uid",
+    "otlp_endpoint",
 })
 TABLE_KEYS: Final = frozenset({"workload_attestors"})
 
@@ -106,6 +108,9 @@ class AgentConfig:
     """Seconds a Workload API connection with no call in progress is kept open."""
     workload_api_max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
     """Workload API connections one uid may have open at once."""
+    otlp_endpoint: Address | None = None
+    """An OTLP/gRPC collector the node's Envoy proxies send their spans to; None: no
+    tracing."""
 
     @property
     def node_attestor(self) -> str | None:
@@ -221,6 +226,7 @@ def _build(values: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig
         workload_api_max_connections_per_uid=_positive_count(
             values, "workload_api_max_connections_per_uid", DEFAULT_MAX_CONNECTIONS_PER_UID
         ),
+        otlp_endpoint=_otlp_endpoint(values.get("otlp_endpoint")),
     )
 
 
@@ -310,6 +316,17 @@ def _health_bind(raw: Any) -> Address | None:
             f"health bind address {text!r} is not HOST:PORT, e.g. 127.0.0.1:8088; "
             "use 0 to turn the health endpoints off"
         ) from None
+
+
+def _otlp_endpoint(raw: Any) -> Address | None:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str):
+        raise ConfigError(
+            f"otlp_endpoint must be HOST:PORT of an OTLP/gRPC collector, e.g. "
+            f'"127.0.0.1:4317", got {raw!r}'
+        )
+    return Address.parse(raw, what="otlp_endpoint", example="127.0.0.1:4317")
 
 
 def _text(values: Mapping[str, Any], key: str) -> str | None:

@@ -16,17 +16,28 @@ writes these keys), and proves who it is by its peer credentials::
 
 The metadata chooses only which view; the identity in it must be one of the caller's
 SVIDs, or the proxy gets nothing (and the log says why, once per node). Views are
-rendered once per (mesh revision, node, identity) and kept for the streams of the same
-proxy.
+rendered once per (mesh revision, node, identity, JWT bundles) and kept for the streams
+of the same proxy.
+
+A ``RequestAuthentication`` naming a trust domain checks its JWT-SVIDs against that
+domain's JWT bundle: the agent's own, or a federated one the proxy's entries federate
+with (what the Workload API's JWT bundle stream gives the same process). The bundles
+come from ``bundles`` (the agent), and a change of them — a JWT key rotated — moves
+:meth:`MeshResourceSource.version`, so every proxy gets its keys again::
+
+    source = MeshResourceSource(agent.mesh, RenderOptions(otlp_endpoint=...), bundles=agent)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any, Final
+from dataclasses import replace
+from typing import Any, Final, Protocol
 
+from attestor.selector import Selector
 from mesh.compile import compile_view
 from mesh.envoy import RenderOptions, SidecarAddresses, render_gateway, render_sidecar
 from mesh.envoy.proxyless import DEFAULT_CERTIFICATE_PROVIDER, render_proxyless
@@ -37,26 +48,68 @@ from sdk.errors import ConfigError
 from workload_api.mesh_sync import MeshState
 from workload_api.xds import AttestedProxy, NodeInfo, Resources
 
-__all__ = ["MeshResourceSource", "proxy_of"]
+__all__ = ["JwtBundles", "MeshResourceSource", "proxy_of"]
 
 _log = logging.getLogger(__name__)
 _CACHED: Final = 256
+_SPIFFE: Final = "spiffe://"
+
+
+class JwtBundles(Protocol):
+    """Where the JWT bundles come from: the agent (a part of its IdentityProvider)."""
+
+    def jwt_bundles(self, selectors: frozenset[Selector]) -> Mapping[str, bytes]:
+        """``spiffe://<trust domain>`` -> its JWK Set in JSON, for a caller's selectors."""
+        ...
+
+    def version(self) -> int:
+        """A number that changes whenever :meth:`jwt_bundles` may answer differently."""
+        ...
+
+    async def wait_for_change(self, seen_version: int) -> int: ...
 
 
 class MeshResourceSource:
-    """A :class:`workload_api.xds.ResourceSource` over the agent's mesh state."""
+    """A :class:`workload_api.xds.ResourceSource` over the agent's mesh state (and its
+    JWT bundles, when ``bundles`` is given)."""
 
-    def __init__(self, mesh: MeshState, options: RenderOptions | None = None) -> None:
+    def __init__(
+        self,
+        mesh: MeshState,
+        options: RenderOptions | None = None,
+        *,
+        bundles: JwtBundles | None = None,
+    ) -> None:
         self._mesh = mesh
         self._options = options or RenderOptions()
+        self._bundles = bundles
         self._cache: dict[tuple[Any, ...], Resources] = {}
         self._refused: dict[str, str] = {}
+        self._inputs: tuple[int, int] | None = None
+        self._version = 0
 
     def version(self) -> int:
-        return self._mesh.revision
+        """Moves when the mesh revision or the bundles' version does."""
+        inputs = (self._mesh.revision, self._bundles.version() if self._bundles else 0)
+        if inputs != self._inputs:
+            self._inputs = inputs
+            self._version += 1
+        return self._version
 
     async def wait_for_change(self, seen_version: int) -> int:
-        return await self._mesh.wait_for_change(seen_version)
+        while (version := self.version()) == seen_version:
+            assert self._inputs is not None
+            revision, bundles_version = self._inputs
+            waits = {asyncio.ensure_future(self._mesh.wait_for_change(revision))}
+            if self._bundles is not None:
+                waits.add(asyncio.ensure_future(self._bundles.wait_for_change(bundles_version)))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+        return version
 
     def resources(self, node: NodeInfo, proxy: AttestedProxy) -> Resources:
         try:
@@ -67,13 +120,17 @@ class MeshResourceSource:
                 _log.warning("Envoy %s gets no mesh configuration: %s", node.id, err.message)
             return {}
         self._refused.pop(node.id, None)
+        jwt_bundles = self._jwt_bundles(proxy.selectors)
         key = (self._mesh.revision, node.id, json.dumps(dict(node.metadata), sort_keys=True),
-               chosen.spiffe_id)
+               chosen.spiffe_id, tuple(sorted(jwt_bundles.items())))
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         view = compile_view(self._mesh.config, self._mesh.catalog, chosen)
-        rendered = render(view, self._options)
+        options = self._options
+        if self._bundles is not None:
+            options = replace(options, jwt_bundles=jwt_bundles)
+        rendered = render(view, options)
         for problem in rendered.problems:
             _log.info("Envoy %s: %s", node.id, problem)
         resources: Resources = rendered.by_type()
@@ -81,6 +138,15 @@ class MeshResourceSource:
             self._cache.clear()
         self._cache[key] = resources
         return resources
+
+    def _jwt_bundles(self, selectors: frozenset[Selector]) -> dict[str, str]:
+        """Trust domain name -> JWK Set JSON, as :class:`RenderOptions` takes them."""
+        if self._bundles is None:
+            return {}
+        return {
+            trust_domain.removeprefix(_SPIFFE): jwks.decode()
+            for trust_domain, jwks in self._bundles.jwt_bundles(selectors).items()
+        }
 
 
 def proxy_of(node: NodeInfo, proxy: AttestedProxy) -> tuple[Proxy, Any]:

@@ -26,6 +26,7 @@ The modules:
 - :mod:`mesh.envoy.routes` — virtual hosts and routes;
 - :mod:`mesh.envoy.clusters` — clusters and endpoints, upstream mTLS;
 - :mod:`mesh.envoy.policies` — RBAC, the caller's identity, rate limits, JWTs;
+- :mod:`mesh.envoy.tracing` — spans over OTLP (Envoy's OpenTelemetry tracer);
 - :mod:`mesh.envoy.bootstrap` — :func:`build_bootstrap`;
 - :mod:`mesh.envoy.values` — how values are spelled in Envoy's JSON.
 """

@@ -10,7 +10,9 @@
 Every connection manager normalises the path (``.`` and ``..`` resolved, as the view
 judges it), reads its routes over ADS (RDS), and writes a JSON access log line per
 request: the caller's SPIFFE ID, the route (the ``match`` entry it came from), the
-upstream, the status and the duration.
+upstream, the status and the duration. Given a ``tracing`` config
+(:func:`mesh.envoy.tracing.tracing`), it also reports a span per request, with the W3C
+trace context carried on.
 """
 
 from __future__ import annotations
@@ -67,11 +69,13 @@ ACCESS_LOG_FIELDS: Final[Mapping[str, str]] = {
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
     "request_id": "%REQ(X-REQUEST-ID)%",
+    "trace_id": "%TRACE_ID%",
     "audit": f"%DYNAMIC_METADATA(envoy.filters.http.rbac:{RBAC_AUDIT_PREFIX}"
     "shadow_effective_policy_id)%",
 }
 """One JSON object per request. The path is logged without its query string, which may
-carry a token (``access_token``)."""
+carry a token (``access_token``). ``trace_id`` is the request's trace (with tracing on),
+so a line leads to its spans."""
 
 
 def gateway_name(port: int) -> str:
@@ -111,10 +115,12 @@ def http_connection_manager(
     http_filters: list[dict[str, Any]],
     *,
     access_log: str | None,
+    tracing: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """The ``http_connection_manager`` network filter: routes ``name`` over RDS,
-    ``http_filters`` then the router, the access log when a path is given."""
+    ``http_filters`` then the router, the access log when a path is given, the tracer
+    when ``tracing`` is given."""
     config: dict[str, Any] = {
         "stat_prefix": name,
         "rds": {"config_source": dict(ADS), "route_config_name": name},
@@ -130,6 +136,8 @@ def http_connection_manager(
     }
     if access_log is not None:
         config["access_log"] = [_access_log(access_log, name)]
+    if tracing is not None:
+        config["tracing"] = dict(tracing)
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": typed(_HCM, **config),
@@ -161,12 +169,14 @@ def inbound_listener(
     source: Source,
     *,
     access_log: str | None,
+    tracing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Where callers reach the instance: mTLS, the caller's certificate required."""
     manager = http_connection_manager(
         INBOUND,
         http_filters,
         access_log=access_log,
+        tracing=tracing,
         forward_client_cert_details="SANITIZE_SET",
         set_current_client_cert_details={"uri": True},
         request_headers_timeout=_REQUEST_HEADERS_TIMEOUT,
@@ -195,10 +205,15 @@ def outbound_listener(
     source: Source,
     *,
     access_log: str | None,
+    tracing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Where the app sends its calls to other Services: plain HTTP, by ``Host``."""
     manager = http_connection_manager(
-        OUTBOUND, http_filters, access_log=access_log, forward_client_cert_details="SANITIZE"
+        OUTBOUND,
+        http_filters,
+        access_log=access_log,
+        tracing=tracing,
+        forward_client_cert_details="SANITIZE",
     )
     chain = {"name": OUTBOUND, "filters": [manager]}
     return _listener(OUTBOUND, address, [chain], source, traffic_direction="OUTBOUND")
@@ -212,6 +227,7 @@ def gateway_listener(
     problems: list[str],
     *,
     access_log: str | None,
+    tracing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A Gateway port, on ``host`` and the port plus ``port_offset``.
 
@@ -230,6 +246,7 @@ def gateway_listener(
         name,
         http_filters,
         access_log=access_log,
+        tracing=tracing,
         use_remote_address=True,
         forward_client_cert_details="SANITIZE",
         strip_any_host_port=True,

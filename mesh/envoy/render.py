@@ -48,6 +48,7 @@ from mesh.envoy.routes import (
     outbound_virtual_hosts,
     route_configuration,
 )
+from mesh.envoy.tracing import otlp_cluster, tracing
 from mesh.envoy.values import duration
 from mesh.proxy import GatewayProxy, SidecarProxy
 from mesh.view import Cluster, Source, View
@@ -92,13 +93,17 @@ class RenderOptions:
       ``jwtRules`` that accept its JWT-SVIDs (the agent's bundles);
     - ``trusted_ca``: the CA file a remote ``jwksUri``'s certificate is checked against;
     - ``max_callers``: per-caller rate limit buckets kept per RateLimit (the least
-      recently seen caller's is dropped beyond it).
+      recently seen caller's is dropped beyond it);
+    - ``otlp_endpoint``: an OTLP/gRPC collector every connection manager sends its
+      spans to (Envoy's OpenTelemetry tracer, as the sidecar's Service or the gateway's
+      SPIFFE ID), or None: no tracing.
     """
 
     access_log: str | None = "/dev/stdout"
     jwt_bundles: Mapping[str, str] = field(default_factory=dict, hash=False)
     trusted_ca: str = DEFAULT_TRUSTED_CA
     max_callers: int = 1024
+    otlp_endpoint: HostPort | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jwt_bundles", MappingProxyType(dict(self.jwt_bundles)))
@@ -129,6 +134,7 @@ def render_sidecar(
     envoy_clusters: list[dict[str, Any]] = []
 
     http_ports = [port for port in inbound.ports if port.protocol in HTTP_PROTOCOLS]
+    traced = tracing(options.otlp_endpoint, service_name=inbound.service)
     jwt, jwks_clusters = jwt_filter(
         view.jwt_rules,
         jwt_bundles=options.jwt_bundles,
@@ -152,7 +158,12 @@ def render_sidecar(
             filters.append(rate_limit_filter(inbound.rate_limits, max_callers=options.max_callers))
         listeners.append(
             inbound_listener(
-                addresses.inbound, spiffe_id, filters, inbound.source, access_log=options.access_log
+                addresses.inbound,
+                spiffe_id,
+                filters,
+                inbound.source,
+                access_log=options.access_log,
+                tracing=traced,
             )
         )
         route_configurations.append(
@@ -183,6 +194,7 @@ def render_sidecar(
                 [fault_filter()] if has_fault(routes) else [],
                 outbound_source,
                 access_log=options.access_log,
+                tracing=traced,
             )
         )
         route_configurations.append(
@@ -192,6 +204,8 @@ def render_sidecar(
         )
         envoy_clusters.extend(upstream_cluster(cluster, spiffe_id) for cluster in view.clusters)
     envoy_clusters.extend(jwks_clusters)
+    if options.otlp_endpoint is not None:
+        envoy_clusters.append(otlp_cluster(options.otlp_endpoint))
     return _resources(
         view,
         listeners,
@@ -223,6 +237,7 @@ def render_gateway(
         trusted_ca=options.trusted_ca,
         problems=problems,
     )
+    traced = tracing(options.otlp_endpoint, service_name=view.proxy.spiffe_id)
     listeners = []
     route_configurations = []
     for listener in view.gateway_listeners:
@@ -238,7 +253,13 @@ def render_gateway(
             filters.append(fault_filter())
         listeners.append(
             gateway_listener(
-                listener, host, port_offset, filters, problems, access_log=options.access_log
+                listener,
+                host,
+                port_offset,
+                filters,
+                problems,
+                access_log=options.access_log,
+                tracing=traced,
             )
         )
         route_configurations.append(
@@ -250,6 +271,8 @@ def render_gateway(
         )
     envoy_clusters = [upstream_cluster(cluster, view.proxy.spiffe_id) for cluster in view.clusters]
     envoy_clusters.extend(jwks_clusters)
+    if options.otlp_endpoint is not None:
+        envoy_clusters.append(otlp_cluster(options.otlp_endpoint))
     return _resources(view, listeners, route_configurations, envoy_clusters, problems)
 
 

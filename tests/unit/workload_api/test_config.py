@@ -44,6 +44,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.log_level == "info"
     assert config.workload_api_idle_timeout == 300.0
     assert config.workload_api_max_connections_per_uid == 128
+    assert config.otlp_endpoint is None
 
 
 def test_the_socket_defaults_to_spiffe_endpoint_socket(tmp_path: Path) -> None:
@@ -196,6 +197,11 @@ def test_no_node_attestor_is_allowed_for_an_agent_that_attested_before(tmp_path:
         ({"workload_api_max_connections_per_uid": "many"},
          "workload_api_max_connections_per_uid must be a whole number of at least 1, "
          "got 'many'"),
+        ({"otlp_endpoint": "http://127.0.0.1:4317"},
+         "otlp_endpoint 'http://127.0.0.1:4317' is not HOST:PORT, e.g. 127.0.0.1:4317"),
+        ({"otlp_endpoint": 4317},
+         'otlp_endpoint must be HOST:PORT of an OTLP/gRPC collector, e.g. "127.0.0.1:4317", '
+         "got 4317"),
         ({"bind": "127.0.0.1:1"},
          "unknown agent setting(s): bind; see docs/agent-configuration.md for the settings an "
          "agent takes"),
@@ -212,3 +218,14 @@ def test_workload_api_connection_limits(tmp_path: Path) -> None:
     )
     assert config.workload_api_idle_timeout == 120.0
     assert config.workload_api_max_connections_per_uid == 16
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("127.0.0.1:4317", Address("127.0.0.1", 4317)),
+    (" otel.internal:4317 ", Address("otel.internal", 4317)),
+    ("[::1]:4317", Address("::1", 4317)),
+    ("", None),
+])  # fmt: skip
+def test_the_otlp_endpoint(tmp_path: Path, given: str, expected: Address | None) -> None:
+    config = agent_config(values(tmp_path, otlp_endpoint=given), environ={})
+    assert config.otlp_endpoint == expected

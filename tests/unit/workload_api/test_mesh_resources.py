@@ -3,12 +3,15 @@ node metadata, allowed only for an identity the Envoy process holds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from attestor.selector import Selector
 from attestor.workload import PeerCredentials
 from mesh import parse_documents
 from mesh.catalog import Instance
@@ -115,3 +118,134 @@ def test_an_envoy_that_is_not_what_it_says_gets_nothing_and_the_log_says_why(
         assert source.resources(node, attested(*spiffe_ids)) == {}
     [record] = caplog.records  # once per node and reason
     assert record.getMessage().startswith(f"Envoy envoy-1 gets no mesh configuration: {reason}")
+
+
+# -- JWT bundles ----------------------------------------------------------------------------
+
+EDGE_JWT = """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: edge-jwt}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  jwtRules:
+  - issuer: spiffe://example.org
+    audiences: [edge]
+"""
+GATEWAY_NODE = NodeInfo("gw-1", "ingress", {
+    "tessera.proxy": "gateway", "tessera.labels": json.dumps({"istio": "ingressgateway"})})
+SELECTORS = frozenset({Selector("unix", "uid:1000")})
+
+
+def jwks(kid: str) -> bytes:
+    return json.dumps({"keys": [{"kty": "EC", "kid": kid, "crv": "P-256", "use": "jwt-svid",
+                                 "x": "x", "y": "y"}]}).encode()  # fmt: skip
+
+
+class Bundles:
+    """The agent's side: JWT bundles by trust domain ID, and a version that moves."""
+
+    def __init__(self) -> None:
+        self.bundles = {"spiffe://example.org": jwks("key-1")}
+        self.asked: list[frozenset[Selector]] = []
+        self._version = 0
+        self._changed = asyncio.Event()
+
+    def jwt_bundles(self, selectors: frozenset[Selector]) -> dict[str, bytes]:
+        self.asked.append(selectors)
+        return dict(self.bundles)
+
+    def version(self) -> int:
+        return self._version
+
+    async def wait_for_change(self, seen_version: int) -> int:
+        while self._version == seen_version:
+            await self._changed.wait()
+        return self._version
+
+    def change(self, bundles: dict[str, bytes] | None = None) -> None:
+        if bundles is not None:
+            self.bundles = bundles
+        self._version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+def jwt_mesh() -> MeshState:
+    state = mesh()
+    resources = tuple(
+        {"kind": r.KIND, "name": r.name, "document": r.to_document()}
+        for r in parse_documents(EDGE_JWT, source="jwt.yaml")
+    )
+    state.apply(MeshUpdate(revision=4, full=False, deleted=(), resources=resources,
+                           instances=()))  # fmt: skip
+    return state
+
+
+def provider_keys(resources: Any) -> str:
+    [listener] = resources[LISTENER]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    jwt_filter = next(item for item in manager["http_filters"]
+                      if item["name"] == "envoy.filters.http.jwt_authn")  # fmt: skip
+    [provider] = jwt_filter["typed_config"]["providers"].values()
+    return str(provider["local_jwks"]["inline_string"])
+
+
+def test_a_gateway_checks_jwt_svids_with_the_bundles_its_selectors_see() -> None:
+    bundles = Bundles()
+    source = MeshResourceSource(jwt_mesh(), bundles=bundles)
+    proxy = AttestedProxy(CALLER, SELECTORS, (GATEWAY_ID,))
+    assert provider_keys(source.resources(GATEWAY_NODE, proxy)) == jwks("key-1").decode()
+    assert bundles.asked[-1] == SELECTORS
+
+
+def test_without_bundles_a_trust_domains_rule_is_left_out() -> None:
+    resources = MeshResourceSource(jwt_mesh()).resources(GATEWAY_NODE, attested(GATEWAY_ID))
+    [listener] = resources[LISTENER]
+    assert "jwt_authn" not in json.dumps(listener)
+
+
+def test_a_rotated_jwt_key_moves_the_version_and_is_rendered() -> None:
+    bundles = Bundles()
+    source = MeshResourceSource(jwt_mesh(), bundles=bundles)
+    proxy = AttestedProxy(CALLER, SELECTORS, (GATEWAY_ID,))
+
+    async def scenario() -> None:
+        seen = source.version()
+        first = source.resources(GATEWAY_NODE, proxy)
+        assert source.version() == seen  # nothing changed
+        waiting = asyncio.ensure_future(source.wait_for_change(seen))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+
+        bundles.change({"spiffe://example.org": jwks("key-2")})
+        version = await asyncio.wait_for(waiting, 5)
+        assert version != seen
+        assert provider_keys(source.resources(GATEWAY_NODE, proxy)) == jwks("key-2").decode()
+
+        bundles.change()  # another SVID, the same bundles: the same render
+        assert source.version() != version
+        assert source.resources(GATEWAY_NODE, proxy) is source.resources(GATEWAY_NODE, proxy)
+        assert first is not source.resources(GATEWAY_NODE, proxy)
+
+    asyncio.run(scenario())
+
+
+def test_the_version_moves_with_the_mesh_too() -> None:
+    state = mesh()
+    source = MeshResourceSource(state, bundles=Bundles())
+
+    async def scenario() -> None:
+        seen = source.version()
+        waiting = asyncio.ensure_future(source.wait_for_change(seen))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        resources = tuple(
+            {"kind": r.KIND, "name": r.name, "document": r.to_document()}
+            for r in parse_documents(EDGE_JWT, source="jwt.yaml")
+        )
+        state.apply(MeshUpdate(revision=4, full=False, deleted=(), resources=resources,
+                               instances=()))  # fmt: skip
+        assert await asyncio.wait_for(waiting, 5) != seen
+
+    asyncio.run(scenario())
