@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench import (
     agent_footprint,
+    envoy_pair,
     handshakes,
     issuance,
     machine,
@@ -37,8 +38,8 @@ from bench.report import Figure, Outcome, Skipped, render_table, write_json
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, handshakes,
-                   startup)
+    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, envoy_pair,
+                   handshakes, startup)
 }
 
 
