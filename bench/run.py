@@ -1,7 +1,7 @@
 """Run Tessera's benchmarks and print one table; each figure sits next to a ceiling
 measured in the same run on the same machine.
 
-    python bench/run.py                       # everything (about five minutes on 2 cores)
+    python bench/run.py                       # everything (about seven minutes on 2 cores)
     python bench/run.py --quick               # tiny sizes: does every bench still run?
     python bench/run.py --only issuance --only handshakes --json results.json
 
