@@ -157,6 +157,7 @@ def run(quick: bool = False) -> list[Figure]:
     loads: dict[str, dict[int, WrkLoad]] = {}
     agent_cpu: dict[int, float] = {}
     connections: dict[str, tuple[int, int]] = {}
+    per_side: dict[tuple[str, int], list[float]] = {}
     warm_up = sizes.seconds > 1
     with tempfile.TemporaryDirectory(prefix="tessera-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -171,7 +172,8 @@ def run(quick: bool = False) -> list[Figure]:
             loads[name] = {}
             for c in sizes.connections:
                 meter = ProcessMeter(control_plane) if control_plane else None
-                loads[name][c] = run_wrk(
+                sides = [ProcessMeter(pid) for pid in pids]
+                load = loads[name][c] = run_wrk(
                     f"http://127.0.0.1:{port}/",
                     connections=c,
                     seconds=sizes.seconds,
@@ -181,6 +183,14 @@ def run(quick: bool = False) -> list[Figure]:
                 )
                 if meter is not None:
                     agent_cpu[c] = meter.cpu_seconds()
+                # Each side's share of the pair's CPU (warm-up included), applied to the
+                # measured run's: CPU microseconds per request, outbound then inbound.
+                spent = [side.cpu_seconds() for side in sides]
+                if len(spent) != 2:  # the direct run: the backend alone
+                    continue
+                per_side[name, c] = [
+                    load.cpu * part / max(sum(spent), 1e-9) / load.requests * 1e6 for part in spent
+                ]
 
         with nginx_backend(tmp / "backend", backend) as backend_pids:
             measure("direct", backend, backend_pids)
@@ -221,7 +231,7 @@ def run(quick: bool = False) -> list[Figure]:
                     connections["tessera_envoy"] = pair.upstream_connections()
                 with sidecar_pair(tmp, agent.socket_path, backend) as (port, pids):
                     measure("builtin", port, pids)
-    return figures(loads, sizes, agent_cpu, connections)
+    return figures(loads, sizes, agent_cpu, connections, per_side)
 
 
 def figures(
@@ -229,11 +239,14 @@ def figures(
     sizes: Sizes,
     agent_cpu: Mapping[int, float],
     connections: Mapping[str, tuple[int, int]],
+    per_side: Mapping[tuple[str, int], Sequence[float]] | None = None,
 ) -> list[Figure]:
     """Per connection count: Tessera's Envoy pair's requests per proxy CPU-second and its
     added p50 and p99, each beside the other pairs' and as ratios to the static Envoy
     pair and the haproxy pair. ``connections``: per Envoy pair, the HTTP/1.1 and HTTP/2
-    connections its outbound opened to its inbound over the whole run."""
+    connections its outbound opened to its inbound over the whole run; ``per_side``: per
+    (pair, connections), the CPU microseconds per request of its outbound and inbound
+    processes (in the JSON only)."""
     between = "; ".join(
         f"{name} {http1} HTTP/1.1, {http2} HTTP/2" for name, (http1, http2) in connections.items()
     )
@@ -252,6 +265,10 @@ def figures(
             )
         }
         data["agent_cpu_seconds"] = agent_cpu.get(c, 0.0)
+        for (name, count), (outbound, inbound) in (per_side or {}).items():
+            if count == c:
+                data[f"{name}_outbound_cpu_us_per_request"] = outbound
+                data[f"{name}_inbound_cpu_us_per_request"] = inbound
         for name, (http1, http2) in connections.items():
             data[f"{name}_upstream_http1_connections"] = http1
             data[f"{name}_upstream_http2_connections"] = http2

@@ -193,6 +193,9 @@ def test_the_envoy_pairs_run_and_print_their_figures(tmp_path: Path) -> None:
         assert data[f"{pair}_upstream_http2_connections"] >= 1, data
     for pair in ("direct", "tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
         assert data[f"{pair}_requests"] > 0, pair
+    for pair in ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
+        for side in ("outbound", "inbound"):
+            assert data[f"{pair}_{side}_cpu_us_per_request"] > 0, (pair, side)
 
 
 def _as_svids(files: dict[str, Path], server: str, client: str) -> dict[str, dict[str, Path]]:
