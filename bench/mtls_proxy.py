@@ -114,7 +114,7 @@ def run(quick: bool = False) -> list[Figure]:
                 server.create_entries([entry_body(f"spiffe://{TRUST_DOMAIN}/sidecar", ALIAS,
                                                   [f"unix:uid:{os.getuid()}"])])
                 agent.wait_for_svids(1, timeout=30)
-                with _sidecar_pair(tmp, agent.socket_path, backend_port) as (port, pids), \
+                with sidecar_pair(tmp, agent.socket_path, backend_port) as (port, pids), \
                         profiled(pids[1], "sidecar-inbound"):
                     measure("tessera", port, pids)
     return _figures(loads, sizes)
@@ -154,8 +154,11 @@ def _figures(loads: dict[str, dict[int, WrkLoad]], sizes: Sizes) -> list[Figure]
 
 
 @contextlib.contextmanager
-def _sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
-                  ) -> Iterator[tuple[int, list[int]]]:
+def sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
+                 ) -> Iterator[tuple[int, list[int]]]:
+    """Two ``tessera sidecar proxy`` processes with the agent's SVIDs (TCP, each accepting
+    any SPIFFE ID of the trust domain) in front of ``backend_port``; yields the outbound's
+    port and both pids."""
     inbound_port, outbound_port = free_port(), free_port()
     inbound = tmp / "inbound.toml"
     inbound.write_text(
@@ -176,7 +179,7 @@ def _sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
                  str(socket_path), "--log-level", "warning"],
                 stdout=log, stderr=subprocess.STDOUT)
             processes.append(process)
-            _wait_for_port(port, process, tmp / f"{config.stem}.log")
+            wait_for_port(port, process, tmp / f"{config.stem}.log")
         yield outbound_port, [processes[1].pid, processes[0].pid]
     finally:
         for process in processes:
@@ -268,7 +271,7 @@ def _nginx(prefix: Path, port: int, servers: str) -> Iterator[list[int]]:
     process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_for_port(port, process, prefix / "error.log")
+        wait_for_port(port, process, prefix / "error.log")
         workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
                                  text=True, check=False).stdout.split()
         yield [int(pid) for pid in workers]
@@ -342,14 +345,14 @@ def _haproxy(prefix: Path, port: int, config: str) -> Iterator[int]:
         process = subprocess.Popen(["haproxy", "-db", "-f", str(config_path)],
                                    stdout=output, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, process, log)
+        wait_for_port(port, process, log)
         yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     import socket
 
     deadline = time.monotonic() + 20

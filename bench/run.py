@@ -1,7 +1,7 @@
 """Run Tessera's benchmarks and print one table; each figure sits next to a ceiling
 measured in the same run on the same machine.
 
-    python bench/run.py                       # everything (about five minutes on 2 cores)
+    python bench/run.py                       # everything (about seven minutes on 2 cores)
     python bench/run.py --quick               # tiny sizes: does every bench still run?
     python bench/run.py --only issuance --only handshakes --json results.json
 
@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench import (
     agent_footprint,
+    envoy_pair,
     handshakes,
     issuance,
     machine,
@@ -37,8 +38,8 @@ from bench.report import Figure, Outcome, Skipped, render_table, write_json
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, handshakes,
-                   startup)
+    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, envoy_pair,
+                   handshakes, startup)
 }
 
 

@@ -18,14 +18,16 @@ import httpx
 import pytest
 
 from bench.deployment import free_port
+from bench.envoy_pair import CLIENT_ID, SERVER_ID, SERVICE, static_envoy_pair
 from bench.handshakes import write_certificates
 from bench.mtls_proxy import haproxy_pair, nginx_backend, nginx_pair
+from dataplane.envoy.binary import find_envoy
 from tests.conftest import missing_service
 
 pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mtls_proxy",
-             "handshakes", "startup"]
+             "envoy_pair", "handshakes", "startup"]
 
 
 @pytest.mark.timeout(300)
@@ -158,3 +160,100 @@ def test_the_haproxy_inbound_refuses_another_spiffe_id(expected: str, tmp_path: 
     files = write_certificates(tmp_path / "certificates")  # the client is .../client
     with haproxy_pair(tmp_path / "haproxy", files, backend, client_id=expected) as (port, _):
         assert _refused(_through(port))
+
+
+# -- the Envoy pairs ---------------------------------------------------------------------------
+
+
+@pytest.mark.envoy
+@pytest.mark.timeout(240)
+def test_the_envoy_pairs_run_and_print_their_figures(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(REPOSITORY / "bench" / "run.py"), "--quick", "--only",
+         "envoy_pair", "--json", str(results)],
+        capture_output=True, text=True, timeout=220, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    (outcome,) = json.loads(results.read_text())["scenarios"]
+    if outcome["skipped"]:
+        missing_service(outcome["skipped"])
+    measures = [figure["measure"] for figure in outcome["figures"]]
+    assert measures == [
+        f"Envoy pair: {measure}, {per}"
+        for per in ("1 connection", "32 connections")
+        for measure in ("requests per proxy CPU-second", "p50 added over direct",
+                        "p99 added over direct")
+    ]  # fmt: skip
+    for measure in measures:
+        assert measure in run.stdout
+    data = outcome["figures"][0]["data"]
+    for pair in ("tessera_envoy", "static_envoy"):  # HTTP/2 between the proxies, nothing else
+        assert data[f"{pair}_upstream_http1_connections"] == 0, data
+        assert data[f"{pair}_upstream_http2_connections"] >= 1, data
+    for pair in ("direct", "tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
+        assert data[f"{pair}_requests"] > 0, pair
+    for pair in ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
+        for side in ("outbound", "inbound"):
+            assert data[f"{pair}_{side}_cpu_us_per_request"] > 0, (pair, side)
+
+
+def _as_svids(files: dict[str, Path], server: str, client: str) -> dict[str, dict[str, Path]]:
+    """The bench's certificates for ``server`` and ``client`` in the places of the static
+    pair's users-service and client SVIDs."""
+    return {
+        spiffe_id: {"svid.pem": files[f"{name}.pem"], "svid.key": files[f"{name}.key"],
+                    "bundle.pem": files["bundle.pem"]}
+        for spiffe_id, name in ((SERVER_ID, server), (CLIENT_ID, client))
+    }  # fmt: skip
+
+
+def _through_envoy(port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}/", headers={"host": SERVICE}, timeout=10)
+
+
+@pytest.fixture
+def envoy() -> Path:
+    try:
+        return find_envoy()
+    except Exception as err:
+        missing_service(str(err))
+        raise
+
+
+@pytest.mark.envoy
+def test_the_static_envoy_pair_relays_over_http2_between_the_expected_ids(
+    tmp_path: Path, backend: int, envoy: Path
+) -> None:
+    files = write_certificates(tmp_path / "certificates", names=("users", "client"))
+    with static_envoy_pair(envoy, tmp_path / "static", _as_svids(files, "users", "client"),
+                           backend) as pair:  # fmt: skip
+        answer = _through_envoy(pair.port)
+        connections = pair.upstream_connections()
+    assert (answer.status_code, answer.text) == (200, "ok from the backend\n")
+    assert connections == (0, 1)  # one HTTP/2 connection, no HTTP/1.1
+
+
+@pytest.mark.envoy
+def test_the_static_envoy_outbound_refuses_an_inbound_with_another_spiffe_id(
+    tmp_path: Path, backend: int, envoy: Path
+) -> None:
+    files = write_certificates(tmp_path / "certificates", names=("server", "client"))
+    with static_envoy_pair(envoy, tmp_path / "static", _as_svids(files, "server", "client"),
+                           backend) as pair:  # fmt: skip
+        answer = _through_envoy(pair.port)
+        stats = httpx.get(f"{pair.admins['outbound']}/stats?filter=ssl.fail_verify_san",
+                          timeout=10).text  # fmt: skip
+    assert answer.status_code == 503
+    assert "cluster.users.ssl.fail_verify_san: 1" in stats
+
+
+@pytest.mark.envoy
+def test_the_static_envoy_inbound_refuses_another_caller(
+    tmp_path: Path, backend: int, envoy: Path
+) -> None:
+    files = write_certificates(tmp_path / "certificates", names=("users", "other"))
+    with static_envoy_pair(envoy, tmp_path / "static", _as_svids(files, "users", "other"),
+                           backend) as pair:  # fmt: skip
+        answer = _through_envoy(pair.port)
+    assert (answer.status_code, answer.text) == (403, "RBAC: access denied")
