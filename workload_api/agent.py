@@ -217,7 +217,9 @@ class Agent:
                 *discovery_services(
                     self, self.config.trust_domain,
                     resources=MeshResourceSource(
-                        self.mesh, RenderOptions(otlp_endpoint=self.config.otlp_endpoint),
+                        self.mesh,
+                        RenderOptions(otlp_endpoint=self.config.otlp_endpoint,
+                                      access_log=self.config.envoy_access_log),
                         bundles=self,
                     ),
                     status=self.discovery_status,

@@ -15,6 +15,7 @@ are set in the file only::
     workload_api_idle_timeout = "5m"
     workload_api_max_connections_per_uid = 128
     otlp_endpoint = "127.0.0.1:4317"      # Envoy proxies send their spans here (OTLP/gRPC)
+    envoy_access_log = "stdout"           # or "off", or an absolute path on the node
 
     [workload_attestors.unix]
     hash_binary = true
@@ -76,7 +77,9 @@ SCALAR_KEYS: Final = frozenset({
     "workload_api_idle_timeout",
     "workload_api_max_connections_per_uid",
     "otlp_endpoint",
+    "envoy_access_log",
 })
+ENVOY_STDOUT: Final = "/dev/stdout"
 TABLE_KEYS: Final = frozenset({"workload_attestors"})
 
 
@@ -111,6 +114,9 @@ class AgentConfig:
     otlp_endpoint: Address | None = None
     """An OTLP/gRPC collector the node's Envoy proxies send their spans to; None: no
     tracing."""
+    envoy_access_log: str | None = ENVOY_STDOUT
+    """The file each Envoy proxy writes its JSON access log to (its standard output, which
+    the sidecar passes into its log, by default); None: no access log."""
 
     @property
     def node_attestor(self) -> str | None:
@@ -227,6 +233,7 @@ def _build(values: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig
             values, "workload_api_max_connections_per_uid", DEFAULT_MAX_CONNECTIONS_PER_UID
         ),
         otlp_endpoint=_otlp_endpoint(values.get("otlp_endpoint")),
+        envoy_access_log=_envoy_access_log(values.get("envoy_access_log", "stdout")),
     )
 
 
@@ -327,6 +334,19 @@ def _otlp_endpoint(raw: Any) -> Address | None:
             f'"127.0.0.1:4317", got {raw!r}'
         )
     return Address.parse(raw, what="otlp_endpoint", example="127.0.0.1:4317")
+
+
+def _envoy_access_log(raw: Any) -> str | None:
+    """``stdout`` (Envoy's standard output), ``off``, or an absolute path."""
+    if raw == "off":
+        return None
+    if raw == "stdout":
+        return ENVOY_STDOUT
+    if isinstance(raw, str) and raw.startswith("/") and "\0" not in raw:
+        return raw
+    raise ConfigError(
+        f'envoy_access_log must be "stdout", "off" or an absolute path, not {raw!r}'
+    )
 
 
 def _text(values: Mapping[str, Any], key: str) -> str | None:

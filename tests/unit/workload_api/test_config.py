@@ -229,3 +229,21 @@ def test_workload_api_connection_limits(tmp_path: Path) -> None:
 def test_the_otlp_endpoint(tmp_path: Path, given: str, expected: Address | None) -> None:
     config = agent_config(values(tmp_path, otlp_endpoint=given), environ={})
     assert config.otlp_endpoint == expected
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("stdout", "/dev/stdout"),
+    ("off", None),
+    ("/var/log/tessera/envoy-access.log", "/var/log/tessera/envoy-access.log"),
+])  # fmt: skip
+def test_the_envoy_access_log(tmp_path: Path, given: str, expected: str | None) -> None:
+    config = agent_config(values(tmp_path, envoy_access_log=given), environ={})
+    assert config.envoy_access_log == expected
+    assert agent_config(values(tmp_path), environ={}).envoy_access_log == "/dev/stdout"
+
+
+@pytest.mark.parametrize("given", ["relative.log", "", 1, "on"])
+def test_an_envoy_access_log_that_is_no_file_is_refused(tmp_path: Path, given: object) -> None:
+    with pytest.raises(ConfigError, match='envoy_access_log must be "stdout", "off" or an '
+                                          "absolute path"):  # fmt: skip
+        agent_config(values(tmp_path, envoy_access_log=given), environ={})
