@@ -12,6 +12,7 @@ gateway (and the Envoy it runs, attested on its own) holds every SVID and picks 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal
@@ -222,3 +223,21 @@ def test_a_gateway_no_gateway_selects_says_so_on_ready(start: ProxyStarter) -> N
         "no Gateway selects this gateway's labels (istio=nobody): apply one whose "
         "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
     proxy.process.stop()
+
+
+def test_an_envoy_that_dies_is_started_again_and_serves(
+    users: list[Proxy], callers: dict[str, WorkloadApiX509Source]
+) -> None:
+    sidecar = users[1]
+    pids = re.findall(r"Envoy started \(pid (\d+)\)", sidecar.process.log())
+    os.kill(int(pids[-1]), signal.SIGKILL)
+
+    sidecar.process.wait_until(
+        lambda: sidecar.metrics().get("tessera_envoy_restarts_total") == 1 or None,
+        "counting the restart on /metrics", DEADLINE)  # fmt: skip
+    sidecar.wait_ready()
+    url = f"https://{sidecar.address}/after-restart"
+    with httpx_client(callers[WEB], authorize_id(USERS), timeout=10) as client:
+        answer = client.get(url)
+    assert (answer.status_code, answer.json()["app"]) == (200, "users-2")
+    assert len(re.findall(r"Envoy started \(pid (\d+)\)", sidecar.process.log())) == 2
