@@ -25,8 +25,8 @@ credentials, so a registration entry must match Envoy too (``unix:uid`` does; a
 Envoy runs under :class:`~dataplane.envoy.EnvoySupervisor` (restarted if it dies,
 drained on stop), its admin interface on a 0600 Unix socket in a private work directory:
 ``$XDG_RUNTIME_DIR/tessera-envoy/<kind>-<hash of the node id>`` (or the same under the
-temporary directory, ``tessera-envoy-<uid>``), kept across runs so that an Envoy a
-crashed run left behind is stopped by the next.
+temporary directory, ``tessera-envoy-<uid>``), removed when Envoy is stopped, and kept
+when the process dies, so that the Envoy it left behind is stopped by the next run.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class AgentEnvoy:
             log_level=log_level,
             metrics=EnvoyMetrics(registry),
             on_readiness=on_change,
+            keep_work_dir=False,
         )
 
     @property
@@ -126,6 +127,7 @@ class AgentEnvoy:
         return await self.supervisor.prometheus_stats()
 
     async def stop(self, grace: float) -> None:
+        """Drain and stop Envoy; its work directory goes with it."""
         await self.supervisor.stop(grace)
 
 

@@ -17,15 +17,19 @@ is written, so that a restarted Envoy listens where the catalog says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 from typing import Final
 
 from dataplane.agent_envoy import AgentEnvoy, envoy_log_level, host_name
+from dataplane.mesh_watch import MeshSnapshot, MeshWatch
 from dataplane.metrics import SidecarMetrics
 from dataplane.planes import SidecarSettings
 from mesh.envoy.listeners import INBOUND
 from sdk.address import HostPort
+from sdk.sidecar.errors import SidecarConfigError
 from sdk.sources import WorkloadApiX509Source
 
 __all__ = ["EnvoySidecar"]
@@ -70,13 +74,21 @@ class EnvoySidecar:
             log_level=envoy_log_level(log_level),
             on_change=self._changed,
         )
+        # Only for the revision on /metrics: Envoy's configuration comes over xDS.
+        self._watch = MeshWatch(socket=socket, on_snapshot=self._revision)
+        self._watching: asyncio.Task[None] | None = None
+        self._metrics = metrics
 
     @property
     def inbound_address(self) -> HostPort:
         return self._inbound
 
     async def start(self) -> None:
+        _check_free(self._inbound, "--inbound")
+        if self._settings.outbound is not None:
+            _check_free(self._settings.outbound, "--outbound")
         await self.envoy.start()
+        self._watching = asyncio.create_task(self._watch.run())
 
     def ready_problem(self) -> str | None:
         problem = self.envoy.ready_problem()
@@ -105,10 +117,17 @@ class EnvoySidecar:
         """Envoy stops accepting when it is drained, in :meth:`stop`."""
 
     async def stop(self, grace: float) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         await self.envoy.stop(grace)
 
     async def more_metrics(self) -> bytes:
         return await self.envoy.prometheus_stats()
+
+    def _revision(self, snapshot: MeshSnapshot) -> None:
+        self._metrics.mesh_revision.set(snapshot.revision)
 
     def _changed(self) -> None:
         # Configured once Envoy has ACKed its first listeners and their certificates came:
@@ -116,6 +135,21 @@ class EnvoySidecar:
         # registering then says).
         if self.envoy.ready_problem() is None:
             self.configured.set()
+
+
+def _check_free(address: HostPort, flag: str) -> None:
+    """SidecarConfigError when another process listens on ``address`` (Envoy would
+    otherwise fail to listen there without saying so to the sidecar)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Envoy does
+        try:
+            probe.bind((address.host, address.port))
+        except OSError as err:
+            raise SidecarConfigError(
+                f"cannot listen on {flag} {address}: {os.strerror(err.errno or 0)}; "
+                f"choose another {flag}"
+            ) from err
 
 
 def _with_port(address: HostPort) -> HostPort:

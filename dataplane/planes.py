@@ -141,6 +141,11 @@ class _Builtin:
 
 class _Envoy:
     def refusal(self, settings: SidecarSettings) -> str | None:
+        for flag, address in (("--inbound", settings.inbound), ("--outbound", settings.outbound)):
+            if address is not None and not address.is_ip:
+                return (f"{flag} {address} must be an IP address with --proxy envoy "
+                        "(Envoy listens on addresses, not names), "
+                        f"e.g. 127.0.0.1:{address.port}")  # fmt: skip
         return None
 
     def unavailable(self) -> str | None:

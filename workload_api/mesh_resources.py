@@ -115,22 +115,25 @@ class MeshResourceSource:
         try:
             chosen, render = proxy_of(node, proxy)
         except ConfigError as err:
-            if self._refused.get(node.id) != err.message:
-                self._refused[node.id] = err.message
-                _log.warning("Envoy %s gets no mesh configuration: %s", node.id, err.message)
+            self._refuse(node.id, err.message)
             return {}
-        self._refused.pop(node.id, None)
         jwt_bundles = self._jwt_bundles(proxy.selectors)
         key = (self._mesh.revision, node.id, json.dumps(dict(node.metadata), sort_keys=True),
                chosen.spiffe_id, tuple(sorted(jwt_bundles.items())))
         cached = self._cache.get(key)
         if cached is not None:
+            self._refused.pop(node.id, None)
             return cached
         view = compile_view(self._mesh.config, self._mesh.catalog, chosen)
         options = self._options
         if self._bundles is not None:
             options = replace(options, jwt_bundles=jwt_bundles)
-        rendered = render(view, options)
+        try:
+            rendered = render(view, options)
+        except ValueError as err:  # the metadata's addresses cannot be Envoy's
+            self._refuse(node.id, str(err))
+            return {}
+        self._refused.pop(node.id, None)
         for problem in rendered.problems:
             _log.info("Envoy %s: %s", node.id, problem)
         resources: Resources = rendered.by_type()
@@ -138,6 +141,12 @@ class MeshResourceSource:
             self._cache.clear()
         self._cache[key] = resources
         return resources
+
+    def _refuse(self, node_id: str, why: str) -> None:
+        """Say once per proxy and reason why it gets nothing."""
+        if self._refused.get(node_id) != why:
+            self._refused[node_id] = why
+            _log.warning("Envoy %s gets no mesh configuration: %s", node_id, why)
 
     def _jwt_bundles(self, selectors: frozenset[Selector]) -> dict[str, str]:
         """Trust domain name -> JWK Set JSON, as :class:`RenderOptions` takes them."""

@@ -25,7 +25,10 @@ after ``max_quick_failures`` runs in a row that each ended within
 ``stable_after_seconds`` of starting, the supervisor stops trying: ``ready_problem()``
 and :meth:`~EnvoySupervisor.wait_failure` say why, in Envoy's words. An Envoy left
 running by an earlier supervisor of the same work directory that died (its pid is kept
-in ``envoy.pid``) is stopped before a new one starts.
+in ``envoy.pid``) is stopped before a new one starts. A supervisor holds its work
+directory locked (``supervisor.lock``) while it runs: a second one for the same directory
+is refused with an EnvoyError naming the first one's pid, and leaves its Envoy alone.
+With ``keep_work_dir=False`` the directory is removed once Envoy has stopped.
 
 :meth:`~EnvoySupervisor.stop` drains: ``POST /drain_listeners?graceful`` asks every
 caller to close its connection, the listeners keep accepting for ``drain_seconds`` and
@@ -46,9 +49,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -72,6 +77,8 @@ BOOTSTRAP_FILE: Final = "bootstrap.json"
 ADMIN_SOCKET: Final = "admin.sock"
 ADMIN_ADDRESS_FILE: Final = "admin-address"
 PID_FILE: Final = "envoy.pid"
+LOCK_FILE: Final = "supervisor.lock"
+"""Locked (flock) by the supervisor using the work directory, holding its pid."""
 FLUSH_MILLISECONDS: Final = 1000
 """How often Envoy writes out its access log (its own default, 10 s, hides a request's line
 from whoever follows the log)."""
@@ -122,6 +129,7 @@ class EnvoySupervisor:
         log_prefix: str = "envoy",
         sleep: Sleep = asyncio.sleep,
         on_readiness: Callable[[], None] | None = None,
+        keep_work_dir: bool = True,
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ConfigError(
@@ -173,6 +181,8 @@ class EnvoySupervisor:
         self._admin: EnvoyAdmin | None = None
         self._output_task: asyncio.Task[None] | None = None
         self._output: EnvoyOutput | None = None
+        self._lock_descriptor: int | None = None
+        self._keep_work_dir = keep_work_dir
         self._supervise_task: asyncio.Task[None] | None = None
         self._readiness_task: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -259,6 +269,7 @@ class EnvoySupervisor:
             raise RuntimeError("an EnvoySupervisor starts once")
         binary = self._envoy or find_envoy()
         prepare_private_dir(self.work_dir, what="Envoy work directory")
+        self._lock()
         try:
             write_file_atomically(
                 self.bootstrap_path, json.dumps(self._bootstrap, indent=1).encode(), mode=0o600
@@ -313,8 +324,36 @@ class EnvoySupervisor:
             write_file_atomically(self.work_dir / PID_FILE, f"{process.pid}\n".encode())
         return process, output
 
+    def _lock(self) -> None:
+        """Hold the work directory for this supervisor's life: EnvoyError naming the
+        process that holds it already (its Envoy is not a leftover to stop)."""
+        path = self.work_dir / LOCK_FILE
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            sentence = os_error_sentence(err, f"open {path}", flag="work directory")
+            raise ConfigError(sentence) from err
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise EnvoyError(
+                f"another Tessera process (pid {holder}) runs its Envoy from {self.work_dir}: "
+                "stop it first, or start this one with other settings"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock_descriptor = descriptor
+
+    def _unlock(self) -> None:
+        if self._lock_descriptor is not None:
+            os.close(self._lock_descriptor)  # releases the lock
+            self._lock_descriptor = None
+
     async def _stop_leftover(self) -> None:
-        """Stop the Envoy an earlier supervisor of this work directory left running."""
+        """Stop the Envoy an earlier supervisor of this work directory left running (it
+        held the directory's lock, so it is gone: its Envoy outlived it)."""
         pid_file = self.work_dir / PID_FILE
         try:
             pid = int(pid_file.read_text().strip())
@@ -535,6 +574,7 @@ class EnvoySupervisor:
         most ``grace`` seconds), SIGTERM, and SIGKILL ``kill_after_seconds`` later.
         Stopping a supervisor that is not running does nothing."""
         if self._state is _State.NEW:
+            self._unlock()
             self._set_state(_State.STOPPED, "Envoy has stopped")
             self._stopped.set()
         if self._state in (_State.STOPPED, _State.STOPPING):
@@ -543,6 +583,9 @@ class EnvoySupervisor:
         try:
             await self._stop(grace)
         finally:
+            if not self._keep_work_dir and self._lock_descriptor is not None and self.pid is None:
+                shutil.rmtree(self.work_dir, ignore_errors=True)  # still ours: locked
+            self._unlock()
             self._stopped.set()
 
     async def _stop(self, grace: float) -> None:

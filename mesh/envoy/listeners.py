@@ -158,6 +158,9 @@ def _listener(
         "address": socket_address(address.host, address.port),
         "filter_chains": filter_chains,
         "metadata": metadata(source),
+        # One socket shared by Envoy's workers: a port another process (another Envoy
+        # among them) listens on is refused, never shared with it.
+        "enable_reuse_port": False,
         **more,
     }
 

@@ -241,6 +241,13 @@ def render_gateway(
     listeners = []
     route_configurations = []
     for listener in view.gateway_listeners:
+        if not 0 < listener.port + port_offset <= 65535:
+            problems.append(
+                f"{listener.source}: port {listener.port} plus the gateway's port offset "
+                f"{port_offset} is {listener.port + port_offset}, outside 1-65535: the "
+                "gateway does not listen for it (run it with another --port-offset)"
+            )
+            continue
         routes = [
             route
             for server in listener.servers

@@ -26,7 +26,7 @@ from spiffe import SpiffeId
 from sdk import WorkloadApiX509Source, authorize_id
 from sdk.integrations.httpx import httpx_client
 from sdk.sidecar.connect import connect_x509_source
-from tests.integration.conftest import free_port, tessera
+from tests.integration.conftest import TESSERA, free_port, tessera
 from tests.integration.mesh_fixtures import (
     DEADLINE,
     App,
@@ -161,6 +161,7 @@ def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refus
     metrics = users[0].metrics()
     assert metrics["tessera_envoy_up"] == 1
     assert metrics["tessera_sidecar_registered"] == 1
+    assert metrics["tessera_sidecar_mesh_revision"] > 0
     assert any(name.startswith("envoy_") for name in metrics), sorted(metrics)[:20]
 
 
@@ -241,3 +242,37 @@ def test_an_envoy_that_dies_is_started_again_and_serves(
         answer = client.get(url)
     assert (answer.status_code, answer.json()["app"]) == (200, "users-2")
     assert len(re.findall(r"Envoy started \(pid (\d+)\)", sidecar.process.log())) == 2
+
+
+def test_an_inbound_or_outbound_port_in_use_is_refused_before_envoy_starts(
+    users: list[Proxy], apps: dict[str, App], start: ProxyStarter
+) -> None:
+    taken = users[0].ports["inbound"]  # another Envoy listens there
+    for flag in ("--inbound", "--outbound"):
+        args = [TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", "web-service",
+                "--spiffe-id", WEB, "--app", apps["web"].address, "--health-bind", "0",
+                flag, f"127.0.0.1:{taken}"]  # fmt: skip
+        process = start.begin(f"clash{flag}", args, directory=start.directory,
+                              env=start.domain.env())  # fmt: skip
+        assert process.wait(timeout=DEADLINE) == 1
+        assert (f"Error: cannot listen on {flag} 127.0.0.1:{taken}: Address already in use; "
+                f"choose another {flag}\n") in process.log()  # fmt: skip
+
+
+def test_a_second_gateway_like_a_running_one_is_refused_and_the_first_serves_on(
+    users: list[Proxy], start: ProxyStarter
+) -> None:
+    offset = free_port() - 80
+    first = start.gateway("first-gateway", GATEWAY, offset=offset)
+    first.wait_ready()
+    second = start.gateway("second-gateway", GATEWAY, offset=offset)
+    assert second.process.wait(timeout=DEADLINE) == 1
+    assert "Error: another Tessera process (pid " in second.process.log()
+    answer = httpx.get(f"http://127.0.0.1:{first.ports['http']}/api/v1/users", timeout=10)
+    assert answer.status_code == 200
+    assert first.metrics()["tessera_sidecar_svid_expiry_timestamp_seconds"] > 0
+
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=DEADLINE) == 0
+    admin = re.search(r"admin (\S+)/admin\.sock\)", first.process.log())
+    assert admin is not None and not Path(admin.group(1)).exists()  # its directory is gone

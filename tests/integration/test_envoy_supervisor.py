@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import generate_latest
 
-from dataplane.envoy import EnvoyMetrics, EnvoyRefused, EnvoySupervisor
+from dataplane.envoy import EnvoyError, EnvoyMetrics, EnvoyRefused, EnvoySupervisor
 from sdk.backoff import Backoff
 from tests.support.processes import poll
 
@@ -486,3 +486,37 @@ def test_an_envoy_left_running_by_a_supervisor_that_died_is_stopped_first(
         loop.run(envoy.stop(grace=1))
         with contextlib.suppress(ProcessLookupError):
             os.kill(leftover, signal.SIGKILL)
+
+
+def test_a_second_supervisor_of_a_running_ones_directory_is_refused_and_touches_nothing(
+    loop: LoopThread, app: App, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listener_port = probe.getsockname()[1]
+    config = bootstrap(app.port, listener_port=listener_port)
+    work_dir = tmp_path / "envoy"
+    first = subprocess.Popen(
+        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(work_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    running: int | None = None
+    try:
+        assert first.stdout is not None
+        running = int(first.stdout.readline())
+
+        second = supervisor(config, work_dir)
+        with pytest.raises(EnvoyError) as refused:
+            loop.run(second.start())
+        assert str(refused.value) == (
+            f"another Tessera process (pid {first.pid}) runs its Envoy from {work_dir}: stop it "
+            "first, or start this one with other settings")  # fmt: skip
+        loop.run(second.stop(grace=0))
+        os.kill(running, 0)  # the first one's Envoy runs on, and serves
+        assert get(listener_port, "/direct") == (200, "envoy answers")
+    finally:
+        first.kill()
+        first.wait()
+        if running is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running, signal.SIGKILL)

@@ -1158,8 +1158,6 @@ def test_refusals() -> None:
         render_sidecar(gateway_view, ADDRESSES)
     with pytest.raises(ValueError, match="render_gateway takes a gateway's view, not a sidecar's"):
         render_gateway(sidecar_view, host="0.0.0.0")
-    with pytest.raises(ValueError, match="port 80 plus the port offset 65500 is 65580"):
-        render_gateway(gateway_view, host="0.0.0.0", port_offset=65500)
     by_name = SidecarAddresses(HostPort("localhost", 8443), ADDRESSES.app, ADDRESSES.outbound)
     with pytest.raises(ValueError, match="the inbound listener's address localhost:8443 must be"):
         render_sidecar(sidecar_view, by_name)
@@ -1410,3 +1408,19 @@ def test_a_sidecar_without_an_outbound_address_only_serves_callers() -> None:
     assert [routes["name"] for routes in resources.route_configurations] == ["inbound"]
     assert [cluster["name"] for cluster in resources.clusters] == ["inbound|80||users-service"]
     assert resources.cluster_load_assignments == ()
+
+
+def test_a_gateway_port_the_offset_puts_out_of_range_is_left_out_and_said() -> None:
+    config, catalog = everything()
+    view = compile_view(config, catalog, GatewayProxy(GATEWAY, INGRESS))
+    resources = render_gateway(view, host="0.0.0.0", port_offset=65500)
+    assert resources.listeners == ()
+    assert any("port 80 plus the gateway's port offset 65500 is 65580, outside 1-65535"
+               in problem for problem in resources.problems), resources.problems  # fmt: skip
+
+
+@pytest.mark.parametrize("render", ["mission", "users", "orders", "public"])
+def test_no_listener_shares_its_port_with_another_process(render: str) -> None:
+    listeners = rendered(render).listeners
+    assert listeners
+    assert all(listener["enable_reuse_port"] is False for listener in listeners)

@@ -106,6 +106,9 @@ def test_a_proxyless_grpc_client_gets_a_listener_per_target_and_mtls_by_its_prov
      "its bootstrap's node.metadata has no tessera.inbound"),
     ({"tessera.proxy": "gateway", "tessera.labels": "[1]"}, (GATEWAY_ID,),
      "tessera.labels must be a JSON object of strings"),
+    ({"tessera.proxy": "sidecar", "tessera.service": "users-service",
+      "tessera.inbound": "localhost:15006", "tessera.app": "127.0.0.1:8080"}, (USERS_ID,),
+     "the inbound listener's address localhost:15006 must be an IP address"),
 ])
 def test_an_envoy_that_is_not_what_it_says_gets_nothing_and_the_log_says_why(
     metadata: dict[str, str], spiffe_ids: tuple[str, ...], reason: str,
