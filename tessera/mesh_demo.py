@@ -51,7 +51,7 @@ from sdk.sidecar.connect import connect_x509_source
 from sdk.spiffeid import parse_trust_domain
 from tessera.up import LocalTrustDomain, UpSettings
 
-__all__ = ["MeshDemo", "MeshDemoResult"]
+__all__ = ["DemoStopped", "MeshDemo", "MeshDemoResult"]
 
 TRUST_DOMAIN: Final = "demo.example"
 IDENTITIES: Final = ("users", "orders", "gateway", "intruder")
@@ -61,12 +61,17 @@ START_DEADLINE_SECONDS: Final = 30.0
 STOP_DEADLINE_SECONDS: Final = 15.0
 SPLIT_REQUESTS: Final = 200
 LOAD_WORKERS: Final = 4
+SPLIT_WORKERS: Final = 8
 LOAD_PAUSE_SECONDS: Final = 0.02
 """Each load worker's pause between requests: a steady load, not a benchmark."""
-FAILOVER_SECONDS: Final = 3.0
+FAILOVER_SECONDS: Final = 2.0
 """How long the load runs after an instance is killed."""
 REQUEST_TIMEOUT_SECONDS: Final = 10.0
 MAX_ANSWER_BYTES: Final = 64 * 1024
+
+
+class DemoStopped(ConfigError):
+    """SIGINT or SIGTERM ended the demo; every process it started is stopped."""
 
 
 @dataclass
@@ -333,7 +338,7 @@ class MeshDemo:
             local.agent.stop()
             await asyncio.gather(running, return_exceptions=True)
         if interrupted:
-            raise ConfigError(f"the demo was stopped ({self._stopped_by}) before it finished")
+            raise DemoStopped(f"the demo was stopped ({self._stopped_by}) before it finished")
         return self.result
 
     def _stop_on_signals(self) -> None:
@@ -400,7 +405,7 @@ class MeshDemo:
             raise ConfigError(f"tessera mesh apply refused the demo's mesh: {err.decode().strip()}")
         lines = [line.strip() for line in out.decode().splitlines() if line.strip()]
         if announce:
-            self.echo("2. tessera mesh apply (written to mesh.yaml):")
+            self.echo("2. tessera mesh apply:")
             for line in lines:
                 self.echo(f"     {line}")
             self.echo(f"     routes: {USERS_PATH} -> users-service, "
@@ -584,7 +589,7 @@ class MeshDemo:
             for _ in left:
                 counts[await self._get(client, USERS_PATH)] += 1
 
-        await asyncio.gather(*(worker() for _ in range(LOAD_WORKERS)))
+        await asyncio.gather(*(worker() for _ in range(SPLIT_WORKERS)))
         return counts
 
     async def _get(self, client: httpx.AsyncClient, path: str) -> str:
@@ -600,7 +605,9 @@ class MeshDemo:
     # -- 6. an instance killed under load -----------------------------------------------------
 
     async def _kill_an_instance(self, local: LocalTrustDomain) -> None:
-        self.echo("6. users-v2's app killed under load (4 callers through the gateway):")
+        self.echo(
+            f"6. users-v2's app killed under load ({LOAD_WORKERS} callers through the gateway):"
+        )
         before: Counter[str] = Counter()
         after: Counter[str] = Counter()
         killed = asyncio.Event()
@@ -696,7 +703,7 @@ class MeshDemo:
     # -- 8. rotation under load ---------------------------------------------------------------
 
     async def _rotate_under_load(self, local: LocalTrustDomain) -> None:
-        seconds = max(self.duration - (time.monotonic() - self._began), 2.0 * self.svid_ttl)
+        seconds = max(self.duration - (time.monotonic() - self._began), 1.5 * self.svid_ttl)
         self.echo(
             f"8. SVIDs rotating every ~{self.svid_ttl / 2:.0f} s for {seconds:.0f} s,"
             f" {LOAD_WORKERS} callers through the gateway all along:"

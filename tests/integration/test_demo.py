@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import TESSERA
+from tests.support.processes import poll
 
 pytestmark = pytest.mark.integration
 
 MESH_STEPS = (
     "1. Starting a server and an agent ...",
-    "2. tessera mesh apply (written to mesh.yaml):",
+    "2. tessera mesh apply:",
     "3. Starting the apps, their Envoy sidecars and the gateway:",
     "4. Through the gateway, routed by URI:",
     "5. A canary: DestinationRule subsets v1/v2, the route weighted 90/10 ...",
@@ -76,6 +79,44 @@ def test_the_demo_shows_the_mesh_routing_a_canary_failover_a_refusal_and_rotatio
     pids = [int(pid) for pid in re.findall(r"\bpid (\d+)", story)]
     assert len(pids) == 4
     assert [pid for pid in pids if running(pid)] == []
+
+
+def children(pids: list[int]) -> list[int]:
+    """The processes whose parent is one of ``pids`` (the Envoys of the sidecars)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) in pids:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.envoy
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+    story = tmp_path / "story.txt"
+    with story.open("w") as err:
+        demo = subprocess.Popen([TESSERA, "demo", "--duration", "30", "--svid-ttl", "4"],
+                                stdout=err, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        poll(lambda: "4. Through the gateway" in story.read_text() or None, 90,
+             "the demo's step 4", context=story.read_text)  # fmt: skip
+        proxies = [int(pid) for pid in re.findall(r"\bpid (\d+)", story.read_text())]
+        envoys = poll(lambda: children(proxies) if len(children(proxies)) == 4 else None, 30,
+                      "an Envoy under each proxy")  # fmt: skip
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=60) == 1
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    text = story.read_text()
+    assert "SIGINT: stopping every process the demo started ..." in text
+    assert "Error: the demo was stopped (SIGINT) before it finished" in text
+    assert "Traceback" not in text
+    assert [pid for pid in [*proxies, *envoys] if running(pid)] == []
 
 
 ENVOY_MISSING = """\
