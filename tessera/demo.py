@@ -1,5 +1,6 @@
-"""``tessera demo``: a trust domain, two services talking mTLS through sidecars,
-a refused caller, and certificates rotating live — in about a minute.
+"""``tessera demo``: with Envoy installed, the mesh (:mod:`tessera.mesh_demo`); without
+it, this one: a trust domain, two services talking mTLS through sidecars, a refused
+caller, and certificates rotating live — in about a minute.
 
 Everything is real: a server and an agent (as ``tessera up`` runs them), three
 ``tessera sidecar proxy`` processes, and a small HTTP app. Three entries give

@@ -14,8 +14,11 @@ xDS), and three small HTTP apps in this process::
 Every entry selects the uid running the demo, so each sidecar, the gateway, and the Envoy
 each of them runs hold every SVID, and each picks its own with ``--spiffe-id``.
 
-    tessera demo                          # about a minute
+    tessera demo                          # about 45 s (--duration), the last step rotation
     tessera demo --duration 10 --svid-ttl 4
+    tessera demo --output json            # the story on stderr, a summary on stdout
+
+Ctrl-C (or SIGTERM) ends the steps and stops every process the demo started.
 """
 
 from __future__ import annotations
