@@ -24,7 +24,8 @@ from tests.conftest import missing_service
 
 pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
-SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mtls_proxy",
+SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mesh_traffic",
+             "mtls_proxy",
              "handshakes", "startup"]
 
 
