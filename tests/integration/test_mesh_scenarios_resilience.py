@@ -126,6 +126,16 @@ spec:
   rules:
   - from:
     - source: {{principals: ["{WEB}"]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: users-no-admin}}
+spec:
+  selector: {{matchLabels: {{app: users}}}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {{methods: [DELETE], paths: ["/admin"]}}
 """
 
 
@@ -316,14 +326,19 @@ def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
     url = f"https://{users.address}/api/users"
     with httpx_client(callers[WEB], authorize_id(USERS), timeout=10) as client:
         assert client.get(url).status_code == 200
+        denied = client.delete(f"https://{users.address}/admin")  # a DENY rule's
     with httpx_client(callers[INTRUDER], authorize_id(USERS), timeout=10) as client:
-        refused = client.get(url)
+        refused = client.get(url)  # no ALLOW rule's
+    assert denied.status_code == 403, denied.text
     assert refused.status_code == 403, refused.text
     assert apps["users"].served == 1  # the intruder's request never reached the app
 
     if plane == "builtin":
         assert refused.text.startswith(
             f"{INTRUDER} refused by policy rule 'AuthorizationPolicy users-allow-web': "
+        )
+        assert denied.text.startswith(
+            f"{WEB} refused by policy rule 'AuthorizationPolicy users-no-admin spec.rules[0]': "
         )
         stop(users)
         return
@@ -350,16 +365,19 @@ def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
 
     def refusals() -> list[dict[str, Any]] | None:
         found = [line for line in access_log(users, "inbound") if line["response_code"] == 403]
-        return found if len(found) == 2 else None
+        return found if len(found) == 3 else None
 
-    logged = users.process.wait_until(refusals, "two 403s in the inbound's access log", DEADLINE)
-    assert {(line["source"], line["path"]) for line in logged} == {
-        (INTRUDER, "/api/users"),
-        (INTRUDER, "/api/orders"),
-    }
-    for line in logged:
-        assert line["response_code_details"] == "rbac_access_denied_matched_policy[none]", line
-        assert line["upstream_host"] in (None, "-", ""), line
+    logged = users.process.wait_until(refusals, "three 403s in the inbound's access log", DEADLINE)
+    # RBAC's reason: the DENY rule that matched, by its source (Envoy writes its spaces as
+    # underscores); "none" when no ALLOW rule matched.
+    assert sorted((line["source"], line["path"], line["response_code_details"])
+                  for line in logged) == [
+        (INTRUDER, "/api/orders", "rbac_access_denied_matched_policy[none]"),
+        (INTRUDER, "/api/users", "rbac_access_denied_matched_policy[none]"),
+        (WEB, "/admin", "rbac_access_denied_matched_policy"
+         "[AuthorizationPolicy_users-no-admin_spec.rules[0]]"),
+    ]  # fmt: skip
+    assert all(line["upstream_host"] in (None, "-", "") for line in logged), logged
     outbound = [
         line
         for line in access_log(intruder, "outbound")
