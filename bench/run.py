@@ -29,6 +29,7 @@ from bench import (
     handshakes,
     issuance,
     machine,
+    mesh_traffic,
     mtls_proxy,
     propagation,
     startup,
@@ -38,7 +39,8 @@ from bench.report import Figure, Outcome, Skipped, render_table, write_json
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (issuance, workload_api, agent_footprint, propagation, mtls_proxy, envoy_pair,
+    for module in (issuance, workload_api, agent_footprint, propagation, mesh_traffic, mtls_proxy,
+                   envoy_pair,
                    handshakes, startup)
 }
 

@@ -21,7 +21,9 @@ sidecars with ``plane=plane``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +102,7 @@ class App(ThreadingHTTPServer):
         self.behaviour = Behaviour()
         self.served = 0
         self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
 
     @classmethod
     def serving(cls, name: str) -> App:
@@ -117,9 +120,29 @@ class App(ThreadingHTTPServer):
             self.served += 1
             return self.served
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            self._connections.add(request)
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def kill(self) -> None:
+        """Stop as a crashed app does: the listener closes and every open connection is
+        cut (a kept-alive one included), so its sidecar's next request is refused."""
+        self.stop()
+        with self._lock:
+            cut = list(self._connections)
+        for connection in cut:
+            with contextlib.suppress(OSError):  # already closed by the other side
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 class AppHandler(BaseHTTPRequestHandler):
