@@ -242,7 +242,7 @@ class Requests:
         return self.seen()
 
 
-@supported_by("envoy")
+@supported_by("envoy", case="outlier detection ejects a crashed instance before any health check")
 def test_a_crashed_instance_is_ejected_after_a_few_failures_before_any_health_check(
     plane: str, domain: TrustDomain, start: ProxyStarter, apps: Apps
 ) -> None:
@@ -315,7 +315,7 @@ def access_log(proxy: Proxy, listener: str) -> list[dict[str, Any]]:
     return lines
 
 
-@supported_by("envoy", "builtin")
+@supported_by("envoy", "builtin", case="a caller no policy allows gets 403; the log names the rule")
 def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
     plane: str, domain: TrustDomain, start: ProxyStarter, apps: Apps,
     callers: dict[str, WorkloadApiX509Source],
@@ -408,7 +408,7 @@ def ask(conn: http.client.HTTPConnection, headers: dict[str, str]) -> int:
     return response.status
 
 
-@supported_by("envoy", "builtin")
+@supported_by("envoy", "builtin", case="SVIDs rotate under load and no request fails")
 def test_svids_rotate_under_load_and_no_request_fails(
     plane: str, start: ProxyStarter, apps: Apps,
     callers: dict[str, WorkloadApiX509Source],
