@@ -82,6 +82,7 @@ class AgentEnvoy:
         registry: CollectorRegistry,
         log_level: str = "warning",
         on_change: Callable[[], None] | None = None,
+        before_start: Callable[[], None] | None = None,
         work_root: Path | None = None,
     ) -> None:
         self.node_id = node_id
@@ -99,6 +100,7 @@ class AgentEnvoy:
             metrics=EnvoyMetrics(registry),
             on_readiness=on_change,
             keep_work_dir=False,
+            before_start=before_start,
         )
 
     @property

@@ -73,6 +73,7 @@ class EnvoySidecar:
             registry=metrics.registry,
             log_level=envoy_log_level(log_level),
             on_change=self._changed,
+            before_start=self._check_ports,
         )
         # Only for the revision on /metrics: Envoy's configuration comes over xDS.
         self._watch = MeshWatch(socket=socket, on_snapshot=self._revision)
@@ -84,9 +85,6 @@ class EnvoySidecar:
         return self._inbound
 
     async def start(self) -> None:
-        _check_free(self._inbound, "--inbound")
-        if self._settings.outbound is not None:
-            _check_free(self._settings.outbound, "--outbound")
         await self.envoy.start()
         self._watching = asyncio.create_task(self._watch.run())
 
@@ -125,6 +123,11 @@ class EnvoySidecar:
 
     async def more_metrics(self) -> bytes:
         return await self.envoy.prometheus_stats()
+
+    def _check_ports(self) -> None:
+        _check_free(self._inbound, "--inbound")
+        if self._settings.outbound is not None:
+            _check_free(self._settings.outbound, "--outbound")
 
     def _revision(self, snapshot: MeshSnapshot) -> None:
         self._metrics.mesh_revision.set(snapshot.revision)

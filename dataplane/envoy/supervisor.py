@@ -28,7 +28,11 @@ running by an earlier supervisor of the same work directory that died (its pid i
 in ``envoy.pid``) is stopped before a new one starts. A supervisor holds its work
 directory locked (``supervisor.lock``) while it runs: a second one for the same directory
 is refused with an EnvoyError naming the first one's pid, and leaves its Envoy alone.
-With ``keep_work_dir=False`` the directory is removed once Envoy has stopped.
+With ``keep_work_dir=False`` the directory is removed once Envoy has stopped. Envoy is
+sent SIGTERM when the supervisor's process dies, however it dies (``setpriv
+--pdeathsig``, from util-linux, when installed; ``die_with_supervisor=False`` leaves it
+running), so a killed sidecar leaves no Envoy behind. ``before_start`` runs once a
+leftover is stopped and before Envoy starts: the checks of what Envoy will need.
 
 :meth:`~EnvoySupervisor.stop` drains: ``POST /drain_listeners?graceful`` asks every
 caller to close its connection, the listeners keep accepting for ``drain_seconds`` and
@@ -130,6 +134,8 @@ class EnvoySupervisor:
         sleep: Sleep = asyncio.sleep,
         on_readiness: Callable[[], None] | None = None,
         keep_work_dir: bool = True,
+        before_start: Callable[[], None] | None = None,
+        die_with_supervisor: bool = True,
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise ConfigError(
@@ -183,6 +189,8 @@ class EnvoySupervisor:
         self._output: EnvoyOutput | None = None
         self._lock_descriptor: int | None = None
         self._keep_work_dir = keep_work_dir
+        self._before_start = before_start
+        self._setpriv = shutil.which("setpriv") if die_with_supervisor else None
         self._supervise_task: asyncio.Task[None] | None = None
         self._readiness_task: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -278,6 +286,8 @@ class EnvoySupervisor:
             doing = f"write Envoy's bootstrap {self.bootstrap_path}"
             raise ConfigError(os_error_sentence(err, doing, flag="work directory")) from err
         await self._stop_leftover()
+        if self._before_start is not None:
+            self._before_start()  # e.g. the ports checked, once a leftover let them go
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._set_state(_State.STARTING, "Envoy is starting")
         self._supervise_task = asyncio.create_task(self._supervise(binary, first))
@@ -302,6 +312,8 @@ class EnvoySupervisor:
             command += ["--admin-address-path", str(self.work_dir / ADMIN_ADDRESS_FILE)]
         if self._concurrency is not None:
             command += ["--concurrency", str(self._concurrency)]
+        if self._setpriv is not None:  # Envoy is sent SIGTERM if this process dies
+            command = [self._setpriv, "--pdeathsig", "TERM", "--", *command]
         return command
 
     async def _spawn(self, binary: Path) -> tuple[asyncio.subprocess.Process, EnvoyOutput]:

@@ -447,7 +447,8 @@ from pathlib import Path
 from dataplane.envoy import EnvoySupervisor
 
 async def main():
-    envoy = EnvoySupervisor(json.loads(sys.argv[1]), work_dir=Path(sys.argv[2]), concurrency=1)
+    envoy = EnvoySupervisor(json.loads(sys.argv[1]), work_dir=Path(sys.argv[2]), concurrency=1,
+                            die_with_supervisor=sys.argv[3] == "dies-with-it")
     await envoy.start()
     print(envoy.pid, flush=True)
     await asyncio.Event().wait()
@@ -464,8 +465,8 @@ def test_an_envoy_left_running_by_a_supervisor_that_died_is_stopped_first(
         listener_port = probe.getsockname()[1]
     config = bootstrap(app.port, listener_port=listener_port)
     work_dir = tmp_path / "envoy"
-    earlier = subprocess.Popen(
-        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(work_dir)],
+    earlier = subprocess.Popen(  # as where setpriv is missing: Envoy outlives it
+        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(work_dir), "stays"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -497,7 +498,7 @@ def test_a_second_supervisor_of_a_running_ones_directory_is_refused_and_touches_
     config = bootstrap(app.port, listener_port=listener_port)
     work_dir = tmp_path / "envoy"
     first = subprocess.Popen(
-        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(work_dir)],
+        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(work_dir), "stays"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     running: int | None = None
@@ -520,3 +521,34 @@ def test_a_second_supervisor_of_a_running_ones_directory_is_refused_and_touches_
         if running is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(running, signal.SIGKILL)
+
+
+def test_an_envoy_dies_with_a_supervisor_that_is_killed(app: App, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listener_port = probe.getsockname()[1]
+    config = bootstrap(app.port, listener_port=listener_port)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", EARLIER_SUPERVISOR, json.dumps(config), str(tmp_path / "envoy"),
+         "dies-with-it"], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killed.stdout is not None
+    envoy = int(killed.stdout.readline())
+    try:
+        os.kill(envoy, 0)
+        killed.kill()
+        killed.wait()
+        poll(lambda: gone(envoy) or None, 10.0, "Envoy gone with its supervisor")
+    finally:
+        killed.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(envoy, signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie no one has reaped yet counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
