@@ -46,6 +46,7 @@ from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
 from ca.revisions import RevisionWatcher
 from mesh import Config
+from mesh.catalog import MAX_HEALTH_DETAIL, one_line
 from mesh.registration import MAX_LABELS, label_problem, registration_problem
 from sdk.address import HostPort
 from sdk.bundle import TrustBundle
@@ -86,6 +87,8 @@ class ReportedInstanceModel(BaseModel):
     spiffe_id: str = Field(max_length=2048)
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     health: Literal["healthy", "unhealthy", "unknown"]
+    detail: str | None = Field(None, max_length=MAX_HEALTH_DETAIL)
+    """Why it is unhealthy (kept only with ``unhealthy``)."""
 
 
 class InstancesReport(BaseModel):
@@ -165,6 +168,11 @@ def _judge_instance(
         spiffe_id=item.spiffe_id,
         labels=item.labels,
         health=item.health,
+        detail=(
+            one_line(item.detail, MAX_HEALTH_DETAIL) or None
+            if item.health == "unhealthy" and item.detail
+            else None
+        ),
     )
 
 

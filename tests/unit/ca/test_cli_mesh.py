@@ -673,27 +673,30 @@ def test_services_lists_each_instance_with_its_node_and_health(mesh: Mesh) -> No
     node = "spiffe://example.org/tessera/agent/join_token/abc"
     mesh.store.report_mesh_instances(node, [
         ReportedInstance("reviews", HostPort("10.0.0.6", 15006), "spiffe://example.org/reviews",
-                         {"version": "v2"}, "unhealthy"),
+                         {"version": "v2"}, "unhealthy", "HTTP 503 from 127.0.0.1:9080/healthz"),
         ReportedInstance("reviews", HostPort("10.0.0.5", 15006), "spiffe://example.org/reviews",
                          {"version": "v1"}, "healthy"),
     ], lease=timedelta(seconds=30))
 
     assert mesh.run("services").out.splitlines() == [
-        f"SERVICE   ADDRESS          {'NODE'.ljust(len(node))}   LABELS       HEALTH      SINCE",
-        f"reviews   10.0.0.5:15006   {node}   version=v1   healthy     90s",
-        f"reviews   10.0.0.6:15006   {node}   version=v2   unhealthy   90s",
+        f"SERVICE   ADDRESS          {'NODE'.ljust(len(node))}   LABELS       HEALTH      SINCE"
+        "   DETAIL",
+        f"reviews   10.0.0.5:15006   {node}   version=v1   healthy     90s     -",
+        f"reviews   10.0.0.6:15006   {node}   version=v2   unhealthy   90s     "
+        "HTTP 503 from 127.0.0.1:9080/healthz",
     ]
     as_json = json.loads(mesh.run("services", "--service", "reviews", "--output", "json").out)
     assert as_json[0] == {
         "service": "reviews", "address": "10.0.0.5:15006", "node": node,
         "labels": {"version": "v1"}, "health": "healthy", "since": START.isoformat(),
-        "spiffeId": "spiffe://example.org/reviews"}
-    assert [i["health"] for i in as_json] == ["healthy", "unhealthy"]
+        "spiffeId": "spiffe://example.org/reviews", "detail": None}
+    assert [(i["health"], i["detail"]) for i in as_json] == [
+        ("healthy", None), ("unhealthy", "HTTP 503 from 127.0.0.1:9080/healthz")]
     assert json.loads(mesh.run("services", "--service", "users", "--output", "json").out) == []
 
     # describe routes to the healthy one only, and says why not to the other.
     described = mesh.run("describe", "reviews").out
-    assert "no requests to 10.0.0.6:15006: unhealthy  [catalog reviews 10.0.0.6:15006]" \
-        in described
+    assert ("no requests to 10.0.0.6:15006: unhealthy (HTTP 503 from 127.0.0.1:9080/healthz)"
+            "  [catalog reviews 10.0.0.6:15006]") in described
     assert "sidecar of reviews (spiffe://example.org/reviews) {version=v1}: 10.0.0.5:15006" \
         in described
