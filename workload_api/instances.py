@@ -17,13 +17,16 @@ call stays open. The agent then:
   of at most :data:`mesh.catalog.MAX_HEALTH_DETAIL` characters (``tessera mesh services``
   shows it); a new reason is reported at once.
 - **reports the whole set** to the server (``PUT /v1/agent/instances``) at once after any
-  change, and every third of the lease the server names, which renews it. The server
+  change, and every third of the lease the server names, which renews it. The report
+  carries the NACKs still standing among the node's Envoys too
+  (:mod:`workload_api.proxy_rejections`), sent at once when they change. The server
   keeps an instance only when its Service allows its SPIFFE ID and this agent hosts a
   workload with it; a refusal ends the proxy's Register call with the reason.
 
 ::
 
-    instances = LocalInstances(report=client.report_instances, mesh=agent.mesh)
+    instances = LocalInstances(report=client.report_instances, mesh=agent.mesh,
+                               rejections=lambda: rejections_report(agent.discovery_status))
     runner = asyncio.create_task(instances.run())
     instance = await instances.register(Registration(...))   # raises when refused
     ...
@@ -78,7 +81,10 @@ DEFAULT_REPORT_EVERY: Final = 10.0
 MAX_LOCAL_INSTANCES: Final = 256
 """As many as the server takes from one agent."""
 
-Report = Callable[[Sequence[Mapping[str, Any]]], Awaitable[InstancesAnswer]]
+Report = Callable[
+    [Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]], Awaitable[InstancesAnswer]
+]
+"""Sends (instances, the proxies' standing NACKs) to the server; its answer."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +149,12 @@ class LocalInstances:
         mesh: MeshState,
         node: Callable[[], str | None] = lambda: None,
         rejoin_grace: float = REJOIN_GRACE,
+        rejections: Callable[[], Sequence[Mapping[str, Any]]] = lambda: (),
     ) -> None:
         self._report = report
         self._mesh = mesh
         self._node = node
+        self._rejections = rejections
         self._rejoin_grace = rejoin_grace
         self._instances: dict[tuple[str, str], LocalInstance] = {}
         self._checkers: dict[LocalInstance, asyncio.Task[None]] = {}
@@ -253,12 +261,17 @@ class LocalInstances:
                     await self._dirty.wait()
         self._dirty.set()
 
+    def rejections_changed(self) -> None:
+        """The proxies' standing NACKs changed: report at once."""
+        self._dirty.set()
+
     async def report_once(self) -> None:
         sent = list(self._instances.values())
-        if not sent and not self._reported_any:
+        rejections = self._rejections()
+        if not sent and not rejections and not self._reported_any:
             return  # nothing registered, nothing ever reported: no need to bother the server
         self._reported_any = True
-        answer = await self._report([instance.to_report() for instance in sent])
+        answer = await self._report([instance.to_report() for instance in sent], rejections)
         self._report_every = max(1.0, answer.lease_seconds / 3)
         refused = {(service, address): reason for service, address, reason in answer.refused}
         for instance in sent:

@@ -381,10 +381,21 @@ def _referrers(target: str, problems: Iterable[FieldError]) -> list[str]:
 @output_option
 def mesh_describe(admin_socket: str | None, data_dir: str, service: str, output: str) -> None:
     """What each proxy of SERVICE will do: inbound policy, routes, clusters and endpoints,
-    each line naming the resource and field it came from."""
+    each line naming the resource and field it came from; then each configuration an
+    Envoy of SERVICE (a sidecar, or a gateway routing to it) refused, with Envoy's reason
+    (``rejections`` in ``--output json``)."""
     result = admin_client(admin_socket, data_dir).get(
         f"/v1/mesh/describe/{quote(service, safe='')}")
-    emit(output, result, lambda: "\n".join(result["lines"]))
+    emit(output, result, lambda: "\n".join(
+        [*result["lines"], *map(rejected, result.get("rejections", ()))]))
+
+
+def rejected(rejection: Mapping[str, Any]) -> str:
+    """``Envoy N on node A rejected listeners (version V): <Envoy's reason>``, from one
+    of describe's ``rejections``."""
+    proxy = "gateway " if rejection.get("proxy") == "gateway" else ""
+    return (f"{proxy}Envoy {rejection['node_id']} on node {rejection['agent']} rejected "
+            f"{rejection['type']} (version {rejection['version']}): {rejection['reason']}")
 
 
 def _pair(text: str, flag: str, *, lower: bool = True) -> tuple[str, str]:

@@ -40,10 +40,13 @@ class FakeNodeApi:
     def __init__(self) -> None:
         self.reports: list[list[dict[str, Any]]] = []
         self.refuse: dict[tuple[str, str], str] = {}
+        self.rejections: list[list[dict[str, Any]]] = []
         self.reported = asyncio.Event()
 
-    async def __call__(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+    async def __call__(self, instances: Sequence[Mapping[str, Any]],
+                       rejections: Sequence[Mapping[str, Any]] = ()) -> InstancesAnswer:
         self.reports.append([dict(i) for i in instances])
+        self.rejections.append([dict(r) for r in rejections])
         self.reported.set()
         refused = tuple(
             (i["service"], i["address"], self.refuse[(i["service"], i["address"])])
@@ -284,3 +287,23 @@ async def test_a_restarted_agent_reports_once_its_proxies_have_registered_again(
         async with running(instances):
             await instances.register(registration(app.address))
             assert [i["address"] for i in api.reports[0]] == ["10.0.0.1:8443"]
+
+
+@synchronously
+async def test_the_proxies_rejections_are_reported_at_once_even_without_an_instance() -> None:
+    api = FakeNodeApi()
+    standing: list[dict[str, Any]] = []
+    instances = LocalInstances(report=api, mesh=MeshState(), rejections=lambda: list(standing))
+    async with running(instances):
+        await asyncio.sleep(0)
+        assert api.reports == []  # nothing to say: the server is not bothered
+        standing.append({"node_id": "gateway~n1", "reason": "malformed IP address: localhost"})
+        instances.rejections_changed()
+        await asyncio.wait_for(api.reported.wait(), DEADLINE)
+        assert (api.reports, api.rejections) == ([[]], [standing[:]])
+
+        standing.clear()  # accepted since: the next report says so at once
+        api.reported.clear()
+        instances.rejections_changed()
+        await asyncio.wait_for(api.reported.wait(), DEADLINE)
+        assert api.rejections[-1] == []
