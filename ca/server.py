@@ -44,6 +44,7 @@ from ca.federation.endpoint import bundle_endpoint_server_config
 from ca.federation.refresher import BundleRefresher
 from ca.issuance import IssuanceSettings, IssuedX509, Issuer
 from ca.keymanager import load_key_manager
+from ca.proxy_rejections import ProxyRejections
 from ca.revisions import RevisionWatcher
 from ca.serverlease import LeaseLost, ServerIdLease
 from ca.tombstones import TombstoneHorizon
@@ -231,6 +232,7 @@ class Server:
     # -- running --------------------------------------------------------------------------
 
     def _apps(self) -> tuple[Any, Any]:
+        rejections = ProxyRejections(self.clock)  # reported on one, shown by the other
         node_app = create_node_app(
             store=self.store,
             authorities=self.authorities,
@@ -239,6 +241,7 @@ class Server:
             watcher=self.watcher,
             ready=self.ready_problem,
             instance_lease=self.config.mesh_instance_lease,
+            rejections=rejections,
         )
         admin_app = create_admin_app(
             store=self.store,
@@ -247,6 +250,7 @@ class Server:
             clock=self.clock,
             changed=self.watcher.poke,
             health=self.health,
+            rejections=rejections,
         )
         return node_app, admin_app
 

@@ -12,13 +12,17 @@ holds it (the server's store of what the agents registered, a test's table)::
             health="healthy",
             since=datetime(2025, 1, 1, tzinfo=UTC),      # when health last changed
             spiffe_id="spiffe://example.org/users",      # the workload behind it
+            detail=None,                                 # why it is unhealthy, when it is
         ),
     ])
     catalog.instances("users-service")     # by address, then node
 
 ``health`` is ``healthy`` or ``unhealthy`` once the agent ran the Service's health check,
 ``unknown`` before that; which of them receive requests is the compiler's decision
-(:func:`is_routable`).
+(:func:`is_routable`). An unhealthy instance carries its check's last failure in
+``detail`` (``HTTP 503 from 127.0.0.1:8080/healthz``), one line of at most
+:data:`MAX_HEALTH_DETAIL` characters (:func:`one_line`), shown by ``tessera mesh
+services`` and ``describe``; it is for people, and routes nothing.
 """
 
 from __future__ import annotations
@@ -27,18 +31,31 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from sdk.address import HostPort
 
 __all__ = [
+    "MAX_HEALTH_DETAIL",
     "Catalog",
     "Health",
     "Instance",
     "is_routable",
+    "one_line",
 ]
 
 Health = Literal["healthy", "unhealthy", "unknown"]
+
+MAX_HEALTH_DETAIL: Final = 200
+"""The longest ``detail`` an instance carries (an agent cuts a longer one)."""
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` as one line a terminal shows as it is: every run of whitespace or control
+    characters one space, cut to ``limit`` characters with a trailing ``...``."""
+    words = "".join(c if c.isprintable() else " " for c in text).split()
+    line = " ".join(words)
+    return line if len(line) <= limit else line[: max(0, limit - 3)].rstrip() + "..."
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,8 @@ class Instance:
     health: Health
     since: datetime
     spiffe_id: str
+    detail: str | None = None
+    """Why it is unhealthy, as its agent's check said; None when it is not."""
 
     def __post_init__(self) -> None:
         # A read-only copy in key order: an instance cannot change under a view.
@@ -71,6 +90,7 @@ class Instance:
             "health": self.health,
             "since": self.since.isoformat(),
             "spiffeId": self.spiffe_id,
+            "detail": self.detail,
         }
 
     @classmethod
@@ -88,6 +108,9 @@ class Instance:
         since = datetime.fromisoformat(str(data["since"]))
         if since.tzinfo is None:
             raise ValueError("an instance's since has no time zone")
+        detail = data.get("detail")
+        if detail is not None and not isinstance(detail, str):
+            raise TypeError("an instance's detail must be a string")
         return cls(
             service=str(data["service"]),
             address=HostPort.parse(data["address"], what="instance address"),
@@ -96,6 +119,7 @@ class Instance:
             health=health,
             since=since,
             spiffe_id=str(data["spiffeId"]),
+            detail=detail,
         )
 
 

@@ -987,11 +987,10 @@ def _endpoints(
                 )
             )
         else:
-            reason = (
-                "unhealthy"
-                if instance.health == "unhealthy"
-                else "not checked yet (the Service has a health check)"
-            )
+            if instance.health == "unhealthy":
+                reason = f"unhealthy ({instance.detail})" if instance.detail else "unhealthy"
+            else:
+                reason = "not checked yet (the Service has a health check)"
             excluded.append(
                 ExcludedInstance(instance.address, instance.health, instance.since, reason, where)
             )

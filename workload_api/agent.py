@@ -102,6 +102,7 @@ from workload_api.node_client import (
     WrongTrustDomain,
     retry_backoff,
 )
+from workload_api.proxy_rejections import rejections_report
 from workload_api.server import WorkloadApiServer
 from workload_api.storage import AgentIdentity, AgentStorage
 from workload_api.xds import DiscoveryStatus, discovery_services
@@ -154,7 +155,9 @@ class Agent:
         self.instances = LocalInstances(
             report=self._report_instances, mesh=self.mesh,
             node=lambda: str(self._identity.spiffe_id) if self._identity is not None else None,
+            rejections=lambda: rejections_report(self.discovery_status),
         )
+        self.discovery_status.on_change = self.instances.rejections_changed
         self._attestors: list[WorkloadAttestor] = (
             list(workload_attestors)
             if workload_attestors is not None
@@ -275,9 +278,11 @@ class Agent:
                     with contextlib.suppress(NotImplementedError, RuntimeError):
                         loop.remove_signal_handler(sig)
 
-    async def _report_instances(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+    async def _report_instances(
+        self, instances: Sequence[Mapping[str, Any]], rejections: Sequence[Mapping[str, Any]]
+    ) -> InstancesAnswer:
         await self._current_identity()
-        return await self._client.report_instances(instances)
+        return await self._client.report_instances(instances, rejections)
 
     async def start(self) -> None:
         """Get the agent's identity and try a first sync, so it serves SVIDs right away."""

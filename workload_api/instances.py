@@ -11,14 +11,22 @@ call stays open. The agent then:
   and two failures in a row unhealthy, so a single lost probe does not pull an instance
   out of every proxy. A Service without a health check leaves its instances ``unknown``
   (they serve: :func:`mesh.catalog.is_routable`).
+- **says why** an instance is unhealthy: its check's last failure (``HTTP 503 from
+  127.0.0.1:8080/healthz``, ``connection refused by 127.0.0.1:8080``, ``no answer from
+  127.0.0.1:8080/healthz within 1 s``) goes with it in each report as ``detail``, one line
+  of at most :data:`mesh.catalog.MAX_HEALTH_DETAIL` characters (``tessera mesh services``
+  shows it); a new reason is reported at once.
 - **reports the whole set** to the server (``PUT /v1/agent/instances``) at once after any
-  change, and every third of the lease the server names, which renews it. The server
+  change, and every third of the lease the server names, which renews it. The report
+  carries the NACKs still standing among the node's Envoys too
+  (:mod:`workload_api.proxy_rejections`), sent at once when they change. The server
   keeps an instance only when its Service allows its SPIFFE ID and this agent hosts a
   workload with it; a refusal ends the proxy's Register call with the reason.
 
 ::
 
-    instances = LocalInstances(report=client.report_instances, mesh=agent.mesh)
+    instances = LocalInstances(report=client.report_instances, mesh=agent.mesh,
+                               rejections=lambda: rejections_report(agent.discovery_status))
     runner = asyncio.create_task(instances.run())
     instance = await instances.register(Registration(...))   # raises when refused
     ...
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -39,7 +48,7 @@ from typing import Any, Final
 
 import httpx
 
-from mesh.catalog import Health
+from mesh.catalog import MAX_HEALTH_DETAIL, Health, one_line
 from mesh.durations import parse_duration
 from mesh.resources import Service
 from mesh.resources.service import HealthCheck
@@ -72,7 +81,10 @@ DEFAULT_REPORT_EVERY: Final = 10.0
 MAX_LOCAL_INSTANCES: Final = 256
 """As many as the server takes from one agent."""
 
-Report = Callable[[Sequence[Mapping[str, Any]]], Awaitable[InstancesAnswer]]
+Report = Callable[
+    [Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]], Awaitable[InstancesAnswer]
+]
+"""Sends (instances, the proxies' standing NACKs) to the server; its answer."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,15 @@ class LocalInstance:
             "spiffe_id": registration.spiffe_id,
             "labels": dict(registration.labels),
             "health": self.health,
+            "detail": self.reported_detail,
         }
+
+    @property
+    def reported_detail(self) -> str | None:
+        """Why it is unhealthy, as the server keeps it; None when it is not unhealthy."""
+        if self.health != "unhealthy":
+            return None
+        return one_line(self.detail, MAX_HEALTH_DETAIL)
 
 
 class LocalInstances:
@@ -129,10 +149,12 @@ class LocalInstances:
         mesh: MeshState,
         node: Callable[[], str | None] = lambda: None,
         rejoin_grace: float = REJOIN_GRACE,
+        rejections: Callable[[], Sequence[Mapping[str, Any]]] = lambda: (),
     ) -> None:
         self._report = report
         self._mesh = mesh
         self._node = node
+        self._rejections = rejections
         self._rejoin_grace = rejoin_grace
         self._instances: dict[tuple[str, str], LocalInstance] = {}
         self._checkers: dict[LocalInstance, asyncio.Task[None]] = {}
@@ -239,12 +261,17 @@ class LocalInstances:
                     await self._dirty.wait()
         self._dirty.set()
 
+    def rejections_changed(self) -> None:
+        """The proxies' standing NACKs changed: report at once."""
+        self._dirty.set()
+
     async def report_once(self) -> None:
         sent = list(self._instances.values())
-        if not sent and not self._reported_any:
+        rejections = self._rejections()
+        if not sent and not rejections and not self._reported_any:
             return  # nothing registered, nothing ever reported: no need to bother the server
         self._reported_any = True
-        answer = await self._report([instance.to_report() for instance in sent])
+        answer = await self._report([instance.to_report() for instance in sent], rejections)
         self._report_every = max(1.0, answer.lease_seconds / 3)
         refused = {(service, address): reason for service, address, reason in answer.refused}
         for instance in sent:
@@ -282,16 +309,18 @@ class LocalInstances:
         self, address: HostPort, check: HealthCheck, timeout: float
     ) -> tuple[bool, str]:
         if check.http is not None:
-            url = f"http://{address}{check.http.path}"
+            target = f"{address}{check.http.path}"
             assert self._http is not None
             try:
-                response = await self._http.get(url, timeout=timeout)
+                response = await self._http.get(f"http://{target}", timeout=timeout)
             except httpx.TimeoutException:
-                return False, f"GET {url}: no answer within {timeout:g} s"
+                return False, f"no answer from {target} within {timeout:g} s"
+            except httpx.ConnectError as err:
+                return False, _connect_failure(address, err)
             except httpx.HTTPError as err:
-                return False, f"GET {url}: {err or type(err).__name__}"
+                return False, f"GET {target} failed: {err or type(err).__name__}"
             ok = 200 <= response.status_code < 400
-            return ok, f"GET {url}: {response.status_code}"
+            return ok, f"HTTP {response.status_code} from {target}"
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that arrives as the connection completes, and the checker would never stop.
@@ -300,8 +329,7 @@ class LocalInstances:
         except TimeoutError:
             return False, f"TCP {address}: no connection within {timeout:g} s"
         except OSError as err:
-            reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
-            return False, f"TCP {address}: {reason}"
+            return False, _connect_failure(address, err)
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
@@ -319,8 +347,11 @@ class LocalInstances:
             instance.detail = detail
 
     def _set_health(self, instance: LocalInstance, health: Health, detail: str) -> None:
+        reported = instance.reported_detail
         instance.detail = detail
         if instance.health == health:
+            if instance.reported_detail != reported:
+                self._dirty.set()  # still unhealthy, for another reason: the server shows it
             return
         registration = instance.registration
         _log.info("mesh instance %s %s is %s: %s", registration.service,
@@ -328,6 +359,20 @@ class LocalInstances:
         instance.health = health
         instance._notify()
         self._dirty.set()
+
+
+def _connect_failure(address: HostPort, err: BaseException) -> str:
+    """Why a connection to ``address`` failed, as a sentence: the OS's reason found in
+    ``err``'s causes (httpx says only "All connection attempts failed")."""
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError) or not cause.errno:
+        return f"could not connect to {address}"
+    if cause.errno == errno.ECONNREFUSED:
+        return f"connection refused by {address}"
+    reason = cause.strerror or os.strerror(cause.errno)
+    return f"could not connect to {address}: {reason[:1].lower()}{reason[1:]}"
 
 
 def _seconds(text: str | None, default: timedelta) -> float:

@@ -363,12 +363,19 @@ class NodeClient:
         except (KeyError, TypeError, ValueError, ConfigError) as err:
             raise Unavailable(f"the server sent a malformed mesh answer: {err}") from err
 
-    async def report_instances(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+    async def report_instances(
+        self,
+        instances: Sequence[Mapping[str, Any]],
+        rejections: Sequence[Mapping[str, Any]] = (),
+    ) -> InstancesAnswer:
         """Tell the server the whole set of mesh instances on this node (``service``,
-        ``address``, ``spiffe_id``, ``labels``, ``health`` each); renews their lease."""
+        ``address``, ``spiffe_id``, ``labels``, ``health``, ``detail`` each) and the NACKs
+        still standing among its Envoys (:mod:`workload_api.proxy_rejections`); renews
+        their lease."""
         result = await self._call(
-            "PUT", "/v1/agent/instances", json_body={"instances": list(instances)}
-        )
+            "PUT", "/v1/agent/instances",
+            json_body={"instances": list(instances), "rejections": list(rejections)},
+        )  # fmt: skip
         try:
             return InstancesAnswer(
                 revision=int(result["revision"]),

@@ -19,7 +19,8 @@ The agent plugs them in with one call; without the ``tessera[envoy]`` extra
     status = DiscoveryStatus()
     services = discovery_services(agent, trust_domain, resources=source, status=status)
     server = WorkloadApiServer(agent, services=services)
-    status.rejections()          # the last NACK per proxy and type, for `mesh describe`
+    status.rejections()          # the last NACK per proxy and type
+    status.current_rejections()  # those still standing: the agent reports them to the server
 
 A :class:`ResourceSource` says what one proxy gets, as dictionaries in Envoy's JSON
 form, each with its ``"@type"``::
@@ -38,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -178,6 +179,8 @@ class Rejection:
     at: datetime
     pid: int
     """The proxy process's pid when it refused."""
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """The proxy's ``node.metadata`` (:attr:`NodeInfo.metadata`): what it says it is."""
 
 
 @dataclass(frozen=True)
@@ -195,11 +198,18 @@ class DiscoveryStatus:
     Kept in memory for the agent's lifetime; at most :data:`MAX_TRACKED_NODES` proxies,
     the one heard from longest ago forgotten first. The last NACK of a type stays until
     the next one, a later ACK notwithstanding (``accepted_at`` says which came last).
+    :meth:`current_rejections` gives only those still standing: of a proxy connected now,
+    not followed by an ACK. ``on_change`` is called when what it gives may have changed
+    (a NACK, an ACK after one, a proxy's last stream ending).
     """
 
-    def __init__(self, max_nodes: int = MAX_TRACKED_NODES) -> None:
+    def __init__(
+        self, max_nodes: int = MAX_TRACKED_NODES, *, on_change: Callable[[], None] | None = None
+    ) -> None:
         self._max_nodes = max_nodes
         self._nodes: OrderedDict[str, dict[str, TypeStatus]] = OrderedDict()
+        self._streams: dict[str, int] = {}
+        self.on_change = on_change
 
     def node(self, node_id: str) -> Mapping[str, TypeStatus]:
         """Type URL -> status for one proxy (empty if never heard from)."""
@@ -227,10 +237,36 @@ class DiscoveryStatus:
         ]
         return sorted(found, key=lambda rejection: rejection.at)
 
+    def current_rejections(self) -> list[Rejection]:
+        """The NACKs still standing, oldest first: the last one of each type of each
+        connected proxy, when the proxy has accepted nothing of that type since."""
+        return [
+            rejection
+            for rejection in self.rejections()
+            if self._streams.get(rejection.node_id)
+            and _standing(self._nodes[rejection.node_id][rejection.type_url])
+        ]
+
+    def stream_opened(self, node_id: str) -> None:
+        """A discovery stream of ``node_id`` began."""
+        self._streams[node_id] = self._streams.get(node_id, 0) + 1
+
+    def stream_closed(self, node_id: str) -> None:
+        """A discovery stream of ``node_id`` ended; its NACKs stop standing with its last."""
+        left = self._streams.get(node_id, 0) - 1
+        if left > 0:
+            self._streams[node_id] = left
+            return
+        self._streams.pop(node_id, None)
+        if self.rejections(node_id):
+            self._changed()
+
     def record_ack(self, node_id: str, type_url: str, version: str) -> None:
         types = self._types(node_id)
         previous = types.get(type_url, TypeStatus())
         types[type_url] = TypeStatus(version, datetime.now(UTC), previous.rejection)
+        if _standing(previous):
+            self._changed()  # the NACK is superseded
 
     def record_nack(self, rejection: Rejection) -> None:
         types = self._types(rejection.node_id)
@@ -238,6 +274,11 @@ class DiscoveryStatus:
         types[rejection.type_url] = TypeStatus(
             previous.accepted_version, previous.accepted_at, rejection
         )
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _types(self, node_id: str) -> dict[str, TypeStatus]:
         types = self._nodes.get(node_id)
@@ -247,6 +288,14 @@ class DiscoveryStatus:
                 self._nodes.popitem(last=False)
         self._nodes.move_to_end(node_id)
         return types
+
+
+def _standing(status: TypeStatus) -> bool:
+    """Whether the type's last NACK came after its last ACK."""
+    rejection = status.rejection
+    return rejection is not None and (
+        status.accepted_at is None or status.accepted_at < rejection.at
+    )
 
 
 # The top-level packages xds-protos installs; a missing one means the extra is absent.

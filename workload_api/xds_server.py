@@ -204,7 +204,11 @@ class _DiscoveryService:
         node = node_info(first)
         selectors = await self.provider.attest(peer)
         session = _Session(self, stream, peer, node, selectors, state)
-        await session.serve(first)
+        self.status.stream_opened(node.id)
+        try:
+            await session.serve(first)
+        finally:
+            self.status.stream_closed(node.id)
 
     async def _unimplemented(self, stream: _AnyStream) -> None:
         raise GRPCError(Status.UNIMPLEMENTED, DELTA_UNSUPPORTED)
@@ -438,6 +442,7 @@ class _Session:
                 reason=reason,
                 at=datetime.now(UTC),
                 pid=self._peer.pid,
+                metadata=self._node.metadata,
             )
         )
 

@@ -26,6 +26,7 @@ from ca.datastore.records import AttestedAgent, Authority, JoinToken
 from ca.entries import entry_json, new_entry
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
+from ca.proxy_rejections import ProxyRejections
 from sdk.bundle import TrustBundle
 from sdk.clock import Clock
 from sdk.durations import parse_duration
@@ -126,6 +127,7 @@ def create_admin_app(
     clock: Clock,
     changed: Callable[[], None],
     health: Callable[[], dict[str, Any]],
+    rejections: ProxyRejections | None = None,
 ) -> FastAPI:
     trust_domain = authorities.policy.trust_domain
     app = FastAPI(title="Tessera admin API", version="1")
@@ -385,6 +387,9 @@ def create_admin_app(
     app.include_router(
         federation_router(store=store, trust_domain=trust_domain, changed=changed, audit=audit)
     )
-    app.include_router(mesh_router(store=store, changed=changed))
+    app.include_router(mesh_router(
+        store=store, changed=changed,
+        rejections=rejections if rejections is not None else ProxyRejections(clock),
+    ))  # fmt: skip
     app.add_middleware(BodySizeLimit, paths=BODY_LIMITS)
     return app

@@ -6,11 +6,14 @@
     GET    /v1/mesh/{kind}/{name}                    one resource
     DELETE /v1/mesh/{kind}/{name}                    refused while something refers to it
     GET    /v1/mesh/services?service=NAME            the catalog: every instance, its health
-    GET    /v1/mesh/describe/{service}               what each proxy of a Service does
+    GET    /v1/mesh/describe/{service}               what each proxy of a Service does, and
+                                                     what its Envoys refused (``rejections``)
     POST   /v1/mesh/explain                          how one request is routed and judged
 
 ``describe`` and ``explain`` compile the stored configuration with the catalog of
 instances (:mod:`mesh.compile`); each line names the resource and field it came from.
+``describe`` adds the NACKs still standing of the Service's sidecars and of the gateways
+routing to it, as their agents reported them (:mod:`ca.proxy_rejections`).
 
 ``kind`` is a kind's name in any case (``virtualservice``). A configuration that cannot
 be applied is answered 400 with every problem in ``error.field_errors``
@@ -30,11 +33,13 @@ from starlette.concurrency import run_in_threadpool
 from ca.api.errors import RequestBody, error_responses
 from ca.datastore.interface import Datastore
 from ca.datastore.records import MeshApplyResult, MeshResource
+from ca.proxy_rejections import ProxyRejections
 from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
 from mesh.catalog import Catalog
 from mesh.describe import describe
 from mesh.errors import UnknownServiceError
 from mesh.explain import explain, explain_gateway
+from sdk.clock import SYSTEM_CLOCK
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_spiffe_id
 
@@ -97,12 +102,14 @@ def mesh_router(
     store: Datastore,
     changed: Callable[[], None],
     catalog: Callable[[], Catalog] | None = None,
+    rejections: ProxyRejections | None = None,
 ) -> APIRouter:
     """The mesh endpoints; ``changed`` is called after each change (it wakes agents),
     ``catalog`` gives the instances ``describe`` and ``explain`` route to (the store's
-    catalog unless told otherwise)."""
+    catalog unless told otherwise), ``rejections`` the NACKs agents reported."""
     router = APIRouter(prefix="/v1/mesh")
     catalog = catalog or store.mesh_catalog
+    rejected = rejections if rejections is not None else ProxyRejections(SYSTEM_CLOCK)
 
     # Before /{kind}, which would read "services" as a kind.
     @router.get("/services")
@@ -120,8 +127,11 @@ def mesh_router(
     def describe_service(service: str) -> dict[str, Any]:
         """What every proxy of ``service`` does, each line naming its source."""
         config, revision = store.mesh_config()
-        description = describe(config, catalog(), service)
-        return {"revision": revision, "lines": description.lines(), **description.to_json()}
+        instances = catalog()
+        description = describe(config, instances, service)
+        refused = rejected.of_service(config, instances, service)
+        return {"revision": revision, "lines": description.lines(), **description.to_json(),
+                "rejections": [rejection.to_json() for rejection in refused]}
 
     @router.post("/explain", responses=error_responses(400, 404))
     def explain_request(body: ExplainRequest) -> dict[str, Any]:

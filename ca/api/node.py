@@ -5,7 +5,8 @@
     GET  /v1/agent/entries       entries authorized for the caller since a revision;
                                  ?wait=N holds the request until something changes
     GET  /v1/agent/mesh          the mesh configuration's changes since a mesh revision
-    PUT  /v1/agent/instances     the mesh instances on the agent's node, with their health
+    PUT  /v1/agent/instances     the mesh instances on the agent's node, with their health,
+                                 and the NACKs of its Envoys
     POST /v1/agent/svids/x509    sign a batch of CSRs, one per authorized entry
     POST /v1/agent/svids/jwt     mint a JWT-SVID for an authorized entry
     GET  /v1/agent/bundles       the trust bundle and the federated bundles
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 from spiffe import SpiffeId
 from starlette.concurrency import run_in_threadpool
 
@@ -44,11 +45,19 @@ from ca.datastore.records import AttestedAgent, AuditNote, MeshChanges, Reported
 from ca.entries import entry_json
 from ca.errors import AgentBanned
 from ca.issuance import IssuedX509, Issuer
+from ca.proxy_rejections import (
+    MAX_REASON_CHARS,
+    MAX_REJECTIONS_PER_AGENT,
+    ProxyRejection,
+    ProxyRejections,
+)
 from ca.revisions import RevisionWatcher
 from mesh import Config
+from mesh.catalog import MAX_HEALTH_DETAIL, one_line
 from mesh.registration import MAX_LABELS, label_problem, registration_problem
 from sdk.address import HostPort
 from sdk.bundle import TrustBundle
+from sdk.clock import SYSTEM_CLOCK
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from sdk.jwtsvid import check_audiences
 
@@ -86,10 +95,29 @@ class ReportedInstanceModel(BaseModel):
     spiffe_id: str = Field(max_length=2048)
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
     health: Literal["healthy", "unhealthy", "unknown"]
+    detail: str | None = Field(None, max_length=MAX_HEALTH_DETAIL)
+    """Why it is unhealthy (kept only with ``unhealthy``)."""
+
+
+class ReportedRejectionModel(BaseModel):
+    """A NACK still standing among the agent's Envoys (:mod:`ca.proxy_rejections`)."""
+
+    node_id: str = Field(min_length=1, max_length=256)
+    proxy: Literal["sidecar", "gateway", ""] = ""
+    service: str = Field("", max_length=63)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
+    spiffe_id: str = Field("", max_length=2048)
+    type_url: str = Field(min_length=1, max_length=200)
+    version: str = Field("", max_length=128)
+    reason: str = Field(max_length=MAX_REASON_CHARS)
+    at: AwareDatetime
 
 
 class InstancesReport(BaseModel):
     instances: list[ReportedInstanceModel] = Field(max_length=MAX_INSTANCES_PER_AGENT)
+    rejections: list[ReportedRejectionModel] = Field(
+        default_factory=list, max_length=MAX_REJECTIONS_PER_AGENT
+    )
 
 
 class JwtRequest(BaseModel):
@@ -165,6 +193,28 @@ def _judge_instance(
         spiffe_id=item.spiffe_id,
         labels=item.labels,
         health=item.health,
+        detail=(
+            one_line(item.detail, MAX_HEALTH_DETAIL) or None
+            if item.health == "unhealthy" and item.detail
+            else None
+        ),
+    )
+
+
+def _rejection(agent_id: str, item: ReportedRejectionModel) -> ProxyRejection:
+    """A reported NACK as the server keeps it: its texts on one line (a terminal prints
+    them), labels dropped unless they are labels."""
+    return ProxyRejection(
+        agent=agent_id,
+        node_id=one_line(item.node_id, 256),
+        proxy=item.proxy,
+        service=item.service,
+        labels=item.labels if label_problem(item.labels) is None else {},
+        spiffe_id=item.spiffe_id,
+        type_url=one_line(item.type_url, 200),
+        version=one_line(item.version, 128),
+        reason=one_line(item.reason, MAX_REASON_CHARS),
+        at=item.at,
     )
 
 
@@ -192,11 +242,13 @@ def create_node_app(
     watcher: RevisionWatcher,
     ready: Any,
     instance_lease: timedelta = timedelta(seconds=30),
+    rejections: ProxyRejections | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Tessera node API", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     router = APIRouter()
     agents = AgentCache(store, watcher)
+    rejections = rejections if rejections is not None else ProxyRejections(SYSTEM_CLOCK)
 
     def current_bundle() -> TrustBundle:
         """The bundle, re-read when the watcher has seen a newer sequence than the cache."""
@@ -358,7 +410,9 @@ def create_node_app(
         """The whole set of mesh instances on the caller's node, with their health. Each
         one is kept only when its Service allows its SPIFFE ID and the agent hosts a
         workload with that ID; the others are named in ``refused`` with the reason. Also
-        renews the lease of what is kept (``lease_seconds``: report again well within it)."""
+        renews the lease of what is kept (``lease_seconds``: report again well within it).
+        ``rejections``, the NACKs still standing among the node's Envoys, replace the
+        agent's previous list, kept in memory for as long (:mod:`ca.proxy_rejections`)."""
         agent = caller(request)
         config, _ = store.mesh_config()
         hosted = {entry.spiffe_id for entry in issuer.authorized_entries(agent)}
@@ -377,6 +431,11 @@ def create_node_app(
             accepted.append(instance)
         before = watcher.mesh_revision
         revision = store.report_mesh_instances(agent.spiffe_id, accepted, lease=instance_lease)
+        rejections.report(
+            agent.spiffe_id,
+            [_rejection(agent.spiffe_id, item) for item in body.rejections],
+            lease=instance_lease,
+        )
         if revision != before:
             watcher.poke()
         return {

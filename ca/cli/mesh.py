@@ -40,6 +40,7 @@ from mesh import (
     ResourceKey,
     parse_documents,
 )
+from mesh.catalog import MAX_HEALTH_DETAIL, one_line
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.commandline import emit, option, output_option, progress
 from sdk.errors import InvalidArgument, TesseraError
@@ -380,10 +381,21 @@ def _referrers(target: str, problems: Iterable[FieldError]) -> list[str]:
 @output_option
 def mesh_describe(admin_socket: str | None, data_dir: str, service: str, output: str) -> None:
     """What each proxy of SERVICE will do: inbound policy, routes, clusters and endpoints,
-    each line naming the resource and field it came from."""
+    each line naming the resource and field it came from; then each configuration an
+    Envoy of SERVICE (a sidecar, or a gateway routing to it) refused, with Envoy's reason
+    (``rejections`` in ``--output json``)."""
     result = admin_client(admin_socket, data_dir).get(
         f"/v1/mesh/describe/{quote(service, safe='')}")
-    emit(output, result, lambda: "\n".join(result["lines"]))
+    emit(output, result, lambda: "\n".join(
+        [*result["lines"], *map(rejected, result.get("rejections", ()))]))
+
+
+def rejected(rejection: Mapping[str, Any]) -> str:
+    """``Envoy N on node A rejected listeners (version V): <Envoy's reason>``, from one
+    of describe's ``rejections``."""
+    proxy = "gateway " if rejection.get("proxy") == "gateway" else ""
+    return (f"{proxy}Envoy {rejection['node_id']} on node {rejection['agent']} rejected "
+            f"{rejection['type']} (version {rejection['version']}): {rejection['reason']}")
 
 
 def _pair(text: str, flag: str, *, lower: bool = True) -> tuple[str, str]:
@@ -452,8 +464,10 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
 def mesh_services(admin_socket: str | None, data_dir: str, service: str | None, output: str
                   ) -> None:
     """Every instance in the catalog: its Service, address, node (the agent that registered
-    it), labels, health and since when. ``--output json`` prints a list of objects with
-    ``service``, ``address``, ``node``, ``labels``, ``health`` and ``since``."""
+    it), labels, health and since when, and (in a DETAIL column, when any is unhealthy) why
+    its health check failed. ``--output json`` prints a list of objects with ``service``,
+    ``address``, ``node``, ``labels``, ``health``, ``since``, ``spiffeId`` and ``detail``
+    (null unless unhealthy)."""
     params = {"service": service} if service else None
     instances = admin_client(admin_socket, data_dir).get("/v1/mesh/services",
                                                          params=params)["instances"]
@@ -464,12 +478,15 @@ def mesh_services(admin_socket: str | None, data_dir: str, service: str | None, 
             return (f"No instances {where}registered. Instances join the catalog when "
                     "'tessera sidecar run --service NAME' starts on a node with an agent.")
         now = CLOCK.now()
-        rows = [("SERVICE", "ADDRESS", "NODE", "LABELS", "HEALTH", "SINCE")] + [
+        details = any(i.get("detail") for i in instances)
+        rows = [("SERVICE", "ADDRESS", "NODE", "LABELS", "HEALTH", "SINCE")
+                + (("DETAIL",) if details else ())] + [
             (i["service"], i["address"], i["node"],
              ",".join(f"{k}={v}" for k, v in i["labels"].items()) or "-", i["health"],
              age(now, int(datetime.fromisoformat(i["since"]).timestamp())))
+            + ((one_line(i.get("detail") or "-", MAX_HEALTH_DETAIL),) if details else ())
             for i in instances
-        ]
+        ]  # fmt: skip
         widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
         return "\n".join(
             "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

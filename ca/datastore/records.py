@@ -265,6 +265,8 @@ class ReportedInstance:
     spiffe_id: str
     labels: Mapping[str, str]
     health: Health
+    detail: str | None = None
+    """Why it is unhealthy (its check's last failure); None when it is not."""
 
 
 @dataclass(frozen=True)

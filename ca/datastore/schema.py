@@ -312,6 +312,8 @@ class MeshInstanceRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     revision: Mapped[int] = mapped_column(BigInteger, index=True)
     deleted: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Why it is unhealthy, as its agent's health check said (None when it is not)."""
 
 
 class AuditEventRow(Base):

@@ -164,7 +164,7 @@ def test_only_an_agent_hosting_the_services_identity_registers_its_instances(
             "service": "users", "address": "10.0.0.1:8443", "labels": {"version": "v1"},
             "health": "healthy"}
         assert instance["node"].startswith("spiffe://example.org/tessera/agent/join_token/")
-        assert instance["spiffeId"] == USERS_ID
+        assert (instance["spiffeId"], instance["detail"]) == (USERS_ID, None)
 
         # Agent B's workload holds no users SVID: B refuses before asking the server.
         code, details = poll(
@@ -196,8 +196,17 @@ def test_only_an_agent_hosting_the_services_identity_registers_its_instances(
         with watch_channel:
             until_seen(snapshots, lambda found: [i["health"] for i in found] == ["healthy"])
             app.close()
-            assert until_health(call, "unhealthy").detail.startswith(f"TCP {check}: ")
+            refused = f"connection refused by {check}"
+            assert until_health(call, "unhealthy").detail == refused
             until_seen(snapshots, lambda found: [i["health"] for i in found] == ["unhealthy"])
+            # Why, for whoever lists the catalog; and no audit event for a health change.
+            [unhealthy] = services(server)
+            assert (unhealthy["health"], unhealthy["detail"]) == ("unhealthy", refused)
+            row = mesh(server, "services").splitlines()[1]
+            assert row.split()[4] == "unhealthy" and row.endswith(f"   {refused}"), row
+            events = server.cli_json("audit", "list")["events"]
+            assert {e["action"] for e in events if e["action"].startswith("mesh.instance")} \
+                == {"mesh.instance.register"}  # type: ignore[union-attr]
 
             # Agent A stops: its instance outlives it by the lease, then leaves the catalog.
             agent_a.stop()

@@ -340,6 +340,7 @@ def instance_from_row(row: MeshInstanceRow) -> Instance:
         health=_health(row.health),
         since=_stored_time(row.since),
         spiffe_id=row.spiffe_id,
+        detail=row.detail,
     )
 
 

@@ -8,6 +8,11 @@ an agent for both; a report that changes nothing only renews the lease and wakes
 Rows of an agent that stopped reporting go when their lease passes
 (:meth:`expire_mesh_instances`, run by the server's maintenance loop).
 
+An unhealthy instance's ``detail`` (why its check failed) is for people, not proxies: a
+report that changes only the detail writes it and takes no revision, so agents are not
+woken to recompile views it has no part in (they hear of the new detail with the
+instance's next change, or a full sync).
+
 Registrations and departures are audit events (``mesh.instance.register``,
 ``mesh.instance.deregister``, ``mesh.instance.expire``); health changes are not: they
 are the catalog's weather, visible in ``tessera mesh services``, and a flapping check
@@ -56,10 +61,12 @@ class MeshCatalogMixin(SqlBase):
                         MeshInstanceRow.service, MeshInstanceRow.address,
                         MeshInstanceRow.spiffe_id, MeshInstanceRow.labels,
                         MeshInstanceRow.health, MeshInstanceRow.since, MeshInstanceRow.deleted,
+                        MeshInstanceRow.detail,
                     ).where(MeshInstanceRow.node == node)
                 )
             }  # fmt: skip
             upserts: list[dict[str, Any]] = []
+            details: list[tuple[tuple[str, str], str | None]] = []  # detail-only changes
             events: list[tuple[str, str, str, dict[str, Any]]] = []
             for key, reported in wanted.items():
                 labels = json.dumps(dict(sorted(reported.labels.items())), separators=(",", ":"))
@@ -68,12 +75,15 @@ class MeshCatalogMixin(SqlBase):
                 if live is not None and (live.spiffe_id, live.labels, live.health) == (
                     reported.spiffe_id, labels, reported.health,
                 ):  # fmt: skip
+                    if live.detail != reported.detail:
+                        details.append((key, reported.detail))
                     continue
                 since = live.since if live is not None and live.health == reported.health else now
                 upserts.append({
                     "node": node, "service": reported.service, "address": key[1],
                     "spiffe_id": reported.spiffe_id, "labels": labels,
                     "health": reported.health, "since": since, "deleted": False,
+                    "detail": reported.detail,
                 })  # fmt: skip
                 if live is None:
                     events.append(_event(node, "mesh.instance.register", key, reported))
@@ -105,6 +115,14 @@ class MeshCatalogMixin(SqlBase):
                     )
                 if events:
                     _append_audit_events(session, now, events)
+            for (service, address), detail in details:
+                session.execute(
+                    update(MeshInstanceRow)
+                    .where(MeshInstanceRow.node == node, MeshInstanceRow.service == service,
+                           MeshInstanceRow.address == address)
+                    .values(detail=detail)
+                    .execution_options(synchronize_session=False)
+                )  # fmt: skip
             if wanted:
                 session.execute(
                     update(MeshInstanceRow)

@@ -24,6 +24,7 @@ import ca.cli.mesh
 from ca.api.admin import create_admin_app
 from ca.config import server_config
 from ca.datastore.records import ReportedInstance
+from ca.proxy_rejections import ProxyRejection, ProxyRejections
 from ca.server import Server
 from sdk.address import HostPort
 from sdk.clock import ManualClock
@@ -90,6 +91,8 @@ class Mesh:
         self.files = files
         self._monkeypatch = monkeypatch
         self._capsys = capsys
+        self.rejections = ProxyRejections(ManualClock(START))
+        """What agents reported their Envoys refused (the admin app shows these)."""
 
     def file(self, name: str, text: str | bytes) -> str:
         path = self.files / name
@@ -132,9 +135,10 @@ def mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    "data_dir": str(tmp_path / "server"),
                                    "bind": "127.0.0.1:0", "key_manager": {"memory": {}}}),
                     clock=clock)
+    rejections = ProxyRejections(clock)
     app = create_admin_app(store=server.store, authorities=server.authorities,
                            issuer=server.issuer, clock=clock, changed=lambda: None,
-                           health=server.health)
+                           health=server.health, rejections=rejections)
     socket = tmp_path / "admin.sock"
     listener = uvicorn.Server(uvicorn.Config(app, uds=str(socket), log_config=None,
                                              access_log=False, lifespan="off"))
@@ -149,7 +153,9 @@ def mesh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     files = tmp_path / "files"
     files.mkdir()
     try:
-        yield Mesh(server, socket, files, monkeypatch, capsys)
+        mesh = Mesh(server, socket, files, monkeypatch, capsys)
+        mesh.rejections = rejections
+        yield mesh
     finally:
         listener.should_exit = True
         thread.join(10)
@@ -580,6 +586,51 @@ def register(mesh: Mesh, service: str, *instances: tuple[str, dict[str, str], st
     ], lease=timedelta(seconds=30))
 
 
+def test_describe_names_each_envoy_that_refused_its_configuration_and_why(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS.replace("name: users}",
+                                                                 "name: users-service}")
+                                      + "---\n" + MISSION + "---\n" + REVIEWS))
+    agent = "spiffe://example.org/tessera/agent/x509pop/node-1"
+
+    def refused(node_id: str, proxy: str, service: str, labels: dict[str, str],
+                type_url: str, version: str, reason: str) -> ProxyRejection:
+        return ProxyRejection(agent=agent, node_id=node_id, proxy=proxy, service=service,
+                              labels=labels, spiffe_id="", type_url=type_url, version=version,
+                              reason=reason, at=START)
+    mesh.rejections.report(agent, [
+        refused("sidecar~node-1~users-service~15006", "sidecar", "users-service", {},
+                "type.googleapis.com/envoy.config.listener.v3.Listener", "7",
+                "malformed IP address: localhost"),
+        refused("gateway~node-1", "gateway", "", {"istio": "ingressgateway"},
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "9",
+                "RE2 program size of 101 > max program size of 100"),
+        refused("sidecar~node-1~reviews~15007", "sidecar", "reviews", {},
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster", "3", "not this one"),
+    ], lease=timedelta(seconds=30))
+
+    ran = mesh.run("describe", "users-service")
+    assert (ran.status, ran.err) == (0, "")
+    assert ran.out.splitlines()[-2:] == [  # the oldest first, then by node
+        f"gateway Envoy gateway~node-1 on node {agent} rejected routes (version 9): RE2 "
+        "program size of 101 > max program size of 100",
+        f"Envoy sidecar~node-1~users-service~15006 on node {agent} rejected listeners "
+        "(version 7): malformed IP address: localhost",
+    ]
+    as_json = json.loads(mesh.run("describe", "users-service", "--output", "json").out)
+    assert [(r["node_id"], r["type"], r["reason"]) for r in as_json["rejections"]] == [
+        ("gateway~node-1", "routes", "RE2 program size of 101 > max program size of 100"),
+        ("sidecar~node-1~users-service~15006", "listeners", "malformed IP address: localhost"),
+    ]
+    assert "not this one" not in ran.out  # another Service's sidecar
+    assert mesh.run("describe", "reviews").out.splitlines()[-1] == (
+        f"Envoy sidecar~node-1~reviews~15007 on node {agent} rejected clusters (version 3): "
+        "not this one")
+
+    mesh.rejections.report(agent, [], lease=timedelta(seconds=30))  # all accepted since
+    assert all(line.endswith("]") for line in mesh.run("describe", "users-service").out
+               .splitlines())  # fmt: skip
+
+
 def test_explain_exits_0_when_allowed_and_1_when_refused_naming_the_rule(mesh: Mesh) -> None:
     mesh.run("apply", "-f", mesh.file("mesh.yaml", REVIEWS + "---\n" + ROUTE + "---\n"
                                       + ALLOW_ORDERS.replace("selector: {matchLabels: {app: "
@@ -712,27 +763,30 @@ def test_services_lists_each_instance_with_its_node_and_health(mesh: Mesh) -> No
     node = "spiffe://example.org/tessera/agent/join_token/abc"
     mesh.store.report_mesh_instances(node, [
         ReportedInstance("reviews", HostPort("10.0.0.6", 15006), "spiffe://example.org/reviews",
-                         {"version": "v2"}, "unhealthy"),
+                         {"version": "v2"}, "unhealthy", "HTTP 503 from 127.0.0.1:9080/healthz"),
         ReportedInstance("reviews", HostPort("10.0.0.5", 15006), "spiffe://example.org/reviews",
                          {"version": "v1"}, "healthy"),
     ], lease=timedelta(seconds=30))
 
     assert mesh.run("services").out.splitlines() == [
-        f"SERVICE   ADDRESS          {'NODE'.ljust(len(node))}   LABELS       HEALTH      SINCE",
-        f"reviews   10.0.0.5:15006   {node}   version=v1   healthy     90s",
-        f"reviews   10.0.0.6:15006   {node}   version=v2   unhealthy   90s",
+        f"SERVICE   ADDRESS          {'NODE'.ljust(len(node))}   LABELS       HEALTH      SINCE"
+        "   DETAIL",
+        f"reviews   10.0.0.5:15006   {node}   version=v1   healthy     90s     -",
+        f"reviews   10.0.0.6:15006   {node}   version=v2   unhealthy   90s     "
+        "HTTP 503 from 127.0.0.1:9080/healthz",
     ]
     as_json = json.loads(mesh.run("services", "--service", "reviews", "--output", "json").out)
     assert as_json[0] == {
         "service": "reviews", "address": "10.0.0.5:15006", "node": node,
         "labels": {"version": "v1"}, "health": "healthy", "since": START.isoformat(),
-        "spiffeId": "spiffe://example.org/reviews"}
-    assert [i["health"] for i in as_json] == ["healthy", "unhealthy"]
+        "spiffeId": "spiffe://example.org/reviews", "detail": None}
+    assert [(i["health"], i["detail"]) for i in as_json] == [
+        ("healthy", None), ("unhealthy", "HTTP 503 from 127.0.0.1:9080/healthz")]
     assert json.loads(mesh.run("services", "--service", "users", "--output", "json").out) == []
 
     # describe routes to the healthy one only, and says why not to the other.
     described = mesh.run("describe", "reviews").out
-    assert "no requests to 10.0.0.6:15006: unhealthy  [catalog reviews 10.0.0.6:15006]" \
-        in described
+    assert ("no requests to 10.0.0.6:15006: unhealthy (HTTP 503 from 127.0.0.1:9080/healthz)"
+            "  [catalog reviews 10.0.0.6:15006]") in described
     assert "sidecar of reviews (spiffe://example.org/reviews) {version=v1}: 10.0.0.5:15006" \
         in described

@@ -185,11 +185,11 @@ def test_migrations_reach_head_once_and_rerunning_them_changes_nothing(datastore
 
     engine = sa.create_engine(datastore_url)
     try:
-        assert schema_revision(engine) == head_revision() == "0009"
+        assert schema_revision(engine) == head_revision() == "0010"
         upgrade(engine)  # applied again: a no-op
         with engine.connect() as conn:
             versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).all()
-        assert [tuple(v) for v in versions] == [("0009",)]
+        assert [tuple(v) for v in versions] == [("0010",)]
     finally:
         engine.dispose()
 

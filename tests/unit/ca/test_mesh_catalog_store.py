@@ -91,6 +91,35 @@ def test_a_report_replaces_the_agents_set_and_each_change_is_a_revision(
     assert store.verify_audit().intact
 
 
+def test_an_unhealthy_instance_keeps_why_and_a_new_reason_alone_wakes_no_agent(
+    store: Datastore, clock: ManualClock
+) -> None:
+    store.report_mesh_instances(NODE_A, [instance("10.0.0.1:8443", "healthy")], lease=LEASE)
+    audited = len(store.list_audit())
+    failing = ReportedInstance("users", HostPort.parse("10.0.0.1:8443"), USERS_ID, {},
+                               "unhealthy", "HTTP 503 from 127.0.0.1:8080/healthz")
+    revision = store.report_mesh_instances(NODE_A, [failing], lease=LEASE)
+    [unhealthy] = store.mesh_catalog()
+    assert (unhealthy.health, unhealthy.detail) == (
+        "unhealthy", "HTTP 503 from 127.0.0.1:8080/healthz")
+    assert store.mesh_changed_since(revision - 1).instances == (unhealthy,)
+
+    # Another reason, same health: stored, shown, but no revision (no agent is woken).
+    clock.advance(timedelta(seconds=5))
+    refused = ReportedInstance("users", HostPort.parse("10.0.0.1:8443"), USERS_ID, {},
+                               "unhealthy", "connection refused by 127.0.0.1:8080")
+    assert store.report_mesh_instances(NODE_A, [refused], lease=LEASE) == revision
+    [still] = store.mesh_catalog()
+    assert (still.detail, still.since) == ("connection refused by 127.0.0.1:8080", START)
+
+    # Healthy again: a revision, and no detail.
+    healthy = store.report_mesh_instances(NODE_A, [instance("10.0.0.1:8443", "healthy")],
+                                          lease=LEASE)
+    assert healthy == revision + 1
+    assert [i.detail for i in store.mesh_catalog()] == [None]
+    assert len(store.list_audit()) == audited  # health and its reasons are not audited
+
+
 def test_instances_whose_lease_passed_expire_and_a_report_renews_the_lease(
     store: Datastore, clock: ManualClock
 ) -> None:

@@ -174,6 +174,7 @@ def test_the_catalog_sorts_instances_and_freezes_labels() -> None:
         "health": "healthy",
         "since": "2025-01-01T00:00:00+00:00",
         "spiffeId": USERS,
+        "detail": None,
     }
     assert catalog.instances("ghost") == ()
     assert len(catalog) == 3

@@ -40,10 +40,13 @@ class FakeNodeApi:
     def __init__(self) -> None:
         self.reports: list[list[dict[str, Any]]] = []
         self.refuse: dict[tuple[str, str], str] = {}
+        self.rejections: list[list[dict[str, Any]]] = []
         self.reported = asyncio.Event()
 
-    async def __call__(self, instances: Sequence[Mapping[str, Any]]) -> InstancesAnswer:
+    async def __call__(self, instances: Sequence[Mapping[str, Any]],
+                       rejections: Sequence[Mapping[str, Any]] = ()) -> InstancesAnswer:
         self.reports.append([dict(i) for i in instances])
+        self.rejections.append([dict(r) for r in rejections])
         self.reported.set()
         refused = tuple(
             (i["service"], i["address"], self.refuse[(i["service"], i["address"])])
@@ -133,22 +136,25 @@ async def test_an_http_check_needs_two_failures_to_pull_a_healthy_instance() -> 
             instance = await instances.register(registration(app.address))
             assert api.reports[0] == [{"service": "users", "address": "10.0.0.1:8443",
                                        "spiffe_id": USERS_ID, "labels": {"version": "v1"},
-                                       "health": "unknown"}]
+                                       "health": "unknown", "detail": None}]
             await until(instance, "healthy")
-            assert instance.detail == f"GET http://{app.address}/healthz: 200"
+            assert instance.detail == f"HTTP 200 from {app.address}/healthz"
 
             app.status = 503
             await until(instance, "unhealthy")
-            assert instance.detail == f"GET http://{app.address}/healthz: 503"
+            assert instance.detail == f"HTTP 503 from {app.address}/healthz"
             assert instance.failures >= 2  # one 503 alone left it healthy
+            await asyncio.wait_for(reported(api, "unhealthy"), DEADLINE)
+            assert api.reports[-1][0]["detail"] == f"HTTP 503 from {app.address}/healthz"
+
+            app.status = 500  # still unhealthy, for another reason: reported at once
+            await asyncio.wait_for(reported(api, "unhealthy", f"HTTP 500 from {app.address}"
+                                            "/healthz"), DEADLINE)  # fmt: skip
             app.status = 200
             await until(instance, "healthy")
 
-            async def reported(health: str) -> None:
-                while not api.reports or api.reports[-1][0]["health"] != health:
-                    api.reported.clear()
-                    await api.reported.wait()
-            await asyncio.wait_for(reported("healthy"), DEADLINE)
+            await asyncio.wait_for(reported(api, "healthy"), DEADLINE)
+            assert api.reports[-1][0]["detail"] is None
             healths = [report[0]["health"] for report in api.reports]
             assert healths[:2] == ["unknown", "healthy"]
             assert "unhealthy" in healths
@@ -157,24 +163,55 @@ async def test_an_http_check_needs_two_failures_to_pull_a_healthy_instance() -> 
             await asyncio.wait_for(reported_empty(api), DEADLINE)
 
 
+async def reported(api: FakeNodeApi, health: str, detail: str | None = None) -> None:
+    """Until the last report gives its first instance ``health`` (and ``detail``)."""
+    while not api.reports or not api.reports[-1] or api.reports[-1][0]["health"] != health \
+            or (detail is not None and api.reports[-1][0]["detail"] != detail):
+        api.reported.clear()
+        await api.reported.wait()
+
+
 async def reported_empty(api: FakeNodeApi) -> None:
     while api.reports[-1] != []:
         api.reported.clear()
         await api.reported.wait()
 
 
-@synchronously
-async def test_a_tcp_check_and_a_port_nobody_listens_on() -> None:
+def closed_port() -> int:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
+    port: int = closed.getsockname()[1]
     closed.close()
-    instances = LocalInstances(report=FakeNodeApi(), mesh=mesh_with(
-        "{tcp: {}, interval: 20ms}"))
-    async with running(instances):
-        instance = await instances.register(registration(HostPort("127.0.0.1", port)))
-        await until(instance, "unhealthy")  # the first result sets the health
-        assert instance.detail.startswith(f"TCP 127.0.0.1:{port}: ")
+    return port
+
+
+@pytest.mark.parametrize("check", ["{tcp: {}, interval: 20ms}",
+                                   "{http: {path: /healthz}, interval: 20ms}"])
+def test_a_port_nobody_listens_on_is_unhealthy_because_the_connection_is_refused(
+    check: str,
+) -> None:
+    async def scenario() -> None:
+        port = closed_port()
+        api = FakeNodeApi()
+        instances = LocalInstances(report=api, mesh=mesh_with(check))
+        async with running(instances):
+            instance = await instances.register(registration(HostPort("127.0.0.1", port)))
+            await until(instance, "unhealthy")  # the first result sets the health
+            assert instance.detail == f"connection refused by 127.0.0.1:{port}"
+            await asyncio.wait_for(reported(api, "unhealthy"), DEADLINE)
+            assert api.reports[-1][0]["detail"] == f"connection refused by 127.0.0.1:{port}"
+
+    asyncio.run(scenario())
+
+
+def test_a_long_or_multiline_reason_is_reported_as_one_bounded_line() -> None:
+    instance = LocalInstance(registration(HostPort("127.0.0.1", 1)), health="unhealthy",
+                             detail="GET failed:\n\x1b[31m" + "x" * 500)
+    reported_detail = instance.to_report()["detail"]
+    assert reported_detail.startswith("GET failed: [31mxxx")
+    assert reported_detail.endswith("...") and len(reported_detail) == 200
+    assert LocalInstance(registration(HostPort("127.0.0.1", 1)), health="healthy",
+                         detail="HTTP 200 from 127.0.0.1:1/").to_report()["detail"] is None
 
 
 @synchronously
@@ -250,3 +287,23 @@ async def test_a_restarted_agent_reports_once_its_proxies_have_registered_again(
         async with running(instances):
             await instances.register(registration(app.address))
             assert [i["address"] for i in api.reports[0]] == ["10.0.0.1:8443"]
+
+
+@synchronously
+async def test_the_proxies_rejections_are_reported_at_once_even_without_an_instance() -> None:
+    api = FakeNodeApi()
+    standing: list[dict[str, Any]] = []
+    instances = LocalInstances(report=api, mesh=MeshState(), rejections=lambda: list(standing))
+    async with running(instances):
+        await asyncio.sleep(0)
+        assert api.reports == []  # nothing to say: the server is not bothered
+        standing.append({"node_id": "gateway~n1", "reason": "malformed IP address: localhost"})
+        instances.rejections_changed()
+        await asyncio.wait_for(api.reported.wait(), DEADLINE)
+        assert (api.reports, api.rejections) == ([[]], [standing[:]])
+
+        standing.clear()  # accepted since: the next report says so at once
+        api.reported.clear()
+        instances.rejections_changed()
+        await asyncio.wait_for(api.reported.wait(), DEADLINE)
+        assert api.rejections[-1] == []

@@ -37,6 +37,7 @@ from tests.unit.workload_api.test_server import (
     LoopThread,
 )
 from workload_api.identity import X509Context
+from workload_api.proxy_rejections import rejections_report
 from workload_api.server import SHUTTING_DOWN, WorkloadApiServer
 from workload_api.xds import (
     LISTENER_TYPE,
@@ -324,6 +325,56 @@ def test_a_nack_is_logged_with_envoys_reason_and_kept_per_node_and_type(
         f"{os.getgid()})) refused {LISTENER_TYPE} version {first.version_info} (it keeps "
         "version none): malformed IP address: not-an-ip"
     )
+
+
+SIDECAR_METADATA = {"tessera.proxy": "sidecar", "tessera.service": "users",
+                    "tessera.labels": '{"version":"v1"}', "tessera.spiffe_id": WORKLOAD_ID}
+
+
+def test_a_nack_stands_while_its_envoy_is_connected_and_no_later_ack_came(xds: Xds) -> None:
+    """What the agent reports to the server (workload_api.proxy_rejections): the NACK with
+    what the proxy's bootstrap says it is, until a later ACK or the proxy leaving."""
+    changes: list[int] = []
+    xds.status.on_change = lambda: changes.append(len(xds.status.current_rejections()))
+    node = core.Node(id="proxy-1", cluster="users")
+    node.metadata.update(SIDECAR_METADATA)
+
+    async def until(standing: int) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while len(xds.status.current_rejections()) != standing:
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> tuple[list[dict[str, Any]], str]:
+        await xds.source.replace({LISTENER_TYPE: [listener("inbound")]})
+        async with xds.stream() as stream:
+            request = discovery_request(LISTENER_TYPE)
+            request.node.CopyFrom(node)
+            await stream.send_message(request)
+            first = await receive(stream)
+            await stream.send_message(discovery_request(
+                LISTENER_TYPE, nonce=first.nonce, error="malformed IP address: localhost"))
+            await until(1)
+            reported = rejections_report(xds.status)
+            await xds.source.replace({LISTENER_TYPE: [listener("inbound", stat_prefix="x")]})
+            second = await receive(stream)
+            await stream.send_message(discovery_request(
+                LISTENER_TYPE, nonce=second.nonce, version=second.version_info))
+            await until(0)  # accepted since: no longer standing
+            await stream.send_message(discovery_request(
+                LISTENER_TYPE, nonce=second.nonce, error="refused again"))
+            await until(1)
+        await until(0)  # its Envoy left
+        return reported, first.version_info
+
+    reported, refused_version = xds.run(scenario())
+    assert changes == [1, 0, 1, 0]
+    assert [r.reason for r in xds.status.rejections()] == ["refused again"]  # still kept
+    [item] = reported
+    assert item.pop("at")
+    assert item == {
+        "node_id": "proxy-1", "proxy": "sidecar", "service": "users",
+        "labels": {"version": "v1"}, "spiffe_id": WORKLOAD_ID, "type_url": LISTENER_TYPE,
+        "version": refused_version, "reason": "malformed IP address: localhost"}  # fmt: skip
 
 
 # -- refusals and shutdown ------------------------------------------------------------------
