@@ -1,5 +1,5 @@
 # Tessera: `make up` runs a trust domain (server, agent, an SVID for you) on the
-# embedded defaults, `make demo` the mTLS demo, `make test` sets up and runs lint
+# embedded defaults, `make demo` the mesh demo, `make test` sets up and runs lint
 # plus the whole test suite. None needs the virtualenv activated.
 PYTHON ?= python3
 VENV   ?= .venv
