@@ -85,7 +85,8 @@ def apply_json(result: MeshApplyResult) -> dict[str, Any]:
 
 class ExplainRequest(RequestBody):
     """One request to explain: from a caller's sidecar to a Service (``from``, ``to``),
-    or entering a gateway with ``gateway`` labels on ``port`` for ``host``."""
+    or entering a gateway with ``gateway`` labels on ``port`` for ``host`` (``from``: the
+    gateway's own SPIFFE ID, the caller the destination judges)."""
 
     caller: str | None = Field(None, min_length=1, max_length=2048, alias="from")
     to: str | None = Field(None, min_length=1, max_length=253)
@@ -138,14 +139,17 @@ def mesh_router(
         """The route a request takes, its destination, and the rule that allows or
         refuses it."""
         if body.gateway is not None:
-            if body.caller is not None or body.to is not None:
-                raise InvalidArgument("explain either a gateway's request (gateway) or a "
-                                      "call between services (from and to), not both")
+            if body.to is not None:
+                raise InvalidArgument("explain either a gateway's request (gateway, and from: "
+                                      "the gateway's SPIFFE ID) or a call between services "
+                                      "(from and to), not both")  # fmt: skip
+            gateway_id = parse_spiffe_id(body.caller) if body.caller is not None else None
             config, revision = store.mesh_config()
             explanation = explain_gateway(config, catalog(), labels=body.gateway,
                                           port=body.port or 80, host=body.host,
                                           method=body.method, path=body.path,
-                                          headers=body.headers)  # fmt: skip
+                                          headers=body.headers,
+                                          spiffe_id=gateway_id)  # fmt: skip
         else:
             if body.caller is None or body.to is None:
                 raise InvalidArgument("explain needs from and to (a caller's SPIFFE ID and "

@@ -410,7 +410,8 @@ def _pair(text: str, flag: str, *, lower: bool = True) -> tuple[str, str]:
 @mesh_group.command("explain")
 @admin_options
 @option("--from", "caller", metavar="SPIFFE_ID",
-        help="The SPIFFE ID of the calling workload (its sidecar routes the request).")
+        help="The SPIFFE ID of the calling workload (its sidecar routes the request); with "
+             "--gateway, the gateway's own (what the destination's sidecar judges).")
 @option("--to", "service", metavar="SERVICE", help="The Service called.")
 @option("--gateway", "gateway", multiple=True, metavar="NAME=VALUE",
         help="Instead of --from/--to: a request entering the gateway with these labels "
@@ -435,11 +436,14 @@ def mesh_explain(admin_socket: str | None, data_dir: str, caller: str | None,
     body: dict[str, Any] = {"method": method.upper(), "path": path,
                             "headers": dict(_pair(h, "--header") for h in headers)}
     if gateway:
-        if caller or service:
-            raise InvalidArgument("give --gateway for a request entering a gateway, or "
-                                  "--from and --to for a call between services, not both")
+        if service:
+            raise InvalidArgument("give --gateway (and --from: the gateway's SPIFFE ID) for a "
+                                  "request entering a gateway, or --from and --to for a call "
+                                  "between services, not both")  # fmt: skip
         body.update(gateway=dict(_pair(g, "--gateway", lower=False) for g in gateway),
                     host=host)
+        if caller:
+            body["from"] = caller
     else:
         if not caller or not service:
             raise InvalidArgument("explain needs --from SPIFFE_ID and --to SERVICE, or "

@@ -708,11 +708,41 @@ def test_explain_a_request_entering_the_gateway_of_the_mission(mesh: Mesh) -> No
     assert mesh.refused("explain", "--gateway", "istio") == (
         "Error: --gateway 'istio' is not NAME=VALUE, e.g. --gateway istio=ingressgateway\n")
     assert mesh.refused("explain", "--gateway", "istio=ingressgateway", "--to", "users") == (
-        "Error: give --gateway for a request entering a gateway, or --from and --to for a "
-        "call between services, not both\n")
+        "Error: give --gateway (and --from: the gateway's SPIFFE ID) for a request entering a "
+        "gateway, or --from and --to for a call between services, not both\n")
     assert mesh.refused("explain", "--to", "users") == (
         "Error: explain needs --from SPIFFE_ID and --to SERVICE, or --gateway NAME=VALUE; "
         "e.g. tessera mesh explain --from spiffe://example.org/orders --to users-service\n")
+
+
+ALLOW_GATEWAY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: users-allow-gateway}
+spec:
+  selector: {matchLabels: {app: users}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["spiffe://example.org/gateway"]}
+"""
+
+
+def test_explain_a_gateways_request_judged_as_the_gateways_own_spiffe_id(mesh: Mesh) -> None:
+    mesh.run("apply", "-f", mesh.file("mesh.yaml", USERS.replace("name: users}",
+                                                                 "name: users-service}")
+                                      + "---\n" + MISSION + "---\n" + ALLOW_GATEWAY))
+    register(mesh, "users-service", ("10.0.0.5:15006", {"app": "users"}, "healthy"))
+    entering = ("explain", "--gateway", "istio=ingressgateway", "--path", "/api/v1/users")
+
+    anonymous = mesh.run(*entering)
+    assert anonymous.status == 1
+    assert "no ALLOW rule matches a caller without a SPIFFE ID" in anonymous.out
+
+    as_itself = mesh.run(*entering, "--from", "spiffe://example.org/gateway")
+    assert (as_itself.status, as_itself.err) == (0, ""), as_itself.out
+    assert "spiffe://example.org/gateway is allowed by an ALLOW rule" in as_itself.out
+    assert mesh.refused(*entering, "--from", "gateway").startswith("Error: ")
 
 
 def test_explain_before_any_instance_says_what_the_labels_decide(mesh: Mesh) -> None:
