@@ -109,7 +109,7 @@ def describe(config: Config, catalog: Catalog, service: str) -> Description:
     configured."""
     resource = config.get(Service, service)
     if resource is None:
-        raise UnknownServiceError(service)
+        raise UnknownServiceError(service, (item.name for item in config.of_kind(Service)))
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[str]] = {}
     for instance in catalog.instances(service):
         key = (instance.spiffe_id, tuple(sorted(instance.labels.items())))

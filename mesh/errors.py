@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mesh.names import similar_names
 from sdk.errors import ConfigError as _SdkConfigError
 from sdk.errors import NotFound, TesseraError
 
@@ -112,9 +113,11 @@ class UnknownServiceError(MeshError, NotFound):
 
     status = 404
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, known: Iterable[str] = ()) -> None:
         self.service = service
-        super().__init__(f"Service {service} does not exist")
+        close = similar_names(service, known)
+        guess = f"; did you mean {' or '.join(close)}?" if close else ""
+        super().__init__(f"Service {service} does not exist{guess}")
 
 
 _MAX_SHOWN = 40

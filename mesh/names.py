@@ -10,7 +10,9 @@ field's path (``metadata.name must be a DNS-1123 subdomain: ...``)::
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 __all__ = [
     "MAX_LABEL_LENGTH",
@@ -21,6 +23,7 @@ __all__ = [
     "check_label_value",
     "is_dns_label",
     "is_dns_subdomain",
+    "similar_names",
 ]
 
 MAX_LABEL_LENGTH = 63
@@ -82,3 +85,18 @@ def check_label_value(value: str) -> None:
             "must be a label value: empty, or letters, digits, '-', '_' and '.', starting "
             f"and ending with a letter or digit, at most {MAX_LABEL_LENGTH} characters"
         )
+
+
+def similar_names(name: str, names: Iterable[str], *, most: int = 3) -> list[str]:
+    """The ``names`` a user who typed ``name`` may have meant: a close spelling
+    (``user-service`` for ``users-service``), or one that begins with the other
+    (``users`` for ``users-service``); at most ``most``, the closest first."""
+    candidates = sorted(set(names) - {name})
+    found = difflib.get_close_matches(name, candidates, n=most, cutoff=0.8)
+    if len(name) >= 3:
+        found += [
+            other
+            for other in candidates
+            if other not in found and (other.startswith(name) or name.startswith(other))
+        ]
+    return found[:most]

@@ -14,13 +14,12 @@ workload behind it: another team's Service stays theirs.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from mesh.config import Config
-from mesh.names import check_dns_label, check_label_key, check_label_value
+from mesh.names import check_dns_label, check_label_key, check_label_value, similar_names
 from mesh.resources import Service
 
 __all__ = [
@@ -65,21 +64,6 @@ def registration_problem(
             f"(its spec.spiffeIds)",
         )
     return None
-
-
-def similar_names(name: str, names: Iterable[str], *, most: int = 3) -> list[str]:
-    """The ``names`` a user who typed ``name`` may have meant: a close spelling
-    (``user-service`` for ``users-service``), or one that begins with the other
-    (``users`` for ``users-service``); at most ``most``, the closest first."""
-    candidates = sorted(set(names) - {name})
-    found = difflib.get_close_matches(name, candidates, n=most, cutoff=0.8)
-    if len(name) >= 3:
-        found += [
-            other
-            for other in candidates
-            if other not in found and (other.startswith(name) or name.startswith(other))
-        ]
-    return found[:most]
 
 
 def label_problem(labels: Mapping[str, str]) -> str | None:

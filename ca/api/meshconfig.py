@@ -39,6 +39,7 @@ from mesh.catalog import Catalog
 from mesh.describe import describe
 from mesh.errors import UnknownServiceError
 from mesh.explain import explain, explain_gateway
+from mesh.resources import Service
 from sdk.clock import SYSTEM_CLOCK
 from sdk.errors import InvalidArgument
 from sdk.spiffeid import parse_spiffe_id
@@ -160,7 +161,7 @@ def mesh_router(
                                   method=body.method, path=body.path, headers=body.headers,
                                   port=body.port)  # fmt: skip
             if explanation.outcome == "unknown-service":
-                raise UnknownServiceError(body.to)
+                raise UnknownServiceError(body.to, (s.name for s in config.of_kind(Service)))
         return {"revision": revision, "lines": explanation.lines(), **explanation.to_json()}
 
     @router.post("/apply", responses=error_responses(400, 412), openapi_extra=_APPLY_BODY)

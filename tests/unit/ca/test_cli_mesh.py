@@ -680,6 +680,10 @@ def test_explain_and_describe_refuse_what_is_not_there_or_not_an_id(mesh: Mesh) 
     assert mesh.refused("describe", "nosuch") == "Error: Service nosuch does not exist\n"
     assert mesh.refused("explain", "--from", "spiffe://example.org/orders", "--to",
                         "nosuch") == "Error: Service nosuch does not exist\n"
+    assert mesh.refused("describe", "user") == (
+        "Error: Service user does not exist; did you mean users?\n")
+    assert mesh.refused("explain", "--from", "spiffe://example.org/orders", "--to",
+                        "user") == "Error: Service user does not exist; did you mean users?\n"
     assert mesh.refused("explain", "--from", "orders", "--to", "users") == (
         "Error: SPIFFE ID 'orders' is not valid: does not start with 'spiffe://'; expected "
         "spiffe://<trust-domain>/<path>, e.g. spiffe://example.org/web\n")
