@@ -66,6 +66,8 @@ __all__ = [
     "Registration",
 ]
 
+MAX_REFUSALS_SAID: Final = 1024
+"""Instances whose last refusal is remembered, not to repeat it at WARNING."""
 _log = logging.getLogger(__name__)
 
 DEFAULT_CHECK_INTERVAL: Final = timedelta(seconds=10)
@@ -162,6 +164,8 @@ class LocalInstances:
         self._report_every = DEFAULT_REPORT_EVERY
         self._http: httpx.AsyncClient | None = None
         self._reported_any = False
+        self._refusals_said: dict[tuple[str, str], str] = {}
+        """The last refusal logged at WARNING per instance; a repeat is logged at DEBUG."""
 
     def __len__(self) -> int:
         return len(self._instances)
@@ -280,9 +284,16 @@ class LocalInstances:
             if reason is not None:
                 instance.refused = reason
                 self.deregister(instance)
-                _log.warning("the server refused mesh instance %s %s: %s",
-                             registration.service, registration.address, reason)
+                key = (registration.service, str(registration.address))
+                level = logging.DEBUG if self._refusals_said.get(key) == reason else logging.WARNING
+                if len(self._refusals_said) >= MAX_REFUSALS_SAID:
+                    self._refusals_said.clear()
+                self._refusals_said[key] = reason
+                _log.log(level, "the server refused mesh instance %s %s: %s",
+                         registration.service, registration.address, reason)
                 instance._notify()
+            else:
+                self._refusals_said.pop((registration.service, str(registration.address)), None)
             instance.confirmed.set()
 
     # -- health ----------------------------------------------------------------------------

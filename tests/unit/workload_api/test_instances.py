@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -234,6 +235,33 @@ async def test_a_refused_registration_says_why_and_leaves_nothing() -> None:
                 await instances.register(registration(app.address, "10.0.0.3:8443"))
             assert "registered already on this node" in twice.value.message
             assert list(instances) == [kept]
+
+
+def test_a_refusal_repeated_by_a_sidecar_trying_again_is_a_warning_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with serving_app() as app:
+            api = FakeNodeApi()
+            api.refuse[("users", "10.0.0.1:8443")] = "there is no Service users; apply one"
+            instances = LocalInstances(report=api, mesh=mesh_with("{tcp: {}}"))
+            async with running(instances):
+                for _ in range(3):
+                    with pytest.raises(NotFound):
+                        await instances.register(registration(app.address))
+                api.refuse[("users", "10.0.0.1:8443")] = "Service users may be served by X"
+                with pytest.raises(PermissionDenied):
+                    await instances.register(registration(app.address))
+
+    with caplog.at_level(logging.DEBUG, logger="workload_api.instances"):
+        asyncio.run(scenario())
+    said = [(r.levelno, r.getMessage().rpartition(": ")[2]) for r in caplog.records
+            if "refused mesh instance" in r.getMessage()]  # fmt: skip
+    missing = "there is no Service users; apply one"
+    assert said == [
+        (logging.WARNING, missing), (logging.DEBUG, missing), (logging.DEBUG, missing),
+        (logging.WARNING, "Service users may be served by X"),
+    ]
 
 
 @synchronously
