@@ -10,6 +10,11 @@ every span it is sent::
         collector.service_names()            # {"users-service", ...}
 
 Spans are kept with their resource's ``service.name``; at most :data:`MAX_SPANS`.
+
+``xds-protos`` ships an older copy of the same ``opentelemetry.proto`` modules, and
+whichever package pip installs last provides them: the older one names a resource's
+field 2 ``instrumentation_library_spans``, the newer ``scope_spans`` (same number, same
+wire format). :func:`_scope_spans` reads either.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class OtlpCollector:
         for resource_spans in request.resource_spans:
             attributes = _attributes(resource_spans.resource.attributes)
             service_name = str(attributes.get("service.name", ""))
-            for scope_spans in resource_spans.scope_spans:
+            for scope_spans in _scope_spans(resource_spans):
                 for span in scope_spans.spans:
                     received.append(
                         ReceivedSpan(
@@ -131,3 +136,10 @@ def _attributes(pairs: Any) -> dict[str, Any]:
         kind = pair.value.WhichOneof("value")
         values[pair.key] = getattr(pair.value, kind) if kind else None
     return values
+
+
+def _scope_spans(resource_spans: Any) -> Any:
+    """A ResourceSpans' field 2, by whichever name the installed module gives it."""
+    fields = resource_spans.DESCRIPTOR.fields_by_name
+    name = "scope_spans" if "scope_spans" in fields else "instrumentation_library_spans"
+    return getattr(resource_spans, name)
