@@ -922,8 +922,17 @@ def _connection_pool(found: tuple[Any, Source] | None) -> ConnectionPool:
 
 
 def _outlier_detection(found: tuple[Any, Source] | None) -> OutlierDetection | None:
-    if found is None:
-        return None
+    if found is None:  # crashes are routed around all the same (mesh.defaults)
+        return OutlierDetection(
+            consecutive_5xx_errors=None,
+            consecutive_gateway_errors=defaults.CRASH_GATEWAY_ERRORS,
+            interval=defaults.OUTLIER_INTERVAL,
+            base_ejection_time=defaults.OUTLIER_BASE_EJECTION_TIME,
+            max_ejection_percent=defaults.CRASH_MAX_EJECTION_PERCENT,
+            defaulted=("consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
+                       "baseEjectionTime", "maxEjectionPercent"),
+            source=defaults.OUTLIER_DETECTION,
+        )  # fmt: skip
     settings, source = found
     assert isinstance(settings, OutlierDetectionSettings)
     written = {

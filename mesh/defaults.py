@@ -36,10 +36,16 @@ Clusters (per Service, port and subset):
   of the requests in flight to the cluster are retries (and at least **3** at once),
   unless ``maxRetries`` sets a fixed limit — so retries cannot multiply an outage's
   load, as a fixed count may;
-- outlier detection: **off** unless a DestinationRule sets ``outlierDetection``; then
-  each field left out takes Istio's default: ``consecutive5xxErrors`` **5**,
+- outlier detection: **on** for crashes: without a DestinationRule's
+  ``outlierDetection``, an endpoint answering **5** gateway errors in a row (502, 503,
+  504: a refused or reset connection among them, what a crashed instance gives) is
+  ejected for **30s** (longer each time again), at most **50%** of a cluster's endpoints
+  at once — so a crash is routed around before any health check notices, while an app's
+  own 500s eject nothing. A DestinationRule's ``outlierDetection`` replaces it; each field
+  it leaves out takes Istio's default: ``consecutive5xxErrors`` **5**,
   ``consecutiveGatewayErrors`` off, ``interval`` **10s**, ``baseEjectionTime`` **30s**,
-  ``maxEjectionPercent`` **10**. A count of 0 turns that check off.
+  ``maxEjectionPercent`` **10**. A count of 0 turns that check off; ``outlierDetection:
+  {consecutive5xxErrors: 0}`` turns ejection off.
 
 Endpoints: the catalog's instances of the Service whose labels include the subset's,
 that are ``healthy`` — or of unknown health when the Service has no health check
@@ -67,6 +73,8 @@ __all__ = [
     "AUTHORIZATION_ALLOW",
     "CONNECTION_POOL",
     "CONNECT_TIMEOUT",
+    "CRASH_GATEWAY_ERRORS",
+    "CRASH_MAX_EJECTION_PERCENT",
     "DEFAULT_ROUTE",
     "GATEWAY_NOT_FOUND",
     "IDLE_TIMEOUT",
@@ -140,6 +148,9 @@ OUTLIER_CONSECUTIVE_5XX_ERRORS: Final = 5
 OUTLIER_INTERVAL: Final = timedelta(seconds=10)
 OUTLIER_BASE_EJECTION_TIME: Final = timedelta(seconds=30)
 OUTLIER_MAX_EJECTION_PERCENT: Final = 10
+CRASH_GATEWAY_ERRORS: Final = 5
+"""Without a DestinationRule's outlierDetection: gateway errors in a row that eject."""
+CRASH_MAX_EJECTION_PERCENT: Final = 50
 
 # -- security -----------------------------------------------------------------------------
 

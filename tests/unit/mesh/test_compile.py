@@ -488,7 +488,11 @@ def test_outlier_detection_and_pools_come_from_the_destination_rule() -> None:
     assert v1.peer_identities.source == Source("Service", "reviews", "spec.spiffeIds")
     users = view.cluster("outbound|80||users-service")
     assert users is not None
-    assert users.outlier_detection is None
+    crashes = users.outlier_detection  # without a rule's: ejected for gateway errors only
+    assert crashes is not None and crashes.source == Source("default", "outlier-detection")
+    assert (crashes.consecutive_5xx_errors, crashes.consecutive_gateway_errors,
+            crashes.base_ejection_time, crashes.max_ejection_percent) == (
+        None, 5, timedelta(seconds=30), 50)  # fmt: skip
     assert users.load_balancer.policy == "LEAST_REQUEST"
     assert users.load_balancer.source == Source("default", "load-balancer")
 
