@@ -25,7 +25,10 @@ refuse (obs-fold, bare LF line ends, ``Content-Length`` next to
 What is refused, with the status an :class:`~sdk.sidecar.errors.HttpError` carries:
 
 - a request line that is not ``METHOD SP /origin-form SP HTTP/1.x``: 400;
-  longer than 8 KiB: 414; another major version: 505; ``CONNECT``: 501;
+  longer than 8 KiB: 414; another major version: 505; ``CONNECT``: 501; a
+  method outside llhttp's list (``GET``, ``PATCH``, ``PROPFIND``, ``PURGE``...:
+  HTTP's, WebDAV's and a few more; not any token, as RFC 9110 would allow):
+  400;
 - a path that is not already normal once percent-decoded (``.``/``..``
   segments, ``//``, ``..;``): 400, since the app might resolve it otherwise than
   the policy did; the policy judges a path without its segments' ``;parameters``;
@@ -80,6 +83,10 @@ MAX_CHUNK_LINE: Final = 1024
 COPY_BUFFER: Final = 64 * 1024
 _EMPTY_LINES_BEFORE_REQUEST: Final = 4
 _LINE_ENDS: Final = (b"\r\n", b"\n")
+_UNKNOWN_METHOD: Final = (
+    "the request method is not one llhttp knows (the registered HTTP and WebDAV methods "
+    "and a few more)"
+)
 _CHUNKED_REQUEST: Final = b"POST / HTTP/1.1\r\nHost: body\r\nTransfer-Encoding: chunked\r\n\r\n"
 """Primes a parser to read a bare chunked body (a request's or a response's: the same grammar)."""
 
@@ -205,6 +212,8 @@ async def read_request_head(
         parser.feed_data(line + fields)
     except httptools.HttpParserUpgrade:
         pass  # CONNECT, or a request asking to upgrade: its head is read all the same
+    except httptools.HttpParserInvalidMethodError as err:
+        raise HttpError(400, _UNKNOWN_METHOD) from err
     except httptools.HttpParserError as err:
         raise HttpError(400, f"the request is not valid HTTP/1.1: {_reason(err)}") from err
     method, target = parser.get_method().decode(), message.url.decode("latin-1")

@@ -277,6 +277,21 @@ def test_a_content_length_listing_the_same_length_twice_is_refused_as_well() -> 
     assert refusal(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n")[0] == 400
 
 
+@pytest.mark.parametrize("method", [b"G(T", b"MYMETHOD"])
+def test_a_method_llhttp_does_not_know_is_refused(method: bytes) -> None:
+    assert refusal(method + b" / HTTP/1.1\r\nHost: a\r\n\r\n") == (
+        400,
+        "the request method is not one llhttp knows (the registered HTTP and WebDAV methods "
+        "and a few more)",
+    )
+
+
+@pytest.mark.parametrize("method", ["PATCH", "PROPFIND", "PURGE", "QUERY"])
+def test_registered_and_webdav_methods_are_read(method: str) -> None:
+    head = request(method.encode() + b" /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert head is not None and head.method == method
+
+
 MALFORMED_CHUNKED_BODIES = {
     "a chunk size that is not hexadecimal": b"zz\r\nab\r\n0\r\n\r\n",
     "a negative chunk size": b"-2\r\nab\r\n0\r\n\r\n",
