@@ -95,10 +95,8 @@ def test_a_clean_end_before_a_request_is_none_and_leading_empty_lines_are_skippe
 def test_framing_of_request_bodies() -> None:
     length = request(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n")
     chunked = request(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n")
-    same_twice = request(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n")
     assert length is not None and length.body == Body(BodyKind.LENGTH, 12)
     assert chunked is not None and chunked.body == Body(BodyKind.CHUNKED)
-    assert same_twice is not None and same_twice.body == Body(BodyKind.LENGTH, 3)
 
 
 def test_serialize_drops_and_adds_headers() -> None:
@@ -123,25 +121,15 @@ def test_serialize_drops_and_adds_headers() -> None:
         (b"GET /\r\n\r\n", 400, "the request line must be METHOD SP TARGET SP HTTP-VERSION"),
         (b"GET  / HTTP/1.1\r\n\r\n", 400,
          "the request line must be METHOD SP TARGET SP HTTP-VERSION"),
-        (b"G(T / HTTP/1.1\r\n\r\n", 400, "the request method is not a valid token"),
-        (b"GET / HTTP/x\r\n\r\n", 400,
-         "the request line does not end with an HTTP version such as HTTP/1.1"),
         (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/2.0 is not supported here; speak HTTP/1.1"),
         (b"CONNECT a:443 HTTP/1.1\r\n\r\n", 501, "CONNECT is not supported by this sidecar"),
         (b"GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n", 400,
          "send the request target as a path (origin-form), e.g. GET /items"),
         (b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n", 400,
          "the request target holds characters a URI may not"),
-        (b"GET / HTTP/1.1\n\n", 400, "lines must end with CRLF"),
         (b"GET / HTTP/1.1\r\n\r\n", 400, "an HTTP/1.1 request needs exactly one Host header"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400,
          "an HTTP/1.1 request needs exactly one Host header"),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n", 400,
-         "obsolete line folding in the request headers is not allowed"),
-        (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, "a request header line is not NAME: VALUE"),
-        (b"GET / HTTP/1.1\r\nHost a\r\n\r\n", 400, "a request header line is not NAME: VALUE"),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n", 400,
-         "the request header X-A holds a control character"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n", 400,
          "the connection closed in the middle of a line"),
         (b"\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n", 400,
@@ -207,14 +195,8 @@ def test_a_line_longer_than_the_reader_buffer_is_refused_too() -> None:
 @pytest.mark.parametrize(
     ("headers", "status", "message"),
     [
-        (b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", 400,
-         "a request must not have both Content-Length and Transfer-Encoding"),
         (b"Transfer-Encoding: gzip, chunked\r\n", 501,
          "Transfer-Encoding gzip, chunked is not supported; only chunked is"),
-        (b"Content-Length: 3\r\nContent-Length: 4\r\n", 400,
-         "Content-Length must be one decimal number"),
-        (b"Content-Length: -1\r\n", 400, "Content-Length must be one decimal number"),
-        (b"Content-Length: 0x10\r\n", 400, "Content-Length must be one decimal number"),
     ],
 )
 def test_ambiguous_framing_is_refused(headers: bytes, status: int, message: str) -> None:
@@ -225,6 +207,125 @@ def test_ambiguous_framing_is_refused(headers: bytes, status: int, message: str)
 def test_transfer_encoding_in_http_1_0_is_refused() -> None:
     assert refusal(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n") == (
         400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+
+
+# -- what a request smuggler or a sloppy client sends --------------------------------------
+#
+# Each of these is refused, whichever parser reads it: the status is the contract
+# (the message names what was wrong, in the parser's words).
+
+SMUGGLED_OR_MALFORMED = {
+    "Content-Length next to Transfer-Encoding": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        400),
+    "Transfer-Encoding next to Content-Length": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        400),
+    "two different Content-Lengths": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+    "two different lengths in one Content-Length": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
+    "a negative Content-Length": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    "a hexadecimal Content-Length": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x10\r\n\r\n", 400),
+    "a Content-Length with a sign": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", 400),
+    "an unsupported transfer coding before chunked": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    "Transfer-Encoding in HTTP/1.0": (
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
+    "obs-fold with a tab": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\tfolded\r\n\r\n", 400),
+    "obs-fold of Transfer-Encoding": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\nContent-Length: 3"
+        b"\r\n\r\n", 400),
+    "bare LF line ends": (b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    "a bare LF after one header": (b"GET / HTTP/1.1\r\nHost: a\nX-A: 1\r\n\r\n", 400),
+    "a bare CR inside a value": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\rX-B: 2\r\n\r\n", 400),
+    "whitespace before the colon": (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked"
+                                    b"\r\n\r\n", 400),
+    "a field without a colon": (b"GET / HTTP/1.1\r\nHost a\r\n\r\n", 400),
+    "a control byte in a field name": (b"GET / HTTP/1.1\r\nHost: a\r\nX\x01A: 1\r\n\r\n", 400),
+    "a space in a field name": (b"GET / HTTP/1.1\r\nHost: a\r\nX A: 1\r\n\r\n", 400),
+    "NUL in a field value": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n", 400),
+    "a method that is not a token": (b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "a version that is not HTTP/d.d": (b"GET / HTTP/x\r\nHost: a\r\n\r\n", 400),
+    "HTTP/0.9 (no version)": (b"GET /\r\n\r\n", 400),
+    "another protocol": (b"GET / RTSP/1.0\r\nHost: a\r\n\r\n", 400),
+    "a control byte in the target": (b"GET /a\x01b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "a request line over 8 KiB": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    "a header section over 32 KiB": (
+        b"GET / HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 1000) for i in range(40)) + b"\r\n", 431),
+    "one field longer than the reader's buffer": (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Huge: " + b"v" * 70000 + b"\r\n\r\n", 431),
+    "over 100 fields": (
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-N%d: 1\r\n" % i for i in range(101))
+        + b"\r\n", 431),
+}
+
+
+@pytest.mark.parametrize(("data", "status"), SMUGGLED_OR_MALFORMED.values(),
+                         ids=SMUGGLED_OR_MALFORMED.keys())  # fmt: skip
+def test_smuggling_and_malformed_requests_are_refused(data: bytes, status: int) -> None:
+    assert refusal(data)[0] == status
+
+
+def test_a_content_length_listing_the_same_length_twice_is_refused_as_well() -> None:
+    """RFC 9110 lets a recipient take ``3, 3`` as 3 or refuse it; llhttp refuses."""
+    assert refusal(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n")[0] == 400
+
+
+@pytest.mark.parametrize("method", [b"G(T", b"MYMETHOD"])
+def test_a_method_llhttp_does_not_know_is_refused(method: bytes) -> None:
+    assert refusal(method + b" / HTTP/1.1\r\nHost: a\r\n\r\n") == (
+        400,
+        "the request method is not one llhttp knows (the registered HTTP and WebDAV methods "
+        "and a few more)",
+    )
+
+
+@pytest.mark.parametrize("method", ["PATCH", "PROPFIND", "PURGE", "QUERY"])
+def test_registered_and_webdav_methods_are_read(method: str) -> None:
+    head = request(method.encode() + b" /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert head is not None and head.method == method
+
+
+MALFORMED_CHUNKED_BODIES = {
+    "a chunk size that is not hexadecimal": b"zz\r\nab\r\n0\r\n\r\n",
+    "a negative chunk size": b"-2\r\nab\r\n0\r\n\r\n",
+    "a chunk size with a 0x prefix": b"0x2\r\nab\r\n0\r\n\r\n",
+    "an empty chunk size": b"\r\nab\r\n0\r\n\r\n",
+    "a chunk size past 64 bits": b"1" * 40 + b"\r\nab\r\n0\r\n\r\n",
+    "a chunk size line ended by a bare LF": b"2\nab\r\n0\r\n\r\n",
+    "chunk data longer than its size": b"2\r\nabX\r\n0\r\n\r\n",
+    "chunk data not followed by CRLF": b"2\r\nab\n\n0\r\n\r\n",
+    "a chunk size line over 1 KiB": b"1" * 2000 + b"\r\n",
+    "a chunk extension with a control byte": b"2;\x01\r\nab\r\n0\r\n\r\n",
+    "the connection closed inside a chunk": b"5\r\nab",
+    "the connection closed before the last chunk": b"2\r\nab\r\n",
+    "obs-fold in the trailers": b"0\r\nX-A: 1\r\n folded\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED_CHUNKED_BODIES.values(),
+                         ids=MALFORMED_CHUNKED_BODIES.keys())  # fmt: skip
+def test_malformed_chunked_request_bodies_are_refused(data: bytes) -> None:
+    with pytest.raises(HttpError) as caught:
+        copied(data, Body(BodyKind.CHUNKED))
+    assert caught.value.status == 400
+
+
+def test_a_chunked_body_is_read_no_further_than_its_end() -> None:
+    """What follows the body (the next request on the connection) stays unread."""
+
+    async def copy_then_rest(reader: asyncio.StreamReader) -> bytes:
+        await copy_body(reader, Collector(), Body(BodyKind.CHUNKED))
+        return await reader.read()
+
+    data = b"2\r\nhi\r\n0\r\nX-Sum: 9\r\n\r\nGET /next HTTP/1.1\r\n"
+    assert run(data, copy_then_rest) == b"GET /next HTTP/1.1\r\n"
 
 
 # -- bodies --------------------------------------------------------------------------------
@@ -253,8 +354,6 @@ def test_a_length_body_is_copied_exactly() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"zz\r\nab\r\n0\r\n\r\n", "a chunk size is not a hexadecimal number"),
-        (b"2\r\nabX\r\n0\r\n\r\n", "a chunk's data is not followed by CRLF"),
         (b"5\r\nab", "the body ended 3 bytes before its Content-Length"),
         (b"2\r\nab", "the connection closed inside a chunked body"),
         (b"1" * 2000 + b"\r\n", "a chunk size line is longer than 1024 bytes"),
@@ -304,8 +403,6 @@ def test_a_response_head_is_kept_as_sent() -> None:
     [
         (b"", "the app closed the connection without answering"),
         (b"SSH-2.0-OpenSSH\r\n\r\n", "the app did not answer with an HTTP/1.x status line"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
-         "Content-Length must be one decimal number"),
     ],
 )
 def test_a_broken_app_response_is_a_502(data: bytes, message: str) -> None:

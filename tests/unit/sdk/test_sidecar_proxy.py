@@ -428,7 +428,8 @@ def test_an_upgrade_becomes_a_tunnel(
          b"the request path has '.' or '..' segments or an empty segment once decoded "
          b"(path parameters after ';' aside); send it normalised\n"),
         (b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked"
-         b"\r\n\r\n", 400, b"a request must not have both Content-Length and Transfer-Encoding\n"),
+         b"\r\n\r\n", 400, b"the request is not valid HTTP/1.1: Transfer-Encoding can't be present "
+         b"with Content-Length\n"),
     ],
 )
 def test_malformed_requests_are_answered_by_the_sidecar(
