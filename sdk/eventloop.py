@@ -1,19 +1,20 @@
 """The event loop every long-running Tessera process runs on.
 
-The server and the agent run on uvloop when it is installed (a dependency on
-Linux), the sidecar on asyncio's own loop (see below); ``TESSERA_EVENT_LOOP``
-(``auto``, ``uvloop`` or ``asyncio``) overrides the choice for any process::
+The server, the agent and ``tessera sidecar proxy`` run on uvloop when it is
+installed (a dependency on Linux); ``tessera sidecar run`` on asyncio's own
+loop (the grpc.aio it uses runs there). ``TESSERA_EVENT_LOOP`` (``auto``, ``uvloop`` or
+``asyncio``) overrides the choice for any process::
 
     eventloop.run(server.run())
     eventloop.run(sidecar(), default="asyncio")
 
-uvloop does the socket and TLS record work of the node API and the Workload
-API in C; see docs/performance.md for what it saves. The sidecar proxy stays
-on asyncio: its inbound listener accepts plain connections, pauses reading in
-``connection_made`` and upgrades them with ``start_tls``. uvloop 0.23 starts
-reading after ``connection_made`` returns, whatever it asked, so a ClientHello
-that arrives before ``start_tls`` lands in the plain reader and that handshake
-stalls until its timeout.
+uvloop does the socket and TLS record work in C (Cython); see
+docs/performance.md for what it saves. uvloop starts reading a connection as
+soon as its protocol's ``connection_made`` returns, whatever that asked, so a
+listener that upgrades accepted connections with ``start_tls`` may see a
+ClientHello land in the plain reader: the sidecar's inbound listeners take
+TLS from the first byte instead (``loop.connect_accepted_socket`` with the
+server context).
 
 Tessera-internal: used by the server, the agent and the sidecar, not part of the SDK's
 public API (it is not in ``sdk.__all__``) and may change without notice.

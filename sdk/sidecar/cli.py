@@ -216,7 +216,7 @@ def _run(source: WorkloadApiX509Source, serve: Callable[[asyncio.Event], Awaitab
         await serve(stop)
 
     try:
-        eventloop.run(main(), default="asyncio")  # see sdk/eventloop.py
+        eventloop.run(main())  # uvloop when installed: see sdk/eventloop.py
     finally:
         source.close()
     progress("Sidecar stopped.")

@@ -50,9 +50,10 @@ import functools
 import gc
 import hashlib
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -89,6 +90,9 @@ CONNECT_TIMEOUT_SECONDS: Final = 5.0
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
 POLICY_CHECK_SECONDS: Final = 1.0
 """How often policy files are checked for a change."""
+ACCEPT_RETRY_SECONDS: Final = 1.0
+"""How long a listener waits before accepting again after accept() failed (no descriptors)."""
+LISTEN_BACKLOG: Final = 1024
 
 
 class Proxy:
@@ -232,9 +236,13 @@ class _Listener:
 
     @property
     def bound(self) -> HostPort:
-        if self._server is None or not self._server.sockets:
+        sockets = self._listening()
+        if not sockets:
             return self.listen
-        return HostPort(self.listen.host, int(self._server.sockets[0].getsockname()[1]))
+        return HostPort(self.listen.host, int(sockets[0].getsockname()[1]))
+
+    def _listening(self) -> list[Any]:
+        return list(self._server.sockets) if self._server is not None else []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -243,10 +251,13 @@ class _Listener:
                 self._protocol, self.listen.host, self.listen.port, reuse_address=True
             )
         except OSError as err:
-            raise SidecarConfigError(
-                f"{self.name}: cannot listen on {self.listen}: {err.strerror or err}; choose "
-                "another address in the proxy config"
-            ) from err
+            raise self._cannot_listen(err) from err
+
+    def _cannot_listen(self, err: OSError) -> SidecarConfigError:
+        return SidecarConfigError(
+            f"{self.name}: cannot listen on {self.listen}: {err.strerror or err}; choose "
+            "another address in the proxy config"
+        )
 
     def stop_accepting(self) -> None:
         self._stopping = True
@@ -270,7 +281,30 @@ class _Listener:
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
         return asyncio.StreamReaderProtocol(reader, self._accepted)
 
+    def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Stream:
+        """A client connection's stream, its bytes counted for this listener."""
+        return Stream(
+            reader,
+            writer,
+            on_read=self.metrics.bytes.labels(self.name, "in").inc,
+            on_write=self.metrics.bytes.labels(self.name, "out").inc,
+        )
+
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = self._stream(reader, writer)
+
+        async def serve(state: ConnectionState) -> None:
+            await self._serve(client, state)
+
+        await self._run_connection(client.peer, serve, client.close)
+
+    async def _run_connection(
+        self,
+        peer: str,
+        serve: Callable[[ConnectionState], Awaitable[None]],
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Serve one accepted connection (from ``peer``), counted, and close it afterwards."""
         task = asyncio.current_task()
         assert task is not None
         state = ConnectionState(stopping=self._stopping)
@@ -278,30 +312,24 @@ class _Listener:
         self.metrics.connections.labels(self.name).inc()
         gauge = self.metrics.open_connections.labels(self.name)
         gauge.inc()
-        client = Stream(
-            reader,
-            writer,
-            on_read=self.metrics.bytes.labels(self.name, "in").inc,
-            on_write=self.metrics.bytes.labels(self.name, "out").inc,
-        )
         try:
             if self.no_identity() is None:
-                await self._serve(client, state)
+                await serve(state)
             else:  # never present an SVID that was withdrawn, nor one from before
                 self.metrics.handshake_failures.labels(self.name, "no_identity").inc()
                 _log.debug("%s: closed the connection from %s: this sidecar holds no SVID now",
-                           self.name, client.peer)  # fmt: skip
+                           self.name, peer)  # fmt: skip
         except asyncio.CancelledError:
             pass  # shutdown
         except OSError as err:
-            _log.debug("%s: the connection from %s ended: %s", self.name, client.peer, err)
+            _log.debug("%s: the connection from %s ended: %s", self.name, peer, err)
         except SdkError as err:  # e.g. the SVID was withdrawn during the handshake
-            _log.info("%s: the connection from %s ended: %s", self.name, client.peer, err)
+            _log.info("%s: the connection from %s ended: %s", self.name, peer, err)
         except Exception:
-            _log.exception("%s: the connection from %s failed", self.name, client.peer)
+            _log.exception("%s: the connection from %s failed", self.name, peer)
         finally:
             with contextlib.suppress(asyncio.CancelledError):
-                await client.close()
+                await close()
             gauge.dec()
             del self._connections[task]
 
@@ -320,12 +348,15 @@ class _Listener:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
             )
         except Exception as err:
-            reason, message = _handshake_failure(err)
-            self.metrics.handshake_failures.labels(self.name, reason).inc()
-            _log.info("%s: TLS handshake with %s failed (%s): %s", self.name, who, reason, message)
+            self._handshake_failed(err, who)
             return False
         self.metrics.handshake_seconds.labels(self.name).observe(time.perf_counter() - started)
         return True
+
+    def _handshake_failed(self, err: Exception, who: str) -> None:
+        reason, message = _handshake_failure(err)
+        self.metrics.handshake_failures.labels(self.name, reason).inc()
+        _log.info("%s: TLS handshake with %s failed (%s): %s", self.name, who, reason, message)
 
     async def _connect(self, address: HostPort, what: str) -> Stream | None:
         try:
@@ -352,6 +383,9 @@ class InboundListener(_Listener):
         self.listen = config.listen
         self.config = config
         super().__init__(metrics)
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handed: set[asyncio.Task[None]] = set()
         self.policy: Policy | Judge = config.policy if judge is None else judge
         """The policy (or judge) in effect: ``config.policy`` unless a ``judge`` is given;
         replaced by :meth:`set_policy`."""
@@ -389,9 +423,84 @@ class InboundListener(_Listener):
                   "now judge new connections and the next requests", self.name, path, why,
                   len(policy.allow), len(policy.deny), policy.mode.value)  # fmt: skip
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    # TLS from the first byte: the listener accepts the sockets itself and hands each to the
+    # loop with the server context, so no byte is ever read as plain text. (Accepted plain
+    # and upgraded with start_tls, a ClientHello may arrive before the upgrade: uvloop starts
+    # reading as soon as a protocol is connected, whatever it asked.)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._sockets = await _listening_sockets(self.listen)
+        except OSError as err:
+            raise self._cannot_listen(err) from err
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in self._sockets]
+
+    def _listening(self) -> list[Any]:
+        return list(self._sockets)
+
+    def stop_accepting(self) -> None:
+        self._stopping = True
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+        self._accepting, self._sockets = [], []
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listening)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as err:  # e.g. out of file descriptors: wait, as asyncio's servers do
+                _log.warning("%s: accepting a connection failed: %s; trying again in %.0f s",
+                             self.name, err, ACCEPT_RETRY_SECONDS)  # fmt: skip
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            task = loop.create_task(self._accepted_socket(conn))
+            self._handed.add(task)  # until it runs and counts itself in _connections
+            task.add_done_callback(self._handed.discard)
+
+    async def _accepted_socket(self, conn: socket.socket) -> None:
+        peer = _peer_name(conn)
+        opened: list[Stream] = []
+
+        async def serve(state: ConnectionState) -> None:
+            client = await self._tls_accept(conn, f"client {peer}")
+            if client is not None:
+                opened.append(client)
+                await self._serve(client, state)
+
+        async def close() -> None:
+            if opened:
+                await opened[0].close()
+            else:
+                conn.close()
+
+        await self._run_connection(peer, serve, close)
+
+    async def _tls_accept(self, conn: socket.socket, who: str) -> Stream | None:
+        """The TLS server side on ``conn``; None (counted, logged) if the handshake failed or
+        the peer was refused."""
+        loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-        return _PausedStreamReaderProtocol(reader, self._accepted)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        started = time.perf_counter()
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS,
+            )  # fmt: skip
+        except Exception as err:
+            self._handshake_failed(err, who)
+            return None
+        self.metrics.handshake_seconds.labels(self.name).observe(time.perf_counter() - started)
+        return self._stream(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
 
     def _decide_connection(self, peer_id: SpiffeId) -> Decision:
         """The connection-level decision (for HTTP: without methods and paths), counted."""
@@ -410,9 +519,6 @@ class InboundListener(_Listener):
         self.metrics.decision(self.name, "request", decision.rule, decision.allowed)
 
     async def _serve(self, client: Stream, state: ConnectionState) -> None:
-        who = f"client {client.peer}"
-        if not await self._handshake(client, self._context, who, server_hostname=None):
-            return
         if not self._http:
             app = await self._connect(self.config.forward, "the app")
             if app is None:
@@ -513,18 +619,6 @@ class _ByteCount:
         self.total += size
 
 
-class _PausedStreamReaderProtocol(asyncio.StreamReaderProtocol):
-    """Reads nothing before the TLS handshake starts, so no ClientHello byte lands in the
-    plain reader (``start_tls`` resumes reading through the TLS protocol)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Duck-typed: uvloop's transports do not derive from asyncio's classes.
-        pause_reading = getattr(transport, "pause_reading", None)
-        if pause_reading is not None:
-            pause_reading()
-        super().connection_made(transport)
-
-
 @functools.cache
 def _freeze_startup_objects() -> None:
     """Once per process: keep what exists once the listeners are open out of the cyclic GC.
@@ -536,6 +630,43 @@ def _freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+async def _listening_sockets(address: HostPort) -> list[socket.socket]:
+    """Non-blocking sockets listening on every address ``address`` names (as
+    ``loop.create_server`` binds them); OSError if one cannot be bound (none stays open)."""
+    loop = asyncio.get_running_loop()
+    host = address.host or None
+    infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # fmt: skip
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _peer_name(conn: socket.socket) -> str:
+    """``host:port`` of the other end of ``conn``, for log lines."""
+    try:
+        name = conn.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(name, tuple) and len(name) >= 2:
+        host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
+        return f"{host}:{name[1]}"
+    return "unknown"
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:

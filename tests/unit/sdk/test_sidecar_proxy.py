@@ -522,6 +522,47 @@ def test_tcp_mode_splices_bytes_for_allowed_peers_only(
                "the refusal being counted")  # fmt: skip
 
 
+class UvloopThread(LoopThread):
+    """A uvloop loop in a daemon thread: what ``tessera sidecar proxy`` runs on."""
+
+    def __init__(self) -> None:
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+
+def test_tcp_mode_on_uvloop_completes_every_handshake(
+    ca: TestCA, api_source: StaticX509Source
+) -> None:
+    """uvloop reads a connection as soon as its protocol is connected: an inbound listener
+    that upgraded accepted connections with start_tls lost ClientHellos to the plain reader
+    (the handshake then stalled until its timeout)."""
+    pytest.importorskip("uvloop")
+    loop = UvloopThread()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            writer.write(b"echo " + line)
+            await writer.drain()
+        writer.close()
+
+    echo_server = loop.run(asyncio.start_server(handle, "127.0.0.1", 0))
+    policy = Policy.from_dict({"allow": [{"ids": [WEB_ID]}]})
+    echo_port = int(echo_server.sockets[0].getsockname()[1])
+    proxy = Running(loop, Proxy(inbound(echo_port, ListenerProtocol.TCP, policy), api_source))
+    try:
+        for n in range(20):
+            with tls_socket(source_for(ca, WEB_ID), proxy.port("in")) as tls:  # 5 s timeout
+                tls.sendall(f"{n}\n".encode())
+                assert tls.makefile("rb").readline() == f"echo {n}\n".encode()
+    finally:
+        proxy.stop()
+        loop.close_server(echo_server)
+        loop.stop()
+
+
 # -- outbound -----------------------------------------------------------------------------
 
 

@@ -178,3 +178,29 @@ def test_a_lost_connection_ends_the_splice_and_the_streams_close_at_once() -> No
         assert s.counted == {"in": 4, "out": 0}
 
     run(scenario)
+
+
+def test_a_stream_with_bytes_still_buffered_is_spliced_by_the_relay() -> None:
+    """A TLS client's transport often still holds its last handshake flight when the splice
+    starts: that must not send the splice to the slower per-direction pumps."""
+
+    async def scenario() -> None:
+        s = await connected()
+        towards_app = s.app.writer.transport
+        app_protocol = towards_app.get_protocol()
+        towards_app.set_write_buffer_limits(high=256 * 1024 * 1024)
+        backlog = b"x" * (32 * 1024 * 1024)  # more than the kernel buffers while the app waits
+        s.app.write(backlog)
+        assert 0 < towards_app.get_write_buffer_size() < 256 * 1024 * 1024  # not paused
+        spliced = s.splice()
+        s.client_writer.write(b"after")
+        s.client_writer.write_eof()
+        assert await s.app_reader.read() == backlog + b"after"
+        s.app_writer.close()
+        await spliced
+        assert towards_app.get_protocol() is not app_protocol  # the relay took the transport
+        assert s.counted["in"] == 5
+        await s.accepted.close()
+        await s.app.close()
+
+    run(scenario)
