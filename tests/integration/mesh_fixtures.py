@@ -202,6 +202,21 @@ class Proxy:
                 found.setdefault(sample.name, float(sample.value))
         return found
 
+    def access_log(self, listener: str) -> list[dict[str, Any]]:
+        """The JSON access log lines of ``listener`` in an Envoy proxy's log (``tessera.envoy``)."""
+        lines = []
+        for line in self.process.log().splitlines():
+            start = line.find('{"')
+            if start < 0:
+                continue
+            try:
+                document = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(document, dict) and document.get("listener") == listener:
+                lines.append(document)
+        return lines
+
     def wait_ready(self) -> None:
         self.process.wait_until(lambda: self.get("/ready").status_code == 200 or None,
                                 "answering /ready with 200", DEADLINE)  # fmt: skip

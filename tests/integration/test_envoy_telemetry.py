@@ -10,11 +10,9 @@ the spans over OTLP.
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import jwt
@@ -130,22 +128,6 @@ def _forged(domain: TrustDomain) -> str:
                       headers={"kid": header["kid"], "typ": "JWT"})  # fmt: skip
 
 
-def _access_log(proxy: Proxy, listener: str) -> list[dict[str, Any]]:
-    """The JSON access log lines of one listener, from the proxy's log."""
-    entries = []
-    for line in proxy.process.log().splitlines():
-        start = line.find('{"')
-        if start < 0:
-            continue
-        try:
-            entry = json.loads(line[start:])
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("listener") == listener:
-            entries.append(entry)
-    return entries
-
-
 def test_the_gateway_accepts_the_trust_domains_jwt_svids_only(
     domain: TrustDomain, gateway: tuple[Proxy, Proxy]
 ) -> None:
@@ -161,7 +143,7 @@ def test_the_gateway_accepts_the_trust_domains_jwt_svids_only(
     assert other.status_code == 403
     poll(lambda: any(entry["response_code_details"]
                      == "jwt_authn_access_denied{Audiences_in_Jwt_are_not_allowed}"
-                     for entry in _access_log(edge, "gateway_80")) or None,
+                     for entry in edge.access_log("gateway_80")) or None,
          DEADLINE, "the JWT filter's refusal in the access log")  # fmt: skip
 
 
@@ -210,7 +192,7 @@ def test_spans_reach_the_collector_with_the_callers_trace_and_requests_are_logge
         lambda span: span.service_name == GATEWAY and span.trace_id != trace_id
         and span.parent_span_id == "", "a span of a trace the gateway began")  # fmt: skip
 
-    at_edge = poll(lambda: [entry for entry in _access_log(edge, "gateway_80")
+    at_edge = poll(lambda: [entry for entry in edge.access_log("gateway_80")
                             if entry["trace_id"] == trace_id] or None,
                    DEADLINE, "the gateway's access log line of the traced request")  # fmt: skip
     assert at_edge[0]["response_code"] == 200
@@ -221,7 +203,7 @@ def test_spans_reach_the_collector_with_the_callers_trace_and_requests_are_logge
     assert at_edge[0]["upstream_peer"] == USERS
     assert at_edge[0]["upstream_host"] == users.address
     assert isinstance(at_edge[0]["duration_ms"], int)
-    inbound = poll(lambda: [entry for entry in _access_log(users, "inbound")
+    inbound = poll(lambda: [entry for entry in users.access_log("inbound")
                             if entry["trace_id"] == trace_id] or None,
                    DEADLINE, "the sidecar's access log line of the traced request")  # fmt: skip
     assert inbound[0]["response_code"] == 200

@@ -16,7 +16,6 @@ One trust domain for the module; every entry selects this test's uid:
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import socket
 import threading
@@ -301,22 +300,6 @@ def test_a_crashed_instance_is_ejected_after_a_few_failures_before_any_health_ch
 # -- authorization -----------------------------------------------------------------------------
 
 
-def access_log(proxy: Proxy, listener: str) -> list[dict[str, Any]]:
-    """The JSON access log lines of ``listener`` in a sidecar's log (``tessera.envoy``)."""
-    lines = []
-    for line in proxy.process.log().splitlines():
-        start = line.find('{"')
-        if start < 0:
-            continue
-        try:
-            document = json.loads(line[start:])
-        except ValueError:
-            continue
-        if isinstance(document, dict) and document.get("listener") == listener:
-            lines.append(document)
-    return lines
-
-
 @supported_by("envoy", "builtin", case="a caller no policy allows gets 403; the log names the rule")
 def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
     plane: str, domain: TrustDomain, start: ProxyStarter, apps: Apps,
@@ -366,7 +349,7 @@ def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
     assert apps["users"].served == 1
 
     def refusals() -> list[dict[str, Any]] | None:
-        found = [line for line in access_log(users, "inbound") if line["response_code"] == 403]
+        found = [line for line in users.access_log("inbound") if line["response_code"] == 403]
         return found if len(found) == 3 else None
 
     logged = users.process.wait_until(refusals, "three 403s in the inbound's access log", DEADLINE)
@@ -382,7 +365,7 @@ def test_a_caller_no_policy_allows_gets_403_and_the_log_says_which_rule(
     assert all(line["upstream_host"] in (None, "-", "") for line in logged), logged
     outbound = [
         line
-        for line in access_log(intruder, "outbound")
+        for line in intruder.access_log("outbound")
         if line["path"] == "/api/orders" and line["response_code"] == 403
     ]
     assert outbound and outbound[-1]["upstream_peer"] == USERS, outbound
