@@ -27,7 +27,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
@@ -44,6 +44,7 @@ from sdk.sidecar.errors import SidecarConfigError
 __all__ = ["gateway", "sidecar"]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_INBOUND: Final = "0.0.0.0:15006"
 """Istio's inbound port."""
@@ -53,6 +54,15 @@ DEFAULT_GATEWAY_HEALTH_BIND: Final = "127.0.0.1:15021"
 """Istio's gateway health port."""
 MESH_EXTRA: Final = "mesh"
 _OWN_PACKAGES: Final = frozenset({"mesh", "sdk", "dataplane"})
+
+
+def _start_options(command: F) -> F:
+    """``--timeout`` and ``--log-level``, as every long-running proxy command takes them."""
+    command = option("--log-level", type=click.Choice(sdk_cli.LOG_LEVELS), default="info",
+                     show_default=True)(command)  # fmt: skip
+    timeout = option("--timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+                     help="Seconds to wait at start for the agent and the first SVID.")  # fmt: skip
+    return timeout(command)
 
 
 sidecar = click.Group(
@@ -116,14 +126,7 @@ sidecar = click.Group(
     show_default=True,
     help="HOST:PORT for /live, /ready and /metrics; 0 turns them off.",
 )
-@option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait at start for the agent and the first SVID.",
-)
-@option("--log-level", type=click.Choice(sdk_cli.LOG_LEVELS), default="info", show_default=True)
+@_start_options
 def run_command(
     service: str, spiffe_id: str, app: str, inbound: str, outbound: str | None,
     labels: tuple[str, ...], plane: str, socket: str | None, health_bind: str,
@@ -214,14 +217,7 @@ gateway = click.Group(
     show_default=True,
     help="HOST:PORT for /live, /ready and /metrics; 0 turns them off.",
 )
-@option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait at start for the agent and the first SVID.",
-)
-@option("--log-level", type=click.Choice(sdk_cli.LOG_LEVELS), default="info", show_default=True)
+@_start_options
 def gateway_run_command(
     labels: tuple[str, ...], spiffe_id: str | None, plane: str, socket: str | None,
     port_offset: int, health_bind: str, timeout: float, log_level: str,
