@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -36,10 +35,9 @@ from ca.entries import new_entry
 from dataplane.envoy.binary import find_envoy
 from dataplane.envoy.errors import EnvoyMissing
 from sdk import eventloop
-from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.spiffeid import parse_trust_domain
-from tessera.mesh_demo import DemoStopped, MeshDemo, MeshDemoResult
+from tessera.mesh_demo import DemoStopped, MeshDemo, MeshDemoResult, free_port, svid_serials
 from tessera.up import LocalTrustDomain, UpSettings
 
 TRUST_DOMAIN: Final = "demo.example"
@@ -66,17 +64,11 @@ class DemoResult:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class _ApiApp:
     """The api service: a plain HTTP app that greets whoever its sidecar says called."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -126,7 +118,7 @@ class Demo:
         self.workdir = workdir
         self.td = parse_trust_domain(TRUST_DOMAIN)
         self.ids = {name: f"spiffe://{TRUST_DOMAIN}/{name}" for name in SERVICES}
-        self.ports = {name: _free_port() for name in ("api-in", "web-out", "intruder-out")}
+        self.ports = {name: free_port() for name in ("api-in", "web-out", "intruder-out")}
         self.sidecars: list[asyncio.subprocess.Process] = []
         self.result = DemoResult()
 
@@ -315,13 +307,7 @@ class Demo:
         )
 
     def _serials(self, local: LocalTrustDomain) -> dict[str, str]:
-        """The serial of each service's current SVID, from the agent's cache."""
-        serials = {}
-        for entry in local.agent.cache.entries.values():
-            svid = local.agent.cache.svid_for(entry.id)
-            if svid is not None and entry.hint in SERVICES:
-                serials[entry.hint] = _leaf_serial(svid.cert_chain_der)
-        return serials
+        return svid_serials(local, SERVICES)
 
     async def _stop_sidecars(self) -> None:
         for process in self.sidecars:
@@ -332,10 +318,6 @@ class Demo:
                 await asyncio.wait_for(process.wait(), 10)
             if process.returncode is None:
                 process.kill()
-
-
-def _leaf_serial(chain_der: bytes) -> str:
-    return format(split_certificates(chain_der)[0].serial_number, "x")
 
 
 @contextlib.contextmanager

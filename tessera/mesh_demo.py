@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -108,10 +108,22 @@ class MeshDemoResult:
         }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def svid_serials(local: LocalTrustDomain, names: Collection[str]) -> dict[str, str]:
+    """The serial (hex) of the current SVID of each entry whose hint is in ``names``, from
+    the agent's cache: what the demos watch change as SVIDs rotate."""
+    serials = {}
+    for entry in local.agent.cache.entries.values():
+        svid = local.agent.cache.svid_for(entry.id)
+        if svid is not None and entry.hint in names:
+            leaf = split_certificates(svid.cert_chain_der)[0]
+            serials[entry.hint] = format(leaf.serial_number, "x")
+    return serials
 
 
 # -- the apps -------------------------------------------------------------------------------
@@ -429,12 +441,12 @@ class MeshDemo:
             self.apps[name] = _App(name)
             await self._sidecar(name, "users-service", self.ids["users"], self.apps[name], sock,
                                 ["app=users", f"version={version}"])  # fmt: skip
-        outbound = _free_port()
+        outbound = free_port()
         self.apps["orders"] = _App("orders", calls=f"127.0.0.1:{outbound}")
         await self._sidecar("orders", "orders-service", self.ids["orders"], self.apps["orders"],
                             sock, ["app=orders", "version=v1"], outbound=outbound)  # fmt: skip
-        offset = _free_port() - 80
-        health = _free_port()
+        offset = free_port() - 80
+        health = free_port()
         await self._spawn("gateway", health, {"http": 80 + offset}, [
             "gateway", "run", "--label", "istio=ingressgateway", "--spiffe-id",
             self.ids["gateway"], "--port-offset", str(offset), "--socket", sock,
@@ -456,8 +468,8 @@ class MeshDemo:
 
     async def _sidecar(self, name: str, service: str, spiffe_id: str, app: _App, sock: str,
                        labels: list[str], outbound: int | None = None) -> None:  # fmt: skip
-        ports = {"inbound": _free_port()}
-        health = _free_port()
+        ports = {"inbound": free_port()}
+        health = free_port()
         args = ["sidecar", "run", "--proxy", "envoy", "--service", service,
                 "--spiffe-id", spiffe_id, "--app", app.address,
                 "--inbound", f"127.0.0.1:{ports['inbound']}", "--socket", sock,
@@ -752,15 +764,7 @@ class MeshDemo:
         )
 
     def _serials(self, local: LocalTrustDomain) -> dict[str, str]:
-        """The serial of each identity's current SVID, from the agent's cache."""
-        serials = {}
-        for entry in local.agent.cache.entries.values():
-            svid = local.agent.cache.svid_for(entry.id)
-            if svid is not None and entry.hint in IDENTITIES:
-                serials[entry.hint] = format(
-                    split_certificates(svid.cert_chain_der)[0].serial_number, "x"
-                )
-        return serials
+        return svid_serials(local, IDENTITIES)
 
     # -- helpers ------------------------------------------------------------------------------
 
