@@ -161,5 +161,11 @@ def _with_port(address: HostPort) -> HostPort:
         return address
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((address.host, 0))
+        try:
+            probe.bind((address.host, 0))
+        except OSError as err:
+            raise SidecarConfigError(
+                f"cannot listen on --inbound {address}: {os.strerror(err.errno or 0)}; "
+                "choose another --inbound"
+            ) from err
         return HostPort(address.host, int(probe.getsockname()[1]))

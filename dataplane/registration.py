@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -40,6 +41,8 @@ from sdk.backoff import Backoff
 
 __all__ = ["InstanceRegistration"]
 
+MESH_RETRY_SECONDS: Final = 1.0
+"""At most one registration attempt per this many seconds when the mesh changes."""
 _log = logging.getLogger("tessera.sidecar")
 _pb: Any = mesh_agent_pb2
 _METHOD: Final = "/tessera.agent.v1.Mesh/Register"
@@ -89,6 +92,7 @@ class InstanceRegistration:
         backoff = self._backoff
         try:
             while True:
+                attempted = time.monotonic()
                 try:
                     async with grpc.aio.insecure_channel(self._target) as channel:
                         call = channel.unary_stream(
@@ -116,6 +120,10 @@ class InstanceRegistration:
                     self._set(False, "unknown", "not registered", "the agent ended the call")
                 if await self._wait_for_mesh_change(backoff.next()):
                     backoff.reset()
+                    # Revisions may come by the dozen (health flaps, other instances):
+                    # one attempt per MESH_RETRY_SECONDS at most, not one per revision.
+                    pause = attempted + MESH_RETRY_SECONDS - time.monotonic()
+                    await asyncio.sleep(max(0.0, pause))
         finally:
             self._stop_following_mesh()
 

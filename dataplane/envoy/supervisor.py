@@ -82,6 +82,7 @@ ADMIN_SOCKET: Final = "admin.sock"
 ADMIN_ADDRESS_FILE: Final = "admin-address"
 PID_FILE: Final = "envoy.pid"
 LOCK_FILE: Final = "supervisor.lock"
+LOCK_ATTEMPTS: Final = 3
 """Locked (flock) by the supervisor using the work directory, holding its pid."""
 FLUSH_MILLISECONDS: Final = 1000
 """How often Envoy writes out its access log (its own default, 10 s, hides a request's line
@@ -196,6 +197,7 @@ class EnvoySupervisor:
         self.restarts = 0
         """Times Envoy was started again after it exited on its own."""
         self.listeners: Mapping[str, str] = {}
+        self._polled_listeners: Mapping[str, str] | None = None
         """Envoy's active listeners, name -> address, as of the last readiness check."""
         self._on_readiness = on_readiness
         self.metrics.up.set(0)
@@ -229,11 +231,14 @@ class EnvoySupervisor:
         """Ask Envoy now; what :meth:`ready_problem` says from then on."""
         generation = self._generation
         before = (self._problem, self.listeners)
+        self._polled_listeners = None
         problem = await self._readiness()
-        if generation == self._generation:
+        if generation == self._generation:  # else Envoy restarted or stopped meanwhile
             self._problem = problem
-        if self._on_readiness is not None and (self._problem, self.listeners) != before:
-            self._on_readiness()
+            if self._polled_listeners is not None:
+                self.listeners = self._polled_listeners
+        if (self._problem, self.listeners) != before:
+            self._notify()
         return self._problem
 
     async def wait_failure(self) -> str:
@@ -279,15 +284,20 @@ class EnvoySupervisor:
         prepare_private_dir(self.work_dir, what="Envoy work directory")
         self._lock()
         try:
-            write_file_atomically(
-                self.bootstrap_path, json.dumps(self._bootstrap, indent=1).encode(), mode=0o600
-            )
-        except OSError as err:
-            doing = f"write Envoy's bootstrap {self.bootstrap_path}"
-            raise ConfigError(os_error_sentence(err, doing, flag="work directory")) from err
-        await self._stop_leftover()
-        if self._before_start is not None:
-            self._before_start()  # e.g. the ports checked, once a leftover let them go
+            try:
+                write_file_atomically(
+                    self.bootstrap_path, json.dumps(self._bootstrap, indent=1).encode(),
+                    mode=0o600,
+                )  # fmt: skip
+            except OSError as err:
+                doing = f"write Envoy's bootstrap {self.bootstrap_path}"
+                raise ConfigError(os_error_sentence(err, doing, flag="work directory")) from err
+            await self._stop_leftover()
+            if self._before_start is not None:
+                self._before_start()  # e.g. the ports checked, once a leftover let them go
+        except BaseException:  # nothing started: leave the directory as stop() would
+            self._release_work_dir()
+            raise
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._set_state(_State.STARTING, "Envoy is starting")
         self._supervise_task = asyncio.create_task(self._supervise(binary, first))
@@ -340,23 +350,45 @@ class EnvoySupervisor:
         """Hold the work directory for this supervisor's life: EnvoyError naming the
         process that holds it already (its Envoy is not a leftover to stop)."""
         path = self.work_dir / LOCK_FILE
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            sentence = os_error_sentence(err, f"open {path}", flag="work directory")
-            raise ConfigError(sentence) from err
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
-            os.close(descriptor)
-            raise EnvoyError(
-                f"another Tessera process (pid {holder}) runs its Envoy from {self.work_dir}: "
-                "stop it first, or start this one with other settings"
-            ) from None
+        for _ in range(LOCK_ATTEMPTS):
+            try:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                sentence = os_error_sentence(err, f"open {path}", flag="work directory")
+                raise ConfigError(sentence) from err
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+                os.close(descriptor)
+                raise EnvoyError(
+                    f"another Tessera process (pid {holder}) runs its Envoy from "
+                    f"{self.work_dir}: stop it first, or start this one with other settings"
+                ) from None
+            if _same_file(descriptor, path):
+                break
+            os.close(descriptor)  # locked a file its stopping holder has just removed
+        else:
+            raise EnvoyError(f"could not lock {path}: it keeps being removed; try again")
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"{os.getpid()}\n".encode())
         self._lock_descriptor = descriptor
+
+    def _release_work_dir(self) -> None:
+        """Unlock the work directory; first, with keep_work_dir=False, remove it: the lock
+        file last, so that no other supervisor can lock a file about to go."""
+        if self._lock_descriptor is not None and not self._keep_work_dir and self.pid is None:
+            for entry in self.work_dir.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            (self.work_dir / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.work_dir.rmdir()
+        self._unlock()
 
     def _unlock(self) -> None:
         if self._lock_descriptor is not None:
@@ -529,8 +561,16 @@ class EnvoySupervisor:
         if state is not _State.RUNNING:
             self.listeners = {}
         self._wake.set()
-        if self._on_readiness is not None:
+        self._notify()
+
+    def _notify(self) -> None:
+        """Call ``on_readiness``; a fault of its own is logged, never the supervisor's."""
+        if self._on_readiness is None:
+            return
+        try:
             self._on_readiness()
+        except Exception:
+            _log.exception("%s: on_readiness failed", self._prefix)
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -543,6 +583,8 @@ class EnvoySupervisor:
                     await self._wake.wait()
 
     async def _readiness(self) -> str | None:
+        """What ready_problem() should say; the active listeners, when Envoy was asked for
+        them, in ``_polled_listeners``."""
         if self._state is not _State.RUNNING or self._admin is None:
             return self._problem
         admin = self._admin
@@ -567,7 +609,7 @@ class EnvoySupervisor:
             active = await admin.listeners()
         except EnvoyAdminError as err:
             return f"Envoy does not answer on its admin interface: {err}"
-        self.listeners = active
+        self._polled_listeners = active
         missing = [name for name in self._listeners if name not in active]
         if missing:
             names = ", ".join(missing)
@@ -595,9 +637,7 @@ class EnvoySupervisor:
         try:
             await self._stop(grace)
         finally:
-            if not self._keep_work_dir and self._lock_descriptor is not None and self.pid is None:
-                shutil.rmtree(self.work_dir, ignore_errors=True)  # still ours: locked
-            self._unlock()
+            self._release_work_dir()
             self._stopped.set()
 
     async def _stop(self, grace: float) -> None:
@@ -709,3 +749,11 @@ def _exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"code {code}"
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether ``descriptor`` is still the file at ``path`` (not one removed since)."""
+    try:
+        return os.fstat(descriptor).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False

@@ -25,7 +25,8 @@ refuse (obs-fold, bare LF line ends, ``Content-Length`` next to
 What is refused, with the status an :class:`~sdk.sidecar.errors.HttpError` carries:
 
 - a request line that is not ``METHOD SP /origin-form SP HTTP/1.x``: 400;
-  longer than 8 KiB: 414; another major version: 505; ``CONNECT``: 501; a
+  longer than 8 KiB: 414; HTTP/2.0: 505 (a version llhttp does not parse, e.g.
+  HTTP/3.0: 400); ``CONNECT``: 501; a
   method outside llhttp's list (``GET``, ``PATCH``, ``PROPFIND``, ``PURGE``...:
   HTTP's, WebDAV's and a few more; not any token, as RFC 9110 would allow):
   400;

@@ -257,6 +257,13 @@ def test_an_inbound_or_outbound_port_in_use_is_refused_before_envoy_starts(
         assert process.wait(timeout=DEADLINE) == 1
         assert (f"Error: cannot listen on {flag} 127.0.0.1:{taken}: Address already in use; "
                 f"choose another {flag}\n") in process.log()  # fmt: skip
+    elsewhere = start.begin("not-this-host", [
+        TESSERA, "sidecar", "run", "--proxy", "envoy", "--service", "web-service",
+        "--spiffe-id", WEB, "--app", apps["web"].address, "--health-bind", "0",
+        "--inbound", "192.0.2.1:0"], directory=start.directory, env=start.domain.env())  # fmt: skip
+    assert elsewhere.wait(timeout=DEADLINE) == 1
+    assert ("Error: cannot listen on --inbound 192.0.2.1:0: Cannot assign requested address; "
+            "choose another --inbound\n") in elsewhere.log()  # fmt: skip
 
 
 def test_a_second_gateway_like_a_running_one_is_refused_and_the_first_serves_on(
