@@ -40,6 +40,7 @@ from spiffe import SpiffeId
 
 from ca.admin_client import AdminClient
 from ca.datastore.schema import ENTRY_REVISION, CounterRow, EntryRow, EntrySelectorRow
+from sdk.address import unused_port
 from sdk.csr import build_csr
 
 TRUST_DOMAIN = "bench.test"
@@ -51,9 +52,8 @@ POSTGRES_ADMIN_URL = f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_P
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port for a process the bench starts (outside the range wrk's connections use)."""
+    return unused_port()
 
 
 def entry_body(spiffe_id: str, parent_id: str, selectors: Sequence[str], **extra: Any

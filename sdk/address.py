@@ -16,12 +16,14 @@ message says which flag or key to fix.
 from __future__ import annotations
 
 import ipaddress
+import random
+import socket
 from dataclasses import dataclass
 from typing import Final, Self
 
 from sdk.errors import ConfigError
 
-__all__ = ["HostPort"]
+__all__ = ["HostPort", "unused_port"]
 
 MAX_PORT: Final = 65535
 
@@ -84,3 +86,24 @@ def _is_ipv6(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+UNUSED_PORTS: Final = range(20000, 32768)
+"""Where :func:`unused_port` looks: below Linux's ephemeral range (32768-60999), which the
+kernel hands to outgoing connections at any moment."""
+
+
+def unused_port(host: str = "127.0.0.1", *, attempts: int = 100) -> int:
+    """A TCP port of ``host`` nothing is bound to now, for a process to listen on a little
+    later (a demo's proxies, a test's): picked at random outside the ephemeral range, so
+    that no outgoing connection takes it meanwhile, as one may take a ``bind(0)`` port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(attempts):
+        port = random.choice(UNUSED_PORTS)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError(f"no unused port on {host} after {attempts} tries")

@@ -47,6 +47,7 @@ from spiffe import SpiffeId
 
 from ca.entries import new_entry
 from sdk import authorize_id
+from sdk.address import unused_port
 from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.integrations.httpx import httpx_client
@@ -109,9 +110,7 @@ class MeshDemoResult:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return unused_port()
 
 
 def svid_serials(local: LocalTrustDomain, names: Collection[str]) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sdk.address import unused_port
 from tests.support.processes import Process
 
 TESSERA = shutil.which("tessera", path=str(Path(sys.executable).parent)) or "tessera"
@@ -23,9 +23,8 @@ START_DEADLINE = 20.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port for a process the test starts to listen on (outside the ephemeral range)."""
+    return unused_port()
 
 
 def tessera(*args: str, check: bool = True, input: str | None = None,

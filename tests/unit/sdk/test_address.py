@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from sdk.address import HostPort
+from sdk.address import UNUSED_PORTS, HostPort, unused_port
 from sdk.errors import ConfigError
 
 
@@ -105,3 +107,12 @@ def test_a_subclass_parses_to_itself() -> None:
 
     assert type(parsed) is ServerAddress
     assert parsed.url == "https://[::1]:8081"
+
+
+def test_an_unused_port_is_outside_the_ephemeral_range_and_free() -> None:
+    port = unused_port()
+    assert port in UNUSED_PORTS
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))  # nothing had it
+        taken.listen()
+        assert all(unused_port() != port for _ in range(200))
