@@ -36,9 +36,15 @@ from dataplane.envoy.binary import find_envoy
 from dataplane.envoy.errors import EnvoyMissing
 from sdk import eventloop
 from sdk.errors import ConfigError
-from sdk.spiffeid import parse_trust_domain
-from tessera.mesh_demo import DemoStopped, MeshDemo, MeshDemoResult, free_port, svid_serials
-from tessera.up import LocalTrustDomain, UpSettings
+from tessera.mesh_demo import (
+    DemoBase,
+    DemoStopped,
+    MeshDemo,
+    MeshDemoResult,
+    free_port,
+    svid_serials,
+)
+from tessera.up import LocalTrustDomain
 
 TRUST_DOMAIN: Final = "demo.example"
 SERVICES: Final = ("web", "api", "intruder")
@@ -101,7 +107,7 @@ class _ApiApp:
             writer.close()
 
 
-class Demo:
+class Demo(DemoBase):
     def __init__(
         self,
         *,
@@ -110,14 +116,8 @@ class Demo:
         echo: Callable[[str], None],
         workdir: Path,
     ) -> None:
-        if svid_ttl < 4:
-            raise ConfigError("--svid-ttl must be at least 4 seconds")
-        self.duration = duration
-        self.svid_ttl = svid_ttl
-        self.echo = echo
-        self.workdir = workdir
-        self.td = parse_trust_domain(TRUST_DOMAIN)
-        self.ids = {name: f"spiffe://{TRUST_DOMAIN}/{name}" for name in SERVICES}
+        super().__init__(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir,
+                         names=SERVICES)  # fmt: skip
         self.ports = {name: free_port() for name in ("api-in", "web-out", "intruder-out")}
         self.sidecars: list[asyncio.subprocess.Process] = []
         self.result = DemoResult()
@@ -126,18 +126,7 @@ class Demo:
         began = time.monotonic()
         self.echo(f"Tessera demo: trust domain {TRUST_DOMAIN}, in {self.workdir}\n")
         self.echo("1. Starting a server and an agent ...")
-        local = LocalTrustDomain(
-            UpSettings(self.td, self.workdir / "td", bind="127.0.0.1:0", health_bind="0"),
-            progress=lambda line: None,
-        )
-        ready = asyncio.Event()
-        running = asyncio.create_task(local.run(on_ready=lambda _: ready.set()))
-        waiting = asyncio.create_task(ready.wait())
-        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        waiting.cancel()
-        if running.done():
-            running.result()
-            raise ConfigError("the demo's trust domain stopped before it was ready")
+        local, running = await self.start_trust_domain()
         self.echo(f"   ready in {time.monotonic() - began:.1f}s\n")
         app = _ApiApp()
         try:

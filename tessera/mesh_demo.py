@@ -289,7 +289,10 @@ class _Proxy:
     ports: dict[str, int] = field(default_factory=dict)
 
 
-class MeshDemo:
+class DemoBase:
+    """What both demos do first: check the settings, and start a throw-away trust domain
+    in ``workdir`` (:meth:`start_trust_domain`)."""
+
     def __init__(
         self,
         *,
@@ -297,6 +300,7 @@ class MeshDemo:
         svid_ttl: int,
         echo: Callable[[str], None],
         workdir: Path,
+        names: Collection[str],
     ) -> None:
         if svid_ttl < 4:
             raise ConfigError("--svid-ttl must be at least 4 seconds")
@@ -305,18 +309,10 @@ class MeshDemo:
         self.echo = echo
         self.workdir = workdir
         self.td = parse_trust_domain(TRUST_DOMAIN)
-        self.ids = {name: f"spiffe://{TRUST_DOMAIN}/{name}" for name in IDENTITIES}
-        self.tessera = shutil.which("tessera", path=str(Path(sys.executable).parent)) or "tessera"
-        self.proxies: list[_Proxy] = []
-        self.apps: dict[str, _App] = {}
-        self.gateway_url = ""
-        self.result = MeshDemoResult()
-        self._began = time.monotonic()
-        self._stopped_by = ""
+        self.ids = {name: f"spiffe://{TRUST_DOMAIN}/{name}" for name in names}
 
-    async def run(self) -> MeshDemoResult:
-        self.echo(f"Tessera mesh demo: trust domain {TRUST_DOMAIN}, in {self.workdir}\n")
-        self.echo("1. Starting a server and an agent ...")
+    async def start_trust_domain(self) -> tuple[LocalTrustDomain, asyncio.Task[None]]:
+        """A server and an agent in one process, ready; the task running them."""
         local = LocalTrustDomain(
             UpSettings(self.td, self.workdir / "td", bind="127.0.0.1:0", health_bind="0"),
             progress=lambda line: None,
@@ -329,6 +325,32 @@ class MeshDemo:
         if running.done():
             running.result()
             raise ConfigError("the demo's trust domain stopped before it was ready")
+        return local, running
+
+
+class MeshDemo(DemoBase):
+    def __init__(
+        self,
+        *,
+        duration: float,
+        svid_ttl: int,
+        echo: Callable[[str], None],
+        workdir: Path,
+    ) -> None:
+        super().__init__(duration=duration, svid_ttl=svid_ttl, echo=echo, workdir=workdir,
+                         names=IDENTITIES)  # fmt: skip
+        self.tessera = shutil.which("tessera", path=str(Path(sys.executable).parent)) or "tessera"
+        self.proxies: list[_Proxy] = []
+        self.apps: dict[str, _App] = {}
+        self.gateway_url = ""
+        self.result = MeshDemoResult()
+        self._began = time.monotonic()
+        self._stopped_by = ""
+
+    async def run(self) -> MeshDemoResult:
+        self.echo(f"Tessera mesh demo: trust domain {TRUST_DOMAIN}, in {self.workdir}\n")
+        self.echo("1. Starting a server and an agent ...")
+        local, running = await self.start_trust_domain()
         self.echo(f"   ready in {time.monotonic() - self._began:.1f}s")
         self._stop_on_signals()
         interrupted = False
