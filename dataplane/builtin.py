@@ -13,6 +13,10 @@ connection dropped; until the first snapshot every caller is refused with 403
     await plane.configured.wait()
     ...
     await plane.stop(grace=5.0)
+
+Every request through the inbound is counted, logged and traced
+(:mod:`dataplane.telemetry`): the access log where ``TESSERA_ACCESS_LOG`` says (stdout,
+``off`` or an absolute path), spans to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataplane.authorization import NOT_READY, MeshJudge
 from dataplane.mesh_watch import MeshSnapshot, MeshWatch
 from dataplane.metrics import SidecarMetrics
 from dataplane.planes import SidecarSettings
+from dataplane.telemetry import RequestTelemetry
 from mesh.compile import compile_authorization
 from sdk.address import HostPort
 from sdk.policy import Policy
@@ -61,7 +66,14 @@ class BuiltinProxy:
             protocol=ListenerProtocol.HTTP,
         )  # fmt: skip
         config = ProxyConfig(source="tessera sidecar run", inbound=(inbound,))
-        self._proxy = Proxy(config, source, metrics=metrics, judges={INBOUND: NOT_READY})
+        self.telemetry = RequestTelemetry.from_environment(metrics.registry,
+                                                           service_name=settings.service)
+        observer = self.telemetry.inbound(
+            INBOUND, destination_service=settings.service,
+            upstream_cluster=f"inbound|{settings.app.port}||{settings.service}",
+        )  # fmt: skip
+        self._proxy = Proxy(config, source, metrics=metrics, judges={INBOUND: NOT_READY},
+                            observers={INBOUND: observer})  # fmt: skip
         listener = self._proxy.listeners[0]
         assert isinstance(listener, InboundListener)
         self._inbound = listener
@@ -119,6 +131,7 @@ class BuiltinProxy:
                 await self._watching
             self._watching = None
         await self._proxy.stop(grace)
+        await self.telemetry.close()
 
     def _apply(self, snapshot: MeshSnapshot) -> None:
         authorization = compile_authorization(snapshot.config, self._settings.labels)
