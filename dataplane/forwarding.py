@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
 
-from dataplane.balancing import Admission, Balancers, ClusterState
+from dataplane.balancing import Balancers, ClusterState
 from dataplane.telemetry import RequestRecord, RequestTelemetry, Trace
 from dataplane.upstream import ConnectFailed, UpstreamConnection, Upstreams
 from mesh.request import HttpRequest, split_host
@@ -500,8 +500,8 @@ class Forwarder:
                                       details="upstream_overflow",
                                       operations=operations)  # fmt: skip
         try:
-            return await self._tries(exchange, state, cluster, admission, route, operations,
-                                     path, authority)  # fmt: skip
+            return await self._tries(exchange, state, cluster, route, operations, path,
+                                     authority)  # fmt: skip
         finally:
             admission.release()
 
@@ -510,7 +510,6 @@ class Forwarder:
         exchange: Exchange,
         state: ClusterState,
         cluster: Cluster,
-        admission: Admission,
         route: Route,
         operations: Sequence[HeaderOperations],
         path: str,
@@ -544,6 +543,12 @@ class Forwarder:
                 state.retry_started()
             try:
                 attempt = await self._try(exchange, cluster, endpoint, request, body, per_try)
+            except _Done:  # the app's body failed: not the upstream's doing
+                state.end(endpoint, 400)
+                raise
+            except BaseException:  # the route's timeout
+                state.end(endpoint, None)
+                raise
             finally:
                 if retry:
                     state.retry_finished()
