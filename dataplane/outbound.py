@@ -154,7 +154,8 @@ class OutboundListener:
         while not self._stopping:
             idle[0] = True
             try:
-                head = await asyncio.wait_for(read_request_head(client), IDLE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):  # no task, unlike wait_for
+                    head = await read_request_head(client)
             except TimeoutError:
                 return
             except HttpError as err:
