@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -103,9 +104,9 @@ class OutboundListener:
                 limit=STREAM_LIMIT, reuse_address=True,
             )  # fmt: skip
         except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
             raise SidecarConfigError(
-                f"cannot listen on --outbound {self.listen}: {err.strerror or err}; choose "
-                "another --outbound"
+                f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
             ) from err
 
     def stop_accepting(self) -> None:
