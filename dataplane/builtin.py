@@ -1,12 +1,19 @@
 """The built-in proxy as a sidecar's data plane (``tessera sidecar run --proxy builtin``).
 
-The inbound mTLS listener of :mod:`sdk.sidecar.proxy` in HTTP mode, in front of the app,
+Inbound, the mTLS listener of :mod:`sdk.sidecar.proxy` in HTTP mode, in front of the app,
 judged by the mesh: every snapshot from the agent's ``WatchMesh``
 (:mod:`dataplane.mesh_watch`) compiles the AuthorizationPolicies that select the
 sidecar's labels into a new :class:`~dataplane.authorization.MeshJudge`, which judges
 new connections and the next request of every open one. Nothing is restarted and no
 connection dropped; until the first snapshot every caller is refused with 403
-(:data:`~dataplane.authorization.NOT_READY`)::
+(:data:`~dataplane.authorization.NOT_READY`).
+
+Outbound (with ``--outbound``), the app's plain HTTP calls are routed by their ``Host``
+through the sidecar's compiled view (:func:`mesh.compile.compile_view`, the view Envoy
+gets over xDS), by :mod:`dataplane.outbound` and :mod:`dataplane.forwarding`, to the
+Services' instances over mTLS (:mod:`dataplane.upstream`), balanced and limited by
+:mod:`dataplane.balancing`. Every snapshot compiles a new view; each request reads the
+one in effect, so a change reaches open connections at their next request::
 
     plane = BuiltinProxy(settings, source, metrics, socket="unix:///run/tessera/agent.sock")
     await plane.start()
@@ -27,11 +34,16 @@ import logging
 import os
 
 from dataplane.authorization import NOT_READY, MeshJudge
+from dataplane.balancing import Balancers
+from dataplane.forwarding import Forwarder
 from dataplane.mesh_watch import MeshSnapshot, MeshWatch
 from dataplane.metrics import SidecarMetrics
+from dataplane.outbound import OUTBOUND, OutboundListener, OutboundRoutes
 from dataplane.planes import SidecarSettings
 from dataplane.telemetry import RequestTelemetry
-from mesh.compile import compile_authorization
+from dataplane.upstream import Upstreams
+from mesh.compile import compile_authorization, compile_view
+from mesh.proxy import SidecarProxy
 from sdk.address import HostPort
 from sdk.policy import Policy
 from sdk.sidecar.config import InboundConfig, ListenerProtocol, ProxyConfig
@@ -39,7 +51,7 @@ from sdk.sidecar.errors import SidecarConfigError
 from sdk.sidecar.proxy import InboundListener, Proxy
 from sdk.sources import WorkloadApiX509Source
 
-__all__ = ["INBOUND", "BuiltinProxy"]
+__all__ = ["INBOUND", "OUTBOUND", "BuiltinProxy"]
 
 _log = logging.getLogger("tessera.sidecar")
 
@@ -80,11 +92,25 @@ class BuiltinProxy:
         self._watch = MeshWatch(socket=socket, on_snapshot=self._apply)
         self._watching: asyncio.Task[None] | None = None
         self._judge: MeshJudge | None = None
+        self._identity = SidecarProxy(settings.service, str(settings.spiffe_id), settings.labels)
+        self._routes: OutboundRoutes | None = None
+        self._balancers = Balancers()
+        self._upstreams = Upstreams(source)
+        self._outbound: OutboundListener | None = None
+        if settings.outbound is not None:
+            forwarder = Forwarder(self._upstreams, self._balancers, self.telemetry,
+                                  source=str(settings.spiffe_id))
+            self._outbound = OutboundListener(settings.outbound, forwarder, lambda: self._routes)
         self.configured = asyncio.Event()
 
     @property
     def inbound_address(self) -> HostPort:
         return self._proxy.bound(INBOUND)
+
+    @property
+    def outbound_address(self) -> HostPort | None:
+        """Where the outbound listener listens (its port as bound), or None without one."""
+        return self._outbound.bound if self._outbound is not None else None
 
     async def start(self) -> None:
         try:
@@ -97,6 +123,12 @@ class BuiltinProxy:
                 f"cannot listen on --inbound {self._settings.inbound}: "
                 f"{os.strerror(cause.errno)}; choose another --inbound"
             ) from err
+        if self._outbound is not None:
+            try:
+                await self._outbound.start()
+            except SidecarConfigError:
+                await self._proxy.stop(0)
+                raise
         self._watching = asyncio.create_task(self._watch.run())
 
     def ready_problem(self) -> str | None:
@@ -115,14 +147,21 @@ class BuiltinProxy:
     def describe(self) -> list[str]:
         labels = ",".join(f"{k}={v}" for k, v in sorted(self._settings.labels.items()))
         selecting = f"selecting {labels}" if labels else "without a selector (no --label)"
-        return [
+        lines = [
             f"inbound: mTLS {self.inbound_address} -> {self._settings.app} (HTTP; callers "
             f"judged by the AuthorizationPolicies {selecting})",
         ]
+        if self._outbound is not None:
+            lines.append(f"outbound: HTTP {self._outbound.bound} -> the mesh's Services by "
+                         "Host, over mTLS (routes, retries, timeouts and balancing of the "
+                         "mesh's view)")  # fmt: skip
+        return lines
 
     def stop_accepting(self) -> None:
         for listener in self._proxy.listeners:
             listener.stop_accepting()
+        if self._outbound is not None:
+            self._outbound.stop_accepting()
 
     async def stop(self, grace: float) -> None:
         if self._watching is not None:
@@ -130,11 +169,21 @@ class BuiltinProxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watching
             self._watching = None
-        await self._proxy.stop(grace)
+        if self._outbound is not None:
+            await asyncio.gather(self._proxy.stop(grace), self._outbound.stop(grace))
+        else:
+            await self._proxy.stop(grace)
+        await self._upstreams.close()
         await self.telemetry.close()
 
     def _apply(self, snapshot: MeshSnapshot) -> None:
         authorization = compile_authorization(snapshot.config, self._settings.labels)
+        if self._outbound is not None:
+            view = compile_view(snapshot.config, snapshot.catalog, self._identity)
+            self._balancers.update(view)  # before the routes that name its clusters
+            self._routes = OutboundRoutes(view)
+            self._upstreams.prune({endpoint.address for cluster in view.endpoints
+                                   for endpoint in cluster.endpoints})  # fmt: skip
         changed = self._judge is None or self._judge.authorization != authorization
         self._judge = MeshJudge(authorization, revision=snapshot.revision)
         self._inbound.set_policy(self._judge)

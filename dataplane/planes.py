@@ -1,8 +1,8 @@
 """The data planes ``tessera sidecar run --proxy NAME`` chooses between.
 
 A data plane carries the traffic of one sidecar: callers through the inbound mTLS
-listener to the app, each request judged by the mesh (and, later, the app's calls out
-through ``--outbound``). The sidecar around it gets the SVID, registers the app, serves
+listener to the app, each request judged by the mesh, and the app's calls out through
+``--outbound``, routed by the mesh. The sidecar around it gets the SVID, registers the app, serves
 ``/ready`` and stops it; everything that differs between planes is behind
 :class:`DataPlane`::
 
@@ -17,8 +17,7 @@ through ``--outbound``). The sidecar around it gets the SVID, registers the app,
     await plane.more_metrics()             # its own Prometheus text for /metrics
     plane.stop_accepting(); await plane.stop(grace=5.0)
 
-``builtin`` is the Python proxy of :mod:`dataplane.builtin` (``--outbound`` comes
-later; until then it is refused in one sentence). ``envoy`` is an Envoy the sidecar
+``builtin`` is the Python proxy of :mod:`dataplane.builtin`. ``envoy`` is an Envoy the sidecar
 supervises, configured by the agent over xDS (:mod:`dataplane.envoy_sidecar`); without
 the ``envoy`` extra installed, :meth:`DataPlaneKind.unavailable` says how to get it.
 """
@@ -116,10 +115,6 @@ class DataPlaneKind(Protocol):
 
 class _Builtin:
     def refusal(self, settings: SidecarSettings) -> str | None:
-        if settings.outbound is not None:
-            return ("--outbound is not supported by the built-in proxy yet: it serves "
-                    "callers through --inbound only; leave --outbound out, or run "
-                    "--proxy envoy")  # fmt: skip
         return None
 
     def unavailable(self) -> str | None:

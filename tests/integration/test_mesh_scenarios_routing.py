@@ -1,10 +1,11 @@
 """The mesh's scenarios, routing part: a weighted split, retries, a timeout and a rate limit
-between services, each through real Envoys configured by the agent.
+between services, each through real sidecars configured by the agent.
 
 One trust domain for the module, its Services applied once; each case starts the
 instances of its own Service, applies its own VirtualService, DestinationRule or
-RateLimit and deletes them when it ends. Callers go through an Envoy sidecar's
-``--outbound`` listener (``Host: split-service``) on one keep-alive connection:
+RateLimit and deletes them when it ends. Callers go through a sidecar's (Envoy's or
+the built-in proxy's) ``--outbound`` listener (``Host: split-service``) on one keep-alive
+connection:
 
     web       the caller of every case (spiffe://example.org/web)
     reports   a second caller, which the rate limit does not name
@@ -203,7 +204,7 @@ spec:
 """)  # fmt: skip
 
 
-@supported_by("envoy", case="a 90/10 split within ±4% over 1,000 requests")
+@supported_by("envoy", "builtin", case="a 90/10 split within ±4% over 1,000 requests")
 def test_a_90_10_split_sends_nine_requests_in_ten_to_v1(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
     scenario.instances(SPLIT, ("split-v1", "app=split", "version=v1"),
@@ -228,7 +229,7 @@ def _flaky_rules(marker: str, retries: str) -> str:
 """)  # fmt: skip
 
 
-@supported_by("envoy", case="retries: a flaky instance answers every request")
+@supported_by("envoy", "builtin", case="retries: a flaky instance answers every request")
 def test_retries_make_an_instance_failing_every_other_request_always_answer(
     plane: str, scenario: Scenario
 ) -> None:
@@ -259,7 +260,7 @@ SLOW_RULES = _virtual_service("slow-timeout", "slow-service", "timeout", """\
 """)  # fmt: skip
 
 
-@supported_by("envoy", case="a route timeout answers 504 before a slow app does")
+@supported_by("envoy", "builtin", case="a route timeout answers 504 before a slow app does")
 def test_a_route_timeout_answers_504_before_a_slow_app_does(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
     slow = scenario.instances(SLOW, ("slow-1", "app=slow"))["slow-1"]

@@ -20,7 +20,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -426,19 +425,13 @@ def test_an_inbound_address_in_use_is_refused_before_anything_is_registered(
     assert all(i["address"] != f"127.0.0.1:{port}" for i in instances(applied))
 
 
-@pytest.mark.parametrize(("flags", "sentence"), [
-    (["--outbound", "127.0.0.1:15001"],
-     "Error: --outbound is not supported by the built-in proxy yet: it serves callers "
-     "through --inbound only; leave --outbound out, or run --proxy envoy\n"),
-])  # fmt: skip
-def test_what_is_not_built_yet_is_refused_in_one_sentence(
-    flags: list[str], sentence: str, tmp_path: Path
+def test_an_outbound_address_in_use_is_refused_in_one_sentence(
+    applied: TrustDomain, healthy_app: App, start_sidecar: Any
 ) -> None:
-    result = subprocess.run(
-        [TESSERA, "sidecar", "run", "--service", "users-service", "--spiffe-id", USERS,
-         "--app", "127.0.0.1:8080", "--socket", str(tmp_path / "no-agent.sock"), *flags],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.endswith(sentence), result.stderr
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        sidecar = start_sidecar(healthy_app, "--outbound", f"127.0.0.1:{port}", ready=False)
+        assert sidecar.process.wait(timeout=DEADLINE) == 1
+    assert (f"Error: cannot listen on --outbound 127.0.0.1:{port}: Address already in use; "
+            "choose another --outbound\n") in sidecar.process.log()
 
