@@ -2,10 +2,10 @@
 between services, each through real sidecars configured by the agent.
 
 One trust domain for the module, its Services applied once; each case starts the
-instances of its own Service, applies its own VirtualService, DestinationRule or
-RateLimit and deletes them when it ends. Callers go through a sidecar's (Envoy's or
-the built-in proxy's) ``--outbound`` listener (``Host: split-service``) on one keep-alive
-connection:
+instances of its own Service on the plane it tests (stopped when it ends), applies its
+own VirtualService, DestinationRule or RateLimit and deletes them when it ends. Callers
+go through a sidecar's (Envoy's or the built-in proxy's) ``--outbound`` listener
+(``Host: split-service``) on one keep-alive connection:
 
     web       the caller of every case (spiffe://example.org/web)
     reports   a second caller, which the rate limit does not name
@@ -17,6 +17,7 @@ the caller's Envoy has its routes before it counts anything.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ class Scenario:
         self.start = start
         self.apps: list[App] = []
         self._callers: dict[str, Proxy] = {}
+        self._instances: list[Proxy] = []
 
     def caller(self, plane: str, spiffe_id: str) -> Proxy:
         """A sidecar of ``spiffe_id``'s Service with an ``--outbound`` listener, ready
@@ -103,18 +105,32 @@ class Scenario:
         self.apps.append(app)
         return app
 
-    def instances(self, spiffe_id: str, *instances: tuple[str, ...]) -> dict[str, App]:
-        """Start an app and its sidecar per ``(name, label, ...)`` as instances of
-        ``spiffe_id``'s Service, all at once; return the apps once all are healthy."""
+    def instances(
+        self, plane: str, spiffe_id: str, *instances: tuple[str, ...]
+    ) -> dict[str, App]:
+        """Start an app and its sidecar (on ``plane``) per ``(name, label, ...)`` as
+        instances of ``spiffe_id``'s Service, all at once; return the apps once all are
+        healthy. They stop when the case ends (:meth:`stop_instances`)."""
         started = []
         for name, *labels in instances:
             app = self.app(name)
-            proxy = self.start.sidecar(name, SERVICES[spiffe_id], spiffe_id, app, *labels)
+            proxy = self.start.sidecar(f"{name}-{plane}", SERVICES[spiffe_id], spiffe_id, app,
+                                       *labels, plane=plane)  # fmt: skip
+            self._instances.append(proxy)
             started.append((app, proxy))
         for _, proxy in started:
             proxy.wait_ready()
             healthy(self.domain, proxy.address)
         return {app.name: app for app, _ in started}
+
+
+    def stop_instances(self) -> None:
+        """Stop the instances of the case that ended (each deregisters as it stops)."""
+        for proxy in self._instances:
+            proxy.process.send_signal(signal.SIGTERM)
+        for proxy in self._instances:
+            proxy.process.wait(timeout=DEADLINE)
+        self._instances.clear()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +142,13 @@ def scenario(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> I
         finally:
             for app in running.apps:
                 app.stop()
+
+
+@pytest.fixture(autouse=True)
+def _instances_stopped(scenario: Scenario) -> Iterator[None]:
+    """A case's instances serve that case only: the next one's callers never reach them."""
+    yield
+    scenario.stop_instances()
 
 
 @contextlib.contextmanager
@@ -207,7 +230,7 @@ spec:
 @supported_by("envoy", "builtin", case="a 90/10 split within ±4% over 1,000 requests")
 def test_a_90_10_split_sends_nine_requests_in_ten_to_v1(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
-    scenario.instances(SPLIT, ("split-v1", "app=split", "version=v1"),
+    scenario.instances(plane, SPLIT, ("split-v1", "app=split", "version=v1"),
                        ("split-v2", "app=split", "version=v2"))  # fmt: skip
     with applied(scenario.domain, SPLIT_RULES), outbound(web, "split-service") as client:
         for version in ("split-v1", "split-v2"):  # both subsets have their instance
@@ -234,7 +257,7 @@ def test_retries_make_an_instance_failing_every_other_request_always_answer(
     plane: str, scenario: Scenario
 ) -> None:
     web = scenario.caller(plane, WEB)
-    flaky = scenario.instances(FLAKY, ("flaky-1", "app=flaky"))["flaky-1"]
+    flaky = scenario.instances(plane, FLAKY, ("flaky-1", "app=flaky"))["flaky-1"]
     flaky.behaviour.fail_every = 2  # every other request: 503
     with outbound(web, "flaky-service") as client:
         # Without retries (Tessera's default retries 503 twice), every other GET fails.
@@ -263,7 +286,7 @@ SLOW_RULES = _virtual_service("slow-timeout", "slow-service", "timeout", """\
 @supported_by("envoy", "builtin", case="a route timeout answers 504 before a slow app does")
 def test_a_route_timeout_answers_504_before_a_slow_app_does(plane: str, scenario: Scenario) -> None:
     web = scenario.caller(plane, WEB)
-    slow = scenario.instances(SLOW, ("slow-1", "app=slow"))["slow-1"]
+    slow = scenario.instances(plane, SLOW, ("slow-1", "app=slow"))["slow-1"]
     with applied(scenario.domain, SLOW_RULES), outbound(web, "slow-service") as client:
         routed(client, "timeout")
         slow.behaviour.delay = 10.0
@@ -285,12 +308,12 @@ spec:
 """
 
 
-@supported_by("envoy", case="a RateLimit answers 429 to the caller it names, only")
+@supported_by("envoy", "builtin", case="a RateLimit answers 429 to the caller it names, only")
 def test_a_rate_limit_answers_429_to_the_caller_it_names_only(
     plane: str, scenario: Scenario
 ) -> None:
     web, reports = scenario.caller(plane, WEB), scenario.caller(plane, REPORTS)
-    scenario.instances(LIMITED, ("limited-1", "app=limited"))
+    scenario.instances(plane, LIMITED, ("limited-1", "app=limited"))
     with outbound(web, "limited-service") as limited, \
             outbound(reports, "limited-service") as other:  # fmt: skip
         for client in (limited, other):  # both reach the instance before any limit
