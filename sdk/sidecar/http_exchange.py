@@ -187,6 +187,11 @@ class ConnectionState:
 class _AppFailed(Exception):
     """The app could not be reached or did not answer properly."""
 
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+        """No connection to the app at all (answered 503, as Envoy does; else 502)."""
+
 
 @dataclass
 class _Outcome:
@@ -333,7 +338,9 @@ class HttpExchange:
         except _AppFailed as err:
             _log.warning("%s: %s %s from %s: %s", self.listener, head.method, head.path,
                          self.peer_id, err)  # fmt: skip
-            if not self._response_started:
+            if not self._response_started and err.unreachable:
+                await self._answer(503, "the app behind this sidecar cannot be reached", False)
+            elif not self._response_started:
                 await self._answer(502, "the app behind this sidecar did not answer", False)
             return _Outcome(keep_alive=False)
 
@@ -391,7 +398,8 @@ class HttpExchange:
         except (OSError, TimeoutError) as err:
             reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
             self._app_failed("UF", "upstream_reset_before_response_started{connection_failure}")
-            raise _AppFailed(f"cannot reach the app at {self.forward}: {reason}") from err
+            raise _AppFailed(f"cannot reach the app at {self.forward}: {reason}",
+                             unreachable=True) from err
         return self._app
 
     async def _exchange(self, head: RequestHead, request: bytes, app: Stream) -> _Outcome:

@@ -446,7 +446,7 @@ def test_malformed_requests_are_answered_by_the_sidecar(
     assert app.requests == []
 
 
-def test_an_unreachable_app_is_a_502(
+def test_an_unreachable_app_is_a_503_as_envoy_answers_it(
     start: Any, ca: TestCA, api_source: StaticX509Source, caplog: pytest.LogCaptureFixture
 ) -> None:
     with socket.socket() as unused:
@@ -460,7 +460,7 @@ def test_an_unreachable_app_is_a_502(
         response = client.get(f"https://127.0.0.1:{proxy.port('in')}/api")
 
     assert (response.status_code, response.text) == (
-        502, "the app behind this sidecar did not answer\n")
+        503, "the app behind this sidecar cannot be reached\n")
     assert f"cannot reach the app at 127.0.0.1:{closed_port}" in caplog.text
 
 
