@@ -5,7 +5,8 @@ The inbound listener of ``tessera sidecar run --proxy builtin`` asks a judge
 AuthorizationPolicies that select the sidecar's labels, compiled by
 :func:`mesh.compile.compile_authorization`::
 
-    judge = MeshJudge(compile_authorization(config, {"app": "users"}), revision=7)
+    judge = MeshJudge(compile_authorization(config, {"app": "users"}), revision=7,
+                      rate_limits=limiter)   # a dataplane.ratelimit.RateLimiter, or None
     listener.set_policy(judge)            # the next requests of open connections too
     judge.decide(peer_id, "GET", "/api")  # Decision(allowed, rule, reason)
     judge.at_handshake().decide(peer_id)  # right after the TLS handshake
@@ -22,6 +23,12 @@ A decision's ``rule`` is the source of the rule that decided, e.g.
 ``AuthorizationPolicy users-allow-web spec.rules[0]``, or of the ALLOW policy that
 refused by default: the 403 and the ``tessera_sidecar_decisions_total`` metric name it.
 Until the first mesh snapshot, :data:`NOT_READY` refuses everyone, saying why.
+
+A request authorization allows then takes a token from each RateLimit of the Service
+that applies to its caller (:class:`~dataplane.ratelimit.RateLimiter`); one held back is
+refused with status 429 and ``x-envoy-ratelimited: true``, the decision's ``rule``
+naming the RateLimit (``RateLimit web-to-users spec``) and its reason the limit. A
+refused request takes no token, and neither does the judgement at the handshake.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Final
 
 from spiffe import SpiffeId
 
+from dataplane.ratelimit import RATE_LIMITED_HEADERS, RATE_LIMITED_STATUS, RateLimiter
 from mesh.request import HttpRequest
 from mesh.view import Authorization, AuthorizationRule
 from sdk.policy import Decision
@@ -62,11 +70,19 @@ NOT_READY: Final = NotReady()
 
 
 class MeshJudge:
-    """The AuthorizationPolicies of one mesh revision, for one sidecar's labels."""
+    """The AuthorizationPolicies of one mesh revision, for one sidecar's labels, and the
+    RateLimits of its Service (``rate_limits``, kept across revisions by the sidecar)."""
 
-    def __init__(self, authorization: Authorization, *, revision: int) -> None:
+    def __init__(
+        self,
+        authorization: Authorization,
+        *,
+        revision: int,
+        rate_limits: RateLimiter | None = None,
+    ) -> None:
         self.authorization = authorization
         self.revision = revision
+        self.rate_limits = rate_limits
 
     def decide(
         self, peer_id: SpiffeId, method: str | None = None, path: str | None = None
@@ -83,6 +99,13 @@ class MeshJudge:
         if not decision.allowed:
             _log.info("refused %s%s by %s (mesh revision %d): %s", caller, request,
                       decision.rule, self.revision, decided.reason)  # fmt: skip
+            return decision
+        limited = self.rate_limits.check(caller) if self.rate_limits is not None else None
+        if limited is not None:
+            return Decision(
+                False, str(limited.rule.source), limited.reason,
+                status=RATE_LIMITED_STATUS, headers=RATE_LIMITED_HEADERS,
+            )  # fmt: skip
         return decision
 
     def at_handshake(self) -> MeshJudge:

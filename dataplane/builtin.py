@@ -4,7 +4,8 @@ Inbound, the mTLS listener of :mod:`sdk.sidecar.proxy` in HTTP mode, in front of
 judged by the mesh: every snapshot from the agent's ``WatchMesh``
 (:mod:`dataplane.mesh_watch`) compiles the AuthorizationPolicies that select the
 sidecar's labels into a new :class:`~dataplane.authorization.MeshJudge`, which judges
-new connections and the next request of every open one. Nothing is restarted and no
+new connections and the next request of every open one (then the RateLimits of its
+Service take their tokens: :mod:`dataplane.ratelimit`). Nothing is restarted and no
 connection dropped; until the first snapshot every caller is refused with 403
 (:data:`~dataplane.authorization.NOT_READY`).
 
@@ -40,9 +41,10 @@ from dataplane.mesh_watch import MeshSnapshot, MeshWatch
 from dataplane.metrics import SidecarMetrics
 from dataplane.outbound import OUTBOUND, OutboundListener, OutboundRoutes
 from dataplane.planes import SidecarSettings
+from dataplane.ratelimit import RateLimiter
 from dataplane.telemetry import RequestTelemetry
 from dataplane.upstream import Upstreams
-from mesh.compile import compile_authorization, compile_view
+from mesh.compile import compile_authorization, compile_rate_limits, compile_view
 from mesh.proxy import SidecarProxy
 from sdk.address import HostPort
 from sdk.policy import Policy
@@ -92,6 +94,7 @@ class BuiltinProxy:
         self._watch = MeshWatch(socket=socket, on_snapshot=self._apply)
         self._watching: asyncio.Task[None] | None = None
         self._judge: MeshJudge | None = None
+        self._rate_limits = RateLimiter()  # its buckets live across mesh revisions
         self._identity = SidecarProxy(settings.service, str(settings.spiffe_id), settings.labels)
         self._routes: OutboundRoutes | None = None
         self._balancers = Balancers()
@@ -185,7 +188,9 @@ class BuiltinProxy:
             self._upstreams.prune({endpoint.address for cluster in view.endpoints
                                    for endpoint in cluster.endpoints})  # fmt: skip
         changed = self._judge is None or self._judge.authorization != authorization
-        self._judge = MeshJudge(authorization, revision=snapshot.revision)
+        self._rate_limits.update(compile_rate_limits(snapshot.config, self._settings.service))
+        self._judge = MeshJudge(authorization, revision=snapshot.revision,
+                                rate_limits=self._rate_limits)  # fmt: skip
         self._inbound.set_policy(self._judge)
         self._metrics.mesh_revision.set(snapshot.revision)
         if changed:

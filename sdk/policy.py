@@ -98,6 +98,10 @@ class Decision:
     """The name of the rule that decided, or ``default-deny`` / ``default-allow``."""
     reason: str
     """Why, in words fit for a log line or a 403 body."""
+    status: int = 403
+    """What a refused HTTP request is answered (429 for one a rate limit held back)."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Response fields added to that answer."""
 
 
 @dataclass(frozen=True)

@@ -339,13 +339,16 @@ def _response_body(request_method: str, status: int, headers: Headers) -> Body:
     return Body(BodyKind.UNTIL_CLOSE)
 
 
-def simple_response(status: int, text: str, *, keep_alive: bool) -> bytes:
+def simple_response(
+    status: int, text: str, *, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """A complete response with a short text body (the proxy's own answers: 403, 400, 502...)."""
     body = text.encode()
     reason = HTTPStatus(status).phrase
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers)
+        + "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n"
         "\r\n"

@@ -13,11 +13,12 @@ For every request on the connection (keep-alive and pipelining included):
    is answered 400/414/431/501/505 and the connection closed;
 2. the policy in effect at that request (``policy()``: a reload reaches open
    connections) decides with the caller's SPIFFE ID, the method and the
-   decoded path. A refusal is answered ``403`` with a text body naming the
-   rule and the reason (the connection stays open when the refused request's
-   body could be skipped). The policy is a :class:`~sdk.policy.Policy` or
-   another :class:`Judge` (``tessera sidecar run`` judges by the mesh's
-   AuthorizationPolicies);
+   decoded path. A refusal is answered ``403`` (or the decision's ``status``,
+   429 for a rate limit) with a text body naming the rule and the reason (the
+   connection stays open when the refused request's body could be skipped).
+   The policy is a :class:`~sdk.policy.Policy` or another :class:`Judge`
+   (``tessera sidecar run`` judges by the mesh's AuthorizationPolicies and
+   RateLimits);
 3. an allowed request goes to the app with ``X-Forwarded-Client-Spiffe-Id``
    and ``X-Forwarded-Client-Cert`` set by the sidecar; every field the client
    sent under either name, in any case and with ``_`` for ``-``
@@ -318,7 +319,12 @@ class HttpExchange:
             _log.exception("%s: telling of a request failed", self.listener)
 
     def _refused(self, decision: Decision) -> None:
-        if self._record is not None:
+        if self._record is None:
+            return
+        if decision.status == 429:  # as Envoy's local rate limit says it
+            self._record.response_flags = "RL"
+            self._record.response_code_details = "local_rate_limited"
+        else:
             self._record.response_code_details = (
                 f"rbac_access_denied_matched_policy[{decision.rule}]"
             )
@@ -348,7 +354,7 @@ class HttpExchange:
         self._refused(decision)
         message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
         keep_alive = head.keep_alive and await self._skip_body(head)
-        await self._answer(403, message, keep_alive)
+        await self._answer(decision.status, message, keep_alive, decision.headers)
         return _Outcome(keep_alive=keep_alive)
 
     async def _skip_body(self, head: RequestHead) -> bool:
@@ -479,10 +485,13 @@ class HttpExchange:
             if not record.response_code_details:
                 record.response_code_details = details
 
-    async def _answer(self, status: int, text: str, keep_alive: bool) -> None:
+    async def _answer(
+        self, status: int, text: str, keep_alive: bool, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self._answered(status, "local_reply")
         try:
-            self.client.write(simple_response(status, text + "\n", keep_alive=keep_alive))
+            response = simple_response(status, text + "\n", keep_alive=keep_alive, headers=headers)
+            self.client.write(response)
             await self.client.drain()
         except OSError:
             pass
