@@ -36,6 +36,7 @@ import os
 
 from dataplane.authorization import NOT_READY, MeshJudge
 from dataplane.balancing import Balancers
+from dataplane.builtin_metrics import BalancingCollector
 from dataplane.forwarding import Forwarder
 from dataplane.mesh_watch import MeshSnapshot, MeshWatch
 from dataplane.metrics import SidecarMetrics
@@ -98,6 +99,9 @@ class BuiltinProxy:
         self._identity = SidecarProxy(settings.service, str(settings.spiffe_id), settings.labels)
         self._routes: OutboundRoutes | None = None
         self._balancers = Balancers()
+        metrics.registry.register(
+            BalancingCollector(self._balancers.stats, self._rate_limits.limited_totals)
+        )
         self._upstreams = Upstreams(source)
         self._outbound: OutboundListener | None = None
         if settings.outbound is not None:

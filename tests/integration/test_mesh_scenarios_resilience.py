@@ -191,6 +191,17 @@ def envoy_samples(proxy: Proxy, name: str, cluster: str) -> float:
     raise AssertionError(f"no {name} for {cluster} in the sidecar's /metrics: {sorted(names)}")
 
 
+def builtin_samples(proxy: Proxy, name: str, cluster: str) -> dict[str, float]:
+    """A built-in sidecar's samples of ``name`` for ``cluster`` from its /metrics, by their
+    ``reason`` label ("" without one)."""
+    return {
+        sample.labels.get("reason", ""): float(sample.value)
+        for family in text_string_to_metric_families(proxy.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("cluster") == cluster
+    }
+
+
 def outbound_get(proxy: Proxy, path: str, host: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{proxy.ports['outbound']}{path}",
                      headers={"Host": host}, timeout=10)  # fmt: skip
@@ -241,7 +252,8 @@ class Requests:
         return self.seen()
 
 
-@supported_by("envoy", case="outlier detection ejects a crashed instance before any health check")
+@supported_by("envoy", "builtin",
+              case="outlier detection ejects a crashed instance before any health check")
 def test_a_crashed_instance_is_ejected_after_a_few_failures_before_any_health_check(
     plane: str, domain: TrustDomain, start: ProxyStarter, apps: Apps
 ) -> None:
@@ -285,11 +297,16 @@ def test_a_crashed_instance_is_ejected_after_a_few_failures_before_any_health_ch
     assert {status for status, _ in failures} == {503}, failures
     assert {app for _, app in answers[last_failure + 1 :]} == {"users-2"}
     assert len(after) >= 50
-    ejections = "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total"
-    assert envoy_samples(web, ejections, USERS_CLUSTER) == 1
-    assert (
-        envoy_samples(web, "envoy_cluster_outlier_detection_ejections_active", USERS_CLUSTER) == 1
-    )
+    if plane == "envoy":
+        ejections = "envoy_cluster_outlier_detection_ejections_enforced_consecutive_5xx_total"
+        assert envoy_samples(web, ejections, USERS_CLUSTER) == 1
+        active = "envoy_cluster_outlier_detection_ejections_active"
+        assert envoy_samples(web, active, USERS_CLUSTER) == 1
+    else:
+        ejections = builtin_samples(web, "tessera_sidecar_outlier_ejections_total", USERS_CLUSTER)
+        assert ejections == {"consecutive_5xx": 1, "consecutive_gateway": 0}, ejections
+        active = builtin_samples(web, "tessera_sidecar_outlier_ejections_active", USERS_CLUSTER)
+        assert active == {"": 1}, active
     # The health check (an hour apart) has not noticed: only outlier detection explains it.
     assert any(i["address"] == users[0].address and i["health"] == "healthy"
                for i in instances(domain))  # fmt: skip
