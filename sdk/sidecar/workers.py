@@ -171,15 +171,18 @@ class Supervisor:
         ready_timeout: float,
         on_event: Callable[[str], None] = print,
         clock: Callable[[], float] = time.monotonic,
+        delay: Callable[[int], float] = restart_delay,
     ) -> None:
         """``command``: how to start a worker, without its ``--worker INDEX``. ``on_event``
-        gets a line for a person at each start, exit and restart."""
+        gets a line for a person at each start, exit and restart; ``delay`` says how long to
+        wait before a restart (:func:`restart_delay`)."""
         self._command = list(command)
         self._workers = [_Worker(index) for index in range(count)]
         self._health = health
         self._ready_timeout = ready_timeout
         self._event = on_event
         self._clock = clock
+        self._delay = delay
         self._quick_deaths = 0
         self._stopping = False
         self._gave_up = False
@@ -285,7 +288,7 @@ class Supervisor:
                 self._gave_up = True
                 stop.set()
                 return
-            delay = restart_delay(self._quick_deaths)
+            delay = self._delay(self._quick_deaths)
             self._event(f"Worker {worker.index} (pid {worker.pid}) {how}; starting it again "
                         f"in {delay:.1f} s")  # fmt: skip
             with contextlib.suppress(TimeoutError):

@@ -192,3 +192,19 @@ def test_workers_fail_clearly_on_a_port_another_process_holds(
         assert "before it was ready" in log and "Traceback" not in log
     finally:
         taken.close()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(
+    domain: TrustDomain, app_port: int, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, app_port, inbound=free_port(), outbound=free_port(),
+                     health=free_port())  # fmt: skip
+    with processes() as start:
+        proxy = start("proxy", tessera_args("sidecar", "proxy", "--config", str(config),
+                                            "--workers", "2"),
+                      directory=tmp_path, env=domain.env())  # fmt: skip
+        match = proxy.wait_until(lambda: READY.search(proxy.log()), "ready with 2 workers")
+        pids = [int(match.group(1)), int(match.group(2))]
+        proxy.send_signal(signal.SIGKILL)
+        proxy.wait(timeout=10)
+        poll(lambda: not any(_alive(pid) for pid in pids) or None, 20, "every worker gone")

@@ -22,6 +22,7 @@ from sdk.sidecar.metrics import ProxyMetrics
 from sdk.sidecar.proxy import Proxy
 from sdk.sidecar.workers import (
     MAX_WORKERS,
+    QUICK_DEATHS_ALLOWED,
     RESTART_DELAY_MAX_SECONDS,
     Supervisor,
     check_fixed_ports,
@@ -178,3 +179,26 @@ def test_a_worker_that_exits_before_it_is_ready_stops_the_supervisor() -> None:
     assert status == 1
     assert any("exited with status 3 before it was ready" in line for line in events)
 
+
+
+def test_workers_that_keep_dying_are_restarted_then_given_up_on() -> None:
+    events: list[str] = []
+    delays: list[int] = []
+
+    def no_wait(quick_deaths: int) -> float:
+        delays.append(quick_deaths)
+        return 0.0
+
+    # Each worker says it is ready, then exits at once: a quick death every time.
+    supervisor = Supervisor(["sh", "-c", "echo ready -; exit 7", "--"], 1, health=None,
+                            ready_timeout=10, on_event=events.append,
+                            delay=no_wait)  # fmt: skip
+
+    async def run() -> int:
+        return await asyncio.wait_for(supervisor.run(asyncio.Event()), 30)
+
+    assert asyncio.run(run()) == 1
+    assert delays == list(range(1, QUICK_DEATHS_ALLOWED + 1))
+    assert sum("exited with status 7; starting it again" in e for e in events) == len(delays)
+    assert "giving up and stopping the others" in events[-1]
+    assert supervisor.metrics.restarts._value.get() == QUICK_DEATHS_ALLOWED
