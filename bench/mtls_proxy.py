@@ -27,6 +27,12 @@ connections. Every pair is two processes, one per side:
   outbound verifies the inbound's chain and its DNS SAN (``verify required
   verifyhost server.bench.test``; haproxy checks no URI SAN of a server).
 
+Each side also runs with two workers, one per core of a 2-CPU machine, beside
+haproxy with as many threads: the Tessera pair as two ``tessera sidecar proxy
+--workers 2`` (four worker processes, SO_REUSEPORT), the haproxy pair with
+``nbthread 2``. There the figure is the total rate (requests per wall second,
+all cores), with the rate per proxy CPU-second beside it.
+
 Requests per proxy CPU-second divides the requests wrk completed by the CPU
 seconds (user + system, all threads, /proc/<pid>/stat) both proxy processes
 spent during the run.
@@ -77,6 +83,8 @@ FULL = Sizes(seconds=6, connections=(1, 32))
 QUICK = Sizes(seconds=1, connections=(1, 32))
 
 PEERS = ("nginx", "haproxy")
+WORKERS = 2
+"""Workers (Tessera) and threads (haproxy) per side in the all-cores comparison."""
 
 
 def missing_tools() -> list[str]:
@@ -109,6 +117,9 @@ def run(quick: bool = False) -> list[Figure]:
                 measure("nginx", port, pids)
             with haproxy_pair(tmp / "haproxy", files, backend_port) as (port, pids):
                 measure("haproxy", port, pids)
+            with haproxy_pair(tmp / "haproxy-threads", files, backend_port,
+                              threads=WORKERS) as (port, pids):
+                measure("haproxy_threads", port, pids)
             with running_server(tmp / "server") as server, \
                     running_agent(server, tmp / "agent", alias=ALIAS) as agent:
                 server.create_entries([entry_body(f"spiffe://{TRUST_DOMAIN}/sidecar", ALIAS,
@@ -117,6 +128,9 @@ def run(quick: bool = False) -> list[Figure]:
                 with sidecar_pair(tmp, agent.socket_path, backend_port) as (port, pids), \
                         profiled(pids[1], "sidecar-inbound"):
                     measure("tessera", port, pids)
+                with sidecar_pair(tmp / "workers", agent.socket_path, backend_port,
+                                  workers=WORKERS) as (port, pids):
+                    measure("tessera_workers", port, pids)
     return _figures(loads, sizes)
 
 
@@ -127,6 +141,7 @@ def _figures(loads: dict[str, dict[int, WrkLoad]], sizes: Sizes) -> list[Figure]
         per = f"{c} connection{'s' if c > 1 else ''}"
         data = {f"{name}_{key}": value for name, by_count in loads.items()
                 for key, value in (("requests", by_count[c].requests),
+                                   ("per_wall_second", by_count[c].per_wall_second),
                                    ("cpu_seconds", by_count[c].cpu),
                                    ("per_cpu_second", by_count[c].per_cpu_second),
                                    ("p50_seconds", by_count[c].p50),
@@ -147,6 +162,17 @@ def _figures(loads: dict[str, dict[int, WrkLoad]], sizes: Sizes) -> list[Figure]
                 NAME, f"latency {label} through the pair, {per}", ms["tessera"], " ms",
                 ceiling="; ".join([*(f"{ms[peer]:.2f} ms {peer} pair" for peer in PEERS),
                                    f"{ms['direct']:.2f} ms direct"])))
+        workers, threads = loads["tessera_workers"][c], loads["haproxy_threads"][c]
+        figures.append(Figure(
+            NAME, f"requests per second, all cores, {WORKERS} workers a side, {per}",
+            workers.per_wall_second, "/s",
+            ceiling=f"{threads.per_wall_second:,.0f}/s haproxy pair (nbthread {WORKERS}); "
+                    f"per proxy CPU-second {workers.per_cpu_second:,.0f}/s against "
+                    f"{threads.per_cpu_second:,.0f}/s",
+            target=">= haproxy's", met=workers.per_wall_second >= threads.per_wall_second))
+        figures.append(Figure(
+            NAME, f"latency p99, {WORKERS} workers a side, {per}", workers.p99 * 1000, " ms",
+            ceiling=f"{threads.p99 * 1000:.2f} ms haproxy pair (nbthread {WORKERS})"))
     return figures
 
 
@@ -154,11 +180,13 @@ def _figures(loads: dict[str, dict[int, WrkLoad]], sizes: Sizes) -> list[Figure]
 
 
 @contextlib.contextmanager
-def sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
+def sidecar_pair(tmp: Path, socket_path: Path, backend_port: int, workers: int = 1
                  ) -> Iterator[tuple[int, list[int]]]:
     """Two ``tessera sidecar proxy`` processes with the agent's SVIDs (TCP, each accepting
-    any SPIFFE ID of the trust domain) in front of ``backend_port``; yields the outbound's
-    port and both pids."""
+    any SPIFFE ID of the trust domain) in front of ``backend_port``, each with ``workers``
+    workers; yields the outbound's port and the pids to meter (the outbound's first; with
+    workers, each supervisor's and its workers')."""
+    tmp.mkdir(parents=True, exist_ok=True)
     inbound_port, outbound_port = free_port(), free_port()
     inbound = tmp / "inbound.toml"
     inbound.write_text(
@@ -176,11 +204,20 @@ def sidecar_pair(tmp: Path, socket_path: Path, backend_port: int
             log = (tmp / f"{config.stem}.log").open("ab")
             process = subprocess.Popen(
                 [TESSERA, "sidecar", "proxy", "--config", str(config), "--socket",
-                 str(socket_path), "--log-level", "warning"],
+                 str(socket_path), "--log-level", "warning", "--workers", str(workers)],
                 stdout=log, stderr=subprocess.STDOUT)
             processes.append(process)
             wait_for_port(port, process, tmp / f"{config.stem}.log")
-        yield outbound_port, [processes[1].pid, processes[0].pid]
+            if workers > 1:
+                wait_for_text("Sidecar proxy is ready", process, tmp / f"{config.stem}.log")
+        pids = []
+        for process in (processes[1], processes[0]):
+            pids.append(process.pid)
+            if workers > 1:
+                pids += [int(pid) for pid in subprocess.run(
+                    ["pgrep", "-P", str(process.pid)], capture_output=True, text=True,
+                    check=False).stdout.split()]  # fmt: skip
+        yield outbound_port, pids
     finally:
         for process in processes:
             process.terminate()
@@ -294,8 +331,10 @@ def der_uri_pattern(uri: str) -> str:
 
 @contextlib.contextmanager
 def haproxy_pair(prefix: Path, files: dict[str, Path], backend: int,
-                 client_id: str = CLIENT_ID) -> Iterator[tuple[int, list[int]]]:
-    """Two haproxy processes (one thread each, TCP mode): the outbound and the inbound proxy.
+                 client_id: str = CLIENT_ID, threads: int = 1
+                 ) -> Iterator[tuple[int, list[int]]]:
+    """Two haproxy processes (``threads`` threads each, TCP mode): the outbound and the
+    inbound proxy.
     Yields the outbound's port and both pids. The outbound presents ``client.pem`` and
     verifies the inbound's chain and DNS name; the inbound presents ``server.pem``, requires
     a client certificate of ``bundle.pem`` and refuses any SPIFFE ID but ``client_id``."""
@@ -304,9 +343,9 @@ def haproxy_pair(prefix: Path, files: dict[str, Path], backend: int,
     for name in ("server", "client"):  # haproxy wants the certificate and its key in one file
         (prefix / f"{name}-with-key.pem").write_bytes(
             files[f"{name}.pem"].read_bytes() + files[f"{name}.key"].read_bytes())
-    common = """
+    common = f"""
         global
-            nbthread 1
+            nbthread {threads}
             maxconn 4096
         defaults
             mode tcp
@@ -350,6 +389,15 @@ def _haproxy(prefix: Path, port: int, config: str) -> Iterator[int]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def wait_for_text(text: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``text`` is in ``log``; RuntimeError if the process exits or 60 s pass first."""
+    deadline = time.monotonic() + 60
+    while text not in (written := log.read_text(errors="replace") if log.exists() else ""):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no {text!r} in {log}:\n{written[-2000:]}")
+        time.sleep(0.05)
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:

@@ -108,10 +108,14 @@ class Proxy:
         policy_check_seconds: float = POLICY_CHECK_SECONDS,
         judges: Mapping[str, Judge] | None = None,
         observers: Mapping[str, RequestObserver] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """``judges``: by listener name, what judges an inbound listener instead of its
         ``policy``; ``observers``: by listener name, what an HTTP inbound listener tells of
-        every request (``tessera sidecar run``'s telemetry)."""
+        every request (``tessera sidecar run``'s telemetry). ``reuse_port``: bind every
+        listener with ``SO_REUSEPORT``, so that other processes of this user (the workers
+        of ``--workers``) can listen on the same addresses and the kernel spreads the
+        connections among them."""
         self.config = config
         self._policy_check_seconds = policy_check_seconds
         self._policy_watch: asyncio.Task[None] | None = None
@@ -128,6 +132,7 @@ class Proxy:
         no_identity: Callable[[], str | None] = getattr(source, "no_identity", _always_held)
         for listener in self.listeners:
             listener.no_identity = no_identity
+            listener.reuse_port = reuse_port
         self._started = False
 
     async def start(self) -> None:
@@ -231,6 +236,8 @@ class _Listener:
     listen: HostPort
     no_identity: Callable[[], str | None] = staticmethod(_always_held)
     """Why the sidecar holds no SVID now, or None: checked for every new connection."""
+    reuse_port = False
+    """Listen with ``SO_REUSEPORT`` (``Proxy(reuse_port=True)``)."""
 
     def __init__(self, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
@@ -253,7 +260,8 @@ class _Listener:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                self._protocol, self.listen.host, self.listen.port, reuse_address=True
+                self._protocol, self.listen.host, self.listen.port, reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
         except OSError as err:
             raise self._cannot_listen(err) from err
@@ -438,7 +446,7 @@ class InboundListener(_Listener):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self._sockets = await _listening_sockets(self.listen)
+            self._sockets = await _listening_sockets(self.listen, reuse_port=self.reuse_port)
         except OSError as err:
             raise self._cannot_listen(err) from err
         self._accepting = [loop.create_task(self._accept(sock)) for sock in self._sockets]
@@ -640,9 +648,11 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _listening_sockets(address: HostPort) -> list[socket.socket]:
+async def _listening_sockets(address: HostPort, *, reuse_port: bool = False
+                             ) -> list[socket.socket]:
     """Non-blocking sockets listening on every address ``address`` names (as
-    ``loop.create_server`` binds them); OSError if one cannot be bound (none stays open)."""
+    ``loop.create_server`` binds them), with ``SO_REUSEPORT`` if ``reuse_port``; OSError if
+    one cannot be bound (none stays open)."""
     loop = asyncio.get_running_loop()
     host = address.host or None
     infos = await loop.getaddrinfo(host, address.port, type=socket.SOCK_STREAM,
@@ -653,6 +663,8 @@ async def _listening_sockets(address: HostPort) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # Linux: only sockets of the same effective uid share the address
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
