@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,dev]'
+	# xds-protos carries an older copy of opentelemetry-proto's modules, which the OTLP
+	# exporter cannot import: whichever pip installed last wins, so the newer one goes last.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps "opentelemetry-proto==$$($(BIN)/python \
+		-c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 up: $(STAMP)

@@ -20,6 +20,10 @@ one in effect, so a change reaches open connections at their next request::
     await plane.configured.wait()
     ...
     await plane.stop(grace=5.0)
+
+Every request through the inbound is counted, logged and traced
+(:mod:`dataplane.telemetry`): the access log where ``TESSERA_ACCESS_LOG`` says (stdout,
+``off`` or an absolute path), spans to ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set.
 """
 
 from __future__ import annotations
@@ -74,7 +78,14 @@ class BuiltinProxy:
             protocol=ListenerProtocol.HTTP,
         )  # fmt: skip
         config = ProxyConfig(source="tessera sidecar run", inbound=(inbound,))
-        self._proxy = Proxy(config, source, metrics=metrics, judges={INBOUND: NOT_READY})
+        self.telemetry = RequestTelemetry.from_environment(metrics.registry,
+                                                           service_name=settings.service)
+        observer = self.telemetry.inbound(
+            INBOUND, destination_service=settings.service,
+            upstream_cluster=f"inbound|{settings.app.port}||{settings.service}",
+        )  # fmt: skip
+        self._proxy = Proxy(config, source, metrics=metrics, judges={INBOUND: NOT_READY},
+                            observers={INBOUND: observer})  # fmt: skip
         listener = self._proxy.listeners[0]
         assert isinstance(listener, InboundListener)
         self._inbound = listener
@@ -83,7 +94,6 @@ class BuiltinProxy:
         self._judge: MeshJudge | None = None
         self._identity = SidecarProxy(settings.service, str(settings.spiffe_id), settings.labels)
         self._routes: OutboundRoutes | None = None
-        self.telemetry = RequestTelemetry(None, access_log=None)
         self._balancers = Balancers()
         self._upstreams = Upstreams(source)
         self._outbound: OutboundListener | None = None
@@ -163,6 +173,7 @@ class BuiltinProxy:
         else:
             await self._proxy.stop(grace)
         await self._upstreams.close()
+        await self.telemetry.close()
 
     def _apply(self, snapshot: MeshSnapshot) -> None:
         authorization = compile_authorization(snapshot.config, self._settings.labels)

@@ -27,6 +27,11 @@ For every request on the connection (keep-alive and pipelining included):
    100-continue`` works; ``101 Switching Protocols`` makes the connection a
    tunnel (WebSocket).
 
+With an ``observer`` (:class:`RequestObserver`), every request answered is reported
+once, as an :class:`ExchangeRecord` (status, bytes, duration, why refused), and the
+request goes to the app with the ``traceparent`` the observer gives (the caller's trace
+continued, or a new one) in place of the caller's.
+
 The app connection is opened at the first allowed request and kept while
 both sides keep the connection alive. If the app closed an idle connection,
 a request without a body is sent again on a new one.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -62,8 +68,11 @@ __all__ = [
     "IDLE_TIMEOUT_SECONDS",
     "SPIFFE_ID_HEADER",
     "ConnectionState",
+    "ExchangeRecord",
     "HttpExchange",
     "Judge",
+    "RequestObserver",
+    "TraceContext",
     "reserved_identity_header",
 ]
 
@@ -111,6 +120,61 @@ class Judge(Protocol):
 
 
 @dataclass
+class ExchangeRecord:
+    """One request as an HTTP listener answered it, for its :class:`RequestObserver`."""
+
+    peer_id: SpiffeId | None
+    source_address: str
+    start_time: float
+    """Wall-clock seconds since the epoch when the request head had been read."""
+    method: str
+    path: str
+    authority: str | None
+    protocol: str
+    request_id: str | None = None
+    status: int = 0
+    """The status answered (0: none, the connection ended first)."""
+    duration: float = 0.0
+    """Seconds from the request head to the last byte of the response."""
+    forwarded: bool = False
+    """The request went to the app (``upstream_host``)."""
+    upstream_host: str | None = None
+    response_flags: str = "-"
+    """As Envoy's: ``UF`` the app could not be reached, ``UC`` its connection failed,
+    ``DC`` the caller went away."""
+    response_code_details: str = ""
+    """As Envoy's: ``via_upstream``, ``rbac_access_denied_matched_policy[RULE]``..."""
+    bytes_received: int = 0
+    """Bytes read from the caller for this request (its head included)."""
+    bytes_sent: int = 0
+    """Bytes written to the caller for this request (the response head included)."""
+
+
+class TraceContext(Protocol):
+    @property
+    def traceparent(self) -> str:
+        """The ``traceparent`` the request goes to the app with."""
+        ...
+
+
+class RequestObserver(Protocol):
+    """Told of every request an HTTP listener answers (``dataplane.telemetry`` counts, logs
+    and traces them)."""
+
+    def start(self, traceparent: str | None) -> TraceContext:
+        """The request's trace, from the caller's ``traceparent`` (None: none, or several)."""
+        ...
+
+    def finish(self, exchange: ExchangeRecord, trace: TraceContext | None) -> None:
+        """The request was answered (or its connection ended); called once per request."""
+        ...
+
+
+def _identity_or_traceparent(name: str) -> bool:
+    return reserved_identity_header(name) or name.lower() == "traceparent"
+
+
+@dataclass
 class ConnectionState:
     """What a listener needs to know about a connection to shut down gracefully."""
 
@@ -142,6 +206,7 @@ class HttpExchange:
         decided: Callable[[Decision], None],
         listener: str,
         state: ConnectionState | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.client = client
         self.peer_id = peer_id
@@ -153,6 +218,12 @@ class HttpExchange:
         self.state = state or ConnectionState()
         self._app: Stream | None = None
         self._response_started = False
+        self.observer = observer
+        self._record: ExchangeRecord | None = None
+        """The request in hand, while an observer is told of each."""
+        self._traceparent: str | None = None
+        self._read_before = 0
+        self._written_before = 0
 
     async def run(self) -> None:
         try:
@@ -171,12 +242,22 @@ class HttpExchange:
     async def refuse(self, decision: Decision) -> None:
         """The caller itself is refused: read its first request head, answer ``403`` with the
         rule and the reason, and close (the request goes nowhere)."""
+        head = None
         with contextlib.suppress(HttpError, TimeoutError, OSError, asyncio.IncompleteReadError):
-            await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+            head = await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
         message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
-        await self._answer(403, message, keep_alive=False)
+        if self.observer is None or head is None:
+            await self._answer(403, message, keep_alive=False)
+            return
+        trace, started = self._begin(head, self.observer)
+        try:
+            self._refused(decision)
+            await self._answer(403, message, keep_alive=False)
+        finally:
+            self._end(self.observer, trace, started)
 
     async def _next_request(self) -> RequestHead | None:
+        self._read_before = self.client.bytes_read
         self.state.idle = True
         try:
             return await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
@@ -189,6 +270,60 @@ class HttpExchange:
             self.state.idle = False
 
     async def _handle(self, head: RequestHead) -> _Outcome:
+        observer = self.observer
+        if observer is None:
+            return await self._judge_and_pass(head)
+        trace, started = self._begin(head, observer)
+        try:
+            return await self._judge_and_pass(head)
+        finally:
+            self._end(observer, trace, started)
+
+    def _begin(self, head: RequestHead, observer: RequestObserver) -> tuple[TraceContext, float]:
+        """Start telling ``observer`` of the request ``head``: its trace, and when it began."""
+        started = time.perf_counter()
+        given = head.values("traceparent")
+        trace = observer.start(given[0] if len(given) == 1 else None)
+        self._traceparent = trace.traceparent
+        authority = head.values("host")
+        request_id = head.values("x-request-id")
+        self._record = ExchangeRecord(
+            peer_id=self.peer_id, source_address=self.client.peer, start_time=time.time(),
+            method=head.method, path=head.path, authority=authority[0] if authority else None,
+            protocol=head.version, request_id=request_id[0] if request_id else None,
+            bytes_received=self.client.bytes_read - self._read_before,
+        )  # fmt: skip
+        self._written_before = self.client.bytes_written
+        return trace, started
+
+    def _end(self, observer: RequestObserver, trace: TraceContext, started: float) -> None:
+        record, self._record, self._traceparent = self._record, None, None
+        if record is None:
+            return
+        record.duration = time.perf_counter() - started
+        record.bytes_received += self.client.bytes_read - self._read_before
+        record.bytes_sent = self.client.bytes_written - self._written_before
+        if not record.status:
+            record.response_flags = "DC"
+            record.response_code_details = (record.response_code_details
+                                            or "downstream_remote_disconnect")  # fmt: skip
+        try:
+            observer.finish(record, trace)
+        except Exception:  # a fault in telemetry must not fail the request
+            _log.exception("%s: telling of a request failed", self.listener)
+
+    def _refused(self, decision: Decision) -> None:
+        if self._record is not None:
+            self._record.response_code_details = (
+                f"rbac_access_denied_matched_policy[{decision.rule}]"
+            )
+
+    def _app_failed(self, flags: str, details: str) -> None:
+        if self._record is not None:
+            self._record.response_flags = flags
+            self._record.response_code_details = details
+
+    async def _judge_and_pass(self, head: RequestHead) -> _Outcome:
         decision = self.policy().decide(self.peer_id, method=head.method, path=head.path)
         self.decided(decision)
         if not decision.allowed:
@@ -203,6 +338,7 @@ class HttpExchange:
             return _Outcome(keep_alive=False)
 
     async def _refuse(self, head: RequestHead, decision: Decision) -> _Outcome:
+        self._refused(decision)
         message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
         keep_alive = head.keep_alive and await self._skip_body(head)
         await self._answer(403, message, keep_alive)
@@ -223,7 +359,12 @@ class HttpExchange:
         return True
 
     async def _pass_on(self, head: RequestHead) -> _Outcome:
-        request = head.serialize(remove=reserved_identity_header, add=self.identity_headers)
+        if self._traceparent is None:
+            request = head.serialize(remove=reserved_identity_header, add=self.identity_headers)
+        else:
+            request = head.serialize(remove=_identity_or_traceparent,
+                                     add=[*self.identity_headers,
+                                          ("traceparent", self._traceparent)])  # fmt: skip
         reusing = self._app is not None and not self._app.at_eof()
         app = self._app if reusing and self._app is not None else await self._open_app()
         try:
@@ -249,10 +390,15 @@ class HttpExchange:
             self._app = await Stream.connect(self.forward, timeout=CONNECT_TIMEOUT_SECONDS)
         except (OSError, TimeoutError) as err:
             reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+            self._app_failed("UF", "upstream_reset_before_response_started{connection_failure}")
             raise _AppFailed(f"cannot reach the app at {self.forward}: {reason}") from err
         return self._app
 
     async def _exchange(self, head: RequestHead, request: bytes, app: Stream) -> _Outcome:
+        if self._record is not None:
+            self._record.forwarded = True
+            self._record.upstream_host = str(self.forward)
+            self._app_failed("-", "")
         try:
             app.write(request)
         except OSError as err:
@@ -296,9 +442,14 @@ class HttpExchange:
             try:
                 response = await read_response_head(app, head.method)
             except HttpError as err:
+                self._app_failed("UC", "upstream_reset_before_response_started{protocol_error}")
                 raise _AppFailed(err.message) from err
             except OSError as err:
+                self._app_failed("UC", "upstream_reset_before_response_started"
+                                 "{connection_termination}")  # fmt: skip
                 raise _AppFailed(f"the connection to the app failed: {err}") from err
+            if response.status >= 200 or response.status == 101:
+                self._answered(response.status, "via_upstream")
             self.client.write(response.raw)
             self._response_started = True
             await self.client.drain()
@@ -309,10 +460,19 @@ class HttpExchange:
             try:
                 await copy_body(app, self.client, response.body, status=502)
             except HttpError as err:
+                self._app_failed("UC", "upstream_reset_after_response_started")
                 raise _AppFailed(err.message) from err
             return _Outcome(keep_alive=response.keep_alive and head.keep_alive)
 
+    def _answered(self, status: int, details: str) -> None:
+        record = self._record
+        if record is not None:
+            record.status = status
+            if not record.response_code_details:
+                record.response_code_details = details
+
     async def _answer(self, status: int, text: str, keep_alive: bool) -> None:
+        self._answered(status, "local_reply")
         try:
             self.client.write(simple_response(status, text + "\n", keep_alive=keep_alive))
             await self.client.drain()

@@ -75,6 +75,7 @@ from sdk.sidecar.http_exchange import (
     ConnectionState,
     HttpExchange,
     Judge,
+    RequestObserver,
 )
 from sdk.sidecar.metrics import ProxyMetrics
 from sdk.sidecar.streams import STREAM_LIMIT, Stream, splice
@@ -106,16 +107,20 @@ class Proxy:
         metrics: ProxyMetrics | None = None,
         policy_check_seconds: float = POLICY_CHECK_SECONDS,
         judges: Mapping[str, Judge] | None = None,
+        observers: Mapping[str, RequestObserver] | None = None,
     ) -> None:
         """``judges``: by listener name, what judges an inbound listener instead of its
-        ``policy``."""
+        ``policy``; ``observers``: by listener name, what an HTTP inbound listener tells of
+        every request (``tessera sidecar run``'s telemetry)."""
         self.config = config
         self._policy_check_seconds = policy_check_seconds
         self._policy_watch: asyncio.Task[None] | None = None
         self.metrics = metrics or ProxyMetrics()
         judges = judges or {}
+        observers = observers or {}
         self.listeners: list[_Listener] = [
-            *(InboundListener(c, source, self.metrics, judge=judges.get(c.name))
+            *(InboundListener(c, source, self.metrics, judge=judges.get(c.name),
+                              observer=observers.get(c.name))
               for c in config.inbound),
             *(OutboundListener(c, source, self.metrics) for c in config.outbound),
         ]
@@ -378,6 +383,7 @@ class InboundListener(_Listener):
         metrics: ProxyMetrics,
         *,
         judge: Judge | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.name = config.name
         self.listen = config.listen
@@ -391,6 +397,7 @@ class InboundListener(_Listener):
         replaced by :meth:`set_policy`."""
         self._policy_stamp = _file_stamp(config.policy_file) if config.policy_file else None
         self._source = source
+        self._observer = observer
         self._http = config.protocol is ListenerProtocol.HTTP
         # TCP: the policy judges the peer in the handshake. HTTP: after it, so that a refused
         # caller can be told why in a 403 (the handshake still requires a valid SVID).
@@ -539,6 +546,7 @@ class InboundListener(_Listener):
             decided=self._request_decided,
             listener=self.name,
             state=state,
+            observer=self._observer,
         )
         decision = self._decide_connection(peer_id)
         if decision.allowed:

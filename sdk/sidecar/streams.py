@@ -60,6 +60,10 @@ class Stream:
         self.writer = writer
         self._on_read = on_read
         self._on_write = on_write
+        self.bytes_read = 0
+        """Bytes read through :meth:`readuntil`, :meth:`readexactly` and :meth:`read`."""
+        self.bytes_written = 0
+        """Bytes written through :meth:`write`."""
 
     @classmethod
     async def connect(cls, address: HostPort, *, timeout: float) -> Stream:
@@ -80,16 +84,19 @@ class Stream:
 
     async def readuntil(self, separator: bytes) -> bytes:
         data = await self.reader.readuntil(separator)
+        self.bytes_read += len(data)
         self._on_read(len(data))
         return data
 
     async def readexactly(self, n: int) -> bytes:
         data = await self.reader.readexactly(n)
+        self.bytes_read += len(data)
         self._on_read(len(data))
         return data
 
     async def read(self, n: int) -> bytes:
         data = await self.reader.read(n)
+        self.bytes_read += len(data)
         self._on_read(len(data))
         return data
 
@@ -101,6 +108,7 @@ class Stream:
         return self.reader.at_eof()
 
     def write(self, data: bytes) -> None:
+        self.bytes_written += len(data)
         self._on_write(len(data))
         self.writer.write(data)
 

@@ -9,10 +9,10 @@ them (``tessera sidecar run --proxy envoy``, ``tessera gateway run``).
         healthy(domain, sidecar.address)                     # in tessera mesh services
         gateway = start.gateway("gateway", GATEWAY, offset=free_port() - 80)
 
-An :class:`App` answers every request with JSON naming the app, the path and the caller's
-SPIFFE ID as its sidecar wrote it; a test changes its behaviour between requests with
-:attr:`App.behaviour` (fail every other request, answer slowly, a status) and reads what
-it served from :attr:`App.served`.
+An :class:`App` answers every request with JSON naming the app, the path, the caller's
+SPIFFE ID as its sidecar wrote it and the ``traceparent`` it was sent; a test changes its
+behaviour between requests with :attr:`App.behaviour` (fail every other request, answer
+slowly, a status) and reads what it served from :attr:`App.served`.
 
 The scenario suite runs each case against each data plane: mark a case
 :func:`supported_by` the planes that do it, take ``plane`` as an argument, and start its
@@ -162,6 +162,7 @@ class AppHandler(BaseHTTPRequestHandler):
         self._answer(behaviour.failure_status if failing else 200, {
             "app": self.server.name, "path": self.path, "number": number,
             "caller": self.headers.get_all("X-Forwarded-Client-Spiffe-Id"),
+            "traceparent": self.headers.get("traceparent"),
         })  # fmt: skip
 
     do_POST = do_DELETE = do_PUT = do_GET
@@ -203,9 +204,10 @@ class Proxy:
         return found
 
     def access_log(self, listener: str) -> list[dict[str, Any]]:
-        """The JSON access log lines of ``listener`` in an Envoy proxy's log (``tessera.envoy``)."""
+        """The JSON access log lines of ``listener`` in an Envoy proxy's log (``tessera.envoy``)
+        or on a built-in proxy's stdout."""
         lines = []
-        for line in self.process.log().splitlines():
+        for line in (self.process.log() + "\n" + self.process.stdout()).splitlines():
             start = line.find('{"')
             if start < 0:
                 continue
