@@ -63,6 +63,7 @@ import httpx
 from bench.deployment import (
     TESSERA,
     TRUST_DOMAIN,
+    Agent,
     entry_body,
     free_port,
     running_agent,
@@ -221,25 +222,7 @@ def run(quick: bool = False) -> list[Figure]:
                 measure("nginx", port, pids)
             with haproxy_pair(tmp / "haproxy", files, backend) as (port, pids):
                 measure("haproxy", port, pids)
-            with (
-                running_server(tmp / "server") as server,
-                running_agent(server, tmp / "agent", alias=ALIAS) as agent,
-            ):
-                subprocess.run(
-                    [TESSERA, "mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir)],
-                    input=MESH.encode(),
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
-                uid = [f"unix:uid:{os.getuid()}"]
-                server.create_entries(
-                    [
-                        entry_body(spiffe_id, ALIAS, uid)
-                        for spiffe_id in (BUILTIN_ID, SERVER_ID, CLIENT_ID)
-                    ]
-                )
-                agent.wait_for_svids(3, timeout=30)
+            with mesh_deployment(tmp) as agent:
                 svids = {
                     spiffe_id: svid_files(
                         agent.socket_path, spiffe_id, tmp / "svids" / spiffe_id.rsplit("/", 1)[1]
@@ -260,6 +243,29 @@ def run(quick: bool = False) -> list[Figure]:
                 with sidecar_pair(tmp, agent.socket_path, backend) as (port, pids):
                     measure("builtin", port, pids)
     return figures(loads, sizes, agent_cpu, connections, per_side)
+
+
+@contextlib.contextmanager
+def mesh_deployment(tmp: Path) -> Iterator[Agent]:
+    """A server and an agent with :data:`MESH` applied and this uid's SVIDs (the TCP
+    built-in pair's, the users-service's and the client's) issued."""
+    with (
+        running_server(tmp / "server") as server,
+        running_agent(server, tmp / "agent", alias=ALIAS) as agent,
+    ):
+        subprocess.run(
+            [TESSERA, "mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir)],
+            input=MESH.encode(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        uid = [f"unix:uid:{os.getuid()}"]
+        server.create_entries(
+            [entry_body(spiffe_id, ALIAS, uid) for spiffe_id in (BUILTIN_ID, SERVER_ID, CLIENT_ID)]
+        )
+        agent.wait_for_svids(3, timeout=30)
+        yield agent
 
 
 def figures(
