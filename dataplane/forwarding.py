@@ -674,9 +674,8 @@ class Forwarder:
         self, exchange: Exchange, stream: Stream, *, streamed: bool
     ) -> ResponseHead:
         while True:
-            response = await asyncio.wait_for(
-                read_response_head(stream, exchange.head.method), STREAM_IDLE_TIMEOUT
-            )
+            async with asyncio.timeout(STREAM_IDLE_TIMEOUT):  # no task, unlike wait_for
+                response = await read_response_head(stream, exchange.head.method)
             if response.status == 101:
                 raise HttpError(502, "the upstream switched protocols, which the outbound "
                                 "listener does not carry")  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Final
 
@@ -103,9 +104,9 @@ class OutboundListener:
                 limit=STREAM_LIMIT, reuse_address=True,
             )  # fmt: skip
         except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
             raise SidecarConfigError(
-                f"cannot listen on --outbound {self.listen}: {err.strerror or err}; choose "
-                "another --outbound"
+                f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
             ) from err
 
     def stop_accepting(self) -> None:
@@ -154,7 +155,8 @@ class OutboundListener:
         while not self._stopping:
             idle[0] = True
             try:
-                head = await asyncio.wait_for(read_request_head(client), IDLE_TIMEOUT_SECONDS)
+                async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):  # no task, unlike wait_for
+                    head = await read_request_head(client)
             except TimeoutError:
                 return
             except HttpError as err:
