@@ -6,6 +6,7 @@ Envoy pair with the same features, and the haproxy, nginx and built-in pairs of
     wrk --> backend                                                          (direct)
     wrk --> Envoy outbound --mTLS, HTTP/2--> Envoy inbound --> backend       (Tessera: ADS/SDS)
     wrk --> Envoy outbound --mTLS, HTTP/2--> Envoy inbound --> backend       (static config)
+    wrk --> built-in outbound --mTLS, HTTP/1.1--> built-in inbound --> backend  (the agent's)
     wrk --> nginx | haproxy | tessera sidecar proxy pair --> backend         (bench.mtls_proxy)
 
 wrk sends ``Host: users-service`` to every path. The backend is the nginx of
@@ -24,9 +25,20 @@ wrk sends ``Host: users-service`` to every path. The backend is the nginx of
   by the outbound, the same RBAC allowing only ``spiffe://bench.test/client`` on the
   inbound, the same JSON access log line per request to stdout on both sides, HTTP/2
   between the proxies over one mTLS connection.
+- **The built-in HTTP pair** is two ``tessera sidecar run --proxy builtin`` processes
+  started as users start them (HTTP/1.1 between them over kept-alive mTLS connections),
+  against the same agent and the same mesh configuration as Tessera's Envoys: the
+  ``bench-client`` sidecar's ``--outbound`` routes by Host to the ``users-service``
+  instance (which its sidecar registers itself), whose inbound lets only the client's
+  SPIFFE ID in and forwards to the backend; each writes its JSON access log line per
+  request to stdout (the bench sends it to a file). Its figures sit beside Tessera's
+  Envoy pair's, as ratios: the built-in proxy's target in HTTP mode is at least the
+  Envoy pair's requests per CPU-second, at a p99 within 1.5x of Envoy's.
 
 With ``TESSERA_BENCH_ENVOY_DUMPS=DIR`` each Envoy's ``/config_dump`` is written to DIR,
-to compare what the two pairs run.
+to compare what the two pairs run. With ``TESSERA_BENCH_PROFILE=DIR`` (and ``py-spy``
+installed) both built-in sidecars are sampled during the run at the most connections,
+into DIR/builtin_http-outbound.txt and DIR/builtin_http-inbound.txt (collapsed stacks).
 
     python bench/run.py --only envoy_pair
 """
@@ -51,13 +63,14 @@ import httpx
 from bench.deployment import (
     TESSERA,
     TRUST_DOMAIN,
+    Agent,
     entry_body,
     free_port,
     running_agent,
     running_server,
 )
 from bench.handshakes import write_certificates
-from bench.machine import ProcessMeter
+from bench.machine import ProcessMeter, profiled
 from bench.mtls_proxy import (
     ALIAS,
     FULL,
@@ -87,8 +100,11 @@ CLIENT_SERVICE = "bench-client"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/users"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
 BUILTIN_ID = f"spiffe://{TRUST_DOMAIN}/sidecar"
-PAIRS = ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin")
-"""Every pair measured, Tessera's Envoys first; ``direct`` is measured too."""
+PAIRS = ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin", "builtin_http")
+"""Every pair measured, Tessera's Envoys first; ``direct`` is measured too. ``builtin`` is
+the TCP pair of ``tessera sidecar proxy``, ``builtin_http`` the HTTP pair of ``tessera
+sidecar run --proxy builtin``."""
+STOP_DEADLINE = 30.0
 READY_DEADLINE = 60.0
 
 
@@ -167,20 +183,28 @@ def run(quick: bool = False) -> list[Figure]:
         backend = free_port()
 
         def measure(
-            name: str, port: int, pids: Sequence[int], control_plane: int | None = None
+            name: str,
+            port: int,
+            pids: Sequence[int],
+            control_plane: int | None = None,
+            profile: bool = False,
         ) -> None:
             loads[name] = {}
             for c in sizes.connections:
                 meter = ProcessMeter(control_plane) if control_plane else None
                 sides = [ProcessMeter(pid) for pid in pids]
-                load = loads[name][c] = run_wrk(
-                    f"http://127.0.0.1:{port}/",
-                    connections=c,
-                    seconds=sizes.seconds,
-                    pids=pids,
-                    script=script,
-                    warm_up=warm_up,
-                )
+                with contextlib.ExitStack() as profiles:
+                    if profile and c == sizes.connections[-1]:
+                        for pid, side in zip(pids, ("outbound", "inbound"), strict=True):
+                            profiles.enter_context(profiled(pid, f"{name}-{side}"))
+                    load = loads[name][c] = run_wrk(
+                        f"http://127.0.0.1:{port}/",
+                        connections=c,
+                        seconds=sizes.seconds,
+                        pids=pids,
+                        script=script,
+                        warm_up=warm_up,
+                    )
                 if meter is not None:
                     agent_cpu[c] = meter.cpu_seconds()
                 # Each side's share of the pair's CPU (warm-up included), applied to the
@@ -198,25 +222,7 @@ def run(quick: bool = False) -> list[Figure]:
                 measure("nginx", port, pids)
             with haproxy_pair(tmp / "haproxy", files, backend) as (port, pids):
                 measure("haproxy", port, pids)
-            with (
-                running_server(tmp / "server") as server,
-                running_agent(server, tmp / "agent", alias=ALIAS) as agent,
-            ):
-                subprocess.run(
-                    [TESSERA, "mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir)],
-                    input=MESH.encode(),
-                    check=True,
-                    capture_output=True,
-                    timeout=60,
-                )
-                uid = [f"unix:uid:{os.getuid()}"]
-                server.create_entries(
-                    [
-                        entry_body(spiffe_id, ALIAS, uid)
-                        for spiffe_id in (BUILTIN_ID, SERVER_ID, CLIENT_ID)
-                    ]
-                )
-                agent.wait_for_svids(3, timeout=30)
+            with mesh_deployment(tmp) as agent:
                 svids = {
                     spiffe_id: svid_files(
                         agent.socket_path, spiffe_id, tmp / "svids" / spiffe_id.rsplit("/", 1)[1]
@@ -229,9 +235,37 @@ def run(quick: bool = False) -> list[Figure]:
                 with tessera_envoy_pair(envoy, tmp / "tessera", agent.socket_path, backend) as pair:
                     measure("tessera_envoy", pair.port, pair.pids, control_plane=agent.pid)
                     connections["tessera_envoy"] = pair.upstream_connections()
+                with builtin_http_pair(tmp / "builtin_http", agent.socket_path, backend) as (
+                    port,
+                    pids,
+                ):
+                    measure("builtin_http", port, pids, profile=True)
                 with sidecar_pair(tmp, agent.socket_path, backend) as (port, pids):
                     measure("builtin", port, pids)
     return figures(loads, sizes, agent_cpu, connections, per_side)
+
+
+@contextlib.contextmanager
+def mesh_deployment(tmp: Path) -> Iterator[Agent]:
+    """A server and an agent with :data:`MESH` applied and this uid's SVIDs (the TCP
+    built-in pair's, the users-service's and the client's) issued."""
+    with (
+        running_server(tmp / "server") as server,
+        running_agent(server, tmp / "agent", alias=ALIAS) as agent,
+    ):
+        subprocess.run(
+            [TESSERA, "mesh", "apply", "-f", "-", "--data-dir", str(server.data_dir)],
+            input=MESH.encode(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        uid = [f"unix:uid:{os.getuid()}"]
+        server.create_entries(
+            [entry_body(spiffe_id, ALIAS, uid) for spiffe_id in (BUILTIN_ID, SERVER_ID, CLIENT_ID)]
+        )
+        agent.wait_for_svids(3, timeout=30)
+        yield agent
 
 
 def figures(
@@ -329,11 +363,54 @@ def figures(
                     ),
                 )
             )
+        result += builtin_http_figures(loads, c, per)
     return result
 
 
-def _ratio(value: float, other: float) -> str:
-    return f"{value / other:.2f}x" if other > 0 else "-"
+def builtin_http_figures(
+    loads: Mapping[str, Mapping[int, WrkLoad]], c: int, per: str
+) -> list[Figure]:
+    """The built-in HTTP pair at ``c`` connections beside Tessera's Envoy pair: its
+    requests per proxy CPU-second (target: at least the Envoy pair's) and its p99
+    (target: within 1.5x of the Envoy pair's)."""
+    builtin, envoy, direct = loads["builtin_http"][c], loads["tessera_envoy"][c], loads["direct"][c]
+    rate = builtin.per_cpu_second / envoy.per_cpu_second
+    p99 = builtin.p99 / envoy.p99
+    # Added over direct, when both pairs' p99 are above direct's (a noisy direct run's
+    # can be higher).
+    added = _ratio(builtin.p99 - direct.p99, envoy.p99 - direct.p99, builtin.p99 > direct.p99)
+    data = {"builtin_http_per_cpu_second_ratio": rate, "builtin_http_p99_ratio": p99}
+    return [
+        Figure(
+            NAME,
+            f"built-in HTTP pair: requests per proxy CPU-second, {per}",
+            builtin.per_cpu_second,
+            "/s",
+            ceiling=f"{envoy.per_cpu_second:,.0f}/s Tessera's Envoy pair ({rate:.2f}x)",
+            target=">= 1.00x Tessera's Envoy pair",
+            met=rate >= 1.0,
+            data=data,
+            note="two `tessera sidecar run --proxy builtin`: routing by Host, mTLS, the "
+            "mesh's AuthorizationPolicy on the inbound, a JSON access log line per request "
+            f"on each side; {builtin.per_wall_second:,.0f} requests/s wall "
+            f"(Envoy pair {envoy.per_wall_second:,.0f}/s)",
+        ),
+        Figure(
+            NAME,
+            f"built-in HTTP pair: p99, {per}",
+            builtin.p99 * 1000,
+            " ms",
+            ceiling=f"{envoy.p99 * 1000:.2f} ms Tessera's Envoy pair ({p99:.2f}x; "
+            f"added over direct {added})",
+            target="<= 1.5x Tessera's Envoy pair",
+            met=p99 <= 1.5,
+            data=data,
+        ),
+    ]
+
+
+def _ratio(value: float, other: float, meaningful: bool = True) -> str:
+    return f"{value / other:.2f}x" if other > 0 and meaningful else "-"
 
 
 # -- the SVIDs as files ----------------------------------------------------------------------
@@ -515,6 +592,63 @@ def _registered(registration: InstanceRegistration) -> Iterator[None]:
         loop.call_soon_threadsafe(task.cancel)
         thread.join(timeout=10)
         loop.close()
+
+
+# -- the built-in HTTP pair -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def builtin_http_pair(
+    prefix: Path, socket_path: Path, backend: int
+) -> Iterator[tuple[int, list[int]]]:
+    """``tessera sidecar run --proxy builtin`` twice, as users start them: the
+    ``users-service`` instance's sidecar in front of ``backend`` (it registers itself
+    through the agent, labelled ``app=users`` for the AuthorizationPolicy), and a
+    ``bench-client`` sidecar whose ``--outbound`` routes to it by Host. Yields the
+    outbound's port and both pids (outbound first), once a request through the pair is
+    answered 200. Each one's stdout (the access log) goes to ``prefix/NAME.access.log``,
+    its stderr to ``prefix/NAME.log``."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    outbound = free_port()
+    sides = {
+        "inbound": [
+            "--service", SERVICE, "--spiffe-id", SERVER_ID, "--label", "app=users",
+            "--inbound", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{backend}",
+        ],
+        "outbound": [
+            "--service", CLIENT_SERVICE, "--spiffe-id", CLIENT_ID, "--label", "app=client",
+            "--inbound", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{backend}",
+            "--outbound", f"127.0.0.1:{outbound}",
+        ],
+    }  # fmt: skip
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for side, args in sides.items():
+            with (
+                (prefix / f"{side}.access.log").open("ab") as access_log,
+                (prefix / f"{side}.log").open("ab") as log,
+            ):
+                processes[side] = subprocess.Popen(
+                    [
+                        TESSERA, "sidecar", "run", "--proxy", "builtin", *args,
+                        "--socket", str(socket_path), "--health-bind", f"127.0.0.1:{free_port()}",
+                        "--log-level", "warning",
+                    ],
+                    stdout=access_log,
+                    stderr=log,
+                )  # fmt: skip
+        wait_for_port(outbound, processes["outbound"], prefix / "outbound.log")
+        wait_for_answer(outbound, [prefix / "inbound.log", prefix / "outbound.log"])
+        yield outbound, [processes["outbound"].pid, processes["inbound"].pid]
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 # -- the hand-written static Envoy pair ------------------------------------------------------

@@ -18,7 +18,14 @@ import httpx
 import pytest
 
 from bench.deployment import free_port
-from bench.envoy_pair import CLIENT_ID, SERVER_ID, SERVICE, static_envoy_pair
+from bench.envoy_pair import (
+    CLIENT_ID,
+    SERVER_ID,
+    SERVICE,
+    builtin_http_pair,
+    mesh_deployment,
+    static_envoy_pair,
+)
 from bench.handshakes import write_certificates
 from bench.mtls_proxy import haproxy_pair, nginx_backend, nginx_pair
 from dataplane.envoy.binary import find_envoy
@@ -180,10 +187,15 @@ def test_the_envoy_pairs_run_and_print_their_figures(tmp_path: Path) -> None:
         missing_service(outcome["skipped"])
     measures = [figure["measure"] for figure in outcome["figures"]]
     assert measures == [
-        f"Envoy pair: {measure}, {per}"
+        measure
         for per in ("1 connection", "32 connections")
-        for measure in ("requests per proxy CPU-second", "p50 added over direct",
-                        "p99 added over direct")
+        for measure in (
+            f"Envoy pair: requests per proxy CPU-second, {per}",
+            f"Envoy pair: p50 added over direct, {per}",
+            f"Envoy pair: p99 added over direct, {per}",
+            f"built-in HTTP pair: requests per proxy CPU-second, {per}",
+            f"built-in HTTP pair: p99, {per}",
+        )
     ]  # fmt: skip
     for measure in measures:
         assert measure in run.stdout
@@ -191,11 +203,38 @@ def test_the_envoy_pairs_run_and_print_their_figures(tmp_path: Path) -> None:
     for pair in ("tessera_envoy", "static_envoy"):  # HTTP/2 between the proxies, nothing else
         assert data[f"{pair}_upstream_http1_connections"] == 0, data
         assert data[f"{pair}_upstream_http2_connections"] >= 1, data
-    for pair in ("direct", "tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
+    pairs = ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin", "builtin_http")
+    for pair in ("direct", *pairs):
         assert data[f"{pair}_requests"] > 0, pair
-    for pair in ("tessera_envoy", "static_envoy", "haproxy", "nginx", "builtin"):
+    for pair in pairs:
         for side in ("outbound", "inbound"):
             assert data[f"{pair}_{side}_cpu_us_per_request"] > 0, (pair, side)
+    # The built-in HTTP pair's figures are its own beside the Envoy pair's, as ratios.
+    builtin = outcome["figures"][3]
+    assert builtin["data"]["builtin_http_per_cpu_second_ratio"] == pytest.approx(
+        data["builtin_http_per_cpu_second"] / data["tessera_envoy_per_cpu_second"])
+    assert builtin["value"] == data["builtin_http_per_cpu_second"]
+
+
+@pytest.mark.timeout(120)
+def test_the_built_in_http_pair_routes_by_host_and_logs_each_request(
+    tmp_path: Path, backend: int
+) -> None:
+    with mesh_deployment(tmp_path) as agent, builtin_http_pair(
+            tmp_path / "builtin_http", agent.socket_path, backend) as (port, pids):
+        answer = _through_envoy(port)
+        unknown = httpx.get(f"http://127.0.0.1:{port}/", headers={"host": "elsewhere"},
+                            timeout=10)
+    assert (answer.status_code, answer.text) == (200, "ok from the backend\n")
+    assert unknown.status_code == 404
+    assert len(pids) == 2
+    # Each sidecar's stdout, its access log, went to a file: the request on both sides,
+    # the callee's line naming the caller's SPIFFE ID.
+    logs = {side: [json.loads(line) for line in
+                   (tmp_path / "builtin_http" / f"{side}.access.log").read_text().splitlines()]
+            for side in ("outbound", "inbound")}  # fmt: skip
+    assert {line["authority"] for line in logs["outbound"]} >= {SERVICE, "elsewhere"}
+    assert {line["source"] for line in logs["inbound"]} == {CLIENT_ID}
 
 
 def _as_svids(files: dict[str, Path], server: str, client: str) -> dict[str, dict[str, Path]]:
