@@ -121,6 +121,33 @@ def test_the_access_log_has_envoys_fields_and_a_line_per_request() -> None:
         "rbac_access_denied_matched_policy[AuthorizationPolicy deny-all spec.rules[0]]")
 
 
+def test_a_line_escapes_what_json_must_and_each_second_has_its_own_stamp() -> None:
+    out = io.StringIO()
+    telemetry = RequestTelemetry(access_log=out)
+    odd = '/a"b\\c\x01d\tré\u2028'  # a quote, a backslash, control characters, non-ASCII
+    telemetry.finish(record(path=odd, authority='h"\\', request_id="\x7f\n",
+                            route='VirtualService "x" spec.http[0]'))
+    telemetry.finish(record(start_time=1_700_000_001.999, method="", path=""))
+    telemetry.finish(record(start_time=1_700_000_001.0004))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.isascii() for line in lines)
+    first, second, third = (json.loads(line) for line in lines)
+    assert (first["path"], first["authority"], first["request_id"], first["route"]) == (
+        odd, 'h"\\', "\x7f\n", 'VirtualService "x" spec.http[0]')
+    assert second["start_time"] == "2023-11-14T22:13:21.999Z"
+    assert second["method"] is None and second["path"] is None
+    assert third["start_time"] == "2023-11-14T22:13:21.000Z"
+
+
+def test_new_trace_and_span_ids_are_hex_of_their_length_and_differ() -> None:
+    telemetry = RequestTelemetry()
+    traces = [telemetry.start(None) for _ in range(1000)]
+    traces += [telemetry.start(f"00-{TRACE}-{PARENT}-01") for _ in range(1000)]
+    assert all(parse_traceparent(trace.traceparent) is not None for trace in traces)
+    assert len({trace.trace_id for trace in traces[:1000]}) == 1000
+    assert len({trace.span_id for trace in traces}) == 2000
+
+
 def test_access_log_settings(tmp_path: Path) -> None:
     assert open_access_log("off") is None
     path = tmp_path / "access.log"
