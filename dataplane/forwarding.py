@@ -114,8 +114,9 @@ _HOP_BY_HOP: Final = frozenset({
     "traceparent", "host",
 })  # fmt: skip
 """Request fields not passed on as they came (``host`` and ``traceparent`` are set anew)."""
+_HOP_BY_HOP_AND_BODY: Final = _HOP_BY_HOP | {"content-length", "transfer-encoding"}
+"""The same, for a body the proxy buffered (sent with a Content-Length of its own)."""
 _RESPONSE_HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection"})
-_BODY_FIELDS: Final = frozenset({"content-length", "transfer-encoding"})
 _GRPC_STATUS: Final = {"cancelled": "1", "deadline-exceeded": "4", "resource-exhausted": "8",
                        "unavailable": "14", "internal": "13"}  # fmt: skip
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -241,16 +242,25 @@ def _request_head(
 ) -> bytes:
     """The head as the upstream gets it; ``body_length``: the buffered body's (its
     Content-Length, the framing fields dropped), None to pass the framing on."""
+    dropped = _HOP_BY_HOP if body_length is None else _HOP_BY_HOP_AND_BODY
+    if not operations:  # the usual case: straight to the text, in the same order
+        text = (f"{head.method} {path} HTTP/1.1\r\nhost: {authority}\r\n"
+                f"traceparent: {traceparent}\r\n")  # fmt: skip
+        text += "".join([f"{name}: {value}\r\n" for name, value in head.headers
+                         if name.lower() not in dropped])  # fmt: skip
+        if body_length is None:
+            if head.expects_continue:
+                text += "expect: 100-continue\r\n"
+        elif head.body.kind is not BodyKind.NONE:
+            text += f"content-length: {body_length}\r\n"
+        return (text + "\r\n").encode("latin-1")
     fields = [("traceparent", traceparent)]
+    fields += [item for item in head.headers if item[0].lower() not in dropped]
     if body_length is None:
-        fields += [item for item in head.headers if item[0].lower() not in _HOP_BY_HOP]
         if head.expects_continue:
             fields.append(("expect", "100-continue"))
-    else:
-        fields += [item for item in head.headers
-                   if (name := item[0].lower()) not in _HOP_BY_HOP and name not in _BODY_FIELDS]
-        if head.body.kind is not BodyKind.NONE:  # fmt: skip
-            fields.append(("content-length", str(body_length)))
+    elif head.body.kind is not BodyKind.NONE:
+        fields.append(("content-length", str(body_length)))
     for operation in operations:
         _rewrite_fields(fields, operation.request)
     lines = [f"{head.method} {path} HTTP/1.1", f"host: {authority}"]
@@ -261,6 +271,10 @@ def _request_head(
 def _response_head(
     response: ResponseHead, operations: Sequence[HeaderOperations], keep_alive: bool
 ) -> bytes:
+    if not operations and keep_alive and not any(
+        name.lower() in _RESPONSE_HOP_BY_HOP for name, _ in response.headers
+    ):  # nothing to change: the head as the upstream sent it
+        return response.raw
     status_line = response.raw.partition(b"\r\n")[0].decode("latin-1")
     fields = [item for item in response.headers if item[0].lower() not in _RESPONSE_HOP_BY_HOP]
     for operation in operations:
@@ -388,11 +402,17 @@ class Forwarder:
         self, listener: str, client: Stream, head: RequestHead, *, source_ip: str | None
     ) -> Exchange:
         """A request just read: its trace started, its clock running."""
-        traceparent = next((v for n, v in head.headers if n.lower() == "traceparent"), None)
-        authority = next((v for n, v in head.headers if n.lower() == "host"), "")
+        traceparent: str | None = None
+        authority: str | None = None
+        for name, value in head.headers:  # one pass, the first of each
+            if len(name) == 4:
+                if authority is None and name.lower() == "host":
+                    authority = value
+            elif len(name) == 11 and traceparent is None and name.lower() == "traceparent":
+                traceparent = value
         return Exchange(
             listener, client, head, source_ip, self.telemetry.start(traceparent),
-            time.time(), time.monotonic(), authority,
+            time.time(), time.monotonic(), authority or "",
         )  # fmt: skip
 
     async def respond(
@@ -423,9 +443,12 @@ class Forwarder:
         self._finish(exchange, status)
         return keep_alive
 
-    async def forward(self, exchange: Exchange, route: Route, request: HttpRequest) -> bool:
+    async def forward(
+        self, exchange: Exchange, route: Route, request: HttpRequest | None = None
+    ) -> bool:
         """Carry out ``route`` for the request (``request``: its head as the routes read
-        it); whether the client connection may go on."""
+        it, None to have it made only if the route needs it: a redirect, a rewrite);
+        whether the client connection may go on."""
         exchange.route = str(route.source)
         operations = (route.headers,) if route.headers is not None else ()
         action = route.action
@@ -435,6 +458,7 @@ class Forwarder:
                                       details="direct_response",
                                       operations=operations)  # fmt: skip
         if isinstance(action, Redirect):
+            request = request or _http_request(exchange.head)
             location = _redirect_location(action, request, exchange.authority)
             return await self.respond(exchange, action.code, "", details="redirect",
                                       operations=operations,
@@ -464,14 +488,18 @@ class Forwarder:
                 exchange, 503, f"no cluster {destination.cluster} in the mesh's view\n",
                 flags="NC", details="cluster_not_found", operations=operations,
             )  # fmt: skip
-        upstream = route.rewrite_request(request, route.match(request)) if (
-            route.rewrite is not None) else request  # fmt: skip
-        authority = upstream.header("host") or exchange.authority
+        if route.rewrite is not None:
+            request = request or _http_request(exchange.head)
+            upstream = route.rewrite_request(request, route.match(request))
+            path, authority = upstream.path, upstream.header("host") or exchange.authority
+        else:  # the request's own (what HttpRequest.path and its Host would say)
+            path, authority = exchange.head.target, exchange.authority
         timeout = route.timeout.duration if route.timeout is not None else None
         try:
-            async with asyncio.timeout(timeout.total_seconds() if timeout else None):
-                return await self._send(exchange, state, route, operations, upstream.path,
-                                        authority)  # fmt: skip
+            if not timeout:  # no timer to arm and cancel for each request
+                return await self._send(exchange, state, route, operations, path, authority)
+            async with asyncio.timeout(timeout.total_seconds()):
+                return await self._send(exchange, state, route, operations, path, authority)
         except TimeoutError:  # the route's (each try's own is handled in _try)
             exchange.flag("UT")
             return await self._timed_out(exchange, operations)
@@ -606,19 +634,12 @@ class Forwarder:
         per_try: float | None,
     ) -> _Try:
         attempt = _Try(cluster, endpoint)
-        connection = self.upstreams.idle(cluster, endpoint)
         try:
-            async with asyncio.timeout(per_try):
-                if connection is None:
-                    connection = await self.upstreams.connect(cluster, endpoint)
-                attempt.connection = connection
-                response = await self._exchange(exchange, attempt, connection, request, body)
-                if response is None and connection.reused and body == b"":
-                    # The upstream closed the kept-alive connection while it was idle.
-                    self.upstreams.discard(connection)
-                    connection = await self.upstreams.connect(cluster, endpoint)
-                    attempt.connection = connection
-                    response = await self._exchange(exchange, attempt, connection, request, body)
+            if per_try is None:  # no timer to arm and cancel for each request
+                response = await self._connect_and_send(exchange, attempt, request, body)
+            else:
+                async with asyncio.timeout(per_try):
+                    response = await self._connect_and_send(exchange, attempt, request, body)
         except ConnectFailed as err:
             attempt.failure, attempt.reason = Failure.CONNECT, err.reason
             return attempt
@@ -632,6 +653,8 @@ class Forwarder:
         except BaseException:
             self._discard(attempt)
             raise
+        connection = attempt.connection
+        assert connection is not None
         exchange.upstream_peer = connection.peer
         if response is None:
             attempt.failure = Failure.RESET
@@ -639,6 +662,23 @@ class Forwarder:
             self._discard(attempt)
         attempt.response = response
         return attempt
+
+    async def _connect_and_send(
+        self, exchange: Exchange, attempt: _Try, request: bytes, body: bytes | None
+    ) -> ResponseHead | None:
+        cluster, endpoint = attempt.cluster, attempt.endpoint
+        connection = self.upstreams.idle(cluster, endpoint)
+        if connection is None:
+            connection = await self.upstreams.connect(cluster, endpoint)
+        attempt.connection = connection
+        response = await self._exchange(exchange, attempt, connection, request, body)
+        if response is None and connection.reused and body == b"":
+            # The upstream closed the kept-alive connection while it was idle.
+            self.upstreams.discard(connection)
+            connection = await self.upstreams.connect(cluster, endpoint)
+            attempt.connection = connection
+            response = await self._exchange(exchange, attempt, connection, request, body)
+        return response
 
     async def _exchange(
         self,
@@ -786,11 +826,20 @@ class Forwarder:
         status = response.status
         exchange.response_started = True
         counter = _Counter(client)
+        body = response.body
         try:
-            client.write(data)
-            exchange.bytes_sent += len(data)
-            await copy_body(connection.stream, counter, response.body, status=502)
-            exchange.bytes_sent += counter.total
+            if body.kind is BodyKind.LENGTH and body.length <= MAX_BUFFERED_BODY:
+                # A short body (usually there already) goes out with the head in one write.
+                if body.length:
+                    data += await _read_upstream_body(connection.stream, body.length)
+                client.write(data)
+                exchange.bytes_sent += len(data)
+                await client.drain()
+            else:
+                client.write(data)
+                exchange.bytes_sent += len(data)
+                await copy_body(connection.stream, counter, body, status=502)
+                exchange.bytes_sent += counter.total
         except HttpError as err:
             exchange.flag("UPE")
             exchange.details = err.message
@@ -866,6 +915,22 @@ class Forwarder:
             return False
         exchange.bytes_received += head.body.length
         return True
+
+
+async def _read_upstream_body(stream: Stream, length: int) -> bytes:
+    """A response body of ``length`` bytes; HttpError(502), as :func:`copy_body` says it,
+    if the upstream ends it early."""
+    try:
+        return await stream.readexactly(length)
+    except asyncio.IncompleteReadError as err:
+        raise HttpError(502, f"the body ended {length - len(err.partial)} bytes before its "
+                        "Content-Length") from err  # fmt: skip
+
+
+def _http_request(head: RequestHead) -> HttpRequest:
+    """The request as routes read it (made only for a route that needs it)."""
+    authority = next((v for n, v in head.headers if n.lower() == "host"), "")
+    return HttpRequest(head.method, head.target, dict(head.headers), split_host(authority)[1])
 
 
 class _Counter:

@@ -30,7 +30,7 @@ from typing import Final
 from dataplane.forwarding import Forwarder
 from mesh.hosts import service_name
 from mesh.request import HttpRequest, split_host
-from mesh.view import OutboundService, View
+from mesh.view import OutboundService, Route, View
 from sdk.address import HostPort
 from sdk.sidecar.errors import HttpError, SidecarConfigError
 from sdk.sidecar.http import RequestHead, read_request_head, simple_response
@@ -188,8 +188,13 @@ class OutboundListener:
                 "users-service:80) as the Host\n", flags="NR", details="route_not_found",
             )  # fmt: skip
         exchange.destination_service = service.service
-        request = HttpRequest(head.method, head.target, dict(head.headers), port)
-        route = service.route_for(request)
+        routes_of = service.routes
+        request: HttpRequest | None = None
+        if routes_of and not routes_of[0].matches:  # it takes every request: nothing to read
+            route: Route | None = routes_of[0]
+        else:
+            request = HttpRequest(head.method, head.target, dict(head.headers), port)
+            route = service.route_for(request)
         if route is None:
             return await forwarder.respond(
                 exchange, 404, f"no route of {service.source} takes {head.method} "

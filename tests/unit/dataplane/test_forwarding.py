@@ -3,13 +3,16 @@ calls, how a split divides requests, and which requests are tried again."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
 import pytest
 
-from dataplane.forwarding import (
+from dataplane.forwarding import (  # the heads' helpers too: their short paths
     Failure,
+    _request_head,
+    _response_head,
     choose_destination,
     may_repeat,
     retry_backoff,
@@ -17,7 +20,15 @@ from dataplane.forwarding import (
 )
 from dataplane.outbound import OutboundRoutes
 from mesh import SidecarProxy, compile_view
-from mesh.view import Forward, RetryPolicy, Source, WeightedDestination
+from mesh.view import (
+    Forward,
+    HeaderOperations,
+    HeaderRewrite,
+    RetryPolicy,
+    Source,
+    WeightedDestination,
+)
+from sdk.sidecar.http import RequestHead, ResponseHead, read_request_head, read_response_head
 from tests.unit.mesh.meshes import ORDERS, everything
 
 SOURCE = Source("VirtualService", "test", "spec.http[0]")
@@ -146,3 +157,63 @@ def test_the_backoff_is_jittered_and_capped() -> None:
     assert max(first) > 0.02
     assert all(0 <= retry_backoff(10, rng) < 0.25 for _ in range(200))
 
+
+
+# -- heads --------------------------------------------------------------------------------
+
+NO_CHANGE = HeaderOperations(HeaderRewrite(), HeaderRewrite(), SOURCE)
+"""Header operations that change nothing: the general path, to compare the short one with."""
+
+
+def reader_of(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+def request_head(data: bytes) -> RequestHead:
+    async def read() -> RequestHead | None:
+        return await read_request_head(reader_of(data))
+
+    head = asyncio.run(read())
+    assert head is not None
+    return head
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /a?b=1 HTTP/1.1\r\nHost: users\r\nAccept: */*\r\nConnection: keep-alive\r\n"
+    b"Traceparent: 00-x\r\nX-Request-Id: r1\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nhost: users\r\ncontent-length: 3\r\nTE: trailers\r\n\r\n",
+    b"PUT /p HTTP/1.1\r\nHost: users\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+])  # fmt: skip
+@pytest.mark.parametrize("body_length", [None, 3])
+def test_a_request_head_without_header_operations_is_the_general_paths(
+    data: bytes, body_length: int | None
+) -> None:
+    head = request_head(data)
+    args = (head, "/x?y", "users:80")
+    short = _request_head(*args, (), "00-t-s-01", body_length)
+    assert short == _request_head(*args, (NO_CHANGE,), "00-t-s-01", body_length)
+    assert short.startswith(b"GET /x?y HTTP/1.1\r\nhost: users:80\r\ntraceparent: 00-t-s-01\r\n"
+                            .replace(b"GET", head.method.encode()))  # fmt: skip
+    assert b"onnection" not in short and b"00-x" not in short
+
+
+def response_head(data: bytes) -> ResponseHead:
+    async def read() -> ResponseHead:
+        return await read_response_head(reader_of(data), "GET")
+
+    return asyncio.run(read())
+
+
+def test_a_response_head_is_passed_on_as_sent_unless_something_changes() -> None:
+    plain = response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A:  b\r\n\r\n")
+    assert _response_head(plain, (), keep_alive=True) == plain.raw
+    closing = _response_head(plain, (), keep_alive=False)
+    assert closing == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\nconnection: close\r\n\r\n"
+    hop = response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
+    assert _response_head(hop, (), keep_alive=True) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    assert _response_head(plain, (NO_CHANGE,), keep_alive=True) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\n")
