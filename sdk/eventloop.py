@@ -1,9 +1,10 @@
 """The event loop every long-running Tessera process runs on.
 
-The server, the agent and ``tessera sidecar proxy`` run on uvloop when it is
-installed (a dependency on Linux); ``tessera sidecar run`` on asyncio's own
-loop (the grpc.aio it uses runs there). ``TESSERA_EVENT_LOOP`` (``auto``, ``uvloop`` or
-``asyncio``) overrides the choice for any process::
+The server, the agent, ``tessera sidecar proxy`` and ``tessera sidecar run --proxy
+builtin`` run on uvloop when it is installed (a dependency on Linux; grpc.aio works on
+it); ``tessera sidecar run --proxy envoy``, which only supervises Envoy, on asyncio's own
+loop. ``TESSERA_EVENT_LOOP`` (``auto``, ``uvloop`` or ``asyncio``) overrides the choice
+for any process::
 
     eventloop.run(server.run())
     eventloop.run(sidecar(), default="asyncio")
