@@ -8,7 +8,8 @@ sidecar; ``tessera gateway run``, the mesh's ingress.
 ``run`` serves the app as an instance of its Service (:mod:`dataplane.sidecar`): callers
 through ``--inbound`` (mTLS, each request judged by the mesh's AuthorizationPolicies),
 registered through the agent. ``gateway run`` serves the Gateway resources that select
-its labels (:mod:`dataplane.gateway`), always with Envoy. Progress lines go to stderr;
+its labels, with Envoy (:mod:`dataplane.gateway`) or the built-in proxy
+(:mod:`dataplane.builtin_gateway`). Progress lines go to stderr;
 both stop on SIGTERM or SIGINT, draining open connections.
 
 ``files`` and ``proxy`` are :mod:`sdk.sidecar.cli`'s, and work on the base install. ``run``
@@ -27,7 +28,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
@@ -40,6 +41,10 @@ from sdk.sidecar import cli as sdk_cli
 from sdk.sidecar.config import parse_health_bind, parse_svid_id
 from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.errors import SidecarConfigError
+
+if TYPE_CHECKING:
+    from dataplane.builtin_gateway import BuiltinGateway
+    from dataplane.gateway import Gateway
 
 __all__ = ["gateway", "sidecar"]
 
@@ -200,7 +205,7 @@ gateway = click.Group(
     type=click.Choice(["envoy", "builtin"]),
     default="envoy",
     show_default=True,
-    help="The data plane (the built-in proxy has no gateway yet).",
+    help="The data plane: an Envoy the gateway runs, or the built-in Python proxy.",
 )
 @option("--socket", help="The agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET].")
 @option(
@@ -222,19 +227,16 @@ def gateway_run_command(
     labels: tuple[str, ...], spiffe_id: str | None, plane: str, socket: str | None,
     port_offset: int, health_bind: str, timeout: float, log_level: str,
 ) -> None:  # fmt: skip
-    """Serve the mesh's Gateways that select these labels, with Envoy."""
+    """Serve the mesh's Gateways that select these labels."""
     chosen = _labels(labels)
     wanted = _usage(lambda: parse_svid_id(spiffe_id, what="--spiffe-id")) if spiffe_id else None
-    if plane == "builtin":
-        raise click.UsageError("the built-in proxy cannot run a gateway yet: use --proxy envoy "
-                               "(the default)")  # fmt: skip
     _require_mesh("gateway run")
     from mesh.registration import label_problem
 
     problem = label_problem(chosen)
     if problem is not None:
         raise click.UsageError(f"--label: {problem}")
-    unavailable = PLANES["envoy"].unavailable()
+    unavailable = PLANES["envoy"].unavailable() if plane == "envoy" else None
     if unavailable is not None:
         raise click.ClickException(unavailable.replace("--proxy envoy", "tessera gateway run"))
     health = _usage(lambda: parse_health_bind(health_bind))
@@ -250,10 +252,18 @@ def gateway_run_command(
     settings = GatewaySettings(labels=chosen, port_offset=port_offset,
                                spiffe_id=str(wanted) if wanted else None)  # fmt: skip
     selector = ",".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+    carried = "Envoy" if plane == "envoy" else "the built-in proxy"
     progress(f"Gateway {selector} presenting {source.x509_svid().spiffe_id} "
-             f"(Workload API {source.address}; Envoy)")  # fmt: skip
-    runner = Gateway(settings, source, socket=source.address, health_bind=health,
-                     progress=progress, log_level=log_level)  # fmt: skip
+             f"(Workload API {source.address}; {carried})")  # fmt: skip
+    runner: Gateway | BuiltinGateway
+    if plane == "envoy":
+        runner = Gateway(settings, source, socket=source.address, health_bind=health,
+                         progress=progress, log_level=log_level)  # fmt: skip
+    else:
+        from dataplane.builtin_gateway import BuiltinGateway
+
+        runner = BuiltinGateway(settings, source, socket=source.address, health_bind=health,
+                                progress=progress)  # fmt: skip
     try:
         _run_until_signal(runner.run, plane)
     finally:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl as ssl_module
 from collections.abc import Callable
 from typing import Final
 
@@ -43,6 +44,8 @@ _log = logging.getLogger("tessera.sidecar")
 
 OUTBOUND: Final = "outbound"
 """The outbound listener's name, in logs and in the access log's ``listener``."""
+TLS_HANDSHAKE_SECONDS: Final = 10.0
+"""How long a caller of a TLS listener (a gateway's HTTPS port) may take to handshake."""
 _HOST_CACHE: Final = 4096
 """Host names remembered per view (beyond them, each is looked up again)."""
 
@@ -81,9 +84,15 @@ class OutboundListener:
         routes: Callable[[], OutboundRoutes | None],
         *,
         name: str = OUTBOUND,
+        ssl: ssl_module.SSLContext | None = None,
+        what: str = "--outbound",
     ) -> None:
+        """``ssl``: terminate TLS with it (a gateway's HTTPS port); ``what``: the listener
+        as its start-up error names it."""
         self.listen = listen
         self.name = name
+        self._ssl = ssl
+        self._what = what
         self._forwarder = forwarder
         self._routes = routes
         self._server: asyncio.Server | None = None
@@ -101,12 +110,14 @@ class OutboundListener:
         try:
             self._server = await asyncio.start_server(
                 self._accepted, self.listen.host or None, self.listen.port,
-                limit=STREAM_LIMIT, reuse_address=True,
+                limit=STREAM_LIMIT, reuse_address=True, ssl=self._ssl,
+                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl else None,
             )  # fmt: skip
         except OSError as err:
             reason = os.strerror(err.errno) if err.errno else str(err)
             raise SidecarConfigError(
-                f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
+                f"cannot listen on {self._what} {self.listen}: {reason}; choose another "
+                f"{self._what}"
             ) from err
 
     def stop_accepting(self) -> None:
