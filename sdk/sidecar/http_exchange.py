@@ -56,6 +56,7 @@ from sdk.sidecar.errors import HttpError
 from sdk.sidecar.http import (
     BodyKind,
     RequestHead,
+    buffered_body,
     copy_body,
     read_request_head,
     read_response_head,
@@ -250,7 +251,8 @@ class HttpExchange:
         rule and the reason, and close (the request goes nowhere)."""
         head = None
         with contextlib.suppress(HttpError, TimeoutError, OSError, asyncio.IncompleteReadError):
-            head = await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):
+                head = await read_request_head(self.client)
         message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
         if self.observer is None or head is None:
             await self._answer(403, message, keep_alive=False)
@@ -266,7 +268,8 @@ class HttpExchange:
         self._read_before = self.client.bytes_read
         self.state.idle = True
         try:
-            return await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):  # a timer; wait_for makes a task
+                return await read_request_head(self.client)
         except TimeoutError:
             return None
         except HttpError as err:
@@ -413,10 +416,28 @@ class HttpExchange:
             self._record.forwarded = True
             self._record.upstream_host = str(self.forward)
             self._app_failed("-", "")
+        # The common case, a request without a body (or with a small one that has all
+        # arrived): one write to the app, the response relayed here, no task.
+        whole = buffered_body(self.client, head.body)
         try:
-            app.write(request)
+            app.write(request if not whole else request + whole)
         except OSError as err:
             raise _AppFailed(f"the connection to the app failed: {err}") from err
+        if whole is not None:
+            outcome = await self._relay_response(head, app)
+        else:
+            outcome = await self._exchange_streaming(head, app)
+        if outcome.upgraded:
+            await splice(self.client, app)
+            return _Outcome(keep_alive=False)
+        if not outcome.keep_alive:
+            await app.close()
+            self._app = None
+        return outcome
+
+    async def _exchange_streaming(self, head: RequestHead, app: Stream) -> _Outcome:
+        """The request body goes on while the response comes back (``Expect: 100-continue``;
+        an app answering before the whole body)."""
         body = asyncio.create_task(
             copy_body(self.client, app, head.body, drop_trailer=reserved_identity_header)
         )
@@ -432,12 +453,6 @@ class HttpExchange:
             await asyncio.gather(body, relay, return_exceptions=True)
         if not body.done() or body.cancelled() or body.exception() is not None:
             outcome.keep_alive = False  # the app answered before the whole body was read
-        if outcome.upgraded:
-            await splice(self.client, app)
-            return _Outcome(keep_alive=False)
-        if not outcome.keep_alive:
-            await app.close()
-            self._app = None
         return outcome
 
     async def _request_body_failed(
@@ -464,6 +479,12 @@ class HttpExchange:
                 raise _AppFailed(f"the connection to the app failed: {err}") from err
             if response.status >= 200 or response.status == 101:
                 self._answered(response.status, "via_upstream")
+            if response.status >= 200 and (body := buffered_body(app, response.body)) is not None:
+                # A small response that has all arrived: head and body in one write.
+                self.client.write(response.raw + body if body else response.raw)
+                self._response_started = True
+                await self.client.drain()
+                return _Outcome(keep_alive=response.keep_alive and head.keep_alive)
             self.client.write(response.raw)
             self._response_started = True
             await self.client.drain()
