@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final, Protocol
 from urllib.parse import unquote
@@ -134,6 +134,8 @@ class Body:
 NO_BODY: Final = Body(BodyKind.NONE)
 
 Headers = tuple[tuple[str, str], ...]
+ByName = Mapping[str, list[str]]
+"""A head's field values by lower-case name, in the order sent."""
 
 
 @dataclass(frozen=True)
@@ -145,13 +147,16 @@ class RequestHead:
     body: Body
     path: str
     """The target's path, percent-decoded, without the query (what ASGI calls ``path``)."""
+    by_name: ByName = field(default_factory=dict, repr=False, compare=False)
+    """``headers`` by lower-case name (the reader fills it; else :meth:`values` looks
+    through ``headers``)."""
 
     def values(self, name: str) -> list[str]:
-        return _values(self.headers, name)
+        return _values(self.headers, self.by_name, name)
 
     @property
     def keep_alive(self) -> bool:
-        return _keep_alive(self.version, self.headers)
+        return _keep_alive(self.version, self.headers, self.by_name)
 
     @property
     def expects_continue(self) -> bool:
@@ -179,12 +184,17 @@ class ResponseHead:
     body: Body
     raw: bytes
     """The head exactly as the app sent it (passed on unchanged)."""
+    by_name: ByName = field(default_factory=dict, repr=False, compare=False)
+    """``headers`` by lower-case name, as :attr:`RequestHead.by_name`."""
+
+    def values(self, name: str) -> list[str]:
+        return _values(self.headers, self.by_name, name)
 
     @property
     def keep_alive(self) -> bool:
         if self.body.kind is BodyKind.UNTIL_CLOSE:
             return False
-        return _keep_alive(self.version, self.headers)
+        return _keep_alive(self.version, self.headers, self.by_name)
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -235,16 +245,17 @@ async def read_request_head(
         raise HttpError(400, "the request target holds characters a URI may not")
     if not target.startswith("/") and not (target == "*" and method == "OPTIONS"):
         raise HttpError(400, "send the request target as a path (origin-form), e.g. GET /items")
-    headers = tuple(message.headers)
-    if version == "HTTP/1.1" and len(_values(headers, "host")) != 1:
+    by_name = message.by_name
+    if version == "HTTP/1.1" and len(by_name.get("host", ())) != 1:
         raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
     return RequestHead(
         method=method,
         target=target,
         version=version,
-        headers=headers,
-        body=_request_body(version, headers),
+        headers=tuple(message.headers),
+        body=_request_body(version, by_name),
         path=_path(target),
+        by_name=by_name,
     )
 
 
@@ -265,8 +276,11 @@ def _check_request_line(line: bytes) -> None:
 def _path(target: str) -> str:
     if target == "*":
         return "*"
+    path = target.partition("?")[0]
+    if "%" not in path and ";" not in path and "/." not in path and "//" not in path:
+        return path  # nothing to decode, no parameters, no dot or empty segments: as it is
     try:
-        path = unquote(target.partition("?")[0], errors="strict")
+        path = unquote(path, errors="strict")
     except UnicodeDecodeError as err:
         raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from err
     # A segment's ;parameters are not part of its name to the servers that strip them
@@ -282,10 +296,10 @@ def _path(target: str) -> str:
     return "/" + "/".join(names)
 
 
-def _request_body(version: str, headers: Headers) -> Body:
+def _request_body(version: str, by_name: ByName) -> Body:
     # llhttp has refused Content-Length next to Transfer-Encoding, a repeated or
     # non-decimal Content-Length, and a Transfer-Encoding not ending in chunked.
-    transfer_encodings = _values(headers, "transfer-encoding")
+    transfer_encodings = by_name.get("transfer-encoding")
     if transfer_encodings:
         if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -295,7 +309,7 @@ def _request_body(version: str, headers: Headers) -> Body:
                 501, f"Transfer-Encoding {', '.join(codings)} is not supported; only chunked is"
             )
         return Body(BodyKind.CHUNKED)
-    lengths = _values(headers, "content-length")
+    lengths = by_name.get("content-length")
     if lengths:
         return Body(BodyKind.LENGTH, int(lengths[0]))
     return NO_BODY
@@ -328,13 +342,13 @@ async def read_response_head(reader: ByteReader, request_method: str) -> Respons
     except httptools.HttpParserError as err:
         raise HttpError(502, f"the app's response is not valid HTTP/1.1: {_reason(err)}") from err
     status = parser.get_status_code()
-    headers = tuple(message.headers)
     return ResponseHead(
         status=status,
         version=f"HTTP/{parser.get_http_version()}",
-        headers=headers,
-        body=_response_body(request_method, status, headers),
+        headers=tuple(message.headers),
+        body=_response_body(request_method, status, message.by_name),
         raw=raw,
+        by_name=message.by_name,
     )
 
 
@@ -351,14 +365,14 @@ def _response_fields_too_large(what: str) -> HttpError:
     return HttpError(502, f"the app's response headers are {what}")
 
 
-def _response_body(request_method: str, status: int, headers: Headers) -> Body:
+def _response_body(request_method: str, status: int, by_name: ByName) -> Body:
     if request_method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return NO_BODY
-    transfer_encodings = _values(headers, "transfer-encoding")
+    transfer_encodings = by_name.get("transfer-encoding")
     if transfer_encodings:
         codings = _tokens(transfer_encodings)
         return Body(BodyKind.CHUNKED if codings[-1:] == ["chunked"] else BodyKind.UNTIL_CLOSE)
-    lengths = _values(headers, "content-length")
+    lengths = by_name.get("content-length")
     if lengths:
         return Body(BodyKind.LENGTH, int(lengths[0]))
     return Body(BodyKind.UNTIL_CLOSE)
@@ -501,6 +515,7 @@ class _Message:
     def __init__(self, on_body: Callable[[bytes], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[str, str]] = []
+        self.by_name: dict[str, list[str]] = {}
         self.complete = False
         if on_body is not None:
             self.on_body = on_body
@@ -509,7 +524,12 @@ class _Message:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        key, text = name.decode("latin-1"), value.strip(b" \t").decode("latin-1")
+        self.headers.append((key, text))
+        if (values := self.by_name.get(lowered := key.lower())) is None:
+            self.by_name[lowered] = [text]
+        else:
+            values.append(text)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -674,7 +694,9 @@ class _TooLarge(Protocol):
     def __call__(self, what: str) -> HttpError: ...
 
 
-def _values(headers: Headers, name: str) -> list[str]:
+def _values(headers: Headers, by_name: ByName, name: str) -> list[str]:
+    if by_name or not headers:
+        return list(by_name.get(name.lower(), ()))
     wanted = name.lower()
     return [value for field, value in headers if field.lower() == wanted]
 
@@ -683,8 +705,8 @@ def _tokens(values: Iterable[str]) -> list[str]:
     return [t.strip().lower() for value in values for t in value.split(",") if t.strip()]
 
 
-def _keep_alive(version: str, headers: Headers) -> bool:
-    tokens = _tokens(_values(headers, "connection"))
+def _keep_alive(version: str, headers: Headers, by_name: ByName) -> bool:
+    tokens = _tokens(_values(headers, by_name, "connection"))
     if version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -164,7 +165,7 @@ class Stream(BufferedReader):
         )
         return cls(reader, writer)
 
-    @property
+    @functools.cached_property
     def peer(self) -> str:
         """``host:port`` of the other end, for log lines."""
         name = self.writer.get_extra_info("peername")
