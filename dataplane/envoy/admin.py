@@ -33,6 +33,7 @@ from dataplane.envoy.errors import EnvoyAdminError
 from sdk.address import HostPort
 from sdk.sidecar.errors import HttpError
 from sdk.sidecar.http import BodyKind, read_response_head
+from sdk.sidecar.streams import BufferedReader
 
 __all__ = ["AdminResponse", "EnvoyAdmin"]
 
@@ -217,15 +218,16 @@ class EnvoyAdmin:
                 f"Content-Length: 0\r\n\r\n".encode("ascii")
             )
             await writer.drain()
-            head = await read_response_head(reader, method)
+            stream = BufferedReader(reader)
+            head = await read_response_head(stream, method)
             if head.body.kind is BodyKind.NONE:
                 body = b""
             elif head.body.kind is BodyKind.LENGTH:
-                body = await self._read_exactly(reader, head.body.length)
+                body = await self._read_exactly(stream, head.body.length)
             elif head.body.kind is BodyKind.CHUNKED:
-                body = await self._read_chunked(reader)
+                body = await self._read_chunked(stream)
             else:
-                body = await self._read_to_end(reader)
+                body = await self._read_to_end(stream)
             return AdminResponse(head.status, body)
         finally:
             writer.close()
@@ -238,7 +240,7 @@ class EnvoyAdmin:
             "the most this client reads"
         )
 
-    async def _read_exactly(self, reader: asyncio.StreamReader, length: int) -> bytes:
+    async def _read_exactly(self, reader: BufferedReader, length: int) -> bytes:
         if length > self.max_bytes:
             raise self._too_large()
         try:
@@ -246,7 +248,7 @@ class EnvoyAdmin:
         except asyncio.IncompleteReadError as err:
             raise HttpError(502, "the body ended before its Content-Length") from err
 
-    async def _read_to_end(self, reader: asyncio.StreamReader) -> bytes:
+    async def _read_to_end(self, reader: BufferedReader) -> bytes:
         body = bytearray()
         while data := await reader.read(_READ_SIZE):
             body += data
@@ -254,7 +256,7 @@ class EnvoyAdmin:
                 raise self._too_large()
         return bytes(body)
 
-    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
+    async def _read_chunked(self, reader: BufferedReader) -> bytes:
         body = bytearray()
         while True:
             line = await _read_line(reader)
@@ -275,7 +277,7 @@ class EnvoyAdmin:
         return bytes(body)
 
 
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
+async def _read_line(reader: BufferedReader) -> bytes:
     try:
         line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as err:

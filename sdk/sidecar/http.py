@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final, Protocol
 from urllib.parse import unquote
@@ -93,7 +93,16 @@ _CHUNKED_REQUEST: Final = b"POST / HTTP/1.1\r\nHost: body\r\nTransfer-Encoding: 
 
 
 class ByteReader(Protocol):
-    """What the parser reads from (``asyncio.StreamReader`` or a wrapper)."""
+    """What the parser reads from: a :class:`~sdk.sidecar.streams.BufferedReader` (a
+    :class:`~sdk.sidecar.streams.Stream` is one). A head is looked for in ``buffer``, whole,
+    waiting (``fill``) only while it is incomplete."""
+
+    @property
+    def buffer(self) -> bytearray: ...
+
+    async def fill(self) -> bool: ...
+
+    def take(self, n: int) -> bytes: ...
 
     async def readuntil(self, separator: bytes) -> bytes: ...
 
@@ -125,6 +134,8 @@ class Body:
 NO_BODY: Final = Body(BodyKind.NONE)
 
 Headers = tuple[tuple[str, str], ...]
+ByName = Mapping[str, list[str]]
+"""A head's field values by lower-case name, in the order sent."""
 
 
 @dataclass(frozen=True)
@@ -136,13 +147,16 @@ class RequestHead:
     body: Body
     path: str
     """The target's path, percent-decoded, without the query (what ASGI calls ``path``)."""
+    by_name: ByName = field(default_factory=dict, repr=False, compare=False)
+    """``headers`` by lower-case name (the reader fills it; else :meth:`values` looks
+    through ``headers``)."""
 
     def values(self, name: str) -> list[str]:
-        return _values(self.headers, name)
+        return _values(self.headers, self.by_name, name)
 
     @property
     def keep_alive(self) -> bool:
-        return _keep_alive(self.version, self.headers)
+        return _keep_alive(self.version, self.headers, self.by_name)
 
     @property
     def expects_continue(self) -> bool:
@@ -170,12 +184,17 @@ class ResponseHead:
     body: Body
     raw: bytes
     """The head exactly as the app sent it (passed on unchanged)."""
+    by_name: ByName = field(default_factory=dict, repr=False, compare=False)
+    """``headers`` by lower-case name, as :attr:`RequestHead.by_name`."""
+
+    def values(self, name: str) -> list[str]:
+        return _values(self.headers, self.by_name, name)
 
     @property
     def keep_alive(self) -> bool:
         if self.body.kind is BodyKind.UNTIL_CLOSE:
             return False
-        return _keep_alive(self.version, self.headers)
+        return _keep_alive(self.version, self.headers, self.by_name)
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -189,28 +208,27 @@ async def read_request_head(
     max_fields: int = MAX_HEADER_FIELDS,
 ) -> RequestHead | None:
     """The next request's head; None if the connection ended cleanly before it."""
-    too_long = HttpError(414, f"the request line is longer than {max_request_line} bytes")
-    line: bytes | None = b""
-    for _ in range(_EMPTY_LINES_BEFORE_REQUEST):
-        line = await _read_line(reader, max_request_line, too_long, allow_eof=True)
-        if line is None:
-            return None
-        if line != b"\r\n":
-            break
-    if line == b"\r\n":
-        raise HttpError(400, "expected a request line, got empty lines")
-    assert line is not None
-    _check_request_line(line)
-    fields = await _read_fields(
+
+    def too_long() -> HttpError:
+        return HttpError(414, f"the request line is longer than {max_request_line} bytes")
+
+    found = await _read_head(
         reader,
+        empty_lines=_EMPTY_LINES_BEFORE_REQUEST - 1,
+        line_limit=max_request_line,
+        line_too_long=too_long,
+        check_line=_check_request_line,
         budget=max_header_bytes,
         max_fields=max_fields,
-        too_large=lambda what: HttpError(431, f"the request headers are {what}"),
+        too_large=_request_fields_too_large,
+        status=400,
     )
+    if found is None:
+        return None
     message = _Message()
     parser = httptools.HttpRequestParser(message)
     try:
-        parser.feed_data(line + fields)
+        parser.feed_data(found)
     except httptools.HttpParserUpgrade:
         pass  # CONNECT, or a request asking to upgrade: its head is read all the same
     except httptools.HttpParserInvalidMethodError as err:
@@ -227,17 +245,22 @@ async def read_request_head(
         raise HttpError(400, "the request target holds characters a URI may not")
     if not target.startswith("/") and not (target == "*" and method == "OPTIONS"):
         raise HttpError(400, "send the request target as a path (origin-form), e.g. GET /items")
-    headers = tuple(message.headers)
-    if version == "HTTP/1.1" and len(_values(headers, "host")) != 1:
+    by_name = message.by_name
+    if version == "HTTP/1.1" and len(by_name.get("host", ())) != 1:
         raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
     return RequestHead(
         method=method,
         target=target,
         version=version,
-        headers=headers,
-        body=_request_body(version, headers),
+        headers=tuple(message.headers),
+        body=_request_body(version, by_name),
         path=_path(target),
+        by_name=by_name,
     )
+
+
+def _request_fields_too_large(what: str) -> HttpError:
+    return HttpError(431, f"the request headers are {what}")
 
 
 def _check_request_line(line: bytes) -> None:
@@ -253,8 +276,11 @@ def _check_request_line(line: bytes) -> None:
 def _path(target: str) -> str:
     if target == "*":
         return "*"
+    path = target.partition("?")[0]
+    if "%" not in path and ";" not in path and "/." not in path and "//" not in path:
+        return path  # nothing to decode, no parameters, no dot or empty segments: as it is
     try:
-        path = unquote(target.partition("?")[0], errors="strict")
+        path = unquote(path, errors="strict")
     except UnicodeDecodeError as err:
         raise HttpError(400, "the request path is not UTF-8 once percent-decoded") from err
     # A segment's ;parameters are not part of its name to the servers that strip them
@@ -270,10 +296,10 @@ def _path(target: str) -> str:
     return "/" + "/".join(names)
 
 
-def _request_body(version: str, headers: Headers) -> Body:
+def _request_body(version: str, by_name: ByName) -> Body:
     # llhttp has refused Content-Length next to Transfer-Encoding, a repeated or
     # non-decimal Content-Length, and a Transfer-Encoding not ending in chunked.
-    transfer_encodings = _values(headers, "transfer-encoding")
+    transfer_encodings = by_name.get("transfer-encoding")
     if transfer_encodings:
         if version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -283,7 +309,7 @@ def _request_body(version: str, headers: Headers) -> Body:
                 501, f"Transfer-Encoding {', '.join(codings)} is not supported; only chunked is"
             )
         return Body(BodyKind.CHUNKED)
-    lengths = _values(headers, "content-length")
+    lengths = by_name.get("content-length")
     if lengths:
         return Body(BodyKind.LENGTH, int(lengths[0]))
     return NO_BODY
@@ -294,46 +320,59 @@ def _request_body(version: str, headers: Headers) -> Body:
 
 async def read_response_head(reader: ByteReader, request_method: str) -> ResponseHead:
     """The app's response head; HttpError(502) when it is not HTTP/1.x."""
-    too_long = HttpError(502, "the app's status line is too long")
-    line = await _read_line(reader, MAX_REQUEST_LINE, too_long, allow_eof=True, status=502)
-    if line is None:
-        raise HttpError(502, "the app closed the connection without answering")
-    if not line.startswith(b"HTTP/1."):
-        raise HttpError(502, "the app did not answer with an HTTP/1.x status line")
-    fields = await _read_fields(
+    raw = await _read_head(
         reader,
+        empty_lines=0,
+        line_limit=MAX_REQUEST_LINE,
+        line_too_long=_status_line_too_long,
+        check_line=_check_status_line,
         budget=MAX_RESPONSE_HEADER_BYTES,
         max_fields=MAX_RESPONSE_HEADER_FIELDS,
-        too_large=lambda what: HttpError(502, f"the app's response headers are {what}"),
+        too_large=_response_fields_too_large,
         status=502,
     )
+    if raw is None:
+        raise HttpError(502, "the app closed the connection without answering")
     message = _Message()
     parser = httptools.HttpResponseParser(message)
     try:
-        parser.feed_data(line + fields)
+        parser.feed_data(raw)
     except httptools.HttpParserUpgrade:
         pass  # 101 Switching Protocols
     except httptools.HttpParserError as err:
         raise HttpError(502, f"the app's response is not valid HTTP/1.1: {_reason(err)}") from err
     status = parser.get_status_code()
-    headers = tuple(message.headers)
     return ResponseHead(
         status=status,
         version=f"HTTP/{parser.get_http_version()}",
-        headers=headers,
-        body=_response_body(request_method, status, headers),
-        raw=line + fields,
+        headers=tuple(message.headers),
+        body=_response_body(request_method, status, message.by_name),
+        raw=raw,
+        by_name=message.by_name,
     )
 
 
-def _response_body(request_method: str, status: int, headers: Headers) -> Body:
+def _status_line_too_long() -> HttpError:
+    return HttpError(502, "the app's status line is too long")
+
+
+def _check_status_line(line: bytes) -> None:
+    if not line.startswith(b"HTTP/1."):
+        raise HttpError(502, "the app did not answer with an HTTP/1.x status line")
+
+
+def _response_fields_too_large(what: str) -> HttpError:
+    return HttpError(502, f"the app's response headers are {what}")
+
+
+def _response_body(request_method: str, status: int, by_name: ByName) -> Body:
     if request_method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return NO_BODY
-    transfer_encodings = _values(headers, "transfer-encoding")
+    transfer_encodings = by_name.get("transfer-encoding")
     if transfer_encodings:
         codings = _tokens(transfer_encodings)
         return Body(BodyKind.CHUNKED if codings[-1:] == ["chunked"] else BodyKind.UNTIL_CLOSE)
-    lengths = _values(headers, "content-length")
+    lengths = by_name.get("content-length")
     if lengths:
         return Body(BodyKind.LENGTH, int(lengths[0]))
     return Body(BodyKind.UNTIL_CLOSE)
@@ -357,6 +396,21 @@ def simple_response(
 
 
 # -- bodies ------------------------------------------------------------------------------
+
+
+def buffered_body(reader: ByteReader, body: Body, *, limit: int = COPY_BUFFER) -> bytes | None:
+    """A whole message body that has already arrived, consumed: ``b""`` for none, a
+    ``Content-Length`` body of at most ``limit`` bytes if all of it is in ``reader``'s
+    buffer; None otherwise (nothing consumed: :func:`copy_body` it).
+
+    So that a small message goes on in one write (one TLS record, one ``send``) with its
+    head: ``target.write(head + body)``.
+    """
+    if body.kind is BodyKind.NONE:
+        return b""
+    if body.kind is BodyKind.LENGTH and body.length <= min(limit, len(reader.buffer)):
+        return reader.take(body.length)
+    return None
 
 
 async def copy_body(
@@ -461,6 +515,7 @@ class _Message:
     def __init__(self, on_body: Callable[[bytes], None] | None = None) -> None:
         self.url = b""
         self.headers: list[tuple[str, str]] = []
+        self.by_name: dict[str, list[str]] = {}
         self.complete = False
         if on_body is not None:
             self.on_body = on_body
@@ -469,7 +524,12 @@ class _Message:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        key, text = name.decode("latin-1"), value.strip(b" \t").decode("latin-1")
+        self.headers.append((key, text))
+        if (values := self.by_name.get(lowered := key.lower())) is None:
+            self.by_name[lowered] = [text]
+        else:
+            values.append(text)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -502,6 +562,108 @@ async def _read_line(
     return line
 
 
+_CLOSED_IN_A_LINE: Final = "the connection closed in the middle of a line"
+
+
+async def _read_head(
+    reader: ByteReader,
+    *,
+    empty_lines: int,
+    line_limit: int,
+    line_too_long: Callable[[], HttpError],
+    check_line: Callable[[bytes], None],
+    budget: int,
+    max_fields: int,
+    too_large: _TooLarge,
+    status: int,
+) -> bytes | None:
+    """A message head, whole (its start line, fields and empty line; up to ``empty_lines``
+    CRLFs before it skipped), for the parser; None if the stream ended before a byte of it.
+
+    It is looked for in what has arrived, and waited for only while incomplete; the limits
+    hold while waiting (no more than the start line, ``budget`` bytes of fields and
+    ``max_fields`` fields are ever buffered), and a start line ``check_line`` refuses is
+    refused as soon as it is there. The head ends at the first empty line, CRLF or bare LF:
+    a head with bare-LF line ends is then refused by the parser at once rather than waited
+    on. ``status`` is that of the HttpError for a stream ending inside the head.
+    """
+    buffer = reader.buffer
+    start = skipped = 0
+    while True:  # the start line
+        newline = buffer.find(b"\n", start)
+        if newline < 0:
+            if len(buffer) - start > line_limit + 1:
+                raise line_too_long()
+            if not await reader.fill():
+                if start == len(buffer):
+                    reader.take(start)
+                    return None
+                raise HttpError(status, _CLOSED_IN_A_LINE)
+            continue
+        if newline - start - 1 > line_limit:
+            raise line_too_long()
+        if newline == start + 1 and buffer[start] == 13 and empty_lines:  # CRLF
+            skipped += 1
+            if skipped > empty_lines:
+                raise HttpError(400, "expected a request line, got empty lines")
+            start = newline + 1
+            continue
+        break
+    fields = newline + 1
+    check_line(bytes(buffer[start:fields]))
+    while (end := _fields_end(buffer, fields, budget, max_fields, too_large)) is None:
+        if not await reader.fill():
+            raise HttpError(status, _CLOSED_IN_A_LINE)
+    if start:
+        reader.take(start)
+    return reader.take(end - start)
+
+
+def _fields_end(
+    buffer: bytearray, begin: int, budget: int, max_fields: int, too_large: _TooLarge
+) -> int | None:
+    """Where the field section starting at ``begin`` ends (after its empty line), None if it
+    has not all arrived; too large (whole or as far as it has arrived): ``too_large``."""
+    crlf = buffer.find(b"\n\r\n", begin - 1)
+    lf = buffer.find(b"\n\n", begin - 1, crlf + 1 if crlf >= 0 else len(buffer))
+    if lf >= 0:
+        end: int | None = lf + 2
+        size = lf + 1 - begin
+    elif crlf >= 0:
+        end, size = crlf + 3, crlf + 1 - begin
+    else:
+        end, size = None, len(buffer) - begin
+    if size > budget or buffer.count(b"\n", begin, begin + size) > max_fields:
+        _check_fields(buffer, begin, budget, max_fields, too_large)
+    return end
+
+
+def _check_fields(
+    buffer: bytearray, begin: int, budget: int, max_fields: int, too_large: _TooLarge
+) -> None:
+    """Line by line, which limit the fields from ``begin`` break first (``too_large``); a
+    field line not yet ended counts as far as it has arrived."""
+    too_big = f"larger than {budget} bytes"
+    used = count = 0
+    position = begin
+    while (newline := buffer.find(b"\n", position)) >= 0:
+        size = newline + 1 - position
+        if size - 2 > budget:
+            raise too_large(too_big)
+        if size == 1 or (size == 2 and buffer[position] == 13):
+            return  # the empty line: the section ended within the limits
+        used += size
+        if used > budget:
+            raise too_large(too_big)
+        count += 1
+        if count > max_fields:
+            raise too_large(f"more than {max_fields} fields")
+        position = newline + 1
+    partial = len(buffer) - position
+    if partial > budget + 1 or (partial > 1 and used + partial > budget):
+        raise too_large(too_big)
+
+
 async def _read_fields(
     reader: ByteReader,
     *,
@@ -532,7 +694,9 @@ class _TooLarge(Protocol):
     def __call__(self, what: str) -> HttpError: ...
 
 
-def _values(headers: Headers, name: str) -> list[str]:
+def _values(headers: Headers, by_name: ByName, name: str) -> list[str]:
+    if by_name or not headers:
+        return list(by_name.get(name.lower(), ()))
     wanted = name.lower()
     return [value for field, value in headers if field.lower() == wanted]
 
@@ -541,8 +705,8 @@ def _tokens(values: Iterable[str]) -> list[str]:
     return [t.strip().lower() for value in values for t in value.split(",") if t.strip()]
 
 
-def _keep_alive(version: str, headers: Headers) -> bool:
-    tokens = _tokens(_values(headers, "connection"))
+def _keep_alive(version: str, headers: Headers, by_name: ByName) -> bool:
+    tokens = _tokens(_values(headers, by_name, "connection"))
     if version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens

@@ -56,6 +56,7 @@ from sdk.sidecar.errors import HttpError
 from sdk.sidecar.http import (
     BodyKind,
     RequestHead,
+    buffered_body,
     copy_body,
     read_request_head,
     read_response_head,
@@ -230,8 +231,14 @@ class HttpExchange:
         self._traceparent: str | None = None
         self._read_before = 0
         self._written_before = 0
+        self._task: asyncio.Task[object] | None = None
+        self._head_deadline: float | None = None
+        """When the request head being waited for is late (None: none is waited for)."""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_late = False
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         try:
             while not self.state.stopping:
                 head = await self._next_request()
@@ -242,6 +249,8 @@ class HttpExchange:
                 if not outcome.keep_alive:
                     return
         finally:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
             if self._app is not None:
                 await self._app.close()
 
@@ -250,7 +259,8 @@ class HttpExchange:
         rule and the reason, and close (the request goes nowhere)."""
         head = None
         with contextlib.suppress(HttpError, TimeoutError, OSError, asyncio.IncompleteReadError):
-            head = await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):
+                head = await read_request_head(self.client)
         message = f"{self.peer_id} refused by policy rule {decision.rule!r}: {decision.reason}"
         if self.observer is None or head is None:
             await self._answer(403, message, keep_alive=False)
@@ -266,7 +276,7 @@ class HttpExchange:
         self._read_before = self.client.bytes_read
         self.state.idle = True
         try:
-            return await asyncio.wait_for(read_request_head(self.client), IDLE_TIMEOUT_SECONDS)
+            return await self._read_head_in_time()
         except TimeoutError:
             return None
         except HttpError as err:
@@ -274,6 +284,41 @@ class HttpExchange:
             return None
         finally:
             self.state.idle = False
+
+    async def _read_head_in_time(self) -> RequestHead | None:
+        """The next request head; TimeoutError if it has not all come within
+        :data:`IDLE_TIMEOUT_SECONDS`.
+
+        One timer per connection rather than one per request (``asyncio.timeout`` adds and
+        cancels a timer each time): it checks the deadline of the head waited for when it
+        fires, and sets itself again for a later one.
+        """
+        loop = asyncio.get_running_loop()
+        self._head_deadline = loop.time() + IDLE_TIMEOUT_SECONDS
+        if self._head_timer is None:
+            self._head_timer = loop.call_at(self._head_deadline, self._check_head_deadline)
+        try:
+            return await read_request_head(self.client)
+        except asyncio.CancelledError:
+            if self._head_late and self._task is not None:
+                self._head_late = False
+                if self._task.uncancel() == 0:  # cancelled by the deadline alone
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._head_deadline = None
+
+    def _check_head_deadline(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None or self._task is None:
+            return  # no head waited for: the next wait sets the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._head_timer = loop.call_at(deadline, self._check_head_deadline)
+        elif not self._head_late:
+            self._head_late = True
+            self._task.cancel()
 
     async def _handle(self, head: RequestHead) -> _Outcome:
         observer = self.observer
@@ -413,10 +458,28 @@ class HttpExchange:
             self._record.forwarded = True
             self._record.upstream_host = str(self.forward)
             self._app_failed("-", "")
+        # The common case, a request without a body (or with a small one that has all
+        # arrived): one write to the app, the response relayed here, no task.
+        whole = buffered_body(self.client, head.body)
         try:
-            app.write(request)
+            app.write(request if not whole else request + whole)
         except OSError as err:
             raise _AppFailed(f"the connection to the app failed: {err}") from err
+        if whole is not None:
+            outcome = await self._relay_response(head, app)
+        else:
+            outcome = await self._exchange_streaming(head, app)
+        if outcome.upgraded:
+            await splice(self.client, app)
+            return _Outcome(keep_alive=False)
+        if not outcome.keep_alive:
+            await app.close()
+            self._app = None
+        return outcome
+
+    async def _exchange_streaming(self, head: RequestHead, app: Stream) -> _Outcome:
+        """The request body goes on while the response comes back (``Expect: 100-continue``;
+        an app answering before the whole body)."""
         body = asyncio.create_task(
             copy_body(self.client, app, head.body, drop_trailer=reserved_identity_header)
         )
@@ -432,12 +495,6 @@ class HttpExchange:
             await asyncio.gather(body, relay, return_exceptions=True)
         if not body.done() or body.cancelled() or body.exception() is not None:
             outcome.keep_alive = False  # the app answered before the whole body was read
-        if outcome.upgraded:
-            await splice(self.client, app)
-            return _Outcome(keep_alive=False)
-        if not outcome.keep_alive:
-            await app.close()
-            self._app = None
         return outcome
 
     async def _request_body_failed(
@@ -464,6 +521,12 @@ class HttpExchange:
                 raise _AppFailed(f"the connection to the app failed: {err}") from err
             if response.status >= 200 or response.status == 101:
                 self._answered(response.status, "via_upstream")
+            if response.status >= 200 and (body := buffered_body(app, response.body)) is not None:
+                # A small response that has all arrived: head and body in one write.
+                self.client.write(response.raw + body if body else response.raw)
+                self._response_started = True
+                await self.client.drain()
+                return _Outcome(keep_alive=response.keep_alive and head.keep_alive)
             self.client.write(response.raw)
             self._response_started = True
             await self.client.drain()

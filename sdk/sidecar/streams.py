@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 from sdk.address import HostPort
 
-__all__ = ["Stream", "splice"]
+__all__ = ["BufferedReader", "Stream", "splice"]
 
 STREAM_LIMIT: Final = 64 * 1024
 """The longest line a reader buffers while looking for its end."""
@@ -45,7 +46,101 @@ def _ignore(_: int) -> None:
     return None
 
 
-class Stream:
+class BufferedReader:
+    """Bytes from an ``asyncio.StreamReader`` through a buffer of its own, counted as read.
+
+    The buffer (:attr:`buffer`) is what a message head is looked for in, whole:
+    :meth:`fill` waits for the next bytes to arrive and :meth:`take` consumes what
+    was found, so that reading a head costs one wait per arrival rather than one
+    ``readuntil`` per line. Everything read goes through the buffer first
+    (:meth:`readuntil`, :meth:`readexactly`, :meth:`read` take from it before
+    waiting), so bytes beyond a head stay for the next read.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, *, on_read: Callable[[int], Any] = _ignore
+    ) -> None:
+        self.reader = reader
+        self.buffer = bytearray()
+        """Received and not yet read; look, but consume only through :meth:`take`."""
+        self._on_read = on_read
+        self.bytes_read = 0
+        """Bytes read through :meth:`take`, :meth:`readuntil`, :meth:`readexactly` and
+        :meth:`read`."""
+
+    async def fill(self) -> bool:
+        """Wait for more bytes and append them to :attr:`buffer`; False at the end of the
+        stream (nothing appended)."""
+        data = await self.reader.read(STREAM_LIMIT)
+        if not data:
+            return False
+        self.buffer += data
+        return True
+
+    def take(self, n: int) -> bytes:
+        """The first ``n`` bytes of :attr:`buffer` (fewer if it holds fewer), consumed."""
+        buffer = self.buffer
+        if n >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+        else:
+            data = bytes(buffer[:n])
+            del buffer[:n]
+        self.bytes_read += len(data)
+        self._on_read(len(data))
+        return data
+
+    def take_buffered(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if they have already arrived (consumed), else None (nothing
+        consumed): no wait."""
+        return self.take(n) if len(self.buffer) >= n else None
+
+    async def readuntil(self, separator: bytes) -> bytes:
+        """As ``asyncio.StreamReader.readuntil``: up to and with ``separator``;
+        ``LimitOverrunError`` past :data:`STREAM_LIMIT` bytes, ``IncompleteReadError`` at
+        the end of the stream."""
+        buffer = self.buffer
+        start = 0
+        while (found := buffer.find(separator, start)) < 0:
+            if len(buffer) > STREAM_LIMIT:
+                raise asyncio.LimitOverrunError("the separator was not found in time", start)
+            start = max(0, len(buffer) - len(separator) + 1)
+            if not await self.fill():
+                raise asyncio.IncompleteReadError(self.take(len(buffer)), None)
+        if found > STREAM_LIMIT:
+            raise asyncio.LimitOverrunError("the separator was found too far", found)
+        return self.take(found + len(separator))
+
+    async def readexactly(self, n: int) -> bytes:
+        """As ``asyncio.StreamReader.readexactly``."""
+        while len(self.buffer) < n:
+            if not await self.fill():
+                raise asyncio.IncompleteReadError(self.take(len(self.buffer)), n)
+        return self.take(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        """As ``asyncio.StreamReader.read``: what has arrived, up to ``n`` bytes (``-1``:
+        everything until the end); ``b""`` at the end."""
+        if n < 0:
+            while await self.fill():
+                pass
+            return self.take(len(self.buffer))
+        if self.buffer:
+            return self.take(n)
+        data = await self.reader.read(n)
+        self.bytes_read += len(data)
+        self._on_read(len(data))
+        return data
+
+    def count_reads(self, on_read: Callable[[int], Any]) -> None:
+        """Call ``on_read`` with the size of everything read from now on."""
+        self._on_read = on_read
+
+    def at_eof(self) -> bool:
+        return not self.buffer and self.reader.at_eof()
+
+
+class Stream(BufferedReader):
     """A reader and writer pair that counts the bytes through it."""
 
     def __init__(
@@ -56,12 +151,9 @@ class Stream:
         on_read: Callable[[int], Any] = _ignore,
         on_write: Callable[[int], Any] = _ignore,
     ) -> None:
-        self.reader = reader
+        super().__init__(reader, on_read=on_read)
         self.writer = writer
-        self._on_read = on_read
         self._on_write = on_write
-        self.bytes_read = 0
-        """Bytes read through :meth:`readuntil`, :meth:`readexactly` and :meth:`read`."""
         self.bytes_written = 0
         """Bytes written through :meth:`write`."""
 
@@ -73,7 +165,7 @@ class Stream:
         )
         return cls(reader, writer)
 
-    @property
+    @functools.cached_property
     def peer(self) -> str:
         """``host:port`` of the other end, for log lines."""
         name = self.writer.get_extra_info("peername")
@@ -81,31 +173,6 @@ class Stream:
             host = f"[{name[0]}]" if ":" in str(name[0]) else str(name[0])
             return f"{host}:{name[1]}"
         return "unknown"
-
-    async def readuntil(self, separator: bytes) -> bytes:
-        data = await self.reader.readuntil(separator)
-        self.bytes_read += len(data)
-        self._on_read(len(data))
-        return data
-
-    async def readexactly(self, n: int) -> bytes:
-        data = await self.reader.readexactly(n)
-        self.bytes_read += len(data)
-        self._on_read(len(data))
-        return data
-
-    async def read(self, n: int) -> bytes:
-        data = await self.reader.read(n)
-        self.bytes_read += len(data)
-        self._on_read(len(data))
-        return data
-
-    def count_reads(self, on_read: Callable[[int], Any]) -> None:
-        """Call ``on_read`` with the size of everything read from now on."""
-        self._on_read = on_read
-
-    def at_eof(self) -> bool:
-        return self.reader.at_eof()
 
     def write(self, data: bytes) -> None:
         self.bytes_written += len(data)
@@ -126,7 +193,8 @@ class Stream:
         if not self.writer.is_closing():
             self.writer.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self.writer.wait_closed()
 
 
 async def splice(a: Stream, b: Stream) -> Stream | None:
@@ -281,9 +349,12 @@ def _transport_to_take(stream: Stream) -> asyncio.Transport | None:
 
 
 async def _read_buffered(stream: Stream) -> bytes:
-    """What ``stream``'s reader holds, without waiting for more."""
+    """What ``stream`` and its reader hold, without waiting for more (not counted here: the
+    splice counts it as it relays it)."""
+    held = bytes(stream.buffer)
+    stream.buffer.clear()
     buffer: bytearray = getattr(stream.reader, "_buffer")  # noqa: B009
-    return await stream.reader.read(len(buffer)) if buffer else b""
+    return held + await stream.reader.read(len(buffer)) if buffer else held
 
 
 async def _splice_with_pumps(a: Stream, b: Stream) -> Stream | None:

@@ -13,22 +13,24 @@ from sdk.sidecar.http import (
     Body,
     BodyKind,
     RequestHead,
+    buffered_body,
     copy_body,
     read_request_head,
     read_response_head,
     simple_response,
 )
 from sdk.sidecar.http_exchange import reserved_identity_header
+from sdk.sidecar.streams import BufferedReader
 
 T = TypeVar("T")
 
 
-def run(data: bytes, action: Callable[[asyncio.StreamReader], Awaitable[T]]) -> T:
+def run(data: bytes, action: Callable[[BufferedReader], Awaitable[T]]) -> T:
     async def main() -> T:
         reader = asyncio.StreamReader()
         reader.feed_data(data)
         reader.feed_eof()
-        return await action(reader)
+        return await action(BufferedReader(reader))
 
     return asyncio.run(main())
 
@@ -192,6 +194,79 @@ def test_a_line_longer_than_the_reader_buffer_is_refused_too() -> None:
     assert refusal(huge) == (431, "the request headers are larger than 32768 bytes")
 
 
+# -- a head as it arrives ------------------------------------------------------------------
+
+
+def unfinished(data: bytes) -> tuple[int, str]:
+    """The refusal of ``data`` with the connection still open: it must come without waiting
+    for more (the deadline only bounds a failing test)."""
+
+    async def main() -> tuple[int, str]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        with pytest.raises(HttpError) as caught:
+            async with asyncio.timeout(10):
+                await read_request_head(BufferedReader(reader))
+        return caught.value.status, caught.value.message
+
+    return asyncio.run(main())
+
+
+def test_a_head_arriving_a_byte_at_a_time_is_read_whole_and_what_follows_stays() -> None:
+    data = b"\r\nPOST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET"
+
+    async def main() -> tuple[RequestHead | None, bytes, int]:
+        reader = asyncio.StreamReader()
+        stream = BufferedReader(reader)
+        reading = asyncio.create_task(read_request_head(stream))
+        for byte in data:
+            reader.feed_data(bytes([byte]))
+            await asyncio.sleep(0)  # let the reader look at what has arrived
+        head = await reading
+        return head, await stream.readexactly(2), stream.bytes_read
+
+    head, body, read = asyncio.run(main())
+    assert head is not None and (head.method, head.path) == ("POST", "/a")
+    assert head.body == Body(BodyKind.LENGTH, 2) and body == b"hi"
+    assert read == len(data) - len(b"GET")
+
+
+def test_a_bad_request_line_is_refused_before_the_fields_arrive() -> None:
+    assert unfinished(b"GET / HTTP/1.1 extra\r\nHost: a\r\n") == (
+        400, "the request line must be METHOD SP TARGET SP HTTP-VERSION")
+    assert unfinished(b"GET /" + b"a" * 9000) == (
+        414, "the request line is longer than 8192 bytes")
+
+
+def test_a_head_with_bare_lf_line_ends_is_refused_without_waiting_for_a_crlf() -> None:
+    status, message = unfinished(b"GET / HTTP/1.1\nHost: a\n\n")
+    assert status == 400 and message.startswith("the request is not valid HTTP/1.1")
+    status, _ = unfinished(b"GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\n")
+    assert status == 400
+
+
+def test_header_limits_hold_while_the_fields_are_still_arriving() -> None:
+    start = b"GET / HTTP/1.1\r\nHost: a\r\n"
+    assert unfinished(start + b"X-Huge: " + b"v" * 33000) == (
+        431, "the request headers are larger than 32768 bytes")
+    assert unfinished(start + b"".join(b"X-N%d: 1\r\n" % i for i in range(100))) == (
+        431, "the request headers are more than 100 fields")
+
+
+def test_a_small_body_that_has_arrived_is_taken_whole_and_a_partial_one_is_left() -> None:
+    async def main() -> tuple[bytes | None, bytes | None, bytes | None, int]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"0123456789")
+        stream = BufferedReader(reader)
+        await stream.fill()
+        partial = buffered_body(stream, Body(BodyKind.LENGTH, 11))
+        whole = buffered_body(stream, Body(BodyKind.LENGTH, 4))
+        chunked = buffered_body(stream, Body(BodyKind.CHUNKED))
+        return partial, whole, chunked, len(stream.buffer)
+
+    assert asyncio.run(main()) == (None, b"0123", None, 6)
+
+
 @pytest.mark.parametrize(
     ("headers", "status", "message"),
     [
@@ -320,7 +395,7 @@ def test_malformed_chunked_request_bodies_are_refused(data: bytes) -> None:
 def test_a_chunked_body_is_read_no_further_than_its_end() -> None:
     """What follows the body (the next request on the connection) stays unread."""
 
-    async def copy_then_rest(reader: asyncio.StreamReader) -> bytes:
+    async def copy_then_rest(reader: BufferedReader) -> bytes:
         await copy_body(reader, Collector(), Body(BodyKind.CHUNKED))
         return await reader.read()
 

@@ -9,6 +9,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -22,6 +23,7 @@ from spiffe import X509Svid
 from sdk.authorize import authorize_id
 from sdk.integrations.httpx import httpx_client
 from sdk.policy import Decision, Policy
+from sdk.sidecar import http_exchange
 from sdk.sidecar.config import (
     HostPort,
     InboundConfig,
@@ -685,6 +687,30 @@ def test_a_taken_health_address_names_the_setting_to_change(
         assert str(raised.value).endswith(f"; choose another {named} (or 0 to turn it off)")
     finally:
         loop_thread.run(first.stop())
+
+
+def test_a_connection_is_closed_when_its_next_request_head_is_late(
+    loop_thread: LoopThread, app: App, ca: TestCA, api_source: StaticX509Source,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deadline runs from the end of the previous request, for each head anew; a late one
+    (here half sent) ends the connection without an answer."""
+    monkeypatch.setattr(http_exchange, "IDLE_TIMEOUT_SECONDS", 0.5)
+    proxy = Proxy(inbound(port_of(app)), api_source)
+    loop_thread.run(proxy.start())
+    try:
+        tls = tls_socket(source_for(ca, WEB_ID), proxy.bound("in").port)
+        stream = tls.makefile("rb")
+        for _ in range(3):
+            tls.sendall(b"GET /api HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(stream)[0] == 200
+        started = time.monotonic()
+        tls.sendall(b"GET /api HTTP/1.1\r\nHo")
+        assert stream.read() == b""  # the socket's own timeout (5 s) fails the test
+        assert time.monotonic() - started >= 0.4
+        tls.close()
+    finally:
+        loop_thread.run(proxy.stop())
 
 
 def test_stop_closes_idle_connections_at_once(
