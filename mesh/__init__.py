@@ -157,6 +157,7 @@ __all__ = [
     "explain",
     "explain_gateway",
     "kind_named",
+    "load_all",
     "parse_documents",
     "parse_resource",
 ]
@@ -169,6 +170,14 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def load_all() -> None:
+    """Import every module the names above come from, as ``import mesh`` did before they
+    loaded on first use: a command that will need the whole model finds a missing
+    third-party package (pydantic, PyYAML, RE2) at once, and can name the extra."""
+    for module in sorted(set(_MODULE_OF.values())):
+        importlib.import_module(module)
 
 
 def __dir__() -> list[str]:
