@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import threading
 
-from spiffe import SpiffeId
-
 from ca.datastore.interface import Datastore
 from ca.datastore.records import AttestedAgent
 from ca.issuance import agent_or_refuse
 from ca.revisions import RevisionWatcher
+from sdk.spiffeid import SpiffeId
 
 MAX_CACHED_AGENTS = 100_000
 # Own changes the watcher has not read yet; past this many (it is not running) they

@@ -38,7 +38,6 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId, TrustDomain
 
 from ca import x509ca
 from ca.datastore.interface import Datastore
@@ -51,6 +50,7 @@ from sdk.clock import Clock
 from sdk.der import split_certificates
 from sdk.errors import FailedPrecondition, NotFound, TesseraError
 from sdk.keys import KeyType, PublicKey
+from sdk.spiffeid import SpiffeId, TrustDomain
 
 log = logging.getLogger(__name__)
 

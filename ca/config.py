@@ -48,7 +48,7 @@ from sdk.keys import KeyType, parse_key_type
 from sdk.spiffeid import parse_trust_domain
 
 if TYPE_CHECKING:
-    from spiffe import TrustDomain
+    from sdk.spiffeid import TrustDomain
 
 DEFAULT_BIND = "127.0.0.1:8081"
 DEFAULT_CA_TTL = timedelta(hours=24)

@@ -24,12 +24,12 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
-from spiffe import SpiffeId
 
 from sdk import der
 from sdk.csr import build_csr
 from sdk.errors import InvalidArgument
 from sdk.keys import PublicKey
+from sdk.spiffeid import SpiffeId
 
 __all__ = [
     "MAX_CSR_BYTES",

@@ -10,12 +10,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from spiffe import TrustDomain
-
 from attestor.selector import parse_selectors
 from ca.datastore.records import NewEntry, RegistrationEntry
 from sdk.errors import InvalidArgument
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.spiffeid import TrustDomain, parse_spiffe_id, parse_trust_domain, require_member
 
 MAX_TTL_SECONDS = 10 * 365 * 86400
 MAX_HINT_LENGTH = 1024

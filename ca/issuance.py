@@ -36,7 +36,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId, TrustDomain
 
 from attestor.selector import matches
 from ca import metrics
@@ -50,7 +49,7 @@ from ca.x509ca import SignedX509Svid
 from sdk.clock import Clock
 from sdk.errors import InvalidArgument, NotFound, PermissionDenied, TesseraError, Unavailable
 from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key
-from sdk.spiffeid import parse_spiffe_id, require_member
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_spiffe_id, require_member
 
 log = logging.getLogger(__name__)
 

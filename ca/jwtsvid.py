@@ -22,7 +22,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from spiffe import SpiffeId
 
 from ca.keymanager import Signer
 from sdk.errors import InvalidArgument
@@ -34,6 +33,7 @@ from sdk.jwtsvid import (  # noqa: F401  (moved; re-exported for the old path)
     check_audiences,
 )
 from sdk.keys import PublicKey, jwt_algorithm
+from sdk.spiffeid import SpiffeId
 
 
 def mint_jwt_svid(

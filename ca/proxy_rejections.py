@@ -31,13 +31,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from mesh import Config
-from mesh.catalog import Catalog
-from mesh.compile import compile_view
-from mesh.proxy import GatewayProxy
 from sdk.clock import Clock
+
+if TYPE_CHECKING:
+    from mesh import Config
+    from mesh.catalog import Catalog
 
 __all__ = [
     "MAX_REASON_CHARS",
@@ -145,5 +145,8 @@ class ProxyRejections:
 
 
 def _routes_to(config: Config, catalog: Catalog, gateway: ProxyRejection, service: str) -> bool:
+    from mesh.compile import compile_view  # on a describe's first call: not at the start
+    from mesh.proxy import GatewayProxy
+
     view = compile_view(config, catalog, GatewayProxy(gateway.spiffe_id, gateway.labels))
     return any(cluster.service == service for cluster in view.clusters)

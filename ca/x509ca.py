@@ -34,7 +34,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
-from spiffe import SpiffeId, TrustDomain
 
 from ca.errors import CAError
 from ca.keymanager import Signer
@@ -42,6 +41,7 @@ from sdk import der
 from sdk.errors import FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PrivateKey, PublicKey, generate_private_key, hash_for
 from sdk.peer import trust_domains_named
+from sdk.spiffeid import SpiffeId, TrustDomain
 
 DEFAULT_BACKDATE = timedelta(seconds=10)
 """How far an SVID's notBefore lies before its issuance, for clocks a little behind."""

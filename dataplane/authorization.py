@@ -36,12 +36,11 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from spiffe import SpiffeId
-
 from dataplane.ratelimit import RATE_LIMITED_HEADERS, RATE_LIMITED_STATUS, RateLimiter
 from mesh.request import HttpRequest
 from mesh.view import Authorization, AuthorizationRule
 from sdk.policy import Decision
+from sdk.spiffeid import SpiffeId
 
 __all__ = ["NOT_READY", "MeshJudge", "NotReady"]
 

@@ -343,7 +343,7 @@ def _labels(values: tuple[str, ...]) -> Mapping[str, str]:
 def _require_mesh(command: str) -> None:
     """Import the mesh's model now; without its third-party modules, name the extra."""
     try:
-        importlib.import_module("mesh")
+        importlib.import_module("mesh").load_all()
     except ModuleNotFoundError as err:
         top_level = (err.name or "").partition(".")[0]
         if not top_level or top_level in _OWN_PACKAGES:

@@ -29,11 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from spiffe import SpiffeId
-
 from dataplane.metrics import SidecarMetrics
 from sdk.address import HostPort
 from sdk.sources import WorkloadApiX509Source
+from sdk.spiffeid import SpiffeId
 
 __all__ = ["PLANES", "DataPlane", "DataPlaneKind", "SidecarSettings"]
 

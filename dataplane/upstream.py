@@ -27,14 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from spiffe import SpiffeId
-
 from mesh.view import Cluster, Endpoint
 from sdk.address import HostPort
 from sdk.authorize import Authorizer, authorize_one_of
 from sdk.errors import AuthorizationError, SdkError
 from sdk.sidecar.streams import STREAM_LIMIT, Stream
 from sdk.sources import X509Source
+from sdk.spiffeid import SpiffeId
 from sdk.tls import mtls_client_context, peer_spiffe_id
 
 __all__ = ["MAX_IDLE_PER_ENDPOINT", "ConnectFailed", "UpstreamConnection", "Upstreams"]

@@ -46,33 +46,80 @@ The compiler (pure too: configuration, catalog and a proxy's identity in, its vi
 
 from __future__ import annotations
 
-from mesh.catalog import Catalog, Instance
-from mesh.compile import compile_view
-from mesh.config import Change, Config
-from mesh.describe import Description, describe, describe_view
-from mesh.errors import ConfigError, FieldError, MeshError, UnknownServiceError
-from mesh.explain import Explanation, explain, explain_gateway
-from mesh.parse import parse_documents
-from mesh.proxy import GatewayProxy, SidecarProxy
-from mesh.references import check_references
-from mesh.request import HttpRequest
-from mesh.resources import (
-    KINDS,
-    AnyResource,
-    AuthorizationPolicy,
-    DestinationRule,
-    Gateway,
-    RateLimit,
-    RequestAuthentication,
-    Resource,
-    ResourceKey,
-    Service,
-    VirtualService,
-    kind_named,
-)
-from mesh.validation import parse_resource
-from mesh.view import Source, View
-from mesh.yamlload import MAX_DOCUMENTS, MAX_INPUT_BYTES
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mesh.catalog import Catalog, Instance
+    from mesh.compile import compile_view
+    from mesh.config import Change, Config
+    from mesh.describe import Description, describe, describe_view
+    from mesh.errors import ConfigError, FieldError, MeshError, UnknownServiceError
+    from mesh.explain import Explanation, explain, explain_gateway
+    from mesh.parse import parse_documents
+    from mesh.proxy import GatewayProxy, SidecarProxy
+    from mesh.references import check_references
+    from mesh.request import HttpRequest
+    from mesh.resources import (
+        KINDS,
+        AnyResource,
+        AuthorizationPolicy,
+        DestinationRule,
+        Gateway,
+        RateLimit,
+        RequestAuthentication,
+        Resource,
+        ResourceKey,
+        Service,
+        VirtualService,
+        kind_named,
+    )
+    from mesh.validation import parse_resource
+    from mesh.view import Source, View
+    from mesh.yamlload import MAX_DOCUMENTS, MAX_INPUT_BYTES
+
+# Names load on first use (PEP 562): ``from mesh import Change`` loads the configuration
+# model, not the compiler, the YAML loader or ``explain``; a server that stores resources
+# starts without them.
+_MODULE_OF = {
+    "Catalog": "mesh.catalog",
+    "Instance": "mesh.catalog",
+    "compile_view": "mesh.compile",
+    "Change": "mesh.config",
+    "Config": "mesh.config",
+    "Description": "mesh.describe",
+    "describe": "mesh.describe",
+    "describe_view": "mesh.describe",
+    "ConfigError": "mesh.errors",
+    "FieldError": "mesh.errors",
+    "MeshError": "mesh.errors",
+    "UnknownServiceError": "mesh.errors",
+    "Explanation": "mesh.explain",
+    "explain": "mesh.explain",
+    "explain_gateway": "mesh.explain",
+    "parse_documents": "mesh.parse",
+    "GatewayProxy": "mesh.proxy",
+    "SidecarProxy": "mesh.proxy",
+    "check_references": "mesh.references",
+    "HttpRequest": "mesh.request",
+    "KINDS": "mesh.resources",
+    "AnyResource": "mesh.resources",
+    "AuthorizationPolicy": "mesh.resources",
+    "DestinationRule": "mesh.resources",
+    "Gateway": "mesh.resources",
+    "RateLimit": "mesh.resources",
+    "RequestAuthentication": "mesh.resources",
+    "Resource": "mesh.resources",
+    "ResourceKey": "mesh.resources",
+    "Service": "mesh.resources",
+    "VirtualService": "mesh.resources",
+    "kind_named": "mesh.resources",
+    "parse_resource": "mesh.validation",
+    "Source": "mesh.view",
+    "View": "mesh.view",
+    "MAX_DOCUMENTS": "mesh.yamlload",
+    "MAX_INPUT_BYTES": "mesh.yamlload",
+}
 
 __all__ = [
     "KINDS",
@@ -110,6 +157,28 @@ __all__ = [
     "explain",
     "explain_gateway",
     "kind_named",
+    "load_all",
     "parse_documents",
     "parse_resource",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def load_all() -> None:
+    """Import every module the names above come from, as ``import mesh`` did before they
+    loaded on first use: a command that will need the whole model finds a missing
+    third-party package (pydantic, PyYAML, RE2) at once, and can name the extra."""
+    for module in sorted(set(_MODULE_OF.values())):
+        importlib.import_module(module)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

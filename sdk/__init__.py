@@ -87,8 +87,8 @@ if TYPE_CHECKING:
 _MODULE_OF = {
     "JwtBundle": "spiffe",
     "JwtSvid": "spiffe",
-    "SpiffeId": "spiffe",
-    "TrustDomain": "spiffe",
+    "SpiffeId": "sdk.spiffeid",
+    "TrustDomain": "sdk.spiffeid",
     "X509Bundle": "spiffe",
     "X509Svid": "spiffe",
     "Authorizer": "sdk.authorize",

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from spiffe import SpiffeId, TrustDomain
-
 from sdk.errors import AuthorizationError, InvalidArgument, SdkError
 from sdk.policy import Policy
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
 
 __all__ = [
     "Authorizer",

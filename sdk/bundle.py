@@ -23,16 +23,19 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from spiffe import JwtBundle, TrustDomain, X509Bundle
 
 from sdk.errors import InvalidArgument
 from sdk.keys import PublicKey, public_jwk, public_key_from_jwk
+from sdk.spiffeid import TrustDomain
+
+if TYPE_CHECKING:  # the spiffe package's bundle types, only where a bundle is handed to it
+    from spiffe import JwtBundle, X509Bundle
 
 __all__ = [
     "DEFAULT_REFRESH_HINT",
@@ -148,9 +151,13 @@ class TrustBundle:
         return cls(trust_domain=trust_domain, x509_authorities=tuple(certificates))
 
     def to_x509_bundle(self) -> X509Bundle:
+        from spiffe import X509Bundle
+
         return X509Bundle(self.trust_domain, set(self.x509_authorities))
 
     def to_jwt_bundle(self) -> JwtBundle:
+        from spiffe import JwtBundle
+
         return JwtBundle(self.trust_domain, dict(self.jwt_authorities))
 
     def _jwt_jwks(self) -> list[dict[str, Any]]:

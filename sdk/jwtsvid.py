@@ -39,17 +39,20 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from spiffe import JwtBundle, JwtSvid, SpiffeId
 
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import AuthenticationError, InvalidArgument
 from sdk.keys import PublicKey
-from sdk.sources import JwtBundleSource
-from sdk.spiffeid import parse_spiffe_id
+from sdk.spiffeid import SpiffeId, parse_spiffe_id
+
+if TYPE_CHECKING:  # the server mints and checks audiences without the Workload API client
+    from spiffe import JwtBundle, JwtSvid
+
+    from sdk.sources import JwtBundleSource
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -161,6 +164,8 @@ def validate_jwt_svid(
         validated = parse_and_validate_jwt_svid(token, bundle, audience, clock=clock)
     except JwtSvidError as err:
         raise AuthenticationError(_in_words(err, audience), peer_id=claimed) from err
+    from spiffe import JwtSvid
+
     return JwtSvid(
         validated.spiffe_id,
         set(validated.audience),

@@ -30,10 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cryptography import x509
-from spiffe import SpiffeId
 
 from sdk.errors import AuthenticationError, InvalidArgument, NotAnX509Svid
-from sdk.spiffeid import parse_spiffe_id
+from sdk.spiffeid import SpiffeId, parse_spiffe_id
 
 __all__ = [
     "spiffe_id_from_certificate",

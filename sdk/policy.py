@@ -62,10 +62,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from spiffe import SpiffeId, TrustDomain
-
 from sdk.errors import InvalidArgument, PolicyError
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
 
 __all__ = ["Decision", "Mode", "Policy", "Rule"]
 

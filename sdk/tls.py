@@ -61,22 +61,26 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from spiffe import SpiffeId, TrustDomain, X509Bundle
 
 from sdk.authorize import Authorizer
 from sdk.errors import AuthenticationError, SdkError, SourceError
 from sdk.peer import spiffe_id_from_der
-from sdk.sources import ChangeCounter, X509BundleSource, X509Source
+from sdk.spiffeid import SpiffeId, TrustDomain
 from sdk.tls_material import load_identity
+
+if TYPE_CHECKING:  # a context made from a source imports sdk.sources then (below): a
+    # server's own context (server_context) needs no Workload API client
+    from sdk.sources import X509BundleSource, X509Source
 
 __all__ = [
     "ClientCertificate",
     "TlsMaterial",
+    "X509Authorities",
     "mtls_client_context",
     "mtls_server_context",
     "peer_spiffe_id",
@@ -96,6 +100,17 @@ ClientCertificate = Literal["required", "optional"]
 """Whether a server context's clients must present an X509-SVID, or may present none."""
 
 
+class X509Authorities(Protocol):
+    """What a context needs of a bundle: a ``spiffe.X509Bundle``, or a
+    :class:`sdk.bundle.TrustBundle` as it is (a server has no reason to convert its own)."""
+
+    @property
+    def trust_domain(self) -> TrustDomain: ...
+
+    @property
+    def x509_authorities(self) -> Iterable[x509.Certificate]: ...
+
+
 @dataclass(frozen=True)
 class TlsMaterial:
     """What a context presents and whom it trusts, as its owner holds them at one moment."""
@@ -103,7 +118,7 @@ class TlsMaterial:
     cert_chain: Sequence[x509.Certificate] = ()
     """The certificate presented, leaf first, then intermediates; none for a client without."""
     private_key: PrivateKeyTypes | None = None
-    bundles: Sequence[X509Bundle] = ()
+    bundles: Sequence[X509Authorities] = ()
     """The trust domains whose X509-SVIDs peers may present."""
 
 
@@ -115,6 +130,8 @@ def mtls_server_context(
 ) -> ssl.SSLContext:
     """A server context presenting the source's SVID and requiring an authorized client SVID
     (or, with ``client_certificate="optional"``, authorizing one if the client presents it)."""
+    from sdk.sources import ChangeCounter
+
     changes = ChangeCounter(source)
     return _Rotation(
         _source_material(source, source, "server"), lambda: changes.value, authorizer,
@@ -124,6 +141,8 @@ def mtls_server_context(
 
 def mtls_client_context(source: X509Source, authorizer: Authorizer) -> ssl.SSLContext:
     """A client context presenting the source's SVID and requiring an authorized server SVID."""
+    from sdk.sources import ChangeCounter
+
     changes = ChangeCounter(source)
     return _Rotation(
         _source_material(source, source, "client"), lambda: changes.value, authorizer,
@@ -133,6 +152,8 @@ def mtls_client_context(source: X509Source, authorizer: Authorizer) -> ssl.SSLCo
 
 def tls_client_context(bundle_source: X509BundleSource, authorizer: Authorizer) -> ssl.SSLContext:
     """A client context without an SVID of its own that requires an authorized server SVID."""
+    from sdk.sources import ChangeCounter
+
     changes = ChangeCounter(bundle_source)
     return _Rotation(
         _source_material(bundle_source, None, "client"), lambda: changes.value, authorizer,

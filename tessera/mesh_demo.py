@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
-from spiffe import SpiffeId
 
 from ca.entries import new_entry
 from sdk import authorize_id
@@ -52,7 +51,7 @@ from sdk.der import split_certificates
 from sdk.errors import ConfigError
 from sdk.integrations.httpx import httpx_client
 from sdk.sidecar.connect import connect_x509_source
-from sdk.spiffeid import parse_trust_domain
+from sdk.spiffeid import SpiffeId, parse_trust_domain
 from tessera.up import LocalTrustDomain, UpSettings
 
 __all__ = ["DemoStopped", "MeshDemo", "MeshDemoResult"]

@@ -40,7 +40,6 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from spiffe import SpiffeId, TrustDomain
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
@@ -51,7 +50,7 @@ from ca.entries import new_entry
 from ca.server import Server, prepare_private_dir
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import ConfigError, FailedPrecondition, NotFound
-from sdk.spiffeid import parse_spiffe_id
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_spiffe_id
 from workload_api.agent import Agent
 from workload_api.config import DEFAULT_HEALTH_BIND, agent_config
 from workload_api.storage import AgentStorage

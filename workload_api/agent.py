@@ -52,7 +52,6 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import JwtBundle, SpiffeId, TrustDomain
 
 from attestor.selector import Selector
 from attestor.workload import (
@@ -77,7 +76,7 @@ from sdk.errors import (
 )
 from sdk.jwtsvid import JwtSvidError, claimed_spiffe_id, parse_and_validate_jwt_svid
 from sdk.keys import KeyType, generate_private_key, private_key_to_pkcs8_der
-from sdk.spiffeid import parse_trust_domain
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_trust_domain
 from workload_api import health
 from workload_api.cache import AuthorizedEntry, JwtSvidCache, SvidCache, leaf_authority_id
 from workload_api.config import AgentConfig
@@ -739,6 +738,8 @@ class Agent:
                 f"no JWT bundle for trust domain {name}; the agent can validate JWT-SVIDs of "
                 "its own trust domain and of federated ones"
             )
+        from spiffe import JwtBundle  # the package's Workload API client loads on first use
+
         keys = JwtBundle(bundle.trust_domain, {**bundle.jwt_authorities})
         validated = parse_and_validate_jwt_svid(token, keys, audience, clock=self._clock)
         return ValidatedToken(spiffe_id=str(validated.spiffe_id), claims=validated.claims)

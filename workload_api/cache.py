@@ -36,13 +36,12 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from cryptography import x509
-from spiffe import TrustDomain
 
 from attestor.selector import Selector, matches
 from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import InvalidArgument
-from sdk.spiffeid import parse_trust_domain
+from sdk.spiffeid import TrustDomain, parse_trust_domain
 from workload_api.identity import X509Context, X509SvidMaterial
 
 __all__ = [

@@ -35,15 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from spiffe import TrustDomain
-
 from attestor.node import NODE_ATTESTORS_AGENT
 from attestor.plugin import PluginConfig
 from attestor.workload import load_workload_attestor
 from sdk.address import HostPort
 from sdk.durations import parse_duration
 from sdk.errors import ConfigError, InvalidArgument
-from sdk.spiffeid import parse_trust_domain
+from sdk.spiffeid import TrustDomain, parse_trust_domain
 from workload_api.grpc_limits import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_UID
 
 __all__ = [

@@ -26,7 +26,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from spiffe import TrustDomain
 
 from attestor.node import NODE_ATTESTORS_AGENT, NodeAttestorAgent
 from sdk.bundle import TrustBundle
@@ -34,6 +33,7 @@ from sdk.csr import build_csr
 from sdk.der import split_certificates
 from sdk.errors import InvalidArgument, Unavailable
 from sdk.keys import KeyType, PrivateKey, generate_private_key
+from sdk.spiffeid import TrustDomain
 from workload_api.config import AgentConfig
 from workload_api.node_client import NodeClient
 from workload_api.storage import AgentIdentity, svid_spiffe_id

@@ -48,7 +48,6 @@ import httpcore
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId, TrustDomain
 
 from mesh.catalog import Instance
 from sdk.backoff import Backoff
@@ -66,6 +65,7 @@ from sdk.errors import (
 )
 from sdk.keys import PrivateKey
 from sdk.peer import spiffe_id_from_der, uri_sans
+from sdk.spiffeid import SpiffeId, TrustDomain
 from sdk.tls_material import load_identity
 from workload_api.config import Address
 

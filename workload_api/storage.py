@@ -33,14 +33,13 @@ from typing import Any, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from spiffe import SpiffeId, TrustDomain
 
 from sdk.bundle import TrustBundle
 from sdk.errors import ConfigError, InvalidArgument, NotAnX509Svid
 from sdk.keys import PrivateKey
 from sdk.peer import spiffe_id_from_certificate
 from sdk.privatefiles import write_file_atomically
-from sdk.spiffeid import parse_spiffe_id
+from sdk.spiffeid import SpiffeId, TrustDomain, parse_spiffe_id
 
 __all__ = ["AgentIdentity", "AgentStorage", "svid_spiffe_id", "write_file_atomically"]
 

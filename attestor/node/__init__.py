@@ -24,12 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from spiffe import SpiffeId, TrustDomain
-
 from attestor.plugin import PluginConfig, Registry
 from attestor.selector import Selector
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import TesseraError
+from sdk.spiffeid import SpiffeId, TrustDomain
 
 __all__ = [
     "NODE_ATTESTORS_AGENT",

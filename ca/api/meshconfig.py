@@ -15,6 +15,9 @@ instances (:mod:`mesh.compile`); each line names the resource and field it came 
 ``describe`` adds the NACKs still standing of the Service's sidecars and of the gateways
 routing to it, as their agents reported them (:mod:`ca.proxy_rejections`).
 
+The compiler, ``describe``, ``explain`` and the YAML parser are imported by the
+endpoints that use them, on their first call: the server starts without them.
+
 ``kind`` is a kind's name in any case (``virtualservice``). A configuration that cannot
 be applied is answered 400 with every problem in ``error.field_errors``
 (:mod:`ca.api.errors`), and nothing is stored. Each change wakes the agents' long
@@ -34,11 +37,9 @@ from ca.api.errors import RequestBody, error_responses
 from ca.datastore.interface import Datastore
 from ca.datastore.records import MeshApplyResult, MeshResource
 from ca.proxy_rejections import ProxyRejections
-from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named, parse_documents
+from mesh import KINDS, MAX_INPUT_BYTES, Resource, kind_named
 from mesh.catalog import Catalog
-from mesh.describe import describe
 from mesh.errors import UnknownServiceError
-from mesh.explain import explain, explain_gateway
 from mesh.resources import Service
 from sdk.clock import SYSTEM_CLOCK
 from sdk.errors import InvalidArgument
@@ -128,6 +129,8 @@ def mesh_router(
     @router.get("/describe/{service}", responses=error_responses(404))
     def describe_service(service: str) -> dict[str, Any]:
         """What every proxy of ``service`` does, each line naming its source."""
+        from mesh.describe import describe
+
         config, revision = store.mesh_config()
         instances = catalog()
         description = describe(config, instances, service)
@@ -139,6 +142,8 @@ def mesh_router(
     def explain_request(body: ExplainRequest) -> dict[str, Any]:
         """The route a request takes, its destination, and the rule that allows or
         refuses it."""
+        from mesh.explain import explain, explain_gateway
+
         if body.gateway is not None:
             if body.to is not None:
                 raise InvalidArgument("explain either a gateway's request (gateway, and from: "
@@ -176,6 +181,8 @@ def mesh_router(
         return await run_in_threadpool(_apply, body, dry_run, source)
 
     def _apply(body: bytes, dry_run: bool, source: str) -> dict[str, Any]:
+        from mesh.parse import parse_documents
+
         resources = parse_documents(body, source=source)
         if not resources:
             raise InvalidArgument(f"{source} holds no resources: nothing to apply")

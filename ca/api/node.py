@@ -30,7 +30,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, Field
-from spiffe import SpiffeId
 from starlette.concurrency import run_in_threadpool
 
 from attestor.node import AttestationResult, Challenge, NodeAttestationError, NodeAttestorServer
@@ -60,6 +59,7 @@ from sdk.bundle import TrustBundle
 from sdk.clock import SYSTEM_CLOCK
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound
 from sdk.jwtsvid import check_audiences
+from sdk.spiffeid import SpiffeId
 
 MAX_WAIT_SECONDS = 60.0
 MAX_INSTANCES_PER_AGENT = 256

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from spiffe import SpiffeId
 from starlette.types import Scope
 
 from sdk.authorize import authorize_any
@@ -34,6 +33,7 @@ from sdk.bundle import TrustBundle
 from sdk.errors import NotAnX509Svid, Unauthenticated
 from sdk.keys import PrivateKey
 from sdk.peer import spiffe_id_from_certificate
+from sdk.spiffeid import SpiffeId
 from sdk.tls import TlsMaterial, server_context
 
 
@@ -55,7 +55,7 @@ def server_tls_context(identity: Callable[[], ServerIdentity]) -> ssl.SSLContext
 
     def material() -> TlsMaterial:
         current = identity()
-        return TlsMaterial(current.chain, current.private_key, [current.bundle.to_x509_bundle()])
+        return TlsMaterial(current.chain, current.private_key, [current.bundle])
 
     # The bundle is the server's own trust domain's alone, so any SVID that chains to it
     # is of that trust domain; what the caller may do is the node API's to judge.

@@ -16,6 +16,13 @@ Alembic is imported only when a migration is due: a start against an up-to-date
 schema reads the version table with one query and compares it with the newest
 revision shipped, read from the migration files' ``revision``/``down_revision``
 lines. Importing Alembic costs a start about 100 ms.
+
+A new SQLite database (one without a single table) is created at the newest
+revision without Alembic too (:func:`_create_new`): the tables from the models
+(``ca.datastore.schema``, which a test holds equal to what the migrations make),
+the rows the migrations seed, and the version table naming the head. Running
+Alembic's import and the ten migrations cost ``tessera up`` on a new data
+directory about 110 ms; a test checks that both ways make the same database.
 """
 
 from __future__ import annotations
@@ -24,7 +31,21 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, Select, column, select, table, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    Select,
+    String,
+    Table,
+    column,
+    insert,
+    select,
+    table,
+    text,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdk.errors import FailedPrecondition
@@ -71,6 +92,8 @@ def upgrade(engine: Engine) -> None:
     SQLAlchemy errors pass through for the caller's boundary to translate.
     """
     if _at_shipped_head(engine):
+        return
+    if engine.dialect.name == "sqlite" and _create_new(engine):
         return
     from alembic import command
     from alembic.script.revision import RevisionError
@@ -123,3 +146,43 @@ def _at_shipped_head(engine: Engine) -> bool:
     except SQLAlchemyError:  # no version table yet: a new database
         return False
     return [row[0] for row in rows] == [head]
+
+
+# Alembic's own version table, as its MigrationContext defines it.
+_VERSION_TABLE = Table(
+    VERSION_TABLE,
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name=f"{VERSION_TABLE}_pkc"),
+)
+_AUDIT_HEAD = "head"  # the audit_head row migration 0002 writes (ca.datastore.sql.audit)
+
+
+def _create_new(engine: Engine) -> bool:
+    """Create the schema of a new SQLite database at the shipped head, as the
+    migrations would; False (and nothing done) when the database holds any table or
+    the migration files make no plain chain: Alembic decides then.
+
+    The check and the creation are one write transaction (``BEGIN IMMEDIATE``), so of
+    two servers starting on one new file, one creates and the other finds it made."""
+    head = shipped_head()
+    if head is None:
+        return False
+    from ca.datastore.audit import GENESIS
+    from ca.datastore.schema import COUNTERS, AuditHeadRow, Base, CounterRow
+
+    with engine.begin() as connection:
+        tables = connection.exec_driver_sql(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        ).scalar_one()
+        if tables:
+            return False
+        Base.metadata.create_all(connection)
+        _VERSION_TABLE.create(connection)
+        connection.execute(insert(_VERSION_TABLE).values(version_num=head))
+        # The rows the migrations seed: the counters (0001, 0005, 0008), the audit head (0002).
+        connection.execute(insert(CounterRow), [{"name": name, "value": 0} for name in COUNTERS])
+        connection.execute(
+            insert(AuditHeadRow).values(name=_AUDIT_HEAD, last_id=0, last_hash=GENESIS)
+        )
+    return True

@@ -23,7 +23,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
-from spiffe import TrustDomain
 
 from ca.api.errors import RequestBody, error_responses
 from ca.datastore.interface import Datastore
@@ -33,7 +32,7 @@ from ca.federation.refresher import refresh_relationship
 from ca.federation.relationship import parse_given_bundle, validate_relationship
 from sdk.bundle import TrustBundle
 from sdk.errors import InvalidArgument, NotFound
-from sdk.spiffeid import parse_trust_domain
+from sdk.spiffeid import TrustDomain, parse_trust_domain
 
 Audit = Callable[[str, str, dict[str, Any] | None], None]
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from spiffe import TrustDomain
-
 from ca.datastore.records import (
     BUNDLE_ENDPOINT_PROFILES,
     HTTPS_SPIFFE,
@@ -33,7 +31,7 @@ from ca.datastore.records import (
 from sdk.bundle import TrustBundle
 from sdk.errors import InvalidArgument
 from sdk.peer import trust_domains_named
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain, require_member
+from sdk.spiffeid import TrustDomain, parse_spiffe_id, parse_trust_domain, require_member
 
 MAX_URL_LENGTH = 2048
 

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from spiffe import TrustDomain
 
 from attestor.plugin import PluginConfig, Registry
 from ca.keymanager import Signer
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.keys import PublicKey
+from sdk.spiffeid import TrustDomain
 
 if TYPE_CHECKING:
     from ca.datastore.interface import Datastore

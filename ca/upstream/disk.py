@@ -36,7 +36,6 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from spiffe import TrustDomain
 
 from attestor.plugin import Plugin
 from attestor.settings import FilePath, Settings
@@ -45,6 +44,7 @@ from ca.upstream import MintedCA, UpstreamContext, is_self_signed
 from ca.x509ca import build_ca_certificate
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
+from sdk.spiffeid import TrustDomain
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import TrustDomain
 
 from attestor.plugin import Plugin
 from attestor.settings import Duration, FilePath, Settings
@@ -50,6 +49,7 @@ from sdk.clock import Clock
 from sdk.durations import format_duration
 from sdk.errors import AlreadyExists, ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import KeyType, PublicKey, generate_private_key, parse_key_type
+from sdk.spiffeid import TrustDomain
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from spiffe import TrustDomain
 
 from attestor.plugin import Plugin
 from attestor.settings import Duration
@@ -56,6 +55,7 @@ from ca.x509ca import ORGANIZATION, build_csr_with_signer
 from sdk.errors import ConfigError, FailedPrecondition, InvalidArgument
 from sdk.keys import PublicKey
 from sdk.peer import uri_sans
+from sdk.spiffeid import TrustDomain
 
 __all__ = ["PLUGIN", "VaultPkiSettings", "VaultPkiUpstreamAuthority"]
 

@@ -32,7 +32,6 @@ import json
 import ssl
 from typing import Any
 
-from spiffe import SpiffeId
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -40,6 +39,7 @@ from sdk.authorize import authorize_policy
 from sdk.errors import AuthenticationError, SdkError
 from sdk.peer import spiffe_id_from_pem
 from sdk.policy import Policy
+from sdk.spiffeid import SpiffeId
 
 __all__ = ["PolicyMiddleware", "TLSIdentityProtocol", "authorize_request", "caller_spiffe_id"]
 

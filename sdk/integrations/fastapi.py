@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fastapi import HTTPException, Request
-from spiffe import SpiffeId
 
 from sdk.clock import SYSTEM_CLOCK, Clock
 from sdk.errors import AuthenticationError, SdkError
@@ -35,6 +34,7 @@ from sdk.integrations.asgi import authorize_request, caller_spiffe_id
 from sdk.jwtsvid import validate_jwt_svid
 from sdk.policy import Policy
 from sdk.sources import JwtBundleSource
+from sdk.spiffeid import SpiffeId
 
 __all__ = ["enforce_policy", "jwt_svid_caller", "spiffe_peer"]
 

@@ -44,12 +44,12 @@ from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
-from spiffe import SpiffeId
 
 from sdk.authorize import Authorizer
 from sdk.errors import AuthenticationError, SdkError, SourceError
 from sdk.peer import spiffe_id_from_pem
 from sdk.sources import ChangeCounter, X509Source
+from sdk.spiffeid import SpiffeId
 
 __all__ = [
     "AuthorizingInterceptor",

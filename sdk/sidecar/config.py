@@ -34,14 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from spiffe import SpiffeId
-
 from sdk.address import HostPort
 from sdk.authorize import Authorizer, authorize_id, authorize_member_of, authorize_one_of
 from sdk.errors import ConfigError, InvalidArgument, PolicyError
 from sdk.policy import Policy
 from sdk.sidecar.errors import SidecarConfigError
-from sdk.spiffeid import parse_spiffe_id, parse_trust_domain
+from sdk.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
 
 __all__ = [
     "DEFAULT_PROXY_HEALTH_BIND",

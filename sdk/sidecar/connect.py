@@ -33,7 +33,6 @@ from typing import Final
 
 import grpc  # type: ignore[import-untyped]
 import spiffe
-from spiffe import SpiffeId
 from spiffe.errors import PySpiffeError
 
 from sdk.errors import SourceError
@@ -45,6 +44,7 @@ from sdk.sources import (
     workload_api_address,
     workload_api_status,
 )
+from sdk.spiffeid import SpiffeId
 
 __all__ = ["connect_x509_source", "withdrawal_in_words"]
 

@@ -48,8 +48,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from spiffe import SpiffeId
-
 from sdk.address import HostPort
 from sdk.policy import Decision, Policy
 from sdk.sidecar.errors import HttpError
@@ -63,6 +61,7 @@ from sdk.sidecar.http import (
     simple_response,
 )
 from sdk.sidecar.streams import Stream, splice
+from sdk.spiffeid import SpiffeId
 
 __all__ = [
     "CLIENT_CERT_HEADER",

@@ -57,8 +57,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from spiffe import SpiffeId
-
 from sdk.address import HostPort
 from sdk.errors import AuthorizationError, SdkError
 from sdk.policy import Decision, Policy
@@ -80,6 +78,7 @@ from sdk.sidecar.http_exchange import (
 from sdk.sidecar.metrics import ProxyMetrics
 from sdk.sidecar.streams import STREAM_LIMIT, Stream, splice
 from sdk.sources import X509Source
+from sdk.spiffeid import SpiffeId
 from sdk.tls import mtls_client_context, mtls_server_context, peer_spiffe_id
 
 __all__ = ["SHUTDOWN_GRACE_SECONDS", "Judge", "Proxy", "handshake_form", "handshake_policy"]
