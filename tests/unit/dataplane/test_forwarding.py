@@ -29,6 +29,7 @@ from mesh.view import (
     WeightedDestination,
 )
 from sdk.sidecar.http import RequestHead, ResponseHead, read_request_head, read_response_head
+from sdk.sidecar.streams import BufferedReader
 from tests.unit.mesh.meshes import ORDERS, everything
 
 SOURCE = Source("VirtualService", "test", "spec.http[0]")
@@ -165,11 +166,11 @@ NO_CHANGE = HeaderOperations(HeaderRewrite(), HeaderRewrite(), SOURCE)
 """Header operations that change nothing: the general path, to compare the short one with."""
 
 
-def reader_of(data: bytes) -> asyncio.StreamReader:
+def reader_of(data: bytes) -> BufferedReader:
     reader = asyncio.StreamReader()
     reader.feed_data(data)
     reader.feed_eof()
-    return reader
+    return BufferedReader(reader)
 
 
 def request_head(data: bytes) -> RequestHead:
