@@ -38,7 +38,7 @@ from typing import Final
 
 from dataplane.ratelimit import RATE_LIMITED_HEADERS, RATE_LIMITED_STATUS, RateLimiter
 from mesh.request import HttpRequest
-from mesh.view import Authorization, AuthorizationRule
+from mesh.view import Authorization, AuthorizationRule, JwtRule
 from sdk.policy import Decision
 from sdk.spiffeid import SpiffeId
 
@@ -78,10 +78,15 @@ class MeshJudge:
         *,
         revision: int,
         rate_limits: RateLimiter | None = None,
+        jwt_rules: tuple[JwtRule, ...] = (),
     ) -> None:
+        """``jwt_rules``: the RequestAuthentications that select the sidecar. The built-in
+        proxy does not validate JWTs, so with any, every request is refused (401, naming
+        the first) rather than passed on with a token nobody checked."""
         self.authorization = authorization
         self.revision = revision
         self.rate_limits = rate_limits
+        self.jwt_rules = jwt_rules
 
     def decide(
         self, peer_id: SpiffeId, method: str | None = None, path: str | None = None
@@ -90,6 +95,13 @@ class MeshJudge:
         if method is None or path is None:
             return self._caller(str(peer_id))
         caller = str(peer_id)
+        if self.jwt_rules:
+            source = self.jwt_rules[0].source
+            return Decision(
+                False, str(source), f"{source} applies to this sidecar, and the built-in "
+                "proxy does not validate JWTs: run tessera sidecar run --proxy envoy",
+                status=401,
+            )  # fmt: skip
         decided = self.authorization.decide(caller, HttpRequest.of(method, path))
         request = f" for {method} {path}"
         for audited in decided.audited:

@@ -45,7 +45,12 @@ from dataplane.planes import SidecarSettings
 from dataplane.ratelimit import RateLimiter
 from dataplane.telemetry import RequestTelemetry
 from dataplane.upstream import Upstreams
-from mesh.compile import compile_authorization, compile_rate_limits, compile_view
+from mesh.compile import (
+    compile_authorization,
+    compile_jwt_rules,
+    compile_rate_limits,
+    compile_view,
+)
 from mesh.proxy import SidecarProxy
 from sdk.address import HostPort
 from sdk.policy import Policy
@@ -193,8 +198,13 @@ class BuiltinProxy:
                                    for endpoint in cluster.endpoints})  # fmt: skip
         changed = self._judge is None or self._judge.authorization != authorization
         self._rate_limits.update(compile_rate_limits(snapshot.config, self._settings.service))
+        jwt_rules = compile_jwt_rules(snapshot.config, self._settings.labels)
+        if jwt_rules and (self._judge is None or not self._judge.jwt_rules):
+            _log.warning("%s selects this sidecar, and the built-in proxy does not validate "
+                         "JWTs: every request is refused (401) until it is deleted or the "
+                         "sidecar runs --proxy envoy", jwt_rules[0].source)  # fmt: skip
         self._judge = MeshJudge(authorization, revision=snapshot.revision,
-                                rate_limits=self._rate_limits)  # fmt: skip
+                                rate_limits=self._rate_limits, jwt_rules=jwt_rules)  # fmt: skip
         self._inbound.set_policy(self._judge)
         self._metrics.mesh_revision.set(snapshot.revision)
         if changed:

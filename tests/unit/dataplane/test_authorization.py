@@ -10,7 +10,7 @@ from spiffe import SpiffeId
 
 from dataplane.authorization import NOT_READY, MeshJudge
 from mesh import Config, parse_documents
-from mesh.compile import compile_authorization
+from mesh.compile import compile_authorization, compile_jwt_rules
 from sdk.policy import Decision
 
 WEB = SpiffeId("spiffe://example.org/web")
@@ -125,3 +125,32 @@ def test_before_the_first_snapshot_nobody_gets_through() -> None:
                         "again shortly")  # fmt: skip
     assert NOT_READY.at_handshake().decide(WEB) == expected
     assert NOT_READY.decide(WEB, "GET", "/") == expected
+
+
+JWT = """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: users-jwt}
+spec:
+  selector: {matchLabels: {app: users}}
+  jwtRules:
+  - issuer: https://issuer.example.com
+    jwksUri: https://issuer.example.com/jwks.json
+"""
+
+
+def test_a_request_authentication_it_cannot_check_refuses_every_request_with_401() -> None:
+    config, _ = Config().apply(parse_documents(POLICIES + "---\n" + JWT))
+    labels = {"app": "users"}
+    strict = MeshJudge(compile_authorization(config, labels), revision=3,
+                       jwt_rules=compile_jwt_rules(config, labels))  # fmt: skip
+
+    refused = strict.decide(WEB, "GET", "/api/users")
+    assert (refused.allowed, refused.status, refused.rule) == (
+        False, 401, "RequestAuthentication users-jwt spec.jwtRules[0]")
+    assert "does not validate JWTs" in refused.reason
+    # The caller alone (at the handshake) is judged as before: the 401 is per request.
+    assert strict.decide(WEB).allowed
+    other = compile_jwt_rules(config, {"app": "orders"})
+    assert other == () and MeshJudge(compile_authorization(config, {"app": "orders"}),
+                                     revision=3, jwt_rules=other).decide(WEB, "GET", "/").allowed
