@@ -8,7 +8,8 @@ sidecar; ``tessera gateway run``, the mesh's ingress.
 ``run`` serves the app as an instance of its Service (:mod:`dataplane.sidecar`): callers
 through ``--inbound`` (mTLS, each request judged by the mesh's AuthorizationPolicies),
 registered through the agent. ``gateway run`` serves the Gateway resources that select
-its labels (:mod:`dataplane.gateway`), always with Envoy. Progress lines go to stderr;
+its labels (:mod:`dataplane.gateway`), with Envoy or the built-in proxy
+(:mod:`dataplane.builtin_gateway`). Progress lines go to stderr;
 both stop on SIGTERM or SIGINT, draining open connections.
 
 ``files`` and ``proxy`` are :mod:`sdk.sidecar.cli`'s, and work on the base install. ``run``
@@ -175,7 +176,7 @@ gateway = click.Group(
     "gateway",
     context_settings=sdk_cli.CONTEXT,
     help="Run the mesh's ingress gateway: the Gateway resources that select its labels, "
-    "served by an Envoy the agent configures.",
+    "served by an Envoy the agent configures or by the built-in proxy.",
 )
 
 
@@ -200,7 +201,7 @@ gateway = click.Group(
     type=click.Choice(["envoy", "builtin"]),
     default="envoy",
     show_default=True,
-    help="The data plane (the built-in proxy has no gateway yet).",
+    help="The data plane: Envoy, or Tessera's own proxy (no JWT checks yet).",
 )
 @option("--socket", help="The agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET].")
 @option(
@@ -222,19 +223,16 @@ def gateway_run_command(
     labels: tuple[str, ...], spiffe_id: str | None, plane: str, socket: str | None,
     port_offset: int, health_bind: str, timeout: float, log_level: str,
 ) -> None:  # fmt: skip
-    """Serve the mesh's Gateways that select these labels, with Envoy."""
+    """Serve the mesh's Gateways that select these labels, with Envoy or the built-in proxy."""
     chosen = _labels(labels)
     wanted = _usage(lambda: parse_svid_id(spiffe_id, what="--spiffe-id")) if spiffe_id else None
-    if plane == "builtin":
-        raise click.UsageError("the built-in proxy cannot run a gateway yet: use --proxy envoy "
-                               "(the default)")  # fmt: skip
     _require_mesh("gateway run")
     from mesh.registration import label_problem
 
     problem = label_problem(chosen)
     if problem is not None:
         raise click.UsageError(f"--label: {problem}")
-    unavailable = PLANES["envoy"].unavailable()
+    unavailable = PLANES["envoy"].unavailable() if plane == "envoy" else None
     if unavailable is not None:
         raise click.ClickException(unavailable.replace("--proxy envoy", "tessera gateway run"))
     health = _usage(lambda: parse_health_bind(health_bind))
@@ -245,15 +243,20 @@ def gateway_run_command(
             socket, spiffe_id=wanted, timeout=timeout,
             consequence="the gateway's calls into the mesh fail until an SVID is issued again",
         )  # fmt: skip
-    from dataplane.gateway import Gateway, GatewaySettings
+    from dataplane.gateway import GatewaySettings, build_gateway
 
     settings = GatewaySettings(labels=chosen, port_offset=port_offset,
                                spiffe_id=str(wanted) if wanted else None)  # fmt: skip
     selector = ",".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+    carrier = "Envoy" if plane == "envoy" else "the built-in proxy"
     progress(f"Gateway {selector} presenting {source.x509_svid().spiffe_id} "
-             f"(Workload API {source.address}; Envoy)")  # fmt: skip
-    runner = Gateway(settings, source, socket=source.address, health_bind=health,
-                     progress=progress, log_level=log_level)  # fmt: skip
+             f"(Workload API {source.address}; {carrier})")  # fmt: skip
+    try:
+        runner = build_gateway(plane, settings, source, socket=source.address,
+                               health_bind=health, progress=progress, log_level=log_level)
+    except SidecarConfigError:
+        source.close()
+        raise
     try:
         _run_until_signal(runner.run)
     finally:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Final
 
 from dataplane.forwarding import Forwarder
@@ -37,12 +38,16 @@ from sdk.sidecar.http import RequestHead, read_request_head, simple_response
 from sdk.sidecar.http_exchange import IDLE_TIMEOUT_SECONDS
 from sdk.sidecar.streams import STREAM_LIMIT, Stream
 
-__all__ = ["OUTBOUND", "OutboundListener", "OutboundRoutes"]
+__all__ = [
+    "OUTBOUND", "TLS_HANDSHAKE_SECONDS", "HttpListener", "OutboundListener", "OutboundRoutes",
+]  # fmt: skip
 
 _log = logging.getLogger("tessera.sidecar")
 
 OUTBOUND: Final = "outbound"
 """The outbound listener's name, in logs and in the access log's ``listener``."""
+TLS_HANDSHAKE_SECONDS: Final = 10.0
+"""How long a TLS client may take over its handshake (a gateway's HTTPS port)."""
 _HOST_CACHE: Final = 4096
 """Host names remembered per view (beyond them, each is looked up again)."""
 
@@ -71,21 +76,23 @@ class OutboundRoutes:
         return found
 
 
-class OutboundListener:
-    """Plain HTTP from the app, each request routed by ``routes()`` (the view in effect)."""
+class HttpListener:
+    """HTTP/1.1 requests read one after the other on each connection, each handed to
+    :meth:`_handle` (a subclass's): the outbound's, a gateway port's. With ``ssl``, the
+    connections are TLS (the handshake bounded by :data:`TLS_HANDSHAKE_SECONDS`)."""
 
     def __init__(
         self,
         listen: HostPort,
         forwarder: Forwarder,
-        routes: Callable[[], OutboundRoutes | None],
         *,
-        name: str = OUTBOUND,
+        name: str,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.listen = listen
         self.name = name
         self._forwarder = forwarder
-        self._routes = routes
+        self._ssl = ssl
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], list[bool]] = {}
         """Each connection's task, and whether it waits for its next request (idle)."""
@@ -101,13 +108,15 @@ class OutboundListener:
         try:
             self._server = await asyncio.start_server(
                 self._accepted, self.listen.host or None, self.listen.port,
-                limit=STREAM_LIMIT, reuse_address=True,
+                limit=STREAM_LIMIT, reuse_address=True, ssl=self._ssl,
+                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl is not None else None,
             )  # fmt: skip
         except OSError as err:
             reason = os.strerror(err.errno) if err.errno else str(err)
-            raise SidecarConfigError(
-                f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
-            ) from err
+            raise SidecarConfigError(self._bind_error(reason)) from err
+
+    def _bind_error(self, reason: str) -> str:
+        return f"cannot listen on {self.listen}: {reason}"
 
     def stop_accepting(self) -> None:
         self._stopping = True
@@ -169,6 +178,28 @@ class OutboundListener:
                 return
             if not await self._handle(client, head, source_ip):
                 return
+
+    async def _handle(self, client: Stream, head: RequestHead, source_ip: str | None) -> bool:
+        """Answer one request; whether the connection may go on."""
+        raise NotImplementedError
+
+
+class OutboundListener(HttpListener):
+    """Plain HTTP from the app, each request routed by ``routes()`` (the view in effect)."""
+
+    def __init__(
+        self,
+        listen: HostPort,
+        forwarder: Forwarder,
+        routes: Callable[[], OutboundRoutes | None],
+        *,
+        name: str = OUTBOUND,
+    ) -> None:
+        super().__init__(listen, forwarder, name=name)
+        self._routes = routes
+
+    def _bind_error(self, reason: str) -> str:
+        return f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
 
     async def _handle(self, client: Stream, head: RequestHead, source_ip: str | None) -> bool:
         forwarder = self._forwarder
