@@ -16,6 +16,10 @@ that request choose what happens (:mod:`dataplane.forwarding`)::
 A Host that names no Service of the mesh is answered 404 with a sentence naming it
 (flag ``NR``); before the first mesh snapshot every request is answered 503. A new view
 takes effect at the next request of every open connection: nothing is dropped.
+
+The request loop (heads read with limits, idle timeouts, keep-alive, graceful stop) is
+:class:`HttpListener`'s, which a gateway's ports share (:mod:`dataplane.builtin_gateway`,
+over TLS on an HTTPS port).
 """
 
 from __future__ import annotations

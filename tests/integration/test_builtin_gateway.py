@@ -8,6 +8,8 @@ proxy, started from the command line with docs/gateway.md's own example.
 
 from __future__ import annotations
 
+import re
+import shlex
 import signal
 import socket
 import ssl
@@ -20,7 +22,7 @@ import pytest
 from tests.integration.conftest import free_port, tessera
 from tests.integration.mesh_fixtures import DEADLINE, App, Proxy, ProxyStarter, healthy, mesh
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
-from tests.integration.test_envoy_sidecar import page_example
+from tests.integration.test_envoy_sidecar import DOCS, page_example
 from tests.support.pki import self_signed, write_key_pem, write_pem
 from tests.support.processes import poll
 
@@ -117,13 +119,21 @@ def users(domain: TrustDomain, start: ProxyStarter) -> Iterator[list[Proxy]]:
             app.stop()
 
 
+def builtin_command() -> list[str]:
+    """The arguments of docs/gateway.md's ``tessera gateway run --proxy builtin`` line."""
+    text = (DOCS / "gateway.md").read_text()
+    command = re.search(r"^tessera gateway run (--proxy builtin .*)$", text, re.MULTILINE)
+    assert command is not None
+    return shlex.split(command.group(1))
+
+
 def test_the_docs_gateway_routes_by_uri_to_both_instances_on_the_built_in_proxy(
     users: list[Proxy], start: ProxyStarter
 ) -> None:
-    _, args = page_example()
+    args = builtin_command()
     offset = free_port() - 80
     args[args.index("--port-offset") + 1] = str(offset)
-    proxy = start.gateway("gateway", None, offset=offset, labels=(), args=args, plane="builtin")
+    proxy = start.gateway("gateway", None, offset=offset, labels=(), args=args)
     proxy.wait_ready()
     url = f"http://127.0.0.1:{proxy.ports['http']}"
     forged = {"X-Forwarded-Client-Spiffe-Id": INTRUDER, "x_forwarded_client_spiffe_id": INTRUDER}
