@@ -8,7 +8,7 @@ sidecar; ``tessera gateway run``, the mesh's ingress.
 ``run`` serves the app as an instance of its Service (:mod:`dataplane.sidecar`): callers
 through ``--inbound`` (mTLS, each request judged by the mesh's AuthorizationPolicies),
 registered through the agent. ``gateway run`` serves the Gateway resources that select
-its labels, with Envoy (:mod:`dataplane.gateway`) or the built-in proxy
+its labels (:mod:`dataplane.gateway`), with Envoy or the built-in proxy
 (:mod:`dataplane.builtin_gateway`). Progress lines go to stderr;
 both stop on SIGTERM or SIGINT, draining open connections.
 
@@ -28,7 +28,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
@@ -41,10 +41,6 @@ from sdk.sidecar import cli as sdk_cli
 from sdk.sidecar.config import parse_health_bind, parse_svid_id
 from sdk.sidecar.connect import connect_x509_source
 from sdk.sidecar.errors import SidecarConfigError
-
-if TYPE_CHECKING:
-    from dataplane.builtin_gateway import BuiltinGateway
-    from dataplane.gateway import Gateway
 
 __all__ = ["gateway", "sidecar"]
 
@@ -180,7 +176,7 @@ gateway = click.Group(
     "gateway",
     context_settings=sdk_cli.CONTEXT,
     help="Run the mesh's ingress gateway: the Gateway resources that select its labels, "
-    "served by an Envoy the agent configures.",
+    "served by an Envoy the agent configures or by the built-in proxy.",
 )
 
 
@@ -205,7 +201,7 @@ gateway = click.Group(
     type=click.Choice(["envoy", "builtin"]),
     default="envoy",
     show_default=True,
-    help="The data plane: an Envoy the gateway runs, or the built-in Python proxy.",
+    help="The data plane: Envoy, or Tessera's own proxy (no JWT checks yet).",
 )
 @option("--socket", help="The agent's Workload API socket [default: $SPIFFE_ENDPOINT_SOCKET].")
 @option(
@@ -227,7 +223,7 @@ def gateway_run_command(
     labels: tuple[str, ...], spiffe_id: str | None, plane: str, socket: str | None,
     port_offset: int, health_bind: str, timeout: float, log_level: str,
 ) -> None:  # fmt: skip
-    """Serve the mesh's Gateways that select these labels."""
+    """Serve the mesh's Gateways that select these labels, with Envoy or the built-in proxy."""
     chosen = _labels(labels)
     wanted = _usage(lambda: parse_svid_id(spiffe_id, what="--spiffe-id")) if spiffe_id else None
     _require_mesh("gateway run")
@@ -247,23 +243,20 @@ def gateway_run_command(
             socket, spiffe_id=wanted, timeout=timeout,
             consequence="the gateway's calls into the mesh fail until an SVID is issued again",
         )  # fmt: skip
-    from dataplane.gateway import Gateway, GatewaySettings
+    from dataplane.gateway import GatewaySettings, build_gateway
 
     settings = GatewaySettings(labels=chosen, port_offset=port_offset,
                                spiffe_id=str(wanted) if wanted else None)  # fmt: skip
     selector = ",".join(f"{k}={v}" for k, v in sorted(chosen.items()))
-    carried = "Envoy" if plane == "envoy" else "the built-in proxy"
+    carrier = "Envoy" if plane == "envoy" else "the built-in proxy"
     progress(f"Gateway {selector} presenting {source.x509_svid().spiffe_id} "
-             f"(Workload API {source.address}; {carried})")  # fmt: skip
-    runner: Gateway | BuiltinGateway
-    if plane == "envoy":
-        runner = Gateway(settings, source, socket=source.address, health_bind=health,
-                         progress=progress, log_level=log_level)  # fmt: skip
-    else:
-        from dataplane.builtin_gateway import BuiltinGateway
-
-        runner = BuiltinGateway(settings, source, socket=source.address, health_bind=health,
-                                progress=progress)  # fmt: skip
+             f"(Workload API {source.address}; {carrier})")  # fmt: skip
+    try:
+        runner = build_gateway(plane, settings, source, socket=source.address,
+                               health_bind=health, progress=progress, log_level=log_level)
+    except SidecarConfigError:
+        source.close()
+        raise
     try:
         _run_until_signal(runner.run, plane)
     finally:

@@ -2,6 +2,9 @@
 
 ::
 
+    gateway = build_gateway("envoy", settings, source, socket=..., health_bind=...,
+                            progress=print)   # or "builtin": dataplane.builtin_gateway
+
     gateway = Gateway(GatewaySettings(labels={"istio": "ingressgateway"}, port_offset=18000),
                       source, socket="unix:///run/tessera/agent.sock",
                       health_bind=HostPort("127.0.0.1", 15021), progress=print)
@@ -30,7 +33,7 @@ import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from dataplane.agent_envoy import AgentEnvoy, envoy_log_level, host_name
 from dataplane.metrics import follow_svid_expiry
@@ -40,7 +43,10 @@ from sdk.sidecar.health import HealthServer
 from sdk.sidecar.metrics import SvidMetrics
 from sdk.sources import WorkloadApiX509Source
 
-__all__ = ["DEFAULT_HOST", "Gateway", "GatewayFailed", "GatewaySettings"]
+__all__ = [
+    "DEFAULT_HOST", "Gateway", "GatewayFailed", "GatewayRunner", "GatewaySettings",
+    "ListenerAnnouncer", "build_gateway", "no_gateway_sentence",
+]  # fmt: skip
 
 DEFAULT_HOST: Final = "0.0.0.0"  # noqa: S104  (an ingress listens for the outside)
 SOURCE_CHECK_SECONDS: Final = 1.0
@@ -58,6 +64,75 @@ class GatewaySettings:
     host: str = DEFAULT_HOST
     spiffe_id: str | None = None
     """The SVID to serve with (the source's default one when None)."""
+
+
+class GatewayRunner(Protocol):
+    """What ``tessera gateway run`` runs, whichever the data plane."""
+
+    settings: GatewaySettings
+
+    @property
+    def health_url(self) -> str | None: ...
+
+    def ready_problem(self) -> str | None: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def build_gateway(
+    plane: str,
+    settings: GatewaySettings,
+    source: WorkloadApiX509Source,
+    *,
+    socket: str,
+    health_bind: HostPort | None,
+    progress: Callable[[str], None],
+    log_level: str = "info",
+    grace: float = GRACE_SECONDS,
+) -> GatewayRunner:
+    """The gateway on ``plane`` (``envoy`` or ``builtin``, as ``--proxy`` says)."""
+    if plane == "builtin":
+        from dataplane.builtin_gateway import BuiltinGateway
+
+        return BuiltinGateway(settings, source, socket=socket, health_bind=health_bind,
+                              progress=progress, grace=grace)  # fmt: skip
+    return Gateway(settings, source, socket=socket, health_bind=health_bind,
+                   progress=progress, log_level=log_level, grace=grace)  # fmt: skip
+
+
+def no_gateway_sentence(labels: Mapping[str, str]) -> str:
+    """Why a gateway listens nowhere: no Gateway selects its labels."""
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return (f"no Gateway selects this gateway's labels ({shown}): apply one whose "
+            "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
+
+
+class ListenerAnnouncer:
+    """Says on the progress output the ports a gateway listens on, each time they change,
+    in the same words whichever the data plane."""
+
+    def __init__(self, settings: GatewaySettings, progress: Callable[[str], None]) -> None:
+        self._settings = settings
+        self._progress = progress
+        self._said: Mapping[int, str] | None = None
+        self._announced = False
+
+    def listening(self, listeners: Mapping[int, str]) -> None:
+        """``listeners``: the address listened on for each Gateway port (before the offset)."""
+        listeners = dict(listeners)
+        if listeners == self._said:
+            return
+        self._said = listeners
+        offset = self._settings.port_offset
+        if not listeners:
+            self._progress(f"  {no_gateway_sentence(self._settings.labels)}")
+            return
+        for port, address in sorted(listeners.items()):
+            shifted = f" (port {port} + {offset})" if offset else ""
+            self._progress(f"  listening on {address}{shifted}: Gateway servers of port {port}")
+        if not self._announced:
+            self._announced = True
+            self._progress("Gateway is ready. Ctrl-C stops it.")
 
 
 class Gateway:
@@ -99,8 +174,7 @@ class Gateway:
                          more_metrics=self.envoy.prometheus_stats)
             if health_bind is not None else None
         )  # fmt: skip
-        self._said: Mapping[str, str] | None = None
-        self._announced = False
+        self._announcer = ListenerAnnouncer(settings, progress)
         self._stopping = False
 
     @property
@@ -116,9 +190,7 @@ class Gateway:
         return problem
 
     def _no_gateway(self) -> str:
-        labels = ", ".join(f"{k}={v}" for k, v in sorted(self.settings.labels.items()))
-        return (f"no Gateway selects this gateway's labels ({labels}): apply one whose "
-                "spec.selector matches them (tessera mesh get gateway)")  # fmt: skip
+        return no_gateway_sentence(self.settings.labels)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain Envoy and stop."""
@@ -158,18 +230,7 @@ class Gateway:
     def _changed(self) -> None:
         if self.envoy.ready_problem() is not None:
             return
-        listeners = dict(self.envoy.listeners)
-        if listeners == self._said:
-            return
-        self._said = listeners
-        offset = self.settings.port_offset
-        if not listeners:
-            self._progress(f"  {self._no_gateway()}")
-            return
-        for name, address in sorted(listeners.items()):
-            port = name.removeprefix("gateway_")
-            shifted = f" (port {port} + {offset})" if offset else ""
-            self._progress(f"  listening on {address}{shifted}: Gateway servers of port {port}")
-        if not self._announced:
-            self._announced = True
-            self._progress("Gateway is ready. Ctrl-C stops it.")
+        self._announcer.listening({
+            int(name.removeprefix("gateway_")): address
+            for name, address in self.envoy.listeners.items()
+        })  # fmt: skip

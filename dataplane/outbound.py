@@ -16,6 +16,10 @@ that request choose what happens (:mod:`dataplane.forwarding`)::
 A Host that names no Service of the mesh is answered 404 with a sentence naming it
 (flag ``NR``); before the first mesh snapshot every request is answered 503. A new view
 takes effect at the next request of every open connection: nothing is dropped.
+
+The request loop (heads read with limits, idle timeouts, keep-alive, graceful stop) is
+:class:`HttpListener`'s, which a gateway's ports share (:mod:`dataplane.builtin_gateway`,
+over TLS on an HTTPS port).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import ssl as ssl_module
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Final
 
 from dataplane.forwarding import Forwarder
@@ -38,14 +42,16 @@ from sdk.sidecar.http import RequestHead, read_request_head, simple_response
 from sdk.sidecar.http_exchange import IDLE_TIMEOUT_SECONDS
 from sdk.sidecar.streams import STREAM_LIMIT, Stream
 
-__all__ = ["OUTBOUND", "OutboundListener", "OutboundRoutes"]
+__all__ = [
+    "OUTBOUND", "TLS_HANDSHAKE_SECONDS", "HttpListener", "OutboundListener", "OutboundRoutes",
+]  # fmt: skip
 
 _log = logging.getLogger("tessera.sidecar")
 
 OUTBOUND: Final = "outbound"
 """The outbound listener's name, in logs and in the access log's ``listener``."""
 TLS_HANDSHAKE_SECONDS: Final = 10.0
-"""How long a caller of a TLS listener (a gateway's HTTPS port) may take to handshake."""
+"""How long a TLS client may take over its handshake (a gateway's HTTPS port)."""
 _HOST_CACHE: Final = 4096
 """Host names remembered per view (beyond them, each is looked up again)."""
 
@@ -74,27 +80,23 @@ class OutboundRoutes:
         return found
 
 
-class OutboundListener:
-    """Plain HTTP from the app, each request routed by ``routes()`` (the view in effect)."""
+class HttpListener:
+    """HTTP/1.1 requests read one after the other on each connection, each handed to
+    :meth:`_handle` (a subclass's): the outbound's, a gateway port's. With ``ssl``, the
+    connections are TLS (the handshake bounded by :data:`TLS_HANDSHAKE_SECONDS`)."""
 
     def __init__(
         self,
         listen: HostPort,
         forwarder: Forwarder,
-        routes: Callable[[], OutboundRoutes | None],
         *,
-        name: str = OUTBOUND,
-        ssl: ssl_module.SSLContext | None = None,
-        what: str = "--outbound",
+        name: str,
+        ssl: SSLContext | None = None,
     ) -> None:
-        """``ssl``: terminate TLS with it (a gateway's HTTPS port); ``what``: the listener
-        as its start-up error names it."""
         self.listen = listen
         self.name = name
-        self._ssl = ssl
-        self._what = what
         self._forwarder = forwarder
-        self._routes = routes
+        self._ssl = ssl
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], list[bool]] = {}
         """Each connection's task, and whether it waits for its next request (idle)."""
@@ -111,14 +113,14 @@ class OutboundListener:
             self._server = await asyncio.start_server(
                 self._accepted, self.listen.host or None, self.listen.port,
                 limit=STREAM_LIMIT, reuse_address=True, ssl=self._ssl,
-                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl else None,
+                ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if self._ssl is not None else None,
             )  # fmt: skip
         except OSError as err:
             reason = os.strerror(err.errno) if err.errno else str(err)
-            raise SidecarConfigError(
-                f"cannot listen on {self._what} {self.listen}: {reason}; choose another "
-                f"{self._what}"
-            ) from err
+            raise SidecarConfigError(self._bind_error(reason)) from err
+
+    def _bind_error(self, reason: str) -> str:
+        return f"cannot listen on {self.listen}: {reason}"
 
     def stop_accepting(self) -> None:
         self._stopping = True
@@ -180,6 +182,28 @@ class OutboundListener:
                 return
             if not await self._handle(client, head, source_ip):
                 return
+
+    async def _handle(self, client: Stream, head: RequestHead, source_ip: str | None) -> bool:
+        """Answer one request; whether the connection may go on."""
+        raise NotImplementedError
+
+
+class OutboundListener(HttpListener):
+    """Plain HTTP from the app, each request routed by ``routes()`` (the view in effect)."""
+
+    def __init__(
+        self,
+        listen: HostPort,
+        forwarder: Forwarder,
+        routes: Callable[[], OutboundRoutes | None],
+        *,
+        name: str = OUTBOUND,
+    ) -> None:
+        super().__init__(listen, forwarder, name=name)
+        self._routes = routes
+
+    def _bind_error(self, reason: str) -> str:
+        return f"cannot listen on --outbound {self.listen}: {reason}; choose another --outbound"
 
     async def _handle(self, client: Stream, head: RequestHead, source_ip: str | None) -> bool:
         forwarder = self._forwarder

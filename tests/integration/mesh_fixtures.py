@@ -262,12 +262,15 @@ class ProxyStarter:
 
     def gateway(self, name: str, spiffe_id: str | None, *, offset: int,
                 labels: tuple[str, ...] = ("istio=ingressgateway",),
-                args: list[str] | None = None, plane: str = "envoy") -> Proxy:  # fmt: skip
-        """``tessera gateway run --proxy PLANE`` with ``args`` (the docs' own, say), or
-        with these labels, SPIFFE ID and port offset; its health endpoints on a free port."""
+                args: list[str] | None = None, plane: str | None = None) -> Proxy:  # fmt: skip
+        """``tessera gateway run`` with ``args`` (the docs' own, say), or with these
+        labels, SPIFFE ID and port offset; its health endpoints on a free port; with
+        ``plane``, ``--proxy PLANE`` (else the command's default, Envoy)."""
         health = free_port()
         args = [TESSERA, "gateway", "run", *(args or ["--port-offset", str(offset)]),
-                "--health-bind", f"127.0.0.1:{health}", "--proxy", plane]  # fmt: skip
+                "--health-bind", f"127.0.0.1:{health}"]  # fmt: skip
+        if plane is not None:
+            args += ["--proxy", plane]
         if spiffe_id is not None:
             args += ["--spiffe-id", spiffe_id]
         for label in labels:
