@@ -377,6 +377,9 @@ def listener_config(
         timeout_keep_alive=int(limits.idle_timeout.total_seconds()),
         log_config=None,
         access_log=False,
+        # Nothing here stands behind a proxy whose X-Forwarded-* headers to believe (the
+        # caller is its TLS handshake's): no middleware rewriting every request's client.
+        proxy_headers=False,
         lifespan="off",
         timeout_graceful_shutdown=2,
     )
