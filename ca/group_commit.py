@@ -7,10 +7,12 @@ once, alone: nobody waits for company. While a write is in flight, later items
 queue; when it ends, the queued items (up to ``max_weight``) are written together
 with one call of ``commit``, which returns one outcome per item: None (committed)
 or the exception that item's caller is to raise. When ``commit`` raises, every
-item of the group fails with that error. Nothing here sleeps or reads a clock: a
-group is whatever queued during the previous write::
+item of the group fails with that error. A group is whatever queued during the
+previous write, and, for a group a coroutine leads, during ``gather`` after its
+first item (the issuer's: a few milliseconds, so that concurrent requests share a
+transaction even when the writing thread has a core of its own)::
 
-    group = GroupCommit(commit)                    # commit(items) -> [None | error, ...]
+    group = GroupCommit(commit, gather=0.005)      # commit(items) -> [None | error, ...]
     group.submit(item)                             # returns once committed; raises its error
     await group.submit_async(item)                 # the same, from the event loop
 
@@ -18,8 +20,9 @@ Who writes: a thread that submits writes its own group (and then hands the writi
 to the next queued thread), so a lone thread pays no hand-off; a coroutine must not
 block its event loop, so a group led by one is written by the group commit's own
 thread, which resolves the group's futures with one callback per event loop. That
-thread starts at the end of the event loop's turn, so the items coroutines submit in
-the same turn (requests whose bytes arrived together) make one group.
+thread starts at the end of the event loop's turn (or ``gather`` later), so the items
+coroutines submit in the same turn (requests whose bytes arrived together) make one
+group; it waits, when its next group's first item is younger than ``gather``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import copy
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +47,10 @@ class _Ticket(Generic[Item]):
     """One submitted item and its outcome once written; a thread waits on ``_wake``, a
     coroutine on ``future``."""
 
-    __slots__ = ("_wake", "done", "error", "future", "item", "lead", "weight")
+    __slots__ = ("_wake", "at", "done", "error", "future", "item", "lead", "weight")
 
     def __init__(self, item: Item, weight: int, future: asyncio.Future[None] | None) -> None:
+        self.at = 0.0  # when a coroutine submitted it (time.monotonic), with ``gather``
         self.item = item
         self.weight = weight
         self.future = future
@@ -74,11 +79,16 @@ class GroupCommit(Generic[Item]):
         weight: Callable[[Item], int] = lambda _: 1,
         max_weight: int = 1000,
         name: str = "group-commit",
+        gather: float = 0.0,
     ) -> None:
         """``weight`` says how big an item is (e.g. its rows); a group stops growing at
         ``max_weight``, except that it always takes at least one item. ``name`` names
-        the thread that writes the groups coroutines lead."""
+        the thread that writes the groups coroutines lead. ``gather`` (seconds): a group
+        a coroutine leads is written that long after its first item was submitted, at
+        the soonest, so that the items submitted meanwhile join it (0: at the end of the
+        event loop's turn); a thread's item is written at once, as ever."""
         self._commit = commit
+        self._gather = gather
         self._weight = weight
         self._max_weight = max_weight
         self._name = name
@@ -114,8 +124,11 @@ class GroupCommit(Generic[Item]):
 
     async def submit_async(self, item: Item) -> None:
         """:meth:`submit` for a coroutine: the write happens in another thread."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         ticket = _Ticket(item, self._weight(item), future)
+        if self._gather:
+            ticket.at = time.monotonic()
         with self._lock:
             if self._writing:
                 self._queue.append(ticket)
@@ -124,9 +137,12 @@ class GroupCommit(Generic[Item]):
                 self._writing = True
                 lead = True
         if lead:
-            # Handed to the writing thread at the end of this turn of the event loop, not
-            # now: the batches other requests sign in the same turn join this group.
-            future.get_loop().call_soon(self._start_writer, ticket)
+            # Handed to the writing thread at the end of this turn of the event loop (or
+            # ``gather`` later), not now: the batches other requests sign meanwhile join.
+            if self._gather:
+                loop.call_later(self._gather, self._start_writer, ticket)
+            else:
+                loop.call_soon(self._start_writer, ticket)
         await future
         if ticket.error is not None:
             raise ticket.error
@@ -143,8 +159,13 @@ class GroupCommit(Generic[Item]):
         self._writer.submit(self._write_groups, first)
 
     def _write_groups(self, first: _Ticket[Item] | None) -> None:
-        """The group commit's thread: write groups while coroutines lead them."""
+        """The group commit's thread: write groups while coroutines lead them; each is
+        written ``gather`` after its first item, at the soonest."""
         while first is not None:
+            if self._gather:
+                wait = first.at + self._gather - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # this thread's own wait: items queue meanwhile
             first = self._write_group(first, own=None)
 
     def _write_group(

@@ -136,11 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TesseraError)
     async def _tessera_error(request: Request, exc: TesseraError) -> JSONResponse:
-        if exc.status >= 500:
-            log.warning("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(
-            error_body(exc.status, exc.message, exc.code), status_code=exc.status
-        )
+        return tessera_error_response(request.method, request.url.path, exc)
 
     @app.exception_handler(MeshConfigError)
     async def _mesh_config_error(request: Request, exc: MeshConfigError) -> JSONResponse:
@@ -163,8 +159,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+        return unexpected_error_response(request.method, request.url.path)
+
+
+def tessera_error_response(method: str, path: str, exc: TesseraError) -> JSONResponse:
+    """The answer to a refusal of ours (logged when it is the server's fault)."""
+    if exc.status >= 500:
+        log.warning("%s %s: %s", method, path, exc.message)
+    return JSONResponse(error_body(exc.status, exc.message, exc.code), status_code=exc.status)
+
+
+def unexpected_error_response(method: str, path: str) -> JSONResponse:
+    """The answer to any other error, logged with its traceback (call it in ``except``)."""
+    log.exception("unexpected error in %s %s", method, path)
+    return JSONResponse(error_body(500, "internal server error"), status_code=500)
 
 
 def _document_errors(app: FastAPI) -> None:

@@ -1,9 +1,11 @@
 """What one client may hold of the server's HTTP listeners, for all of them alike.
 
 The node API, the federation bundle endpoint and the admin socket are uvicorn
-listeners whose connections are :class:`LimitedProtocol` (the SDK's
-:class:`~sdk.integrations.asgi.TLSIdentityProtocol`, which puts the handshake's
-client certificate in each request); each listener has a
+listeners whose connections are :class:`LimitedProtocol`: uvicorn's protocol on
+httptools (a C HTTP parser: h11, in Python, cost the node API about a tenth of
+the CPU of a one-CSR request), which puts the handshake's client certificate in
+each request as the SDK's :class:`~sdk.integrations.asgi.TLSIdentityProtocol`
+does, and writes an answer's head with the first part of its body; each listener has a
 :class:`ConnectionGuard` that the protocol asks when a connection is made and
 tells when it is gone. Together they bound:
 
@@ -14,6 +16,8 @@ tells when it is gone. Together they bound:
   connection is closed);
 - the idle time between requests on a kept-alive connection (uvicorn's
   ``timeout_keep_alive``, set from ``idle_timeout``);
+- the size of a request's head (:data:`MAX_HEAD_BYTES`, h11's own bound): a
+  larger one is answered 400 and the connection closed;
 - the open connections from one IP address (``max_connections_per_peer``) and
   on the listener (``max_connections``): one more is closed at once.
 
@@ -38,12 +42,11 @@ from collections import Counter
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-import h11
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ca.config import ConnectionLimits
 from sdk.clock import SYSTEM_CLOCK, Clock
-from sdk.integrations.asgi import TLSIdentityProtocol
 
 if TYPE_CHECKING:
     from uvicorn.config import Config
@@ -56,6 +59,10 @@ REQUEST_TIMEOUT_RESPONSE = (
     b"content-length: 42\r\nconnection: close\r\n\r\n"
     b"the request did not arrive whole in time\r\n"
 )
+
+MAX_HEAD_BYTES = 16 * 1024
+"""A request's line and headers, at most (what h11, which served before, allowed)."""
+HEAD_TOO_LARGE = f"the request head is larger than {MAX_HEAD_BYTES} bytes"
 
 REPORT_INTERVAL = timedelta(seconds=10)
 DESCRIPTOR_RESERVE = 64
@@ -202,9 +209,18 @@ def peer_address(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-class LimitedProtocol(TLSIdentityProtocol):
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: stops parsing a head over :data:`MAX_HEAD_BYTES`."""
+
+
+class LimitedProtocol(HttpToolsProtocol):
     """A listener's connection, held to its ``guard`` and ``limits``: asks the guard for a
-    place when made, and is closed if it has not sent a whole request in ``request_timeout``."""
+    place when made, and is closed if it has not sent a whole request in ``request_timeout``.
+
+    Every request's scope carries the handshake's client certificate in the ASGI TLS
+    extension (``client_cert_chain``: the PEM, read once per connection, or empty), in
+    place of anything else: nothing but the handshake can name the caller.
+    """
 
     def __init__(
         self,
@@ -225,6 +241,12 @@ class LimitedProtocol(TLSIdentityProtocol):
         self._peer: str | None = None
         self._admitted = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._chain: list[str] = []
+        self._receiving = False  # a request has begun and not arrived whole
+        self._head_whole = False  # ... and its head has
+        self._head_bytes = 0  # of the head's whole fields, as the parser hands them over
+        self._partial_head_bytes = 0  # received while the head was unfinished
+        self._head_too_large = False
 
     def connection_made(self, transport: Any) -> None:
         self._peer = peer_address(transport)
@@ -233,6 +255,11 @@ class LimitedProtocol(TLSIdentityProtocol):
             return
         self._admitted = True
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:
+                self._chain = [ssl.DER_cert_to_PEM_cert(der)]
         self._arm(self._accepted_at + self._request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -244,30 +271,69 @@ class LimitedProtocol(TLSIdentityProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        mid_head = self._receiving and not self._head_whole
         super().data_received(data)
+        if mid_head and self._receiving and not self._head_whole:
+            # The parser keeps a header it has not seen the end of: bound those bytes too.
+            self._partial_head_bytes += len(data)
+            if self._partial_head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self._head_too_large = True
+                self.send_400_response(HEAD_TOO_LARGE)
         self._follow_request()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._follow_request()
 
-    # -- the request deadline -----------------------------------------------------------
+    # -- the request, as the parser reads it ----------------------------------------------
 
-    def _request_pending(self) -> bool:
-        """A request has begun and not yet arrived whole."""
-        state = self.conn.their_state
-        return state is h11.SEND_BODY or (state is h11.IDLE and bool(self.conn.trailing_data[0]))
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {"tls": {"client_cert_chain": self._chain}}
+        self._receiving, self._head_whole = True, False
+        self._head_bytes = self._partial_head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_whole = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._receiving = False
+        super().on_message_complete()
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise _HeadTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse; one that says so for a head over
+        :data:`MAX_HEAD_BYTES`."""
+        if self._head_too_large:
+            msg = HEAD_TOO_LARGE
+        super().send_400_response(msg)
+
+    # -- the request deadline -----------------------------------------------------------
 
     def _follow_request(self) -> None:
         if not self._admitted:
             return
-        if self._request_pending():
+        if self._receiving:
             if self._deadline is None:
                 self._arm(self.loop.time() + self._request_timeout)
-        elif self.conn.their_state is not h11.IDLE:
-            self._disarm()  # the request is whole; the app's time is not bounded here
         elif self.cycle is not None:
-            self._disarm()  # between requests: uvicorn's keep-alive timeout holds
+            # The request is whole (the app's time is not bounded here), or the
+            # connection is between requests (uvicorn's keep-alive timeout holds).
+            self._disarm()
 
     def _arm(self, when: float) -> None:
         self._disarm()
@@ -283,9 +349,10 @@ class LimitedProtocol(TLSIdentityProtocol):
         if self.transport.is_closing():
             return
         self._guard.timed_out()
-        if self.conn.their_state is h11.SEND_BODY and self.cycle is not None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._head_whole and self.cycle is not None:
             self.cycle.disconnected = True  # the app stops waiting for a body that never came
-        elif self.conn.our_state is h11.IDLE and self._request_pending():
+        elif self._receiving and not answering:
             self.transport.write(REQUEST_TIMEOUT_RESPONSE)  # a head had begun
         # abort, not close: a TLS close would wait for the slow peer's close_notify
         self.transport.abort()
@@ -310,6 +377,9 @@ def listener_config(
         timeout_keep_alive=int(limits.idle_timeout.total_seconds()),
         log_config=None,
         access_log=False,
+        # Nothing here stands behind a proxy whose X-Forwarded-* headers to believe (the
+        # caller is its TLS handshake's): no middleware rewriting every request's client.
+        proxy_headers=False,
         lifespan="off",
         timeout_graceful_shutdown=2,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cryptography import x509
@@ -67,6 +68,11 @@ def server_tls_context(identity: Callable[[], ServerIdentity]) -> ssl.SSLContext
     )
 
 
+PEER_CACHE_SIZE = 4096
+"""Client certificates whose parse is kept: one per connected agent, more than a node API
+holds busy at once; an agent beyond them is parsed again, nothing else changes."""
+
+
 def peer_certificate(scope: Scope) -> x509.Certificate | None:
     chain = (scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain") or []
     if not chain:
@@ -75,18 +81,31 @@ def peer_certificate(scope: Scope) -> x509.Certificate | None:
 
 
 def peer_spiffe_id(scope: Scope) -> tuple[SpiffeId, x509.Certificate]:
-    """The SPIFFE ID of the verified client certificate; Unauthenticated without one."""
-    cert = peer_certificate(scope)
-    if cert is None:
+    """The SPIFFE ID of the verified client certificate; Unauthenticated without one.
+
+    Every request of a connection carries the same certificate (the same string:
+    :class:`ca.api.limits.LimitedProtocol` reads it once, at the handshake), so it is
+    parsed once, not per request: the answer is kept by the certificate's PEM.
+    """
+    chain = (scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain") or []
+    if not chain:
         raise Unauthenticated(
             "no client certificate was presented; agents must call with their SVID"
         )
+    identity = _identity(chain[0])
+    if isinstance(identity, str):
+        raise Unauthenticated(identity)
+    return identity
+
+
+@lru_cache(maxsize=PEER_CACHE_SIZE)
+def _identity(pem: str) -> tuple[SpiffeId, x509.Certificate] | str:
+    """(SPIFFE ID, certificate) of a client certificate, or why it names no caller."""
+    cert = x509.load_pem_x509_certificate(pem.encode())
     try:
         # The handshake has checked it is an X509-SVID leaf already.
         return spiffe_id_from_certificate(cert, leaf=False), cert
     except NotAnX509Svid as err:
         if err.problem == "uri_sans":
-            raise Unauthenticated(
-                "the client certificate is not an X509-SVID (needs one URI SAN)"
-            ) from None
-        raise Unauthenticated("the client certificate's URI SAN is not a SPIFFE ID") from err
+            return "the client certificate is not an X509-SVID (needs one URI SAN)"
+        return "the client certificate's URI SAN is not a SPIFFE ID"

@@ -294,3 +294,71 @@ def test_a_thread_queued_first_writes_the_next_group_itself_for_coroutines_too()
     assert second.returned and first.returned
     assert writes.groups == [["first"], ["b", "c"]]
     assert writes.threads[1] == "submit-b"
+
+
+# -- gather: a coroutine's group waits for company -------------------------------------
+
+GATHER = 0.2
+
+
+class TimedWrites(Writes):
+    """Writes, noting when each group was written (time.monotonic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def __call__(self, items: Sequence[str]) -> Sequence[BaseException | None]:
+        self.at.append(time.monotonic())
+        return super().__call__(items)
+
+
+def test_coroutines_submitting_within_the_gather_time_are_written_together() -> None:
+    writes = TimedWrites()
+    group = GroupCommit(writes, name="recording", gather=GATHER)
+    submitted: list[float] = []
+
+    async def main() -> None:
+        submitted.append(time.monotonic())
+        first = asyncio.ensure_future(group.submit_async("a"))
+        for _ in range(5):  # turns of the loop: without gather, "a" would go alone
+            await asyncio.sleep(0)
+        assert writes.groups == []
+        await asyncio.gather(first, group.submit_async("b"), group.submit_async("c"))
+
+    asyncio.run(main())
+
+    assert writes.groups == [["a", "b", "c"]]
+    assert writes.at[0] - submitted[0] >= GATHER
+
+
+def test_a_group_queued_behind_a_write_is_written_gather_after_its_first_item() -> None:
+    writes = HeldWrites()
+    group = GroupCommit(writes, name="recording", gather=GATHER)
+    first = Submitter(group, "first")  # a thread's item: written at once
+    first.start()
+    assert writes.entered.wait(DEADLINE)
+    written: list[float] = []
+
+    async def main() -> None:
+        submitted = time.monotonic()
+        pending = asyncio.ensure_future(group.submit_async("b"))
+        await asyncio.sleep(0)
+        wait_until(lambda: group.waiting == 1, "b to queue")
+        writes.release()
+        await pending
+        written.append(time.monotonic() - submitted)
+
+    asyncio.run(main())
+    first.join(DEADLINE)
+
+    assert writes.groups == [["first"], ["b"]]
+    assert written[0] >= GATHER
+    assert writes.threads[1].startswith("recording")
+
+
+def test_a_thread_s_item_does_not_wait_for_company() -> None:
+    writes = Writes()
+    group = GroupCommit(writes, gather=60.0)
+    group.submit("a")  # returns once written: gather is for coroutines
+    assert writes.groups == [["a"]]

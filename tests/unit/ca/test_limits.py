@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 import resource
+import ssl
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
-import h11
 import pytest
 from uvicorn.server import ServerState
 
 from ca.api.limits import (
+    HEAD_TOO_LARGE,
+    MAX_HEAD_BYTES,
     REQUEST_TIMEOUT_RESPONSE,
     ConnectionGuard,
     LimitedProtocol,
@@ -77,9 +79,21 @@ class ManualLoop:
             timer.callback(*timer.args)
 
 
+class PeerCertificate:
+    """The TLS object of a handshake whose client presented ``der`` (or nothing)."""
+
+    def __init__(self, der: bytes | None) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        assert binary_form
+        return self.der
+
+
 class Transport:
-    def __init__(self, peer: str | None) -> None:
+    def __init__(self, peer: str | None, ssl_object: PeerCertificate | None = None) -> None:
         self.peer = peer
+        self.ssl_object = ssl_object
         self.written = b""
         self.aborted = self.closed = False
 
@@ -88,6 +102,8 @@ class Transport:
             return (self.peer, 40000) if self.peer else ""
         if name == "sockname":
             return ("127.0.0.1", 8081)
+        if name == "ssl_object":
+            return self.ssl_object
         return default
 
     def write(self, data: bytes) -> None:
@@ -139,16 +155,17 @@ def accept(loop: ManualLoop, guard: ConnectionGuard) -> Callable[..., LimitedPro
     return accept
 
 
-def connect(protocol: LimitedProtocol, peer: str | None = "192.0.2.1") -> Transport:
-    transport = Transport(peer)
+def connect(
+    protocol: LimitedProtocol, peer: str | None = "192.0.2.1", ssl_object: Any = None
+) -> Transport:
+    transport = Transport(peer, ssl_object)
     protocol.connection_made(transport)
     return transport
 
 
 def answer(protocol: LimitedProtocol) -> None:
-    """The app's response to the request, sent as uvicorn's cycle would."""
-    protocol.conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
-    protocol.conn.send(h11.EndOfMessage())
+    """The app's response to the request, as uvicorn's cycle ends it."""
+    protocol.cycle.response_complete = True
     protocol.on_response_complete()
 
 
@@ -239,6 +256,58 @@ def test_each_later_request_has_its_own_deadline(loop, accept):
     loop.advance(0.1)
     assert transport.written == REQUEST_TIMEOUT_RESPONSE
     assert transport.aborted
+
+
+@pytest.mark.parametrize("pieces", [True, False], ids=["in-pieces", "at-once"])
+def test_a_head_over_the_bound_is_answered_400_and_closed(accept, pieces):
+    protocol = accept()
+    transport = connect(protocol)
+    filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+    fillers = [filler] * (MAX_HEAD_BYTES // len(filler) + 2)
+    if pieces:  # the parser holds an unfinished header: the bytes count as they arrive
+        protocol.data_received(HEAD_START)
+        for piece in fillers:
+            if transport.is_closing():
+                break
+            protocol.data_received(piece)
+    else:
+        protocol.data_received(HEAD_START + b"".join(fillers) + b"\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 400 ")
+    assert transport.written.endswith(HEAD_TOO_LARGE.encode())
+    assert transport.closed
+    assert protocol.cycle is None  # the app never saw it
+
+
+def test_a_head_under_the_bound_is_served(accept):
+    protocol = accept()
+    transport = connect(protocol)
+    protocol.data_received(HEAD_START + b"X-Filler: " + b"a" * (MAX_HEAD_BYTES // 2) + b"\r\n\r\n")
+    assert transport.written == b""
+    assert protocol.cycle is not None and protocol.cycle.scope["path"] == "/live"
+
+
+# -- the caller's certificate -----------------------------------------------------------
+
+
+def test_each_request_carries_the_handshake_certificate(accept):
+    protocol = accept()
+    der = b"0\x03\x02\x01\x00"  # what the handshake verified; parsed by the app
+    connect(protocol, ssl_object=PeerCertificate(der))
+    chains = []
+    for _ in range(2):
+        protocol.data_received(HEAD_START + b"\r\n")
+        chains.append(protocol.cycle.scope["extensions"]["tls"]["client_cert_chain"])
+        answer(protocol)
+    assert chains[0] == [ssl.DER_cert_to_PEM_cert(der)]
+    assert chains[1] is chains[0]  # the same string: the app's parse of it is kept
+
+
+@pytest.mark.parametrize("ssl_object", [None, PeerCertificate(None)], ids=["plain", "no-cert"])
+def test_without_a_handshake_certificate_requests_carry_none(accept, ssl_object):
+    protocol = accept()
+    connect(protocol, ssl_object=ssl_object)
+    protocol.data_received(HEAD_START + b"X-Client-Cert: forged\r\n\r\n")
+    assert protocol.cycle.scope["extensions"] == {"tls": {"client_cert_chain": []}}
 
 
 # -- the connection caps ----------------------------------------------------------------

@@ -113,6 +113,34 @@ def test_only_the_leaf_names_the_caller(agent_svid, make_root):
     assert (spiffe_id, cert) == (AGENT, agent_svid)
 
 
+def test_a_connection_s_certificate_is_parsed_once(agent_svid, monkeypatch):
+    # Every request of a connection carries the same PEM string.
+    scope = scope_with(pem(agent_svid))
+    first = peer_spiffe_id(scope)
+    monkeypatch.setattr(x509, "load_pem_x509_certificate", _must_not_parse)
+
+    again = peer_spiffe_id(scope)
+
+    assert again == first and again[1] is first[1]
+
+
+def test_a_refused_certificate_stays_refused_on_the_next_request(key):
+    web = scope_with(pem(self_signed(subject="peer", key=key, uris=["https://example.org/a"])
+                         .certificate))
+
+    assert refusal(web) == refusal(web) == "the client certificate's URI SAN is not a SPIFFE ID"
+
+
+def test_a_connection_without_a_certificate_is_refused_after_one_with(agent_svid):
+    assert peer_spiffe_id(scope_with(pem(agent_svid)))[0] == AGENT
+
+    assert refusal(scope_with()) == NO_CERTIFICATE
+
+
+def _must_not_parse(*_: Any) -> None:
+    raise AssertionError("the certificate was parsed again")
+
+
 # -- _with_peer_certificate -------------------------------------------------------------
 
 
