@@ -152,7 +152,7 @@ def test_an_envoy_sidecar_lets_the_allowed_caller_in_with_its_identity_and_refus
                                            "x_forwarded_client_spiffe_id": INTRUDER})
     assert allowed.status_code == 200, allowed.text
     assert allowed.json() | {"number": 0} == {"app": "users-1", "path": "/api/users", "number": 0,
-                                              "caller": [WEB]}
+                                              "caller": [WEB], "traceparent": None}
 
     with httpx_client(callers[INTRUDER], authorize_id(USERS), timeout=10) as client:
         refused = client.get(url)
