@@ -469,11 +469,18 @@ def envoy_process(
         process.wait(timeout=10)
 
 
-def wait_for_answer(port: int, logs: Sequence[Path]) -> None:
-    """Poll ``GET / (Host: users-service)`` through a pair until it answers 200."""
+def wait_for_answer(
+    port: int, logs: Sequence[Path], processes: Sequence[subprocess.Popen[bytes]] = ()
+) -> None:
+    """Poll ``GET / (Host: users-service)`` through a pair until it answers 200 (failing at
+    once when one of ``processes`` has exited)."""
     deadline = time.monotonic() + READY_DEADLINE
     last = "no answer"
     while time.monotonic() < deadline:
+        exited = next((process for process in processes if process.poll() is not None), None)
+        if exited is not None:
+            last = f"a sidecar (pid {exited.pid}) exited with status {exited.returncode}"
+            break
         try:
             response = httpx.get(f"http://127.0.0.1:{port}/", headers={"host": SERVICE}, timeout=5)
         except httpx.HTTPError as err:
@@ -486,7 +493,7 @@ def wait_for_answer(port: int, logs: Sequence[Path]) -> None:
     tails = "\n".join(
         f"{log}:\n{log.read_text(errors='replace')[-1500:]}" for log in logs if log.exists()
     )
-    raise RuntimeError(f"the pair did not answer 200 in {READY_DEADLINE:.0f}s ({last}):\n{tails}")
+    raise RuntimeError(f"the pair did not answer 200 ({last}):\n{tails}")
 
 
 def save_config_dumps(name: str, admins: Mapping[str, str]) -> None:
@@ -638,7 +645,8 @@ def builtin_http_pair(
                     stderr=log,
                 )  # fmt: skip
         wait_for_port(outbound, processes["outbound"], prefix / "outbound.log")
-        wait_for_answer(outbound, [prefix / "inbound.log", prefix / "outbound.log"])
+        wait_for_answer(outbound, [prefix / "inbound.log", prefix / "outbound.log"],
+                        list(processes.values()))  # fmt: skip
         yield outbound, [processes["outbound"].pid, processes["inbound"].pid]
     finally:
         for process in processes.values():

@@ -93,17 +93,28 @@ UNUSED_PORTS: Final = range(20000, 32768)
 kernel hands to outgoing connections at any moment."""
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`unused_port` gave this process already: none is given twice, since the
+first may not be listened on yet when the second is asked for."""
+
+
 def unused_port(host: str = "127.0.0.1", *, attempts: int = 100) -> int:
     """A TCP port of ``host`` nothing is bound to now, for a process to listen on a little
     later (a demo's proxies, a test's): picked at random outside the ephemeral range, so
-    that no outgoing connection takes it meanwhile, as one may take a ``bind(0)`` port."""
+    that no outgoing connection takes it meanwhile, as one may take a ``bind(0)`` port,
+    and never one this process was given before."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(attempts):
         port = random.choice(UNUSED_PORTS)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((host, port))
             except OSError:
                 continue
+            if len(_HANDED_OUT) >= len(UNUSED_PORTS) // 2:  # a long-lived process: start over
+                _HANDED_OUT.clear()
+            _HANDED_OUT.add(port)
             return port
     raise ConfigError(f"no unused port on {host} after {attempts} tries")

@@ -116,3 +116,10 @@ def test_an_unused_port_is_outside_the_ephemeral_range_and_free() -> None:
         taken.bind(("127.0.0.1", port))  # nothing had it
         taken.listen()
         assert all(unused_port() != port for _ in range(200))
+
+
+def test_an_unused_port_is_never_handed_out_twice_by_one_process() -> None:
+    """Two ports asked for before either is listened on (a sidecar's --outbound and
+    another's --health-bind, say) must differ, though both are free when asked for."""
+    ports = [unused_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
