@@ -26,6 +26,7 @@ NOUNS = {
     "localauthority": "ca.cli.localauthority:localauthority_group",
     "audit": "ca.cli.audit:audit_group",
     "federation": "ca.federation.cli:federation_group",
+    "console": "ca.cli.console:server_console",
 }
 
 

@@ -20,9 +20,9 @@ from ca.cli import server
 from ca.cli.common import emit_found
 from tessera.cli import cli
 
-# CLI.md's contract: every spire-server noun Tessera has, plus audit.
+# CLI.md's contract: every spire-server noun Tessera has, plus audit and the web console.
 NOUNS = [
-    "agent", "audit", "bundle", "entry", "federation", "healthcheck", "jwt",
+    "agent", "audit", "bundle", "console", "entry", "federation", "healthcheck", "jwt",
     "localauthority", "run", "token", "x509",
 ]
 
@@ -46,7 +46,7 @@ def test_the_server_group_lists_every_noun() -> None:
 
 def test_every_server_command_resolves_and_answers_help() -> None:
     paths = every_command(server, click.Context(cli, info_name="tessera"), ["server"])
-    assert len(paths) == 50
+    assert len(paths) == 51
     for path in paths:
         result = CliRunner().invoke(cli, [*path, "--help"], prog_name="tessera")
         assert result.exit_code == 0, (path, result.output)
