@@ -36,6 +36,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not exclusive"
 	$(BIN)/pytest -q -p no:cacheprovider -m exclusive
+	@echo "Console screenshots (tests/integration/test_console_browser.py): $(CURDIR)/build/console-screenshots"
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

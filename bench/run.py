@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench import (
     agent_footprint,
+    console,
     envoy_pair,
     handshakes,
     issuance,
@@ -41,7 +42,7 @@ SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
     for module in (issuance, workload_api, agent_footprint, propagation, mesh_traffic, mtls_proxy,
                    envoy_pair,
-                   handshakes, startup)
+                   handshakes, startup, console)
 }
 
 

@@ -55,10 +55,7 @@ def server_console(admin_socket: str | None, data_dir: str, bind: str,
     """
     from sdk.address import HostPort
 
-    try:
-        address = HostPort.parse(bind, what="--bind")
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
+    address = HostPort.parse(bind, what="--bind", example=DEFAULT_BIND, any_port=True)
     if not mtls and not _loopback(address.host):
         raise click.UsageError(
             f"--bind {bind} is not a loopback address: the console holds the admin "
@@ -88,7 +85,7 @@ async def _serve(socket_path: Path, host: str, port: int, *, prometheus: str | N
 
     admin = AdminSource(socket_path)
     try:
-        found = await admin.get("/v1/trustdomain")
+        found = await admin.get("/v1/health")
     except SourceError as err:
         await admin.close()
         raise click.ClickException(str(err)) from err

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import jinja2
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -231,7 +231,7 @@ class Console:
         left = float(ts) - self.settings.now()
         return ("in " + _duration(left)) if left >= 0 else (_duration(-left) + " ago")
 
-    def _form_ok(self, session: str, form: Any) -> bool:
+    def _form_ok(self, session: str, form: dict[str, str]) -> bool:
         return self.settings.access.form_token_valid(session, str(form.get("form_token", "")))
 
     # -- health -----------------------------------------------------------------------
@@ -436,11 +436,22 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
         "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
 
-async def _form(request: Request) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
+async def _form(request: Request) -> dict[str, str]:
+    """A urlencoded form's fields (the console's forms are nothing else), its body read
+    within :data:`MAX_FORM_BYTES`; empty for anything else."""
+    if not request.headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"):
         return {}
-    return await request.form(max_files=0, max_fields=32, max_part_size=MAX_FORM_BYTES)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return {}
+    try:
+        fields = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=32)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return dict(fields)
 
 
 def _int(value: str | None, default: int, low: int, high: int) -> int:

@@ -34,7 +34,7 @@ from tests.conftest import missing_service
 pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mesh_traffic",
-             "mtls_proxy", "envoy_pair", "handshakes", "startup"]
+             "mtls_proxy", "envoy_pair", "handshakes", "startup", "console"]
 
 
 @pytest.mark.timeout(300)
