@@ -100,6 +100,30 @@ class SignedX509Chain:
     authority: Authority
 
 
+@dataclass(frozen=True)
+class NextRotation:
+    """When the journal's rules will next prepare and activate a key of one kind, by the
+    active authority's life (None: not pending — already prepared, or nothing active)."""
+
+    prepare_at: datetime | None
+    activate_at: datetime | None
+
+
+def next_rotation(authorities: Sequence[Authority]) -> NextRotation:
+    """The next steps for one kind's ``authorities`` (one server's): prepare when less than
+    half the active key's life is left (unless a key is prepared), activate the prepared
+    key when less than a sixth is left (as :meth:`Authorities.rotate` does)."""
+    active = next((a for a in authorities if a.status == ACTIVE), None)
+    if active is None:
+        return NextRotation(None, None)
+    life = active.not_after - active.not_before
+    prepared = any(a.status == PREPARED for a in authorities)
+    return NextRotation(
+        prepare_at=None if prepared else active.not_after - life / 2,
+        activate_at=active.not_after - life / 6,
+    )
+
+
 class Authorities:
     def __init__(
         self,

@@ -101,14 +101,33 @@ class RevisionWatcher:
     def _set(
         self, revision: int, bundle_sequence: int = 0, agents: int = 0, mesh_revision: int = 0
     ) -> None:
-        self.agents = agents  # nothing waits on it: the agent cache compares it
-        now = (revision, bundle_sequence, mesh_revision)
-        if now != (self.revision, self.bundle_sequence, self.mesh_revision):
+        now = (revision, bundle_sequence, agents, mesh_revision)
+        if now != self.counters:
+            # Agents wait on the first, second and fourth (wait_past); the admin API's
+            # watch (the console) on all four.
             self.revision = revision
             self.bundle_sequence = bundle_sequence
+            self.agents = agents
             self.mesh_revision = mesh_revision
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
+
+    @property
+    def counters(self) -> Counters:
+        return (self.revision, self.bundle_sequence, self.agents, self.mesh_revision)
+
+    async def wait_changed(self, seen: Counters, timeout: float) -> Counters:
+        """Return the counters once any differs from ``seen``, or after ``timeout``
+        seconds (the admin API's ``/v1/watch``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.closed and self.counters == seen:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.counters
 
     async def wait_past(
         self,

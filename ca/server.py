@@ -28,6 +28,7 @@ from typing import Any
 
 from attestor.node import NodeAttestorServer, ServerContext, load_node_attestor_server
 from ca import metrics
+from ca.agent_activity import AgentActivity
 from ca.api.admin import create_admin_app
 from ca.api.limits import (
     ConnectionGuard,
@@ -233,6 +234,7 @@ class Server:
 
     def _apps(self) -> tuple[Any, Any]:
         rejections = ProxyRejections(self.clock)  # reported on one, shown by the other
+        activity = AgentActivity(self.clock)  # recorded by one, shown by the other
         node_app = create_node_app(
             store=self.store,
             authorities=self.authorities,
@@ -242,6 +244,7 @@ class Server:
             ready=self.ready_problem,
             instance_lease=self.config.mesh_instance_lease,
             rejections=rejections,
+            activity=activity,
         )
         admin_app = create_admin_app(
             store=self.store,
@@ -251,6 +254,8 @@ class Server:
             changed=self.watcher.poke,
             health=self.health,
             rejections=rejections,
+            activity=activity,
+            watcher=self.watcher,
         )
         return node_app, admin_app
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives import serialization
@@ -18,15 +18,17 @@ from pydantic import Field
 
 from attestor.node.join_token import generate_token
 from attestor.selector import Selector
+from ca.agent_activity import AgentActivity
 from ca.api.errors import BodySizeLimit, RequestBody, error_responses, install_error_handlers
 from ca.api.meshconfig import BODY_LIMITS, mesh_router
-from ca.authority import Authorities
+from ca.authority import Authorities, next_rotation
 from ca.datastore.interface import Datastore
-from ca.datastore.records import AttestedAgent, Authority, JoinToken
+from ca.datastore.records import AttestedAgent, Authority, FederationRelationship, JoinToken
 from ca.entries import entry_json, new_entry
 from ca.federation.api import federation_router
 from ca.issuance import Issuer
 from ca.proxy_rejections import ProxyRejections
+from ca.revisions import RevisionWatcher
 from sdk.bundle import TrustBundle
 from sdk.clock import Clock
 from sdk.durations import parse_duration
@@ -93,7 +95,9 @@ class BundleBody(RequestBody):
     format: Literal["pem", "spiffe"] = "pem"
 
 
-def agent_json(agent: AttestedAgent) -> dict[str, Any]:
+def agent_json(agent: AttestedAgent, last_seen: datetime | None = None) -> dict[str, Any]:
+    """An agent; ``last_seen``: its last authenticated node API request to *this* server
+    (None: none since this server started)."""
     return {
         "spiffe_id": agent.spiffe_id,
         "attestation_type": agent.attestation_type,
@@ -102,6 +106,7 @@ def agent_json(agent: AttestedAgent) -> dict[str, Any]:
         "selectors": [{"type": s.type, "value": s.value} for s in agent.selectors],
         "banned": agent.banned,
         "created_at": int(agent.created_at.timestamp()),
+        "last_seen": int(last_seen.timestamp()) if last_seen is not None else None,
     }
 
 
@@ -128,11 +133,17 @@ def create_admin_app(
     changed: Callable[[], None],
     health: Callable[[], dict[str, Any]],
     rejections: ProxyRejections | None = None,
+    activity: AgentActivity | None = None,
+    watcher: RevisionWatcher | None = None,
 ) -> FastAPI:
     trust_domain = authorities.policy.trust_domain
     app = FastAPI(title="Tessera admin API", version="1")
     install_error_handlers(app)
     router = APIRouter(prefix="/v1")
+    activity = activity if activity is not None else AgentActivity(clock)
+
+    def agent_out(agent: AttestedAgent) -> dict[str, Any]:
+        return agent_json(agent, activity.last_seen(agent.spiffe_id))
 
     def audit(action: str, target: str, details: dict[str, Any] | None = None) -> None:
         store.append_audit(actor="admin", action=action, target=target, details=details)
@@ -166,6 +177,23 @@ def create_admin_app(
         entries = store.list_entries(spiffe_id=spiffe_id, parent_id=parent_id, selectors=selectors)
         return {"entries": [entry_json(e) for e in entries]}
 
+    @router.get("/entries/search")
+    def search_entries(
+        q: str = Query("", max_length=2048),
+        parent_id: str = Query("", max_length=2048),
+        selector: Annotated[list[str] | None, Query(max_length=32)] = None,
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10_000_000),
+    ) -> dict[str, Any]:
+        """A page of entries whose SPIFFE ID contains ``q`` (or whose ID is ``q``), of
+        ``parent_id``, with every ``selector``; by SPIFFE ID. ``total`` counts them all."""
+        selectors = [Selector.parse(s) for s in selector or []] or None
+        if parent_id:
+            parse_spiffe_id(parent_id, what="parent ID")
+        found, total = store.search_entries(text=q.strip() or None, parent_id=parent_id or None,
+                                            selectors=selectors, limit=limit, offset=offset)
+        return {"entries": [entry_json(e) for e in found], "total": total}
+
     @router.get("/entries/count")
     def count_entries() -> dict[str, int]:
         return {"count": store.count_entries()}
@@ -190,7 +218,7 @@ def create_admin_app(
 
     @router.get("/agents")
     def list_agents() -> dict[str, Any]:
-        return {"agents": [agent_json(a) for a in store.list_agents()]}
+        return {"agents": [agent_out(a) for a in store.list_agents()]}
 
     @router.get("/agents/count")
     def count_agents() -> dict[str, int]:
@@ -224,9 +252,77 @@ def create_admin_app(
     def show_agent(spiffe_id: str) -> dict[str, Any]:
         parse_spiffe_id(spiffe_id)
         agent = store.get_agent(spiffe_id)
-        result = agent_json(agent)
+        result = agent_out(agent)
         result["aliases"] = sorted(store.agent_aliases(spiffe_id))
         return result
+
+    # -- issued SVIDs ---------------------------------------------------------------
+
+    @router.get("/svids")
+    def list_svids(
+        spiffe_id: str | None = Query(None, max_length=2048),
+        agent_id: str | None = Query(None, max_length=2048),
+        expiring_within: int | None = Query(None, ge=0, le=10 * 365 * 86400),
+        limit: int = Query(200, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Issued SVIDs still valid (of ``spiffe_id``, asked by ``agent_id``): expiring
+        within ``expiring_within`` seconds, soonest first; otherwise the newest first."""
+        now = clock.now()
+        before = now + timedelta(seconds=expiring_within) if expiring_within is not None else None
+        found, total = store.list_issued_svids(valid_at=now, expiring_before=before,
+                                               spiffe_id=spiffe_id, agent_id=agent_id,
+                                               limit=limit)  # fmt: skip
+        return {"svids": [{"serial": s.serial, "spiffe_id": s.spiffe_id, "kind": s.kind,
+                           "agent_id": s.agent_id, "authority_id": s.authority_id,
+                           "expires_at": int(s.expires_at.timestamp())} for s in found],
+                "total": total}  # fmt: skip
+
+    # -- the whole trust domain, and its changes --------------------------------------
+
+    @router.get("/trustdomain")
+    def show_trust_domain() -> dict[str, Any]:
+        """What the console's trust-domain page shows, in one answer: this server's
+        authorities of each kind with the next rotation's steps, the bundle sequence and
+        the federated trust domains."""
+        relationships = {r.trust_domain: r for r in store.list_federation_relationships()}
+        federated = []
+        for bundle in store.list_federated_bundles():
+            relationship = relationships.get(bundle.trust_domain)
+            federated.append({
+                "trust_domain": bundle.trust_domain,
+                "updated_at": int(bundle.updated_at.timestamp()),
+                "bundle_endpoint_url": relationship.bundle_endpoint_url if relationship else None,
+                "last_refresh": _refresh_text(relationship),
+            })
+        kinds: dict[str, Any] = {}
+        steps: dict[str, Any] = {}
+        for kind in ("x509", "jwt"):
+            own = authorities.list_authorities(kind)
+            kinds[kind] = [authority_json(a) for a in own]
+            step = next_rotation(own)
+            steps[kind] = {"prepare_at": _unix(step.prepare_at),
+                           "activate_at": _unix(step.activate_at)}
+        return {"trust_domain": trust_domain.name, "bundle_sequence": store.bundle_sequence(),
+                "authorities": kinds, "next_rotation": steps, "federated": federated}
+
+    @router.get("/watch")
+    async def watch(
+        since: str | None = Query(None, max_length=200),
+        timeout: float = Query(25.0, ge=0, le=60),
+    ) -> dict[str, Any]:
+        """The change counters (entries, bundle, agents, mesh) as a token; with ``since``
+        (a token), held until one of them moves or ``timeout`` seconds pass, and which
+        moved."""
+        if watcher is None:
+            current = store.sync_counters()
+            return {"token": _watch_token(current), "changed": []}
+        if since is None:
+            return {"token": _watch_token(watcher.counters), "changed": []}
+        seen = _parse_watch_token(since)
+        now = await watcher.wait_changed(seen, timeout)
+        names = ("entries", "bundle", "agents", "mesh")
+        return {"token": _watch_token(now),
+                "changed": [n for n, a, b in zip(names, seen, now, strict=True) if a != b]}
 
     # -- join tokens --------------------------------------------------------------
 
@@ -393,3 +489,27 @@ def create_admin_app(
     ))  # fmt: skip
     app.add_middleware(BodySizeLimit, paths=BODY_LIMITS)
     return app
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def _refresh_text(relationship: FederationRelationship | None) -> str | None:
+    if relationship is None or relationship.last_refresh_at is None:
+        return None
+    at = relationship.last_refresh_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{at}: {relationship.last_error}" if relationship.last_error else f"{at}: ok"
+
+
+def _watch_token(counters: tuple[int, int, int, int]) -> str:
+    return ".".join(str(n) for n in counters)
+
+
+def _parse_watch_token(token: str) -> tuple[int, int, int, int]:
+    parts = token.split(".")
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise InvalidArgument(f"since {token!r} is not a token /v1/watch gave (four numbers "
+                              "joined by dots)")
+    a, b, c, d = (int(p) for p in parts)
+    return a, b, c, d

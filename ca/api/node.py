@@ -36,6 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from attestor.node import AttestationResult, Challenge, NodeAttestationError, NodeAttestorServer
 from ca import metrics
+from ca.agent_activity import AgentActivity
 from ca.agent_cache import AgentCache
 from ca.api.errors import (
     BodySizeLimit,
@@ -334,12 +335,14 @@ def create_node_app(
     ready: Any,
     instance_lease: timedelta = timedelta(seconds=30),
     rejections: ProxyRejections | None = None,
+    activity: AgentActivity | None = None,
 ) -> NodeApi:
     app = NodeApi(title="Tessera node API", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
     router = APIRouter()
     agents = AgentCache(store, watcher)
     rejections = rejections if rejections is not None else ProxyRejections(SYSTEM_CLOCK)
+    activity = activity if activity is not None else AgentActivity(SYSTEM_CLOCK)
 
     def current_bundle() -> TrustBundle:
         """The bundle, re-read when the watcher has seen a newer sequence than the cache."""
@@ -351,7 +354,9 @@ def create_node_app(
 
     def caller(request: Request) -> AttestedAgent:
         spiffe_id, cert = peer_spiffe_id(request.scope)
-        return agents.agent_or_refuse(spiffe_id, cert.serial_number)
+        agent = agents.agent_or_refuse(spiffe_id, cert.serial_number)
+        activity.seen(agent.spiffe_id)
+        return agent
 
     @router.post("/v1/agent/attest")
     def attest(body: AttestRequest) -> dict[str, Any]:
@@ -544,6 +549,7 @@ def create_node_app(
             spiffe_id, cert = peer_spiffe_id(request.scope)
             agent = agents.cached(spiffe_id, cert.serial_number)
             if agent is not None:
+                activity.seen(agent.spiffe_id)
                 issued = await issuer.sign_batch_async(agent, _csr_pairs(body))
                 if issued is not None:
                     return _issued(issued, started)
@@ -564,6 +570,7 @@ def create_node_app(
         agent = agents.cached(spiffe_id, cert.serial_number)
         if agent is None:
             return None
+        activity.seen(agent.spiffe_id)
         try:
             issued = await issuer.sign_batch_async(agent, pairs)
         except TesseraError as error:

@@ -16,7 +16,7 @@ QUIET_AFTER_SECONDS = 300
 """An agent not heard from for this long is shown as quiet (agents sync every few
 seconds by default)."""
 
-_SOURCE = re.compile(r"^(?P<text>.*?)\s{2}\[(?P<source>[^\[\]]*)\]$")
+_SOURCE = re.compile(r"^(?P<text>.*?)\s{2}\[(?P<source>(?:[^\[\]]|\[[^\[\]]*\])*)\]$")
 
 
 @dataclass(frozen=True)

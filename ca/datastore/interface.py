@@ -129,6 +129,16 @@ class EntryStore(Protocol):
         offset: int = 0,
     ) -> list[RegistrationEntry]: ...
 
+    def search_entries(
+        self,
+        *,
+        text: str | None = None,
+        parent_id: str | None = None,
+        selectors: Sequence[Selector] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[RegistrationEntry], int]: ...
+
     def count_entries(self) -> int: ...
 
     def entries_by_parent(self, parent_ids: Collection[str]) -> list[RegistrationEntry]: ...
@@ -316,6 +326,16 @@ class IssuedSvidStore(Protocol):
     ) -> None: ...
 
     def count_issued_svids(self) -> int: ...
+
+    def list_issued_svids(
+        self,
+        *,
+        valid_at: datetime,
+        expiring_before: datetime | None = None,
+        spiffe_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 200,
+    ) -> tuple[list[IssuedSvid], int]: ...
 
     def prune_issued_svids(self, expired_before: datetime) -> int: ...
 

@@ -156,6 +156,37 @@ class EntriesMixin(SqlBase):
         with self._reading() as session:
             return [_entry_record(row) for row in session.scalars(query)]
 
+    def search_entries(
+        self,
+        *,
+        text: str | None = None,
+        parent_id: str | None = None,
+        selectors: Sequence[Selector] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[RegistrationEntry], int]:
+        """A page of live entries whose SPIFFE ID contains ``text`` (or whose ID is
+        ``text``), of ``parent_id``, having every one of ``selectors``; by SPIFFE ID then
+        ID. Also how many match in all (the console's entry search)."""
+        if limit < 0 or offset < 0:
+            raise InvalidArgument("limit and offset must not be negative")
+        conditions: list[ColumnElement[bool]] = [EntryRow.deleted.is_(False)]
+        if text:
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace(
+                "_", "\\_") + "%"
+            conditions.append(or_(EntryRow.spiffe_id.ilike(pattern, escape="\\"),
+                                  EntryRow.id == text))
+        if parent_id:
+            conditions.append(EntryRow.parent_id == parent_id)
+        if selectors:
+            conditions.append(_selector_filter(selectors, "superset"))
+        page = (select(EntryRow).where(*conditions)
+                .order_by(EntryRow.spiffe_id, EntryRow.id).offset(offset).limit(limit))
+        total = select(func.count()).select_from(EntryRow).where(*conditions)
+        with self._reading() as session:
+            found = [_entry_record(row) for row in session.scalars(page)]
+            return found, session.scalar(total) or 0
+
     def count_entries(self) -> int:
         """The number of live entries."""
         query = select(func.count()).select_from(EntryRow).where(EntryRow.deleted.is_(False))

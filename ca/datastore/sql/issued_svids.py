@@ -91,6 +91,36 @@ class IssuedSvidsMixin(SqlBase):
         with self._reading() as session:
             return session.scalar(select(func.count()).select_from(IssuedSvidRow)) or 0
 
+    def list_issued_svids(
+        self,
+        *,
+        valid_at: datetime,
+        expiring_before: datetime | None = None,
+        spiffe_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int = 200,
+    ) -> tuple[list[IssuedSvid], int]:
+        """SVIDs still valid at ``valid_at`` (of ``spiffe_id``, asked by ``agent_id``), and
+        how many in all. With ``expiring_before``: those expiring before it, soonest
+        first; otherwise the newest (latest expiry) first."""
+        conditions = [IssuedSvidRow.expires_at > valid_at]
+        if expiring_before is not None:
+            conditions.append(IssuedSvidRow.expires_at < expiring_before)
+        if spiffe_id is not None:
+            conditions.append(IssuedSvidRow.spiffe_id == spiffe_id)
+        if agent_id is not None:
+            conditions.append(IssuedSvidRow.agent_id == agent_id)
+        order = (IssuedSvidRow.expires_at.asc() if expiring_before is not None
+                 else IssuedSvidRow.expires_at.desc())
+        page = select(IssuedSvidRow).where(*conditions).order_by(
+            order, IssuedSvidRow.serial).limit(limit)
+        total = select(func.count()).select_from(IssuedSvidRow).where(*conditions)
+        with self._reading() as session:
+            found = [IssuedSvid(row.serial, row.spiffe_id, row.kind, row.agent_id,
+                                row.authority_id, row.expires_at)
+                     for row in session.scalars(page)]
+            return found, session.scalar(total) or 0
+
     def prune_issued_svids(self, expired_before: datetime) -> int:
         """Forget SVIDs that expired before ``expired_before``; returns how many."""
         with self._writing() as session:

@@ -165,7 +165,7 @@ def test_the_datastore_protocol_is_every_kind_of_record_and_the_lifecycle() -> N
     kinds = set().union(*(protocol_members(p) for p in PROTOCOLS if p is not Datastore))
     lifecycle = {"dialect", "close", "ping", "on_agent_change", "__enter__", "__exit__"}
     assert protocol_members(Datastore) == kinds | lifecycle
-    assert len(kinds) == 70
+    assert len(kinds) == 72
 
 
 def test_the_first_name_of_the_store_still_opens_it(datastore_url: str) -> None:
@@ -1442,3 +1442,50 @@ def test_entry_records_are_frozen(store: Datastore) -> None:
     entry: RegistrationEntry = store.create_entry(new_entry())
     with pytest.raises(AttributeError):
         entry.hint = "changed"  # type: ignore[misc]
+
+
+# -- the console's reads: entry search, valid SVIDs ----------------------------------------
+
+
+def test_entry_search_matches_part_of_the_spiffe_id_parent_and_selectors_a_page_at_a_time(
+    store: Datastore,
+) -> None:
+    made = [store.create_entry(new_entry(f"svc-{n:02}", selectors=(f"unix:uid:{n}",)))
+            for n in range(12)]
+    store.create_entry(new_entry("100%_off", parent=f"{TD}/node/other",
+                                 selectors=("unix:uid:1", "k8s:ns:shop")))
+    found, total = store.search_entries(text="SVC-", limit=5, offset=5)  # any case
+    assert total == 12
+    assert [e.spiffe_id for e in found] == [f"{TD}/svc-{n:02}" for n in range(5, 10)]
+    # % and _ are themselves, not patterns; an entry's ID finds it too.
+    assert [e.spiffe_id for e in store.search_entries(text="0%_")[0]] == [f"{TD}/100%_off"]
+    assert store.search_entries(text="%")[1] == 1
+    assert [e.id for e in store.search_entries(text=made[3].id)[0]] == [made[3].id]
+    by_parent, count = store.search_entries(parent_id=f"{TD}/node/other")
+    assert count == 1 and by_parent[0].spiffe_id == f"{TD}/100%_off"
+    both, count = store.search_entries(selectors=[sel("unix:uid:1"), sel("k8s:ns:shop")])
+    assert count == 1 and {s.type for s in both[0].selectors} == {"k8s", "unix"}
+    assert store.search_entries(text="nothing-like-it") == ([], 0)
+    store.delete_entry(made[0].id)
+    assert store.search_entries(text="svc-")[1] == 11
+    with pytest.raises(InvalidArgument):
+        store.search_entries(offset=-1)
+
+
+def test_valid_issued_svids_soonest_first_or_newest_first(store: Datastore) -> None:
+    store.record_issued_svids([
+        svid("a", expires_at=START + timedelta(minutes=30)),
+        svid("b", expires_at=START + timedelta(hours=3), spiffe_id=f"{TD}/db"),
+        svid("c", expires_at=START + timedelta(minutes=10), agent_id=f"{TD}/agent/two"),
+        svid("gone", expires_at=START - timedelta(minutes=1)),
+    ])
+    soon, total = store.list_issued_svids(valid_at=START,
+                                          expiring_before=START + timedelta(hours=1))
+    assert [s.serial for s in soon] == ["c", "a"] and total == 2
+    newest, total = store.list_issued_svids(valid_at=START, limit=2)
+    assert [s.serial for s in newest] == ["b", "a"] and total == 3
+    mine, _ = store.list_issued_svids(valid_at=START, spiffe_id=f"{TD}/web")
+    assert [s.serial for s in mine] == ["a", "c"]
+    theirs, _ = store.list_issued_svids(valid_at=START, agent_id=f"{TD}/agent/two")
+    assert [(s.serial, s.kind, s.authority_id) for s in theirs] == [("c", "x509", "ab12")]
+    assert theirs[0].expires_at == START + timedelta(minutes=10)

@@ -64,6 +64,8 @@ def test_agents_are_filtered_by_text_and_state_in_id_order() -> None:
 def test_lines_are_split_from_the_resource_they_came_from() -> None:
     assert views.split_source("route 'default' taken: any request  [default route]") == (
         "route 'default' taken: any request", "default route")
+    assert views.split_source("  DENY from x  [AuthorizationPolicy deny spec.rules[0]]") == (
+        "  DENY from x", "AuthorizationPolicy deny spec.rules[0]")
     assert views.split_source("no source here [x]") == ("no source here [x]", "")
 
 
