@@ -24,7 +24,7 @@ DURATIONS = "tessera_sidecar_request_duration_seconds_bucket"
 
 NODE_WIDTH = 200
 NODE_HEIGHT = 48
-COLUMN_GAP = 140
+COLUMN_GAP = 220
 ROW_GAP = 36
 MARGIN = 24
 
@@ -67,8 +67,11 @@ class Edge:
         return "degraded" if self.error_ratio >= 0.01 else "ok"
 
     def label(self) -> str:
+        return f"{self.rate:.3g} req/s · {self.detail()}"
+
+    def detail(self) -> str:
         p99 = "-" if self.p99 is None else _milliseconds(self.p99)
-        return f"{self.rate:.3g} req/s · {self.error_ratio:.1%} 5xx · p99 {p99}"
+        return f"{self.error_ratio:.1%} 5xx · p99 {p99}"
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Node:
     """``service`` (in the catalog or configuration) or ``caller`` (anything else)."""
     instances: int = 0
     healthy: int = 0
+    unhealthy: int = 0
     x: int = 0
     y: int = 0
 
@@ -87,7 +91,15 @@ class Node:
             return "external"
         if self.instances == 0:
             return "none"
-        return "ok" if self.healthy == self.instances else "degraded"
+        return "degraded" if self.unhealthy else "ok"
+
+    def summary(self) -> str:
+        """``2/3 healthy``; instances whose health is not checked are counted apart."""
+        if self.instances == 0:
+            return "no instance registered"
+        unchecked = self.instances - self.healthy - self.unhealthy
+        text = f"{self.healthy}/{self.instances} healthy"
+        return text + (f" · {unchecked} unchecked" if unchecked else "")
 
 
 @dataclass
@@ -113,7 +125,7 @@ class Graph:
     def label_at(self, edge: Edge) -> tuple[int, int]:
         a, b = self.nodes[edge.source], self.nodes[edge.destination]
         x = (a.x + NODE_WIDTH + b.x) // 2
-        y = (a.y + b.y) // 2 + NODE_HEIGHT // 2 - 8
+        y = (a.y + b.y) // 2 + NODE_HEIGHT // 2 - 22  # two lines, above the edge
         if b.x <= a.x:
             y = max(a.y, b.y) + NODE_HEIGHT + ROW_GAP // 2 - 6
         return x, y
@@ -145,6 +157,7 @@ def build(
         node = graph.nodes.setdefault(name, Node(name, "service"))
         node.instances += 1
         node.healthy += instance.get("health") == "healthy"
+        node.unhealthy += instance.get("health") == "unhealthy"
     names = service_names(instances)
     edges: dict[tuple[str, str], Edge] = {}
     for figure, samples in figures.items():
@@ -198,7 +211,8 @@ def layout(graph: Graph) -> None:
             node.x = MARGIN + column * (NODE_WIDTH + COLUMN_GAP)
             node.y = MARGIN + row * (NODE_HEIGHT + ROW_GAP)
     graph.width = 2 * MARGIN + max(len(columns), 1) * (NODE_WIDTH + COLUMN_GAP) - COLUMN_GAP
-    graph.height = 2 * MARGIN + max(tallest, 1) * (NODE_HEIGHT + ROW_GAP) + ROW_GAP
+    # Room below the lowest row for edges that go back around it.
+    graph.height = 2 * MARGIN + max(tallest, 1) * (NODE_HEIGHT + ROW_GAP)
 
 
 def _milliseconds(seconds: float) -> str:

@@ -30,7 +30,12 @@ def test_callers_are_mapped_to_services_and_figures_joined_per_edge() -> None:
     nodes = graph.nodes
     assert (nodes["users"].instances, nodes["users"].healthy, nodes["users"].health) == (
         2, 1, "degraded")
+    assert nodes["users"].summary() == "1/2 healthy"
     assert nodes["billing"].health == "none"
+    assert nodes["billing"].summary() == "no instance registered"
+    unchecked = topology.build([], [{"service": "web", "health": "unknown"}], {})
+    assert unchecked.nodes["web"].health == "ok"
+    assert unchecked.nodes["web"].summary() == "0/1 healthy · 1 unchecked"
     assert nodes["spiffe://td/gateway"].kind == "caller"
 
 
