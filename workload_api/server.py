@@ -104,6 +104,11 @@ CALLS: Final = Counter(
 )
 # CALLS.labels(...) resolved once per (method, status) rather than on every call.
 _CALL_COUNTERS: dict[tuple[str, Status], Counter] = {}
+# Every method's OK series exists from the start, at zero (as Prometheus advises): a
+# streaming call is counted when it ends, and dashboards should not see "no data" until then.
+for _method in ("FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID", "FetchJWTBundles",
+                "ValidateJWTSVID"):
+    _CALL_COUNTERS[_method, Status.OK] = CALLS.labels(method=_method, status=Status.OK.name)
 
 # Tessera's errors (sdk.errors) carry an HTTP status; the Workload API answers with the gRPC one.
 _GRPC_STATUS_BY_HTTP: Final[Mapping[int, Status]] = {

@@ -267,8 +267,12 @@ class NodeApi(FastAPI):
     """
 
     small_batch: Callable[[Scope, bytes], Awaitable[Response | None]] | None = None
+    endpoints: frozenset[str] = frozenset()
+    """The routes' paths, each its own label in the request counter."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            send = self._counted(scope["path"], send)
         if (
             self.small_batch is None
             or scope["type"] != "http"
@@ -298,6 +302,29 @@ class NodeApi(FastAPI):
              "headers": answer.raw_headers}
         )  # fmt: skip
         await send({"type": "http.response.body", "body": answer.body})
+
+
+    def _counted(self, path: str, send: Send) -> Send:
+        """``send``, counting the answer in ``tessera_server_node_api_requests_total`` by
+        endpoint (a route's path; ``other`` for any other, so callers cannot grow the
+        label set) and status."""
+        endpoint = path if path in self.endpoints else "other"
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                key = (endpoint, message["status"])
+                counter = _REQUEST_COUNTERS.get(key)
+                if counter is None:
+                    counter = _REQUEST_COUNTERS[key] = metrics.NODE_API_REQUESTS.labels(
+                        endpoint, str(message["status"]))
+                counter.inc()
+            await send(message)
+
+        return counted
+
+
+_REQUEST_COUNTERS: dict[tuple[str, int], Any] = {}
+"""The counter of each (endpoint, status) met, resolved once."""
 
 
 def _small_json(scope: Scope) -> bool:
@@ -638,5 +665,6 @@ def create_node_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    app.endpoints = frozenset(getattr(route, "path", "") for route in router.routes)
     app.add_middleware(BodySizeLimit)
     return app

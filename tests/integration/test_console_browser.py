@@ -1,6 +1,8 @@
 """The web console in a real browser (Debian's headless Chromium through chromedriver),
 over a real mesh: a server, an agent, two Services with built-in sidecars calling each
-other, and Debian's Prometheus scraping them.
+other (users-service has a second instance behind an Envoy sidecar), and Debian's
+Prometheus scraping them all. The Grafana dashboard in docs/ is checked against what
+that Prometheus holds.
 
 A person opens the token URL, sees the active authority and the agent, watches the
 edge between the two Services appear on the topology graph with a rate as traffic
@@ -12,6 +14,7 @@ is refused, and is refused without the token. Each page is saved as a screenshot
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -33,7 +36,7 @@ from tests.integration.prometheus_fixtures import Prometheus, Target, start_prom
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
 from tests.support.processes import poll
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.envoy]
 
 SCREENSHOTS = Path(os.environ.get("TESSERA_SCREENSHOTS") or
                    Path(__file__).resolve().parents[2] / "build" / "console-screenshots")
@@ -77,6 +80,7 @@ class Mesh:
     domain: TrustDomain
     users: Proxy
     web: Proxy
+    envoy: Proxy
     prometheus: Prometheus
 
 
@@ -88,26 +92,32 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 input=MESH)  # fmt: skip
         start = ProxyStarter(domain, begin, directory)
         users_app, web_app = App.serving("users-1"), App.serving("web-1")
+        second_app = App.serving("users-2")
         try:
             users = start.sidecar("users-1", "users-service", USERS, users_app, "app=users",
                                   plane="builtin")  # fmt: skip
+            envoy = start.sidecar("users-2", "users-service", USERS, second_app, "app=users",
+                                  plane="envoy")  # fmt: skip
             web = start.sidecar("web-1", "web-service", WEB, web_app, "app=web",
                                 outbound=True, plane="builtin")  # fmt: skip
-            users.wait_ready()
-            web.wait_ready()
+            for proxy in (users, envoy, web):
+                proxy.wait_ready()
             healthy(domain, users.address)
+            healthy(domain, envoy.address)
             targets = [
                 Target.server(domain.server, directory / "bundle.pem"),
                 Target("agent", f"127.0.0.1:{domain.agent.health_port}"),
                 Target("sidecar", f"127.0.0.1:{users.health}"),
                 Target("sidecar", f"127.0.0.1:{web.health}"),
+                Target("sidecar-envoy", f"127.0.0.1:{envoy.health}"),
             ]
             with start_prometheus(directory / "prometheus", targets) as prometheus:
                 prometheus.wait_for_targets()
-                yield Mesh(domain, users, web, prometheus)
+                yield Mesh(domain, users, web, envoy, prometheus)
         finally:
             users_app.stop()
             web_app.stop()
+            second_app.stop()
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +261,53 @@ def test_prometheus_has_the_request_rate_between_the_two_services(mesh: Mesh) ->
             'destination="users-service"}[30s]))')) and samples[0][1] > 0 else None),
             DEADLINE, "a request rate from web-service to users-service in Prometheus")
     assert rate > 0
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "tessera-dashboard.json"
+_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
+                "or", "unless", "offset", "inf", "nan"}
+
+
+def queried_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not functions,
+    keywords, or the label names of matchers and of by/without/on lists."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = re.findall(r"\b[A-Za-z_:][A-Za-z0-9_:]*\b(?!\s*\()", text)
+    return {n for n in names if n.lower() not in _NOT_METRICS and not n.startswith("$")}
+
+
+def test_the_dashboard_reads_only_metrics_the_running_processes_export(mesh: Mesh) -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"]
+               for target in panel.get("targets", [])]
+    assert len(queries) >= 25
+    names = set().union(*(queried_metrics(q) for q in queries))
+    assert {"tessera_server_svids_issued_total", "tessera_agent_sync_lag_seconds",
+            "tessera_sidecar_request_duration_seconds_bucket",
+            "envoy_cluster_upstream_rq_xx"} <= names
+    with Traffic(mesh.web):  # through both instances of users-service: both planes count
+        def missing() -> set[str] | None:
+            absent = {name for name in names
+                      if not mesh.prometheus.query(f'count({{__name__="{name}"}})')}
+            return absent or None
+
+        try:
+            poll(lambda: None if missing() else True, DEADLINE,
+                 "every metric the dashboard queries, scraped by Prometheus")
+        except AssertionError as err:
+            raise AssertionError(f"not exported by any process: {sorted(missing() or ())}"
+                                 ) from err
+
+
+def test_the_metric_names_of_a_query_are_found() -> None:
+    assert queried_metrics(
+        'histogram_quantile(0.99, sum by (destination, le) (rate('
+        'tessera_sidecar_request_duration_seconds_bucket{listener="inbound",code=~"5.."}'
+        '[$__rate_interval]))) / on (instance) group_left up') == {
+        "tessera_sidecar_request_duration_seconds_bucket", "up"}
+    assert queried_metrics("(min(a_seconds) - time()) / 3600") == {"a_seconds"}

@@ -178,3 +178,24 @@ def test_the_watch_answers_when_a_counter_moves(api: Harness) -> None:
         following.cancel()
 
     asyncio.run(scenario())
+
+
+def test_node_api_answers_are_counted_by_endpoint_and_status(api: Harness) -> None:
+    from prometheus_client import REGISTRY
+
+    from ca.api.node import create_node_app
+
+    node = create_node_app(store=api.server.store, authorities=api.server.authorities,
+                           issuer=api.server.issuer, attestors={}, watcher=api.watcher,
+                           ready=lambda: None)  # fmt: skip
+
+    def count(endpoint: str, status: str) -> float:
+        value = REGISTRY.get_sample_value("tessera_server_node_api_requests_total",
+                                          {"endpoint": endpoint, "status": status})
+        return value or 0.0
+
+    before = count("/v1/agent/entries", "401"), count("other", "404")
+    assert call(node, "GET", "/v1/agent/entries").status_code == 401  # type: ignore[attr-defined]
+    assert call(node, "GET", "/made/up/path").status_code == 404  # type: ignore[attr-defined]
+    assert (count("/v1/agent/entries", "401"), count("other", "404")) == (
+        before[0] + 1, before[1] + 1)
