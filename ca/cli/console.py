@@ -1,5 +1,8 @@
 """``tessera server console``: the web console, beside a running server.
 
+Its own flags read ``TESSERA_CONSOLE_*`` from the environment (not ``TESSERA_BIND``,
+which ``tessera server run`` reads for its node API).
+
 It reads the server through its admin socket, so whoever may run it holds the same
 authority as ``tessera server ...`` commands; it gives that view to one browser, through
 a one-time token on loopback, or to SPIFFE IDs registered as admin over mTLS
@@ -30,17 +33,17 @@ CONSOLE_PATH = "/tessera/console"
 
 @click.command("console")
 @admin_options
-@option("--bind", default=DEFAULT_BIND, show_default=True,
+@option("--bind", default=DEFAULT_BIND, envvar="TESSERA_CONSOLE_BIND", show_default=True,
         help="HOST:PORT the console listens on (port 0: any free one). An address other "
              "than loopback needs --mtls.")
-@option("--prometheus", metavar="URL",
+@option("--prometheus", metavar="URL", envvar="TESSERA_CONSOLE_PROMETHEUS",
         help="A Prometheus scraping the sidecars (e.g. http://127.0.0.1:9090): the mesh "
              "page's topology shows their request rates, errors and latency.")
-@option("--rate-window", default="1m", show_default=True,
+@option("--rate-window", default="1m", envvar="TESSERA_CONSOLE_RATE_WINDOW", show_default=True,
         help="The window the topology's rates are taken over (a Prometheus duration).")
-@option("--write", is_flag=True,
+@option("--write", is_flag=True, envvar="TESSERA_CONSOLE_WRITE",
         help="Allow changes (evict, ban and unban agents, each behind a confirmation).")
-@option("--mtls", is_flag=True,
+@option("--mtls", is_flag=True, envvar="TESSERA_CONSOLE_MTLS",
         help="Serve HTTPS to callers presenting an X509-SVID whose SPIFFE ID is "
              "registered as admin, instead of the one-time token.")
 @output_option
