@@ -66,7 +66,7 @@ def server_console(admin_socket: str | None, data_dir: str, bind: str,
             "an X509-SVID registered as admin)")
     if not _valid_window(rate_window):
         raise click.UsageError(f"--rate-window {rate_window!r} is not a Prometheus "
-                               "duration such as 30s, 1m or 5m")
+                               "duration of a second or more, such as 30s, 5m or 1h30m")
     if prometheus is not None and not prometheus.startswith(("http://", "https://")):
         raise click.UsageError(f"--prometheus {prometheus!r} is not an http(s) URL")
     socket_path = Path(admin_socket) if admin_socket else admin_socket_in(Path(data_dir))
@@ -142,7 +142,8 @@ async def _serve(socket_path: Path, host: str, port: int, *, prometheus: str | N
     else:
         progress(f"Tessera console for {trust_domain} ({'read-write' if write else 'read-only'})")
         if mtls:
-            progress(f"  {url}  (for X509-SVIDs registered as admin)")
+            progress("  For X509-SVIDs registered as admin:")
+            click.echo(f"  {url}")
         else:
             progress("  Open this URL once; its token is for one browser:")
             click.echo(f"  {url}")
@@ -180,8 +181,20 @@ def _loopback(host: str) -> bool:
         return False
 
 
+#: Prometheus's duration units, largest first, in seconds.
+_UNITS = (("y", 365 * 86400), ("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60),
+          ("s", 1), ("ms", 0.001))
+
+
 def _valid_window(window: str) -> bool:
+    """A Prometheus range duration (``30s``, ``5m``, ``1h30m``: units largest first,
+    each once) of at least a second."""
     import re
 
-    return re.fullmatch(r"([1-9][0-9]{0,5})(ms|s|m|h|d)", window) is not None
+    parts = re.fullmatch("".join(rf"(?:(\d{{1,6}}){unit})?" for unit, _ in _UNITS), window)
+    if not window or parts is None:
+        return False
+    total = sum(int(count) * size for count, (_, size) in zip(parts.groups(), _UNITS,
+                                                                 strict=True) if count)
+    return total >= 1
 

@@ -88,7 +88,7 @@ class Console:
         )
         self.templates.filters.update(when=_when, ago=self._ago, until=self._until,
                                       short=_short, percent=_percent)
-        self.templates.globals.update(split_source=views.split_source)
+        self.templates.globals.update(split_source=views.split_source, ttl=_ttl)
         page = self._page
         self.app = Starlette(
             routes=[
@@ -285,7 +285,11 @@ class Console:
                             page="agents", session=session)
 
     async def act(self, request: Request, session: str) -> Response:
-        form = await _form(request)
+        try:
+            form = await _form(request)
+        except FormTooLarge as err:
+            return self._render(request, "problem.html", {"problem": str(err)},
+                                page="agents", session=session, status=413)
         action = str(form.get("action", ""))
         if not self.settings.write or action not in ACTIONS:
             return self._not_writable(request, session)
@@ -313,6 +317,8 @@ class Console:
                   "limit": PAGE_SIZE, "offset": offset}
         problem = None
         try:
+            if "\x00" in text + parent + selector:
+                raise SourceError("Search text cannot hold a NUL character.", answered=400)
             found = await self.settings.admin.get("/v1/entries/search", params)
         except SourceError as err:
             if err.answered != 400:
@@ -326,6 +332,7 @@ class Console:
                                "offset": offset + PAGE_SIZE}),
             "less": urlencode({"q": text, "parent_id": parent, "selector": selector,
                                "offset": max(offset - PAGE_SIZE, 0)}),
+            "first": urlencode({"q": text, "parent_id": parent, "selector": selector}),
         }, page="entries", session=session)
 
     async def entry(self, request: Request, session: str) -> Response:
@@ -397,24 +404,21 @@ class Console:
                                 "headers": "", "port": ""}
         result, decision, problem = None, None, None
         if request.method == "POST":
-            posted = await _form(request)
+            try:
+                posted = await _form(request)
+            except FormTooLarge as err:
+                posted, problem = {}, str(err)
             form.update({k: str(posted.get(k, ""))[:8192] for k in form})
-            if not self._form_ok(session, posted):
-                problem = "This form has expired; reload the page and try again."
-            else:
+            if problem is None and not self._form_ok(session, posted):
+                problem = ("This form has expired (or was not sent by this console's page); "
+                           "reload the page and try again.")
+            elif problem is None:
                 try:
-                    body: dict[str, Any] = {
-                        "from": form["from"].strip(), "to": form["to"].strip(),
-                        "method": form["method"].strip() or "GET",
-                        "path": form["path"].strip() or "/",
-                        "headers": views.parse_headers(form["headers"]),
-                    }
-                    if form["port"].strip():
-                        body["port"] = int(form["port"])
+                    body = _explain_body(form)
                     result = await self.settings.admin.post("/v1/mesh/explain", body)
                     decision = views.deciding_rule(result)
                 except ValueError as err:
-                    problem = str(err) if "header" in str(err) else "port is a number, 1-65535"
+                    problem = str(err)
                 except SourceError as err:
                     if err.answered is None or err.answered >= 500:
                         raise
@@ -436,9 +440,38 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
         "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
 
+class FormTooLarge(ValueError):
+    """A posted form beyond :data:`MAX_FORM_BYTES`."""
+
+    def __init__(self) -> None:
+        super().__init__(f"The form is larger than {MAX_FORM_BYTES // 1024} KiB; "
+                         "send fewer or shorter headers.")
+
+
+def _explain_body(form: dict[str, str]) -> dict[str, Any]:
+    """The admin API's explain request from the explain form; ValueError with a sentence
+    for a field the form's user can fix."""
+    caller, service = form["from"].strip(), form["to"].strip()
+    if not caller or not service:
+        raise ValueError("Both the caller's SPIFFE ID and the service called are needed.")
+    body: dict[str, Any] = {
+        "from": caller, "to": service,
+        "method": form["method"].strip() or "GET",
+        "path": form["path"].strip() or "/",
+        "headers": views.parse_headers(form["headers"]),
+    }
+    port = form["port"].strip()
+    if port:
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port[:16]!r} is not a port: a number from 1 to 65535.")
+        body["port"] = int(port)
+    return body
+
+
 async def _form(request: Request) -> dict[str, str]:
     """A urlencoded form's fields (the console's forms are nothing else), its body read
-    within :data:`MAX_FORM_BYTES`; empty for anything else."""
+    within :data:`MAX_FORM_BYTES` (:class:`FormTooLarge` beyond); empty for anything
+    else."""
     if not request.headers.get("content-type", "").startswith(
             "application/x-www-form-urlencoded"):
         return {}
@@ -446,7 +479,7 @@ async def _form(request: Request) -> dict[str, str]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM_BYTES:
-            return {}
+            raise FormTooLarge
     try:
         fields = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=32)
     except (UnicodeDecodeError, ValueError):
@@ -479,6 +512,11 @@ def _duration(seconds: float) -> str:
             part = rest // smaller[1]
             return f"{whole}{unit} {part}{smaller[0]}" if part else f"{whole}{unit}"
     return f"{max(seconds, 0)}s"
+
+
+def _ttl(seconds: Any) -> str:
+    """An entry's TTL: 0 means the server's default."""
+    return "default" if not seconds else _duration(float(seconds))
 
 
 def _short(text: Any, length: int = 28) -> str:

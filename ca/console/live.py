@@ -26,6 +26,10 @@ RETRY_SECONDS = 2.0
 HEARTBEAT_SECONDS = 15.0
 MAX_STREAMS = 64
 QUEUE_SIZE = 16
+UNREACHABLE = "unreachable"
+"""Told to the pages when the server's admin API stops answering ..."""
+REACHABLE = "reachable"
+"""... and when it answers again."""
 
 
 class TooManyStreams(Exception):
@@ -100,20 +104,23 @@ class Changes:
     async def _watch(self) -> None:
         while True:
             try:
+                # Back from a problem, ask without waiting: the answer says it is back.
+                wait = WATCH_SECONDS if self.token and self.problem is None else None
                 answer = await self._admin.get(
-                    "/v1/watch",
-                    {"since": self.token, "timeout": WATCH_SECONDS if self.token else None},
+                    "/v1/watch", {"since": self.token, "timeout": wait},
                     timeout=WATCH_SECONDS + 10,
                 )
             except SourceError as err:
                 if self.problem is None:
                     log.warning("cannot follow the server's changes: %s", err)
+                    self.problem = str(err)
+                    self.publish([UNREACHABLE])
                 self.problem = str(err)
                 await self._sleep(RETRY_SECONDS)
                 continue
             if self.problem is not None:
                 self.problem = None
-                self.publish(["entries", "bundle", "agents", "mesh"])  # catch up
+                self.publish([REACHABLE, "entries", "bundle", "agents", "mesh"])  # catch up
             self.token = str(answer.get("token"))
             changed = [str(c) for c in answer.get("changed", [])]
             if changed:

@@ -70,7 +70,8 @@ class AdminSource:
             raise SourceError(f"the server did not answer within {limit:g} s") from err
         except httpx.HTTPError as err:
             raise SourceError(
-                f"cannot reach the server's admin socket {self.socket_path}: {err}; is "
+                f"cannot reach the server's admin socket {self.socket_path}: "
+                f"{err or type(err).__name__}; is "
                 "'tessera server run' running with that --admin-socket?"
             ) from err
         if answer.status_code >= 400:
@@ -100,7 +101,9 @@ class PrometheusSource:
             ) as answer:
                 body = await _read_bounded(answer)
         except httpx.HTTPError as err:
-            raise SourceError(f"cannot reach Prometheus at {self.url}: {err}") from err
+            raise SourceError(
+                f"cannot reach Prometheus at {self.url}: {err or type(err).__name__}"
+            ) from err
         try:
             document = json.loads(body)
         except ValueError as err:

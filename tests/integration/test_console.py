@@ -116,6 +116,10 @@ def test_the_pages_show_the_trust_domain_its_agent_entries_and_mesh(
         assert 'id="entries-total">0<' in nothing
         bad = browser.get("/entries", params={"selector": "no-colon"})
         assert bad.status_code == 200 and 'class="problem"' in bad.text
+        nul = page(browser, "/entries", params={"q": "\x00"})
+        assert "cannot hold a NUL" in nul and 'id="entries-total">0<' in nul
+        past = page(browser, "/entries", params={"q": "users", "offset": "500"})
+        assert "past the last of them" in past and "No entry on this page." in past
 
         assert "SVIDs expiring soon" in page(browser, "/svids", params={"within": "7d"})
         audit = page(browser, "/audit")
@@ -145,6 +149,20 @@ def test_explain_names_the_rule_that_refuses(domain: TrustDomain, start_console:
                          r"deny-intruder</strong>", refused.text)
         allowed = browser.post("/explain", data={**fields, "from": "spiffe://example.org/web"})
         assert 'id="verdict">\nAllowed by' in allowed.text
+        outcome = re.search(r"Outcome: <strong>(\w+)</strong>", allowed.text)
+        assert outcome is not None
+        # Allowed but not forwarded (no healthy instance, say) is not shown as a success.
+        assert ('class="verdict allowed"' in allowed.text) == (outcome[1] == "forwarded")
+        assert ("but not forwarded" in allowed.text) == (outcome[1] != "forwarded")
+
+        no_port = browser.post("/explain", data={**fields, "port": "99999",
+                                                 "from": "spiffe://example.org/web"})
+        assert no_port.status_code == 400 and "a number from 1 to 65535" in no_port.text
+        nobody = browser.post("/explain", data={**fields, "from": " "})
+        assert nobody.status_code == 400 and "are needed" in nobody.text
+        huge = browser.post("/explain", data={**fields, "headers": "x: " + "y" * 70_000,
+                                              "from": "spiffe://example.org/web"})
+        assert huge.status_code == 400 and "larger than 64 KiB" in huge.text
 
         not_an_id = browser.post("/explain", data={**fields, "from": "web"})
         assert not_an_id.status_code == 400 and 'class="problem"' in not_an_id.text
