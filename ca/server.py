@@ -224,7 +224,7 @@ class Server:
             "status": "serving",
             "trust_domain": self.config.trust_domain.name,
             "server_id": self.server_id,
-            "node_api": f"{self.config.bind_host}:{self.config.bind_port}",
+            "node_api": f"{self.config.bind_host}:{self.node_api_port}",
             "uptime_seconds": int(time.monotonic() - self.started_at),
             "x509_authority": x509.record.authority_id,
             "x509_authority_expires_at": int(x509.not_after.timestamp()),

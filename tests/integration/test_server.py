@@ -70,6 +70,7 @@ def test_server_starts_and_reports_healthy(server: ServerProcess) -> None:
     health = server.cli_json("healthcheck")
     assert health["trust_domain"] == "example.org"
     assert health["status"] == "serving"
+    assert health["node_api"] == server.address
     mode = (server.data_dir.stat().st_mode & 0o777, server.admin_socket.stat().st_mode & 0o777)
     assert mode == (0o700, 0o600)
     for key_file in (server.data_dir / "keys").iterdir():

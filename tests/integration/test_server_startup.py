@@ -321,6 +321,7 @@ def test_bind_port_0_shows_the_port_the_node_api_got(tmp_path: Path) -> None:
         assert port > 0
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass  # the port shown is the one listening
+        assert server.cli_json("healthcheck")["node_api"] == f"127.0.0.1:{port}"
     finally:
         server.stop()
 
