@@ -192,7 +192,7 @@ def _valid_window(window: str) -> bool:
     import re
 
     parts = re.fullmatch("".join(rf"(?:(\d{{1,6}}){unit})?" for unit, _ in _UNITS), window)
-    if not window or parts is None:
+    if parts is None:
         return False
     total = sum(int(count) * size for count, (_, size) in zip(parts.groups(), _UNITS,
                                                                  strict=True) if count)

@@ -315,15 +315,16 @@ class Console:
         offset = _int(query.get("offset"), 0, 0, 10_000_000)
         params = {"q": text, "parent_id": parent.strip(), "selector": selector or None,
                   "limit": PAGE_SIZE, "offset": offset}
-        problem = None
-        try:
-            if "\x00" in text + parent + selector:
-                raise SourceError("Search text cannot hold a NUL character.", answered=400)
-            found = await self.settings.admin.get("/v1/entries/search", params)
-        except SourceError as err:
-            if err.answered != 400:
-                raise
-            problem, found = str(err), {"entries": [], "total": 0}
+        problem, found = None, {"entries": [], "total": 0}
+        if "\x00" in text + parent + selector:
+            problem = "Search text cannot hold a NUL character."
+        else:
+            try:
+                found = await self.settings.admin.get("/v1/entries/search", params)
+            except SourceError as err:
+                if err.answered != 400:
+                    raise
+                problem = str(err)
         return self._render(request, "entries.html", {
             "entries": found["entries"], "total": found["total"], "offset": offset,
             "page_size": PAGE_SIZE, "q": text, "parent_id": parent, "selector": selector,

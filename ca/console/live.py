@@ -111,11 +111,11 @@ class Changes:
                     timeout=WATCH_SECONDS + 10,
                 )
             except SourceError as err:
-                if self.problem is None:
-                    log.warning("cannot follow the server's changes: %s", err)
-                    self.problem = str(err)
-                    self.publish([UNREACHABLE])
+                went_away = self.problem is None
                 self.problem = str(err)
+                if went_away:
+                    log.warning("cannot follow the server's changes: %s", err)
+                    self.publish([UNREACHABLE])
                 await self._sleep(RETRY_SECONDS)
                 continue
             if self.problem is not None:
