@@ -37,8 +37,11 @@ twice that, its ``destination`` too), so a caller minting IDs cannot grow ``/met
 
 **An access log line**, JSON, with the field names of Envoy's
 (:data:`mesh.envoy.listeners.ACCESS_LOG_FIELDS`, plus ``listener``): on stdout, in a
-file, or nowhere (:func:`open_access_log`). Lines are buffered and written at least every
-:data:`FLUSH_SECONDS`, as Envoy's are.
+file, or nowhere (:func:`open_access_log`). Lines are held by the telemetry itself and
+written together, at least every :data:`FLUSH_SECONDS` and whenever
+:data:`MAX_PENDING_LINES` are waiting, as Envoy's are: not a ``write`` system call per
+request, whatever buffering the file has (``PYTHONUNBUFFERED``, common in containers,
+leaves ``sys.stdout`` with none).
 
 **Trace context** (W3C ``traceparent``): a valid version-00 ``traceparent`` is continued
 (its trace, its sampling flag) with a new span; a missing or invalid one starts a trace,
@@ -46,8 +49,9 @@ sampled when spans are sent. **Spans** go over OTLP/gRPC (``opentelemetry-sdk``,
 only then) when an endpoint is given: one SERVER span per sampled request, with the
 request's own trace and span IDs, in batches.
 
-Cost: :meth:`RequestTelemetry.finish` looks the metrics' children up in a dict and puts
-the log line together in one f-string (``strftime`` once a second); see
+Cost: :meth:`RequestTelemetry.finish` looks the request's metric cells up in a dict, adds
+to them (no lock: the metrics are read out of plain lists when ``/metrics`` is asked for)
+and puts the log line together in one f-string (``strftime`` once a second); see
 ``bench/telemetry.py`` for its microseconds.
 """
 
@@ -61,13 +65,17 @@ import random
 import re
 import sys
 import time
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_string
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sdk.sidecar.errors import SidecarConfigError
 from sdk.sidecar.http_exchange import ExchangeRecord
@@ -113,6 +121,8 @@ NO_ROUTE: Final = "none"
 MAX_ROUTE_LABEL: Final = 200
 """A route's source longer than this is cut in the ``route`` label (not in the log)."""
 FLUSH_SECONDS: Final = 1.0
+MAX_PENDING_LINES: Final = 256
+"""Access log lines held before they are written without waiting for :data:`FLUSH_SECONDS`."""
 SPAN_EXPORT_TIMEOUT_SECONDS: Final = 5.0
 
 _TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -222,24 +232,16 @@ class RequestTelemetry:
         ``access_log``: where the lines go (None: nowhere); ``otlp_endpoint``: where spans go
         (None: nowhere), as ``service_name``."""
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.requests = Counter(
-            "tessera_sidecar_requests",
-            "Requests answered, by listener, source, destination, route and response code",
-            ["listener", "source", "destination", "route", "code_class", "code"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "tessera_sidecar_request_duration_seconds",
-            "From a request's head to its response's last byte, by listener, source, "
-            "destination, route and response code class",
-            ["listener", "source", "destination", "route", "code_class"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._children: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._series = _RequestSeries()
+        self.registry.register(self._series)
+        self._cells: dict[tuple[Any, ...], tuple[list[int], list[float]]] = {}
+        """Each request's key (listener, source, destination, route, status) to its counter
+        and histogram cells in :attr:`_series`."""
         self._max_label_sets = max_label_sets
         self._access_log = access_log
         self._flush_scheduled = False
+        self._pending: list[str] = []
+        """Access log lines not yet written (see :meth:`flush`)."""
         self._stamp_second = -1
         self._stamp = ""
         """The access log's ``start_time`` to the second, made once a second."""
@@ -284,34 +286,34 @@ class RequestTelemetry:
         status = record.status
         key = (record.listener, record.source, record.destination_service, record.route,
                status)  # fmt: skip
-        children = self._children.get(key)
-        if children is None:
-            children = self._children_for(key)
-        children[0].inc()
-        children[1].observe(record.duration)
+        cells = self._cells.get(key)
+        if cells is None:
+            cells = self._cells_for(key)
+        count, histogram = cells
+        count[0] += 1
+        duration = record.duration
+        histogram[0] += duration
+        histogram[1 + bisect_left(DURATION_BUCKETS, duration)] += 1
         if self._access_log is not None:
             self._log(record, trace)
         if self._spans is not None and trace is not None and trace.sampled:
             self._spans.send(record, trace)
 
-    def _children_for(self, key: tuple[Any, ...]) -> tuple[Any, Any]:
+    def _cells_for(self, key: tuple[Any, ...]) -> tuple[list[int], list[float]]:
         listener, source, destination, route, status = key
         source = source or UNKNOWN
         destination = destination or UNKNOWN
         route = (route or NO_ROUTE)[:MAX_ROUTE_LABEL]
-        if len(self._children) >= self._max_label_sets:
+        if len(self._cells) >= self._max_label_sets:
             source = route = OTHER
-            if len(self._children) >= 2 * self._max_label_sets:
+            if len(self._cells) >= 2 * self._max_label_sets:
                 destination = OTHER
         code_class = _CLASSES.get(status // 100, OTHER)
         code = str(status) if 100 <= status <= 599 else OTHER
-        children = (
-            self.requests.labels(listener, source, destination, route, code_class, code),
-            self.duration.labels(listener, source, destination, route, code_class),
-        )
-        if len(self._children) < 3 * self._max_label_sets:
-            self._children[key] = children
-        return children
+        cells = self._series.cells((listener, source, destination, route, code_class), code)
+        if len(self._cells) < 3 * self._max_label_sets:
+            self._cells[key] = cells
+        return cells
 
     def _log(self, record: RequestRecord, trace: Trace | None) -> None:
         assert self._access_log is not None
@@ -348,25 +350,35 @@ class RequestTelemetry:
             f'"trace_id":{text(trace.trace_id) if trace is not None else "null"},'
             '"audit":null}'
         )
-        try:
-            self._access_log.write(line + "\n")
-        except (OSError, ValueError) as err:  # a full disk, a closed file: the request stands
-            _log.warning("cannot write the access log: %s; turning it off", err)
-            self._access_log = None
-            return
-        if not self._flush_scheduled:
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= MAX_PENDING_LINES:
+            self.flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             try:
-                asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+                asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_due)
             except RuntimeError:  # no loop (a test, a tool): write through
-                self.flush()
+                self._flush_due()
+
+    def _flush_due(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def flush(self) -> None:
-        """Write the access log lines buffered so far."""
-        self._flush_scheduled = False
-        if self._access_log is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._access_log.flush()
+        """Write the access log lines held so far (in one write)."""
+        log, pending = self._access_log, self._pending
+        if log is None or not pending:
+            pending.clear()
+            return
+        text = "\n".join(pending) + "\n"
+        pending.clear()
+        try:
+            log.write(text)
+            log.flush()
+        except (OSError, ValueError) as err:  # a full disk, a closed file: the requests stand
+            _log.warning("cannot write the access log: %s; turning it off", err)
+            self._access_log = None
 
     async def close(self) -> None:
         """Flush the access log (closing a file of its own) and send the spans still held."""
@@ -417,6 +429,69 @@ class InboundObserver:
             ),
             trace if isinstance(trace, Trace) else None,
         )
+
+
+class _RequestSeries(Collector):
+    """``tessera_sidecar_requests_total`` and ``tessera_sidecar_request_duration_seconds``,
+    kept in plain lists and read out when the registry is collected.
+
+    A ``prometheus_client`` counter's ``inc`` and a histogram's ``observe`` take a lock
+    apiece (the histogram two) and a few calls each: per request, on the proxy's data
+    path, more than the rest of the telemetry. Here a request adds to an ``int`` and a
+    bucket found by ``bisect``; only the event loop's thread writes the cells.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, ...], list[int]] = {}
+        """(listener, source, destination, route, code_class, code) to [requests]."""
+        self._histograms: dict[tuple[str, ...], list[float]] = {}
+        """(listener, source, destination, route, code_class) to [sum, one count per bucket
+        of :data:`DURATION_BUCKETS`, then +Inf's], not cumulative."""
+
+    def cells(self, labels: tuple[str, ...], code: str) -> tuple[list[int], list[float]]:
+        """The counter's and the histogram's cells of one label set (made at zero)."""
+        count = self._counts.setdefault((*labels, code), [0])
+        histogram = self._histograms.get(labels)
+        if histogram is None:
+            histogram = self._histograms[labels] = [0.0] * (len(DURATION_BUCKETS) + 2)
+        return count, histogram
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        requests, duration = self._families()
+        for labels, (count,) in list(self._counts.items()):
+            requests.add_metric(labels, count)
+        for labels, cells in list(self._histograms.items()):
+            running, buckets = 0.0, []
+            for bound, observed in zip(_BUCKET_NAMES, cells[1:], strict=True):
+                running += observed
+                buckets.append((bound, running))
+            duration.add_metric(labels, buckets, cells[0])
+        return iter((requests, duration))
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "tessera_sidecar_requests",
+                "Requests answered, by listener, source, destination, route and response code",
+                labels=["listener", "source", "destination", "route", "code_class", "code"],
+            ),
+            HistogramMetricFamily(
+                "tessera_sidecar_request_duration_seconds",
+                "From a request's head to its response's last byte, by listener, source, "
+                "destination, route and response code class",
+                labels=["listener", "source", "destination", "route", "code_class"],
+            ),
+        )
+
+
+_BUCKET_NAMES: Final = (
+    *(floatToGoString(b) for b in DURATION_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+)
 
 
 def _new_span_id() -> str:

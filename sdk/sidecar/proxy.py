@@ -298,8 +298,8 @@ class _Listener:
         return Stream(
             reader,
             writer,
-            on_read=self.metrics.bytes.labels(self.name, "in").inc,
-            on_write=self.metrics.bytes.labels(self.name, "out").inc,
+            on_read=self.metrics.bytes_tally(self.name, "in").add,
+            on_write=self.metrics.bytes_tally(self.name, "out").add,
         )
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -153,8 +153,12 @@ def test_the_docs_gateway_routes_by_uri_to_both_instances_on_the_built_in_proxy(
     metrics = proxy.metrics()
     assert metrics["tessera_sidecar_requests_total"] >= 1
     assert metrics["tessera_sidecar_svid_expiry_timestamp_seconds"] > 0
-    records = proxy.access_log("gateway_80")
-    assert {record["response_code"] for record in records} == {200, 404}, records[-1]
+
+    def logged() -> list[dict[str, object]] | None:  # lines are written within a second
+        records = proxy.access_log("gateway_80")
+        return records if {record["response_code"] for record in records} == {200, 404} else None
+
+    proxy.process.wait_until(logged, "the 200s and the 404 in the access log", DEADLINE)
 
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(timeout=DEADLINE) == 0

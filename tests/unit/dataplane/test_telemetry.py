@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dataplane.telemetry import (
     ACCESS_LOG_ENV,
     ACCESS_LOG_FIELDS,
+    MAX_PENDING_LINES,
     RequestRecord,
     RequestTelemetry,
     Trace,
@@ -137,6 +139,53 @@ def test_a_line_escapes_what_json_must_and_each_second_has_its_own_stamp() -> No
     assert second["start_time"] == "2023-11-14T22:13:21.999Z"
     assert second["method"] is None and second["path"] is None
     assert third["start_time"] == "2023-11-14T22:13:21.000Z"
+
+
+class _CountingSink(io.StringIO):
+    """An unbuffered stdout's stand-in: counts the writes it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        self.text += text
+        return len(text)
+
+
+def test_lines_are_held_and_written_together_not_one_write_a_request() -> None:
+    sink = _CountingSink()
+    telemetry = RequestTelemetry(access_log=sink)
+
+    async def serve() -> None:  # in a running loop, as the proxy is
+        for _ in range(MAX_PENDING_LINES - 1):
+            telemetry.finish(record())
+        assert sink.writes == 0  # held for the flush due within FLUSH_SECONDS
+        telemetry.finish(record())  # the batch is full: written at once, in one write
+        assert sink.writes == 1 and len(sink.text.splitlines()) == MAX_PENDING_LINES
+        telemetry.finish(record(status=503))
+        assert sink.writes == 1
+        await telemetry.close()  # what is still held is written on the way out
+
+    asyncio.run(serve())
+    lines = sink.text.splitlines()  # (close closed the sink: not stdout)
+    assert sink.writes == 2 and len(lines) == MAX_PENDING_LINES + 1
+    assert json.loads(lines[-1])["response_code"] == 503
+
+
+def test_a_failing_access_log_is_turned_off_and_the_requests_still_count() -> None:
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    registry = CollectorRegistry()
+    telemetry = RequestTelemetry(registry, access_log=Full())
+    telemetry.finish(record())  # no loop here: written through, and the write fails
+    telemetry.finish(record())
+    counted = [v for name, _, v in samples(registry) if name == "tessera_sidecar_requests_total"]
+    assert counted == [2.0]
 
 
 def test_new_trace_and_span_ids_are_hex_of_their_length_and_differ() -> None:
