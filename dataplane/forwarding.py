@@ -58,7 +58,7 @@ from typing import Any, Final
 
 from dataplane.balancing import Balancers, ClusterState
 from dataplane.telemetry import RequestRecord, RequestTelemetry, Trace
-from dataplane.upstream import ConnectFailed, UpstreamConnection, Upstreams
+from dataplane.upstream import STREAM_IDLE_TIMEOUT, ConnectFailed, UpstreamConnection, Upstreams
 from mesh.request import HttpRequest, split_host
 from mesh.view import (
     Cluster,
@@ -101,9 +101,6 @@ _log = logging.getLogger("tessera.sidecar")
 MAX_BUFFERED_BODY: Final = 64 * 1024
 """A request body up to this size (with a Content-Length) is read whole before it is sent,
 so that it can be sent again; a larger one is streamed, and never retried."""
-STREAM_IDLE_TIMEOUT: Final = 300.0
-"""Without a route timeout, how long a response head may take (Envoy's stream idle
-timeout, 5 minutes), and how long a body may stall."""
 CLIENT_BODY_TIMEOUT: Final = 60.0
 """How long the app may take to send a body the proxy buffers."""
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -701,7 +698,7 @@ class Forwarder:
             attempt.body_task = asyncio.create_task(
                 copy_body(exchange.client, stream, head.body)
             )
-        reading = self._response_head(exchange, stream, streamed=body is None)
+        reading = self._response_head(exchange, connection, streamed=body is None)
         try:
             if attempt.body_task is None:
                 return await reading
@@ -714,11 +711,11 @@ class Forwarder:
             return None
 
     async def _response_head(
-        self, exchange: Exchange, stream: Stream, *, streamed: bool
+        self, exchange: Exchange, connection: UpstreamConnection, *, streamed: bool
     ) -> ResponseHead:
+        stream, waiting = connection.stream, connection.waiting
         while True:
-            async with asyncio.timeout(STREAM_IDLE_TIMEOUT):  # no task, unlike wait_for
-                response = await read_response_head(stream, exchange.head.method)
+            response = await waiting.wait(read_response_head(stream, exchange.head.method))
             if response.status == 101:
                 raise HttpError(502, "the upstream switched protocols, which the outbound "
                                 "listener does not carry")  # fmt: skip

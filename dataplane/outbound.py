@@ -37,6 +37,7 @@ from mesh.hosts import service_name
 from mesh.request import HttpRequest, split_host
 from mesh.view import OutboundService, Route, View
 from sdk.address import HostPort
+from sdk.sidecar.deadline import Deadline
 from sdk.sidecar.errors import HttpError, SidecarConfigError
 from sdk.sidecar.http import RequestHead, read_request_head, simple_response
 from sdk.sidecar.http_exchange import IDLE_TIMEOUT_SECONDS
@@ -165,23 +166,28 @@ class HttpListener:
                 await client.close()
 
     async def _serve(self, client: Stream, idle: list[bool], source_ip: str | None) -> None:
-        while not self._stopping:
-            idle[0] = True
-            try:
-                async with asyncio.timeout(IDLE_TIMEOUT_SECONDS):  # no task, unlike wait_for
-                    head = await read_request_head(client)
-            except TimeoutError:
-                return
-            except HttpError as err:
-                client.write(simple_response(err.status, err.message + "\n", keep_alive=False))
-                await client.drain()
-                return
-            finally:
-                idle[0] = False
-            if head is None:
-                return
-            if not await self._handle(client, head, source_ip):
-                return
+        waiting = Deadline(IDLE_TIMEOUT_SECONDS)  # one timer for all the connection's heads
+        try:
+            while not self._stopping:
+                idle[0] = True
+                try:
+                    head = await waiting.wait(read_request_head(client))
+                except TimeoutError:
+                    return
+                except HttpError as err:
+                    client.write(
+                        simple_response(err.status, err.message + "\n", keep_alive=False)
+                    )
+                    await client.drain()
+                    return
+                finally:
+                    idle[0] = False
+                if head is None:
+                    return
+                if not await self._handle(client, head, source_ip):
+                    return
+        finally:
+            waiting.cancel()
 
     async def _handle(self, client: Stream, head: RequestHead, source_ip: str | None) -> bool:
         """Answer one request; whether the connection may go on."""

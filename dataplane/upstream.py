@@ -31,15 +31,22 @@ from mesh.view import Cluster, Endpoint
 from sdk.address import HostPort
 from sdk.authorize import Authorizer, authorize_one_of
 from sdk.errors import AuthorizationError, SdkError
+from sdk.sidecar.deadline import Deadline
 from sdk.sidecar.streams import STREAM_LIMIT, Stream
 from sdk.sources import X509Source
 from sdk.spiffeid import SpiffeId
 from sdk.tls import mtls_client_context, peer_spiffe_id
 
-__all__ = ["MAX_IDLE_PER_ENDPOINT", "ConnectFailed", "UpstreamConnection", "Upstreams"]
+__all__ = [
+    "MAX_IDLE_PER_ENDPOINT", "STREAM_IDLE_TIMEOUT", "ConnectFailed", "UpstreamConnection",
+    "Upstreams",
+]  # fmt: skip
 
 MAX_IDLE_PER_ENDPOINT: Final = 64
 """Idle connections kept per endpoint; one more released is closed."""
+STREAM_IDLE_TIMEOUT: Final = 300.0
+"""Without a route timeout, how long a response head may take (Envoy's stream idle
+timeout, 5 minutes), and how long a body may stall."""
 
 _Key = tuple[HostPort, tuple[str, ...]]
 
@@ -56,10 +63,14 @@ class ConnectFailed(Exception):
 class UpstreamConnection:
     """One mTLS connection to an endpoint, and who answered on it."""
 
-    __slots__ = ("address", "idle_since", "key", "peer", "requests", "reused", "stream")
+    __slots__ = (
+        "address", "idle_since", "key", "peer", "requests", "reused", "stream", "waiting",
+    )  # fmt: skip
 
     def __init__(self, stream: Stream, key: _Key, peer: str) -> None:
         self.stream = stream
+        self.waiting = Deadline(STREAM_IDLE_TIMEOUT)
+        """On each response head waited for (Envoy's stream idle timeout)."""
         self.key = key
         self.address = key[0]
         self.peer = peer
@@ -73,6 +84,7 @@ class UpstreamConnection:
         return self.stream.at_eof() or self.stream.writer.is_closing()
 
     async def close(self) -> None:
+        self.waiting.cancel()
         await self.stream.close()
 
 

@@ -50,6 +50,7 @@ from typing import Final, Protocol
 
 from sdk.address import HostPort
 from sdk.policy import Decision, Policy
+from sdk.sidecar.deadline import Deadline
 from sdk.sidecar.errors import HttpError
 from sdk.sidecar.http import (
     BodyKind,
@@ -230,14 +231,10 @@ class HttpExchange:
         self._traceparent: str | None = None
         self._read_before = 0
         self._written_before = 0
-        self._task: asyncio.Task[object] | None = None
-        self._head_deadline: float | None = None
-        """When the request head being waited for is late (None: none is waited for)."""
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_late = False
+        self._idle = Deadline(IDLE_TIMEOUT_SECONDS)
+        """On each request head waited for (one timer while the connection lasts)."""
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
         try:
             while not self.state.stopping:
                 head = await self._next_request()
@@ -248,8 +245,7 @@ class HttpExchange:
                 if not outcome.keep_alive:
                     return
         finally:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            self._idle.cancel()
             if self._app is not None:
                 await self._app.close()
 
@@ -275,7 +271,7 @@ class HttpExchange:
         self._read_before = self.client.bytes_read
         self.state.idle = True
         try:
-            return await self._read_head_in_time()
+            return await self._idle.wait(read_request_head(self.client))
         except TimeoutError:
             return None
         except HttpError as err:
@@ -284,40 +280,6 @@ class HttpExchange:
         finally:
             self.state.idle = False
 
-    async def _read_head_in_time(self) -> RequestHead | None:
-        """The next request head; TimeoutError if it has not all come within
-        :data:`IDLE_TIMEOUT_SECONDS`.
-
-        One timer per connection rather than one per request (``asyncio.timeout`` adds and
-        cancels a timer each time): it checks the deadline of the head waited for when it
-        fires, and sets itself again for a later one.
-        """
-        loop = asyncio.get_running_loop()
-        self._head_deadline = loop.time() + IDLE_TIMEOUT_SECONDS
-        if self._head_timer is None:
-            self._head_timer = loop.call_at(self._head_deadline, self._check_head_deadline)
-        try:
-            return await read_request_head(self.client)
-        except asyncio.CancelledError:
-            if self._head_late and self._task is not None:
-                self._head_late = False
-                if self._task.uncancel() == 0:  # cancelled by the deadline alone
-                    raise TimeoutError from None
-            raise
-        finally:
-            self._head_deadline = None
-
-    def _check_head_deadline(self) -> None:
-        self._head_timer = None
-        deadline = self._head_deadline
-        if deadline is None or self._task is None:
-            return  # no head waited for: the next wait sets the timer again
-        loop = asyncio.get_running_loop()
-        if loop.time() < deadline:
-            self._head_timer = loop.call_at(deadline, self._check_head_deadline)
-        elif not self._head_late:
-            self._head_late = True
-            self._task.cancel()
 
     async def _handle(self, head: RequestHead) -> _Outcome:
         observer = self.observer
