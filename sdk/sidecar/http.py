@@ -52,6 +52,7 @@ import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from itertools import islice
 from typing import Final, Protocol
 from urllib.parse import unquote
 
@@ -225,8 +226,7 @@ async def read_request_head(
     )
     if found is None:
         return None
-    message = _Message()
-    parser = httptools.HttpRequestParser(message)
+    parser = httptools.HttpRequestParser(_CHECK_ONLY)
     try:
         parser.feed_data(found)
     except httptools.HttpParserUpgrade:
@@ -235,7 +235,8 @@ async def read_request_head(
         raise HttpError(400, _UNKNOWN_METHOD) from err
     except httptools.HttpParserError as err:
         raise HttpError(400, f"the request is not valid HTTP/1.1: {_reason(err)}") from err
-    method, target = parser.get_method().decode(), message.url.decode("latin-1")
+    request_line, headers, by_name = _split_head(found)
+    method, target, _ = request_line.split(" ")  # three parts: _check_request_line saw to it
     version = f"HTTP/{parser.get_http_version()}"
     if not version.startswith("HTTP/1."):
         raise HttpError(505, f"{version} is not supported here; speak HTTP/1.1")
@@ -245,14 +246,13 @@ async def read_request_head(
         raise HttpError(400, "the request target holds characters a URI may not")
     if not target.startswith("/") and not (target == "*" and method == "OPTIONS"):
         raise HttpError(400, "send the request target as a path (origin-form), e.g. GET /items")
-    by_name = message.by_name
     if version == "HTTP/1.1" and len(by_name.get("host", ())) != 1:
         raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
     return RequestHead(
         method=method,
         target=target,
         version=version,
-        headers=tuple(message.headers),
+        headers=headers,
         body=_request_body(version, by_name),
         path=_path(target),
         by_name=by_name,
@@ -333,8 +333,7 @@ async def read_response_head(reader: ByteReader, request_method: str) -> Respons
     )
     if raw is None:
         raise HttpError(502, "the app closed the connection without answering")
-    message = _Message()
-    parser = httptools.HttpResponseParser(message)
+    parser = httptools.HttpResponseParser(_CHECK_ONLY)
     try:
         parser.feed_data(raw)
     except httptools.HttpParserUpgrade:
@@ -342,13 +341,14 @@ async def read_response_head(reader: ByteReader, request_method: str) -> Respons
     except httptools.HttpParserError as err:
         raise HttpError(502, f"the app's response is not valid HTTP/1.1: {_reason(err)}") from err
     status = parser.get_status_code()
+    _, headers, by_name = _split_head(raw)
     return ResponseHead(
         status=status,
         version=f"HTTP/{parser.get_http_version()}",
-        headers=tuple(message.headers),
-        body=_response_body(request_method, status, message.by_name),
+        headers=headers,
+        body=_response_body(request_method, status, by_name),
         raw=raw,
-        by_name=message.by_name,
+        by_name=by_name,
     )
 
 
@@ -513,15 +513,11 @@ class _Message:
     """What httptools reports of one message (its callbacks), field names as sent."""
 
     def __init__(self, on_body: Callable[[bytes], None] | None = None) -> None:
-        self.url = b""
         self.headers: list[tuple[str, str]] = []
         self.by_name: dict[str, list[str]] = {}
         self.complete = False
         if on_body is not None:
             self.on_body = on_body
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         key, text = name.decode("latin-1"), value.strip(b" \t").decode("latin-1")
@@ -533,6 +529,39 @@ class _Message:
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+
+class _CheckOnly:
+    """No callbacks: llhttp checks a whole head without calling into Python for each part
+    of it (:func:`_split_head` takes the fields apart afterwards)."""
+
+
+_CHECK_ONLY: Final = _CheckOnly()
+
+
+def _split_head(raw: bytes) -> tuple[str, Headers, ByName]:
+    """The start line and the fields of a head llhttp has accepted whole, with their names
+    as sent and by lower-case name.
+
+    Once llhttp has accepted it, the head is CRLF-ended lines with no folded line and no
+    space before a field's colon, so a field is what comes before its first colon and a
+    value what comes after, its surrounding blanks dropped: what llhttp's per-field
+    callbacks report, for one ``decode`` and one ``split`` of the head rather than a
+    call into Python and two decodes per field.
+    """
+    lines = raw.decode("latin-1").split("\r\n")
+    del lines[-2:]  # the head ends in an empty line: "...\r\n\r\n"
+    headers: list[tuple[str, str]] = []
+    by_name: dict[str, list[str]] = {}
+    for line in islice(lines, 1, None):
+        name, _, value = line.partition(":")
+        value = value.strip(" \t")
+        headers.append((name, value))
+        if (values := by_name.get(lowered := name.lower())) is None:
+            by_name[lowered] = [value]
+        else:
+            values.append(value)
+    return lines[0], tuple(headers), by_name
 
 
 def _reason(err: Exception) -> str:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import httptools
 import pytest
 
 from sdk.sidecar.errors import HttpError
@@ -13,6 +14,7 @@ from sdk.sidecar.http import (
     Body,
     BodyKind,
     RequestHead,
+    ResponseHead,
     buffered_body,
     copy_body,
     read_request_head,
@@ -77,6 +79,38 @@ def test_a_request_head_is_read_with_its_headers_and_decoded_path() -> None:
     assert head.headers == (("Host", "api"), ("X-Trace", "abc"))
     assert head.body == Body(BodyKind.NONE)
     assert head.keep_alive
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /a?b=c:d HTTP/1.1\r\nHost: users:80\r\nX-Empty:\r\nX-Blanks:   v  \t \r\n"
+        b"Dup: 1\r\ndup: 2\r\nX-Colons: a:b: c\r\n\r\n",
+        b"POST / HTTP/1.0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 5\r\nX-Tab:\tv\t\r\nE:\r\n\r\n",
+    ],
+)
+def test_fields_are_taken_apart_as_llhttps_own_callbacks_report_them(raw: bytes) -> None:
+    class Reported:  # what llhttp hands to Python field by field
+        def __init__(self) -> None:
+            self.fields: list[tuple[str, str]] = []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.fields.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+
+    reported = Reported()
+    response = raw.startswith(b"HTTP/")
+    parser = httptools.HttpResponseParser if response else httptools.HttpRequestParser
+    parser(reported).feed_data(raw)
+    head: RequestHead | ResponseHead | None = (
+        run(raw, lambda reader: read_response_head(reader, "GET")) if response else request(raw)
+    )
+    assert head is not None
+    assert head.headers == tuple(reported.fields)
+    by_name: dict[str, list[str]] = {}
+    for name, value in reported.fields:
+        by_name.setdefault(name.lower(), []).append(value)
+    assert head.by_name == by_name
 
 
 def test_connection_close_and_http_1_0_end_keep_alive() -> None:
