@@ -39,6 +39,7 @@ from typing import Final
 from dataplane.ratelimit import RATE_LIMITED_HEADERS, RATE_LIMITED_STATUS, RateLimiter
 from mesh.request import HttpRequest
 from mesh.view import Authorization, AuthorizationRule, JwtRule
+from mesh.view import Decision as Decided
 from sdk.policy import Decision
 from sdk.spiffeid import SpiffeId
 
@@ -47,6 +48,8 @@ __all__ = ["NOT_READY", "MeshJudge", "NotReady"]
 _log = logging.getLogger("tessera.sidecar")
 
 NOT_READY_RULE: Final = "not-ready"
+MAX_REMEMBERED_DECISIONS: Final = 4096
+"""Decisions a judge keeps (by caller, method and path); past that it starts again."""
 
 
 class NotReady:
@@ -87,6 +90,10 @@ class MeshJudge:
         self.revision = revision
         self.rate_limits = rate_limits
         self.jwt_rules = jwt_rules
+        self._decided: dict[tuple[str, str, str], tuple[Decided, Decision]] = {}
+        """What the policies said of a caller, method and path already judged: the same
+        each time (the policies are this judge's for life; the rate limits are asked
+        each time)."""
 
     def decide(
         self, peer_id: SpiffeId, method: str | None = None, path: str | None = None
@@ -102,15 +109,19 @@ class MeshJudge:
                 "proxy does not validate JWTs: run tessera sidecar run --proxy envoy",
                 status=401,
             )  # fmt: skip
-        decided = self.authorization.decide(caller, HttpRequest.of(method, path))
-        request = f" for {method} {path}"
-        for audited in decided.audited:
-            _log.info("AUDIT: %s%s matches %s", caller, request, audited)
-        decision = Decision(decided.allowed, str(decided.rule), decided.reason + request)
-        if not decision.allowed:
-            _log.info("refused %s%s by %s (mesh revision %d): %s", caller, request,
-                      decision.rule, self.revision, decided.reason)  # fmt: skip
-            return decision
+        key = (caller, method, path)
+        known = self._decided.get(key)
+        if known is None:
+            known = self._decide(key)
+        decided, decision = known
+        if decided.audited or not decision.allowed:
+            request = f" for {method} {path}"
+            for audited in decided.audited:
+                _log.info("AUDIT: %s%s matches %s", caller, request, audited)
+            if not decision.allowed:
+                _log.info("refused %s%s by %s (mesh revision %d): %s", caller, request,
+                          decision.rule, self.revision, decided.reason)  # fmt: skip
+                return decision
         limited = self.rate_limits.check(caller) if self.rate_limits is not None else None
         if limited is not None:
             return Decision(
@@ -118,6 +129,16 @@ class MeshJudge:
                 status=RATE_LIMITED_STATUS, headers=RATE_LIMITED_HEADERS,
             )  # fmt: skip
         return decision
+
+    def _decide(self, key: tuple[str, str, str]) -> tuple[Decided, Decision]:
+        caller, method, path = key
+        decided = self.authorization.decide(caller, HttpRequest.of(method, path))
+        decision = Decision(decided.allowed, str(decided.rule),
+                            f"{decided.reason} for {method} {path}")  # fmt: skip
+        if len(self._decided) >= MAX_REMEMBERED_DECISIONS:
+            self._decided.clear()
+        self._decided[key] = decided, decision
+        return decided, decision
 
     def at_handshake(self) -> MeshJudge:
         return self  # decide() without a request judges the caller alone

@@ -104,6 +104,9 @@ class ProxyMetrics(SvidMetrics):
         self._settle = _Settle()
         registry.register(self._settle)
         self._tallies: dict[tuple[str, str], Tally] = {}
+        self._decided: dict[tuple[str, str, str, bool], Tally] = {}
+        """Decisions by listener, stage, rule and result: one per request on an HTTP
+        listener, so tallied too (rules come from the configuration: a bounded set)."""
         self.connections = Counter(
             "tessera_sidecar_connections", "Connections accepted", ["listener"], registry=registry
         )
@@ -162,8 +165,13 @@ class ProxyMetrics(SvidMetrics):
         return tally
 
     def decision(self, listener: str, stage: str, rule: str, allowed: bool) -> None:
-        result = "allowed" if allowed else "refused"
-        self.decisions.labels(listener, stage, rule, result).inc()
+        tally = self._decided.get((listener, stage, rule, allowed))
+        if tally is None:
+            result = "allowed" if allowed else "refused"
+            tally = Tally(self.decisions.labels(listener, stage, rule, result))
+            self._decided[listener, stage, rule, allowed] = tally
+            self._settle.tallies.append(tally)
+        tally.pending += 1
 
 
 class FilesMetrics(SvidMetrics):

@@ -4,6 +4,7 @@ the handshake, as ``tessera sidecar run`` asks them."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from spiffe import SpiffeId
@@ -83,6 +84,30 @@ def test_requests_are_judged_as_istio_does_with_the_rule_named_by_its_source(
             "spec.rules[0]") in caplog.text  # fmt: skip
     assert (f"refused {WEB} for DELETE /api/users by AuthorizationPolicy no-deletes "
             f"spec.rules[0] (mesh revision 3): {WEB} is refused by a DENY rule") in caplog.text
+
+
+def test_a_request_judged_again_gets_the_same_answer_and_its_log_lines_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = judge({"app": "users"})
+    asked: list[str] = []
+    policies = type(users.authorization)
+    decide = policies.decide
+
+    def counted(self: Any, caller: str | None, request: Any, claims: Any = None) -> Any:
+        asked.append(str(caller))
+        return decide(self, caller, request, claims)
+
+    monkeypatch.setattr(policies, "decide", counted)
+    with caplog.at_level(logging.INFO, logger="tessera.sidecar"):
+        first = [users.decide(WEB, "GET", "/api/users"), users.decide(WEB, "DELETE", "/x")]
+        again = [users.decide(WEB, "GET", "/api/users"), users.decide(WEB, "DELETE", "/x")]
+    assert first == again and [d.allowed for d in again] == [True, False]
+    assert asked == [str(WEB)] * 2  # the policies were asked once per request kind
+    assert caplog.text.count(f"AUDIT: {WEB} for GET /api/users matches") == 2
+    assert caplog.text.count(f"refused {WEB} for DELETE /x by") == 2
+    assert users.decide(OPS, "GET", "/api/users") != again[0]  # another caller: judged anew
+    assert asked == [str(WEB)] * 2 + [str(OPS)]
 
 
 def test_at_the_handshake_a_caller_some_allow_rule_names_goes_on_to_its_requests() -> None:

@@ -26,3 +26,13 @@ def test_tallied_bytes_are_on_metrics_whenever_they_are_read() -> None:
     )
     received.add(1)  # settled once, counted once: the next read adds only what is new
     assert _bytes(metrics, "in") == 126.0
+
+
+def test_decisions_are_counted_by_rule_and_result_whenever_read() -> None:
+    metrics = ProxyMetrics()
+    for allowed in (True, True, False):
+        metrics.decision("inbound[0]", "request", "allow-web", allowed)
+    labels = {"listener": "inbound[0]", "stage": "request", "rule": "allow-web"}
+    value = metrics.registry.get_sample_value
+    assert value("tessera_sidecar_decisions_total", {**labels, "result": "allowed"}) == 2.0
+    assert value("tessera_sidecar_decisions_total", {**labels, "result": "refused"}) == 1.0
