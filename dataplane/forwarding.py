@@ -51,7 +51,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
@@ -158,11 +158,12 @@ def retry_wanted(
     policy: RetryPolicy,
     *,
     status: int | None = None,
-    headers: Iterable[tuple[str, str]] = (),
+    grpc_status: Callable[[str], list[str]] = lambda name: [],
     failure: Failure | None = None,
 ) -> bool:
     """Whether ``retryOn`` asks for another try after a response with ``status`` (and
-    ``headers``, for the gRPC conditions) or after ``failure``, as Envoy reads it:
+    its field values by name, ``grpc_status``, for the gRPC conditions) or after
+    ``failure``, as Envoy reads it:
 
     - ``5xx``: a 5xx, a connect failure, a reset or a per-try timeout;
     - ``gateway-error``: 502, 503, 504, a connect failure, a reset or a per-try timeout;
@@ -190,9 +191,8 @@ def retry_wanted(
         return True
     grpc = [name for name in _GRPC_STATUS if name in on]
     if grpc:
-        found = next((value.strip() for name, value in headers
-                      if name.lower() == "grpc-status"), None)  # fmt: skip
-        return found is not None and any(_GRPC_STATUS[name] == found for name in grpc)
+        found = grpc_status("grpc-status")
+        return bool(found) and any(_GRPC_STATUS[name] == found[0].strip() for name in grpc)
     return False
 
 
@@ -268,10 +268,9 @@ def _request_head(
 def _response_head(
     response: ResponseHead, operations: Sequence[HeaderOperations], keep_alive: bool
 ) -> bytes:
-    if not operations and keep_alive and not any(
-        name.lower() in _RESPONSE_HOP_BY_HOP for name, _ in response.headers
-    ):  # nothing to change: the head as the upstream sent it
-        return response.raw
+    if not operations:  # the head as the upstream sent it, but for the hop-by-hop fields
+        data = response.without(_RESPONSE_HOP_BY_HOP)
+        return data if keep_alive else data[:-2] + b"connection: close\r\n\r\n"
     status_line = response.raw.partition(b"\r\n")[0].decode("latin-1")
     fields = [item for item in response.headers if item[0].lower() not in _RESPONSE_HOP_BY_HOP]
     for operation in operations:
@@ -586,7 +585,8 @@ class Forwarder:
             elif response is None:
                 wanted = retry_wanted(policy, failure=attempt.failure)
             else:
-                wanted = retry_wanted(policy, status=response.status, headers=response.headers)
+                wanted = retry_wanted(policy, status=response.status,
+                                      grpc_status=response.values)  # fmt: skip
             if not wanted:
                 break
             if not (retries_left > 0

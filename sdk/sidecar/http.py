@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -177,25 +178,84 @@ class RequestHead:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-@dataclass(frozen=True)
 class ResponseHead:
-    status: int
-    version: str
-    headers: Headers
-    body: Body
-    raw: bytes
-    """The head exactly as the app sent it (passed on unchanged)."""
-    by_name: ByName = field(default_factory=dict, repr=False, compare=False)
-    """``headers`` by lower-case name, as :attr:`RequestHead.by_name`."""
+    """A response head llhttp has accepted. Its status, version and framing are read at
+    once; its fields are taken apart (:attr:`headers`, :attr:`by_name`) only when asked
+    for: a proxy that passes the head on as it came needs only a few of them, which
+    :meth:`values` finds in the head's bytes."""
 
-    def values(self, name: str) -> list[str]:
-        return _values(self.headers, self.by_name, name)
+    __slots__ = ("__dict__", "_fields", "_lowered", "body", "raw", "status", "version")
+
+    def __init__(self, status: int, version: str, raw: bytes, request_method: str) -> None:
+        self.status = status
+        self.version = version
+        self.raw = raw
+        """The head exactly as the app sent it (passed on unchanged)."""
+        self._lowered = raw.lower()
+        self._fields: tuple[Headers, ByName] | None = None
+        self.body = _response_body(request_method, status, self)
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status}, {self.version}, {self.raw!r})"
 
     @property
+    def headers(self) -> Headers:
+        return self._split()[0]
+
+    @property
+    def by_name(self) -> ByName:
+        """``headers`` by lower-case name, as :attr:`RequestHead.by_name`."""
+        return self._split()[1]
+
+    def values(self, name: str) -> list[str]:
+        """The values of the field ``name`` (any case), in the order sent."""
+        if self._fields is not None:
+            return list(self._fields[1].get(name.lower(), ()))
+        raw, found = self.raw, []
+        needle = b"\r\n" + name.lower().encode("latin-1") + b":"
+        at = self._lowered.find(needle)
+        while at >= 0:  # a field line (a value holds no CR or LF: llhttp saw to it)
+            start = at + len(needle)
+            end = raw.find(b"\r\n", start)
+            found.append(raw[start:end].strip(b" \t").decode("latin-1"))
+            at = self._lowered.find(needle, end)
+        return found
+
+    def without(self, names: Iterable[str]) -> bytes:
+        """:attr:`raw` without the lines of the fields ``names`` (lower case)."""
+        raw, lowered = self.raw, self._lowered
+        cuts: list[tuple[int, int]] = []
+        for name in names:
+            needle = b"\r\n" + name.encode("latin-1") + b":"
+            at = lowered.find(needle)
+            while at >= 0:
+                end = raw.find(b"\r\n", at + len(needle))
+                cuts.append((at, end))  # its CRLF before it and the line: the next CRLF stays
+                at = lowered.find(needle, end)
+        if not cuts:
+            return raw
+        cuts.sort()
+        kept, previous = bytearray(), 0
+        for at, end in cuts:
+            kept += raw[previous:at]
+            previous = end
+        kept += raw[previous:]
+        return bytes(kept)
+
+    @functools.cached_property
     def keep_alive(self) -> bool:
         if self.body.kind is BodyKind.UNTIL_CLOSE:
             return False
-        return _keep_alive(self.version, self.headers, self.by_name)
+        tokens = _tokens(self.values("connection"))
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+    def _split(self) -> tuple[Headers, ByName]:
+        if self._fields is None:
+            _, headers, by_name = _split_head(self.raw)
+            self._fields = headers, by_name
+        return self._fields
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -340,15 +400,8 @@ async def read_response_head(reader: ByteReader, request_method: str) -> Respons
         pass  # 101 Switching Protocols
     except httptools.HttpParserError as err:
         raise HttpError(502, f"the app's response is not valid HTTP/1.1: {_reason(err)}") from err
-    status = parser.get_status_code()
-    _, headers, by_name = _split_head(raw)
     return ResponseHead(
-        status=status,
-        version=f"HTTP/{parser.get_http_version()}",
-        headers=headers,
-        body=_response_body(request_method, status, by_name),
-        raw=raw,
-        by_name=by_name,
+        parser.get_status_code(), f"HTTP/{parser.get_http_version()}", raw, request_method
     )
 
 
@@ -365,14 +418,14 @@ def _response_fields_too_large(what: str) -> HttpError:
     return HttpError(502, f"the app's response headers are {what}")
 
 
-def _response_body(request_method: str, status: int, by_name: ByName) -> Body:
+def _response_body(request_method: str, status: int, head: ResponseHead) -> Body:
     if request_method == "HEAD" or 100 <= status < 200 or status in (204, 304):
         return NO_BODY
-    transfer_encodings = by_name.get("transfer-encoding")
+    transfer_encodings = head.values("transfer-encoding")
     if transfer_encodings:
         codings = _tokens(transfer_encodings)
         return Body(BodyKind.CHUNKED if codings[-1:] == ["chunked"] else BodyKind.UNTIL_CLOSE)
-    lengths = by_name.get("content-length")
+    lengths = head.values("content-length")
     if lengths:
         return Body(BodyKind.LENGTH, int(lengths[0]))
     return Body(BodyKind.UNTIL_CLOSE)

@@ -113,8 +113,10 @@ def test_retriable_status_codes_retry_the_codes_given_only() -> None:
 
 def test_grpc_conditions_read_the_grpc_status() -> None:
     unavailable = policy("unavailable")
-    assert retry_wanted(unavailable, status=200, headers=[("Grpc-Status", "14")])
-    assert not retry_wanted(unavailable, status=200, headers=[("grpc-status", "13")])
+    fourteen = response_head(b"HTTP/1.1 200 OK\r\nGrpc-Status: 14\r\nContent-Length: 0\r\n\r\n")
+    thirteen = response_head(b"HTTP/1.1 200 OK\r\ngrpc-status:13\r\nContent-Length: 0\r\n\r\n")
+    assert retry_wanted(unavailable, status=200, grpc_status=fourteen.values)
+    assert not retry_wanted(unavailable, status=200, grpc_status=thirteen.values)
     assert not retry_wanted(unavailable, status=200)
 
 
@@ -212,7 +214,14 @@ def test_a_response_head_is_passed_on_as_sent_unless_something_changes() -> None
     plain = response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A:  b\r\n\r\n")
     assert _response_head(plain, (), keep_alive=True) == plain.raw
     closing = _response_head(plain, (), keep_alive=False)
-    assert closing == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\nconnection: close\r\n\r\n"
+    assert closing == (  # the fields as sent, then the proxy's own
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A:  b\r\nconnection: close\r\n\r\n")
+    several = response_head(b"HTTP/1.1 200 OK\r\nconnection: x-a\r\nContent-Length: 2\r\n"
+                            b"Keep-Alive: timeout=5\r\nX-Connection: kept\r\n"
+                            b"CONNECTION: keep-alive\r\nProxy-Connection: y\r\n\r\n")
+    assert _response_head(several, (), keep_alive=False) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Connection: kept\r\n"
+        b"connection: close\r\n\r\n")
     hop = response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
     assert _response_head(hop, (), keep_alive=True) == (
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")

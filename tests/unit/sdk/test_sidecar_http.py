@@ -113,6 +113,23 @@ def test_fields_are_taken_apart_as_llhttps_own_callbacks_report_them(raw: bytes)
     assert head.by_name == by_name
 
 
+def test_a_response_heads_fields_are_found_in_its_bytes_as_taking_it_apart_finds_them() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nX-Count: 1\r\nContent-Length: 5\r\nx-count:  2 \r\n"
+           b"X-Counted: no\r\nConnection: keep-alive, Upgrade\r\n\r\n")
+    found = run(raw, lambda reader: read_response_head(reader, "GET"))
+    looked_up = [found.values(name) for name in ("x-count", "X-COUNT", "connection", "absent")]
+    assert looked_up == [["1", "2"], ["1", "2"], ["keep-alive, Upgrade"], []]
+    assert found.body == Body(BodyKind.LENGTH, 5) and found.keep_alive
+    assert found.headers[0] == ("X-Count", "1")  # taken apart now: the same answers
+    assert [found.values(name) for name in ("x-count", "X-COUNT", "connection", "absent")] == (
+        looked_up)
+    assert found.without(["x-count", "connection"]) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Counted: no\r\n\r\n")
+    closing = run(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+                  lambda reader: read_response_head(reader, "GET"))
+    assert not closing.keep_alive and closing.without(["connection"]) == closing.raw
+
+
 def test_connection_close_and_http_1_0_end_keep_alive() -> None:
     closing = request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     old = request(b"GET / HTTP/1.0\r\n\r\n")
