@@ -9,7 +9,9 @@ Envoy pair with the same features, and the haproxy, nginx and built-in pairs of
     wrk --> built-in outbound --mTLS, HTTP/1.1--> built-in inbound --> backend  (the agent's)
     wrk --> nginx | haproxy | tessera sidecar proxy pair --> backend         (bench.mtls_proxy)
 
-wrk sends ``Host: users-service`` to every path. The backend is the nginx of
+wrk sends ``Host: users-service`` to every path but the built-in HTTP pair's, which gets
+``Host: users-builtin`` (its inbound is that Service's instance, so that it and Tessera's
+Envoy pair can be up at once). The backend is the nginx of
 :func:`bench.mtls_proxy.nginx_backend`.
 
 - **Tessera's Envoys** start from :func:`mesh.envoy.build_bootstrap` (one worker each,
@@ -28,12 +30,16 @@ wrk sends ``Host: users-service`` to every path. The backend is the nginx of
 - **The built-in HTTP pair** is two ``tessera sidecar run --proxy builtin`` processes
   started as users start them (HTTP/1.1 between them over kept-alive mTLS connections),
   against the same agent and the same mesh configuration as Tessera's Envoys: the
-  ``bench-client`` sidecar's ``--outbound`` routes by Host to the ``users-service``
-  instance (which its sidecar registers itself), whose inbound lets only the client's
-  SPIFFE ID in and forwards to the backend; each writes its JSON access log line per
-  request to stdout (the bench sends it to a file). Its figures sit beside Tessera's
-  Envoy pair's, as ratios: the built-in proxy's target in HTTP mode is at least the
-  Envoy pair's requests per CPU-second, at a p99 within 1.5x of Envoy's.
+  ``bench-client`` sidecar's ``--outbound`` routes by Host to the ``users-builtin``
+  instance (which its sidecar registers itself, with the same SVID and labels as
+  ``users-service``'s), whose inbound lets only the client's SPIFFE ID in and forwards
+  to the backend; each writes its JSON access log line per request to stdout (the bench
+  sends it to a file). Its figures sit beside Tessera's Envoy pair's, as ratios: the
+  built-in proxy's target in HTTP mode is at least the Envoy pair's requests per
+  CPU-second, at a p99 within 1.5x of Envoy's. The two pairs are up at once and
+  measured in turn, :data:`ROUNDS` times, each round in the other order; a pair's
+  figures are those of its round of median rate, and the ratio of rates is the median
+  of the rounds' own ratios.
 
 With ``TESSERA_BENCH_ENVOY_DUMPS=DIR`` each Envoy's ``/config_dump`` is written to DIR,
 to compare what the two pairs run. With ``TESSERA_BENCH_PROFILE=DIR`` (and ``py-spy``
@@ -49,6 +55,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -56,7 +63,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -96,6 +103,10 @@ from sdk.sources import WorkloadApiX509Source
 
 NAME = "envoy_pair"
 SERVICE = "users-service"
+BUILTIN_SERVICE = "users-builtin"
+"""The Service the built-in HTTP pair's inbound registers as: one of its own, so that it
+and Tessera's Envoy pair can run at once without either client routing to the other's
+inbound."""
 CLIENT_SERVICE = "bench-client"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/users"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
@@ -106,6 +117,10 @@ the TCP pair of ``tessera sidecar proxy``, ``builtin_http`` the HTTP pair of ``t
 sidecar run --proxy builtin``."""
 STOP_DEADLINE = 30.0
 READY_DEADLINE = 60.0
+ROUNDS: Final = {True: 1, False: 3}
+"""Rounds (by ``quick``) in which Tessera's Envoy pair and the built-in HTTP pair are
+measured in turn: this machine's speed drifts by up to 2x over minutes, so a ratio of
+two measurements taken a minute apart says more about the minute than the pairs."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,13 @@ MESH = f"""\
 apiVersion: tessera.io/v1alpha1
 kind: Service
 metadata: {{name: {SERVICE}}}
+spec:
+  spiffeIds: [{SERVER_ID}]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+---
+apiVersion: tessera.io/v1alpha1
+kind: Service
+metadata: {{name: {BUILTIN_SERVICE}}}
 spec:
   spiffeIds: [{SERVER_ID}]
   ports: [{{number: 80, name: http, protocol: HTTP}}]
@@ -182,39 +204,44 @@ def run(quick: bool = False) -> list[Figure]:
         files = write_certificates(tmp / "certificates")
         backend = free_port()
 
-        def measure(
+        builtin_script = tmp / "builtin-host.lua"
+        builtin_script.write_text(f'wrk.headers["Host"] = "{BUILTIN_SERVICE}"\n')
+        rounds: dict[tuple[str, int], list[tuple[WrkLoad, list[float]]]] = {}
+
+        def measure_at(
             name: str,
             port: int,
             pids: Sequence[int],
+            c: int,
             control_plane: int | None = None,
             profile: bool = False,
         ) -> None:
-            loads[name] = {}
+            meter = ProcessMeter(control_plane) if control_plane else None
+            sides = [ProcessMeter(pid) for pid in pids]
+            with contextlib.ExitStack() as profiles:
+                if profile:
+                    for pid, side in zip(pids, ("outbound", "inbound"), strict=True):
+                        profiles.enter_context(profiled(pid, f"{name}-{side}"))
+                load = run_wrk(
+                    f"http://127.0.0.1:{port}/",
+                    connections=c,
+                    seconds=sizes.seconds,
+                    pids=pids,
+                    script=builtin_script if name == "builtin_http" else script,
+                    warm_up=warm_up,
+                )
+            if meter is not None:
+                agent_cpu[c] = meter.cpu_seconds()
+            # Each side's share of the pair's CPU (warm-up included), applied to the
+            # measured run's: CPU microseconds per request, outbound then inbound.
+            spent = [side.cpu_seconds() for side in sides]
+            split = [load.cpu * part / max(sum(spent), 1e-9) / load.requests * 1e6
+                     for part in spent] if len(spent) == 2 else []  # fmt: skip
+            rounds.setdefault((name, c), []).append((load, split))
+
+        def measure(name: str, port: int, pids: Sequence[int]) -> None:
             for c in sizes.connections:
-                meter = ProcessMeter(control_plane) if control_plane else None
-                sides = [ProcessMeter(pid) for pid in pids]
-                with contextlib.ExitStack() as profiles:
-                    if profile and c == sizes.connections[-1]:
-                        for pid, side in zip(pids, ("outbound", "inbound"), strict=True):
-                            profiles.enter_context(profiled(pid, f"{name}-{side}"))
-                    load = loads[name][c] = run_wrk(
-                        f"http://127.0.0.1:{port}/",
-                        connections=c,
-                        seconds=sizes.seconds,
-                        pids=pids,
-                        script=script,
-                        warm_up=warm_up,
-                    )
-                if meter is not None:
-                    agent_cpu[c] = meter.cpu_seconds()
-                # Each side's share of the pair's CPU (warm-up included), applied to the
-                # measured run's: CPU microseconds per request, outbound then inbound.
-                spent = [side.cpu_seconds() for side in sides]
-                if len(spent) != 2:  # the direct run: the backend alone
-                    continue
-                per_side[name, c] = [
-                    load.cpu * part / max(sum(spent), 1e-9) / load.requests * 1e6 for part in spent
-                ]
+                measure_at(name, port, pids, c)
 
         with nginx_backend(tmp / "backend", backend) as backend_pids:
             measure("direct", backend, backend_pids)
@@ -232,17 +259,47 @@ def run(quick: bool = False) -> list[Figure]:
                 with static_envoy_pair(envoy, tmp / "static", svids, backend) as pair:
                     measure("static_envoy", pair.port, pair.pids)
                     connections["static_envoy"] = pair.upstream_connections()
-                with tessera_envoy_pair(envoy, tmp / "tessera", agent.socket_path, backend) as pair:
-                    measure("tessera_envoy", pair.port, pair.pids, control_plane=agent.pid)
-                    connections["tessera_envoy"] = pair.upstream_connections()
-                with builtin_http_pair(tmp / "builtin_http", agent.socket_path, backend) as (
-                    port,
-                    pids,
+                with (
+                    tessera_envoy_pair(envoy, tmp / "tessera", agent.socket_path, backend) as pair,
+                    builtin_http_pair(tmp / "builtin_http", agent.socket_path, backend) as (
+                        port,
+                        pids,
+                    ),
                 ):
-                    measure("builtin_http", port, pids, profile=True)
+                    # Both up at once, measured in turn, each round in the other order.
+                    in_turn = [
+                        ("tessera_envoy", pair.port, pair.pids, agent.pid),
+                        ("builtin_http", port, pids, None),
+                    ]
+                    total = ROUNDS[quick]
+                    for n in range(total):
+                        for c in sizes.connections:
+                            for name, at, processes, control_plane in in_turn:
+                                profile = (name == "builtin_http" and n == total - 1
+                                           and c == sizes.connections[-1])  # fmt: skip
+                                measure_at(name, at, processes, c, control_plane, profile)
+                        in_turn.reverse()
+                    connections["tessera_envoy"] = pair.upstream_connections()
                 with sidecar_pair(tmp, agent.socket_path, backend) as (port, pids):
                     measure("builtin", port, pids)
-    return figures(loads, sizes, agent_cpu, connections, per_side)
+    for (name, c), measured in rounds.items():
+        # The round of the median rate stands for the pair (its p50 and p99 with it).
+        load, split = sorted(measured, key=lambda item: item[0].per_cpu_second)[
+            len(measured) // 2
+        ]
+        loads.setdefault(name, {})[c] = load
+        if split:
+            per_side[name, c] = split
+    ratios = {
+        c: [
+            builtin.per_cpu_second / envoy.per_cpu_second
+            for (envoy, _), (builtin, _) in zip(
+                rounds["tessera_envoy", c], rounds["builtin_http", c], strict=True
+            )
+        ]
+        for c in sizes.connections
+    }
+    return figures(loads, sizes, agent_cpu, connections, per_side, ratios)
 
 
 @contextlib.contextmanager
@@ -274,13 +331,16 @@ def figures(
     agent_cpu: Mapping[int, float],
     connections: Mapping[str, tuple[int, int]],
     per_side: Mapping[tuple[str, int], Sequence[float]] | None = None,
+    ratios: Mapping[int, Sequence[float]] | None = None,
 ) -> list[Figure]:
     """Per connection count: Tessera's Envoy pair's requests per proxy CPU-second and its
     added p50 and p99, each beside the other pairs' and as ratios to the static Envoy
     pair and the haproxy pair. ``connections``: per Envoy pair, the HTTP/1.1 and HTTP/2
     connections its outbound opened to its inbound over the whole run; ``per_side``: per
     (pair, connections), the CPU microseconds per request of its outbound and inbound
-    processes (in the JSON only)."""
+    processes (in the JSON only); ``ratios``: per connection count, the built-in HTTP
+    pair's requests per CPU-second over Tessera's Envoy pair's in each round they were
+    measured in turn (the figure is their median; none: the two loads' ratio)."""
     between = "; ".join(
         f"{name} {http1} HTTP/1.1, {http2} HTTP/2" for name, (http1, http2) in connections.items()
     )
@@ -363,30 +423,35 @@ def figures(
                     ),
                 )
             )
-        result += builtin_http_figures(loads, c, per)
+        result += builtin_http_figures(loads, c, per, (ratios or {}).get(c, ()))
     return result
 
 
 def builtin_http_figures(
-    loads: Mapping[str, Mapping[int, WrkLoad]], c: int, per: str
+    loads: Mapping[str, Mapping[int, WrkLoad]], c: int, per: str, ratios: Sequence[float] = ()
 ) -> list[Figure]:
     """The built-in HTTP pair at ``c`` connections beside Tessera's Envoy pair: its
-    requests per proxy CPU-second (target: at least the Envoy pair's) and its p99
-    (target: within 1.5x of the Envoy pair's)."""
+    requests per proxy CPU-second (target: at least the Envoy pair's; ``ratios``: the
+    ratio in each round the two were measured in turn, of which the median counts) and
+    its p99 (target: within 1.5x of the Envoy pair's)."""
     builtin, envoy, direct = loads["builtin_http"][c], loads["tessera_envoy"][c], loads["direct"][c]
-    rate = builtin.per_cpu_second / envoy.per_cpu_second
+    rate = (statistics.median(ratios) if ratios
+            else builtin.per_cpu_second / envoy.per_cpu_second)  # fmt: skip
+    in_rounds = (f"; median of {len(ratios)} rounds measured in turn with it: "
+                 + ", ".join(f"{r:.2f}" for r in ratios)) if len(ratios) > 1 else ""  # fmt: skip
     p99 = builtin.p99 / envoy.p99
     # Added over direct, when both pairs' p99 are above direct's (a noisy direct run's
     # can be higher).
     added = _ratio(builtin.p99 - direct.p99, envoy.p99 - direct.p99, builtin.p99 > direct.p99)
     data = {"builtin_http_per_cpu_second_ratio": rate, "builtin_http_p99_ratio": p99}
+    data.update({f"builtin_http_round_{n}_ratio": r for n, r in enumerate(ratios, 1)})
     return [
         Figure(
             NAME,
             f"built-in HTTP pair: requests per proxy CPU-second, {per}",
             builtin.per_cpu_second,
             "/s",
-            ceiling=f"{envoy.per_cpu_second:,.0f}/s Tessera's Envoy pair ({rate:.2f}x)",
+            ceiling=f"{envoy.per_cpu_second:,.0f}/s Tessera's Envoy pair ({rate:.2f}x{in_rounds})",
             target=">= 1.00x Tessera's Envoy pair",
             met=rate >= 1.0,
             data=data,
@@ -470,10 +535,13 @@ def envoy_process(
 
 
 def wait_for_answer(
-    port: int, logs: Sequence[Path], processes: Sequence[subprocess.Popen[bytes]] = ()
+    port: int,
+    logs: Sequence[Path],
+    processes: Sequence[subprocess.Popen[bytes]] = (),
+    host: str = SERVICE,
 ) -> None:
-    """Poll ``GET / (Host: users-service)`` through a pair until it answers 200 (failing at
-    once when one of ``processes`` has exited)."""
+    """Poll ``GET / (Host: host)`` through a pair until it answers 200 (failing at once when
+    one of ``processes`` has exited)."""
     deadline = time.monotonic() + READY_DEADLINE
     last = "no answer"
     while time.monotonic() < deadline:
@@ -482,7 +550,7 @@ def wait_for_answer(
             last = f"a sidecar (pid {exited.pid}) exited with status {exited.returncode}"
             break
         try:
-            response = httpx.get(f"http://127.0.0.1:{port}/", headers={"host": SERVICE}, timeout=5)
+            response = httpx.get(f"http://127.0.0.1:{port}/", headers={"host": host}, timeout=5)
         except httpx.HTTPError as err:
             last = type(err).__name__
         else:
@@ -619,7 +687,7 @@ def builtin_http_pair(
     outbound = free_port()
     sides = {
         "inbound": [
-            "--service", SERVICE, "--spiffe-id", SERVER_ID, "--label", "app=users",
+            "--service", BUILTIN_SERVICE, "--spiffe-id", SERVER_ID, "--label", "app=users",
             "--inbound", f"127.0.0.1:{free_port()}", "--app", f"127.0.0.1:{backend}",
         ],
         "outbound": [
@@ -646,7 +714,7 @@ def builtin_http_pair(
                 )  # fmt: skip
         wait_for_port(outbound, processes["outbound"], prefix / "outbound.log")
         wait_for_answer(outbound, [prefix / "inbound.log", prefix / "outbound.log"],
-                        list(processes.values()))  # fmt: skip
+                        list(processes.values()), host=BUILTIN_SERVICE)  # fmt: skip
         yield outbound, [processes["outbound"].pid, processes["inbound"].pid]
     finally:
         for process in processes.values():
