@@ -29,6 +29,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,9 @@ def test_a_proxyless_grpc_client_resolves_an_xds_target_and_calls_over_mtls(
     assert (seen_refused["source"], seen_refused["upstream_host"]) == (INTRUDER, None)
     assert seen_refused["response_code_details"].startswith("rbac_access_denied")
     for node in ("web-1", "intruder-1"):
-        assert accepted_every_type(agent, node)
+        # a client ACKs on its discovery stream while its call goes out on another: the ACK
+        # may reach the agent's log after the answer, so wait for it
+        poll(partial(accepted_every_type, agent, node), DEADLINE, f"{node} ACKing every type")
         assert refusals(agent, node) == []
 
 
@@ -347,12 +350,13 @@ def said_to(agent: AgentProcess, node: str) -> list[str]:
     return [line for line in agent.log().splitlines() if f"Envoy node {node} (cluster " in line]
 
 
-def accepted_every_type(agent: AgentProcess, node: str) -> bool:
+def accepted_every_type(agent: AgentProcess, node: str) -> bool | None:
+    """True once ``node`` has ACKed listeners, clusters and endpoints (None before: poll it)."""
     said = said_to(agent, node)
     return all(
         any(f" accepted type.googleapis.com/envoy.config.{kind} " in line for line in said)
         for kind in XDS_TYPES
-    )
+    ) or None
 
 
 def refusals(agent: AgentProcess, node: str) -> list[str]:
@@ -380,6 +384,6 @@ def test_grpc_accepts_every_route_and_cluster_the_mesh_renders_for_it(
         files.stop()
     # No instance is registered: each channel resolves and finds none to connect to.
     assert settled == dict.fromkeys(targets, "TRANSIENT_FAILURE"), agent.log()
-    poll(lambda: accepted_every_type(agent, "web-1") or None, DEADLINE,
+    poll(partial(accepted_every_type, agent, "web-1"), DEADLINE,
          "web-1 accepting listeners, clusters and endpoints")  # fmt: skip
     assert refusals(agent, "web-1") == []

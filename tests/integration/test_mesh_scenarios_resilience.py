@@ -21,6 +21,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -148,10 +149,12 @@ def domain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrustDomain]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def start(domain: TrustDomain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyStarter]:
+@pytest.fixture
+def start(domain: TrustDomain, tmp_path: Path) -> Iterator[ProxyStarter]:
+    """A test's proxies, stopped when it ends (passed or not): a failed test's instances
+    do not stay in the catalog to take the next test's requests."""
     with processes() as begin:
-        yield ProxyStarter(domain, begin, tmp_path_factory.mktemp("resilience-proxies"))
+        yield ProxyStarter(domain, begin, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +240,15 @@ class Requests:
         with httpx.Client(base_url=f"http://127.0.0.1:{self.proxy.ports['outbound']}",
                           headers={"Host": self.host}, timeout=10) as client:  # fmt: skip
             while not self.stopping.is_set():
-                answer = client.get("/api/users")
-                app = answer.json()["app"] if answer.status_code == 200 else answer.text
+                try:
+                    answer = client.get("/api/users")
+                except httpx.TransportError as err:  # a cut answer: 0, and the next one
+                    status, app = 0, f"{type(err).__name__}: {err}"
+                else:
+                    status = answer.status_code
+                    app = answer.json()["app"] if status == 200 else answer.text
                 with self._lock:
-                    self.answers.append((answer.status_code, app))
+                    self.answers.append((status, app))
 
     def seen(self) -> list[tuple[int, str]]:
         with self._lock:
