@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,19 @@ SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mesh
              "mtls_proxy", "envoy_pair", "handshakes", "startup", "console"]
 
 
-@pytest.mark.timeout(300)
-def test_every_bench_runs_with_tiny_sizes(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class QuickRun:
+    """``bench/run.py --quick --json``: what it printed and the scenarios it recorded."""
+
+    stdout: str
+    stderr: str
+    scenarios: dict[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """Every bench with tiny sizes, run once for the tests that read it (a few minutes)."""
+    tmp_path = tmp_path_factory.mktemp("bench-quick")
     results = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, str(REPOSITORY / "bench" / "run.py"), "--quick", "--json",
@@ -48,7 +60,13 @@ def test_every_bench_runs_with_tiny_sizes(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads(results.read_text())
-    by_name = {s["scenario"]: s for s in document["scenarios"]}
+    scenarios = {s["scenario"]: s for s in document["scenarios"]}
+    return QuickRun(run.stdout, run.stderr, scenarios)
+
+
+@pytest.mark.timeout(300)
+def test_every_bench_runs_with_tiny_sizes(quick_run: QuickRun) -> None:
+    run, by_name = quick_run, quick_run.scenarios
     assert list(by_name) == SCENARIOS
     skipped = []
     for name, outcome in by_name.items():
@@ -174,16 +192,9 @@ def test_the_haproxy_inbound_refuses_another_spiffe_id(expected: str, tmp_path: 
 
 
 @pytest.mark.envoy
-@pytest.mark.timeout(240)
-def test_the_envoy_pairs_run_and_print_their_figures(tmp_path: Path) -> None:
-    results = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, str(REPOSITORY / "bench" / "run.py"), "--quick", "--only",
-         "envoy_pair", "--json", str(results)],
-        capture_output=True, text=True, timeout=220, cwd=tmp_path,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    (outcome,) = json.loads(results.read_text())["scenarios"]
+@pytest.mark.timeout(300)
+def test_the_envoy_pairs_run_and_print_their_figures(quick_run: QuickRun) -> None:
+    run, outcome = quick_run, quick_run.scenarios["envoy_pair"]
     if outcome["skipped"]:
         missing_service(outcome["skipped"])
     measures = [figure["measure"] for figure in outcome["figures"]]
