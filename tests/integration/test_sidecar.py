@@ -59,7 +59,7 @@ from tests.integration.sidecar_fixtures import (
 )
 from tests.support.processes import Process, poll
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=2)]
 
 WEB = "spiffe://example.org/web"
 API = "spiffe://example.org/api"
