@@ -34,7 +34,7 @@ lint: $(STAMP)
 
 # Two workers, a test file each at a time; then the tests that stop a shared service, alone.
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder -m "not exclusive"
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not exclusive"
 	$(BIN)/pytest -q -p no:cacheprovider -m exclusive
 	@echo "Console screenshots (tests/integration/test_console_browser.py): $(CURDIR)/build/console-screenshots"
 

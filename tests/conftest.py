@@ -28,22 +28,6 @@ POSTGRES_PORT = int(os.environ.get("TESSERA_TEST_PG_PORT", "5432"))
 POSTGRES_ADMIN_URL = f"postgresql+psycopg://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
 
 
-# -- scheduling ---------------------------------------------------------------------------
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked ``slow(minutes=N)`` first, the longest first, then the rest in their
-    order: ``make test`` hands whole files to two workers in this order (``--dist loadfile
-    --no-loadscope-reorder``), so the longest files start early and the many short ones
-    fill in at the end."""
-
-    def minutes(item: pytest.Item) -> float:
-        slow = item.get_closest_marker("slow")
-        return -float(slow.kwargs.get("minutes", 1)) if slow is not None else 0.0
-
-    items.sort(key=minutes)
-
-
 # -- the test CA --------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from tests.support.pki import TestCA, write_key_pem, write_pem
 from tests.support.processes import poll
 from workload_api._proto import workload_pb2
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=2)]
+pytestmark = pytest.mark.integration
 
 pb: Any = workload_pb2  # message classes are built at import time, out of mypy's sight
 UID = os.getuid()

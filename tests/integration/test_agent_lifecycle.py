@@ -35,7 +35,7 @@ from tests.support.processes import Process, poll
 from workload_api.config import Address
 from workload_api.node_client import NodeClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=1)]
+pytestmark = pytest.mark.integration
 
 UID = os.getuid()
 NODE = "spiffe://example.org/node/a"

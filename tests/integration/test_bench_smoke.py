@@ -33,7 +33,7 @@ from bench.mtls_proxy import haproxy_pair, nginx_backend, nginx_pair
 from dataplane.envoy.binary import find_envoy
 from tests.conftest import missing_service
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=4)]
+pytestmark = pytest.mark.integration
 REPOSITORY = Path(__file__).resolve().parents[2]
 SCENARIOS = ["issuance", "workload_api", "agent_footprint", "propagation", "mesh_traffic",
              "mtls_proxy", "envoy_pair", "handshakes", "startup", "console"]

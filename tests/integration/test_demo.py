@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import TESSERA
 from tests.support.processes import poll
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=1)]
+pytestmark = pytest.mark.integration
 
 MESH_STEPS = (
     "1. Starting a server and an agent ...",

@@ -40,7 +40,7 @@ from tests.integration.mesh_fixtures import (
 from tests.integration.sidecar_fixtures import Entry, TrustDomain, processes, trust_domain
 from tests.support.processes import poll
 
-pytestmark = [pytest.mark.integration, pytest.mark.envoy, pytest.mark.slow(minutes=1)]
+pytestmark = [pytest.mark.integration, pytest.mark.envoy]
 
 WEB = "spiffe://example.org/web"
 REPORTS = "spiffe://example.org/reports"

@@ -64,7 +64,7 @@ from tests.integration.test_agent import create_entry, poll, spiffe_ids
 from workload_api._proto import workload_pb2
 from workload_api.cache import jwt_key_id, leaf_authority_id
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=5)]
+pytestmark = pytest.mark.integration
 
 UID = os.getuid()
 TRUST_DOMAIN = TrustDomain("example.org")

@@ -25,7 +25,7 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain, X509Svid
 from sdk.csr import build_csr
 from tests.integration.conftest import ServerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=2)]
+pytestmark = pytest.mark.integration
 TD = TrustDomain("example.org")
 LINT = str(Path(sys.executable).parent / "lint_pkix_cert")
 

@@ -59,7 +59,7 @@ from tests.integration.sidecar_fixtures import (
 )
 from tests.support.processes import Process, poll
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow(minutes=2)]
+pytestmark = pytest.mark.integration
 
 WEB = "spiffe://example.org/web"
 API = "spiffe://example.org/api"
