@@ -27,7 +27,13 @@ ground floor (errors, IDs, the clock) starts fast.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
+
+# The spiffe package names cryptography's DSA key class in a type alias when it is
+# imported; cryptography 51 deprecates DSA and warns at that line, so every command and
+# service would print a warning about a key type Tessera never accepts or makes.
+warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"spiffe\.")
 
 if TYPE_CHECKING:
     from spiffe import (

@@ -6,3 +6,5 @@ and the SDK (``sdk``)::
     tessera up                                           # server, agent and your SVID
     tessera demo                                         # mTLS through sidecars, live
 """
+
+import sdk  # noqa: F401  (first: its filter for the spiffe package's import warning)
