@@ -493,12 +493,11 @@ def test_mtls_never_fails_while_ca_and_svids_rotate(
         with WorkloadApiX509Source(agent.endpoint, timeout=20) as source:
             context = mtls_client_context(source, authorize_id(server_id))
             seen = converse(context, port, CONVERSATION_SECONDS)
-            elapsed = seen.elapsed
     finally:
         echo.terminate()
         echo.wait(timeout=10)
 
-    print(f"{seen.requests} requests over {elapsed:.0f}s: "
+    print(f"{seen.requests} requests over {seen.elapsed:.0f}s: "
           f"{len(seen.server_serials)} server SVIDs, {len(seen.client_serials)} client SVIDs, "
           f"{len(seen.authorities)} CA keys; slowest request {seen.slowest * 1000:.0f} ms")
     assert seen.failures == [], f"{len(seen.failures)} failed requests, first: {seen.failures[:5]}"
